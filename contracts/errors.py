@@ -1,0 +1,149 @@
+"""The one error hierarchy of ZANDD HSM.
+
+Every error knows its wire ``code`` (the ``error`` reply's ``code`` field) and whether the
+caller may retry it. Workers turn any exception into one of these at their boundary; the
+client helper turns an ``error`` reply back into the matching subclass. Messages are written
+for the person reading them and never carry key material or request payloads.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import ClassVar
+
+
+class ErrorCode(StrEnum):
+    """The ``code`` values of the wire contract's ``error`` reply."""
+
+    INVALID_REQUEST = "invalid_request"
+    UNKNOWN_OPERATION = "unknown_operation"
+    KEY_NOT_FOUND = "key_not_found"
+    KEY_DISABLED = "key_disabled"
+    FORBIDDEN = "forbidden"
+    INTEGRITY_ERROR = "integrity_error"
+    TPM_UNAVAILABLE = "tpm_unavailable"
+    VAULT_UNAVAILABLE = "vault_unavailable"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    INTERNAL = "internal"
+
+
+class ZanddError(Exception):
+    """Root of every error ZANDD raises on purpose."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code.value!r}, message={self.message!r})"
+
+
+class InvalidRequest(ZanddError):
+    """The request does not follow the wire contract; sending it again will not help."""
+
+    code = ErrorCode.INVALID_REQUEST
+
+
+class UnknownOperation(ZanddError):
+    """The operation name is not one this service knows."""
+
+    code = ErrorCode.UNKNOWN_OPERATION
+
+
+class KeyNotFound(ZanddError):
+    """No key (or no such version of it) exists."""
+
+    code = ErrorCode.KEY_NOT_FOUND
+
+
+class KeyDisabled(ZanddError):
+    """The key exists but is not in a state that allows this operation."""
+
+    code = ErrorCode.KEY_DISABLED
+
+
+class Forbidden(ZanddError):
+    """The caller may not perform this operation on this key."""
+
+    code = ErrorCode.FORBIDDEN
+
+
+class IntegrityError(ZanddError):
+    """Sealed material failed authentication or does not match its record: never used."""
+
+    code = ErrorCode.INTEGRITY_ERROR
+
+
+class TpmUnavailable(ZanddError):
+    """The TPM could not be reached or refused the command."""
+
+    code = ErrorCode.TPM_UNAVAILABLE
+    retryable = True
+
+
+class VaultUnavailable(ZanddError):
+    """The key vault could not be reached or did not answer in time."""
+
+    code = ErrorCode.VAULT_UNAVAILABLE
+    retryable = True
+
+
+class DeadlineExceeded(ZanddError):
+    """The request's deadline passed before it was served."""
+
+    code = ErrorCode.DEADLINE_EXCEEDED
+    retryable = True
+
+
+class InternalError(ZanddError):
+    """An unexpected failure inside the service; details are in the worker's log."""
+
+    code = ErrorCode.INTERNAL
+    retryable = True
+
+
+class ConfigurationError(ZanddError):
+    """Local set-up is wrong or missing (a KEK file, a URL, a package); fix it and restart."""
+
+    code = ErrorCode.INTERNAL
+
+
+class BrokerUnavailable(InternalError):
+    """Client side: the broker could not be reached or the connection dropped mid-call."""
+
+
+class NotDelivered(InternalError):
+    """Client side: the broker could not route the request (no worker queue is bound)."""
+
+
+class RequestTimeout(DeadlineExceeded):
+    """Client side: no reply arrived within the call's timeout."""
+
+
+ERRORS_BY_CODE: dict[ErrorCode, type[ZanddError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequest,
+        UnknownOperation,
+        KeyNotFound,
+        KeyDisabled,
+        Forbidden,
+        IntegrityError,
+        TpmUnavailable,
+        VaultUnavailable,
+        DeadlineExceeded,
+        InternalError,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> ZanddError:
+    """Rebuild the typed error for a wire ``code``; an unknown code becomes ``InternalError``."""
+    try:
+        cls = ERRORS_BY_CODE[ErrorCode(code)]
+    except ValueError:
+        return InternalError(f"unknown error code {code!r}: {message}")
+    return cls(message)
