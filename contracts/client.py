@@ -1,0 +1,316 @@
+"""``SigningClient``: call the signing fleet over RabbitMQ in one line.
+
+    async with await SigningClient.connect("amqp://app:secret@mq/") as client:
+        key = await client.create_key(label="invoices")
+        reply = await client.sign(key.key_id, b"hello")
+        assert await client.verify(key.key_id, reply.signature, message=b"hello")
+
+One connection, one channel with publisher confirms and one exclusive reply queue per client;
+any number of concurrent calls share them. Each call has a timeout that also becomes the
+request's AMQP ``expiration``, so the fleet does not sign for a caller who stopped waiting.
+Requests are published ``mandatory``: when no worker queue is bound the call fails at once
+with ``NotDelivered`` instead of waiting for its timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError, PublishError
+from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import BaseModel
+
+from contracts.amqp import DEFAULT_AMQP_URL, JSON_CONTENT_TYPE, connect, principal_of
+from contracts.crypto import load_public_key, verify_signature
+from contracts.errors import (
+    BrokerUnavailable,
+    InternalError,
+    NotDelivered,
+    RequestTimeout,
+    ZanddError,
+    error_from_code,
+)
+from contracts.models import (
+    SPECS,
+    Encoding,
+    ErrorReply,
+    KeyCreateReply,
+    KeyCreateRequest,
+    KeyPublicReply,
+    KeyPublicRequest,
+    SignBatchReply,
+    SignBatchRequest,
+    SignPayload,
+    SignReply,
+    SignRequest,
+)
+from contracts.operations import ERROR_REPLY_TYPE, Operation
+from contracts.topology import EXCHANGE, REPLY_QUEUE_PREFIX, declare_topology
+
+DEFAULT_TIMEOUT_S = 30.0
+ReplyT = TypeVar("ReplyT", bound=BaseModel)
+
+
+class SigningClient:
+    """Async RPC client for ZANDD HSM. Create it with ``await SigningClient.connect(url)``."""
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        channel: AbstractChannel,
+        exchange: AbstractExchange,
+        reply_queue: str,
+        principal: str,
+        default_timeout_s: float,
+    ) -> None:
+        self._connection = connection
+        self._channel = channel
+        self._exchange = exchange
+        self._reply_queue = reply_queue
+        self._principal = principal
+        self._default_timeout_s = default_timeout_s
+        self._pending: dict[str, asyncio.Future[AbstractIncomingMessage]] = {}
+        self._public_keys: dict[tuple[str, int], ec.EllipticCurvePublicKey] = {}
+        #: Replies that arrived for no waiting call (a late reply after a timeout, or a
+        #: second answer to a redelivered request); they are dropped.
+        self.unmatched_replies = 0
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str = DEFAULT_AMQP_URL,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        declare: bool = False,
+        connect_timeout_s: float = 10.0,
+    ) -> SigningClient:
+        """Connect to the broker at ``url``; ``timeout_s`` is the default per-call timeout.
+
+        ``declare=True`` declares the topology first (needs configure rights on the broker).
+        """
+        connection = await connect(url, connection_name="zandd-client", timeout_s=connect_timeout_s)
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            if declare:
+                exchange = (await declare_topology(channel)).exchange
+            else:
+                exchange = await channel.get_exchange(EXCHANGE, ensure=False)
+            reply_queue = await channel.declare_queue(
+                f"{REPLY_QUEUE_PREFIX}{uuid.uuid4().hex}", exclusive=True, auto_delete=True
+            )
+            client = cls(
+                connection, channel, exchange, reply_queue.name, principal_of(url), timeout_s
+            )
+            await reply_queue.consume(client._on_reply, no_ack=True)
+        except AMQPError as exc:
+            await connection.close()
+            raise BrokerUnavailable(f"cannot set up the reply queue: {exc}") from exc
+        connection.close_callbacks.add(client._on_connection_closed)
+        return client
+
+    async def close(self) -> None:
+        """Fail calls still waiting and close the connection."""
+        self._fail_pending(BrokerUnavailable("the client was closed"))
+        await self._connection.close()
+
+    async def __aenter__(self) -> SigningClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def principal(self) -> str:
+        """The AMQP user this client's requests carry as ``user_id``."""
+        return self._principal
+
+    async def create_key(
+        self,
+        *,
+        label: str | None = None,
+        allowed_signers: Sequence[str] | None = None,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> KeyCreateReply:
+        """Create a key. Sending the same ``request_id`` again returns the same key."""
+        request = KeyCreateRequest(
+            label=label,
+            allowed_signers=list(allowed_signers) if allowed_signers is not None else None,
+        )
+        return await self.call(
+            Operation.KEY_CREATE,
+            request,
+            KeyCreateReply,
+            message_id=request_id,
+            timeout_s=timeout_s,
+        )
+
+    async def sign(
+        self,
+        key_id: str,
+        message: bytes | None = None,
+        *,
+        digest: bytes | None = None,
+        encoding: Encoding = "der",
+        version: int | None = None,
+        timeout_s: float | None = None,
+    ) -> SignReply:
+        """Sign ``message`` (or a precomputed SHA-256 ``digest``) with the key."""
+        request = SignRequest(
+            key_id=key_id, version=version, message=message, digest=digest, encoding=encoding
+        )
+        return await self.call(Operation.SIGN, request, SignReply, timeout_s=timeout_s)
+
+    async def sign_batch(
+        self,
+        key_id: str,
+        messages: Sequence[bytes] = (),
+        *,
+        digests: Sequence[bytes] = (),
+        encoding: Encoding = "der",
+        version: int | None = None,
+        timeout_s: float | None = None,
+    ) -> SignBatchReply:
+        """Sign many messages (then many digests) with one key; signatures come in that order."""
+        items = [SignPayload(message=m) for m in messages] + [
+            SignPayload(digest=d) for d in digests
+        ]
+        request = SignBatchRequest(key_id=key_id, version=version, items=items, encoding=encoding)
+        return await self.call(Operation.SIGN_BATCH, request, SignBatchReply, timeout_s=timeout_s)
+
+    async def public_key(
+        self, key_id: str, version: int | None = None, *, timeout_s: float | None = None
+    ) -> KeyPublicReply:
+        """The key's public half (PEM and JWK)."""
+        request = KeyPublicRequest(key_id=key_id, version=version)
+        return await self.call(Operation.KEY_PUBLIC, request, KeyPublicReply, timeout_s=timeout_s)
+
+    async def verify(
+        self,
+        key_id: str,
+        signature: bytes,
+        *,
+        message: bytes | None = None,
+        digest: bytes | None = None,
+        encoding: Encoding = "der",
+        version: int | None = None,
+    ) -> bool:
+        """Verify locally: the public key is fetched once per key version, then cached."""
+        key = await self._cached_public_key(key_id, version)
+        return verify_signature(key, signature, message=message, digest=digest, encoding=encoding)
+
+    async def _cached_public_key(
+        self, key_id: str, version: int | None
+    ) -> ec.EllipticCurvePublicKey:
+        if version is not None and (key_id, version) in self._public_keys:
+            return self._public_keys[key_id, version]
+        reply = await self.public_key(key_id, version)
+        key = load_public_key(reply.public_key_pem)
+        self._public_keys[key_id, reply.version] = key
+        return key
+
+    async def call(
+        self,
+        operation: Operation,
+        request: BaseModel,
+        reply_model: type[ReplyT],
+        *,
+        message_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> ReplyT:
+        """Send any v1 request and wait for its reply; errors come back as typed exceptions."""
+        if SPECS[operation].reply is not reply_model:
+            raise TypeError(f"{operation.value} replies with {SPECS[operation].reply.__name__}")
+        timeout = self._default_timeout_s if timeout_s is None else timeout_s
+        # The correlation id is per call; the message id is the request's identity, which a
+        # caller repeats on purpose to make a retry idempotent.
+        correlation_id = uuid.uuid4().hex
+        request_id = message_id or correlation_id
+        future: asyncio.Future[AbstractIncomingMessage] = asyncio.get_running_loop().create_future()
+        self._pending[correlation_id] = future
+        try:
+            async with asyncio.timeout(timeout):
+                await self._publish(operation, request, request_id, correlation_id, timeout)
+                reply = await future
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no reply to {operation.value} within {timeout:g} s (request {request_id})"
+            ) from None
+        finally:
+            self._pending.pop(correlation_id, None)
+        return _decode_reply(reply, reply_model)
+
+    async def _publish(
+        self,
+        operation: Operation,
+        request: BaseModel,
+        request_id: str,
+        correlation_id: str,
+        timeout_s: float,
+    ) -> None:
+        message = aio_pika.Message(
+            request.model_dump_json(exclude_none=True).encode(),
+            content_type=JSON_CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            type=operation.value,
+            message_id=request_id,
+            correlation_id=correlation_id,
+            reply_to=self._reply_queue,
+            user_id=self._principal,
+            # aio-pika takes seconds here and sends milliseconds on the wire.
+            expiration=timeout_s,
+        )
+        try:
+            await self._exchange.publish(message, routing_key=operation.value, mandatory=True)
+        except PublishError as exc:
+            raise NotDelivered(
+                f"the broker could not route {operation.value}: is the ZANDD fleet running "
+                "(its queues are declared when a worker starts)?"
+            ) from exc
+        except DeliveryError as exc:
+            raise NotDelivered(f"the broker refused {operation.value} (queue full?)") from exc
+        except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
+            raise BrokerUnavailable(f"lost the broker while sending {operation.value}") from exc
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        future = self._pending.get(message.correlation_id or "")
+        if future is None or future.done():
+            self.unmatched_replies += 1
+            return
+        future.set_result(message)
+
+    def _on_connection_closed(self, _sender: Any, exc: BaseException | None) -> None:
+        self._fail_pending(BrokerUnavailable(f"the broker connection closed: {exc or 'by us'}"))
+
+    def _fail_pending(self, error: ZanddError) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+
+def _decode_reply(message: AbstractIncomingMessage, reply_model: type[ReplyT]) -> ReplyT:
+    try:
+        if message.type == ERROR_REPLY_TYPE:
+            error = ErrorReply.model_validate_json(message.body)
+            raise error_from_code(error.code, error.message)
+        return reply_model.model_validate_json(message.body)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise InternalError(
+            f"the service sent a reply that does not follow the contract: {exc}"
+        ) from exc

@@ -1,0 +1,257 @@
+"""Pydantic models of wire contract v1: one request and one reply model per operation.
+
+Requests are validated strictly (unknown fields, wrong types and bad base64 are refused)
+straight from the AMQP body bytes; replies ignore fields they do not know, so a v1 client
+keeps working when a later v1.x server adds one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from dataclasses import dataclass
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    model_validator,
+)
+
+from contracts.errors import ErrorCode, InvalidRequest
+from contracts.limits import DEFAULT_LIMITS, Limits, limits_from
+from contracts.operations import Operation
+
+ALGORITHM_ECDSA_P256_SHA256: Final = "ecdsa-p256-sha256"
+DIGEST_SIZE_BYTES = 32
+
+
+def _decode_base64(value: object, info: ValidationInfo) -> bytes:
+    # Python callers may hand over bytes directly; on the wire only a base64 string is valid.
+    if isinstance(value, bytes) and info.mode == "python":
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("must be standard base64 with padding (RFC 4648 section 4)") from exc
+
+
+def _encode_base64(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+Base64Bytes = Annotated[
+    bytes,
+    PlainValidator(_decode_base64),
+    PlainSerializer(_encode_base64, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "contentEncoding": "base64"}),
+]
+KeyId = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"), Field(strict=True)
+]
+Version = Annotated[int, Field(ge=1, strict=True)]
+Principal = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{1,128}$")]
+Encoding = Literal["der", "raw"]
+Algorithm = Literal["ecdsa-p256-sha256"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _Reply(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+def _check_payload(message: bytes | None, digest: bytes | None, info: ValidationInfo) -> None:
+    if (message is None) == (digest is None):
+        raise ValueError("exactly one of 'message' or 'digest' is required")
+    if digest is not None and len(digest) != DIGEST_SIZE_BYTES:
+        raise ValueError(f"'digest' must be a {DIGEST_SIZE_BYTES}-byte SHA-256 digest")
+    limit = limits_from(info).max_message_bytes
+    if message is not None and len(message) > limit:
+        raise ValueError(f"'message' is larger than the limit of {limit} bytes")
+
+
+class KeyCreateRequest(_Request):
+    """``key.create``: make a new ECDSA P-256 key inside the TPM and store it sealed."""
+
+    label: Annotated[str, StringConstraints(max_length=256)] | None = None
+    algorithm: Algorithm = ALGORITHM_ECDSA_P256_SHA256
+    allowed_signers: Annotated[list[Principal], Field(max_length=256)] | None = None
+
+
+class SignPayload(_Request):
+    """What to sign: the message itself, or the SHA-256 digest of it."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        frozen=True,
+        json_schema_extra={"oneOf": [{"required": ["message"]}, {"required": ["digest"]}]},
+    )
+
+    message: Base64Bytes | None = None
+    digest: Base64Bytes | None = None
+
+    @model_validator(mode="after")
+    def _one_payload(self, info: ValidationInfo) -> SignPayload:
+        _check_payload(self.message, self.digest, info)
+        return self
+
+    def sha256_digest(self) -> bytes:
+        """The digest that gets signed (computed from ``message`` when that was sent)."""
+        if self.digest is not None:
+            return self.digest
+        assert self.message is not None  # guaranteed by the validator
+        return hashlib.sha256(self.message).digest()
+
+
+class SignRequest(SignPayload):
+    """``sign``: one signature over a message or a digest."""
+
+    key_id: KeyId
+    version: Version | None = None
+    encoding: Encoding = "der"
+
+
+class SignBatchRequest(_Request):
+    """``sign.batch``: several signatures with one key, returned in item order."""
+
+    key_id: KeyId
+    version: Version | None = None
+    items: Annotated[list[SignPayload], Field(min_length=1)]
+    encoding: Encoding = "der"
+
+    @model_validator(mode="after")
+    def _batch_size(self, info: ValidationInfo) -> SignBatchRequest:
+        limit = limits_from(info).max_batch_items
+        if len(self.items) > limit:
+            raise ValueError(f"'items' has more than the limit of {limit} entries")
+        return self
+
+
+class KeyPublicRequest(_Request):
+    """``key.public``: the public half of a key, as PEM and JWK."""
+
+    key_id: KeyId
+    version: Version | None = None
+
+
+class KeyCreateReply(_Reply):
+    """Reply to ``key.create``."""
+
+    key_id: str
+    version: int
+    algorithm: str
+    public_key_pem: str
+    created_at: AwareDatetime
+
+
+class SignReply(_Reply):
+    """Reply to ``sign``."""
+
+    key_id: str
+    version: int
+    algorithm: str
+    encoding: Encoding
+    signature: Base64Bytes
+
+
+class SignBatchReply(_Reply):
+    """Reply to ``sign.batch``: ``signatures[i]`` signs ``items[i]``."""
+
+    key_id: str
+    version: int
+    algorithm: str
+    encoding: Encoding
+    signatures: list[Base64Bytes]
+
+
+class EcPublicJwk(_Reply):
+    """An EC public key as a JSON Web Key (RFC 7517/7518), coordinates base64url unpadded."""
+
+    kty: Literal["EC"] = "EC"
+    crv: Literal["P-256"] = "P-256"
+    x: str
+    y: str
+    alg: Literal["ES256"] = "ES256"
+    use: Literal["sig"] = "sig"
+    kid: str
+
+
+class KeyPublicReply(_Reply):
+    """Reply to ``key.public``."""
+
+    key_id: str
+    version: int
+    algorithm: str
+    public_key_pem: str
+    public_key_jwk: EcPublicJwk
+
+
+class ErrorReply(_Reply):
+    """The reply of AMQP ``type`` ``error``, for any operation that failed."""
+
+    code: ErrorCode
+    message: str
+    retryable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OperationSpec:
+    """What travels for one operation: its request and its successful reply."""
+
+    operation: Operation
+    request: type[BaseModel]
+    reply: type[BaseModel]
+
+
+SPECS: dict[Operation, OperationSpec] = {
+    spec.operation: spec
+    for spec in (
+        OperationSpec(Operation.KEY_CREATE, KeyCreateRequest, KeyCreateReply),
+        OperationSpec(Operation.SIGN, SignRequest, SignReply),
+        OperationSpec(Operation.SIGN_BATCH, SignBatchRequest, SignBatchReply),
+        OperationSpec(Operation.KEY_PUBLIC, KeyPublicRequest, KeyPublicReply),
+    )
+}
+
+_MAX_FIELD_NAME_CHARS = 40
+
+
+def _describe(error: Any) -> str:
+    # Only the location and pydantic's message: never the offending input, which may be a
+    # caller's payload. Field names can be attacker-chosen (extra keys), so they are cut short.
+    location = ".".join(str(part)[:_MAX_FIELD_NAME_CHARS] for part in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{location}: {message}" if location else message
+
+
+def parse_request(operation: Operation, body: bytes, limits: Limits = DEFAULT_LIMITS) -> BaseModel:
+    """Validate an AMQP body as ``operation``'s request, or raise ``InvalidRequest``.
+
+    The body's size is checked before any JSON is parsed. The error text names every problem
+    (up to five) by field, and never quotes the input.
+    """
+    if len(body) > limits.max_body_bytes:
+        raise InvalidRequest(
+            f"request body is larger than the limit of {limits.max_body_bytes} bytes"
+        )
+    model = SPECS[operation].request
+    try:
+        return model.model_validate_json(body, context=limits.as_context())
+    except ValidationError as exc:
+        problems = [_describe(error) for error in exc.errors(include_input=False)[:5]]
+        raise InvalidRequest(f"invalid {operation.value} request: " + "; ".join(problems)) from None

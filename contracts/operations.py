@@ -1,0 +1,33 @@
+"""Operation names: the routing keys and AMQP ``type`` values of wire contract v1."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Operation(StrEnum):
+    """Every operation a producer can request."""
+
+    KEY_CREATE = "key.create"
+    SIGN = "sign"
+    SIGN_BATCH = "sign.batch"
+    KEY_PUBLIC = "key.public"
+
+    @property
+    def reply_type(self) -> str:
+        """The AMQP ``type`` of a successful reply to this operation."""
+        return f"{self.value}.reply"
+
+
+ERROR_REPLY_TYPE = "error"
+
+#: Operations served by the single active keygen worker (they touch the TPM or write keys).
+KEYGEN_OPERATIONS: tuple[Operation, ...] = (Operation.KEY_CREATE,)
+#: Operations served by the scaled signer workers.
+SIGN_OPERATIONS: tuple[Operation, ...] = (
+    Operation.SIGN,
+    Operation.SIGN_BATCH,
+    Operation.KEY_PUBLIC,
+)
+#: Operations that must carry a ``message_id`` (it is their idempotency key).
+IDEMPOTENT_OPERATIONS: frozenset[Operation] = frozenset({Operation.KEY_CREATE})

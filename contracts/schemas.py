@@ -1,0 +1,52 @@
+"""JSON Schemas of wire contract v1, generated from the models into ``contracts/schemas/``.
+
+Non-Python producers build requests from these files. Regenerate after changing a model:
+
+    python -m contracts.schemas
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from contracts.models import SPECS, ErrorReply
+
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def _schema(model: type[BaseModel], title: str, mode: str) -> str:
+    schema = model.model_json_schema(mode="validation" if mode == "request" else "serialization")
+    schema = {"$schema": _SCHEMA_DIALECT, **schema, "title": title}
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def expected_schemas() -> dict[str, str]:
+    """File name → content of every schema the models define."""
+    files: dict[str, str] = {}
+    for operation, spec in SPECS.items():
+        name = operation.value
+        files[f"{name}.request.json"] = _schema(spec.request, f"{name} request", "request")
+        files[f"{name}.reply.json"] = _schema(spec.reply, f"{name}.reply", "reply")
+    files["error.reply.json"] = _schema(ErrorReply, "error reply", "reply")
+    return files
+
+
+def write_schemas(directory: Path = SCHEMA_DIR) -> list[Path]:
+    """(Re)write every schema file; returns the paths written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, content in expected_schemas().items():
+        path = directory / name
+        path.write_text(content, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for path in write_schemas():
+        sys.stdout.write(f"wrote {path}\n")

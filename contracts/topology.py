@@ -1,0 +1,89 @@
+"""The AMQP topology of wire contract v1, declared by one function shared by all sides.
+
+Declaring is idempotent: every worker declares on start, so the fleet comes up in any order.
+The client helper can declare too (``declare=True``) but need not; a producer with write-only
+broker rights relies on the workers having declared and on mandatory publishes failing fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from pamqp.common import FieldTable
+
+from contracts.operations import KEYGEN_OPERATIONS, SIGN_OPERATIONS, Operation
+
+EXCHANGE = "zandd"
+EVENTS_EXCHANGE = "zandd.events"
+DEAD_LETTER_EXCHANGE = "zandd.dead"
+KEYGEN_QUEUE = "zandd.keygen"
+SIGN_QUEUE = "zandd.sign"
+DEAD_LETTER_QUEUE = "zandd.dead"
+REPLY_QUEUE_PREFIX = "zandd.reply."
+
+#: Deliveries before a message is dead-lettered. RabbitMQ 3.10 has no default. Generous,
+#: because a crashing consumer with prefetch > 1 costs every unacked message one delivery.
+DELIVERY_LIMIT = 20
+
+QUEUE_OPERATIONS: dict[str, tuple[Operation, ...]] = {
+    KEYGEN_QUEUE: KEYGEN_OPERATIONS,
+    SIGN_QUEUE: SIGN_OPERATIONS,
+}
+
+
+def queue_arguments(queue: str) -> FieldTable:
+    """The ``x-`` arguments a work queue is declared with (they must never change silently:
+    RabbitMQ refuses a redeclaration with different arguments)."""
+    arguments: FieldTable = {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "x-dead-letter-strategy": "at-least-once",
+        # at-least-once dead-lettering requires reject-publish overflow.
+        "x-overflow": "reject-publish",
+    }
+    if queue == KEYGEN_QUEUE:
+        # One writer to the TPM at a time; a second keygen worker is a hot standby.
+        arguments["x-single-active-consumer"] = True
+    return arguments
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Handles to what ``declare_topology`` declared, on the channel it was given."""
+
+    exchange: AbstractExchange
+    events: AbstractExchange
+    queues: dict[str, AbstractQueue]
+
+
+async def declare_topology(channel: AbstractChannel) -> Topology:
+    """Declare exchanges, queues and bindings of v1 (idempotent)."""
+    exchange = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
+    events = await channel.declare_exchange(
+        EVENTS_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    dead_exchange = await channel.declare_exchange(
+        DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    dead_queue = await channel.declare_queue(
+        DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await dead_queue.bind(dead_exchange, routing_key="")
+    queues: dict[str, AbstractQueue] = {}
+    for name, operations in QUEUE_OPERATIONS.items():
+        queue = await channel.declare_queue(name, durable=True, arguments=queue_arguments(name))
+        for operation in operations:
+            await queue.bind(exchange, routing_key=operation.value)
+        queues[name] = queue
+    return Topology(exchange=exchange, events=events, queues=queues)
+
+
+def queue_for(operation: Operation) -> str:
+    """The work queue an operation is routed to."""
+    for queue, operations in QUEUE_OPERATIONS.items():
+        if operation in operations:
+            return queue
+    raise KeyError(operation)

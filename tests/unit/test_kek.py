@@ -1,0 +1,191 @@
+"""The KEK ring file: creation, loading, permissions, rotation and redaction."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+
+from contracts.errors import ConfigurationError, IntegrityError
+from vault import Kek, KekRing
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _key_forms(key: bytes) -> list[str]:
+    return [key.hex(), key.hex().upper(), base64.b64encode(key).decode(), repr(key)]
+
+
+@pytest.fixture
+def kek_path(tmp_path: Path) -> Path:
+    return tmp_path / "secrets" / "kek.json"
+
+
+def test_create_then_load_round_trip(kek_path: Path) -> None:
+    created = KekRing.create(kek_path)
+    loaded = KekRing.load(kek_path)
+    assert loaded.active == created.active
+    assert loaded.kek_ids == created.kek_ids == (created.active.kek_id,)
+    assert re.fullmatch(r"kek-\d{8}-[0-9a-f]{8}", created.active.kek_id)
+    assert len(created.active.key) == 32
+
+
+def test_file_format(kek_path: Path) -> None:
+    ring = KekRing.create(kek_path)
+    document = json.loads(kek_path.read_text())
+    assert document["format"] == "zandd-kek-ring/1"
+    assert document["active"] == ring.active.kek_id
+    entry = document["keys"][ring.active.kek_id]
+    assert base64.b64decode(entry["key"]) == ring.active.key
+    assert "T" in entry["created_at"]
+
+
+def test_file_is_0600_and_new_parent_dir_0700(kek_path: Path) -> None:
+    KekRing.create(kek_path)
+    assert _mode(kek_path) == 0o600
+    assert _mode(kek_path.parent) == 0o700
+    assert os.listdir(kek_path.parent) == ["kek.json"]  # no temp file left behind
+
+
+def test_create_refuses_to_overwrite(kek_path: Path) -> None:
+    KekRing.create(kek_path)
+    before = kek_path.read_bytes()
+    with pytest.raises(ConfigurationError, match="already exists"):
+        KekRing.create(kek_path)
+    assert kek_path.read_bytes() == before
+
+
+def test_missing_file_says_how_to_create_one(kek_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="does not exist: run `zandd vault init`"):
+        KekRing.load(kek_path)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_load_refuses_a_file_open_to_group_or_other(kek_path: Path, mode: int) -> None:
+    KekRing.create(kek_path)
+    kek_path.chmod(mode)
+    with pytest.raises(ConfigurationError, match=f"chmod 600 {re.escape(str(kek_path))}"):
+        KekRing.load(kek_path)
+
+
+def _entry(key: bytes) -> dict[str, str]:
+    return {"key": base64.b64encode(key).decode(), "created_at": "2026-11-28T10:00:00+00:00"}
+
+
+GOOD_KEY = bytes(range(32))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not json",
+        b"\xff\xfe",
+        b"[]",
+        json.dumps({"format": "other/1", "active": "a", "keys": {"a": _entry(GOOD_KEY)}}).encode(),
+        json.dumps({"format": "zandd-kek-ring/1", "active": "a", "keys": {}}).encode(),
+        json.dumps(
+            {"format": "zandd-kek-ring/1", "active": "b", "keys": {"a": _entry(GOOD_KEY)}}
+        ).encode(),
+        json.dumps(
+            {"format": "zandd-kek-ring/1", "active": "a", "keys": {"a": _entry(GOOD_KEY[:31])}}
+        ).encode(),
+        json.dumps(
+            {"format": "zandd-kek-ring/1", "active": "a", "keys": {"a": {"key": "!!!"}}}
+        ).encode(),
+        json.dumps(
+            {
+                "format": "zandd-kek-ring/1",
+                "active": "a",
+                "keys": {"a": {"key": _entry(GOOD_KEY)["key"], "created_at": "2026-11-28"}},
+            }
+        ).encode(),
+    ],
+    ids=[
+        "not-json",
+        "not-utf8",
+        "not-object",
+        "format",
+        "no-keys",
+        "active-missing",
+        "short-key",
+        "bad-base64",
+        "naive-time",
+    ],
+)
+def test_load_refuses_a_garbled_file(kek_path: Path, content: bytes) -> None:
+    kek_path.parent.mkdir(mode=0o700)
+    kek_path.write_bytes(content)
+    kek_path.chmod(0o600)
+    with pytest.raises(ConfigurationError, match=re.escape(str(kek_path))) as info:
+        KekRing.load(kek_path)
+    for form in _key_forms(GOOD_KEY) + _key_forms(GOOD_KEY[:31]):
+        assert form not in str(info.value)
+
+
+def test_rotate_adds_an_active_key_and_keeps_the_old_ones(kek_path: Path) -> None:
+    first = KekRing.create(kek_path)
+    second = first.rotate(kek_path)
+    third = second.rotate(kek_path)
+    old_ids = (first.active.kek_id, second.active.kek_id)
+    assert third.kek_ids == (*old_ids, third.active.kek_id)
+    assert len(set(third.kek_ids)) == 3
+    assert third.get(first.active.kek_id) == first.active
+    assert third.get(second.active.kek_id) == second.active
+    loaded = KekRing.load(kek_path)
+    assert loaded.active == third.active
+    assert loaded.kek_ids == third.kek_ids
+    assert _mode(kek_path) == 0o600
+    assert os.listdir(kek_path.parent) == ["kek.json"]
+
+
+def test_get_unknown_kek_is_an_integrity_error(kek_path: Path) -> None:
+    ring = KekRing.create(kek_path)
+    with pytest.raises(IntegrityError, match="record sealed with unknown KEK 'kek-nope'"):
+        ring.get("kek-nope")
+
+
+def test_reprs_never_show_key_material(kek_path: Path) -> None:
+    ring = KekRing.create(kek_path).rotate(kek_path)
+    texts = [repr(ring), str(ring)]
+    for kek_id in ring.kek_ids:
+        kek = ring.get(kek_id)
+        texts += [repr(kek), str(kek), f"{kek}", f"{[kek]}"]
+        assert repr(kek) == f"Kek(kek_id={kek_id!r}, key=<redacted>)"
+        for text in texts:
+            for form in _key_forms(kek.key):
+                assert form not in text
+
+
+def test_random_bytes_is_mixed_in(kek_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def constant(size: int) -> bytes:
+        calls.append(size)
+        return b"\xaa" * size
+
+    first = KekRing.create(kek_path, random_bytes=constant)
+    second = first.rotate(kek_path, random_bytes=constant)
+    assert calls == [32, 32]
+    assert first.active.key != second.active.key
+
+    # With os.urandom silenced, what remains is exactly the caller's randomness.
+    monkeypatch.setattr(os, "urandom", lambda size: bytes(size))
+    assert Kek.generate(random_bytes=constant).key == b"\xaa" * 32
+
+
+def test_short_random_bytes_is_refused() -> None:
+    with pytest.raises(ValueError, match="returned 16 bytes, expected 32"):
+        Kek.generate(random_bytes=lambda size: bytes(16))
+
+
+@pytest.mark.parametrize("key", [b"", bytes(16), bytes(33)])
+def test_kek_must_be_32_bytes(key: bytes) -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        Kek(kek_id="kek-x", key=key)

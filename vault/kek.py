@@ -1,0 +1,258 @@
+"""The KEK ring: named 256-bit vault keys kept in one JSON file.
+
+Every sealed record names the KEK that sealed it, so the ring keeps old keys after a rotation
+and records can be re-wrapped at leisure. The file holds raw key material: it is written
+atomically with mode 0600 and refused when group or other may read it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import stat
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from contracts.errors import ConfigurationError, IntegrityError
+
+KEK_SIZE_BYTES = 32
+RING_FORMAT = "zandd-kek-ring/1"
+_KEK_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_FILE_MODE = 0o600
+_DIR_MODE = 0o700
+
+RandomBytes = Callable[[int], bytes]
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Kek:
+    """One named 256-bit key-encryption key.
+
+    The AES-GCM cipher is built once here so a sign request does not rebuild it each time.
+    """
+
+    kek_id: str
+    key: bytes
+    _aead: AESGCM = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not _KEK_ID_RE.fullmatch(self.kek_id):
+            raise ValueError(f"invalid KEK id {self.kek_id!r}")
+        if len(self.key) != KEK_SIZE_BYTES:
+            raise ValueError(f"a KEK must be {KEK_SIZE_BYTES} bytes")
+        object.__setattr__(self, "_aead", AESGCM(self.key))
+
+    @classmethod
+    def generate(cls, *, random_bytes: RandomBytes | None = None) -> Kek:
+        """Make a fresh KEK; ``random_bytes`` (e.g. the TPM's RNG) is mixed into os.urandom."""
+        key = os.urandom(KEK_SIZE_BYTES)
+        if random_bytes is not None:
+            extra = random_bytes(KEK_SIZE_BYTES)
+            if len(extra) != KEK_SIZE_BYTES:
+                raise ValueError(
+                    f"random_bytes returned {len(extra)} bytes, expected {KEK_SIZE_BYTES}"
+                )
+            # XOR keeps the key uniform as long as either source is good.
+            key = (int.from_bytes(key) ^ int.from_bytes(extra)).to_bytes(KEK_SIZE_BYTES)
+        kek_id = f"kek-{datetime.now(UTC):%Y%m%d}-{os.urandom(4).hex()}"
+        return cls(kek_id=kek_id, key=key)
+
+    @property
+    def aead(self) -> AESGCM:
+        """The cached AES-256-GCM cipher for this key."""
+        return self._aead
+
+    def __repr__(self) -> str:
+        return f"Kek(kek_id={self.kek_id!r}, key=<redacted>)"
+
+    __str__ = __repr__
+
+
+class KekRing:
+    """The set of KEKs a process knows, one of them active (used for new seals)."""
+
+    __slots__ = ("_created_at", "_keks", "active")
+
+    def __init__(
+        self,
+        active: Kek,
+        *,
+        others: Iterable[Kek] = (),
+        created_at: Mapping[str, datetime] | None = None,
+    ) -> None:
+        self.active = active
+        self._keks: dict[str, Kek] = {k.kek_id: k for k in others}
+        self._keks[active.kek_id] = active
+        now = datetime.now(UTC)
+        given = created_at or {}
+        self._created_at = {kek_id: given.get(kek_id, now) for kek_id in self._keks}
+
+    def get(self, kek_id: str) -> Kek:
+        """The KEK named ``kek_id``; an unknown id means the record cannot be opened here."""
+        try:
+            return self._keks[kek_id]
+        except KeyError:
+            raise IntegrityError(f"record sealed with unknown KEK {kek_id!r}") from None
+
+    @property
+    def kek_ids(self) -> tuple[str, ...]:
+        """Ids of every KEK in the ring, in the order they were added (oldest first)."""
+        return tuple(self._keks)
+
+    def __repr__(self) -> str:
+        return f"KekRing(active={self.active.kek_id!r}, kek_ids={self.kek_ids!r})"
+
+    __str__ = __repr__
+
+    @classmethod
+    def load(cls, path: Path) -> KekRing:
+        """Read the ring from ``path``; refuses a missing, garbled or group/other-readable file."""
+        raw = _read_private_file(path)
+        try:
+            document = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigurationError(f"KEK file {path} is not valid JSON") from exc
+        return _parse_ring(document, path)
+
+    @classmethod
+    def create(cls, path: Path, *, random_bytes: RandomBytes | None = None) -> KekRing:
+        """Make a ring with one new KEK and write it to ``path``, which must not exist yet."""
+        if path.exists():
+            raise ConfigurationError(f"KEK file {path} already exists: refusing to overwrite it")
+        ring = cls(Kek.generate(random_bytes=random_bytes))
+        _write_atomically(path, ring._to_json(), replace=False)
+        return ring
+
+    def rotate(self, path: Path, *, random_bytes: RandomBytes | None = None) -> KekRing:
+        """Add a new active KEK (old ones stay for opening old records) and rewrite ``path``."""
+        new = Kek.generate(random_bytes=random_bytes)
+        while new.kek_id in self._keks:  # same day and a 32-bit id collision: draw again
+            new = Kek.generate(random_bytes=random_bytes)
+        ring = KekRing(
+            new,
+            others=self._keks.values(),
+            created_at={**self._created_at, new.kek_id: datetime.now(UTC)},
+        )
+        _write_atomically(path, ring._to_json(), replace=True)
+        return ring
+
+    def _to_json(self) -> bytes:
+        keys = {
+            kek_id: {
+                "key": base64.b64encode(self._keks[kek_id].key).decode("ascii"),
+                "created_at": self._created_at[kek_id].isoformat(timespec="seconds"),
+            }
+            for kek_id in self.kek_ids
+        }
+        document = {"format": RING_FORMAT, "active": self.active.kek_id, "keys": keys}
+        return json.dumps(document, indent=2).encode("utf-8") + b"\n"
+
+
+def _read_private_file(path: Path) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigurationError(
+            f"KEK file {path} does not exist: run `zandd vault init`"
+        ) from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read KEK file {path}: {exc.strerror}") from exc
+    # fstat on the open descriptor: the mode checked is the mode of the file read.
+    with os.fdopen(fd, "rb") as file:
+        mode = stat.S_IMODE(os.fstat(file.fileno()).st_mode)
+        if mode & 0o077:
+            raise ConfigurationError(
+                f"KEK file {path} is accessible by group/other (mode {mode:04o}): "
+                f"run `chmod 600 {path}`"
+            )
+        try:
+            return file.read()
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read KEK file {path}: {exc.strerror}") from exc
+
+
+def _parse_ring(document: Any, path: Path) -> KekRing:
+    def garbled(reason: str) -> ConfigurationError:
+        return ConfigurationError(f"KEK file {path} is not a valid {RING_FORMAT} file: {reason}")
+
+    if not isinstance(document, dict) or document.get("format") != RING_FORMAT:
+        raise garbled("missing or unknown format")
+    entries = document.get("keys")
+    if not isinstance(entries, dict) or not entries:
+        raise garbled("no keys")
+    keks: dict[str, Kek] = {}
+    created_at: dict[str, datetime] = {}
+    for kek_id, entry in entries.items():
+        keks[kek_id], created_at[kek_id] = _parse_entry(kek_id, entry, garbled)
+    active_id = document.get("active")
+    if not isinstance(active_id, str) or active_id not in keks:
+        raise garbled("the active KEK is not in the ring")
+    return KekRing(keks[active_id], others=keks.values(), created_at=created_at)
+
+
+def _parse_entry(
+    kek_id: str, entry: Any, garbled: Callable[[str], ConfigurationError]
+) -> tuple[Kek, datetime]:
+    if not isinstance(entry, dict):
+        raise garbled(f"entry {kek_id!r} is not an object")
+    try:
+        key = base64.b64decode(entry["key"], validate=True)
+        created_at = datetime.fromisoformat(entry["created_at"])
+        kek = Kek(kek_id=kek_id, key=key)
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        # The message names the entry, never its content: the content is key material.
+        raise garbled(f"entry {kek_id!r} is malformed") from exc
+    if created_at.tzinfo is None:
+        raise garbled(f"entry {kek_id!r} has a created_at without a time zone")
+    return kek, created_at
+
+
+def _write_atomically(path: Path, data: bytes, *, replace: bool) -> None:
+    """Write ``data`` to ``path`` via a 0600 temp file, fsync, rename and fsync the directory."""
+    directory = path.parent
+    try:
+        if not directory.exists():
+            directory.mkdir(mode=_DIR_MODE, parents=True)
+        tmp = directory / f".{path.name}.{os.urandom(4).hex()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write KEK file {path}: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        _publish(tmp, path, replace=replace)
+        _fsync_directory(directory)
+    except FileExistsError:
+        raise ConfigurationError(
+            f"KEK file {path} already exists: refusing to overwrite it"
+        ) from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write KEK file {path}: {exc.strerror}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _publish(tmp: Path, path: Path, *, replace: bool) -> None:
+    if replace:
+        os.replace(tmp, path)
+    else:
+        # link() fails if path exists, so a concurrent creator cannot be overwritten.
+        os.link(tmp, path)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
