@@ -1,0 +1,228 @@
+"""``zandd up``: the whole fleet on one machine, supervised.
+
+Starts a swtpm when the host has no TPM device and none is listening, creates the KEK ring
+when missing (from the TPM's RNG), runs the keygen worker and N signers as child processes,
+restarts a child that dies (with backoff), and stops everything on Ctrl-C/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass, field
+
+from aio_pika.abc import AbstractRobustConnection
+from aio_pika.exceptions import AMQPError
+
+from contracts.amqp import connect
+from contracts.errors import ConfigurationError, ZanddError
+from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE
+from vault.kek import KekRing
+from workers.config import Settings
+
+log = logging.getLogger("zandd.up")
+
+READY_TIMEOUT_S = 60.0
+_POLL_INTERVAL_S = 0.2
+_MAX_RESTART_DELAY_S = 30.0
+
+
+@dataclass
+class _Child:
+    role: str
+    argv: list[str]
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    last_exit: int | None = None
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+def ensure_tpm(settings: Settings, stack: ExitStack) -> str:
+    """The TCTI the fleet uses, starting a swtpm under the data dir when needed."""
+    from workers.keygen.swtpm import port_open, start_swtpm
+    from workers.keygen.tpm import default_tcti
+
+    if settings.tpm_tcti:
+        return settings.tpm_tcti
+    device = default_tcti()
+    if device:
+        return device
+    if port_open("127.0.0.1", settings.swtpm_port):
+        log.info("using the swtpm already listening on port %d", settings.swtpm_port)
+        return settings.local_swtpm_tcti
+    swtpm = start_swtpm(settings.swtpm_dir, port=settings.swtpm_port)
+    stack.callback(swtpm.stop)
+    log.info("started swtpm (state in %s) on port %d", settings.swtpm_dir, swtpm.port)
+    return swtpm.tcti
+
+
+def ensure_kek_ring(settings: Settings, tcti: str) -> None:
+    """Create the KEK ring from the TPM's RNG when there is none yet."""
+    from workers.keygen.tpm import Tpm
+
+    path = settings.resolved_kek_file
+    if path.exists():
+        return
+    with Tpm(tcti) as tpm:
+        KekRing.create(path, random_bytes=tpm.get_random)
+    log.info("created the KEK ring %s from the TPM's RNG", path)
+
+
+class Fleet:
+    """The supervised child processes of ``zandd up``."""
+
+    def __init__(self, settings: Settings, *, signers: int, child_env: dict[str, str]) -> None:
+        self._settings = settings
+        self._env = child_env
+        self._stopping = False
+        cli = [sys.executable, "-m", "workers.cli"]
+        self._children = [_Child("keygen", [*cli, "keygen-worker"])] + [
+            _Child(f"signer-{n}", [*cli, "signer"]) for n in range(1, signers + 1)
+        ]
+        self.signers = signers
+
+    async def start(self) -> None:
+        """Start every child under supervision."""
+        for child in self._children:
+            child.task = asyncio.create_task(self._supervise(child))
+
+    async def _supervise(self, child: _Child) -> None:
+        delay_s = 0.5
+        while not self._stopping:
+            child.process = await asyncio.create_subprocess_exec(*child.argv, env=self._env)
+            child.last_exit = await child.process.wait()
+            if self._stopping:
+                return
+            child.restarts += 1
+            log.warning(
+                "%s exited with code %s; restarting in %.1f s", child.role, child.last_exit, delay_s
+            )
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, _MAX_RESTART_DELAY_S)
+
+    def describe_failures(self) -> str:
+        """Which children died, for an error message."""
+        dead = [
+            f"{c.role} exited {c.restarts}x (last code {c.last_exit})"
+            for c in self._children
+            if c.restarts
+        ]
+        return "; ".join(dead) or "no worker exited"
+
+    async def stop(self) -> None:
+        """SIGTERM every child, wait for their drain, kill what is left."""
+        self._stopping = True
+        running = [c.process for c in self._children if c.process and c.process.returncode is None]
+        for process in running:
+            with suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        bound_s = self._settings.drain_timeout_s + 5.0
+        for process in running:
+            try:
+                await asyncio.wait_for(process.wait(), timeout=bound_s)
+            except TimeoutError:
+                log.warning("worker %d did not stop within %.0f s: killed", process.pid, bound_s)
+                process.kill()
+                await process.wait()
+        for child in self._children:
+            if child.task:
+                child.task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await child.task
+
+
+async def wait_until_ready(amqp_url: str, signers: int, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Wait until the keygen queue has a consumer and the sign queue has ``signers``."""
+    connection = await connect(amqp_url, connection_name="zandd-up")
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                counts = await _consumer_counts(connection)
+                if counts[KEYGEN_QUEUE] >= 1 and counts[SIGN_QUEUE] >= signers:
+                    return
+                await asyncio.sleep(_POLL_INTERVAL_S)
+    finally:
+        await connection.close()
+
+
+async def _consumer_counts(connection: AbstractRobustConnection) -> dict[str, int]:
+    counts = {KEYGEN_QUEUE: 0, SIGN_QUEUE: 0}
+    # A passive declare of a queue that does not exist yet closes its channel: one per poll.
+    channel = await connection.channel()
+    try:
+        for name in counts:
+            queue = await channel.declare_queue(name, passive=True)
+            result = queue.declaration_result
+            counts[name] = result.consumer_count or 0
+    except AMQPError:
+        return {KEYGEN_QUEUE: 0, SIGN_QUEUE: 0}
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return counts
+
+
+def child_environment(settings: Settings, tcti: str) -> dict[str, str]:
+    """The environment that makes every child see exactly this fleet's configuration."""
+    env = dict(os.environ)
+    env.update(
+        ZANDD_AMQP_URL=settings.amqp_url,
+        ZANDD_DATA_DIR=str(settings.data_dir.absolute()),
+        ZANDD_VAULT_URL=settings.resolved_vault_url,
+        ZANDD_KEK_FILE=str(settings.resolved_kek_file.absolute()),
+        ZANDD_TPM_TCTI=tcti,
+        ZANDD_LOG_LEVEL=settings.log_level,
+    )
+    return env
+
+
+async def run_up(
+    settings: Settings,
+    *,
+    signers: int,
+    after_ready: Callable[[], Awaitable[int]] | None = None,
+) -> int:
+    """Run the fleet until a signal arrives (or ``after_ready`` returns); the exit code."""
+    if signers < 1:
+        raise ConfigurationError("--signers must be at least 1")
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Fail on an unreachable broker before starting anything that would then have to stop.
+    await (await connect(settings.amqp_url, connection_name="zandd-up")).close()
+    with ExitStack() as stack:
+        tcti = ensure_tpm(settings, stack)
+        ensure_kek_ring(settings, tcti)
+        fleet = Fleet(settings, signers=signers, child_env=child_environment(settings, tcti))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await fleet.start()
+        try:
+            return await _until_done(settings, fleet, stop, after_ready)
+        finally:
+            log.info("stopping the fleet")
+            await fleet.stop()
+
+
+async def _until_done(
+    settings: Settings,
+    fleet: Fleet,
+    stop: asyncio.Event,
+    after_ready: Callable[[], Awaitable[int]] | None,
+) -> int:
+    try:
+        await wait_until_ready(settings.amqp_url, fleet.signers)
+    except TimeoutError:
+        raise ZanddError(
+            f"the fleet was not ready within {READY_TIMEOUT_S:.0f} s: {fleet.describe_failures()}"
+        ) from None
+    log.info("fleet ready: keygen + %d signers", fleet.signers)
+    if after_ready is not None:
+        return await after_ready()
+    await stop.wait()
+    return 0

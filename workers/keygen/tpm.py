@@ -1,0 +1,410 @@
+"""TPM 2.0 access for the keygen worker, through tpm2-pytss (ESAPI), synchronous.
+
+The TPM generates each P-256 key (``TPM2_Create`` under a storage primary, the scalar never
+chosen outside the TPM) and hands the private scalar out once with ``TPM2_Duplicate`` to the
+NULL parent without inner wrapper. The key's only policy is ``PolicyCommandCode(Duplicate)``.
+After export the key is no longer bound to the TPM: the TPM contributes its RNG and key
+generation, the vault encryption protects the key at rest.
+
+Without parameter encryption the duplicate crosses the TPM interface (bus, ``/dev/tpmrm0``,
+or the swtpm socket) in plaintext; an inner wrapper would be needed to protect it there.
+
+Wiping: the scalar is copied into a ``bytearray`` that :meth:`ExportedKey.wipe` zeroes, and the
+C buffers tpm2-pytss hands back (the duplicate and its unmarshalled form) are zeroed here.
+Python cannot wipe what it copies into immutable objects: the ``bytes`` copy that
+``TPM_OBJECT.unmarshal`` makes inside tpm2-pytss, the ``int`` passed to ``cryptography``, and
+the response buffer inside the ESAPI context, which the next larger response overwrites.
+OpenSSL clears its own copy of the private value when the key object is freed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from tpm2_pytss import (
+    ESAPI,
+    ESYS_TR,
+    TPM2_ALG,
+    TPM2_CAP,
+    TPM2_CC,
+    TPM2_PT,
+    TPM2_PT_FIRMWARE,
+    TPM2_PT_VENDOR,
+    TPM2_SE,
+    TPM2B_PRIVATE,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE,
+    TPMA_OBJECT,
+    TPMT_SYM_DEF_OBJECT,
+    TSS2_Exception,
+)
+
+from contracts.errors import IntegrityError, TpmUnavailable
+
+logger = logging.getLogger(__name__)
+
+P256_BYTES = 32
+
+# Policy digest of TPM2_PolicyCommandCode(TPM2_CC_Duplicate) from a fresh SHA-256 session:
+# SHA256(zeros32 || TPM_CC_PolicyCommandCode || TPM_CC_Duplicate).
+DUPLICATE_ONLY_POLICY = hashlib.sha256(
+    bytes(32) + struct.pack(">II", TPM2_CC.PolicyCommandCode, TPM2_CC.Duplicate)
+).digest()
+
+# TPM2_GetRandom returns at most the size of the TPM's largest digest per call.
+_RANDOM_CHUNK_BYTES = 64
+
+_STORAGE_ATTRIBUTES = (
+    TPMA_OBJECT.RESTRICTED
+    | TPMA_OBJECT.DECRYPT
+    | TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+    | TPMA_OBJECT.USERWITHAUTH
+    | TPMA_OBJECT.NODA
+)
+# No fixedTPM/fixedParent: the key must be duplicable.
+_EXPORTABLE_KEY_ATTRIBUTES = (
+    TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
+)
+
+
+@dataclass(frozen=True)
+class TpmInfo:
+    """What the TPM says about itself (TPM2_GetCapability, fixed properties)."""
+
+    manufacturer: str
+    vendor: str
+    firmware_version: str
+    spec: str
+
+
+class ExportedKey:
+    """A P-256 private scalar exported from the TPM plus its public point. Caller must wipe().
+
+    Use it as a context manager to wipe on exit. Its repr never shows the scalar.
+    """
+
+    __slots__ = ("private_scalar", "public_x", "public_y")
+
+    def __init__(self, private_scalar: bytearray, public_x: bytes, public_y: bytes) -> None:
+        if not len(private_scalar) == len(public_x) == len(public_y) == P256_BYTES:
+            raise ValueError("a P-256 key needs a 32-byte scalar and 32-byte coordinates")
+        self.private_scalar = private_scalar
+        self.public_x = public_x
+        self.public_y = public_y
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        """The public key, from the point the TPM reported."""
+        return ec.EllipticCurvePublicNumbers(
+            int.from_bytes(self.public_x, "big"),
+            int.from_bytes(self.public_y, "big"),
+            ec.SECP256R1(),
+        ).public_key()
+
+    def wipe(self) -> None:
+        """Zero the scalar in place."""
+        _wipe(self.private_scalar)
+
+    def __repr__(self) -> str:
+        return f"ExportedKey(public_x={self.public_x.hex()}, private_scalar=<redacted>)"
+
+    def __enter__(self) -> ExportedKey:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.wipe()
+
+
+class Tpm:
+    """One ESAPI connection to a TPM. Calls are serialized, so threads may share it.
+
+    After a :class:`TpmUnavailable` from a command (TPM reset, connection lost), close this
+    instance and open a new one: the cached storage primary may be gone.
+    """
+
+    def __init__(self, tcti: str) -> None:
+        """Open the ESAPI context over ``tcti`` (e.g. ``device:/dev/tpmrm0``).
+
+        Raises:
+            TpmUnavailable: the TCTI cannot be loaded or the TPM does not answer.
+        """
+        self._lock = threading.Lock()
+        self._primary: Any = None
+        try:
+            self._ectx: Any = ESAPI(tcti)
+        except Exception as exc:
+            raise TpmUnavailable(f"cannot open the TPM through TCTI {tcti!r}: {exc}") from exc
+
+    def info(self) -> TpmInfo:
+        """Manufacturer, vendor string, firmware version and spec level of the TPM."""
+        with self._lock, _tss_errors("reading the TPM properties"):
+            props = _fixed_properties(self._context())
+        return TpmInfo(
+            manufacturer=_ascii(props.get(TPM2_PT.MANUFACTURER, 0)),
+            vendor=_ascii(*(props.get(p, 0) for p in _VENDOR_STRINGS)),
+            firmware_version=_firmware_version(
+                props.get(TPM2_PT_FIRMWARE.VERSION_1, 0), props.get(TPM2_PT_FIRMWARE.VERSION_2, 0)
+            ),
+            spec=_spec_version(
+                _ascii(props.get(TPM2_PT.FAMILY_INDICATOR, 0)),
+                props.get(TPM2_PT.LEVEL, 0),
+                props.get(TPM2_PT.REVISION, 0),
+            ),
+        )
+
+    def get_random(self, n_bytes: int) -> bytes:
+        """``n_bytes`` from the TPM's RNG, in as many TPM2_GetRandom calls as needed."""
+        if n_bytes < 0:
+            raise ValueError("n_bytes must not be negative")
+        out = bytearray()
+        try:
+            with self._lock, _tss_errors("TPM2_GetRandom"):
+                ectx = self._context()
+                while len(out) < n_bytes:
+                    digest = ectx.get_random(min(n_bytes - len(out), _RANDOM_CHUNK_BYTES))
+                    if not len(digest):
+                        raise TpmUnavailable("the TPM returned no random bytes")
+                    out += digest.buffer
+                    # The bytes may become key material (the KEK ring): clear the C copy.
+                    _zero_tpm2b(digest)
+            return bytes(out)
+        finally:
+            _wipe(out)
+
+    def create_exportable_p256(self) -> ExportedKey:
+        """Generate a P-256 key in the TPM, export it, flush it, and check it.
+
+        Raises:
+            TpmUnavailable: a TPM command failed.
+            IntegrityError: the exported scalar does not match the TPM's public key.
+        """
+        scalar = bytearray(P256_BYTES)
+        try:
+            with self._lock, _tss_errors("key generation"):
+                ectx = self._context()
+                primary = self._storage_primary(ectx)
+                private, public, _, _, _ = ectx.create(primary, None, _exportable_key_template())
+                with (
+                    _flushed(ectx, ectx.load(primary, private, public)) as key,
+                    _flushed(ectx, _policy_session(ectx)) as session,
+                ):
+                    ectx.policy_command_code(session, TPM2_CC.Duplicate)
+                    _copy_scalar(_duplicate_unwrapped(ectx, key, session), into=scalar)
+            exported = ExportedKey(scalar, *_public_point(public))
+            _check_pair(exported)
+        except BaseException:
+            _wipe(scalar)
+            raise
+        return exported
+
+    def close(self) -> None:
+        """Flush the storage primary and close the ESAPI context; idempotent."""
+        with self._lock:
+            if self._ectx is None:
+                return
+            try:
+                if self._primary is not None:
+                    self._ectx.flush_context(self._primary)
+            except TSS2_Exception as exc:
+                # The TPM may have been reset or gone away; its transient objects went with it.
+                logger.warning("could not flush the TPM storage primary: %s", exc)
+            finally:
+                self._primary = None
+                self._ectx.close()
+                self._ectx = None
+
+    def __enter__(self) -> Tpm:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _context(self) -> Any:
+        if self._ectx is None:
+            raise TpmUnavailable("the TPM connection is closed")
+        return self._ectx
+
+    def _storage_primary(self, ectx: Any) -> Any:
+        if self._primary is None:
+            self._primary, _, _, _, _ = ectx.create_primary(
+                None, _storage_template(), ESYS_TR.OWNER
+            )
+        return self._primary
+
+
+def default_tcti() -> str | None:
+    """The TCTI of the local TPM device (resource manager preferred), or None if there is none."""
+    for device in ("/dev/tpmrm0", "/dev/tpm0"):
+        if Path(device).exists():
+            return f"device:{device}"
+    return None
+
+
+_VENDOR_STRINGS = (
+    TPM2_PT_VENDOR.STRING_1,
+    TPM2_PT_VENDOR.STRING_2,
+    TPM2_PT_VENDOR.STRING_3,
+    TPM2_PT_VENDOR.STRING_4,
+)
+
+
+@contextmanager
+def _tss_errors(action: str) -> Iterator[None]:
+    try:
+        yield
+    except TSS2_Exception as exc:
+        raise TpmUnavailable(f"{action} failed in the TPM stack: {exc}") from exc
+
+
+@contextmanager
+def _flushed(ectx: Any, handle: Any) -> Iterator[Any]:
+    """Yield ``handle`` and flush it from the TPM afterwards, whatever happened."""
+    try:
+        yield handle
+    finally:
+        ectx.flush_context(handle)
+
+
+def _storage_template() -> TPM2B_PUBLIC:
+    return TPM2B_PUBLIC.parse("ecc256:aes128cfb", objectAttributes=_STORAGE_ATTRIBUTES)
+
+
+def _exportable_key_template() -> TPM2B_PUBLIC:
+    return TPM2B_PUBLIC.parse(
+        "ecc256:ecdsa-sha256",
+        objectAttributes=_EXPORTABLE_KEY_ATTRIBUTES,
+        authPolicy=DUPLICATE_ONLY_POLICY,
+    )
+
+
+def _policy_session(ectx: Any) -> Any:
+    return ectx.start_auth_session(
+        tpm_key=ESYS_TR.NONE,
+        bind=ESYS_TR.NONE,
+        session_type=TPM2_SE.POLICY,
+        symmetric=None,
+        auth_hash=TPM2_ALG.SHA256,
+    )
+
+
+def _duplicate_unwrapped(ectx: Any, key: Any, session: Any) -> TPM2B_PRIVATE:
+    # ESYS_TR.NULL, not ESYS_TR.NONE: with NONE, ESAPI sends TPM_RH_NULL but puts an empty name
+    # into the cpHash, and the TPM rejects the policy session's HMAC (TPM_RC_BAD_AUTH).
+    _, duplicate, _ = ectx.duplicate(
+        key,
+        ESYS_TR.NULL,
+        None,
+        TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
+        session1=session,
+    )
+    return duplicate
+
+
+def _copy_scalar(duplicate: TPM2B_PRIVATE, *, into: bytearray) -> None:
+    """Copy the ECC scalar of an unwrapped duplicate into ``into``; zero the C buffers.
+
+    With no inner and no outer wrapper the duplicate is the marshalled TPM2B_SENSITIVE.
+    """
+    expected = len(duplicate)
+    try:
+        sensitive, consumed = TPM2B_SENSITIVE.unmarshal(duplicate)
+    except TSS2_Exception as exc:
+        raise IntegrityError("the TPM's duplicate is not a plain sensitive area") from exc
+    finally:
+        _zero_tpm2b(duplicate)
+    area = sensitive.sensitiveArea
+    try:
+        scalar = area.sensitive.ecc
+        if consumed != expected or area.sensitiveType != TPM2_ALG.ECC:
+            raise IntegrityError("the TPM's duplicate is not a plain ECC sensitive area")
+        if len(scalar) > len(into):
+            raise IntegrityError("the TPM exported an ECC scalar longer than 32 bytes")
+        into[len(into) - len(scalar) :] = scalar.buffer
+    finally:
+        for part in (area.authValue, area.seedValue, area.sensitive.ecc):
+            _zero_tpm2b(part)
+
+
+def _public_point(public: TPM2B_PUBLIC) -> tuple[bytes, bytes]:
+    point = public.publicArea.unique.ecc
+    return _left_pad(bytes(point.x)), _left_pad(bytes(point.y))
+
+
+def _left_pad(coordinate: bytes) -> bytes:
+    if len(coordinate) > P256_BYTES:
+        raise IntegrityError("the TPM reported a P-256 coordinate longer than 32 bytes")
+    return coordinate.rjust(P256_BYTES, b"\0")
+
+
+def _check_pair(key: ExportedKey) -> None:
+    """Derive the public point from the scalar and compare it with the TPM's."""
+    try:
+        derived = ec.derive_private_key(int.from_bytes(key.private_scalar, "big"), ec.SECP256R1())
+        reported = key.public_key()
+    except ValueError as exc:
+        raise IntegrityError("the TPM exported an invalid P-256 key") from exc
+    if derived.public_key().public_numbers() != reported.public_numbers():
+        raise IntegrityError("the exported private scalar does not match the TPM's public key")
+
+
+def _zero_tpm2b(value: Any) -> None:
+    """Zero the bytes of a tpm2-pytss TPM2B in its C memory (its buffer is a writable view)."""
+    view = value.buffer
+    view[:] = bytes(len(view))
+
+
+def _wipe(buffer: bytearray) -> None:
+    buffer[:] = bytes(len(buffer))
+
+
+def _fixed_properties(ectx: Any) -> dict[int, int]:
+    """The fixed TPM properties up to the firmware version, following ``moreData``."""
+    last = int(TPM2_PT_FIRMWARE.VERSION_2)
+    props: dict[int, int] = {}
+    prop = int(TPM2_PT.FIXED)
+    while prop <= last:
+        more, data = ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, prop, last - prop + 1)
+        tagged = list(data.data.tpmProperties)
+        props.update((int(t.property), int(t.value)) for t in tagged)
+        if not more or not tagged:
+            break
+        prop = int(tagged[-1].property) + 1
+    return props
+
+
+def _ascii(*words: int) -> str:
+    """Decode 32-bit property words holding big-endian ASCII (e.g. ``b"IBM\\0"``)."""
+    raw = b"".join(word.to_bytes(4, "big") for word in words)
+    return raw.replace(b"\0", b"").decode("ascii", "replace").strip()
+
+
+def _firmware_version(version_1: int, version_2: int) -> str:
+    # The usual reading (tpm2-tools, fwupd): four 16-bit numbers, most significant first.
+    return f"{version_1 >> 16}.{version_1 & 0xFFFF}.{version_2 >> 16}.{version_2 & 0xFFFF}"
+
+
+def _spec_version(family: str, level: int, revision: int) -> str:
+    # TPM_PT_REVISION is the spec revision times 100; the level is 0 for every TPM 2.0 spec.
+    level_part = f" level {level}" if level else ""
+    return f"{family}{level_part} rev {revision // 100}.{revision % 100:02d}"

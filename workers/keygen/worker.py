@@ -1,0 +1,107 @@
+"""The keygen worker: ``key.create`` on ``zandd.keygen``, the only process using the TPM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+from contracts.crypto import load_public_key, public_key_der, public_key_pem
+from contracts.errors import InvalidRequest
+from contracts.models import KeyCreateReply, KeyCreateRequest
+from contracts.operations import Operation
+from vault.kek import KekRing
+from vault.records import KeyRecord, KeyState
+from vault.sealing import RecordBinding, seal
+from vault.store import VaultStore
+from workers.keygen.tpm import Tpm
+from workers.runtime import Handler, RequestContext
+
+log = logging.getLogger("zandd.keygen")
+
+ANONYMOUS_PRINCIPAL = "anonymous"
+
+
+def new_key_id() -> str:
+    """A fresh, unguessable key id: ``zk-`` and 20 hex digits (80 random bits)."""
+    return f"zk-{secrets.token_hex(10)}"
+
+
+class Keygen:
+    """Request handlers of the keygen worker.
+
+    TPM commands are blocking and the TPM serves one at a time, so they run on one dedicated
+    thread; the event loop stays free to take deliveries and write to the vault meanwhile.
+    """
+
+    def __init__(self, store: VaultStore, ring: KekRing, tpm: Tpm) -> None:
+        self._store = store
+        self._ring = ring
+        self._tpm = tpm
+        self._tpm_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zandd-tpm")
+
+    @property
+    def handlers(self) -> Mapping[Operation, Handler]:
+        """Operation → handler, for the consumer runtime."""
+        return {Operation.KEY_CREATE: self.create_key}
+
+    def close(self) -> None:
+        """Stop the TPM thread (the TPM itself belongs to the caller)."""
+        self._tpm_thread.shutdown(wait=True)
+
+    async def create_key(
+        self, request: KeyCreateRequest, context: RequestContext
+    ) -> KeyCreateReply:
+        """Create, export, flush, seal and store a new key; idempotent on the request id."""
+        if context.request_id is None:
+            raise InvalidRequest("key.create needs a message_id: it is the idempotency key")
+        existing = await self._store.find_by_request_id(context.request_id)
+        if existing is not None:
+            log.info("key.create %s repeated: returning %s", context.request_id, existing.key_id)
+            return _reply(existing)
+        record = await self._generate(request, context, context.request_id)
+        stored = await self._store.create_key(record)
+        if stored.key_id != record.key_id:
+            log.info("key.create %s raced a twin: returning %s", context.request_id, stored.key_id)
+        else:
+            log.info("created key %s for %s", stored.key_id, stored.created_by)
+        return _reply(stored)
+
+    async def _generate(
+        self, request: KeyCreateRequest, context: RequestContext, request_id: str
+    ) -> KeyRecord:
+        loop = asyncio.get_running_loop()
+        exported = await loop.run_in_executor(self._tpm_thread, self._tpm.create_exportable_p256)
+        with exported:
+            key_id = new_key_id()
+            binding = RecordBinding(key_id=key_id, version=1, algorithm=request.algorithm)
+            sealed = seal(exported.private_scalar, binding, self._ring.active)
+            public_der = public_key_der(exported.public_key())
+        owner = context.principal or ANONYMOUS_PRINCIPAL
+        signers = request.allowed_signers if request.allowed_signers is not None else [owner]
+        return KeyRecord(
+            key_id=key_id,
+            version=1,
+            algorithm=request.algorithm,
+            public_key_der=public_der,
+            sealed=sealed,
+            state=KeyState.ENABLED,
+            label=request.label,
+            allowed_signers=tuple(signers),
+            created_at=datetime.now(UTC),
+            created_by=owner,
+            request_id=request_id,
+        )
+
+
+def _reply(record: KeyRecord) -> KeyCreateReply:
+    return KeyCreateReply(
+        key_id=record.key_id,
+        version=record.version,
+        algorithm=record.algorithm,
+        public_key_pem=public_key_pem(load_public_key(record.public_key_der)),
+        created_at=record.created_at,
+    )
