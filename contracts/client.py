@@ -27,7 +27,13 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError, PublishError
+from aio_pika.exceptions import (
+    AMQPError,
+    ChannelInvalidStateError,
+    ChannelNotFoundEntity,
+    DeliveryError,
+    PublishError,
+)
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel
 
@@ -278,7 +284,8 @@ class SigningClient:
         )
         try:
             await self._exchange.publish(message, routing_key=operation.value, mandatory=True)
-        except PublishError as exc:
+        except (PublishError, ChannelNotFoundEntity) as exc:
+            # A missing queue binding is returned; a missing exchange closes the channel.
             raise NotDelivered(
                 f"the broker could not route {operation.value}: is the ZANDD fleet running "
                 "(its queues are declared when a worker starts)?"

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,9 @@ def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def amqp_url() -> Iterator[str]:
-    """The URL of a vhost of our own on the test broker, removed afterwards.
-
-    Tests never share queues with a running fleet or with each other's modules.
-    """
+@contextmanager
+def private_vhost() -> Iterator[str]:
+    """A vhost of our own on the test broker, removed afterwards; yields its AMQP URL."""
     if shutil.which("rabbitmqctl") is None:
         pytest.fail("rabbitmqctl is needed to create a test vhost (run the tests through ops/test)")
     vhost = f"zandd-test-{uuid.uuid4().hex[:12]}"
@@ -57,6 +55,20 @@ def amqp_url() -> Iterator[str]:
         yield str(URL(BASE_AMQP_URL).with_path("/" + vhost))
     finally:
         _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture(scope="module")
+def amqp_url() -> Iterator[str]:
+    """A private vhost for a test module: tests never share queues with a running fleet."""
+    with private_vhost() as url:
+        yield url
+
+
+@pytest.fixture
+def empty_amqp_url() -> Iterator[str]:
+    """A private vhost for one test, with nothing declared in it."""
+    with private_vhost() as url:
+        yield url
 
 
 # -- a fleet of in-process workers on real RabbitMQ, swtpm and SQLite -------------------------

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import ExitStack
@@ -57,9 +58,12 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
         stream=sys.stderr,
     )
-    # aio-pika logs reconnect attempts with tracebacks at WARNING; ours say enough.
-    logging.getLogger("aio_pika").setLevel(max(logging.getLogger().level, logging.ERROR))
-    logging.getLogger("aiormq").setLevel(max(logging.getLogger().level, logging.ERROR))
+    if logging.getLogger().level > logging.DEBUG:
+        # aio-pika/aiormq log every failed connection attempt with its own words and the TSS
+        # C library prints to stderr; our one sentence says it. DEBUG shows them all.
+        logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+        logging.getLogger("aio_pika").setLevel(logging.CRITICAL)
+        os.environ.setdefault("TSS2_LOG", "all+none")
 
 
 # -- commands -------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ async def _serve(
         prefetch=prefetch,
         limits=settings.limits,
         drain_timeout_s=settings.drain_timeout_s,
-        name=f"zandd-{queue}",
+        name="zandd-" + queue.removeprefix("zandd."),
     )
     await runtime.run(stop)
 

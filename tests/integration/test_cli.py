@@ -1,0 +1,176 @@
+"""``zandd`` as a user runs it: subprocesses against real RabbitMQ, swtpm and SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RunningFleet
+
+ZANDD = [sys.executable, "-m", "workers.cli"]
+
+
+async def zandd(*args: str, env: dict[str, str], timeout_s: float = 60.0) -> tuple[int, str, str]:
+    """Run ``zandd`` without blocking the event loop (the in-process fleet must keep serving)."""
+    process = await asyncio.create_subprocess_exec(
+        *ZANDD, *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout_s)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+def environment(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZANDD_")}
+    env.update(values)
+    return env
+
+
+def free_port_pair() -> int:
+    """A port P with P+1 free too (swtpm's server and control ports)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with socket.socket() as second:
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return int(port)
+    raise RuntimeError("no free port pair")
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.tpm
+async def test_keys_sign_and_verify_from_the_shell(fleet: RunningFleet, tmp_path: Path) -> None:
+    env = environment(ZANDD_AMQP_URL=fleet.amqp_url, ZANDD_DATA_DIR=str(tmp_path / "cli"))
+    code, out, err = await zandd("keys", "create", "--label", "shell", env=env)
+    assert code == 0, err
+    key_id, pem = out.split("\n", 1)
+    assert pem.startswith("-----BEGIN PUBLIC KEY-----")
+    document = tmp_path / "document.txt"
+    document.write_bytes(b"signed from a shell\n")
+    (tmp_path / "public.pem").write_text(pem)
+
+    code, out, err = await zandd(
+        "sign", "--key", key_id, str(document), "--out", str(tmp_path / "sig.der"), env=env
+    )
+    assert code == 0, err
+    openssl = await asyncio.create_subprocess_exec(
+        *("openssl", "dgst", "-sha256", "-verify", "public.pem", "-signature", "sig.der"),
+        "document.txt",
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+    )
+    assert (await openssl.communicate())[0].decode().strip() == "Verified OK"
+
+    code, out, _ = await zandd(
+        "verify", "--key", key_id, str(document), str(tmp_path / "sig.der"), env=env
+    )
+    assert (code, out.strip()) == (0, "signature OK")
+    code, signature_b64, _ = await zandd(
+        "sign", "--key", key_id, str(document), "--digest", "--encoding", "raw", env=env
+    )
+    assert code == 0
+    code, out, _ = await zandd(
+        "verify",
+        "--key",
+        key_id,
+        str(document),
+        signature_b64.strip(),
+        "--encoding",
+        "raw",
+        env=env,
+    )
+    assert (code, out.strip()) == (0, "signature OK")
+    document.write_bytes(b"tampered\n")
+    code, out, _ = await zandd(
+        "verify", "--key", key_id, str(document), str(tmp_path / "sig.der"), env=env
+    )
+    assert (code, out.strip()) == (1, "signature INVALID")
+
+    code, out, _ = await zandd("keys", "public", key_id, "--jwk", env=env)
+    assert code == 0
+    assert '"kid": "' + key_id + '.v1"' in out
+
+    code, _, err = await zandd("sign", "--key", "zk-nope", str(document), env=env)
+    assert code == 1
+    assert err.strip() == "zandd: key zk-nope not found"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("keys", "create"),
+        ("sign", "--key", "k", "/etc/hostname"),
+        ("signer",),
+        ("up", "--signers", "1"),
+    ],
+)
+async def test_unreachable_broker_is_one_sentence(args: tuple[str, ...], tmp_path: Path) -> None:
+    env = environment(
+        ZANDD_AMQP_URL="amqp://guest:secret-pw@127.0.0.1:1/", ZANDD_DATA_DIR=str(tmp_path)
+    )
+    if args[0] == "signer":
+        await zandd("vault", "init", env=env)
+    code, out, err = await zandd(*args, env=env)
+    assert code == 1
+    assert err.strip().splitlines() == [
+        "zandd: cannot reach the broker at amqp://guest@127.0.0.1:1/: AMQPConnectionError"
+    ] or (len(err.strip().splitlines()) == 1 and "cannot reach the broker" in err), err
+    assert "Traceback" not in err
+    assert "secret-pw" not in out + err
+
+
+@pytest.mark.tpm
+async def test_tpm_check_and_vault_init(swtpm_tcti: str, tmp_path: Path) -> None:
+    env = environment(ZANDD_TPM_TCTI=swtpm_tcti, ZANDD_DATA_DIR=str(tmp_path / "data"))
+    code, out, err = await zandd("tpm", "check", env=env)
+    assert code == 0, err
+    assert "create → export → flush round trip: OK" in out
+    code, out, err = await zandd("vault", "init", env=env)
+    assert code == 0, err
+    assert "from the TPM's RNG mixed with the OS RNG" in out
+    ring = tmp_path / "data" / "kek-ring.json"
+    assert stat.S_IMODE(ring.stat().st_mode) == 0o600
+    before = ring.read_bytes()
+    code, out, _ = await zandd("vault", "init", env=env)
+    assert code == 0
+    assert "exists already" in out
+    assert ring.read_bytes() == before
+
+
+async def test_tpm_check_without_a_tpm_says_so(tmp_path: Path) -> None:
+    env = environment(
+        ZANDD_TPM_TCTI=f"swtpm:host=127.0.0.1,port={free_port_pair()}", ZANDD_DATA_DIR=str(tmp_path)
+    )
+    code, _, err = await zandd("tpm", "check", env=env)
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("zandd: ")
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.tpm
+async def test_up_demo_proves_the_fleet_and_exits(empty_amqp_url: str, tmp_path: Path) -> None:
+    env = environment(
+        ZANDD_AMQP_URL=empty_amqp_url,
+        ZANDD_DATA_DIR=str(tmp_path / "fleet"),
+        ZANDD_SWTPM_PORT=str(free_port_pair()),
+    )
+    code, out, err = await zandd("up", "--demo", "--signers", "2", env=env, timeout_s=120)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("demo: verified 200/200 signatures with key zk-")
+    assert "started swtpm" in err
+    assert "created the KEK ring" in err
+    assert (tmp_path / "fleet" / "vault.db").exists()

@@ -1,0 +1,62 @@
+"""The RPC client helper against a real broker with no fleet behind it: failures come fast and typed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aio_pika
+import pytest
+
+from contracts.client import SigningClient
+from contracts.errors import BrokerUnavailable, ConfigurationError, NotDelivered, RequestTimeout
+from contracts.topology import SIGN_QUEUE
+
+pytestmark = pytest.mark.rabbitmq
+
+
+async def test_unroutable_request_fails_at_once(empty_amqp_url: str) -> None:
+    async with await SigningClient.connect(empty_amqp_url) as client:
+        started = time.monotonic()
+        with pytest.raises(NotDelivered, match="is the ZANDD fleet running"):
+            await client.sign("zk-1", b"m", timeout_s=30)
+        assert time.monotonic() - started < 10  # the 30 s timeout was never waited for
+
+
+async def test_no_worker_means_a_timeout_and_the_request_expires(empty_amqp_url: str) -> None:
+    async with await SigningClient.connect(empty_amqp_url, declare=True) as client:
+        with pytest.raises(RequestTimeout, match=r"no reply to sign within 0\.5 s"):
+            await client.sign("zk-1", b"m", timeout_s=0.5)
+    # The request carried the timeout as its expiration: the queue drops it by itself.
+    connection = await aio_pika.connect(empty_amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        for _ in range(100):
+            queue = await channel.declare_queue(SIGN_QUEUE, passive=True)
+            if queue.declaration_result.message_count == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert queue.declaration_result.message_count == 0
+
+
+async def test_unreachable_broker_is_one_clear_error() -> None:
+    with pytest.raises(
+        BrokerUnavailable, match=r"cannot reach the broker at amqp://guest@127.0.0.1:1/"
+    ):
+        await SigningClient.connect("amqp://guest:hunter2@127.0.0.1:1/", connect_timeout_s=3)
+
+
+async def test_wrong_credentials_are_a_configuration_error(empty_amqp_url: str) -> None:
+    url = empty_amqp_url.replace("guest:guest@", "guest:wrong-password@")
+    with pytest.raises(ConfigurationError, match="refused our credentials") as info:
+        await SigningClient.connect(url, connect_timeout_s=5)
+    assert "wrong-password" not in str(info.value)
+
+
+async def test_closing_the_client_fails_waiting_calls(empty_amqp_url: str) -> None:
+    client = await SigningClient.connect(empty_amqp_url, declare=True)
+    call = asyncio.create_task(client.sign("zk-1", b"m", timeout_s=30))
+    await asyncio.sleep(0.2)
+    await client.close()
+    with pytest.raises(BrokerUnavailable):
+        await call
