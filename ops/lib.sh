@@ -86,8 +86,24 @@ ensure_rabbitmq() {
   fi
 }
 
+ensure_node_example() {
+  local dir="$ZANDD_ROOT/examples/node-producer"
+  [ -f "$dir/package-lock.json" ] || return 0
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    say "node/npm not found: skipping the Node.js example (the interop test will be skipped; install Node.js 20 to run it)"
+    return 0
+  fi
+  local installed="$dir/node_modules/.package-lock.json"
+  [ -e "$installed" ] || installed="$dir/node_modules"
+  if [ ! -d "$dir/node_modules" ] || [ "$dir/package-lock.json" -nt "$installed" ]; then
+    say "installing the Node.js example's dependencies (npm ci in $dir)"
+    (cd "$dir" && npm ci --silent --no-audit --no-fund) || die "npm ci failed in $dir"
+  fi
+}
+
 ensure_all() {
   ensure_system_packages
   ensure_venv
   ensure_rabbitmq
+  ensure_node_example
 }

@@ -1,0 +1,237 @@
+#!/usr/bin/env node
+// A ZANDD HSM producer written from the wire contract v1 (docs/design.md, "Wire contract v1")
+// and the JSON Schemas in contracts/schemas/ alone: create a key, sign a message, and leave
+// public.pem, message.bin and signature.der in OUT_DIR for `openssl dgst -sha256 -verify`.
+//
+// Usage: node producer.mjs AMQP_URL OUT_DIR
+//   e.g. node producer.mjs amqp://guest:guest@localhost:5672/ ./out
+// Environment: ZANDD_TIMEOUT_MS (default 30000): per-request deadline, sent as `expiration`.
+
+import { randomBytes, randomUUID, verify } from 'node:crypto';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import amqp from 'amqplib';
+
+const EXCHANGE = 'zandd';
+const TIMEOUT_MS = Number.parseInt(process.env.ZANDD_TIMEOUT_MS ?? '30000', 10);
+const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
+
+class ProducerError extends Error {}
+
+function fail(message) {
+  process.stderr.write(`node-producer: ${message}\n`);
+  process.exit(1);
+}
+
+function parseArgs(argv) {
+  if (argv.length !== 2) {
+    throw new ProducerError('usage: node producer.mjs AMQP_URL OUT_DIR');
+  }
+  const [amqpUrl, outDir] = argv;
+  let url;
+  try {
+    url = new URL(amqpUrl);
+  } catch {
+    throw new ProducerError(`not a URL: ${amqpUrl}`);
+  }
+  if (url.protocol !== 'amqp:' && url.protocol !== 'amqps:') {
+    throw new ProducerError(`not an amqp:// or amqps:// URL: ${url.protocol}`);
+  }
+  if (!Number.isInteger(TIMEOUT_MS) || TIMEOUT_MS <= 0) {
+    throw new ProducerError('ZANDD_TIMEOUT_MS must be a positive integer');
+  }
+  // user_id must equal the connection's user or the broker closes the channel;
+  // amqplib logs in as guest when the URL names no user.
+  const user = url.username ? decodeURIComponent(url.username) : 'guest';
+  return { amqpUrl, outDir, user };
+}
+
+function b64decode(value, what) {
+  if (typeof value !== 'string' || !BASE64.test(value)) {
+    throw new ProducerError(`${what} is not standard padded base64`);
+  }
+  return Buffer.from(value, 'base64');
+}
+
+function requireFields(body, fields, what) {
+  if (body === null || typeof body !== 'object' || Array.isArray(body)) {
+    throw new ProducerError(`${what} body is not a JSON object`);
+  }
+  for (const [name, type] of Object.entries(fields)) {
+    const ok = type === 'integer' ? Number.isInteger(body[name]) : typeof body[name] === type;
+    if (!ok) throw new ProducerError(`${what} lacks a ${type} "${name}"`);
+  }
+}
+
+// One connection, one confirm channel, one exclusive reply queue; requests matched by correlation_id.
+class Rpc {
+  constructor(connection, channel, replyQueue, user) {
+    this.connection = connection;
+    this.channel = channel;
+    this.replyQueue = replyQueue;
+    this.user = user;
+    this.pending = new Map(); // correlation_id -> { resolve, reject, operation }
+  }
+
+  static async open(amqpUrl, user) {
+    const connection = await amqp.connect(amqpUrl);
+    const channel = await connection.createConfirmChannel();
+    const rpc = new Rpc(connection, channel, null, user);
+    const abortAll = (reason) => {
+      for (const { reject } of rpc.pending.values()) reject(new ProducerError(reason));
+      rpc.pending.clear();
+    };
+    connection.on('error', (err) => abortAll(`connection error: ${err.message}`));
+    connection.on('close', () => abortAll('connection closed by the broker'));
+    channel.on('error', (err) => abortAll(`channel error: ${err.message}`));
+    channel.on('close', () => abortAll('channel closed by the broker'));
+    // mandatory publish that no queue takes: the broker returns it before confirming it.
+    channel.on('return', (msg) => {
+      const id = msg.properties.correlationId;
+      const entry = rpc.pending.get(id);
+      if (!entry) return;
+      rpc.pending.delete(id);
+      entry.reject(
+        new ProducerError(
+          `${entry.operation} was unroutable (basic.return ${msg.fields.replyCode} ${msg.fields.replyText}): ` +
+            `is the exchange "${EXCHANGE}" bound to a queue for "${msg.fields.routingKey}" on this vhost?`,
+        ),
+      );
+    });
+
+    const { queue } = await channel.assertQueue('', { exclusive: true, autoDelete: true, durable: false });
+    rpc.replyQueue = queue;
+    await channel.consume(queue, (msg) => rpc.onReply(msg), { noAck: true });
+    return rpc;
+  }
+
+  onReply(msg) {
+    if (msg === null) return; // consumer cancelled; the close handlers report it
+    const entry = this.pending.get(msg.properties.correlationId);
+    if (!entry) return; // a late reply to a request we gave up on
+    this.pending.delete(msg.properties.correlationId);
+    let body;
+    try {
+      body = JSON.parse(msg.content.toString('utf8'));
+    } catch {
+      entry.reject(new ProducerError(`${entry.operation} reply is not JSON`));
+      return;
+    }
+    const type = msg.properties.type;
+    if (type === 'error') {
+      try {
+        requireFields(body, { code: 'string', message: 'string', retryable: 'boolean' }, 'error reply');
+      } catch (err) {
+        entry.reject(err);
+        return;
+      }
+      entry.reject(
+        new ProducerError(
+          `${entry.operation} failed: ${body.code}: ${body.message}` + (body.retryable ? ' (retryable)' : ''),
+        ),
+      );
+    } else if (type === `${entry.operation}.reply`) {
+      entry.resolve(body);
+    } else {
+      entry.reject(new ProducerError(`${entry.operation} got a reply of unexpected type ${JSON.stringify(type)}`));
+    }
+  }
+
+  call(operation, body) {
+    const messageId = randomUUID();
+    const correlationId = randomUUID();
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(correlationId);
+        reject(new ProducerError(`${operation}: no reply within ${TIMEOUT_MS} ms`));
+      }, TIMEOUT_MS);
+      const settle = (fn) => (value) => {
+        clearTimeout(timer);
+        fn(value);
+      };
+      this.pending.set(correlationId, { resolve: settle(resolve), reject: settle(reject), operation });
+      const options = {
+        contentType: 'application/json',
+        type: operation,
+        messageId,
+        correlationId,
+        replyTo: this.replyQueue,
+        userId: this.user,
+        expiration: String(TIMEOUT_MS),
+        persistent: true,
+        mandatory: true,
+        timestamp: Math.floor(Date.now() / 1000),
+        headers: { traceparent: `00-${randomBytes(16).toString('hex')}-${randomBytes(8).toString('hex')}-01` },
+      };
+      const content = Buffer.from(JSON.stringify(body), 'utf8');
+      this.channel.publish(EXCHANGE, operation, content, options, (err) => {
+        if (err && this.pending.has(correlationId)) {
+          const entry = this.pending.get(correlationId);
+          this.pending.delete(correlationId);
+          entry.reject(new ProducerError(`${operation}: the broker refused the publish (basic.nack)`));
+        }
+      });
+    });
+  }
+
+  async close() {
+    try {
+      await this.connection.close();
+    } catch {
+      // already closed
+    }
+  }
+}
+
+async function main() {
+  const { amqpUrl, outDir, user } = parseArgs(process.argv.slice(2));
+  let rpc;
+  try {
+    rpc = await Rpc.open(amqpUrl, user);
+  } catch (err) {
+    throw new ProducerError(`cannot connect to the broker: ${err.message}`);
+  }
+  try {
+    const created = await rpc.call('key.create', { label: 'node-producer interop' });
+    requireFields(
+      created,
+      { key_id: 'string', version: 'integer', algorithm: 'string', public_key_pem: 'string', created_at: 'string' },
+      'key.create reply',
+    );
+
+    const message = Buffer.from(`hello from node ${Date.now()}`, 'utf8');
+    const signed = await rpc.call('sign', {
+      key_id: created.key_id,
+      message: message.toString('base64'),
+      encoding: 'der',
+    });
+    requireFields(
+      signed,
+      { key_id: 'string', version: 'integer', algorithm: 'string', encoding: 'string', signature: 'string' },
+      'sign reply',
+    );
+    if (signed.key_id !== created.key_id) {
+      throw new ProducerError(`sign reply names key ${signed.key_id}, asked for ${created.key_id}`);
+    }
+    if (signed.encoding !== 'der') {
+      throw new ProducerError(`sign reply encoding is ${signed.encoding}, asked for der`);
+    }
+    const signature = b64decode(signed.signature, 'sign reply "signature"');
+    // A producer should check what it got back before handing it on.
+    const good = verify('sha256', message, { key: created.public_key_pem, dsaEncoding: 'der' }, signature);
+    if (!good) throw new ProducerError('the signature does not verify against the key.create public key');
+
+    await mkdir(outDir, { recursive: true });
+    await writeFile(join(outDir, 'public.pem'), created.public_key_pem);
+    await writeFile(join(outDir, 'message.bin'), message);
+    await writeFile(join(outDir, 'signature.der'), signature);
+    process.stdout.write(`${JSON.stringify({ key_id: created.key_id, signature_bytes: signature.length })}\n`);
+  } finally {
+    await rpc.close();
+  }
+}
+
+main().then(
+  () => process.exit(0),
+  (err) => fail(err instanceof ProducerError ? err.message : `unexpected failure: ${err?.stack ?? err}`),
+);

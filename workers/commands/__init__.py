@@ -1,0 +1,1 @@
+"""The ``zandd`` subcommands, one module per area; each has ``register(tree)``."""

@@ -1,0 +1,70 @@
+"""What every ``zandd`` subcommand shares: the command tree, settings flags, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from workers.config import Settings
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
+
+SETTING_FLAGS = {
+    "amqp_url": "AMQP URL of the broker",
+    "data_dir": "directory for the SQLite vault, the KEK ring and swtpm state",
+    "vault_url": "vault URL (sqlite:///path.db)",
+    "kek_file": "KEK ring file",
+    "tpm_tcti": "TPM TCTI, e.g. device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+}
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the flags given on the command line."""
+    overrides = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name, None)}
+    return Settings(**overrides)
+
+
+class CommandTree:
+    """Subcommands by path (``"keys create"``); groups like ``keys`` are made on first use."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self._root = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+        self._groups: dict[str, Any] = {}
+
+    def _group(self, name: str) -> Any:
+        if name not in self._groups:
+            parser = self._root.add_parser(name, help=f"{name} commands")
+            self._groups[name] = parser.add_subparsers(
+                title=f"{name} commands", required=True, metavar="COMMAND"
+            )
+        return self._groups[name]
+
+    def add(
+        self, path: str, command: Command, help_text: str, *, client: bool = False
+    ) -> argparse.ArgumentParser:
+        """Add a subcommand; ``client=True`` gives it ``--timeout`` for calls to the fleet."""
+        *groups, name = path.split()
+        subparsers = self._group(groups[0]) if groups else self._root
+        parser: argparse.ArgumentParser = subparsers.add_parser(
+            name, help=help_text, description=help_text
+        )
+        parser.set_defaults(command=command)
+        flags = parser.add_argument_group(
+            "configuration (each also ZANDD_<NAME> in the environment)"
+        )
+        for setting, setting_help in SETTING_FLAGS.items():
+            flags.add_argument(
+                "--" + setting.replace("_", "-"), dest=setting, default=None, help=setting_help
+            )
+        if client:
+            parser.add_argument(
+                "--timeout", type=float, default=30.0, help="seconds to wait for each reply"
+            )
+        return parser

@@ -1,0 +1,113 @@
+"""Calling the fleet from a shell: ``zandd keys create|public``, ``zandd sign``, ``zandd verify``."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+from pathlib import Path
+
+from contracts.errors import ZanddError
+from workers.commands.base import EXIT_FAILURE, CommandTree
+from workers.config import Settings
+
+
+async def _cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
+    from contracts.client import SigningClient
+
+    async with await SigningClient.connect(settings.amqp_url, timeout_s=args.timeout) as client:
+        reply = await client.create_key(
+            label=args.label, allowed_signers=args.allowed_signer, request_id=args.request_id
+        )
+    print(reply.key_id)
+    print(reply.public_key_pem, end="")
+    return 0
+
+
+async def _cmd_keys_public(args: argparse.Namespace, settings: Settings) -> int:
+    from contracts.client import SigningClient
+
+    async with await SigningClient.connect(settings.amqp_url, timeout_s=args.timeout) as client:
+        reply = await client.public_key(args.key_id, args.version)
+    if args.jwk:
+        print(reply.public_key_jwk.model_dump_json(indent=2))
+    else:
+        print(reply.public_key_pem, end="")
+    return 0
+
+
+def _payload(path: Path, as_digest: bool) -> tuple[bytes | None, bytes | None]:
+    data = path.read_bytes()
+    return (None, hashlib.sha256(data).digest()) if as_digest else (data, None)
+
+
+async def _cmd_sign(args: argparse.Namespace, settings: Settings) -> int:
+    from contracts.client import SigningClient
+
+    message, digest = _payload(args.file, args.digest)
+    async with await SigningClient.connect(settings.amqp_url, timeout_s=args.timeout) as client:
+        reply = await client.sign(args.key, message, digest=digest, encoding=args.encoding)
+    if args.out:
+        args.out.write_bytes(reply.signature)
+        print(f"wrote {len(reply.signature)}-byte {reply.encoding} signature to {args.out}")
+    else:
+        print(base64.b64encode(reply.signature).decode("ascii"))
+    return 0
+
+
+def _read_signature(value: str) -> bytes:
+    path = Path(value)
+    if path.is_file():
+        raw = path.read_bytes()
+        stripped = raw.strip()
+        try:
+            return base64.b64decode(stripped, validate=True) if stripped.isascii() else raw
+        except ValueError:
+            return raw
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        raise ZanddError(f"{value!r} is neither a signature file nor base64") from None
+
+
+async def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from contracts.client import SigningClient
+
+    message, digest = _payload(args.file, args.digest)
+    signature = _read_signature(args.signature)
+    async with await SigningClient.connect(settings.amqp_url, timeout_s=args.timeout) as client:
+        valid = await client.verify(
+            args.key, signature, message=message, digest=digest, encoding=args.encoding
+        )
+    print("signature OK" if valid else "signature INVALID")
+    return 0 if valid else EXIT_FAILURE
+
+
+def register(tree: CommandTree) -> None:
+    """Add the client commands."""
+    create = tree.add("keys create", _cmd_keys_create, "create a key in the TPM", client=True)
+    create.add_argument("--label", default=None)
+    create.add_argument(
+        "--allowed-signer", action="append", default=None, help="repeatable; * for anyone"
+    )
+    create.add_argument(
+        "--request-id", default=None, help="idempotency key (a retry returns the same key)"
+    )
+    public = tree.add("keys public", _cmd_keys_public, "print a key's public key", client=True)
+    public.add_argument("key_id")
+    public.add_argument("--version", type=int, default=None)
+    public.add_argument("--jwk", action="store_true", help="print a JWK instead of PEM")
+
+    sign = tree.add("sign", _cmd_sign, "sign a file", client=True)
+    verify = tree.add("verify", _cmd_verify, "verify a file's signature locally", client=True)
+    for parser in (sign, verify):
+        parser.add_argument("--key", required=True, help="key id")
+        parser.add_argument("file", type=Path)
+        parser.add_argument(
+            "--digest", action="store_true", help="send only the file's SHA-256 digest"
+        )
+        parser.add_argument("--encoding", choices=("der", "raw"), default="der")
+    sign.add_argument(
+        "--out", type=Path, default=None, help="write the binary signature here (default: base64)"
+    )
+    verify.add_argument("signature", help="signature file (binary or base64) or base64 text")

@@ -1,0 +1,46 @@
+"""Running the fleet: ``zandd up``, ``zandd keygen-worker``, ``zandd signer``."""
+
+from __future__ import annotations
+
+import argparse
+
+from workers.commands.base import EXIT_FAILURE, CommandTree
+from workers.config import Settings
+
+
+async def _cmd_signer(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.serve import serve_signer
+
+    await serve_signer(settings, concurrency=args.concurrency)
+    return 0
+
+
+async def _cmd_keygen(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.serve import serve_keygen
+
+    await serve_keygen(settings)
+    return 0
+
+
+async def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.demo import run_demo
+    from workers.fleet import run_up
+
+    async def demo() -> int:
+        result = await run_demo(settings.amqp_url)
+        print(result.line, flush=True)
+        return 0 if result.verified == result.total else EXIT_FAILURE
+
+    return await run_up(settings, signers=args.signers, after_ready=demo if args.demo else None)
+
+
+def register(tree: CommandTree) -> None:
+    """Add the fleet commands."""
+    tree.add("keygen-worker", _cmd_keygen, "run the keygen worker (owns the TPM)")
+    signer = tree.add("signer", _cmd_signer, "run a signer worker")
+    signer.add_argument(
+        "--concurrency", type=int, default=None, help="requests in flight (prefetch)"
+    )
+    up = tree.add("up", _cmd_up, "run the whole fleet on this machine")
+    up.add_argument("--signers", type=int, default=2, help="signer processes (default 2)")
+    up.add_argument("--demo", action="store_true", help="prove the fleet works, then exit")
