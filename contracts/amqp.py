@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import TypeVar
+
 import aio_pika
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 from aio_pika.exceptions import (
     AMQPConnectionError,
     AuthenticationError,
@@ -15,6 +18,11 @@ from contracts.errors import BrokerUnavailable, ConfigurationError
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 JSON_CONTENT_TYPE = "application/json"
+#: Optional request header: the absolute deadline in Unix milliseconds. The client helper sets
+#: it from the call's timeout; workers refuse to start a request whose deadline has passed.
+DEADLINE_HEADER = "x-deadline-ms"
+
+ConnectionT = TypeVar("ConnectionT", bound=AbstractConnection)
 
 
 def redact_url(url: str) -> str:
@@ -35,13 +43,33 @@ async def connect(
     url: str, *, connection_name: str, timeout_s: float = 10.0
 ) -> AbstractRobustConnection:
     """A robust (self-reconnecting) connection, or a ``BrokerUnavailable`` saying why not."""
-    where = redact_url(url)
-    try:
-        return await aio_pika.connect_robust(
+    return await _connected(
+        aio_pika.connect_robust(
+            url, timeout=timeout_s, client_properties={"connection_name": connection_name}
+        ),
+        url,
+    )
+
+
+async def connect_plain(
+    url: str, *, connection_name: str, timeout_s: float = 10.0, heartbeat_s: int = 15
+) -> AbstractConnection:
+    """A plain connection for callers that run their own reconnect loop (the workers)."""
+    return await _connected(
+        aio_pika.connect(
             url,
             timeout=timeout_s,
+            heartbeat=heartbeat_s,
             client_properties={"connection_name": connection_name},
-        )
+        ),
+        url,
+    )
+
+
+async def _connected(attempt: Awaitable[ConnectionT], url: str) -> ConnectionT:
+    where = redact_url(url)
+    try:
+        return await attempt
     except (AuthenticationError, ProbableAuthenticationError) as exc:
         raise ConfigurationError(f"the broker at {where} refused our credentials") from exc
     except (AMQPConnectionError, OSError, TimeoutError) as exc:

@@ -121,11 +121,12 @@ async def fleet(
     running = RunningFleet(amqp_url, settings, store, ring)
     await _purge_work_queues(amqp_url)
     stop = asyncio.Event()
-    from workers.keygen.tpm import Tpm
+    from workers.keygen.session import TpmSession
     from workers.keygen.worker import Keygen
     from workers.signer.worker import Signer
 
-    with Tpm(swtpm_tcti) as tpm:
+    tpm = TpmSession(swtpm_tcti)
+    try:
         keygen = Keygen(store, ring, tpm)
         workers: list[tuple[str, str, Mapping[Operation, Handler]]] = [
             ("keygen", KEYGEN_QUEUE, keygen.handlers)
@@ -149,13 +150,12 @@ async def fleet(
         await asyncio.wait_for(
             asyncio.gather(*(r.ready.wait() for r in running.runtimes.values())), 30
         )
-        try:
-            yield running
-        finally:
-            stop.set()
-            await asyncio.gather(*running.tasks)
-            keygen.close()
-            await store.close()
+        yield running
+    finally:
+        stop.set()
+        await asyncio.gather(*running.tasks)
+        tpm.close()
+        await store.close()
 
 
 async def _purge_work_queues(amqp_url: str) -> None:

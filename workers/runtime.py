@@ -2,38 +2,58 @@
 
 Where is a request acked? In ``ConsumerRuntime._on_message`` and nowhere else: after its
 reply (a result or a typed error) has been confirmed by the broker. A malformed request is
-answered with ``invalid_request`` and acked, never requeued; the worker keeps running.
+answered with ``invalid_request`` and acked — or, with nobody to answer, dead-lettered — and
+never requeued; the worker keeps running.
+
+What the runtime does when things break:
+- the broker goes away: in-flight requests are abandoned unacked (the broker redelivers them
+  to whoever is connected), and the runtime reconnects with jittered exponential backoff and
+  declares the topology again;
+- a dependency (vault, TPM) is unavailable: the runtime stops consuming, probes the dependency
+  with jittered backoff, and resumes when the probe passes; the requests that hit the outage
+  wait for it in the worker and are then served — no delivery is spent on them;
+- SIGTERM: stop consuming, let in-flight requests finish within the drain bound, then close;
+  whatever is unacked returns to the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import BaseModel
 
-from contracts.amqp import JSON_CONTENT_TYPE, connect
+from contracts.amqp import DEADLINE_HEADER, JSON_CONTENT_TYPE, connect_plain
 from contracts.errors import (
+    BrokerUnavailable,
+    DeadlineExceeded,
     ErrorCode,
     InternalError,
     InvalidRequest,
+    TpmUnavailable,
     UnknownOperation,
+    VaultUnavailable,
     ZanddError,
 )
 from contracts.limits import Limits
 from contracts.models import ErrorReply, parse_request
 from contracts.operations import ERROR_REPLY_TYPE, IDEMPOTENT_OPERATIONS, Operation
 from contracts.topology import declare_topology
+from workers.backoff import retry_until_stopped
 
 log = logging.getLogger("zandd.runtime")
 
 _MAX_ECHOED_NAME_CHARS = 40
+#: Errors that say a dependency is down, not that the request is wrong: the request waits.
+DEPENDENCY_ERRORS: tuple[type[ZanddError], ...] = (VaultUnavailable, TpmUnavailable)
+_AMQP_FAILURES = (AMQPError, ChannelInvalidStateError, ConnectionError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,12 +66,26 @@ class RequestContext:
 
 
 Handler = Callable[[Any, RequestContext], Awaitable[BaseModel]]
+#: Raises a ``ZanddError`` while a dependency is down; returns when it answers again.
+Probe = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
 class _Outcome:
     body: bytes
     type: str
+    #: Nobody can be told about this failure (no ``reply_to``): dead-letter it, don't drop it.
+    dead_letter_if_unanswered: bool = False
+
+
+class _Session:
+    """One connection's worth of state; a reconnect makes a new one."""
+
+    def __init__(self, channel: AbstractChannel, queue: AbstractQueue) -> None:
+        self.channel = channel
+        self.queue = queue
+        self.consumer_tag: str | None = None
+        self.lost = asyncio.Event()
 
 
 class ConsumerRuntime:
@@ -67,6 +101,8 @@ class ConsumerRuntime:
         limits: Limits,
         drain_timeout_s: float,
         name: str,
+        probe: Probe | None = None,
+        max_backoff_s: float = 30.0,
     ) -> None:
         self._amqp_url = amqp_url
         self._queue = queue
@@ -75,30 +111,91 @@ class ConsumerRuntime:
         self._limits = limits
         self._drain_timeout_s = drain_timeout_s
         self._name = name
+        self._probe = probe
+        self._max_backoff_s = max_backoff_s
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._channel: AbstractChannel | None = None
-        #: Set once the worker consumes; tests and ``zandd up`` wait on it.
+        self._session: _Session | None = None
+        self._stop = asyncio.Event()
+        self._healthy = asyncio.Event()
+        self._healthy.set()
+        self._recovery: asyncio.Task[None] | None = None
+        #: Set while the worker consumes; tests and ``zandd up`` wait on it.
         self.ready = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until ``stop`` is set, then drain in-flight requests within the bound."""
-        connection = await connect(self._amqp_url, connection_name=self._name)
+        """Serve until ``stop`` is set, then drain in-flight requests within the bound.
+
+        The first connection must succeed (a worker that cannot reach its broker at start says
+        so and exits); later losses are retried until ``stop``.
+        """
+        self._stop = stop
+        await self._serve_session(await self._connect())
+        while not stop.is_set():
+            connection = await retry_until_stopped(
+                self._connect,
+                stop=stop,
+                what=f"{self._name}: reconnecting to the broker",
+                retry_on=(BrokerUnavailable, *_AMQP_FAILURES),
+                max_delay_s=self._max_backoff_s,
+            )
+            if connection is None:
+                return
+            await self._serve_session(connection)
+
+    async def _connect(self) -> aio_pika.abc.AbstractConnection:
+        return await connect_plain(self._amqp_url, connection_name=self._name)
+
+    async def _serve_session(self, connection: aio_pika.abc.AbstractConnection) -> None:
         try:
-            channel = await connection.channel(publisher_confirms=True)
-            self._channel = channel
-            # Per-consumer QoS: global QoS on a quorum queue closes the connection.
-            await channel.set_qos(prefetch_count=self._prefetch)
-            queue = (await declare_topology(channel)).queues[self._queue]
-            consumer_tag = await queue.consume(self._on_message)
+            session = await self._open_session(connection)
+            self._session = session
+            await self._consume(session)
             self.ready.set()
             log.info("%s consuming %s (prefetch %d)", self._name, self._queue, self._prefetch)
-            await stop.wait()
+            await _first_of(self._stop.wait(), session.lost.wait())
+            if session.lost.is_set() and not self._stop.is_set():
+                self._abandon_in_flight()
+                return
             log.info("%s stopping: no new requests, draining %d", self._name, len(self._in_flight))
-            await queue.cancel(consumer_tag)
+            await self._cancel_consumer(session)
             await self._drain()
+        except _AMQP_FAILURES as exc:
+            log.warning("%s lost the broker (%s)", self._name, type(exc).__name__)
+            self._abandon_in_flight()
         finally:
-            # Closing the channel returns prefetched, unacked messages to the queue.
-            await connection.close()
+            self.ready.clear()
+            self._session = None
+            if not connection.is_closed:
+                # Closing the channel returns prefetched, unacked messages to the queue.
+                await connection.close()
+
+    async def _open_session(self, connection: aio_pika.abc.AbstractConnection) -> _Session:
+        channel = await connection.channel(publisher_confirms=True)
+        # Per-consumer QoS: global QoS on a quorum queue closes the connection.
+        await channel.set_qos(prefetch_count=self._prefetch)
+        queue = (await declare_topology(channel)).queues[self._queue]
+        session = _Session(channel, queue)
+        connection.close_callbacks.add(lambda *_: session.lost.set())
+        channel.close_callbacks.add(lambda *_: session.lost.set())
+        return session
+
+    async def _consume(self, session: _Session) -> None:
+        session.consumer_tag = await session.queue.consume(self._on_message)
+
+    async def _cancel_consumer(self, session: _Session) -> None:
+        if session.consumer_tag is not None and not session.lost.is_set():
+            tag, session.consumer_tag = session.consumer_tag, None
+            await session.queue.cancel(tag)
+
+    def _abandon_in_flight(self) -> None:
+        if self._in_flight:
+            log.warning(
+                "%s: broker connection lost with %d requests in flight; the broker redelivers them",
+                self._name,
+                len(self._in_flight),
+            )
+        for task in self._in_flight:
+            task.cancel()
 
     async def _drain(self) -> None:
         if not self._in_flight:
@@ -113,6 +210,9 @@ class ConsumerRuntime:
             )
             for task in pending:
                 task.cancel()
+            await asyncio.wait(pending)
+
+    # -- one delivery ----------------------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
@@ -122,12 +222,13 @@ class ConsumerRuntime:
             outcome = await self._serve(message)
             if message.reply_to:
                 await self._reply(message.reply_to, message, outcome)
-            await message.ack()
-        except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
+            if outcome.dead_letter_if_unanswered and not message.reply_to:
+                await message.reject(requeue=False)
+            else:
+                await message.ack()
+        except _AMQP_FAILURES as exc:
             # Without a confirmed reply the request is not acked: the broker redelivers it.
-            log.warning(
-                "reply to %s not confirmed (%s): left for redelivery", message.message_id, exc
-            )
+            log.warning("request %s not settled (%s): left for redelivery", message.message_id, exc)
         finally:
             self._in_flight.discard(task)
 
@@ -136,7 +237,12 @@ class ConsumerRuntime:
             operation, handler = self._route(message)
             request = parse_request(operation, message.body, self._limits)
             context = RequestContext(operation, message.message_id, message.user_id)
-            reply = await handler(request, context)
+            reply = await self._call(handler, request, context, _deadline_of(message))
+        except (InvalidRequest, UnknownOperation) as exc:
+            log.warning(
+                "request %s refused: %s %s", message.message_id, exc.code.value, exc.message
+            )
+            return _error_outcome(exc, dead_letter_if_unanswered=True)
         except ZanddError as exc:
             log.warning(
                 "request %s refused: %s %s", message.message_id, exc.code.value, exc.message
@@ -161,10 +267,66 @@ class ConsumerRuntime:
             raise InvalidRequest(f"{operation.value} needs a message_id: it is the idempotency key")
         return operation, handler
 
+    async def _call(
+        self, handler: Handler, request: Any, context: RequestContext, deadline: float | None
+    ) -> BaseModel:
+        """Run the handler; while a dependency is down, wait for it (up to the deadline)."""
+        while True:
+            _check_deadline(deadline, context)
+            try:
+                return await handler(request, context)
+            except DEPENDENCY_ERRORS as exc:
+                if self._probe is None:
+                    raise
+                await self._wait_for_dependency(exc, deadline, context)
+
+    async def _wait_for_dependency(
+        self, error: ZanddError, deadline: float | None, context: RequestContext
+    ) -> None:
+        self._healthy.clear()
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.create_task(self._recover(error))
+        remaining_s = None if deadline is None else max(0.0, deadline - time.time())
+        try:
+            await asyncio.wait_for(self._healthy.wait(), timeout=remaining_s)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"{context.operation.value} {context.request_id}: deadline passed while "
+                f"waiting for an unavailable dependency ({error.message})"
+            ) from None
+
+    async def _recover(self, error: ZanddError) -> None:
+        """Stop consuming, probe the dependency with backoff, resume consuming."""
+        assert self._probe is not None
+        session = self._session
+        log.warning("%s pauses consuming: %s", self._name, error.message)
+        if session is not None:
+            try:
+                await self._cancel_consumer(session)
+            except _AMQP_FAILURES:
+                session.lost.set()
+        await retry_until_stopped(
+            self._probe,
+            stop=self._stop,
+            what=f"{self._name}: waiting for {error.code.value.removesuffix('_unavailable')}",
+            max_delay_s=self._max_backoff_s,
+        )
+        self._healthy.set()
+        if self._stop.is_set() or session is None or session.lost.is_set():
+            return
+        try:
+            await self._consume(session)
+        except _AMQP_FAILURES:
+            session.lost.set()
+            return
+        log.info("%s resumes consuming %s", self._name, self._queue)
+
     async def _reply(
         self, reply_to: str, message: AbstractIncomingMessage, outcome: _Outcome
     ) -> None:
-        assert self._channel is not None  # set before consuming starts
+        session = self._session
+        if session is None:
+            raise ChannelInvalidStateError("no broker session")
         reply = aio_pika.Message(
             outcome.body,
             content_type=JSON_CONTENT_TYPE,
@@ -173,9 +335,33 @@ class ConsumerRuntime:
         )
         # mandatory=False: a caller that went away must not bounce the reply back to us, and
         # direct reply-to on 3.10 returns mandatory replies spuriously.
-        await self._channel.default_exchange.publish(reply, routing_key=reply_to, mandatory=False)
+        await session.channel.default_exchange.publish(reply, routing_key=reply_to, mandatory=False)
 
 
-def _error_outcome(error: ZanddError) -> _Outcome:
+async def _first_of(*waits: Awaitable[Any]) -> None:
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _deadline_of(message: AbstractIncomingMessage) -> float | None:
+    """The request's absolute deadline (Unix seconds) from its header, if it has one."""
+    value = message.headers.get(DEADLINE_HEADER) if message.headers else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value / 1000.0
+    return None
+
+
+def _check_deadline(deadline: float | None, context: RequestContext) -> None:
+    if deadline is not None and time.time() > deadline:
+        raise DeadlineExceeded(
+            f"{context.operation.value} {context.request_id}: the caller's deadline has passed"
+        )
+
+
+def _error_outcome(error: ZanddError, *, dead_letter_if_unanswered: bool = False) -> _Outcome:
     reply = ErrorReply(code=ErrorCode(error.code), message=error.message, retryable=error.retryable)
-    return _Outcome(reply.model_dump_json().encode(), ERROR_REPLY_TYPE)
+    return _Outcome(reply.model_dump_json().encode(), ERROR_REPLY_TYPE, dead_letter_if_unanswered)

@@ -7,13 +7,15 @@ import logging
 import signal
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
+from functools import partial
 
 from contracts.operations import Operation
 from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE
 from vault.kek import KekRing
 from vault.store import open_store
 from workers.config import Settings
-from workers.runtime import ConsumerRuntime, Handler
+from workers.probes import vault_answers
+from workers.runtime import ConsumerRuntime, Handler, Probe
 
 log = logging.getLogger("zandd.serve")
 
@@ -26,7 +28,11 @@ def resolve_tcti(settings: Settings) -> str:
 
 
 async def _serve(
-    settings: Settings, queue: str, handlers: Mapping[Operation, Handler], prefetch: int
+    settings: Settings,
+    queue: str,
+    handlers: Mapping[Operation, Handler],
+    prefetch: int,
+    probe: Probe,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -40,6 +46,7 @@ async def _serve(
         limits=settings.limits,
         drain_timeout_s=settings.drain_timeout_s,
         name="zandd-" + queue.removeprefix("zandd."),
+        probe=probe,
     )
     await runtime.run(stop)
 
@@ -52,23 +59,26 @@ async def serve_signer(settings: Settings, *, concurrency: int | None = None) ->
     store = await open_store(settings.resolved_vault_url)
     try:
         prefetch = concurrency or settings.signer_concurrency
-        await _serve(settings, SIGN_QUEUE, Signer(store, ring).handlers, prefetch)
+        handlers = Signer(store, ring).handlers
+        await _serve(settings, SIGN_QUEUE, handlers, prefetch, partial(vault_answers, store))
     finally:
         await store.close()
 
 
 async def serve_keygen(settings: Settings) -> None:
     """Serve ``zandd.keygen`` until SIGTERM/SIGINT, then drain. Needs the TPM."""
-    from workers.keygen.tpm import Tpm
+    from workers.keygen.session import TpmSession
     from workers.keygen.worker import Keygen
 
     ring = KekRing.load(settings.resolved_kek_file)
-    tcti = resolve_tcti(settings)
     async with AsyncExitStack() as stack:
-        tpm = stack.enter_context(Tpm(tcti))
-        log.info("keygen using the TPM at %s", tcti)
+        # Opened on first use: a hot standby leaves the TPM to the active keygen worker.
+        tpm = TpmSession(resolve_tcti(settings))
+        stack.callback(tpm.close)
+        log.info("keygen will use the TPM at %s", tpm.tcti)
         store = await open_store(settings.resolved_vault_url)
         stack.push_async_callback(store.close)
         keygen = Keygen(store, ring, tpm)
-        stack.callback(keygen.close)
-        await _serve(settings, KEYGEN_QUEUE, keygen.handlers, settings.keygen_concurrency)
+        await _serve(
+            settings, KEYGEN_QUEUE, keygen.handlers, settings.keygen_concurrency, keygen.probe
+        )

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 from contracts.crypto import load_public_key, public_key_der, public_key_pem
@@ -17,7 +15,8 @@ from vault.kek import KekRing
 from vault.records import KeyRecord, KeyState
 from vault.sealing import RecordBinding, seal
 from vault.store import VaultStore
-from workers.keygen.tpm import Tpm
+from workers.keygen.session import TpmSession
+from workers.probes import vault_answers
 from workers.runtime import Handler, RequestContext
 
 log = logging.getLogger("zandd.keygen")
@@ -33,24 +32,24 @@ def new_key_id() -> str:
 class Keygen:
     """Request handlers of the keygen worker.
 
-    TPM commands are blocking and the TPM serves one at a time, so they run on one dedicated
-    thread; the event loop stays free to take deliveries and write to the vault meanwhile.
+    TPM commands are blocking and the TPM serves one at a time, so they run on the session's
+    one thread; the event loop stays free to take deliveries and write to the vault meanwhile.
     """
 
-    def __init__(self, store: VaultStore, ring: KekRing, tpm: Tpm) -> None:
+    def __init__(self, store: VaultStore, ring: KekRing, tpm: TpmSession) -> None:
         self._store = store
         self._ring = ring
         self._tpm = tpm
-        self._tpm_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zandd-tpm")
 
     @property
     def handlers(self) -> Mapping[Operation, Handler]:
         """Operation → handler, for the consumer runtime."""
         return {Operation.KEY_CREATE: self.create_key}
 
-    def close(self) -> None:
-        """Stop the TPM thread (the TPM itself belongs to the caller)."""
-        self._tpm_thread.shutdown(wait=True)
+    async def probe(self) -> None:
+        """The runtime's dependency probe: the vault and the TPM both answer."""
+        await vault_answers(self._store)
+        await self._tpm.probe()
 
     async def create_key(
         self, request: KeyCreateRequest, context: RequestContext
@@ -73,8 +72,7 @@ class Keygen:
     async def _generate(
         self, request: KeyCreateRequest, context: RequestContext, request_id: str
     ) -> KeyRecord:
-        loop = asyncio.get_running_loop()
-        exported = await loop.run_in_executor(self._tpm_thread, self._tpm.create_exportable_p256)
+        exported = await self._tpm.run(lambda tpm: tpm.create_exportable_p256())
         with exported:
             key_id = new_key_id()
             binding = RecordBinding(key_id=key_id, version=1, algorithm=request.algorithm)
