@@ -15,6 +15,8 @@ with ``NotDelivered`` instead of waiting for its timeout.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 import uuid
 from collections.abc import Sequence
 from types import TracebackType
@@ -22,9 +24,9 @@ from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import (
-    AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import (
@@ -37,12 +39,19 @@ from aio_pika.exceptions import (
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel
 
-from contracts.amqp import DEFAULT_AMQP_URL, JSON_CONTENT_TYPE, connect, principal_of
+from contracts.amqp import (
+    DEADLINE_HEADER,
+    DEFAULT_AMQP_URL,
+    JSON_CONTENT_TYPE,
+    connect,
+    principal_of,
+)
 from contracts.crypto import load_public_key, verify_signature
 from contracts.errors import (
     BrokerUnavailable,
     InternalError,
     NotDelivered,
+    Refused,
     RequestTimeout,
     ZanddError,
     error_from_code,
@@ -65,6 +74,7 @@ from contracts.operations import ERROR_REPLY_TYPE, Operation
 from contracts.topology import EXCHANGE, REPLY_QUEUE_PREFIX, declare_topology
 
 DEFAULT_TIMEOUT_S = 30.0
+log = logging.getLogger("zandd.client")
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
 
 
@@ -74,11 +84,12 @@ class SigningClient:
     def __init__(
         self,
         connection: AbstractRobustConnection,
-        channel: AbstractChannel,
+        channel: AbstractRobustChannel,
         exchange: AbstractExchange,
         reply_queue: str,
         principal: str,
         default_timeout_s: float,
+        retry: bool,
     ) -> None:
         self._connection = connection
         self._channel = channel
@@ -88,9 +99,13 @@ class SigningClient:
         self._default_timeout_s = default_timeout_s
         self._pending: dict[str, asyncio.Future[AbstractIncomingMessage]] = {}
         self._public_keys: dict[tuple[str, int], ec.EllipticCurvePublicKey] = {}
+        self._retry = retry
+        self._closing = False
         #: Replies that arrived for no waiting call (a late reply after a timeout, or a
         #: second answer to a redelivered request); they are dropped.
         self.unmatched_replies = 0
+        #: Requests sent again after a lost connection or a refusal (``retry=True``).
+        self.resent_requests = 0
 
     @classmethod
     async def connect(
@@ -99,11 +114,14 @@ class SigningClient:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         declare: bool = False,
+        retry: bool = False,
         connect_timeout_s: float = 10.0,
     ) -> SigningClient:
         """Connect to the broker at ``url``; ``timeout_s`` is the default per-call timeout.
 
         ``declare=True`` declares the topology first (needs configure rights on the broker).
+        ``retry=True`` resends calls interrupted by a lost connection (see ``call``); without it
+        they fail at once with the retryable ``BrokerUnavailable``.
         """
         connection = await connect(url, connection_name="zandd-client", timeout_s=connect_timeout_s)
         try:
@@ -116,7 +134,7 @@ class SigningClient:
                 f"{REPLY_QUEUE_PREFIX}{uuid.uuid4().hex}", exclusive=True, auto_delete=True
             )
             client = cls(
-                connection, channel, exchange, reply_queue.name, principal_of(url), timeout_s
+                connection, channel, exchange, reply_queue.name, principal_of(url), timeout_s, retry
             )
             await reply_queue.consume(client._on_reply, no_ack=True)
         except AMQPError as exc:
@@ -127,6 +145,7 @@ class SigningClient:
 
     async def close(self) -> None:
         """Fail calls still waiting and close the connection."""
+        self._closing = True
         self._fail_pending(BrokerUnavailable("the client was closed"))
         await self._connection.close()
 
@@ -240,7 +259,12 @@ class SigningClient:
         message_id: str | None = None,
         timeout_s: float | None = None,
     ) -> ReplyT:
-        """Send any v1 request and wait for its reply; errors come back as typed exceptions."""
+        """Send any v1 request and wait for its reply; errors come back as typed exceptions.
+
+        With ``retry=True`` on the client, a call whose connection dropped (or whose request
+        the broker refused) is sent again with the same ``message_id`` once the connection is
+        back, until its timeout: every v1 operation is idempotent on its message id.
+        """
         if SPECS[operation].reply is not reply_model:
             raise TypeError(f"{operation.value} replies with {SPECS[operation].reply.__name__}")
         timeout = self._default_timeout_s if timeout_s is None else timeout_s
@@ -248,30 +272,54 @@ class SigningClient:
         # caller repeats on purpose to make a retry idempotent.
         correlation_id = uuid.uuid4().hex
         request_id = message_id or correlation_id
-        future: asyncio.Future[AbstractIncomingMessage] = asyncio.get_running_loop().create_future()
-        self._pending[correlation_id] = future
+        deadline_ms = int((time.time() + timeout) * 1000)
+        body = request.model_dump_json(exclude_none=True).encode()
         try:
             async with asyncio.timeout(timeout):
-                await self._publish(operation, request, request_id, correlation_id, timeout)
-                reply = await future
+                reply = await self._attempts(
+                    operation, body, request_id, correlation_id, deadline_ms
+                )
         except TimeoutError:
             raise RequestTimeout(
                 f"no reply to {operation.value} within {timeout:g} s (request {request_id})"
             ) from None
-        finally:
-            self._pending.pop(correlation_id, None)
         return _decode_reply(reply, reply_model)
+
+    async def _attempts(
+        self,
+        operation: Operation,
+        body: bytes,
+        request_id: str,
+        correlation_id: str,
+        deadline_ms: int,
+    ) -> AbstractIncomingMessage:
+        while True:
+            future: asyncio.Future[AbstractIncomingMessage] = (
+                asyncio.get_running_loop().create_future()
+            )
+            self._pending[correlation_id] = future
+            try:
+                await self._publish(operation, body, request_id, correlation_id, deadline_ms)
+                return await future
+            except BrokerUnavailable as exc:  # Refused (a nack) included
+                if not self._retry or self._closing:
+                    raise
+                self.resent_requests += 1
+                log.info("resending %s %s after: %s", operation.value, request_id, exc.message)
+                await self._channel.ready()
+            finally:
+                self._pending.pop(correlation_id, None)
 
     async def _publish(
         self,
         operation: Operation,
-        request: BaseModel,
+        body: bytes,
         request_id: str,
         correlation_id: str,
-        timeout_s: float,
+        deadline_ms: int,
     ) -> None:
         message = aio_pika.Message(
-            request.model_dump_json(exclude_none=True).encode(),
+            body,
             content_type=JSON_CONTENT_TYPE,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             type=operation.value,
@@ -279,8 +327,10 @@ class SigningClient:
             correlation_id=correlation_id,
             reply_to=self._reply_queue,
             user_id=self._principal,
+            headers={DEADLINE_HEADER: deadline_ms},
+            # The broker drops the request if it is still queued when the caller gives up.
             # aio-pika takes seconds here and sends milliseconds on the wire.
-            expiration=timeout_s,
+            expiration=max(0.001, deadline_ms / 1000 - time.time()),
         )
         try:
             await self._exchange.publish(message, routing_key=operation.value, mandatory=True)
@@ -291,7 +341,7 @@ class SigningClient:
                 "(its queues are declared when a worker starts)?"
             ) from exc
         except DeliveryError as exc:
-            raise NotDelivered(f"the broker refused {operation.value} (queue full?)") from exc
+            raise Refused(f"the broker refused {operation.value} (queue full?)") from exc
         except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
             raise BrokerUnavailable(f"lost the broker while sending {operation.value}") from exc
 

@@ -119,6 +119,10 @@ class NotDelivered(InternalError):
     """Client side: the broker could not route the request (no worker queue is bound)."""
 
 
+class Refused(BrokerUnavailable):
+    """Client side: the broker did not take the request (a publisher nack, e.g. queue full)."""
+
+
 class RequestTimeout(DeadlineExceeded):
     """Client side: no reply arrived within the call's timeout."""
 

@@ -136,21 +136,24 @@ class Fleet:
                     await child.task
 
 
-async def wait_until_ready(amqp_url: str, signers: int, timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Wait until the keygen queue has a consumer and the sign queue has ``signers``."""
+async def wait_until_ready(
+    amqp_url: str, signers: int, timeout_s: float = READY_TIMEOUT_S, *, keygens: int = 1
+) -> None:
+    """Wait until the keygen queue has ``keygens`` consumers and the sign queue ``signers``."""
     connection = await connect(amqp_url, connection_name="zandd-up")
     try:
         async with asyncio.timeout(timeout_s):
             while True:
-                counts = await _consumer_counts(connection)
-                if counts[KEYGEN_QUEUE] >= 1 and counts[SIGN_QUEUE] >= signers:
+                counts = await consumer_counts(connection)
+                if counts[KEYGEN_QUEUE] >= keygens and counts[SIGN_QUEUE] >= signers:
                     return
                 await asyncio.sleep(_POLL_INTERVAL_S)
     finally:
         await connection.close()
 
 
-async def _consumer_counts(connection: AbstractRobustConnection) -> dict[str, int]:
+async def consumer_counts(connection: AbstractRobustConnection) -> dict[str, int]:
+    """How many consumers the keygen and sign queues have (0 for a queue not declared yet)."""
     counts = {KEYGEN_QUEUE: 0, SIGN_QUEUE: 0}
     # A passive declare of a queue that does not exist yet closes its channel: one per poll.
     channel = await connection.channel()

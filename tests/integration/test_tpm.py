@@ -24,6 +24,7 @@ from tpm2_pytss import (
     TPM2_SE,
     TPM2B_PUBLIC,
     TPMA_OBJECT,
+    TPMT_SYM_DEF,
 )
 
 from contracts.errors import TpmUnavailable
@@ -191,3 +192,19 @@ def test_measure_ms_per_exported_key(tpm: Tpm, capsys: pytest.CaptureFixture[str
     mean_ms = (time.perf_counter() - started) * 1000 / keys
     with capsys.disabled():
         print(f"\ncreate_exportable_p256 on swtpm: {mean_ms:.1f} ms per key (mean of {keys})")
+
+
+def test_opening_flushes_what_a_killed_predecessor_left(swtpm_tcti: str) -> None:
+    # A process that dies without flushing (SIGKILL) leaves its objects in a TPM without a
+    # resource manager; swtpm has three object slots.
+    leaker = ESAPI(swtpm_tcti)
+    leaker.create_primary(None, "ecc256:aes128cfb", ESYS_TR.OWNER)
+    leaker.start_auth_session(
+        ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, TPMT_SYM_DEF.parse("null"), TPM2_ALG.SHA256
+    )
+    leaker.close()
+    assert loaded_handles(swtpm_tcti, TPM2_HT.TRANSIENT) != []
+    with Tpm(swtpm_tcti) as tpm, tpm.create_exportable_p256() as exported:
+        assert exported.public_key()
+    assert loaded_handles(swtpm_tcti, TPM2_HT.TRANSIENT) == []
+    assert loaded_handles(swtpm_tcti, TPM2_HT.POLICY_SESSION) == []

@@ -37,6 +37,7 @@ from tpm2_pytss import (
     TPM2_ALG,
     TPM2_CAP,
     TPM2_CC,
+    TPM2_HT,
     TPM2_PT,
     TPM2_PT_FIRMWARE,
     TPM2_PT_VENDOR,
@@ -150,6 +151,8 @@ class Tpm:
             self._ectx: Any = ESAPI(tcti)
         except Exception as exc:
             raise TpmUnavailable(f"cannot open the TPM through TCTI {tcti!r}: {exc}") from exc
+        with _tss_errors("clearing objects a previous keygen worker left"):
+            _flush_leftovers(self._ectx)
 
     def info(self) -> TpmInfo:
         """Manufacturer, vendor string, firmware version and spec level of the TPM."""
@@ -267,6 +270,23 @@ _VENDOR_STRINGS = (
     TPM2_PT_VENDOR.STRING_3,
     TPM2_PT_VENDOR.STRING_4,
 )
+
+
+_LEFTOVER_HANDLE_TYPES = (TPM2_HT.TRANSIENT, TPM2_HT.HMAC_SESSION, TPM2_HT.POLICY_SESSION)
+
+
+def _flush_leftovers(ectx: Any) -> None:
+    """Flush transient objects and loaded sessions a killed predecessor left in the TPM.
+
+    The keygen worker is the TPM's only user. Behind a resource manager (``/dev/tpmrm0``) we
+    see only our own (none yet) and this does nothing; a TPM without one (swtpm, ``/dev/tpm0``)
+    keeps whatever a SIGKILLed worker had loaded, and has only a few object slots.
+    """
+    for handle_type in _LEFTOVER_HANDLE_TYPES:
+        _, data = ectx.get_capability(TPM2_CAP.HANDLES, handle_type << 24, 64)
+        for handle in list(data.data.handles):
+            logger.warning("flushing TPM handle 0x%08x left by a previous process", int(handle))
+            ectx.flush_context(ectx.tr_from_tpmpublic(handle))
 
 
 @contextmanager

@@ -1,0 +1,57 @@
+"""The dead-letter queue: ``zandd dead list``, ``zandd dead replay``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from contracts.errors import ConfigurationError
+from workers.commands.base import CommandTree
+from workers.config import Settings
+from workers.dead import DeadLetter, DeadLetterQueue
+
+
+async def _cmd_list(args: argparse.Namespace, settings: Settings) -> int:
+    letters = await DeadLetterQueue(settings.amqp_url).list()
+    if not letters:
+        print("zandd.dead is empty")
+        return 0
+    print(
+        f"{'message id':<34} {'operation':<12} {'reason':<15} {'count':>5}  {'first seen':<20} from"
+    )
+    for letter in letters:
+        seen = letter.first_seen.strftime("%Y-%m-%d %H:%M:%S") if letter.first_seen else "?"
+        print(
+            f"{letter.message_id or '-':<34} {letter.operation:<12} {letter.reason:<15} "
+            f"{letter.count:>5}  {seen:<20} {letter.queue} ({letter.principal or 'no user'})"
+        )
+    print(f"{len(letters)} dead letters")
+    return 0
+
+
+def _progress(done: int, total: int) -> None:
+    sys.stderr.write(f"\rreplayed {done}/{total}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.all and not args.id:
+        raise ConfigurationError("say which messages: --id MESSAGE_ID (repeatable) or --all")
+    wanted = set(args.id or ())
+
+    def select(letter: DeadLetter) -> bool:
+        return bool(args.all) or letter.message_id in wanted
+
+    replayed, kept = await DeadLetterQueue(settings.amqp_url).replay(select, progress=_progress)
+    print(f"replayed {replayed} to zandd; {kept} left in zandd.dead")
+    return 0
+
+
+def register(tree: CommandTree) -> None:
+    """Add the dead-letter commands."""
+    tree.add("dead list", _cmd_list, "show what is in zandd.dead (the queue is left as it is)")
+    replay = tree.add("dead replay", _cmd_replay, "put dead letters back on zandd")
+    replay.add_argument("--id", action="append", default=None, help="a message id (repeatable)")
+    replay.add_argument("--all", action="store_true", help="every message in zandd.dead")
