@@ -275,6 +275,10 @@ def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
 
 
+@pytest.mark.skipif(
+    os.environ.get("ZANDD_TEST_BROKER_RESTART") != "1",
+    reason="restarts the whole local broker: ops/test (and CI) set ZANDD_TEST_BROKER_RESTART=1",
+)
 async def test_broker_restart_under_load_answers_everything_after_recovery(
     processes: ProcessFleet, report: Callable[[str], None]
 ) -> None:

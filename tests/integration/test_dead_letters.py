@@ -1,0 +1,172 @@
+"""``zandd.dead``: poison, expired and unanswerable requests land there, and can be replayed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import aio_pika
+import pytest
+
+from contracts.models import ErrorReply
+from contracts.topology import (
+    DEAD_LETTER_QUEUE,
+    DELIVERY_LIMIT,
+    EXCHANGE,
+    SIGN_QUEUE,
+    declare_topology,
+)
+from tests.conftest import RunningFleet
+from workers.dead import DeadLetterQueue
+
+pytestmark = pytest.mark.rabbitmq
+
+
+async def zandd(amqp_url: str, *args: str) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZANDD_")}
+    env["ZANDD_AMQP_URL"] = amqp_url
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "workers.cli",
+        *args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def wait_for_dead(channel: aio_pika.abc.AbstractChannel, count: int) -> None:
+    async with asyncio.timeout(30):
+        while True:
+            queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+            if queue.declaration_result.message_count == count:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_poison_message_is_dead_lettered_after_the_delivery_limit(
+    empty_amqp_url: str,
+) -> None:
+    connection = await aio_pika.connect(empty_amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        topology = await declare_topology(channel)
+        await topology.exchange.publish(
+            aio_pika.Message(
+                b'{"key_id": "zk-1", "message": "AA=="}', type="sign", message_id="poison-1"
+            ),
+            routing_key="sign",
+        )
+        deliveries = 0
+        # A worker that crashes on this message every time: each delivery ends unsettled.
+        with contextlib.suppress(TimeoutError):
+            async with topology.queues[SIGN_QUEUE].iterator(timeout=2) as incoming:
+                async for message in incoming:
+                    deliveries += 1
+                    await message.reject(requeue=True)
+        await wait_for_dead(channel, 1)
+    letters = await DeadLetterQueue(empty_amqp_url).list()
+    assert [(d.message_id, d.operation, d.reason, d.queue) for d in letters] == [
+        ("poison-1", "sign", "delivery_limit", SIGN_QUEUE)
+    ]
+    # The first delivery plus DELIVERY_LIMIT redeliveries, then the broker gives up on it.
+    assert deliveries == DELIVERY_LIMIT + 1
+
+
+async def test_expired_and_unanswerable_requests_are_listed_and_replayable(
+    empty_amqp_url: str,
+) -> None:
+    connection = await aio_pika.connect(empty_amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        topology = await declare_topology(channel)
+        replies = await channel.declare_queue(exclusive=True)
+        # Nobody consumes zandd.sign yet: this request expires in the queue.
+        await topology.exchange.publish(
+            aio_pika.Message(
+                json.dumps({"key_id": "zk-gone", "message": "aGk="}).encode(),
+                content_type="application/json",
+                type="sign",
+                message_id="expired-1",
+                correlation_id="expired-1",
+                reply_to=replies.name,
+                user_id="guest",
+                expiration=0.05,
+            ),
+            routing_key="sign",
+        )
+        await wait_for_dead(channel, 1)
+
+        code, out, err = await zandd(empty_amqp_url, "dead", "list")
+        assert code == 0, err
+        assert "expired-1" in out
+        assert "expired" in out
+        assert "1 dead letters" in out
+
+        # A worker answers the replayed copy (here with key_not_found: the key never existed).
+        signer = asyncio.create_task(answer_one(empty_amqp_url))
+        code, out, err = await zandd(empty_amqp_url, "dead", "replay", "--id", "expired-1")
+        assert code == 0, err
+        assert "replayed 1 to zandd; 0 left in zandd.dead" in out
+        await signer
+        async with replies.iterator(timeout=30) as incoming:
+            async for message in incoming:
+                assert message.correlation_id == "expired-1"
+                assert ErrorReply.model_validate_json(message.body).code == "key_not_found"
+                break
+        code, out, _ = await zandd(empty_amqp_url, "dead", "list")
+        assert out.strip() == "zandd.dead is empty"
+        code, _, err = await zandd(empty_amqp_url, "dead", "replay")
+        assert code == 1
+        assert "--id" in err
+
+
+async def answer_one(amqp_url: str) -> None:
+    """A stand-in consumer with no vault: answers one sign request with key_not_found."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(SIGN_QUEUE, passive=True)
+        async with queue.iterator(timeout=30) as incoming:
+            async for message in incoming:
+                assert message.headers.get("x-death") is None  # a clean copy, not the corpse
+                reply = ErrorReply(code="key_not_found", message="no such key", retryable=False)
+                assert message.reply_to is not None
+                await channel.default_exchange.publish(
+                    aio_pika.Message(
+                        reply.model_dump_json().encode(),
+                        type="error",
+                        correlation_id=message.correlation_id,
+                    ),
+                    routing_key=message.reply_to,
+                )
+                await message.ack()
+                return
+
+
+@pytest.mark.tpm
+async def test_a_malformed_request_without_reply_to_is_dead_lettered(fleet: RunningFleet) -> None:
+    connection = await aio_pika.connect(fleet.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(EXCHANGE, ensure=False)
+        before = (
+            await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+        ).declaration_result.message_count
+        await exchange.publish(
+            aio_pika.Message(
+                b"{not json", type="sign", message_id="nobody-to-tell", user_id="guest"
+            ),
+            routing_key="sign",
+        )
+        await wait_for_dead(channel, (before or 0) + 1)
+    letters = await DeadLetterQueue(fleet.amqp_url).list()
+    assert ("nobody-to-tell", "rejected") in [(d.message_id, d.reason) for d in letters]
