@@ -57,13 +57,17 @@ from contracts.errors import (
     error_from_code,
 )
 from contracts.models import (
+    DEFAULT_PENDING_DAYS,
     SPECS,
     Encoding,
     ErrorReply,
     KeyCreateReply,
     KeyCreateRequest,
+    KeyDestroyRequest,
     KeyPublicReply,
     KeyPublicRequest,
+    KeyStateReply,
+    KeyStateRequest,
     SignBatchReply,
     SignBatchRequest,
     SignPayload,
@@ -72,6 +76,7 @@ from contracts.models import (
 )
 from contracts.operations import ERROR_REPLY_TYPE, Operation
 from contracts.topology import EXCHANGE, REPLY_QUEUE_PREFIX, declare_topology
+from contracts.tracing import producer_span
 
 DEFAULT_TIMEOUT_S = 30.0
 log = logging.getLogger("zandd.client")
@@ -318,20 +323,30 @@ class SigningClient:
         correlation_id: str,
         deadline_ms: int,
     ) -> None:
-        message = aio_pika.Message(
-            body,
-            content_type=JSON_CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            type=operation.value,
+        with producer_span(
+            exchange=EXCHANGE,
+            routing_key=operation.value,
             message_id=request_id,
             correlation_id=correlation_id,
-            reply_to=self._reply_queue,
-            user_id=self._principal,
-            headers={DEADLINE_HEADER: deadline_ms},
-            # The broker drops the request if it is still queued when the caller gives up.
-            # aio-pika takes seconds here and sends milliseconds on the wire.
-            expiration=max(0.001, deadline_ms / 1000 - time.time()),
-        )
+        ) as headers:
+            headers[DEADLINE_HEADER] = deadline_ms
+            message = aio_pika.Message(
+                body,
+                headers=headers,
+                content_type=JSON_CONTENT_TYPE,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                type=operation.value,
+                message_id=request_id,
+                correlation_id=correlation_id,
+                reply_to=self._reply_queue,
+                user_id=self._principal,
+                # The broker drops the request if it is still queued when the caller gives
+                # up. aio-pika takes seconds here and sends milliseconds on the wire.
+                expiration=max(0.001, deadline_ms / 1000 - time.time()),
+            )
+            await self._send(message, operation)
+
+    async def _send(self, message: aio_pika.Message, operation: Operation) -> None:
         try:
             await self._exchange.publish(message, routing_key=operation.value, mandatory=True)
         except (PublishError, ChannelNotFoundEntity) as exc:
@@ -359,6 +374,43 @@ class SigningClient:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)
+
+    # -- key lifecycle (owner and admins only); without ``version``: every live version ------
+
+    async def disable_key(
+        self, key_id: str, version: int | None = None, *, timeout_s: float | None = None
+    ) -> KeyStateReply:
+        """Refuse all signing with the key until ``enable_key``; signers hear of it at once."""
+        request = KeyStateRequest(key_id=key_id, version=version)
+        return await self.call(Operation.KEY_DISABLE, request, KeyStateReply, timeout_s=timeout_s)
+
+    async def enable_key(
+        self, key_id: str, version: int | None = None, *, timeout_s: float | None = None
+    ) -> KeyStateReply:
+        """Allow signing with a disabled key again."""
+        request = KeyStateRequest(key_id=key_id, version=version)
+        return await self.call(Operation.KEY_ENABLE, request, KeyStateReply, timeout_s=timeout_s)
+
+    async def destroy_key(
+        self,
+        key_id: str,
+        version: int | None = None,
+        *,
+        pending_days: int = DEFAULT_PENDING_DAYS,
+        timeout_s: float | None = None,
+    ) -> KeyStateReply:
+        """Stop signing now; erase the sealed key after ``pending_days`` unless cancelled."""
+        request = KeyDestroyRequest(key_id=key_id, version=version, pending_days=pending_days)
+        return await self.call(Operation.KEY_DESTROY, request, KeyStateReply, timeout_s=timeout_s)
+
+    async def cancel_key_destruction(
+        self, key_id: str, version: int | None = None, *, timeout_s: float | None = None
+    ) -> KeyStateReply:
+        """Call off a scheduled destruction; the key comes back disabled."""
+        request = KeyStateRequest(key_id=key_id, version=version)
+        return await self.call(
+            Operation.KEY_CANCEL_DESTROY, request, KeyStateReply, timeout_s=timeout_s
+        )
 
 
 def _decode_reply(message: AbstractIncomingMessage, reply_model: type[ReplyT]) -> ReplyT:

@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
@@ -33,6 +34,21 @@ from contracts.operations import Operation
 
 ALGORITHM_ECDSA_P256_SHA256: Final = "ecdsa-p256-sha256"
 DIGEST_SIZE_BYTES = 32
+DEFAULT_PENDING_DAYS = 7
+MAX_PENDING_DAYS = 365
+
+
+class KeyState(StrEnum):
+    """Lifecycle state of a key version, as the cloud KMSs have them.
+
+    ``enabled`` ⇄ ``disabled`` → ``pending_destruction`` (cancellable back to ``disabled``) →
+    ``destroyed`` (sealed material erased; the public key and the audit trail stay).
+    """
+
+    ENABLED = "enabled"
+    DISABLED = "disabled"
+    PENDING_DESTRUCTION = "pending_destruction"
+    DESTROYED = "destroyed"
 
 
 def _decode_base64(value: object, info: ValidationInfo) -> bytes:
@@ -149,6 +165,25 @@ class KeyPublicRequest(_Request):
     version: Version | None = None
 
 
+class KeyStateRequest(_Request):
+    """``key.disable``, ``key.enable``, ``key.cancel_destroy``: change a key's state.
+
+    Without ``version`` the change applies to every version of the key not yet destroyed.
+    Only the key's owner and the configured admins may ask.
+    """
+
+    key_id: KeyId
+    version: Version | None = None
+
+
+class KeyDestroyRequest(KeyStateRequest):
+    """``key.destroy``: schedule destruction after ``pending_days`` (cancellable until then)."""
+
+    pending_days: Annotated[int, Field(ge=1, le=MAX_PENDING_DAYS, strict=True)] = (
+        DEFAULT_PENDING_DAYS
+    )
+
+
 class KeyCreateReply(_Reply):
     """Reply to ``key.create``."""
 
@@ -201,6 +236,36 @@ class KeyPublicReply(_Reply):
     public_key_jwk: EcPublicJwk
 
 
+class KeyVersionState(_Reply):
+    """The state of one key version; ``destroy_after`` is set once destruction is scheduled."""
+
+    version: int
+    state: KeyState
+    destroy_after: AwareDatetime | None = None
+
+
+class KeyStateReply(_Reply):
+    """Reply to the lifecycle operations: the resulting state of every version addressed."""
+
+    key_id: str
+    versions: list[KeyVersionState]
+
+
+class KeyStateChangedEvent(_Reply):
+    """Published to the fanout exchange ``zandd.events`` after each committed state change.
+
+    AMQP ``type`` ``key.state_changed``, ``content_type`` ``application/json``, one message per
+    key version. Also sent again when a lifecycle request finds the key already in the asked
+    state, so a retried request repairs an event that was lost.
+    """
+
+    key_id: str
+    version: int
+    state: KeyState
+    destroy_after: AwareDatetime | None = None
+    changed_at: AwareDatetime
+
+
 class ErrorReply(_Reply):
     """The reply of AMQP ``type`` ``error``, for any operation that failed."""
 
@@ -225,6 +290,10 @@ SPECS: dict[Operation, OperationSpec] = {
         OperationSpec(Operation.SIGN, SignRequest, SignReply),
         OperationSpec(Operation.SIGN_BATCH, SignBatchRequest, SignBatchReply),
         OperationSpec(Operation.KEY_PUBLIC, KeyPublicRequest, KeyPublicReply),
+        OperationSpec(Operation.KEY_DISABLE, KeyStateRequest, KeyStateReply),
+        OperationSpec(Operation.KEY_ENABLE, KeyStateRequest, KeyStateReply),
+        OperationSpec(Operation.KEY_DESTROY, KeyDestroyRequest, KeyStateReply),
+        OperationSpec(Operation.KEY_CANCEL_DESTROY, KeyStateRequest, KeyStateReply),
     )
 }
 

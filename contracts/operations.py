@@ -12,6 +12,10 @@ class Operation(StrEnum):
     SIGN = "sign"
     SIGN_BATCH = "sign.batch"
     KEY_PUBLIC = "key.public"
+    KEY_DISABLE = "key.disable"
+    KEY_ENABLE = "key.enable"
+    KEY_DESTROY = "key.destroy"
+    KEY_CANCEL_DESTROY = "key.cancel_destroy"
 
     @property
     def reply_type(self) -> str:
@@ -20,9 +24,17 @@ class Operation(StrEnum):
 
 
 ERROR_REPLY_TYPE = "error"
+#: The AMQP ``type`` of the event published to ``zandd.events`` after a key state change.
+KEY_STATE_CHANGED_EVENT = "key.state_changed"
 
 #: Operations served by the single active keygen worker (they touch the TPM or write keys).
-KEYGEN_OPERATIONS: tuple[Operation, ...] = (Operation.KEY_CREATE,)
+KEYGEN_OPERATIONS: tuple[Operation, ...] = (
+    Operation.KEY_CREATE,
+    Operation.KEY_DISABLE,
+    Operation.KEY_ENABLE,
+    Operation.KEY_DESTROY,
+    Operation.KEY_CANCEL_DESTROY,
+)
 #: Operations served by the scaled signer workers.
 SIGN_OPERATIONS: tuple[Operation, ...] = (
     Operation.SIGN,

@@ -3,17 +3,23 @@
 Every sealed record names the KEK that sealed it, so the ring keeps old keys after a rotation
 and records can be re-wrapped at leisure. The file holds raw key material: it is written
 atomically with mode 0600 and refused when group or other may read it.
+
+Workers keep running across a rotation: a ring read from a file re-reads it when asked for a
+KEK it does not know (a record sealed after the rotation) and when told to ``refresh``
+(the keygen worker does before sealing, so new keys go under the new active KEK).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import fcntl
 import json
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +36,8 @@ _FILE_MODE = 0o600
 _DIR_MODE = 0o700
 
 RandomBytes = Callable[[int], bytes]
+#: What identifies one version of the ring file: inode, modification time, size.
+_Stamp = tuple[int, int, int]
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -79,7 +87,7 @@ class Kek:
 class KekRing:
     """The set of KEKs a process knows, one of them active (used for new seals)."""
 
-    __slots__ = ("_created_at", "_keks", "active")
+    __slots__ = ("_created_at", "_keks", "_source", "active")
 
     def __init__(
         self,
@@ -94,13 +102,39 @@ class KekRing:
         now = datetime.now(UTC)
         given = created_at or {}
         self._created_at = {kek_id: given.get(kek_id, now) for kek_id in self._keks}
+        #: The file this ring was read from and the version of it read; None when built here.
+        self._source: tuple[Path, _Stamp] | None = None
 
     def get(self, kek_id: str) -> Kek:
-        """The KEK named ``kek_id``; an unknown id means the record cannot be opened here."""
+        """The KEK named ``kek_id``, re-reading the ring file once if it is not known yet.
+
+        An id the ring file does not have either means the record cannot be opened here.
+        """
+        kek = self._keks.get(kek_id)
+        if kek is None and self.refresh():
+            kek = self._keks.get(kek_id)
+        if kek is None:
+            raise IntegrityError(f"record sealed with unknown KEK {kek_id!r}")
+        return kek
+
+    def refresh(self) -> bool:
+        """Re-read the ring file if it changed on disk since it was read; True when it had.
+
+        A ring that was not read from a file never changes.
+        """
+        if self._source is None:
+            return False
+        path, stamp = self._source
         try:
-            return self._keks[kek_id]
-        except KeyError:
-            raise IntegrityError(f"record sealed with unknown KEK {kek_id!r}") from None
+            current = _stamp_of(os.stat(path))
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read KEK file {path}: {exc.strerror}") from exc
+        if current == stamp:
+            return False
+        fresh = KekRing.load(path)
+        self.active, self._keks = fresh.active, fresh._keks
+        self._created_at, self._source = fresh._created_at, fresh._source
+        return True
 
     @property
     def kek_ids(self) -> tuple[str, ...]:
@@ -115,12 +149,14 @@ class KekRing:
     @classmethod
     def load(cls, path: Path) -> KekRing:
         """Read the ring from ``path``; refuses a missing, garbled or group/other-readable file."""
-        raw = _read_private_file(path)
+        raw, stamp = _read_private_file(path)
         try:
             document = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigurationError(f"KEK file {path} is not valid JSON") from exc
-        return _parse_ring(document, path)
+        ring = _parse_ring(document, path)
+        ring._source = (path, stamp)
+        return ring
 
     @classmethod
     def create(cls, path: Path, *, random_bytes: RandomBytes | None = None) -> KekRing:
@@ -128,20 +164,27 @@ class KekRing:
         if path.exists():
             raise ConfigurationError(f"KEK file {path} already exists: refusing to overwrite it")
         ring = cls(Kek.generate(random_bytes=random_bytes))
-        _write_atomically(path, ring._to_json(), replace=False)
+        ring._source = (path, _write_atomically(path, ring._to_json(), replace=False))
         return ring
 
     def rotate(self, path: Path, *, random_bytes: RandomBytes | None = None) -> KekRing:
-        """Add a new active KEK (old ones stay for opening old records) and rewrite ``path``."""
-        new = Kek.generate(random_bytes=random_bytes)
-        while new.kek_id in self._keks:  # same day and a 32-bit id collision: draw again
+        """Add a new active KEK (old ones stay for opening old records) and rewrite ``path``.
+
+        The file is re-read under a lock first, so two rotations at once both keep their KEK.
+        """
+        with _directory_lock(path.parent):
+            keks = dict(self._keks)
+            created_at = dict(self._created_at)
+            if path.exists():
+                on_disk = KekRing.load(path)
+                _merge(keks, on_disk._keks, path)
+                created_at.update(on_disk._created_at)
             new = Kek.generate(random_bytes=random_bytes)
-        ring = KekRing(
-            new,
-            others=self._keks.values(),
-            created_at={**self._created_at, new.kek_id: datetime.now(UTC)},
-        )
-        _write_atomically(path, ring._to_json(), replace=True)
+            while new.kek_id in keks:  # same day and a 32-bit id collision: draw again
+                new = Kek.generate(random_bytes=random_bytes)
+            created_at[new.kek_id] = datetime.now(UTC)
+            ring = KekRing(new, others=keks.values(), created_at=created_at)
+            ring._source = (path, _write_atomically(path, ring._to_json(), replace=True))
         return ring
 
     def _to_json(self) -> bytes:
@@ -156,7 +199,33 @@ class KekRing:
         return json.dumps(document, indent=2).encode("utf-8") + b"\n"
 
 
-def _read_private_file(path: Path) -> bytes:
+def _merge(keks: dict[str, Kek], more: Mapping[str, Kek], path: Path) -> None:
+    for kek_id, kek in more.items():
+        if keks.setdefault(kek_id, kek).key != kek.key:
+            raise ConfigurationError(
+                f"KEK file {path} has a KEK {kek_id!r} that differs from the one in memory"
+            )
+
+
+@contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    # A lock on the directory, not the file: the file is replaced (a new inode) on each write.
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot lock {directory}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _stamp_of(status: os.stat_result) -> _Stamp:
+    return (status.st_ino, status.st_mtime_ns, status.st_size)
+
+
+def _read_private_file(path: Path) -> tuple[bytes, _Stamp]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -167,14 +236,15 @@ def _read_private_file(path: Path) -> bytes:
         raise ConfigurationError(f"cannot read KEK file {path}: {exc.strerror}") from exc
     # fstat on the open descriptor: the mode checked is the mode of the file read.
     with os.fdopen(fd, "rb") as file:
-        mode = stat.S_IMODE(os.fstat(file.fileno()).st_mode)
+        status = os.fstat(file.fileno())
+        mode = stat.S_IMODE(status.st_mode)
         if mode & 0o077:
             raise ConfigurationError(
                 f"KEK file {path} is accessible by group/other (mode {mode:04o}): "
                 f"run `chmod 600 {path}`"
             )
         try:
-            return file.read()
+            return file.read(), _stamp_of(status)
         except OSError as exc:
             raise ConfigurationError(f"cannot read KEK file {path}: {exc.strerror}") from exc
 
@@ -215,8 +285,11 @@ def _parse_entry(
     return kek, created_at
 
 
-def _write_atomically(path: Path, data: bytes, *, replace: bool) -> None:
-    """Write ``data`` to ``path`` via a 0600 temp file, fsync, rename and fsync the directory."""
+def _write_atomically(path: Path, data: bytes, *, replace: bool) -> _Stamp:
+    """Write ``data`` to ``path`` via a 0600 temp file, fsync, rename and fsync the directory.
+
+    Returns the stamp of the file written.
+    """
     directory = path.parent
     try:
         if not directory.exists():
@@ -230,6 +303,7 @@ def _write_atomically(path: Path, data: bytes, *, replace: bool) -> None:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+            stamp = _stamp_of(os.fstat(file.fileno()))
         _publish(tmp, path, replace=replace)
         _fsync_directory(directory)
     except FileExistsError:
@@ -240,6 +314,7 @@ def _write_atomically(path: Path, data: bytes, *, replace: bool) -> None:
         raise ConfigurationError(f"cannot write KEK file {path}: {exc.strerror}") from exc
     finally:
         tmp.unlink(missing_ok=True)
+    return stamp
 
 
 def _publish(tmp: Path, path: Path, *, replace: bool) -> None:

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
 
+from contracts.models import KeyState
 from vault.sealing import RecordBinding, SealedKey
 
-
-class KeyState(StrEnum):
-    """Lifecycle state of a key version."""
-
-    ENABLED = "enabled"
-    DISABLED = "disabled"
-    PENDING_DESTRUCTION = "pending_destruction"
-    DESTROYED = "destroyed"
+__all__ = ["KeyRecord", "KeyState"]
 
 
 @dataclass(frozen=True, slots=True, repr=False)
 class KeyRecord:
-    """One version of a key as the vault stores it; ``sealed`` is None once destroyed."""
+    """One version of a key as the vault stores it; ``sealed`` is None once destroyed.
+
+    ``destroy_after`` is when a scheduled destruction falls due: set while the version is
+    ``pending_destruction`` and kept once it is ``destroyed``.
+    """
 
     key_id: str
     version: int
@@ -33,14 +30,18 @@ class KeyRecord:
     created_at: datetime
     created_by: str
     request_id: str | None
+    destroy_after: datetime | None = None
 
     def __post_init__(self) -> None:
         if self.version < 1:
             raise ValueError("key versions start at 1")
-        if self.created_at.tzinfo is None:
-            raise ValueError("created_at must be timezone-aware")
+        for moment in (self.created_at, self.destroy_after):
+            if moment is not None and moment.tzinfo is None:
+                raise ValueError("record times must be timezone-aware")
         if (self.sealed is None) != (self.state == KeyState.DESTROYED):
             raise ValueError("a record has sealed material exactly when it is not destroyed")
+        if self.state == KeyState.PENDING_DESTRUCTION and self.destroy_after is None:
+            raise ValueError("a version pending destruction needs its destroy_after time")
 
     @property
     def binding(self) -> RecordBinding:
@@ -52,12 +53,18 @@ class KeyRecord:
         """The KEK that sealed this version, None once destroyed."""
         return None if self.sealed is None else self.sealed.kek_id
 
+    @property
+    def owner(self) -> str:
+        """The principal that created the key; it may manage the key's lifecycle."""
+        return self.created_by
+
     def __repr__(self) -> str:
+        destroy_after = None if self.destroy_after is None else self.destroy_after.isoformat()
         return (
             f"KeyRecord(key_id={self.key_id!r}, version={self.version}, "
             f"algorithm={self.algorithm!r}, state={self.state.value!r}, "
             f"sealed={self.sealed!r}, label={self.label!r}, "
             f"allowed_signers={self.allowed_signers!r}, "
             f"created_at={self.created_at.isoformat()!r}, created_by={self.created_by!r}, "
-            f"request_id={self.request_id!r})"
+            f"request_id={self.request_id!r}, destroy_after={destroy_after!r})"
         )

@@ -71,6 +71,16 @@ def seal(secret: bytes | bytearray | memoryview, binding: RecordBinding, kek: Ke
     return SealedKey(kek_id=kek.kek_id, nonce=nonce, ciphertext=ciphertext)
 
 
+def plaintext_size(sealed: SealedKey) -> int:
+    """How many bytes ``open_into`` writes for ``sealed`` (negative for a truncated blob)."""
+    return len(sealed.ciphertext) - TAG_SIZE_BYTES
+
+
+def wipe(buffer: bytearray) -> None:
+    """Zero ``buffer`` in place (a slice assignment writes into the same memory)."""
+    buffer[:] = bytes(len(buffer))
+
+
 def open_into(sealed: SealedKey, binding: RecordBinding, ring: KekRing, out: bytearray) -> None:
     """Decrypt ``sealed`` straight into ``out``, which must be exactly the plaintext's length.
 
@@ -81,15 +91,15 @@ def open_into(sealed: SealedKey, binding: RecordBinding, ring: KekRing, out: byt
     failed = IntegrityError(
         f"sealed key for {binding.key_id} v{binding.version} failed authentication"
     )
-    plaintext_size = len(sealed.ciphertext) - TAG_SIZE_BYTES
-    if plaintext_size < 0 or len(sealed.nonce) != NONCE_SIZE_BYTES:
+    size = plaintext_size(sealed)
+    if size < 0 or len(sealed.nonce) != NONCE_SIZE_BYTES:
         raise failed
-    if len(out) != plaintext_size:
-        raise ValueError(f"output buffer must be {plaintext_size} bytes, got {len(out)}")
+    if len(out) != size:
+        raise ValueError(f"output buffer must be {size} bytes, got {len(out)}")
     kek = ring.get(sealed.kek_id)
     aad = associated_data(binding, sealed.kek_id)
     try:
         kek.aead.decrypt_into(sealed.nonce, sealed.ciphertext, aad, out)
     except InvalidTag as exc:
-        out[:] = bytes(len(out))
+        wipe(out)
         raise failed from exc

@@ -2,19 +2,27 @@
 
 All database work runs on one dedicated thread that owns the connection, so the event loop
 never blocks on disk. WAL plus a busy timeout lets several processes on the machine (a keygen
-worker and several signers) share the file; ``synchronous=FULL`` makes a created key survive
-power loss.
+worker and several signers) share the file; ``synchronous=FULL`` makes a created key and an
+audit entry survive power loss.
+
+Erasing: ``secure_delete`` zeroes freed space inside the database pages, and after a destroy
+the WAL is checkpointed and truncated, so a destroyed key's ciphertext is in neither file.
+What the file system or the disk keep of old blocks (copy-on-write, SSD wear levelling,
+backups) is beyond SQLite's reach.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,48 +34,73 @@ from contracts.errors import (
     VaultUnavailable,
     ZanddError,
 )
+from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, link
 from vault.records import KeyRecord, KeyState
 from vault.sealing import SealedKey
 
 _T = TypeVar("_T")
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("zandd.vault")
+
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 10.0
+_CHECKPOINT_ATTEMPTS = 3
 _THREAD_NAME = "zandd-sqlite"
 _MEMORY = ":memory:"
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 
-_SCHEMA = (
-    """
-    CREATE TABLE IF NOT EXISTS keys (
-        key_id TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        algorithm TEXT NOT NULL,
-        public_key_der BLOB NOT NULL,
-        kek_id TEXT,
-        nonce BLOB,
-        ciphertext BLOB,
-        state TEXT NOT NULL,
-        label TEXT,
-        allowed_signers TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        created_by TEXT NOT NULL,
-        request_id TEXT,
-        PRIMARY KEY (key_id, version)
-    )
-    """,
-    "CREATE UNIQUE INDEX IF NOT EXISTS keys_request_id ON keys (request_id)"
-    " WHERE request_id IS NOT NULL",
-    f"PRAGMA user_version = {SCHEMA_VERSION}",  # PRAGMA takes no bound parameters
-)
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """
+        CREATE TABLE IF NOT EXISTS keys (
+            key_id TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            algorithm TEXT NOT NULL,
+            public_key_der BLOB NOT NULL,
+            kek_id TEXT,
+            nonce BLOB,
+            ciphertext BLOB,
+            state TEXT NOT NULL,
+            label TEXT,
+            allowed_signers TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            request_id TEXT,
+            PRIMARY KEY (key_id, version)
+        )
+        """,
+        "CREATE UNIQUE INDEX IF NOT EXISTS keys_request_id ON keys (request_id)"
+        " WHERE request_id IS NOT NULL",
+    ),
+    2: (
+        "ALTER TABLE keys ADD COLUMN destroy_after TEXT",
+        """
+        CREATE TABLE audit (
+            seq INTEGER PRIMARY KEY,
+            at TEXT NOT NULL,
+            principal TEXT,
+            operation TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            key_id TEXT,
+            version INTEGER,
+            request_id TEXT,
+            data_sha256 TEXT,
+            prev_hash TEXT NOT NULL,
+            entry_hash TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX audit_key_id ON audit (key_id, seq)",
+        "CREATE INDEX audit_principal ON audit (principal, seq)",
+    ),
+}
 
 _COLUMNS = (
     "key_id, version, algorithm, public_key_der, kek_id, nonce, ciphertext, state, label,"
-    " allowed_signers, created_at, created_by, request_id"
+    " allowed_signers, created_at, created_by, request_id, destroy_after"
 )
 # The f-strings below join module constants only; every value is a bound parameter.
-_INSERT = f"INSERT INTO keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+_INSERT = f"INSERT INTO keys ({_COLUMNS}) VALUES ({', '.join('?' * 14)})"  # noqa: S608
 _SELECT = f"SELECT {_COLUMNS} FROM keys"  # noqa: S608
 _BY_REQUEST_ID = f"{_SELECT} WHERE request_id = ?"
 _LATEST = f"{_SELECT} WHERE key_id = ? ORDER BY version DESC LIMIT 1"
@@ -76,27 +109,51 @@ _LIST_LATEST = (
     f"{_SELECT} AS k WHERE version = (SELECT MAX(version) FROM keys WHERE key_id = k.key_id)"  # noqa: S608
     " ORDER BY created_at, key_id"
 )
+_REPLACE = (
+    "UPDATE keys SET state = ?, destroy_after = ?, kek_id = ?, nonce = ?, ciphertext = ?"
+    " WHERE key_id = ? AND version = ? AND state = ? AND kek_id IS ? AND nonce IS ?"
+)
+_AUDIT_COLUMNS = (
+    "seq, at, principal, operation, outcome, key_id, version, request_id, data_sha256,"
+    " prev_hash, entry_hash"
+)
+_AUDIT_INSERT = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES ({', '.join('?' * 11)})"  # noqa: S608
+_AUDIT_HEAD = "SELECT seq, entry_hash FROM audit ORDER BY seq DESC LIMIT 1"
+
+
+@dataclass(frozen=True, slots=True)
+class _Lane:
+    """One connection and the one thread that uses it."""
+
+    executor: ThreadPoolExecutor
+    conn: sqlite3.Connection
 
 
 class SqliteStore:
-    """A VaultStore on one SQLite file; open it with ``await SqliteStore.open(path)``."""
+    """A VaultStore on one SQLite file; open it with ``await SqliteStore.open(path)``.
 
-    def __init__(self, executor: ThreadPoolExecutor, conn: sqlite3.Connection, path: str) -> None:
-        self._executor = executor
-        self._conn = conn
+    Audit appends have a connection and thread of their own: their durable commit (an fsync)
+    must not hold up the key reads every sign request makes meanwhile.
+    """
+
+    def __init__(self, main: _Lane, appends: _Lane, path: str) -> None:
+        self._main = main
+        self._appends = appends
         self._path = path
         self._closed = False
 
     @classmethod
     async def open(cls, path: str) -> SqliteStore:
         """Open (creating if needed, dir 0700 and file 0600) the database at ``path``."""
-        executor = ThreadPoolExecutor(max_workers=1, initializer=_name_thread)
+        main = await _open_lane(path)
+        if path == _MEMORY:  # a second connection would open a second, empty database
+            return cls(main, main, path)
         try:
-            conn = await _on_thread(executor, path, _connect, path)
+            appends = await _open_lane(path)
         except BaseException:
-            executor.shutdown(wait=False)
+            await _close_lane(main, path)
             raise
-        return cls(executor, conn, path)
+        return cls(main, appends, path)
 
     async def create_key(self, record: KeyRecord) -> KeyRecord:
         """Insert ``record``; on a known request id return the record that request created."""
@@ -122,25 +179,85 @@ class SqliteStore:
 
     async def list_keys(self) -> list[KeyRecord]:
         """The latest version of every key, ordered by ``created_at``."""
-        return await self._run(_fetch_all, _LIST_LATEST)
+        return await self._run(_fetch_all, _LIST_LATEST, ())
+
+    async def list_versions(
+        self, key_id: str | None = None, *, state: KeyState | None = None
+    ) -> list[KeyRecord]:
+        """Every version of one key (or all keys), optionally in one state; by key id, version."""
+        conditions, params = _where(key_id=key_id, state=None if state is None else state.value)
+        sql = f"{_SELECT}{conditions} ORDER BY key_id, version"
+        return await self._run(_fetch_all, sql, params)
+
+    async def replace_key(self, record: KeyRecord, expected: KeyRecord) -> bool:
+        """Compare-and-set state, destroy_after and sealed material; erases on destroy."""
+        if (record.key_id, record.version) != (expected.key_id, expected.version):
+            raise ValueError("replace_key needs two versions of the same record")
+        sealed = record.sealed
+        params = (
+            record.state.value,
+            None if record.destroy_after is None else _time_text(record.destroy_after),
+            None if sealed is None else sealed.kek_id,
+            None if sealed is None else sealed.nonce,
+            None if sealed is None else sealed.ciphertext,
+            record.key_id,
+            record.version,
+            expected.state.value,
+            expected.kek_id,
+            None if expected.sealed is None else expected.sealed.nonce,
+        )
+        erase = record.sealed is None and expected.sealed is not None
+        return await self._run(_replace, params, erase)
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
+        """Chain and insert ``events`` in one IMMEDIATE transaction, durable on return."""
+        return await self._run(_append_audit, list(events), lane=self._appends)
+
+    async def read_audit(self, query: AuditQuery) -> list[AuditEntry]:
+        """Audit entries matching ``query``, oldest first."""
+        conditions, params = _where(key_id=query.key_id, principal=query.principal)
+        conditions += " AND seq > ?" if conditions else " WHERE seq > ?"
+        order = "DESC" if query.latest else "ASC"
+        sql = f"SELECT {_AUDIT_COLUMNS} FROM audit{conditions} ORDER BY seq {order} LIMIT ?"  # noqa: S608
+        entries = await self._run(_fetch_audit, sql, (*params, query.after_seq, query.limit))
+        return entries[::-1] if query.latest else entries
 
     async def close(self) -> None:
-        """Close the connection and stop the database thread; closing twice is harmless."""
+        """Close the connections and stop the database threads; closing twice is harmless."""
         if self._closed:
             return
         self._closed = True
         try:
-            await _on_thread(self._executor, self._path, _close, self._conn)
+            await _close_lane(self._main, self._path)
         finally:
-            self._executor.shutdown(wait=False)
+            if self._appends is not self._main:
+                await _close_lane(self._appends, self._path)
 
-    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+    async def _run(self, fn: Callable[..., _T], *args: Any, lane: _Lane | None = None) -> _T:
         if self._closed:
             raise VaultUnavailable(f"SQLite vault {self._path} is closed")
-        return await _on_thread(self._executor, self._path, fn, self._conn, *args)
+        lane = lane or self._main
+        return await _on_thread(lane.executor, self._path, fn, lane.conn, *args)
 
     def __repr__(self) -> str:
         return f"SqliteStore(path={self._path!r})"
+
+
+async def _open_lane(path: str) -> _Lane:
+    executor = ThreadPoolExecutor(max_workers=1, initializer=_name_thread)
+    try:
+        conn = await _on_thread(executor, path, _connect, path)
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
+    return _Lane(executor, conn)
+
+
+async def _close_lane(lane: _Lane, path: str) -> None:
+    try:
+        await _on_thread(lane.executor, path, _close, lane.conn)
+    finally:
+        lane.executor.shutdown(wait=False)
 
 
 async def _on_thread(
@@ -184,15 +301,21 @@ def _connect(path: str) -> sqlite3.Connection:
 
 def _create_private_file(path: str) -> None:
     # SQLite would create the file 0644; create it 0600 first (its -wal/-shm files copy the mode).
+    # An existing file is not touched: closing a descriptor of it here would release every
+    # POSIX lock this process's SQLite connections hold on it, and a connection closing in
+    # another process could then take the WAL away from under them.
     db = Path(path)
     try:
         if not db.parent.exists():
             db.parent.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-        os.close(os.open(db, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE))
+        fd = os.open(db, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+    except FileExistsError:
+        return
     except OSError as exc:
         raise ConfigurationError(
             f"cannot create or open the SQLite vault {path}: {exc.strerror}"
         ) from exc
+    os.close(fd)
 
 
 def _configure(conn: sqlite3.Connection, path: str) -> None:
@@ -200,21 +323,31 @@ def _configure(conn: sqlite3.Connection, path: str) -> None:
     if path != _MEMORY and journal_mode != "wal":
         raise VaultUnavailable(f"SQLite vault {path} cannot use WAL (journal mode {journal_mode})")
     conn.execute("PRAGMA synchronous = FULL")
+    # Freed space (an erased ciphertext, a re-wrapped one) is zeroed, not left in the page.
+    conn.execute("PRAGMA secure_delete = ON")
 
 
 def _ensure_schema(conn: sqlite3.Connection, path: str) -> None:
     if _schema_version(conn, path) == SCHEMA_VERSION:
         return
-    # IMMEDIATE takes the write lock first, so concurrent openers create the schema once.
+    # IMMEDIATE takes the write lock first, so concurrent openers migrate once.
+    with _immediate(conn):
+        current = _schema_version(conn, path)
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[version]:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")  # PRAGMA takes no parameters
+
+
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if _schema_version(conn, path) != SCHEMA_VERSION:
-            for statement in _SCHEMA:
-                conn.execute(statement)
-        conn.execute("COMMIT")
+        yield
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    conn.execute("COMMIT")
 
 
 def _schema_version(conn: sqlite3.Connection, path: str) -> int:
@@ -232,7 +365,7 @@ def _close(conn: sqlite3.Connection) -> None:
 
 
 def _insert(conn: sqlite3.Connection, row: tuple[Any, ...]) -> KeyRecord | None:
-    key_id, version, request_id = row[0], row[1], row[-1]
+    key_id, version, request_id = row[0], row[1], row[12]
     try:
         conn.execute(_INSERT, row)
     except sqlite3.IntegrityError as exc:
@@ -250,8 +383,88 @@ def _fetch_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> K
     return None if row is None else _to_record(row)
 
 
-def _fetch_all(conn: sqlite3.Connection, sql: str) -> list[KeyRecord]:
-    return [_to_record(row) for row in conn.execute(sql).fetchall()]
+def _fetch_all(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[KeyRecord]:
+    return [_to_record(row) for row in conn.execute(sql, params).fetchall()]
+
+
+def _where(**equal: str | None) -> tuple[str, tuple[str, ...]]:
+    # Column names come from our keyword arguments, never from callers' data.
+    given = {column: value for column, value in equal.items() if value is not None}
+    if not given:
+        return "", ()
+    return " WHERE " + " AND ".join(f"{c} = ?" for c in given), tuple(given.values())
+
+
+def _replace(conn: sqlite3.Connection, params: tuple[Any, ...], erase: bool) -> bool:
+    replaced = conn.execute(_REPLACE, params).rowcount == 1
+    if replaced and erase:
+        _truncate_wal(conn)
+    return replaced
+
+
+def _truncate_wal(conn: sqlite3.Connection) -> None:
+    # The WAL still holds the page images that carried the ciphertext; a TRUNCATE checkpoint
+    # copies the current pages home and empties the WAL file. It waits (busy timeout) for
+    # readers in other processes; if they keep it busy, the old frames stay in the WAL until
+    # later writes overwrite them.
+    for _ in range(_CHECKPOINT_ATTEMPTS):
+        (busy, _log, _done) = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if not busy:
+            return
+    log.warning("the WAL could not be truncated after erasing a key: readers kept it busy")
+
+
+def _append_audit(conn: sqlite3.Connection, events: list[AuditEvent]) -> list[AuditEntry]:
+    with _immediate(conn):
+        row = conn.execute(_AUDIT_HEAD).fetchone()
+        head = GENESIS if row is None else ChainHead(seq=row[0], entry_hash=row[1])
+        entries = link(head, events)
+        conn.executemany(_AUDIT_INSERT, [_audit_row(entry) for entry in entries])
+    return entries
+
+
+def _fetch_audit(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[AuditEntry]:
+    return [_to_audit_entry(row) for row in conn.execute(sql, params).fetchall()]
+
+
+def _audit_row(entry: AuditEntry) -> tuple[Any, ...]:
+    event = entry.event
+    return (
+        entry.seq,
+        _time_text(event.at),
+        event.principal,
+        event.operation,
+        event.outcome,
+        event.key_id,
+        event.version,
+        event.request_id,
+        event.data_sha256,
+        entry.prev_hash,
+        entry.entry_hash,
+    )
+
+
+def _to_audit_entry(row: tuple[Any, ...]) -> AuditEntry:
+    (seq, at, principal, operation, outcome, key_id, version, request_id, data_sha256) = row[:9]
+    try:
+        event = AuditEvent(
+            at=datetime.fromisoformat(at),
+            principal=principal,
+            operation=operation,
+            outcome=outcome,
+            key_id=key_id,
+            version=version,
+            request_id=request_id,
+            data_sha256=data_sha256,
+        )
+    except (TypeError, ValueError) as exc:
+        raise IntegrityError(f"audit entry #{seq} is malformed") from exc
+    return AuditEntry(seq=seq, event=event, prev_hash=row[9], entry_hash=row[10])
+
+
+def _time_text(moment: datetime) -> str:
+    # Fixed-width UTC text, so ORDER BY on it is chronological.
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _to_row(record: KeyRecord) -> tuple[Any, ...]:
@@ -267,16 +480,16 @@ def _to_row(record: KeyRecord) -> tuple[Any, ...]:
         record.state.value,
         record.label,
         json.dumps(list(record.allowed_signers)),
-        # Fixed-width UTC text, so ORDER BY created_at is chronological.
-        record.created_at.astimezone(UTC).isoformat(timespec="microseconds"),
+        _time_text(record.created_at),
         record.created_by,
         record.request_id,
+        None if record.destroy_after is None else _time_text(record.destroy_after),
     )
 
 
 def _to_record(row: tuple[Any, ...]) -> KeyRecord:
     (key_id, version, algorithm, public_key_der, kek_id, nonce, ciphertext) = row[:7]
-    (state, label, allowed_signers, created_at, created_by, request_id) = row[7:]
+    (state, label, allowed_signers, created_at, created_by, request_id, destroy_after) = row[7:]
     try:
         sealed = None if kek_id is None else SealedKey(kek_id, bytes(nonce), bytes(ciphertext))
         return KeyRecord(
@@ -291,6 +504,7 @@ def _to_record(row: tuple[Any, ...]) -> KeyRecord:
             created_at=datetime.fromisoformat(created_at),
             created_by=created_by,
             request_id=request_id,
+            destroy_after=None if destroy_after is None else datetime.fromisoformat(destroy_after),
         )
     except (TypeError, ValueError) as exc:
         raise IntegrityError(f"stored record for key {key_id} v{version} is malformed") from exc

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from contracts.errors import ConfigurationError
-from vault.records import KeyRecord
+from vault.audit import AuditEntry, AuditEvent, AuditQuery
+from vault.records import KeyRecord, KeyState
 from vault.sqlite import SqliteStore
 
 _SQLITE_PREFIX = "sqlite://"
@@ -13,7 +15,11 @@ _MEMORY_PATH = "/:memory:"
 
 
 class VaultStore(Protocol):
-    """Sealed key records behind a small async interface (SQLite now, MongoDB later)."""
+    """Sealed key records and the audit log behind a small async interface.
+
+    Backends store and read; the rules (state transitions, the audit hash chain, sealing)
+    live in ``vault`` modules shared by every backend.
+    """
 
     async def create_key(self, record: KeyRecord) -> KeyRecord:
         """Insert ``record``, idempotently on its request id.
@@ -36,13 +42,50 @@ class VaultStore(Protocol):
         """The latest version of every key, ordered by that version's ``created_at``."""
         ...
 
+    async def list_versions(
+        self, key_id: str | None = None, *, state: KeyState | None = None
+    ) -> list[KeyRecord]:
+        """Every version of one key (or of all keys), optionally only those in ``state``.
+
+        Ordered by key id, then version. An unknown ``key_id`` gives an empty list.
+        """
+        ...
+
+    async def replace_key(self, record: KeyRecord, expected: KeyRecord) -> bool:
+        """Compare-and-set one version's mutable fields: state, destroy_after, sealed.
+
+        Stores ``record``'s values iff the stored version (same key id and version) still has
+        ``expected``'s state and sealed material (KEK id and nonce); True when it did, False
+        when another writer changed it first (re-read, decide again). When ``record.sealed``
+        is None the backend erases the old sealed material from its storage, not only from
+        view, as far as the backend can.
+        """
+        ...
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
+        """Chain ``events`` after the newest stored entry and store them durably, atomically.
+
+        Read the newest entry and insert ``vault.audit.link(head, events)`` in one transaction,
+        safe against appenders in other processes: sequence numbers never repeat or skip.
+        Returns the stored entries once durable.
+        """
+        ...
+
+    async def read_audit(self, query: AuditQuery) -> list[AuditEntry]:
+        """Audit entries matching ``query``, oldest first, exactly as stored."""
+        ...
+
     async def close(self) -> None:
         """Release the backend's connections; the store is unusable afterwards."""
         ...
 
 
 async def open_store(url: str) -> VaultStore:
-    """Open the backend a vault URL names: ``sqlite:///abs/path.db`` or ``sqlite:///:memory:``."""
+    """Open the backend a vault URL names.
+
+    ``sqlite:///abs/path.db`` or ``sqlite:///:memory:`` (one machine), or ``mongodb://…`` /
+    ``mongodb+srv://…`` (a fleet; the ``mongo`` extra), see ``vault.mongo`` for its options.
+    """
     if url.startswith(_SQLITE_PREFIX):
         path = url.removeprefix(_SQLITE_PREFIX)
         if path == _MEMORY_PATH:
@@ -54,7 +97,16 @@ async def open_store(url: str) -> VaultStore:
         # sqlite:////abs/path.db (the SQLAlchemy spelling) names the same file.
         return await SqliteStore.open("/" + path.lstrip("/"))
     if url.startswith(("mongodb://", "mongodb+srv://")):
-        raise ConfigurationError("the MongoDB vault backend is not available yet")
+        try:
+            from vault.mongo import MongoStore
+        except ImportError as exc:
+            if (exc.name or "").partition(".")[0] not in {"pymongo", "bson"}:
+                raise
+            raise ConfigurationError(
+                "the MongoDB vault needs PyMongo: install zandd-hsm[mongo] (pip install "
+                "'zandd-hsm[mongo]')"
+            ) from exc
+        return await MongoStore.open(url)
     raise ConfigurationError(
         "unsupported vault URL scheme: use sqlite:///abs/path.db, mongodb:// or mongodb+srv://"
     )

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from contracts.amqp import DEFAULT_AMQP_URL
+from contracts.amqp import DEFAULT_AMQP_URL, redact_url
 from contracts.limits import (
     DEFAULT_MAX_BATCH_ITEMS,
     DEFAULT_MAX_BODY_BYTES,
@@ -40,10 +43,50 @@ class Settings(BaseSettings):
     signer_concurrency: int = Field(default=64, ge=1, le=10_000)
     keygen_concurrency: int = Field(default=4, ge=1, le=256)
     drain_timeout_s: float = Field(default=10.0, gt=0)
+    #: Longest wait between two reconnect (or dependency probe) attempts; jittered below it.
+    max_backoff_s: float = Field(default=30.0, gt=0)
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1)
     max_batch_items: int = Field(default=DEFAULT_MAX_BATCH_ITEMS, ge=1)
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    #: Port of this process's Prometheus endpoint; None (the default) serves none.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
+    traces_exporter: Literal["none", "console", "otlp"] = "none"
+    #: False for workers with least-privilege broker users: the topology is then only looked
+    #: up (passive declares), as ops/rabbitmq/definitions.json or an admin declared it.
+    declare_topology: bool = True
+    # Access and key lifecycle (the rules are in workers/policy.py). Name lists are
+    # comma-separated (or a JSON list) in the environment.
+    #: Accept requests without ``user_id`` as principal ``anonymous``: closed test networks only.
+    allow_anonymous: bool = False
+    #: AMQP users who may create keys; ``*`` is anyone authenticated.
+    key_creators: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
+    #: AMQP users who may change the state of any key (each key's owner may change its own).
+    admins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: How often the keygen worker destroys versions whose waiting period is over.
+    destroy_check_interval_s: float = Field(default=60.0, gt=0)
+    #: Workers lock their memory (mlockall) when the process is permitted to.
+    lock_memory: bool = True
+
+    @field_validator("key_creators", "admins", mode="before")
+    @classmethod
+    def _name_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [name.strip() for name in text.split(",") if name.strip()]
+        return value
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # URLs carry passwords: a repr (a traceback, a debug line) shows them redacted.
+        for name, value in super().__repr_args__():
+            if name in ("amqp_url", "vault_url") and isinstance(value, str):
+                yield name, redact_url(value)
+            else:
+                yield name, value
 
     @property
     def resolved_vault_url(self) -> str:

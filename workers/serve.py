@@ -1,21 +1,35 @@
-"""Run one worker process (``zandd signer`` / ``zandd keygen-worker``) until SIGTERM."""
+"""Run one worker process (``zandd signer`` / ``zandd keygen-worker``) until SIGTERM.
+
+``signer_worker`` and ``keygen_worker`` assemble a worker — handlers, audit hook, the tasks
+beside the runtime — the same way for a process and for the in-process test fleet.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from contracts.operations import Operation
 from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE
+from vault.audit import AuditLog
 from vault.kek import KekRing
-from vault.store import open_store
+from vault.store import VaultStore, open_store
+from workers.auditing import Clock, RequestAuditor, utc_now
 from workers.config import Settings
+from workers.events import EventPublisher, EventSubscriber
+from workers.hygiene import harden_process
+from workers.policy import AccessPolicy
 from workers.probes import vault_answers
-from workers.runtime import ConsumerRuntime, Handler, Probe
+from workers.runtime import AuditHook, ConsumerRuntime, Handler, Probe
+
+if TYPE_CHECKING:
+    from workers.keygen.session import TpmSession
 
 log = logging.getLogger("zandd.serve")
 
@@ -27,48 +41,131 @@ def resolve_tcti(settings: Settings) -> str:
     return settings.tpm_tcti or default_tcti() or settings.local_swtpm_tcti
 
 
-async def _serve(
+@dataclass(frozen=True, slots=True)
+class Worker:
+    """A worker's parts for the consumer runtime; what runs beside it lives in the stack."""
+
+    queue: str
+    handlers: Mapping[Operation, Handler]
+    probe: Probe
+    audit: AuditHook
+
+
+async def signer_worker(
+    settings: Settings, store: VaultStore, ring: KekRing, stack: AsyncExitStack
+) -> Worker:
+    """A signer: its handlers, its audit log, and its subscription to ``zandd.events``.
+
+    Returns once the subscription is bound, so a state change from then on reaches it.
+    """
+    from workers.signer.worker import Signer
+
+    audit_log = AuditLog(store)
+    stack.push_async_callback(audit_log.close)
+    signer = Signer(store, ring, AccessPolicy.from_settings(settings))
+    subscriber = EventSubscriber(
+        settings.amqp_url,
+        signer.on_event,
+        on_gap=signer.forget_events,
+        declare=settings.declare_topology,
+        max_backoff_s=settings.max_backoff_s,
+    )
+    await _beside(stack, subscriber.run, subscriber.ready)
+    return Worker(
+        SIGN_QUEUE, signer.handlers, partial(vault_answers, store), RequestAuditor(audit_log)
+    )
+
+
+async def keygen_worker(
     settings: Settings,
-    queue: str,
-    handlers: Mapping[Operation, Handler],
-    prefetch: int,
-    probe: Probe,
+    store: VaultStore,
+    ring: KekRing,
+    tpm: TpmSession,
+    stack: AsyncExitStack,
+    *,
+    clock: Clock = utc_now,
+) -> Worker:
+    """The keygen worker: key creation, the key lifecycle, and destruction when due."""
+    from workers.keygen.lifecycle import KeyLifecycle
+    from workers.keygen.worker import Keygen
+
+    audit_log = AuditLog(store)
+    stack.push_async_callback(audit_log.close)
+    events = EventPublisher(settings.amqp_url, declare=settings.declare_topology)
+    stack.push_async_callback(events.close)
+    policy = AccessPolicy.from_settings(settings)
+    keygen = Keygen(store, ring, tpm, policy)
+    lifecycle = KeyLifecycle(store, policy=policy, events=events, audit=audit_log, clock=clock)
+    interval_s = settings.destroy_check_interval_s
+    await _beside(stack, partial(lifecycle.destroy_due_forever, interval_s=interval_s))
+    handlers = {**keygen.handlers, **lifecycle.handlers}
+    return Worker(KEYGEN_QUEUE, handlers, keygen.probe, RequestAuditor(audit_log, clock=clock))
+
+
+async def _beside(
+    stack: AsyncExitStack,
+    run: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+    ready: asyncio.Event | None = None,
 ) -> None:
+    """Run ``run(stop)`` as a task until the stack closes; wait for ``ready`` if given."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(stop))
+
+    async def finish() -> None:
+        stop.set()
+        await task
+
+    stack.push_async_callback(finish)
+    if ready is not None:
+        waiting = asyncio.create_task(ready.wait())
+        await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if task.done():
+            task.result()  # it failed to start: its error says why
+
+
+async def _serve(settings: Settings, worker: Worker, prefetch: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     runtime = ConsumerRuntime(
         amqp_url=settings.amqp_url,
-        queue=queue,
-        handlers=handlers,
+        queue=worker.queue,
+        handlers=worker.handlers,
         prefetch=prefetch,
         limits=settings.limits,
         drain_timeout_s=settings.drain_timeout_s,
-        name="zandd-" + queue.removeprefix("zandd."),
-        probe=probe,
+        max_backoff_s=settings.max_backoff_s,
+        name="zandd-" + worker.queue.removeprefix("zandd."),
+        probe=worker.probe,
+        audit=worker.audit,
+        declare=settings.declare_topology,
     )
     await runtime.run(stop)
 
 
+def _harden(settings: Settings) -> None:
+    # Before the first request, so before any scalar is opened; after start-up, which may fail
+    # with a one-sentence error of its own.
+    protections = harden_process(lock_memory=settings.lock_memory)
+    log.info("memory protections: %s", protections.describe())
+
+
 async def serve_signer(settings: Settings, *, concurrency: int | None = None) -> None:
     """Serve ``zandd.sign`` until SIGTERM/SIGINT, then drain."""
-    from workers.signer.worker import Signer
-
     ring = KekRing.load(settings.resolved_kek_file)
-    store = await open_store(settings.resolved_vault_url)
-    try:
-        prefetch = concurrency or settings.signer_concurrency
-        handlers = Signer(store, ring).handlers
-        await _serve(settings, SIGN_QUEUE, handlers, prefetch, partial(vault_answers, store))
-    finally:
-        await store.close()
+    async with AsyncExitStack() as stack:
+        store = await open_store(settings.resolved_vault_url)
+        stack.push_async_callback(store.close)
+        worker = await signer_worker(settings, store, ring, stack)
+        _harden(settings)
+        await _serve(settings, worker, concurrency or settings.signer_concurrency)
 
 
 async def serve_keygen(settings: Settings) -> None:
     """Serve ``zandd.keygen`` until SIGTERM/SIGINT, then drain. Needs the TPM."""
     from workers.keygen.session import TpmSession
-    from workers.keygen.worker import Keygen
 
     ring = KekRing.load(settings.resolved_kek_file)
     async with AsyncExitStack() as stack:
@@ -78,7 +175,6 @@ async def serve_keygen(settings: Settings) -> None:
         log.info("keygen will use the TPM at %s", tpm.tcti)
         store = await open_store(settings.resolved_vault_url)
         stack.push_async_callback(store.close)
-        keygen = Keygen(store, ring, tpm)
-        await _serve(
-            settings, KEYGEN_QUEUE, keygen.handlers, settings.keygen_concurrency, keygen.probe
-        )
+        worker = await keygen_worker(settings, store, ring, tpm, stack)
+        _harden(settings)
+        await _serve(settings, worker, settings.keygen_concurrency)

@@ -189,3 +189,49 @@ def test_short_random_bytes_is_refused() -> None:
 def test_kek_must_be_32_bytes(key: bytes) -> None:
     with pytest.raises(ValueError, match="32 bytes"):
         Kek(kek_id="kek-x", key=key)
+
+
+def test_a_running_worker_sees_a_rotation(kek_path: Path) -> None:
+    KekRing.create(kek_path)
+    worker = KekRing.load(kek_path)
+    assert worker.refresh() is False  # nothing changed yet
+    rotated = KekRing.load(kek_path).rotate(kek_path)  # `zandd vault rotate-kek` elsewhere
+    # A record sealed under the new KEK: the worker re-reads the file on the unknown id.
+    assert worker.get(rotated.active.kek_id) == rotated.active
+    assert worker.active == rotated.active
+    assert worker.kek_ids == rotated.kek_ids
+    again = KekRing.load(kek_path).rotate(kek_path)
+    assert worker.refresh() is True  # the keygen worker asks before sealing
+    assert worker.active == again.active
+    with pytest.raises(IntegrityError, match="unknown KEK 'kek-nope'"):
+        worker.get("kek-nope")
+
+
+def test_a_ring_built_in_memory_never_reloads(kek_path: Path) -> None:
+    ring = KekRing(Kek.generate())
+    assert ring.refresh() is False
+
+
+def test_a_vanished_ring_file_is_a_configuration_error(kek_path: Path) -> None:
+    ring = KekRing.create(kek_path)
+    kek_path.unlink()
+    with pytest.raises(ConfigurationError, match="cannot read KEK file"):
+        ring.refresh()
+
+
+def test_two_rotations_from_stale_rings_keep_both_keks(kek_path: Path) -> None:
+    first = KekRing.create(kek_path)
+    stale_a, stale_b = KekRing.load(kek_path), KekRing.load(kek_path)
+    a = stale_a.rotate(kek_path)
+    b = stale_b.rotate(kek_path)  # knew nothing of a's KEK: it is kept all the same
+    on_disk = KekRing.load(kek_path)
+    assert on_disk.active == b.active
+    assert set(on_disk.kek_ids) == {first.active.kek_id, a.active.kek_id, b.active.kek_id}
+
+
+def test_a_ring_that_contradicts_the_file_is_refused(kek_path: Path) -> None:
+    ring = KekRing.create(kek_path)
+    impostor = KekRing(Kek(kek_id=ring.active.kek_id, key=bytes(32)))
+    with pytest.raises(ConfigurationError, match="differs from the one in memory"):
+        impostor.rotate(kek_path)
+    assert KekRing.load(kek_path).active == ring.active

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import os
 import sqlite3
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -23,8 +25,9 @@ import pytest
 
 from contracts.errors import ConfigurationError, IntegrityError, KeyNotFound, VaultUnavailable
 from vault import KeyRecord, KeyState, SealedKey, SqliteStore, VaultStore, open_store
+from vault.audit import GENESIS_HASH, AuditEvent, AuditQuery, ChainVerifier, verify_log
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", pytest.param("mongodb", marks=pytest.mark.mongo)]
 T0 = datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=UTC)
 
 
@@ -32,6 +35,8 @@ T0 = datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=UTC)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite://{tmp_path / 'vault' / 'vault.db'}"
+    if request.param == "mongodb":
+        return str(request.getfixturevalue("mongo_vault_url"))
     raise AssertionError(f"no URL for backend {request.param}")
 
 
@@ -246,6 +251,195 @@ async def test_two_processes_write_concurrently(store: VaultStore, store_url: st
     assert shared.key_id in {"proc-a--1", "proc-b--1"}
 
 
+# --- versions, compare-and-set and erasure -------------------------------------------------
+
+
+async def test_list_versions_by_key_and_state(store: VaultStore) -> None:
+    assert await store.list_versions() == []
+    b1 = make_record("key-b")
+    a2 = make_record("key-a", version=2)
+    a1 = dataclasses.replace(
+        make_record("key-a"), state=KeyState.PENDING_DESTRUCTION, destroy_after=T0
+    )
+    for record in (b1, a2, a1):
+        await store.create_key(record)
+    assert await store.list_versions() == [a1, a2, b1]
+    assert await store.list_versions("key-a") == [a1, a2]
+    assert await store.list_versions("key-nope") == []
+    assert await store.list_versions(state=KeyState.PENDING_DESTRUCTION) == [a1]
+    assert await store.list_versions("key-b", state=KeyState.DISABLED) == []
+
+
+async def test_replace_key_changes_state_and_keeps_the_rest(store: VaultStore) -> None:
+    record = await store.create_key(make_record(request_id="req-cas"))
+    pending = dataclasses.replace(
+        record, state=KeyState.PENDING_DESTRUCTION, destroy_after=T0 + timedelta(days=7)
+    )
+    assert await store.replace_key(pending, record) is True
+    assert await store.get_key(record.key_id) == pending
+    assert await store.find_by_request_id("req-cas") == pending
+
+
+async def test_replace_key_loses_to_a_writer_that_came_first(store: VaultStore) -> None:
+    record = await store.create_key(make_record())
+    disabled = dataclasses.replace(record, state=KeyState.DISABLED)
+    assert await store.replace_key(disabled, record)
+    # A second writer still holding the enabled record must not overwrite the change.
+    other = dataclasses.replace(record, state=KeyState.PENDING_DESTRUCTION, destroy_after=T0)
+    assert await store.replace_key(other, record) is False
+    assert (await store.get_key(record.key_id)).state == KeyState.DISABLED
+
+
+async def test_replace_key_compares_the_sealed_material(store: VaultStore) -> None:
+    record = await store.create_key(make_record())
+    assert record.sealed is not None
+    resealed = dataclasses.replace(
+        record, sealed=SealedKey("kek-new", os.urandom(12), os.urandom(48))
+    )
+    assert await store.replace_key(resealed, record)
+    again = dataclasses.replace(
+        record, sealed=SealedKey("kek-newer", os.urandom(12), os.urandom(48))
+    )
+    assert await store.replace_key(again, record) is False  # sealed changed meanwhile
+    assert await store.get_key(record.key_id) == resealed
+
+
+async def test_replace_key_erases_sealed_material(store: VaultStore) -> None:
+    pending = dataclasses.replace(
+        make_record(), state=KeyState.PENDING_DESTRUCTION, destroy_after=T0
+    )
+    await store.create_key(pending)
+    gone = dataclasses.replace(pending, state=KeyState.DESTROYED, sealed=None)
+    assert await store.replace_key(gone, pending)
+    fetched = await store.get_key(pending.key_id)
+    assert fetched == gone
+    assert fetched.sealed is None
+    assert fetched.destroy_after == T0
+    assert fetched.public_key_der == pending.public_key_der
+
+
+async def test_replace_key_of_a_missing_version_is_false(store: VaultStore) -> None:
+    record = make_record()
+    assert (
+        await store.replace_key(dataclasses.replace(record, state=KeyState.DISABLED), record)
+        is False
+    )
+
+
+async def test_replace_key_needs_one_identity(store: VaultStore) -> None:
+    record = await store.create_key(make_record())
+    with pytest.raises(ValueError, match="same record"):
+        await store.replace_key(dataclasses.replace(record, version=2), record)
+
+
+# --- the audit log -----------------------------------------------------------------------------
+
+
+def audit_event(n: int, **changes: object) -> AuditEvent:
+    event = AuditEvent(
+        at=T0 + timedelta(seconds=n),
+        principal=f"svc-{n % 3}",
+        operation="sign",
+        outcome="ok" if n % 2 else "forbidden",
+        key_id=f"key-{n % 2}",
+        version=1,
+        request_id=f"req-{n}",
+        data_sha256=hashlib.sha256(str(n).encode()).hexdigest(),
+    )
+    return dataclasses.replace(event, **changes)  # type: ignore[arg-type]
+
+
+async def test_append_audit_chains_from_the_first_entry(store: VaultStore) -> None:
+    first = await store.append_audit([audit_event(1)])
+    rest = await store.append_audit([audit_event(n) for n in range(2, 6)])
+    entries = first + rest
+    assert [e.seq for e in entries] == [1, 2, 3, 4, 5]
+    assert entries[0].prev_hash == GENESIS_HASH
+    verifier = ChainVerifier()
+    for entry in entries:
+        verifier.feed(entry)
+    assert await store.read_audit(AuditQuery()) == entries
+    assert await verify_log(store) == entries[-1].head
+
+
+async def test_audit_entries_come_back_exactly(store: VaultStore) -> None:
+    sparse = AuditEvent(at=T0, principal=None, operation="x" * 128, outcome="invalid_request")
+    unicode = audit_event(7, principal="svc-ünïcødé ✓", at=T0 + timedelta(microseconds=500))
+    stored = await store.append_audit([sparse, unicode])
+    assert [e.event for e in await store.read_audit(AuditQuery())] == [sparse, unicode]
+    assert stored[1].event.at == T0.replace(microsecond=123000)  # kept to the millisecond
+    assert stored[1].event.at.utcoffset() == timedelta(0)
+
+
+async def test_read_audit_filters_pages_and_tails(store: VaultStore) -> None:
+    await store.append_audit([audit_event(n) for n in range(1, 11)])
+    page = await store.read_audit(AuditQuery(after_seq=3, limit=4))
+    assert [e.seq for e in page] == [4, 5, 6, 7]
+    by_key = await store.read_audit(AuditQuery(key_id="key-0"))
+    assert [e.seq for e in by_key] == [2, 4, 6, 8, 10]
+    by_principal = await store.read_audit(AuditQuery(principal="svc-1", key_id="key-1"))
+    assert [e.seq for e in by_principal] == [1, 7]
+    tail = await store.read_audit(AuditQuery(limit=3, latest=True))
+    assert [e.seq for e in tail] == [8, 9, 10]
+    key_tail = await store.read_audit(AuditQuery(limit=2, key_id="key-1", latest=True))
+    assert [e.seq for e in key_tail] == [7, 9]
+    assert await store.read_audit(AuditQuery(after_seq=10)) == []
+
+
+async def test_concurrent_appends_from_two_instances_keep_one_chain(
+    store: VaultStore, store_url: str
+) -> None:
+    other = await open_store(store_url)
+    try:
+        stores = [store, other] * 20
+        batches = await asyncio.gather(
+            *(s.append_audit([audit_event(n), audit_event(n + 100)]) for n, s in enumerate(stores))
+        )
+    finally:
+        await other.close()
+    assert sorted(e.seq for batch in batches for e in batch) == list(range(1, 81))
+    for batch in batches:  # a batch is appended in one piece
+        assert batch[1].seq == batch[0].seq + 1
+    head = await verify_log(store)
+    assert head.seq == 80
+
+
+_AUDIT_WRITER = """
+import asyncio, sys
+from datetime import UTC, datetime
+from vault.audit import AuditEvent
+from vault.store import open_store
+
+async def main(url, name):
+    store = await open_store(url)
+    try:
+        for i in range(25):
+            await asyncio.sleep(0.002)
+            await store.append_audit([AuditEvent(
+                at=datetime.now(UTC), principal=name, operation="sign", outcome="ok",
+                request_id=f"{name}-{i}")])
+    finally:
+        await store.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_two_processes_append_to_one_chain(store: VaultStore, store_url: str) -> None:
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _AUDIT_WRITER, store_url, name, stderr=asyncio.subprocess.PIPE
+        )
+        for name in ("proc-a", "proc-b")
+    ]
+    for proc in procs:
+        _, stderr = await proc.communicate()
+        assert proc.returncode == 0, stderr.decode()
+    assert (await verify_log(store)).seq == 50
+    mine = await store.read_audit(AuditQuery(principal="proc-a"))
+    assert [e.event.request_id for e in mine] == [f"proc-a-{i}" for i in range(25)]
+
+
 # --- URLs -------------------------------------------------------------------------------------
 
 
@@ -275,8 +469,6 @@ async def test_four_slash_sqlite_url_names_the_same_file(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("mongodb://user:hunter2@db/zandd", "MongoDB vault backend is not available yet"),
-        ("mongodb+srv://user:hunter2@db/zandd", "MongoDB vault backend is not available yet"),
         ("postgres://user:hunter2@db/zandd", "sqlite:///abs/path.db, mongodb://"),
         ("sqlite://relative/vault.db", "absolute path"),
     ],
@@ -311,7 +503,7 @@ async def test_sqlite_settings_and_thread(tmp_path: Path) -> None:
                 for name in ("journal_mode", "synchronous", "busy_timeout", "user_version")
             ]
         )
-        assert pragmas == ["wal", 2, 10_000, 1]  # synchronous 2 = FULL
+        assert pragmas == ["wal", 2, 10_000, 2]  # synchronous 2 = FULL
         thread_name = await store._run(lambda conn: threading.current_thread().name)
         assert thread_name == "zandd-sqlite"
     finally:
@@ -341,3 +533,107 @@ async def test_sqlite_garbage_file_is_unavailable(tmp_path: Path) -> None:
     db.write_bytes(b"this is not a database" * 100)
     with pytest.raises(VaultUnavailable, match="SQLITE_NOTADB"):
         await SqliteStore.open(str(db))
+
+
+def _vault_bytes(db: Path) -> bytes:
+    # Read by another process: closing a descriptor of the file here would drop the locks
+    # this process's SQLite connections hold on it.
+    files = [str(p) for p in (db, Path(f"{db}-wal")) if p.exists()]
+    return subprocess.run(["cat", *files], capture_output=True, check=True).stdout
+
+
+async def test_sqlite_erased_ciphertext_is_gone_from_the_files(tmp_path: Path) -> None:
+    db = tmp_path / "vault.db"
+    store, reader = await SqliteStore.open(str(db)), await SqliteStore.open(str(db))
+    try:
+        pending = dataclasses.replace(
+            make_record(), state=KeyState.PENDING_DESTRUCTION, destroy_after=T0
+        )
+        await store.create_key(pending)
+        await store.create_key(make_record())  # a neighbour on the same page
+        assert pending.sealed is not None
+        secret_parts = (pending.sealed.ciphertext, pending.sealed.nonce)
+        await reader.get_key(pending.key_id)  # another process has read it
+        assert all(part in _vault_bytes(db) for part in secret_parts)
+        gone = dataclasses.replace(pending, state=KeyState.DESTROYED, sealed=None)
+        assert await store.replace_key(gone, pending)
+        contents = _vault_bytes(db)
+        assert not any(part in contents for part in secret_parts)
+        assert pending.public_key_der in contents
+        assert await reader.get_key(pending.key_id) == gone
+    finally:
+        await store.close()
+        await reader.close()
+
+
+_SCHEMA_V1 = """
+CREATE TABLE keys (
+    key_id TEXT NOT NULL, version INTEGER NOT NULL, algorithm TEXT NOT NULL,
+    public_key_der BLOB NOT NULL, kek_id TEXT, nonce BLOB, ciphertext BLOB, state TEXT NOT NULL,
+    label TEXT, allowed_signers TEXT NOT NULL, created_at TEXT NOT NULL, created_by TEXT NOT NULL,
+    request_id TEXT, PRIMARY KEY (key_id, version));
+CREATE UNIQUE INDEX keys_request_id ON keys (request_id) WHERE request_id IS NOT NULL;
+INSERT INTO keys VALUES ('key-old', 1, 'ecdsa-p256-sha256', x'3059', 'kek-1', zeroblob(12),
+    zeroblob(48), 'enabled', NULL, '["svc"]', '2026-01-01T00:00:00.000000+00:00', 'svc', 'r-1');
+PRAGMA user_version = 1;
+"""
+
+
+async def test_sqlite_upgrades_a_version_1_vault(tmp_path: Path) -> None:
+    db = tmp_path / "vault.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(_SCHEMA_V1)
+    conn.close()
+    store = await SqliteStore.open(str(db))
+    try:
+        old = await store.get_key("key-old")
+        assert (old.state, old.destroy_after, old.created_by) == (KeyState.ENABLED, None, "svc")
+        assert (await store.append_audit([audit_event(1)]))[0].seq == 1
+        version = await store._run(lambda conn: conn.execute("PRAGMA user_version").fetchone()[0])
+        assert version == 2
+    finally:
+        await store.close()
+
+
+_OPEN_READ_CLOSE = """
+import asyncio, sys
+from vault.store import open_store
+
+async def main(url, key_id):
+    store = await open_store(url)
+    try:
+        if key_id:
+            print((await store.get_key(key_id)).key_id)
+    finally:
+        await store.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_sqlite_connections_of_one_process_keep_their_wal(tmp_path: Path) -> None:
+    # Regression: opening a second connection used to open and close the database file
+    # outside SQLite, which released this process's locks; another process closing its
+    # connection then believed it was the last one and removed the WAL from under us.
+    url = f"sqlite://{tmp_path / 'vault.db'}"
+
+    def other_process(key_id: str = "") -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", _OPEN_READ_CLOSE, url, key_id],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        return done.stdout.strip()
+
+    first, second = await open_store(url), await open_store(url)
+    try:
+        other_process()
+        record = make_record()
+        await first.create_key(record)
+        assert await second.get_key(record.key_id) == record
+        assert other_process(record.key_id) == record.key_id
+    finally:
+        await first.close()
+        await second.close()

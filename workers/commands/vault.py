@@ -1,14 +1,25 @@
-"""The key vault: ``zandd vault init``."""
+"""The key vault: ``zandd vault init|rotate-kek|rewrap|status``.
+
+Retiring a KEK: ``rotate-kek`` adds a new active KEK (running workers pick it up by
+themselves), ``rewrap`` re-seals every key version under it — interruptible, re-runnable —
+and ``status`` shows when no version uses the old KEK any more.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from collections import Counter
 from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 from contracts.errors import ZanddError
-from workers.commands.base import CommandTree
+from vault.audit import OUTCOME_OK, AuditEvent, AuditLog
+from vault.urls import redact_url
+from workers.auditing import utc_now
+from workers.commands.base import EXIT_FAILURE, CommandTree
+from workers.commands.local import local_principal, opened_store
 from workers.config import Settings
 
 if TYPE_CHECKING:
@@ -37,8 +48,117 @@ async def _cmd_vault_init(args: argparse.Namespace, settings: Settings) -> int:
         print(f"created KEK ring {path} (active KEK {ring.active.kek_id}, from {source})")
     store = await open_store(settings.resolved_vault_url)
     await store.close()
-    print(f"vault ready at {settings.resolved_vault_url}")
+    print(f"vault ready at {redact_url(settings.resolved_vault_url)}")
     return 0
+
+
+async def _cmd_vault_rotate_kek(args: argparse.Namespace, settings: Settings) -> int:
+    from vault.kek import KekRing
+
+    path = settings.resolved_kek_file
+    old = KekRing.load(path)
+    ring = old.rotate(path)
+    async with opened_store(settings) as store:
+        audit = AuditLog(store)
+        await audit.record(_vault_event("vault.rotate-kek", key_id=ring.active.kek_id))
+    print(f"new active KEK {ring.active.kek_id} (previous {old.active.kek_id}, kept in the ring)")
+    print("running workers use it from their next key on; `zandd vault rewrap` moves the rest")
+    return 0
+
+
+async def _cmd_vault_rewrap(args: argparse.Namespace, settings: Settings) -> int:
+    from vault.kek import KekRing
+    from vault.rewrap import RewrapOutcome, rewrap
+
+    ring = KekRing.load(settings.resolved_kek_file)
+    outcomes: Counter[RewrapOutcome] = Counter()
+    bar = _ProgressBar("rewrap")
+    async with opened_store(settings) as store:
+        audit = AuditLog(store)
+        async for step in rewrap(store, ring):
+            outcomes[step.outcome] += 1
+            bar.show(step.done, step.total)
+            if step.outcome in (RewrapOutcome.REWRAPPED, RewrapOutcome.UNREADABLE):
+                outcome = OUTCOME_OK if step.outcome == RewrapOutcome.REWRAPPED else step.outcome
+                await audit.record(
+                    _vault_event(
+                        "vault.rewrap",
+                        key_id=step.record.key_id,
+                        version=step.record.version,
+                        outcome=outcome,
+                    )
+                )
+    bar.done()
+    summary = ", ".join(f"{count} {outcome.value}" for outcome, count in sorted(outcomes.items()))
+    print(f"rewrap under {ring.active.kek_id}: {summary or 'no key versions'}")
+    if outcomes[RewrapOutcome.UNREADABLE]:
+        print(
+            "some versions do not open (integrity_error): see `zandd audit tail`",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    if outcomes[RewrapOutcome.CHANGED]:
+        print("some versions changed while re-wrapping: run `zandd vault rewrap` again")
+    return 0
+
+
+async def _cmd_vault_status(args: argparse.Namespace, settings: Settings) -> int:
+    from vault.kek import KekRing
+
+    ring = KekRing.load(settings.resolved_kek_file)
+    async with opened_store(settings) as store:
+        records = await store.list_versions()
+    per_kek = Counter(record.kek_id for record in records)
+    destroyed = per_kek.pop(None, 0)
+    print(f"vault {redact_url(settings.resolved_vault_url)}: {len(records)} key versions")
+    for kek_id in ring.kek_ids:
+        active = " (active)" if kek_id == ring.active.kek_id else ""
+        count = per_kek.pop(kek_id, 0)
+        retire = "" if count or active else " — unused: it can be retired"
+        print(f"  KEK {kek_id}{active}: {count} key versions{retire}")
+    for unknown, count in per_kek.items():
+        print(f"  KEK {unknown} (NOT IN THE RING): {count} key versions cannot be opened")
+    print(f"  destroyed (nothing sealed): {destroyed} key versions")
+    return EXIT_FAILURE if per_kek else 0
+
+
+def _vault_event(
+    operation: str,
+    *,
+    key_id: str,
+    version: int | None = None,
+    outcome: str = OUTCOME_OK,
+) -> AuditEvent:
+    return AuditEvent(
+        at=utc_now(),
+        principal=local_principal(),
+        operation=operation,
+        outcome=outcome,
+        key_id=key_id,
+        version=version,
+    )
+
+
+class _ProgressBar:
+    """A one-line bar on stderr when it is a terminal; nothing otherwise."""
+
+    WIDTH = 30
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._shown = sys.stderr.isatty()
+
+    def show(self, done: int, total: int) -> None:
+        if not self._shown:
+            return
+        filled = self.WIDTH * done // max(total, 1)
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        sys.stderr.write(f"\r{self._label} [{bar}] {done}/{total}")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self._shown:
+            sys.stderr.write("\n")
 
 
 def _reachable_tpm(settings: Settings) -> Tpm | None:
@@ -57,3 +177,10 @@ def register(tree: CommandTree) -> None:
     tree.add(
         "vault init", _cmd_vault_init, "create the KEK ring (from the TPM's RNG) and the vault"
     )
+    tree.add("vault rotate-kek", _cmd_vault_rotate_kek, "add a new active KEK to the ring")
+    tree.add(
+        "vault rewrap",
+        _cmd_vault_rewrap,
+        "re-seal every key version under the active KEK (safe to interrupt and re-run)",
+    )
+    tree.add("vault status", _cmd_vault_status, "key versions per KEK, and KEKs nothing uses")

@@ -1,4 +1,7 @@
-"""The keygen worker: ``key.create`` on ``zandd.keygen``, the only process using the TPM."""
+"""The keygen worker: ``key.create`` on ``zandd.keygen``, the only process using the TPM.
+
+The lifecycle operations served on the same queue live in ``workers.keygen.lifecycle``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from contracts.crypto import load_public_key, public_key_der, public_key_pem
-from contracts.errors import InvalidRequest
+from contracts.errors import Forbidden, InvalidRequest
 from contracts.models import KeyCreateReply, KeyCreateRequest
 from contracts.operations import Operation
 from vault.kek import KekRing
@@ -16,12 +19,11 @@ from vault.records import KeyRecord, KeyState
 from vault.sealing import RecordBinding, seal
 from vault.store import VaultStore
 from workers.keygen.session import TpmSession
+from workers.policy import AccessPolicy
 from workers.probes import vault_answers
 from workers.runtime import Handler, RequestContext
 
 log = logging.getLogger("zandd.keygen")
-
-ANONYMOUS_PRINCIPAL = "anonymous"
 
 
 def new_key_id() -> str:
@@ -36,10 +38,17 @@ class Keygen:
     one thread; the event loop stays free to take deliveries and write to the vault meanwhile.
     """
 
-    def __init__(self, store: VaultStore, ring: KekRing, tpm: TpmSession) -> None:
+    def __init__(
+        self,
+        store: VaultStore,
+        ring: KekRing,
+        tpm: TpmSession,
+        policy: AccessPolicy | None = None,
+    ) -> None:
         self._store = store
         self._ring = ring
         self._tpm = tpm
+        self._policy = policy or AccessPolicy()
 
     @property
     def handlers(self) -> Mapping[Operation, Handler]:
@@ -54,31 +63,36 @@ class Keygen:
     async def create_key(
         self, request: KeyCreateRequest, context: RequestContext
     ) -> KeyCreateReply:
-        """Create, export, flush, seal and store a new key; idempotent on the request id."""
+        """Create, export, flush, seal and store a new key; idempotent on the request id.
+
+        The caller becomes the key's owner and, unless ``allowed_signers`` says otherwise,
+        its only signer.
+        """
+        owner = self._policy.principal(context)
+        self._policy.check_create(owner)
         if context.request_id is None:
             raise InvalidRequest("key.create needs a message_id: it is the idempotency key")
         existing = await self._store.find_by_request_id(context.request_id)
         if existing is not None:
             log.info("key.create %s repeated: returning %s", context.request_id, existing.key_id)
-            return _reply(existing)
-        record = await self._generate(request, context, context.request_id)
-        stored = await self._store.create_key(record)
+            return _reply(_owned_by(existing, owner))
+        record = await self._generate(request, owner, context.request_id)
+        stored = _owned_by(await self._store.create_key(record), owner)
         if stored.key_id != record.key_id:
             log.info("key.create %s raced a twin: returning %s", context.request_id, stored.key_id)
         else:
             log.info("created key %s for %s", stored.key_id, stored.created_by)
         return _reply(stored)
 
-    async def _generate(
-        self, request: KeyCreateRequest, context: RequestContext, request_id: str
-    ) -> KeyRecord:
+    async def _generate(self, request: KeyCreateRequest, owner: str, request_id: str) -> KeyRecord:
+        # After a `zandd vault rotate-kek` new keys go under the new active KEK at once.
+        self._ring.refresh()
         exported = await self._tpm.run(lambda tpm: tpm.create_exportable_p256())
         with exported:
             key_id = new_key_id()
             binding = RecordBinding(key_id=key_id, version=1, algorithm=request.algorithm)
             sealed = seal(exported.private_scalar, binding, self._ring.active)
             public_der = public_key_der(exported.public_key())
-        owner = context.principal or ANONYMOUS_PRINCIPAL
         signers = request.allowed_signers if request.allowed_signers is not None else [owner]
         return KeyRecord(
             key_id=key_id,
@@ -93,6 +107,13 @@ class Keygen:
             created_by=owner,
             request_id=request_id,
         )
+
+
+def _owned_by(record: KeyRecord, owner: str) -> KeyRecord:
+    # A request id is unique across principals: another's id must not reveal their key.
+    if record.owner != owner:
+        raise Forbidden(f"request id {record.request_id} was used by another principal")
+    return record
 
 
 def _reply(record: KeyRecord) -> KeyCreateReply:

@@ -1,0 +1,222 @@
+"""The audit chain: hashing, what verification detects, and group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import itertools
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from contracts.errors import VaultUnavailable
+from vault.audit import (
+    GENESIS,
+    GENESIS_HASH,
+    AuditBroken,
+    AuditEntry,
+    AuditEvent,
+    AuditLog,
+    AuditQuery,
+    ChainHead,
+    ChainVerifier,
+    canonical_bytes,
+    entry_hash,
+    link,
+    verify_log,
+)
+
+T0 = datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=UTC)
+
+
+def event(n: int) -> AuditEvent:
+    return AuditEvent(
+        at=T0 + timedelta(seconds=n),
+        principal="svc-a",
+        operation="sign",
+        outcome="ok",
+        key_id="zk-1",
+        version=1,
+        request_id=f"req-{n}",
+        data_sha256=hashlib.sha256(bytes([n])).hexdigest(),
+    )
+
+
+CHAIN = link(GENESIS, [event(n) for n in range(1, 8)])
+
+
+def verify(entries: Sequence[AuditEntry]) -> ChainHead:
+    verifier = ChainVerifier()
+    for entry in entries:
+        verifier.feed(entry)
+    return verifier.head
+
+
+def test_canonical_form_is_stable_json() -> None:
+    data = canonical_bytes(1, event(1), GENESIS_HASH)
+    document = json.loads(data)
+    assert document["format"] == "zandd-audit/1"
+    assert document["at"] == "2026-11-28T10:00:01.123+00:00"
+    assert document["prev_hash"] == GENESIS_HASH
+    assert data == json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    assert entry_hash(1, event(1), GENESIS_HASH) == hashlib.sha256(data).hexdigest()
+
+
+def test_times_are_kept_to_the_millisecond_in_utc() -> None:
+    paris = datetime(2026, 11, 28, 11, 0, 0, 999999, tzinfo=timezone(timedelta(hours=1)))
+    at = AuditEvent(at=paris, principal=None, operation="x", outcome="ok").at
+    assert at == datetime(2026, 11, 28, 10, 0, 0, 999000, tzinfo=UTC)
+    assert at.utcoffset() == timedelta(0)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        AuditEvent(at=datetime(2026, 1, 1), principal=None, operation="x", outcome="ok")
+
+
+def test_link_chains_each_entry_to_its_predecessor() -> None:
+    assert [e.seq for e in CHAIN] == list(range(1, 8))
+    assert CHAIN[0].prev_hash == GENESIS_HASH
+    for before, after in itertools.pairwise(CHAIN):
+        assert after.prev_hash == before.entry_hash
+    assert verify(CHAIN) == CHAIN[-1].head
+    more = link(CHAIN[-1].head, [event(8)])
+    assert more[0].seq == 8
+    assert verify([*CHAIN, *more]).seq == 8
+
+
+def test_an_empty_log_verifies() -> None:
+    assert verify([]) == GENESIS
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["at", "principal", "operation", "outcome", "key_id", "version", "request_id", "data_sha256"],
+)
+def test_editing_any_field_names_the_entry(field: str) -> None:
+    original = getattr(CHAIN[3].event, field)
+    forged_value: object = {
+        "at": T0,
+        "version": 2,
+    }.get(field, f"{original}-forged")
+    forged = dataclasses.replace(
+        CHAIN[3], event=dataclasses.replace(CHAIN[3].event, **{field: forged_value})
+    )
+    with pytest.raises(AuditBroken, match=r"audit entry #4 was altered") as info:
+        verify([*CHAIN[:3], forged, *CHAIN[4:]])
+    assert info.value.seq == 4
+
+
+def test_an_edited_entry_with_a_recomputed_hash_breaks_the_next_link() -> None:
+    event4 = dataclasses.replace(CHAIN[3].event, outcome="forbidden")
+    rehashed = AuditEntry(4, event4, CHAIN[3].prev_hash, entry_hash(4, event4, CHAIN[3].prev_hash))
+    with pytest.raises(AuditBroken, match=r"#5 does not follow entry #4") as info:
+        verify([*CHAIN[:3], rehashed, *CHAIN[4:]])
+    assert info.value.seq == 5
+
+
+def test_a_removed_entry_is_named() -> None:
+    with pytest.raises(AuditBroken, match=r"audit entry #3 is missing: .* from #2 to #4"):
+        verify([*CHAIN[:2], *CHAIN[3:]])
+    with pytest.raises(AuditBroken, match=r"audit entry #1 is missing"):
+        verify(CHAIN[1:])
+
+
+def test_a_removed_and_renumbered_entry_breaks_the_link() -> None:
+    renumbered = [dataclasses.replace(e, seq=e.seq - 1) for e in CHAIN[3:]]
+    with pytest.raises(AuditBroken, match=r"#3 does not follow entry #2"):
+        verify([*CHAIN[:2], *renumbered])
+
+
+def test_swapped_entries_are_detected() -> None:
+    swapped = [
+        *CHAIN[:2],
+        dataclasses.replace(CHAIN[3], seq=3),
+        dataclasses.replace(CHAIN[2], seq=4),
+        *CHAIN[4:],
+    ]
+    with pytest.raises(AuditBroken, match=r"#3 does not follow entry #2"):
+        verify(swapped)
+
+
+class _ListStore:
+    """A store holding the audit log in a list; optionally failing, optionally slow."""
+
+    def __init__(self) -> None:
+        self.entries: list[AuditEntry] = []
+        self.batches: list[int] = []
+        self.fail_with: Exception | None = None
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
+        await self.gate.wait()
+        if self.fail_with is not None:
+            raise self.fail_with
+        head = self.entries[-1].head if self.entries else GENESIS
+        linked = link(head, events)
+        self.entries += linked
+        self.batches.append(len(linked))
+        return linked
+
+    async def read_audit(self, query: AuditQuery) -> list[AuditEntry]:
+        after = [e for e in self.entries if e.seq > query.after_seq]
+        return after[: query.limit]
+
+
+async def test_verify_log_walks_every_page() -> None:
+    store = _ListStore()
+    store.entries = link(GENESIS, [event(n % 200) for n in range(2500)])
+    assert (await verify_log(store)).seq == 2500
+    del store.entries[1700]
+    with pytest.raises(AuditBroken, match="#1701 is missing"):
+        await verify_log(store)
+
+
+async def test_concurrent_records_are_committed_in_batches() -> None:
+    store = _ListStore()
+    log = AuditLog(store)
+    store.gate.clear()  # the first batch waits on the disk...
+    first = asyncio.create_task(log.record(event(0)))
+    await asyncio.sleep(0)
+    rest = [asyncio.create_task(log.record(event(n))) for n in range(1, 50)]
+    await asyncio.sleep(0)
+    store.gate.set()  # ...while 49 more arrive; they go together in the next one
+    entries = await asyncio.gather(first, *rest)
+    assert store.batches == [1, 49]
+    assert [e.event.request_id for e in entries] == [f"req-{n}" for n in range(50)]
+    assert [e.seq for e in entries] == list(range(1, 51))
+    await log.close()
+
+
+async def test_a_failed_batch_fails_its_waiters_and_the_log_goes_on() -> None:
+    store = _ListStore()
+    log = AuditLog(store)
+    store.fail_with = VaultUnavailable("SQLite vault /v.db failed: SQLITE_BUSY")
+    results = await asyncio.gather(
+        log.record(event(1)), log.record(event(2)), return_exceptions=True
+    )
+    for result in results:
+        assert isinstance(result, VaultUnavailable)
+        assert (
+            str(result)
+            == "the audit entry could not be written: SQLite vault /v.db failed: SQLITE_BUSY"
+        )
+        assert result.__cause__ is store.fail_with
+    store.fail_with = None
+    assert (await log.record(event(3))).seq == 1
+    await log.close()
+
+
+async def test_a_caller_that_gives_up_does_not_cancel_the_batch() -> None:
+    store = _ListStore()
+    log = AuditLog(store)
+    store.gate.clear()
+    impatient = asyncio.create_task(log.record(event(1)))
+    patient = asyncio.create_task(log.record(event(2)))
+    await asyncio.sleep(0)
+    impatient.cancel()
+    store.gate.set()
+    assert (await patient).seq == 2
+    assert [e.event.request_id for e in store.entries] == ["req-1", "req-2"]
+    await log.close()

@@ -1,0 +1,251 @@
+"""The tamper-evident audit log: a hash chain over every operation and every refusal.
+
+Each entry carries the SHA-256 of its predecessor, so removing, reordering or editing an entry
+breaks the chain at that point. The chain logic lives here, not in the backends: a backend
+stores and reads rows and, when appending, links new events to its last entry with
+:func:`link` inside one transaction.
+
+An entry's hash is the SHA-256 of a canonical JSON document (sorted keys, no spaces, UTF-8)
+of every field but the hash itself, including ``prev_hash``; ``at`` is UTC with millisecond
+precision, so every backend (BSON dates included) stores it exactly. The first entry's
+``prev_hash`` is 64 zeros. What the chain cannot show on its own is the loss of the newest
+entries: compare the head that ``zandd audit verify`` prints with one kept elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from contracts.errors import IntegrityError, VaultUnavailable, ZanddError
+
+AUDIT_FORMAT = "zandd-audit/1"
+GENESIS_HASH = "0" * 64
+OUTCOME_OK = "ok"
+READ_PAGE_ENTRIES = 1000
+
+
+def _audit_time(moment: datetime) -> datetime:
+    if moment.tzinfo is None:
+        raise ValueError("audit times must be timezone-aware")
+    moment = moment.astimezone(UTC)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """What happened, before it takes its place in the chain.
+
+    ``outcome`` is ``ok`` or the wire error code of the refusal; ``data_sha256`` is the hex
+    SHA-256 of the signed data, never the data.
+    """
+
+    at: datetime
+    principal: str | None
+    operation: str
+    outcome: str
+    key_id: str | None = None
+    version: int | None = None
+    request_id: str | None = None
+    data_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "at", _audit_time(self.at))
+
+
+@dataclass(frozen=True, slots=True)
+class ChainHead:
+    """The newest entry's sequence number and hash (``seq`` 0 for an empty log)."""
+
+    seq: int
+    entry_hash: str
+
+
+GENESIS = ChainHead(seq=0, entry_hash=GENESIS_HASH)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """An event at its place in the chain: ``seq`` counts from 1 without gaps."""
+
+    seq: int
+    event: AuditEvent
+    prev_hash: str
+    entry_hash: str
+
+    @property
+    def head(self) -> ChainHead:
+        """This entry as the head of the chain."""
+        return ChainHead(seq=self.seq, entry_hash=self.entry_hash)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """Which entries to read: after ``after_seq``, optionally of one key or one principal.
+
+    ``latest=True`` gives the last ``limit`` matching entries instead of the first; either
+    way they come oldest first.
+    """
+
+    after_seq: int = 0
+    limit: int = READ_PAGE_ENTRIES
+    key_id: str | None = None
+    principal: str | None = None
+    latest: bool = False
+
+
+def canonical_bytes(seq: int, event: AuditEvent, prev_hash: str) -> bytes:
+    """The bytes an entry's hash is taken over."""
+    document = {
+        "format": AUDIT_FORMAT,
+        "seq": seq,
+        "at": event.at.isoformat(timespec="milliseconds"),
+        "principal": event.principal,
+        "operation": event.operation,
+        "outcome": event.outcome,
+        "key_id": event.key_id,
+        "version": event.version,
+        "request_id": event.request_id,
+        "data_sha256": event.data_sha256,
+        "prev_hash": prev_hash,
+    }
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def entry_hash(seq: int, event: AuditEvent, prev_hash: str) -> str:
+    """The hex SHA-256 that chains an entry."""
+    return hashlib.sha256(canonical_bytes(seq, event, prev_hash)).hexdigest()
+
+
+def link(head: ChainHead, events: Iterable[AuditEvent]) -> list[AuditEntry]:
+    """Chain ``events`` after ``head``: what a backend appends in one transaction."""
+    entries = []
+    for event in events:
+        seq = head.seq + 1
+        entry = AuditEntry(seq, event, head.entry_hash, entry_hash(seq, event, head.entry_hash))
+        entries.append(entry)
+        head = entry.head
+    return entries
+
+
+class AuditBroken(IntegrityError):
+    """The audit chain is broken at entry ``seq``: it was removed, reordered or edited."""
+
+    def __init__(self, seq: int, message: str) -> None:
+        super().__init__(message)
+        self.seq = seq
+
+
+@dataclass
+class ChainVerifier:
+    """Checks entries fed oldest first; raises AuditBroken naming the first broken entry."""
+
+    head: ChainHead = field(default=GENESIS)
+
+    def feed(self, entry: AuditEntry) -> None:
+        """Check one entry against the chain so far and make it the head."""
+        expected = self.head.seq + 1
+        if entry.seq != expected:
+            raise AuditBroken(
+                expected,
+                f"audit entry #{expected} is missing: the log jumps from "
+                f"#{self.head.seq} to #{entry.seq}",
+            )
+        if entry.prev_hash != self.head.entry_hash:
+            raise AuditBroken(
+                entry.seq,
+                f"audit entry #{entry.seq} does not follow entry #{self.head.seq}: "
+                "an entry was removed, reordered or rewritten",
+            )
+        if entry_hash(entry.seq, entry.event, entry.prev_hash) != entry.entry_hash:
+            raise AuditBroken(
+                entry.seq,
+                f"audit entry #{entry.seq} was altered: its hash does not match its content",
+            )
+        self.head = entry.head
+
+
+class AuditAppender(Protocol):
+    """The part of a vault store the audit log writes through."""
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
+        """Link ``events`` after the stored chain and store them durably, in one transaction."""
+        ...
+
+
+class AuditReader(Protocol):
+    """The part of a vault store the audit log is read through."""
+
+    async def read_audit(self, query: AuditQuery) -> list[AuditEntry]:
+        """Entries matching ``query``, oldest first."""
+        ...
+
+
+async def verify_log(reader: AuditReader) -> ChainHead:
+    """Walk the whole log; the head when intact, else AuditBroken naming the first bad entry."""
+    verifier = ChainVerifier()
+    while True:
+        page = await reader.read_audit(AuditQuery(after_seq=verifier.head.seq))
+        for entry in page:
+            verifier.feed(entry)
+        if len(page) < READ_PAGE_ENTRIES:
+            return verifier.head
+
+
+@dataclass(eq=False)
+class _Pending:
+    event: AuditEvent
+    done: asyncio.Future[AuditEntry]
+
+
+class AuditLog:
+    """Appends events durably, batching concurrent appends into one transaction.
+
+    ``record`` returns only once its entry is committed. While one batch is being written,
+    newly recorded events wait and go together in the next (group commit), so a busy worker
+    pays one durable write per batch, not per request.
+    """
+
+    def __init__(self, store: AuditAppender) -> None:
+        self._store = store
+        self._queue: list[_Pending] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def record(self, event: AuditEvent) -> AuditEntry:
+        """Append ``event``; returns its entry once durable, or raises VaultUnavailable."""
+        pending = _Pending(event, asyncio.get_running_loop().create_future())
+        self._queue.append(pending)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_batches(), name="zandd-audit-writer")
+        # A caller that gives up must not cancel the batch other callers wait on.
+        return await asyncio.shield(pending.done)
+
+    async def close(self) -> None:
+        """Wait until every recorded event has been written (or failed)."""
+        if self._writer is not None:
+            await self._writer
+
+    async def _write_batches(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                entries = await self._store.append_audit([p.event for p in batch])
+                written = list(zip(batch, entries, strict=True))
+            except Exception as exc:  # every waiter learns; the writer itself goes on
+                for pending in batch:
+                    pending.done.set_exception(_not_written(exc))
+                continue
+            for pending, entry in written:
+                pending.done.set_result(entry)
+
+
+def _not_written(cause: Exception) -> VaultUnavailable:
+    reason = cause.message if isinstance(cause, ZanddError) else type(cause).__name__
+    error = VaultUnavailable(f"the audit entry could not be written: {reason}")
+    error.__cause__ = cause
+    return error

@@ -1,0 +1,80 @@
+"""Re-sealing every key version under the active KEK, so an old KEK can be retired.
+
+One version at a time, each written with the store's compare-and-set: a run interrupted at
+any point (killed, crashed, Ctrl-C) leaves every version sealed under either its old KEK or
+the new one — both in the ring — and running it again finishes the job. A version someone
+else changed meanwhile (disabled, destroyed, re-wrapped by a second run) is left to them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from enum import StrEnum
+
+from contracts.errors import IntegrityError
+from vault.kek import KekRing
+from vault.records import KeyRecord
+from vault.sealing import open_into, plaintext_size, seal, wipe
+from vault.store import VaultStore
+
+
+class RewrapOutcome(StrEnum):
+    """What happened to one version."""
+
+    REWRAPPED = "rewrapped"
+    #: Already sealed under the active KEK.
+    CURRENT = "current"
+    #: Destroyed: nothing sealed to re-wrap.
+    DESTROYED = "destroyed"
+    #: Changed by another writer while we worked on it; a later run picks it up.
+    CHANGED = "changed"
+    #: The sealed material does not open (tampered, or its KEK is missing): left as it is.
+    UNREADABLE = "integrity_error"
+
+
+@dataclass(frozen=True, slots=True)
+class RewrapStep:
+    """One version handled: ``done`` of ``total``."""
+
+    done: int
+    total: int
+    record: KeyRecord
+    outcome: RewrapOutcome
+
+
+def resealed(record: KeyRecord, ring: KekRing) -> KeyRecord:
+    """``record`` sealed under the ring's active KEK; the plaintext lives in a wiped buffer."""
+    if record.sealed is None:
+        raise ValueError(f"key {record.key_id} v{record.version} has nothing sealed")
+    scalar = bytearray(max(0, plaintext_size(record.sealed)))
+    try:
+        open_into(record.sealed, record.binding, ring, scalar)
+        sealed = seal(scalar, record.binding, ring.active)
+    finally:
+        wipe(scalar)
+    return dataclasses.replace(record, sealed=sealed)
+
+
+async def rewrap(store: VaultStore, ring: KekRing) -> AsyncIterator[RewrapStep]:
+    """Re-seal every version not under the active KEK, yielding a step per version."""
+    ring.refresh()
+    records = await store.list_versions()
+    for done, record in enumerate(records, start=1):
+        outcome = await _rewrap_one(store, ring, record)
+        yield RewrapStep(done=done, total=len(records), record=record, outcome=outcome)
+
+
+async def _rewrap_one(store: VaultStore, ring: KekRing, record: KeyRecord) -> RewrapOutcome:
+    if record.sealed is None:
+        return RewrapOutcome.DESTROYED
+    if record.sealed.kek_id == ring.active.kek_id:
+        return RewrapOutcome.CURRENT
+    try:
+        updated = resealed(record, ring)
+    except IntegrityError:
+        return RewrapOutcome.UNREADABLE
+    if await store.replace_key(updated, record):
+        return RewrapOutcome.REWRAPPED
+    return RewrapOutcome.CHANGED

@@ -1,0 +1,116 @@
+"""Key lifecycle from a shell: ``zandd keys disable|enable|destroy|cancel-destroy|show|list``.
+
+The lifecycle commands go through the fleet like any producer (the keygen worker checks that
+the caller owns the key or is an admin, and audits it). ``show`` and ``list`` read the vault
+directly: they are for an operator on a host that can open it, and show no key material.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from contracts.errors import KeyNotFound
+from contracts.models import DEFAULT_PENDING_DAYS, KeyState, KeyStateReply
+from workers.commands.base import Command, CommandTree
+from workers.commands.local import opened_store, printable, when
+from workers.config import Settings
+
+if TYPE_CHECKING:
+    from contracts.client import SigningClient
+    from vault.records import KeyRecord
+
+LifecycleCall = Callable[["SigningClient", argparse.Namespace], Awaitable[KeyStateReply]]
+
+
+def _lifecycle(call: LifecycleCall) -> Command:
+    async def command(args: argparse.Namespace, settings: Settings) -> int:
+        from contracts.client import SigningClient
+
+        async with await SigningClient.connect(settings.amqp_url, timeout_s=args.timeout) as client:
+            reply = await call(client, args)
+        for version in reply.versions:
+            line = f"{reply.key_id} v{version.version}: {version.state.value}"
+            if version.state == KeyState.PENDING_DESTRUCTION:
+                line += f" (destroyed after {when(version.destroy_after)})"
+            print(line)
+        return 0
+
+    return command
+
+
+def _describe_version(record: KeyRecord) -> str:
+    if record.state == KeyState.DESTROYED:
+        return f"v{record.version}: destroyed (due {when(record.destroy_after)})"
+    line = f"v{record.version}: {record.state.value}, sealed with KEK {record.kek_id}"
+    if record.state == KeyState.PENDING_DESTRUCTION:
+        line += f", destroyed after {when(record.destroy_after)}"
+    return line
+
+
+async def _cmd_keys_show(args: argparse.Namespace, settings: Settings) -> int:
+    async with opened_store(settings) as store:
+        versions = await store.list_versions(args.key_id)
+    if not versions:
+        raise KeyNotFound(f"key {args.key_id} not found")
+    first, latest = versions[0], versions[-1]
+    print(f"key {latest.key_id}")
+    print(f"  label:           {printable(latest.label)}")
+    print(f"  algorithm:       {latest.algorithm}")
+    print(f"  owner:           {printable(first.owner)}")
+    print(f"  allowed signers: {', '.join(printable(s) for s in latest.allowed_signers)}")
+    print(f"  created:         {when(first.created_at)}")
+    for record in versions:
+        print(f"  {_describe_version(record)}")
+    return 0
+
+
+async def _cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
+    async with opened_store(settings) as store:
+        records = await store.list_keys()
+    print(f"{'KEY':<24} {'VERSION':>7}  {'STATE':<20} {'OWNER':<20} LABEL")
+    for record in records:
+        print(
+            f"{record.key_id:<24} {record.version:>7}  {record.state.value:<20} "
+            f"{printable(record.owner):<20} {printable(record.label)}"
+        )
+    return 0
+
+
+def register(tree: CommandTree) -> None:
+    """Add the key lifecycle commands (``keys create``/``public`` live with the client)."""
+    lifecycle: list[tuple[str, LifecycleCall, str]] = [
+        (
+            "disable",
+            lambda c, a: c.disable_key(a.key_id, a.version),
+            "refuse all signing with a key until it is enabled again",
+        ),
+        ("enable", lambda c, a: c.enable_key(a.key_id, a.version), "allow a disabled key again"),
+        (
+            "destroy",
+            lambda c, a: c.destroy_key(a.key_id, a.version, pending_days=a.pending_days),
+            "stop signing now and erase the key after a waiting period",
+        ),
+        (
+            "cancel-destroy",
+            lambda c, a: c.cancel_key_destruction(a.key_id, a.version),
+            "call off a scheduled destruction (the key comes back disabled)",
+        ),
+    ]
+    for name, call, help_text in lifecycle:
+        parser = tree.add(f"keys {name}", _lifecycle(call), help_text, client=True)
+        parser.add_argument("key_id")
+        parser.add_argument(
+            "--version", type=int, default=None, help="one version (default: all live ones)"
+        )
+        if name == "destroy":
+            parser.add_argument(
+                "--pending-days",
+                type=int,
+                default=DEFAULT_PENDING_DAYS,
+                help=f"waiting period before the key is erased (default {DEFAULT_PENDING_DAYS})",
+            )
+    show = tree.add("keys show", _cmd_keys_show, "show a key's owner, signers and versions")
+    show.add_argument("key_id")
+    tree.add("keys list", _cmd_keys_list, "list every key with its latest version's state")

@@ -1,0 +1,42 @@
+"""What the commands that work on the vault directly share (``keys show``, ``audit``, ``vault``).
+
+They run on a host that can open the vault and the KEK ring, as an operator; what they change
+is audited under the principal ``local:<OS user>``.
+"""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
+from vault.store import VaultStore, open_store
+from workers.config import Settings
+
+
+@asynccontextmanager
+async def opened_store(settings: Settings) -> AsyncIterator[VaultStore]:
+    """The configured vault, closed afterwards."""
+    store = await open_store(settings.resolved_vault_url)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def local_principal() -> str:
+    """The audit principal of an operator at this host's shell."""
+    return f"local:{getpass.getuser()}"
+
+
+def printable(text: str | None) -> str:
+    """``text`` safe for a terminal: control characters (from callers' input) escaped."""
+    if text is None:
+        return "-"
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def when(moment: datetime | None) -> str:
+    """A time as the CLI prints it: UTC, to the second."""
+    return "-" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,65 @@
+"""Who may do what: principals, key creators, signers, owners and admins.
+
+The principal of a request is its AMQP ``user_id``. RabbitMQ closes the channel of a publisher
+whose ``user_id`` differs from the user it logged in as, so a worker can trust it — but the
+broker checks only when the property is set, so a request without it has no principal and is
+refused, unless ``allow_anonymous`` relaxes that for a closed test network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from contracts.errors import Forbidden
+from vault.records import KeyRecord
+from workers.config import Settings
+from workers.runtime import RequestContext
+
+#: In ``allowed_signers`` and ``key_creators``: any authenticated principal.
+ANYONE = "*"
+#: The principal of a request without ``user_id`` when anonymous requests are allowed.
+ANONYMOUS_PRINCIPAL = "anonymous"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessPolicy:
+    """The access rules a worker enforces."""
+
+    admins: frozenset[str] = frozenset()
+    key_creators: frozenset[str] = frozenset({ANYONE})
+    allow_anonymous: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AccessPolicy:
+        """The policy ``ZANDD_ADMINS``, ``ZANDD_KEY_CREATORS`` and ``ZANDD_ALLOW_ANONYMOUS`` set."""
+        return cls(
+            admins=frozenset(settings.admins),
+            key_creators=frozenset(settings.key_creators),
+            allow_anonymous=settings.allow_anonymous,
+        )
+
+    def principal(self, context: RequestContext) -> str:
+        """Who is asking; ``Forbidden`` for a request without ``user_id`` (unless allowed)."""
+        if context.principal:
+            return context.principal
+        if self.allow_anonymous:
+            return ANONYMOUS_PRINCIPAL
+        raise Forbidden(
+            f"{context.operation.value} refused: the request has no user_id, so the broker did "
+            "not vouch for who sent it (set the AMQP user_id property to your user name)"
+        )
+
+    def check_create(self, principal: str) -> None:
+        """Whether ``principal`` may create keys."""
+        if ANYONE not in self.key_creators and principal not in self.key_creators:
+            raise Forbidden(f"{principal!r} may not create keys")
+
+    def check_sign(self, record: KeyRecord, principal: str) -> None:
+        """Whether ``principal`` may sign with the key (its ``allowed_signers``)."""
+        if ANYONE not in record.allowed_signers and principal not in record.allowed_signers:
+            raise Forbidden(f"{principal!r} may not sign with key {record.key_id}")
+
+    def check_manage(self, record: KeyRecord, principal: str) -> None:
+        """Whether ``principal`` may change the key's state: its owner and the admins."""
+        if principal != record.owner and principal not in self.admins:
+            raise Forbidden(f"{principal!r} may not change the state of key {record.key_id}")
