@@ -1,0 +1,511 @@
+"""The MongoDB vault backend, shared by a fleet of hosts; install it with ``zandd-hsm[mongo]``.
+
+Built on PyMongo's native asyncio API (``AsyncMongoClient``, stable since PyMongo 4.13) rather
+than Motor, which MongoDB deprecated in its favour. Defaults suit a replica set: writes wait
+for a majority (an acknowledged key survives a fail-over), reads see majority-committed data,
+writes and reads are retried once after a network error, and every wait is bounded so a
+missing server turns into a retryable ``vault_unavailable`` instead of a hung worker. Any of
+these can be overridden by the URL's own options, e.g. ``mongodb://h1,h2,h3/zandd?
+replicaSet=rs0&readConcernLevel=local``; the URL's path names the database (default ``zandd``).
+
+The backend only stores and reads documents; uniqueness is the server's job (unique indexes),
+so concurrent writers in several processes or hosts need no lock of ours and no transaction
+(which a standalone server would not have): ``keys`` holds one document per key version,
+unique on (key_id, version) and on request_id; ``audit`` one document per appended batch of
+entries, unique on its first sequence number; ``meta`` the schema version.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import ConfigurationError as PyMongoConfigurationError
+from pymongo.errors import (
+    ConnectionFailure,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+)
+from pymongo.read_concern import ReadConcern
+from pymongo.read_preferences import ReadPreference
+
+from contracts.errors import (
+    ConfigurationError,
+    IntegrityError,
+    KeyNotFound,
+    VaultUnavailable,
+    ZanddError,
+)
+from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, link
+from vault.records import KeyRecord, KeyState
+from vault.sealing import SealedKey
+from vault.urls import redact_url, scrub
+
+Document = dict[str, Any]
+
+DEFAULT_DATABASE: Final = "zandd"
+SCHEMA_VERSION: Final = 1
+KEYS_COLLECTION: Final = "keys"
+AUDIT_COLLECTION: Final = "audit"
+META_COLLECTION: Final = "meta"
+_SCHEMA_ID: Final = "schema"
+
+# Applied only where the URL does not set the option itself (PyMongo lets keyword arguments
+# win over the URL, so they are left out rather than passed).
+DEFAULT_CLIENT_OPTIONS: Final[Mapping[str, Any]] = {
+    "w": "majority",
+    "readConcernLevel": "majority",
+    "retryWrites": True,
+    "retryReads": True,
+    "serverSelectionTimeoutMS": 5_000,
+    "connectTimeoutMS": 5_000,
+    "socketTimeoutMS": 10_000,
+    "appname": "zandd",
+}
+
+# Server error codes that mean "wrong credentials or rights": fix the set-up, do not retry.
+_AUTH_ERROR_CODES: Final = frozenset({13, 18})  # Unauthorized, AuthenticationFailed
+# Each lost race means another appender went ahead, so this bounds the wait under contention
+# by that many other appenders' batches.
+AUDIT_APPEND_ATTEMPTS: Final = 100
+# Entries per audit document: far below the 16 MiB document limit, and as many as a reader
+# pages through at once (vault.audit.READ_PAGE_ENTRIES).
+AUDIT_DOCUMENT_ENTRIES: Final = 1000
+_MESSAGE_LIMIT = 300
+
+_KEY_INDEXES: Final = (
+    IndexModel([("key_id", ASCENDING), ("version", ASCENDING)], unique=True, name="key_version"),
+    # Partial: records created without a request id must not collide on null.
+    IndexModel(
+        [("request_id", ASCENDING)],
+        unique=True,
+        name="request_id",
+        partialFilterExpression={"request_id": {"$type": "string"}},
+    ),
+)
+# One audit document holds one appended batch, ``_id`` its first sequence number and ``last``
+# its last: the unique _id is what makes two appenders that read the same head collide
+# instead of forking the chain, and one document is written whole or not at all.
+_AUDIT_INDEXES: Final = (
+    IndexModel([("last", ASCENDING)], name="last_seq"),
+    IndexModel([("entries.key_id", ASCENDING), ("_id", ASCENDING)], name="key_id_seq"),
+    IndexModel([("entries.principal", ASCENDING), ("_id", ASCENDING)], name="principal_seq"),
+)
+_NO_ID: Final = {"_id": False}
+_BY_KEY_VERSION: Final = [("key_id", ASCENDING), ("version", ASCENDING)]
+_LATEST_PER_KEY: Final[list[Document]] = [
+    {"$sort": {"key_id": ASCENDING, "version": DESCENDING}},
+    {"$group": {"_id": "$key_id", "latest": {"$first": "$$ROOT"}}},
+    {"$replaceRoot": {"newRoot": "$latest"}},
+    {"$project": _NO_ID},
+    {"$sort": {"created_at": ASCENDING, "key_id": ASCENDING}},
+]
+
+
+class MongoStore:
+    """A VaultStore on one MongoDB database; open it with ``await MongoStore.open(url)``."""
+
+    def __init__(self, client: AsyncMongoClient[Document], url: str) -> None:
+        """Use ``open``: it connects, checks the schema and creates the indexes."""
+        self._client = client
+        self._url = url
+        self._shown = redact_url(url)
+        database = client.get_default_database(DEFAULT_DATABASE)
+        self._keys: AsyncCollection[Document] = database[KEYS_COLLECTION]
+        self._audit: AsyncCollection[Document] = database[AUDIT_COLLECTION]
+        self._meta: AsyncCollection[Document] = database[META_COLLECTION]
+        self._closed = False
+
+    @classmethod
+    async def open(cls, url: str) -> MongoStore:
+        """Connect, check the schema version and create the indexes (idempotent)."""
+        options = client_options(url)
+        try:
+            # Nothing connects yet (the async client connects on first use), so a bad URL or
+            # database name fails here with nothing to close.
+            with warnings.catch_warnings():
+                # PyMongo only warns about an invalid or unknown URL option, then ignores it:
+                # a mistyped readConcernLevel must not quietly weaken the vault.
+                warnings.simplefilter("error", UserWarning)
+                client: AsyncMongoClient[Document] = AsyncMongoClient(url, **options)
+            store = cls(client, url)
+        except (PyMongoError, UserWarning, ValueError, TypeError) as exc:
+            raise ConfigurationError(
+                f"invalid MongoDB vault URL {redact_url(url)}: {_describe(exc, url)}"
+            ) from exc
+        try:
+            await store._prepare()
+        except BaseException:
+            await client.close()
+            raise
+        return store
+
+    async def create_key(self, record: KeyRecord) -> KeyRecord:
+        """Insert ``record``; on a known request id return the record that request created."""
+        with self._translated():
+            try:
+                await self._keys.insert_one(_to_document(record))
+            except DuplicateKeyError as exc:
+                # The unique indexes arbitrate between concurrent creators on any host: the
+                # loser reads back the winner's record.
+                existing = None
+                if record.request_id is not None:
+                    existing = await self._find_winner(record.request_id)
+                if existing is None:
+                    raise IntegrityError(
+                        f"key {record.key_id} version {record.version} already exists"
+                    ) from exc
+                return existing
+        return record
+
+    async def get_key(self, key_id: str, version: int | None = None) -> KeyRecord:
+        """The given version of a key, or its latest; KeyNotFound if there is none."""
+        with self._translated():
+            if version is not None:
+                found = await self._keys.find_one({"key_id": key_id, "version": version}, _NO_ID)
+                if found is not None:
+                    return _to_record(found)
+            latest = await self._keys.find_one(
+                {"key_id": key_id}, _NO_ID, sort=[("version", DESCENDING)]
+            )
+        if latest is None:
+            raise KeyNotFound(f"key {key_id} not found")
+        if version is not None:
+            raise KeyNotFound(f"key {key_id} has no version {version}")
+        return _to_record(latest)
+
+    async def find_by_request_id(self, request_id: str) -> KeyRecord | None:
+        """The record created by request ``request_id``, if any."""
+        with self._translated():
+            found = await self._keys.find_one({"request_id": request_id}, _NO_ID)
+        return None if found is None else _to_record(found)
+
+    async def list_keys(self) -> list[KeyRecord]:
+        """The latest version of every key, ordered by ``created_at``."""
+        with self._translated():
+            cursor = await self._keys.aggregate(_LATEST_PER_KEY)
+            documents = await cursor.to_list()
+        return [_to_record(document) for document in documents]
+
+    async def list_versions(
+        self, key_id: str | None = None, *, state: KeyState | None = None
+    ) -> list[KeyRecord]:
+        """Every version of one key (or all keys), optionally in one state; by key id, version."""
+        query: Document = {}
+        if key_id is not None:
+            query["key_id"] = key_id
+        if state is not None:
+            query["state"] = state.value
+        with self._translated():
+            documents = await self._keys.find(query, _NO_ID, sort=_BY_KEY_VERSION).to_list()
+        return [_to_record(document) for document in documents]
+
+    async def replace_key(self, record: KeyRecord, expected: KeyRecord) -> bool:
+        """Compare-and-set state, destroy_after and sealed material in one document update.
+
+        Erasing: the update removes the ciphertext from the document. Older copies that
+        MongoDB keeps for a while (the oplog entry of the insert until the oplog rolls over,
+        freed blocks until reused, backups) are beyond a client's reach.
+        """
+        if (record.key_id, record.version) != (expected.key_id, expected.version):
+            raise ValueError("replace_key needs two versions of the same record")
+        query: Document = {
+            "key_id": expected.key_id,
+            "version": expected.version,
+            "state": expected.state.value,
+        }
+        if expected.sealed is None:
+            query["sealed"] = None
+        else:
+            query["sealed.kek_id"] = expected.sealed.kek_id
+            query["sealed.nonce"] = expected.sealed.nonce
+        document = _to_document(record)
+        update = {"$set": {name: document[name] for name in ("state", "destroy_after", "sealed")}}
+        with self._translated():
+            result = await self._keys.update_one(query, update)
+        return result.matched_count == 1
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
+        """Chain ``events`` after the newest entry in one document; durable (majority) on return.
+
+        No transaction (a standalone server has none): of the appenders that read the same
+        head, the unique ``_id`` (the batch's first sequence number) lets exactly one insert
+        its batch; the others re-read the head and link again. So numbers never repeat or
+        skip, every entry links to the one stored before it, and a batch lands in one piece
+        (one above AUDIT_DOCUMENT_ENTRIES events lands in pieces of that size).
+        """
+        stored: list[AuditEntry] = []
+        with self._translated():
+            for start in range(0, len(events), AUDIT_DOCUMENT_ENTRIES):
+                stored += await self._append_batch(events[start : start + AUDIT_DOCUMENT_ENTRIES])
+        return stored
+
+    async def read_audit(self, query: AuditQuery) -> list[AuditEntry]:
+        """Audit entries matching ``query``, oldest first."""
+        if query.limit < 1:
+            return []  # MongoDB refuses a $limit of 0
+        with self._translated():
+            cursor = await self._audit.aggregate(_audit_pipeline(query))
+            documents = await cursor.to_list()
+        entries = [_to_audit_entry(document) for document in documents]
+        return entries[::-1] if query.latest else entries
+
+    async def close(self) -> None:
+        """Close the client's connections; closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._client.close()
+
+    def __repr__(self) -> str:
+        return f"MongoStore(url={self._shown!r})"
+
+    async def _prepare(self) -> None:
+        with self._translated():
+            schema = await self._meta.find_one_and_update(
+                {"_id": _SCHEMA_ID},
+                {"$setOnInsert": {"version": SCHEMA_VERSION}},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+            version = schema["version"] if schema is not None else SCHEMA_VERSION
+            if version > SCHEMA_VERSION:
+                raise ConfigurationError(
+                    f"MongoDB vault {self._shown} has schema version {version}; this software "
+                    f"knows only up to {SCHEMA_VERSION}: upgrade zandd"
+                )
+            await self._keys.create_indexes(list(_KEY_INDEXES))
+            await self._audit.create_indexes(list(_AUDIT_INDEXES))
+
+    async def _find_winner(self, request_id: str) -> KeyRecord | None:
+        # The winner's insert is on the primary (it made ours fail) but may not be majority-
+        # committed yet; a majority read could miss it, so read the primary's own data.
+        found = await self._primary(self._keys).find_one({"request_id": request_id}, _NO_ID)
+        return None if found is None else _to_record(found)
+
+    async def _append_batch(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
+        for _attempt in range(AUDIT_APPEND_ATTEMPTS):
+            entries = link(await self._audit_head(), events)
+            try:
+                await self._audit.insert_one(_audit_document(entries))
+            except DuplicateKeyError:
+                continue  # another appender took these numbers first: link again
+            return entries
+        raise VaultUnavailable(
+            f"MongoDB vault {self._shown}: the audit log is too contended; "
+            f"{len(events)} entries were not written"
+        )
+
+    async def _audit_head(self) -> ChainHead:
+        # The primary's own data: a majority read may lag behind the newest batch, and
+        # linking to a stale head only loses the race again.
+        newest = await self._primary(self._audit).find_one(
+            {}, {"last": True, "entries": {"$slice": -1}}, sort=[("_id", DESCENDING)]
+        )
+        if newest is None:
+            return GENESIS
+        try:
+            (last,) = newest["entries"]
+            return ChainHead(seq=newest["last"], entry_hash=last["entry_hash"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IntegrityError(f"the newest audit batch (#{newest['_id']}) is malformed") from exc
+
+    @staticmethod
+    def _primary(collection: AsyncCollection[Document]) -> AsyncCollection[Document]:
+        return collection.with_options(
+            read_preference=ReadPreference.PRIMARY, read_concern=ReadConcern("local")
+        )
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """Run a database step, turning PyMongo's errors into ours (without the URL's secrets)."""
+        if self._closed:
+            raise VaultUnavailable(f"MongoDB vault {self._shown} is closed")
+        try:
+            yield
+        except PyMongoError as exc:
+            raise translate_error(exc, self._url) from exc
+
+
+def client_options(url: str) -> dict[str, Any]:
+    """Our defaults for the options ``url`` leaves unset (keyword arguments would win)."""
+    query = url.partition("?")[2]
+    given = {option.partition("=")[0].lower() for option in query.split("&") if option}
+    return {
+        name: value for name, value in DEFAULT_CLIENT_OPTIONS.items() if name.lower() not in given
+    }
+
+
+def translate_error(exc: PyMongoError, url: str) -> ZanddError:
+    """Our typed error for a PyMongo error; the message never carries the URL's secrets."""
+    where = f"MongoDB vault {redact_url(url)}"
+    detail = _describe(exc, url)
+    if isinstance(exc, DuplicateKeyError):
+        return IntegrityError(f"{where} refused a duplicate: {detail}")
+    if isinstance(exc, OperationFailure) and exc.code in _AUTH_ERROR_CODES:
+        return ConfigurationError(f"{where} refused our credentials or rights: {detail}")
+    if isinstance(exc, PyMongoConfigurationError):
+        return ConfigurationError(f"{where} is misconfigured: {detail}")
+    if isinstance(exc, ConnectionFailure):
+        return VaultUnavailable(f"{where} is unreachable: {detail}")
+    # Timeouts (ExecutionTimeout, WTimeoutError, client-side timeoutMS) and any other failure
+    # of the server: the worker's back-off may outlast it.
+    return VaultUnavailable(f"{where} failed: {detail}")
+
+
+def _describe(exc: Exception, url: str) -> str:
+    if isinstance(exc, OperationFailure):
+        details = exc.details or {}
+        # errmsg only: the full details may echo document values back.
+        text = f"{details.get('codeName', 'error')} (code {exc.code}): {details.get('errmsg', '')}"
+    else:
+        # Server selection errors end in a long topology dump; the first part says it all.
+        text = str(exc).split(", Timeout: ")[0]
+    text = scrub(text.strip().rstrip(":"), url)
+    if len(text) > _MESSAGE_LIMIT:
+        text = text[: _MESSAGE_LIMIT - 1] + "…"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _to_document(record: KeyRecord) -> Document:
+    sealed = record.sealed
+    return {
+        "key_id": record.key_id,
+        "version": record.version,
+        "algorithm": record.algorithm,
+        "public_key_der": record.public_key_der,
+        "sealed": None
+        if sealed is None
+        else {"kek_id": sealed.kek_id, "nonce": sealed.nonce, "ciphertext": sealed.ciphertext},
+        "state": record.state.value,
+        "label": record.label,
+        "allowed_signers": list(record.allowed_signers),
+        # Fixed-width UTC text, not a BSON date: dates keep only milliseconds, and sorting the
+        # text is chronological.
+        "created_at": _timestamp(record.created_at),
+        "created_by": record.created_by,
+        "request_id": record.request_id,
+        "destroy_after": None if record.destroy_after is None else _timestamp(record.destroy_after),
+    }
+
+
+def _timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _to_record(document: Mapping[str, Any]) -> KeyRecord:
+    key_id, version = document.get("key_id"), document.get("version")
+    try:
+        sealed_doc = document["sealed"]
+        sealed = (
+            None
+            if sealed_doc is None
+            else SealedKey(
+                sealed_doc["kek_id"], bytes(sealed_doc["nonce"]), bytes(sealed_doc["ciphertext"])
+            )
+        )
+        return KeyRecord(
+            key_id=document["key_id"],
+            version=document["version"],
+            algorithm=document["algorithm"],
+            public_key_der=bytes(document["public_key_der"]),
+            sealed=sealed,
+            state=KeyState(document["state"]),
+            label=document["label"],
+            allowed_signers=tuple(document["allowed_signers"]),
+            created_at=datetime.fromisoformat(document["created_at"]),
+            created_by=document["created_by"],
+            request_id=document["request_id"],
+            destroy_after=_optional_time(document["destroy_after"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IntegrityError(f"stored record for key {key_id} v{version} is malformed") from exc
+
+
+def _optional_time(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def _audit_document(entries: Sequence[AuditEntry]) -> Document:
+    return {
+        "_id": entries[0].seq,
+        "last": entries[-1].seq,
+        "entries": [_audit_entry_document(entry) for entry in entries],
+    }
+
+
+def _audit_entry_document(entry: AuditEntry) -> Document:
+    event = entry.event
+    return {
+        "seq": entry.seq,
+        # A BSON date: audit times have millisecond precision, which BSON keeps exactly.
+        "at": event.at,
+        "principal": event.principal,
+        "operation": event.operation,
+        "outcome": event.outcome,
+        "key_id": event.key_id,
+        "version": event.version,
+        "request_id": event.request_id,
+        "data_sha256": event.data_sha256,
+        "prev_hash": entry.prev_hash,
+        "entry_hash": entry.entry_hash,
+    }
+
+
+def _audit_pipeline(query: AuditQuery) -> list[Document]:
+    """Entries matching ``query`` in reading order, limited, from the batch documents."""
+    # A batch holding an entry after ``after_seq`` starts at most AUDIT_DOCUMENT_ENTRIES - 1
+    # before it: bounding _id too lets the _id index skip the older batches.
+    batches: Document = {
+        "_id": {"$gt": query.after_seq - AUDIT_DOCUMENT_ENTRIES},
+        "last": {"$gt": query.after_seq},
+    }
+    entries: Document = {"seq": {"$gt": query.after_seq}}
+    for name, value in (("key_id", query.key_id), ("principal", query.principal)):
+        if value is not None:
+            batches[f"entries.{name}"] = value
+            entries[name] = value
+    order = DESCENDING if query.latest else ASCENDING
+    # Batches in order and each batch's entries in order make the stream ordered, so the
+    # limit stops reading early instead of sorting the whole log.
+    pipeline: list[Document] = [{"$match": batches}, {"$sort": {"_id": order}}]
+    if query.latest:
+        pipeline.append({"$set": {"entries": {"$reverseArray": "$entries"}}})
+    return [
+        *pipeline,
+        {"$unwind": "$entries"},
+        {"$replaceRoot": {"newRoot": "$entries"}},
+        {"$match": entries},
+        {"$limit": query.limit},
+    ]
+
+
+def _to_audit_entry(document: Mapping[str, Any]) -> AuditEntry:
+    seq = document.get("seq")
+    try:
+        at = document["at"]
+        event = AuditEvent(
+            # PyMongo returns BSON dates as naive UTC datetimes.
+            at=at.replace(tzinfo=UTC),
+            principal=document["principal"],
+            operation=document["operation"],
+            outcome=document["outcome"],
+            key_id=document["key_id"],
+            version=document["version"],
+            request_id=document["request_id"],
+            data_sha256=document["data_sha256"],
+        )
+        return AuditEntry(
+            seq=document["seq"],
+            event=event,
+            prev_hash=document["prev_hash"],
+            entry_hash=document["entry_hash"],
+        )
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise IntegrityError(f"audit entry #{seq} is malformed") from exc

@@ -1,0 +1,106 @@
+"""Moving a vault to another backend: ``zandd vault migrate --from URL --to URL``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, TextIO
+
+from contracts.errors import ConfigurationError, IntegrityError
+from workers.commands.base import EXIT_OK, CommandTree
+from workers.config import Settings
+
+if TYPE_CHECKING:
+    from vault.migrate import MigrationReport, Progress
+
+BAR_WIDTH = 30
+_SHOWN_NOT_COPIED = 3
+
+
+class ProgressBar:
+    """Progress on ``stream``: a line redrawn in place on a terminal, else one line per 10 %."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._redraw = stream.isatty()
+        self._stage: str | None = None
+        self._tenths = -1
+
+    def update(self, progress: Progress) -> None:
+        """Show ``progress`` (a ``vault.migrate`` progress callback)."""
+        if progress.stage != self._stage:
+            self.finish()
+            self._stage, self._tenths = progress.stage, -1
+        fraction = progress.done / progress.total if progress.total else 1.0
+        filled = round(fraction * BAR_WIDTH)
+        line = (
+            f"{progress.stage:<5} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] "
+            f"{progress.done}/{progress.total}"
+        )
+        if self._redraw:
+            self._stream.write(f"\r{line}")
+        elif int(fraction * 10) > self._tenths:
+            self._tenths = int(fraction * 10)
+            self._stream.write(f"{line}\n")
+        self._stream.flush()
+
+    def finish(self) -> None:
+        """End the line being redrawn, if any."""
+        if self._redraw and self._stage is not None:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+async def _cmd_vault_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from vault.kek import KekRing
+    from vault.migrate import migrate_vault
+    from vault.store import open_store
+    from vault.urls import redact_url
+
+    if args.source == args.target:
+        raise ConfigurationError("--from and --to name the same vault")
+    ring = KekRing.load(settings.resolved_kek_file)
+    bar = ProgressBar(sys.stderr)
+    async with AsyncExitStack() as stack:
+        source = await open_store(args.source)
+        stack.push_async_callback(source.close)
+        target = await open_store(args.target)
+        stack.push_async_callback(target.close)
+        try:
+            report = await migrate_vault(source, target, ring, on_progress=bar.update)
+        finally:
+            bar.finish()
+    print(_summary(report, redact_url(args.source), redact_url(args.target)))
+    if report.not_copied:
+        shown = "; ".join(report.not_copied[:_SHOWN_NOT_COPIED])
+        more = len(report.not_copied) - _SHOWN_NOT_COPIED
+        raise IntegrityError(
+            f"{len(report.not_copied)} key versions were not copied: {shown}"
+            + (f"; and {more} more" if more > 0 else "")
+        )
+    return EXIT_OK
+
+
+def _summary(report: MigrationReport, source: str, target: str) -> str:
+    return (
+        f"migrated {source} → {target}: {report.copied} key versions copied, "
+        f"{report.already_there} already there; all {report.verified} open with the KEK ring "
+        f"and match their public keys. Audit log: {report.audit_copied} entries copied, "
+        f"{report.audit_already_there} already there, chain verified."
+    )
+
+
+def register(tree: CommandTree) -> None:
+    """Add ``vault migrate``."""
+    migrate = tree.add(
+        "vault migrate",
+        _cmd_vault_migrate,
+        "copy every key version and the audit log to another vault, verified (safe to re-run)",
+    )
+    migrate.add_argument(
+        "--from", dest="source", required=True, help="the vault to copy, e.g. sqlite:///path.db"
+    )
+    migrate.add_argument(
+        "--to", dest="target", required=True, help="the vault to fill, e.g. mongodb://host/zandd"
+    )
