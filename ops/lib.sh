@@ -4,7 +4,9 @@
 ZANDD_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ZANDD_VENV="${ZANDD_VENV:-$ZANDD_ROOT/.venv}"
 ZANDD_AMQP_URL="${ZANDD_AMQP_URL:-amqp://guest:guest@localhost:5672/}"
-APT_PACKAGES=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config python3-venv)
+# docker-compose validates compose/compose.yaml and prometheus brings promtool for the alert
+# rules: the tests use only these command-line tools, no Docker engine or Prometheus server.
+APT_PACKAGES=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config python3-venv docker-compose prometheus)
 
 say() { printf 'zandd ops: %s\n' "$*" >&2; }
 die() { say "$*"; exit 1; }

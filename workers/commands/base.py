@@ -22,6 +22,10 @@ SETTING_FLAGS = {
     "kek_file": "KEK ring file",
     "tpm_tcti": "TPM TCTI, e.g. device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_format": "text (default) or json (one object per line)",
+    "metrics_port": "serve Prometheus metrics on this port (default: none)",
+    "metrics_host": "address the metrics endpoint binds (default 127.0.0.1)",
+    "traces_exporter": "none (default), console (stderr) or otlp (OTEL_EXPORTER_OTLP_*)",
 }
 
 

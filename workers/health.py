@@ -1,0 +1,239 @@
+"""``zandd health``: is this worker's world in order? For orchestrators' health checks.
+
+Checked in order, stopping at the first failure (which :class:`Unhealthy` names in one line):
+
+1. the broker accepts our connection;
+2. the role's queue has at least one consumer (both queues without ``--role``). A fresh
+   process cannot know the consumer tag of the worker it checks on, so this asks the broker
+   for the queue's consumer count (a passive declare, which needs no permission). On
+   ``zandd.keygen`` (single active consumer) the count is the active consumer only: a standby
+   keygen worker passes when the active one is attached;
+3. the vault answers a lookup;
+4. for ``keygen``: the TPM answered the keygen worker recently. The worker owns the TPM, so
+   health does not open a TPM connection of its own (``device:/dev/tpm0`` admits one user;
+   a fresh connection would not tell whether the *worker's* context still works after a TPM
+   reset). Instead the worker runs :class:`TpmHeartbeat`, which asks its own TPM for its
+   properties every ``HEARTBEAT_INTERVAL_S`` and writes the result to ``keygen-tpm.json`` in
+   the data dir; health requires a successful check younger than ``HEARTBEAT_MAX_AGE_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from aio_pika.abc import AbstractRobustConnection
+from aio_pika.exceptions import AMQPError, ChannelNotFoundEntity
+
+from contracts.amqp import connect, redact_url
+from contracts.errors import ZanddError
+from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE
+from vault.store import open_store
+from workers.config import Settings
+
+CHECK_TIMEOUT_S = 5.0
+HEARTBEAT_INTERVAL_S = 10.0
+HEARTBEAT_MAX_AGE_S = 3 * HEARTBEAT_INTERVAL_S
+HEARTBEAT_FILE = "keygen-tpm.json"
+_PROBE_REQUEST_ID = "zandd-health-probe"
+
+
+class Role(StrEnum):
+    """A worker role ``zandd health --role`` can check."""
+
+    KEYGEN = "keygen"
+    SIGNER = "signer"
+
+
+ROLE_QUEUES: dict[Role, str] = {Role.KEYGEN: KEYGEN_QUEUE, Role.SIGNER: SIGN_QUEUE}
+
+
+class Unhealthy(ZanddError):
+    """A health check failed; the message says which one and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReport:
+    """What passed, for the one line ``zandd health`` prints."""
+
+    passed: tuple[str, ...]
+
+    @property
+    def line(self) -> str:
+        """``healthy: broker, zandd.sign (2 consumers), vault``."""
+        return "healthy: " + ", ".join(self.passed)
+
+
+@dataclass(frozen=True, slots=True)
+class TpmCheck:
+    """One TPM check by the keygen worker, as written to the heartbeat file."""
+
+    ok: bool
+    checked_at: float
+    detail: str
+
+    def to_json(self) -> str:
+        """The heartbeat file's content."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TpmCheck:
+        """Parse a heartbeat file; ValueError when it is not one."""
+        try:
+            data = json.loads(text)
+            return cls(
+                ok=bool(data["ok"]),
+                checked_at=float(data["checked_at"]),
+                detail=str(data["detail"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a TPM heartbeat: {exc}") from exc
+
+
+def heartbeat_path(settings: Settings) -> Path:
+    """Where the keygen worker of this data dir writes its TPM heartbeat."""
+    return settings.data_dir / HEARTBEAT_FILE
+
+
+class TpmHeartbeat:
+    """The keygen worker's periodic TPM check, written where ``zandd health`` reads it.
+
+    ``probe`` must run a cheap TPM command through the worker's own TPM connection (on the
+    thread that owns it) and raise a ``ZanddError`` when the TPM does not answer.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        probe: Callable[[], Awaitable[object]],
+        *,
+        interval_s: float = HEARTBEAT_INTERVAL_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._path = path
+        self._probe = probe
+        self._interval_s = interval_s
+        self._clock = clock
+
+    async def beat(self) -> TpmCheck:
+        """Probe the TPM once and record the result."""
+        try:
+            await self._probe()
+        except ZanddError as exc:
+            check = TpmCheck(ok=False, checked_at=self._clock(), detail=exc.message)
+        else:
+            check = TpmCheck(ok=True, checked_at=self._clock(), detail="answered")
+        _write_atomically(self._path, check.to_json())
+        return check
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Beat every interval until ``stop`` is set, then remove the file (a stopped worker
+        vouches for nothing)."""
+        try:
+            while not stop.is_set():
+                await self.beat()
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self._interval_s)
+        finally:
+            self._path.unlink(missing_ok=True)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+def read_tpm_check(path: Path, *, now: float, max_age_s: float = HEARTBEAT_MAX_AGE_S) -> str:
+    """A description of the last good TPM check at ``path``; ``Unhealthy`` when there is none."""
+    try:
+        check = TpmCheck.from_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise Unhealthy(
+            f"no TPM heartbeat at {path}: is a keygen worker running with this data dir?"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise Unhealthy(f"cannot read the TPM heartbeat {path}: {exc}") from exc
+    age_s = max(0.0, now - check.checked_at)
+    if not check.ok:
+        raise Unhealthy(f"the TPM did not answer the keygen worker: {check.detail}")
+    if age_s > max_age_s:
+        raise Unhealthy(
+            f"the keygen worker last checked the TPM {age_s:.0f} s ago (limit {max_age_s:.0f} s)"
+        )
+    return f"TPM (answered {age_s:.0f} s ago)"
+
+
+async def check_health(
+    settings: Settings, role: Role | None, *, now: Callable[[], float] = time.time
+) -> HealthReport:
+    """Run the checks for ``role`` (the whole fleet's queues when None).
+
+    Raises:
+        Unhealthy: the first check that failed.
+    """
+    passed = ["broker"]
+    try:
+        connection = await connect(
+            settings.amqp_url, connection_name="zandd-health", timeout_s=CHECK_TIMEOUT_S
+        )
+    except ZanddError as exc:
+        raise Unhealthy(exc.message) from exc
+    try:
+        queues = [ROLE_QUEUES[role]] if role is not None else list(ROLE_QUEUES.values())
+        for queue in queues:
+            consumers = await _consumer_count(connection, queue)
+            passed.append(f"{queue} ({consumers} consumer{'s' if consumers != 1 else ''})")
+    finally:
+        await connection.close()
+    await _check_vault(settings.resolved_vault_url)
+    passed.append("vault")
+    if role is Role.KEYGEN:
+        passed.append(read_tpm_check(heartbeat_path(settings), now=now()))
+    return HealthReport(tuple(passed))
+
+
+async def _consumer_count(connection: AbstractRobustConnection, queue: str) -> int:
+    # A passive declare of a missing queue closes its channel: one channel per question.
+    channel = await connection.channel()
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            declared = await channel.declare_queue(queue, passive=True)
+    except ChannelNotFoundEntity:
+        raise Unhealthy(f"queue {queue} does not exist: no worker has declared it yet") from None
+    except (AMQPError, TimeoutError) as exc:
+        raise Unhealthy(f"the broker did not answer about {queue}: {exc!r}") from exc
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    consumers = declared.declaration_result.consumer_count or 0
+    if consumers < 1:
+        raise Unhealthy(f"no consumer on {queue}")
+    return consumers
+
+
+async def _check_vault(url: str) -> None:
+    where = redact_url(url)
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            store = await open_store(url)
+            try:
+                await store.find_by_request_id(_PROBE_REQUEST_ID)
+            finally:
+                await store.close()
+    except TimeoutError:
+        raise Unhealthy(
+            f"the vault at {where} did not answer within {CHECK_TIMEOUT_S:.0f} s"
+        ) from None
+    except ZanddError as exc:
+        raise Unhealthy(f"the vault at {where} failed: {exc.message}") from exc
+    except OSError as exc:
+        raise Unhealthy(f"the vault at {where} failed: {exc.strerror or exc}") from exc

@@ -1,0 +1,217 @@
+"""Prometheus metrics of one worker process, served on ``--metrics-port`` (off by default).
+
+Each worker process has its own endpoint (``zandd up`` gives each child its own port; in
+compose every container listens on the same port at its own address). Metric names:
+
+- ``zandd_requests_total{operation, outcome}`` — requests finished; ``outcome`` is ``ok`` or
+  the error reply's code (``forbidden``, ``vault_unavailable``…).
+- ``zandd_request_duration_seconds{operation}`` — end to end inside the worker, delivery to
+  acknowledged reply.
+- ``zandd_requests_in_flight`` — deliveries being served now.
+- ``zandd_stage_duration_seconds{stage}`` — vault fetch, unseal, TPM operation, signing.
+- ``zandd_cache_lookups_total{cache, result}`` — ``result`` is ``hit`` or ``miss``.
+- ``zandd_dead_lettered_total{queue, reason}`` — messages this worker rejected to ``zandd.dead``.
+- ``zandd_audit_write_failures_total`` — audit entries that could not be written.
+- ``zandd_client_unmatched_replies_total`` — client side: replies no call was waiting for
+  (duplicates after a redelivery, late replies after a timeout); see :class:`ClientCollector`.
+
+``prometheus-client`` rather than OpenTelemetry's Prometheus exporter: it is stable (the
+exporter is a pre-release), names series exactly as written here (no unit/``_total`` rewriting
+or scope labels) and serves its endpoint from a daemon thread with no extra machinery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from threading import Thread
+from typing import Protocol
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from contracts.errors import ConfigurationError
+from contracts.operations import Operation
+from workers.telemetry import Stage
+
+OUTCOME_OK = "ok"
+UNKNOWN_OPERATION_LABEL = "unknown"
+
+# Signing takes ~100 µs, a vault read ~1 ms, a TPM key generation ~100 ms to seconds.
+_STAGE_BUCKETS_S = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+_REQUEST_BUCKETS_S = (*_STAGE_BUCKETS_S[2:], 30.0)
+
+
+def operation_label(name: str | None) -> str:
+    """The ``operation`` label for a request: a known operation name, else ``unknown``.
+
+    Producers choose the ``type`` they send; echoing it would let them grow the series count.
+    """
+    try:
+        return Operation(name or "").value
+    except ValueError:
+        return UNKNOWN_OPERATION_LABEL
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsServer:
+    """A running metrics endpoint; :meth:`close` stops it."""
+
+    server: WSGIServer
+    thread: Thread
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (useful when started on port 0)."""
+        return int(self.server.server_port)
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+class Metrics:
+    """The metrics of one worker process, in a registry of its own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._requests = Counter(
+            "zandd_requests",
+            "Requests finished, by operation and outcome (ok or the error code).",
+            ("operation", "outcome"),
+            registry=self.registry,
+        )
+        self._request_seconds = Histogram(
+            "zandd_request_duration_seconds",
+            "Time from delivery to acknowledged reply inside the worker.",
+            ("operation",),
+            buckets=_REQUEST_BUCKETS_S,
+            registry=self.registry,
+        )
+        self._in_flight = Gauge(
+            "zandd_requests_in_flight", "Deliveries being served now.", registry=self.registry
+        )
+        self._stage_seconds = Histogram(
+            "zandd_stage_duration_seconds",
+            "Time spent in one step of a request (vault_fetch, unseal, tpm, sign).",
+            ("stage",),
+            buckets=_STAGE_BUCKETS_S,
+            registry=self.registry,
+        )
+        self._cache = Counter(
+            "zandd_cache_lookups",
+            "Cache lookups by cache and result (hit or miss).",
+            ("cache", "result"),
+            registry=self.registry,
+        )
+        self._dead_lettered = Counter(
+            "zandd_dead_lettered",
+            "Messages this worker rejected to the dead-letter exchange, by queue and reason.",
+            ("queue", "reason"),
+            registry=self.registry,
+        )
+        self._audit_failures = Counter(
+            "zandd_audit_write_failures",
+            "Audit entries that could not be written.",
+            registry=self.registry,
+        )
+
+    def observe_request(self, operation: str, outcome: str, seconds: float) -> None:
+        """Count a finished request and its end-to-end duration.
+
+        ``operation`` should come from :func:`operation_label`; ``outcome`` is ``ok`` or the
+        error code of the reply.
+        """
+        self._requests.labels(operation=operation, outcome=outcome).inc()
+        self._request_seconds.labels(operation=operation).observe(seconds)
+
+    @contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Count a delivery as in flight for the duration of the block."""
+        self._in_flight.inc()
+        try:
+            yield
+        finally:
+            self._in_flight.dec()
+
+    def observe_stage(self, stage: Stage, seconds: float) -> None:
+        """Record the duration of one stage (``workers.telemetry.stage`` does this for you)."""
+        self._stage_seconds.labels(stage=stage.value).observe(seconds)
+
+    def cache_lookup(self, cache: str, *, hit: bool) -> None:
+        """Count one lookup in the named cache."""
+        self._cache.labels(cache=cache, result="hit" if hit else "miss").inc()
+
+    def dead_lettered(self, queue: str, reason: str) -> None:
+        """Count a message rejected to the dead-letter exchange (``reason``: low cardinality)."""
+        self._dead_lettered.labels(queue=queue, reason=reason).inc()
+
+    def audit_write_failed(self) -> None:
+        """Count an audit entry that could not be written."""
+        self._audit_failures.inc()
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> MetricsServer:
+        """Serve ``/metrics`` on ``host:port`` from a daemon thread.
+
+        Raises:
+            ConfigurationError: the port cannot be bound.
+        """
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
+            ) from exc
+        return MetricsServer(server, thread)
+
+
+class UnmatchedReplies(Protocol):
+    """What :class:`ClientCollector` reads: ``contracts.client.SigningClient`` has it."""
+
+    @property
+    def unmatched_replies(self) -> int:
+        """Replies that arrived for no waiting call."""
+        ...
+
+
+class ClientCollector(Collector):
+    """Exposes a client's dropped-reply counter, read at scrape time.
+
+    For a Python producer that serves its own metrics::
+
+        registry.register(ClientCollector(client))
+    """
+
+    def __init__(self, client: UnmatchedReplies) -> None:
+        self._client = client
+
+    def collect(self) -> Iterable[Metric]:
+        """The current value of the client's counter."""
+        family = CounterMetricFamily(
+            "zandd_client_unmatched_replies",
+            "Replies that arrived for no waiting call (duplicates or late replies), dropped.",
+        )
+        family.add_metric([], float(self._client.unmatched_replies))
+        yield family

@@ -1,0 +1,202 @@
+"""Tracing in the workers: the OpenTelemetry SDK set-up, the consumer span, and stage spans.
+
+Exporters, by configuration (``ZANDD_TRACES_EXPORTER`` / ``--traces-exporter``):
+
+- ``none`` (default): an SDK tracer provider that records nothing (sampler ALWAYS_OFF), so a
+  span costs little, yet every span still has a real trace id (the producer's when the
+  message carried one): log lines stay correlated with the producer's trace.
+- ``console``: finished spans as JSON on stderr (stdout stays for command output).
+- ``otlp``: OTLP over HTTP/protobuf, configured by the standard ``OTEL_EXPORTER_OTLP_*``
+  variables; needs ``pip install 'zandd-hsm[otlp]'``.
+
+The standard ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES`` variables name the process.
+
+The consumer span uses the message's creation context (the producer span) as its parent, as
+the messaging conventions allow for single-message processing, so one trace runs from the
+producer through the queue into the worker; it also links to that context, as they recommend.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from enum import StrEnum
+from typing import TYPE_CHECKING, Literal
+
+from aio_pika.abc import AbstractIncomingMessage
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.trace import Link, Span, SpanKind
+
+from contracts.errors import ConfigurationError
+from contracts.tracing import (
+    MESSAGING_CONVERSATION_ID,
+    MESSAGING_DELIVERY_TAG,
+    MESSAGING_DESTINATION_NAME,
+    MESSAGING_MESSAGE_ID,
+    MESSAGING_OPERATION_NAME,
+    MESSAGING_OPERATION_TYPE,
+    MESSAGING_ROUTING_KEY,
+    MESSAGING_SYSTEM,
+    RABBITMQ,
+    TRACER_NAME,
+    extract,
+    mark_failed,
+)
+
+if TYPE_CHECKING:
+    from workers.metrics import Metrics
+
+TracesExporter = Literal["none", "console", "otlp"]
+DEFAULT_SERVICE_NAME = "zandd"
+_UNKNOWN_SERVICE_PREFIX = "unknown_service"
+
+
+class Stage(StrEnum):
+    """The timed steps inside a request: each gets a child span and a latency histogram."""
+
+    VAULT_FETCH = "vault_fetch"
+    UNSEAL = "unseal"
+    TPM = "tpm"
+    SIGN = "sign"
+
+
+def build_span_exporter(name: TracesExporter) -> SpanExporter | None:
+    """The span exporter a configuration names; None for ``none``.
+
+    Raises:
+        ConfigurationError: ``otlp`` without its package, or an unknown name.
+    """
+    if name == "none":
+        return None
+    if name == "console":
+        return ConsoleSpanExporter(out=sys.stderr)
+    if name == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError as exc:
+            raise ConfigurationError(
+                "the OTLP trace exporter is not installed: pip install 'zandd-hsm[otlp]'"
+            ) from exc
+        return OTLPSpanExporter()
+    raise ConfigurationError(f"unknown traces exporter {name!r}: use none, console or otlp")
+
+
+def build_tracer_provider(
+    exporter: SpanExporter | None, *, service_name: str = DEFAULT_SERVICE_NAME
+) -> TracerProvider:
+    """An SDK tracer provider exporting through ``exporter`` (batched); with no exporter it
+    records nothing but still gives every span a trace id.
+
+    ``service_name`` applies unless ``OTEL_SERVICE_NAME``/``OTEL_RESOURCE_ATTRIBUTES`` name one.
+    With an exporter, sampling is the SDK's default (``OTEL_TRACES_SAMPLER``, else parent-based
+    always-on: a request whose producer did not sample it is not recorded here either).
+    """
+    detected = Resource.create()
+    named = str(detected.attributes.get(SERVICE_NAME, ""))
+    if named.startswith(_UNKNOWN_SERVICE_PREFIX):
+        detected = detected.merge(Resource({SERVICE_NAME: service_name}))
+    provider = TracerProvider(resource=detected, sampler=ALWAYS_OFF if exporter is None else None)
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+def configure_tracing(
+    name: TracesExporter, *, service_name: str = DEFAULT_SERVICE_NAME
+) -> TracerProvider:
+    """Install the process-wide tracer provider for ``name`` (once; later calls keep it).
+
+    The provider flushes its spans when the process exits.
+    """
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider):
+        return current
+    provider = build_tracer_provider(build_span_exporter(name), service_name=service_name)
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def consumer_destination(exchange: str, routing_key: str, queue: str) -> str:
+    """``messaging.destination.name`` of a delivery: ``{exchange}:{routing key}:{queue}``,
+    empties omitted and the queue left out when it equals the routing key."""
+    parts = [exchange, routing_key] if routing_key == queue else [exchange, routing_key, queue]
+    return ":".join(part for part in parts if part)
+
+
+@contextmanager
+def consumer_span(message: AbstractIncomingMessage, *, queue: str) -> Iterator[Span]:
+    """The CONSUMER ("process") span of one delivery, current for the block.
+
+    Its parent is the trace context in the message's headers (a new trace when there is
+    none). A ``ZanddError`` or other exception leaving the block is recorded and re-raised;
+    for a request answered with an error reply, call :func:`contracts.tracing.mark_failed`.
+    """
+    parent = extract(message.headers)
+    parent_context = trace.get_current_span(parent).get_span_context()
+    links = [Link(parent_context)] if parent_context.is_valid else []
+    exchange = message.exchange or ""
+    routing_key = message.routing_key or ""
+    destination = consumer_destination(exchange, routing_key, queue)
+    attributes: dict[str, str | int] = {
+        MESSAGING_SYSTEM: RABBITMQ,
+        MESSAGING_OPERATION_TYPE: "process",
+        MESSAGING_OPERATION_NAME: "process",
+        MESSAGING_DESTINATION_NAME: destination,
+    }
+    if routing_key:
+        attributes[MESSAGING_ROUTING_KEY] = routing_key
+    if message.delivery_tag is not None:
+        attributes[MESSAGING_DELIVERY_TAG] = message.delivery_tag
+    if message.message_id:
+        attributes[MESSAGING_MESSAGE_ID] = message.message_id
+    if message.correlation_id:
+        attributes[MESSAGING_CONVERSATION_ID] = message.correlation_id
+    tracer = trace.get_tracer(TRACER_NAME)
+    with tracer.start_as_current_span(
+        f"process {destination}",
+        context=parent,
+        kind=SpanKind.CONSUMER,
+        attributes=attributes,
+        links=links,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            yield span
+        except BaseException as exc:
+            mark_failed(span, exc)
+            raise
+
+
+@contextmanager
+def stage(
+    name: Stage,
+    metrics: Metrics | None = None,
+    *,
+    attributes: Mapping[str, str | int] | None = None,
+) -> Iterator[Span]:
+    """A child span ``zandd.<stage>`` around one step of a request, also timed into the
+    stage histogram of ``metrics`` when given. Never put key material in ``attributes``."""
+    tracer = trace.get_tracer(TRACER_NAME)
+    started = time.perf_counter()
+    with tracer.start_as_current_span(
+        f"zandd.{name.value}",
+        kind=SpanKind.INTERNAL,
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            yield span
+        except BaseException as exc:
+            mark_failed(span, exc)
+            raise
+        finally:
+            if metrics is not None:
+                metrics.observe_stage(name, time.perf_counter() - started)
