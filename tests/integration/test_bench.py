@@ -1,0 +1,164 @@
+"""``zandd bench`` as a user runs it: it completes, reports every field, and cleans up.
+
+The figures' values are not checked (no test asserts a speed): only that each is a positive
+number, and that the run leaves no vhost, queue or process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from tests.conftest import RunningFleet
+from workers.bench.in_process import InProcessResults
+from workers.bench.measure import Run
+from workers.bench.queue_scenarios import FleetResults
+from workers.bench.report import BenchReport, render_table, targets
+
+ZANDD = [sys.executable, "-m", "workers.cli"]
+TINY_RUN = ("--json", "--duration-s", "0.3", "--warmup-s", "0.05", "--max-keys", "3")
+
+FLEET_FIELDS = {
+    "echo": {"rps", "p50_ms", "p99_ms"},
+    "echo_serial": {"p50_ms", "p99_ms"},
+    "sign": {"rps", "p50_ms", "p99_ms"},
+    "sign_serial": {"p50_ms", "p99_ms"},
+    "batch": {"signatures_per_s", "items_per_message"},
+}
+FIELDS = {
+    **FLEET_FIELDS,
+    "tpm_only": {"ops_per_s", "p50_ms"},
+    "hybrid": {"p50_ms"},
+    "keygen": {"p50_ms", "p99_ms"},
+    "crypto_limit": {"signatures_per_s"},
+}
+
+
+async def zandd_bench(*args: str, amqp_url: str) -> tuple[int, str, str]:
+    """Run ``zandd bench`` without blocking the event loop (an in-process fleet may serve it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZANDD_")}
+    env["ZANDD_AMQP_URL"] = amqp_url
+    process = await asyncio.create_subprocess_exec(
+        *ZANDD, "bench", *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 240)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+def assert_positive_fields(document: dict[str, Any], fields: dict[str, set[str]]) -> None:
+    for scenario, names in fields.items():
+        assert set(document[scenario]) == names, scenario
+        for name in names:
+            value = document[scenario][name]
+            assert isinstance(value, int | float), f"{scenario}.{name}"
+            assert value > 0, f"{scenario}.{name} = {value}"
+
+
+def rabbitmqctl_lines(*args: str) -> list[str]:
+    result = subprocess.run(
+        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60
+    )
+    return result.stdout.split()
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.tpm
+@pytest.mark.timeout(300)
+async def test_own_fleet_per_size_reports_every_field_and_scaling(amqp_url: str) -> None:
+    code, out, err = await zandd_bench("--signers", "1,2", *TINY_RUN, amqp_url=amqp_url)
+    assert code == 0, err
+    document = json.loads(out)
+    assert set(document) == {*FIELDS, "signers", "scaling"}
+    assert_positive_fields(document, FIELDS)
+    assert document["signers"] == 1
+    assert document["batch"]["items_per_message"] == 100
+    assert [entry["signers"] for entry in document["scaling"]] == [1, 2]
+    for entry in document["scaling"]:
+        assert set(entry) == {*FLEET_FIELDS, "signers"}
+        assert_positive_fields(entry, FLEET_FIELDS)
+    assert document["scaling"][0]["sign"] == document["sign"]
+
+    created = re.search(r"created the vhost (zandd-bench-[0-9a-f]+)", err)
+    assert created is not None, err
+    assert created.group(1) not in rabbitmqctl_lines("list_vhosts", "name")
+    assert "Traceback" not in err
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.tpm
+@pytest.mark.timeout(300)
+async def test_attach_measures_the_running_fleet(fleet: RunningFleet) -> None:
+    code, out, err = await zandd_bench("--attach", *TINY_RUN, amqp_url=fleet.amqp_url)
+    assert code == 0, err
+    document = json.loads(out)
+    assert set(document) == {*FIELDS, "signers"}
+    assert_positive_fields(document, FIELDS)
+    assert document["signers"] == len([name for name in fleet.runtimes if name != "keygen"])
+    assert fleet.served.get("signer-1", 0) + fleet.served.get("signer-2", 0) > 0
+    vhost = fleet.amqp_url.rsplit("/", 1)[1]
+    queues = rabbitmqctl_lines("list_queues", "-p", vhost, "name")
+    assert not [name for name in queues if name.startswith("zandd-bench")]
+
+
+async def test_refusals_are_one_sentence_before_anything_starts() -> None:
+    code, out, err = await zandd_bench(
+        "--attach", "--signers", "2", amqp_url="amqp://guest:secret-pw@127.0.0.1:1/"
+    )
+    assert (code, out) == (1, "")
+    assert err.strip().splitlines() == [
+        "zandd: --signers starts a fleet of that size, --attach measures the running one: "
+        "give one of them"
+    ]
+    code, out, err = await zandd_bench(amqp_url="amqp://guest:secret-pw@192.0.2.1:5672/")
+    assert (code, out) == (1, "")
+    assert len(err.strip().splitlines()) == 1
+    assert "is not local: measure a fleet running there with --attach" in err
+    assert "secret-pw" not in err
+
+
+def run_of(per_s: float, p50_ms: float) -> Run:
+    """A run of 100 operations at ``per_s`` whose latencies all equal ``p50_ms``."""
+    return Run(operations=100, elapsed_s=100 / per_s, latencies_s=(p50_ms / 1000,) * 100)
+
+
+def test_targets_compare_the_right_ratios() -> None:
+    fleet = FleetResults(
+        signers=2,
+        echo=run_of(1000, 50),
+        echo_serial=run_of(500, 2.0),
+        sign=run_of(1500, 40),
+        sign_serial=run_of(300, 3.2),
+        batch=run_of(90, 100),
+    )
+    local = InProcessResults(
+        crypto_limit=run_of(10_000, 0.1), hybrid=run_of(6000, 0.15), tpm_only=run_of(300, 3.0)
+    )
+    report = BenchReport(
+        where="test",
+        duration_s=1,
+        warmup_s=1,
+        fleets=(fleet,),
+        keygen=run_of(20, 45),
+        in_process=local,
+    )
+    assert [(t.value, t.met) for t in targets(report)] == [
+        (pytest.approx(1.5), True),
+        (pytest.approx(1.6), False),
+        (pytest.approx(9000), False),
+        (pytest.approx(20), True),
+        (pytest.approx(45), False),
+    ]
+    table = render_table(report)
+    for scenario in ("echo", "echo_serial", "sign", "sign_serial", "batch", "keygen"):
+        assert f"\n{scenario} " in table
+    assert table.count("  pass  ") == 2
+    assert table.count("  FAIL  ") == 3
+    assert "scaling" not in table

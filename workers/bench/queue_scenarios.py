@@ -1,0 +1,218 @@
+"""The scenarios through the broker: ``echo``, ``sign``, ``batch`` and ``keygen``.
+
+``sign``, ``batch`` and ``keygen`` go through :class:`contracts.client.SigningClient`, the
+client code users run; ``echo`` through the plain reference in :mod:`workers.bench.echo`, with
+as many echo consumer processes as the fleet has signers, so process stands beside process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+
+from aio_pika.exceptions import AMQPError
+
+from contracts.amqp import connect
+from contracts.client import SigningClient
+from contracts.errors import ZanddError
+from contracts.models import SignRequest
+from workers.bench.echo import READY_LINE, EchoClient, echo_queue_arguments
+from workers.bench.measure import MIN_OPERATIONS, Load, Run, Timing, measured
+from workers.bench.progress import Progress
+
+#: Requests in flight for ``echo`` and ``sign`` (the issue's figure).
+CONCURRENCY = 64
+ITEMS_PER_MESSAGE = 100
+#: ``sign.batch`` messages in flight: enough to keep every signer busy while replies travel.
+BATCH_IN_FLIGHT = 16
+_ECHO_READY_TIMEOUT_S = 30.0
+_ECHO_STOP_TIMEOUT_S = 10.0
+_BENCH_LABEL = "zandd-bench"
+
+
+@dataclass(frozen=True, slots=True)
+class FleetResults:
+    """What one fleet size measured through the broker (``keygen`` is measured once apart)."""
+
+    signers: int
+    echo: Run
+    echo_serial: Run
+    sign: Run
+    sign_serial: Run
+    batch: Run
+
+
+async def measure_fleet(
+    amqp_url: str, signers: int, timing: Timing, progress: Progress
+) -> FleetResults:
+    """``echo``/``echo_serial`` beside ``sign``/``sign_serial``, then ``batch``."""
+    digest = os.urandom(32)
+    echo, echo_serial = await _measure_echo(amqp_url, signers, digest, timing, progress)
+    async with await SigningClient.connect(amqp_url) as client:
+        key = await client.create_key(label=_BENCH_LABEL)
+
+        async def sign() -> object:
+            return await client.sign(key.key_id, digest=digest)
+
+        async def sign_batch() -> object:
+            return await client.sign_batch(key.key_id, digests=[digest] * ITEMS_PER_MESSAGE)
+
+        at = f"[{signers} signer{'s' if signers > 1 else ''}]"
+        sign_run = await measured(
+            f"sign {at}", sign, timing.load(CONCURRENCY), timing.warmup(CONCURRENCY), progress
+        )
+        progress.end(_throughput(sign_run, "req/s"))
+        sign_serial = await measured(
+            f"sign_serial {at}", sign, timing.load(1), timing.warmup(1), progress
+        )
+        progress.end(_latency(sign_serial))
+        batch = await measured(
+            f"batch {at}",
+            sign_batch,
+            timing.load(BATCH_IN_FLIGHT),
+            timing.warmup(BATCH_IN_FLIGHT),
+            progress,
+        )
+        progress.end(f"{batch.per_s * ITEMS_PER_MESSAGE:,.0f} signatures/s")
+    return FleetResults(signers, echo, echo_serial, sign_run, sign_serial, batch)
+
+
+async def measure_keygen(amqp_url: str, max_keys: int, timing: Timing, progress: Progress) -> Run:
+    """``key.create`` one after the other, at most ``max_keys`` of them (they stay in the vault)."""
+    async with await SigningClient.connect(amqp_url) as client:
+
+        async def create() -> object:
+            return await client.create_key(label=_BENCH_LABEL)
+
+        load = Load(
+            concurrency=1,
+            duration_s=timing.duration_s,
+            min_operations=min(MIN_OPERATIONS, max_keys),
+            max_operations=max_keys,
+        )
+        warmup = Load(concurrency=1, duration_s=0.0, min_operations=1, max_operations=1)
+        run = await measured("keygen", create, load, warmup, progress)
+    progress.end(_latency(run))
+    return run
+
+
+async def _measure_echo(
+    amqp_url: str, consumers: int, digest: bytes, timing: Timing, progress: Progress
+) -> tuple[Run, Run]:
+    # The body a sign request would carry, so both sides move the same bytes.
+    request = SignRequest(key_id="zk-" + "0" * 20, digest=digest)
+    body = request.model_dump_json(exclude_none=True).encode()
+    queue = f"zandd-bench.echo.{uuid.uuid4().hex[:12]}"
+    label = f"[{consumers} consumer{'s' if consumers > 1 else ''}]"
+    async with (
+        _echo_consumers(amqp_url, queue, consumers, progress),
+        await EchoClient.connect(amqp_url, queue) as client,
+    ):
+
+        async def echo() -> object:
+            return await client.call(body)
+
+        echo_run = await measured(
+            f"echo {label}",
+            echo,
+            timing.load(CONCURRENCY),
+            timing.warmup(CONCURRENCY),
+            progress,
+        )
+        progress.end(_throughput(echo_run, "req/s"))
+        echo_serial = await measured(
+            f"echo_serial {label}", echo, timing.load(1), timing.warmup(1), progress
+        )
+        progress.end(_latency(echo_serial))
+    return echo_run, echo_serial
+
+
+@asynccontextmanager
+async def _echo_consumers(
+    amqp_url: str, queue: str, count: int, progress: Progress
+) -> AsyncIterator[None]:
+    """``count`` echo consumer processes on ``queue``; stopped and the queue deleted on exit."""
+    env = {**os.environ, "ZANDD_AMQP_URL": amqp_url}
+    processes: list[asyncio.subprocess.Process] = []
+    # Declared here first: RabbitMQ 3.10 can fail (541 INTERNAL_ERROR) when several
+    # connections declare the same new quorum queue at once.
+    await _declare_queue(amqp_url, queue)
+    try:
+        for _ in range(count):
+            processes.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "workers.bench.echo",
+                    queue,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                )
+            )
+        for process in processes:
+            await _until_ready(process)
+        yield
+    finally:
+        for process in processes:
+            await _stop(process)
+        await _delete_queue(amqp_url, queue, progress)
+
+
+async def _until_ready(process: asyncio.subprocess.Process) -> None:
+    assert process.stdout is not None  # started with stdout=PIPE
+    try:
+        async with asyncio.timeout(_ECHO_READY_TIMEOUT_S):
+            line = await process.stdout.readline()
+    except TimeoutError:
+        raise ZanddError(
+            f"the echo consumer was not ready within {_ECHO_READY_TIMEOUT_S:g} s"
+        ) from None
+    if line.decode().strip() != READY_LINE:
+        code = await process.wait()
+        raise ZanddError(f"the echo consumer exited with code {code} before it was ready")
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        with suppress(ProcessLookupError):
+            process.terminate()
+    try:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for loses a Ctrl-C that arrives just as
+        # the process exits, and Ctrl-C makes the echo process exit at that very moment.
+        async with asyncio.timeout(_ECHO_STOP_TIMEOUT_S):
+            await process.wait()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+
+
+async def _declare_queue(amqp_url: str, queue: str) -> None:
+    connection = await connect(amqp_url, connection_name="zandd-bench")
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(queue, durable=True, arguments=echo_queue_arguments())
+
+
+async def _delete_queue(amqp_url: str, queue: str, progress: Progress) -> None:
+    try:
+        connection = await connect(amqp_url, connection_name="zandd-bench")
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(queue)
+    except (ZanddError, AMQPError) as exc:
+        progress.note(f"could not delete the echo queue {queue}: {exc}")
+
+
+def _throughput(run: Run, unit: str) -> str:
+    return f"{run.per_s:,.0f} {unit}, p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms"
+
+
+def _latency(run: Run) -> str:
+    return f"p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms ({run.per_s:,.0f}/s)"

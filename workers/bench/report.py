@@ -1,0 +1,199 @@
+"""The benchmark's results as a table for people and as one JSON object for tools.
+
+The JSON object has exactly the fields issue #5 lists, for the first fleet size measured. When
+several sizes were measured (``--signers 1,2,4``) it also has ``"scaling"``: one entry per
+size, in the order given, each ``{"signers": n, "echo", "echo_serial", "sign",
+"sign_serial", "batch"}`` with the same inner fields as the top level. ``keygen`` and the
+in-process scenarios do not depend on the number of signers and are measured once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from workers.bench.in_process import InProcessResults
+from workers.bench.measure import Run
+from workers.bench.queue_scenarios import ITEMS_PER_MESSAGE, FleetResults
+
+_MS_DIGITS = 4
+_RATE_DIGITS = 1
+
+
+def _ms(value: float) -> float:
+    return round(value, _MS_DIGITS)
+
+
+def _rate(value: float) -> float:
+    return round(value, _RATE_DIGITS)
+
+
+@dataclass(frozen=True, slots=True)
+class BenchReport:
+    """Everything one ``zandd bench`` run measured."""
+
+    where: str
+    duration_s: float
+    warmup_s: float
+    fleets: tuple[FleetResults, ...]
+    keygen: Run
+    in_process: InProcessResults
+
+    @property
+    def first(self) -> FleetResults:
+        """The fleet size the top-level figures and the targets are about."""
+        return self.fleets[0]
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of ``zandd bench --json``."""
+        local = self.in_process
+        document: dict[str, Any] = {
+            **_fleet_json(self.first),
+            "tpm_only": {
+                "ops_per_s": _rate(local.tpm_only.per_s),
+                "p50_ms": _ms(local.tpm_only.p50_ms),
+            },
+            "hybrid": {"p50_ms": _ms(local.hybrid.p50_ms)},
+            "keygen": {"p50_ms": _ms(self.keygen.p50_ms), "p99_ms": _ms(self.keygen.p99_ms)},
+            "crypto_limit": {"signatures_per_s": _rate(local.crypto_limit.per_s)},
+            "signers": self.first.signers,
+        }
+        if len(self.fleets) > 1:
+            document["scaling"] = [
+                {"signers": fleet.signers, **_fleet_json(fleet)} for fleet in self.fleets
+            ]
+        return document
+
+
+def _fleet_json(fleet: FleetResults) -> dict[str, Any]:
+    return {
+        "echo": _throughput_json(fleet.echo),
+        "echo_serial": _latency_json(fleet.echo_serial),
+        "sign": _throughput_json(fleet.sign),
+        "sign_serial": _latency_json(fleet.sign_serial),
+        "batch": {
+            "signatures_per_s": _rate(fleet.batch.per_s * ITEMS_PER_MESSAGE),
+            "items_per_message": ITEMS_PER_MESSAGE,
+        },
+    }
+
+
+def _throughput_json(run: Run) -> dict[str, float]:
+    return {"rps": _rate(run.per_s), "p50_ms": _ms(run.p50_ms), "p99_ms": _ms(run.p99_ms)}
+
+
+def _latency_json(run: Run) -> dict[str, float]:
+    return {"p50_ms": _ms(run.p50_ms), "p99_ms": _ms(run.p99_ms)}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One of the issue's speed targets and how this run fared against it."""
+
+    claim: str
+    value: float
+    shown: str
+    met: bool
+
+
+def _ratio_at_least(claim: str, value: float, bound: float) -> Target:
+    return Target(claim, value, f"{value:.2f}", value >= bound)
+
+
+def targets(report: BenchReport) -> list[Target]:
+    """The issue's targets for the first fleet size: informational, never an exit code."""
+    fleet, local = report.first, report.in_process
+    batch_signatures_per_s = fleet.batch.per_s * ITEMS_PER_MESSAGE
+    serial_ratio = fleet.sign_serial.p50_ms / fleet.echo_serial.p50_ms
+    return [
+        _ratio_at_least("sign.rps / echo.rps ≥ 1 (aim: 2)", fleet.sign.per_s / fleet.echo.per_s, 1),
+        Target(
+            "sign_serial.p50 / echo_serial.p50 ≤ 1.5",
+            serial_ratio,
+            f"{serial_ratio:.2f}",
+            serial_ratio <= 1.5,
+        ),
+        Target(
+            "batch ≥ 10,000 signatures/s",
+            batch_signatures_per_s,
+            f"{batch_signatures_per_s:,.0f}",
+            batch_signatures_per_s >= 10_000,
+        ),
+        _ratio_at_least(
+            "tpm_only.p50 / hybrid.p50 ≥ 16", local.tpm_only.p50_ms / local.hybrid.p50_ms, 16
+        ),
+        Target(
+            "keygen.p50 ≤ 40 ms",
+            report.keygen.p50_ms,
+            f"{report.keygen.p50_ms:.1f} ms",
+            report.keygen.p50_ms <= 40,
+        ),
+    ]
+
+
+def _row(name: str, where: str, rate: str, run: Run | None) -> str:
+    p50 = f"{run.p50_ms:9.3f}" if run else f"{'':9}"
+    p99 = f"{run.p99_ms:9.3f}" if run else f"{'':9}"
+    return f"{name:<13} {where:<14} {rate:>24} {p50} {p99}"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' if count != 1 else ''}"
+
+
+def _fleet_rows(fleet: FleetResults) -> list[str]:
+    consumers = _plural(fleet.signers, "consumer")
+    signers = _plural(fleet.signers, "signer")
+    batch_rate = fleet.batch.per_s * ITEMS_PER_MESSAGE
+    return [
+        _row("echo", consumers, f"{fleet.echo.per_s:,.0f} req/s", fleet.echo),
+        _row("echo_serial", consumers, f"{fleet.echo_serial.per_s:,.0f} req/s", fleet.echo_serial),
+        _row("sign", signers, f"{fleet.sign.per_s:,.0f} req/s", fleet.sign),
+        _row("sign_serial", signers, f"{fleet.sign_serial.per_s:,.0f} req/s", fleet.sign_serial),
+        _row("batch", signers, f"{batch_rate:,.0f} signatures/s", fleet.batch),
+    ]
+
+
+def render_table(report: BenchReport) -> str:
+    """The human-readable report: scenarios, scaling, targets."""
+    local = report.in_process
+    lines = [
+        f"zandd bench: {report.where}; {report.duration_s:g} s per scenario "
+        f"after {report.warmup_s:g} s of warm-up",
+        "",
+        f"{'scenario':<13} {'where':<14} {'rate':>24} {'p50 ms':>9} {'p99 ms':>9}",
+        *_fleet_rows(report.first),
+        _row("keygen", "keygen worker", f"{report.keygen.per_s:,.1f} keys/s", report.keygen),
+        _row("crypto_limit", "in process", f"{local.crypto_limit.per_s:,.0f} sign+verify/s", None),
+        _row("hybrid", "in process", f"{local.hybrid.per_s:,.0f} ops/s", local.hybrid),
+        _row("tpm_only", "in process", f"{local.tpm_only.per_s:,.0f} ops/s", local.tpm_only),
+        "",
+        f"batch: {ITEMS_PER_MESSAGE} items per message, latencies per message; "
+        "rates are completed operations per second of wall time",
+    ]
+    if len(report.fleets) > 1:
+        lines += ["", *_scaling_lines(report.fleets)]
+    lines += ["", "targets (informational):"]
+    lines += [
+        f"  {'pass' if target.met else 'FAIL'}  {target.claim:<42} {target.shown:>10}"
+        for target in targets(report)
+    ]
+    return "\n".join(lines)
+
+
+def _scaling_lines(fleets: tuple[FleetResults, ...]) -> list[str]:
+    base = fleets[0]
+    columns: list[tuple[str, Callable[[FleetResults], float]]] = [
+        ("echo req/s", lambda f: f.echo.per_s),
+        ("sign req/s", lambda f: f.sign.per_s),
+        ("batch sig/s", lambda f: f.batch.per_s * ITEMS_PER_MESSAGE),
+    ]
+    header = f"{'signers':>7} " + " ".join(f"{name:>20}" for name, _ in columns)
+    lines = ["scaling (x = against the first size):", header]
+    for fleet in fleets:
+        cells = [
+            f"{value(fleet):>11,.0f} ({value(fleet) / value(base):4.2f}x)" for _, value in columns
+        ]
+        lines.append(f"{fleet.signers:>7} " + " ".join(f"{cell:>20}" for cell in cells))
+    return lines

@@ -1,0 +1,106 @@
+"""One ``zandd bench`` run, start to finish, and the clean-up of everything it started."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+
+from contracts.amqp import connect, redact_url
+from contracts.errors import BrokerUnavailable
+from vault.kek import KekRing
+from workers.bench.environment import (
+    attached_signers,
+    bench_settings,
+    bench_tpm,
+    private_vhost,
+    require_local_broker,
+    running_fleet,
+)
+from workers.bench.in_process import measure_in_process
+from workers.bench.measure import Run, Timing
+from workers.bench.progress import Progress
+from workers.bench.queue_scenarios import FleetResults, measure_fleet, measure_keygen
+from workers.bench.report import BenchReport
+from workers.config import Settings
+from workers.fleet import ensure_kek_ring
+
+
+@dataclass(frozen=True, slots=True)
+class BenchOptions:
+    """What to measure: fleet sizes to start (or ``attach``), timing, and the keygen bound."""
+
+    signer_counts: tuple[int, ...]
+    attach: bool
+    timing: Timing
+    max_keys: int
+
+
+async def run_bench(settings: Settings, options: BenchOptions, progress: Progress) -> BenchReport:
+    """Measure every scenario; whatever was started is stopped again, also on Ctrl-C.
+
+    Without ``attach`` each fleet size runs as child processes in a vhost created for the run,
+    with its vault and KEK ring in a temporary directory; with ``attach`` the fleet at
+    ``settings.amqp_url`` is measured as it is (``keygen`` then adds up to ``max_keys`` keys
+    labelled ``zandd-bench`` to its vault).
+    """
+    if not options.attach:
+        require_local_broker(settings.amqp_url)
+    # An unreachable broker is one sentence before anything was started.
+    await (await connect(settings.amqp_url, connection_name="zandd-bench")).close()
+    try:
+        return await _run(settings, options, progress)
+    except asyncio.CancelledError:
+        progress.note("interrupted; what this run started is stopped and removed")
+        raise
+    except (AMQPError, ChannelInvalidStateError) as exc:
+        raise BrokerUnavailable(
+            f"lost the broker during the benchmark ({type(exc).__name__})"
+        ) from exc
+
+
+async def _run(settings: Settings, options: BenchOptions, progress: Progress) -> BenchReport:
+    async with AsyncExitStack() as stack:
+        if options.attach:
+            amqp_url = settings.amqp_url
+            signer_counts: tuple[int, ...] = (await attached_signers(amqp_url),)
+            where = f"the running fleet at {redact_url(amqp_url)}"
+        else:
+            amqp_url = await stack.enter_async_context(private_vhost(settings.amqp_url, progress))
+            signer_counts = options.signer_counts
+            where = f"its own fleet in {redact_url(amqp_url)}"
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="zandd-bench-")))
+        tcti = stack.enter_context(bench_tpm(settings, workdir / "swtpm"))
+        local = bench_settings(settings, amqp_url=amqp_url, data_dir=workdir, tcti=tcti)
+        ensure_kek_ring(local, tcti)
+        in_process = await measure_in_process(
+            tcti, KekRing.load(local.resolved_kek_file), options.timing, progress
+        )
+        fleets: list[FleetResults] = []
+        keygen: Run | None = None
+        for signers in signer_counts:
+            async with AsyncExitStack() as fleet_stack:
+                if not options.attach:
+                    await fleet_stack.enter_async_context(
+                        running_fleet(local, tcti, signers, progress)
+                    )
+                fleets.append(await measure_fleet(amqp_url, signers, options.timing, progress))
+                if keygen is None:
+                    keygen = await measure_keygen(
+                        amqp_url, options.max_keys, options.timing, progress
+                    )
+        progress.note("done; cleaning up")
+    assert keygen is not None  # signer_counts is never empty
+    return BenchReport(
+        where=f"{where}, {os.cpu_count()} cores",
+        duration_s=options.timing.duration_s,
+        warmup_s=options.timing.warmup_s,
+        fleets=tuple(fleets),
+        keygen=keygen,
+        in_process=in_process,
+    )
