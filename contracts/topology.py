@@ -81,6 +81,14 @@ async def declare_topology(channel: AbstractChannel) -> Topology:
     return Topology(exchange=exchange, events=events, queues=queues)
 
 
+async def bind_topology(channel: AbstractChannel) -> Topology:
+    """Handles to a topology declared by someone else: passive declares need no permission."""
+    exchange = await channel.get_exchange(EXCHANGE, ensure=True)
+    events = await channel.get_exchange(EVENTS_EXCHANGE, ensure=True)
+    queues = {name: await channel.get_queue(name, ensure=True) for name in QUEUE_OPERATIONS}
+    return Topology(exchange=exchange, events=events, queues=queues)
+
+
 def queue_for(operation: Operation) -> str:
     """The work queue an operation is routed to."""
     for queue, operations in QUEUE_OPERATIONS.items():

@@ -12,10 +12,22 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from contracts.errors import ZanddError
-from workers.commands import client, fleet, tpm, vault
+from workers.commands import (
+    audit,
+    bench,
+    client,
+    dead,
+    fleet,
+    health,
+    keys,
+    migrate,
+    tpm,
+    vault,
+)
 from workers.commands.base import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -24,24 +36,33 @@ from workers.commands.base import (
     CommandTree,
     settings_from,
 )
+from workers.logs import LogFormat
+from workers.logs import install as install_log_handler
+from workers.telemetry import configure_tracing
 
 log = logging.getLogger("zandd.cli")
 
-COMMAND_MODULES = (fleet, client, vault, tpm)
+COMMAND_MODULES = (fleet, client, keys, vault, audit, migrate, tpm, dead, bench, health)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(level: str, log_format: LogFormat) -> None:
+    install_log_handler(level, log_format)
     if logging.getLogger().level > logging.DEBUG:
         # aio-pika/aiormq log every failed connection attempt with its own words and the TSS
         # C library prints to stderr; our one sentence says it. DEBUG shows them all.
         logging.getLogger("aiormq").setLevel(logging.CRITICAL)
         logging.getLogger("aio_pika").setLevel(logging.CRITICAL)
         os.environ.setdefault("TSS2_LOG", "all+none")
+
+
+def _run(main: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop where it is installed: the per-message event-loop work is a large part of
+    a request's cost (docs/performance.md)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,10 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"zandd: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     command: Command = args.command
     try:
-        return asyncio.run(command(args, settings))
+        configure_tracing(settings.traces_exporter)
+        return _run(command(args, settings))
     except ZanddError as exc:
         log.debug("failed", exc_info=True)
         print(f"zandd: {exc.message}", file=sys.stderr)

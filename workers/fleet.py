@@ -8,6 +8,7 @@ restarts a child that dies (with backoff), and stops everything on Ctrl-C/SIGTER
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -30,12 +31,14 @@ log = logging.getLogger("zandd.up")
 READY_TIMEOUT_S = 60.0
 _POLL_INTERVAL_S = 0.2
 _MAX_RESTART_DELAY_S = 30.0
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass
 class _Child:
     role: str
     argv: list[str]
+    env: dict[str, str]
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     last_exit: int | None = None
@@ -78,11 +81,11 @@ class Fleet:
 
     def __init__(self, settings: Settings, *, signers: int, child_env: dict[str, str]) -> None:
         self._settings = settings
-        self._env = child_env
         self._stopping = False
         cli = [sys.executable, "-m", "workers.cli"]
-        self._children = [_Child("keygen", [*cli, "keygen-worker"])] + [
-            _Child(f"signer-{n}", [*cli, "signer"]) for n in range(1, signers + 1)
+        self._children = [_Child("keygen", [*cli, "keygen-worker"], _numbered(child_env, 0))] + [
+            _Child(f"signer-{n}", [*cli, "signer"], _numbered(child_env, n))
+            for n in range(1, signers + 1)
         ]
         self.signers = signers
 
@@ -94,7 +97,11 @@ class Fleet:
     async def _supervise(self, child: _Child) -> None:
         delay_s = 0.5
         while not self._stopping:
-            child.process = await asyncio.create_subprocess_exec(*child.argv, env=self._env)
+            # A session of its own: Ctrl-C in the terminal reaches only the supervisor, which
+            # then stops the children in order (they would exit and be restarted otherwise).
+            child.process = await asyncio.create_subprocess_exec(
+                *child.argv, env=child.env, start_new_session=True
+            )
             child.last_exit = await child.process.wait()
             if self._stopping:
                 return
@@ -124,7 +131,10 @@ class Fleet:
         bound_s = self._settings.drain_timeout_s + 5.0
         for process in running:
             try:
-                await asyncio.wait_for(process.wait(), timeout=bound_s)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                # that arrives just as the child exits.
+                async with asyncio.timeout(bound_s):
+                    await process.wait()
             except TimeoutError:
                 log.warning("worker %d did not stop within %.0f s: killed", process.pid, bound_s)
                 process.kill()
@@ -174,14 +184,43 @@ def child_environment(settings: Settings, tcti: str) -> dict[str, str]:
     """The environment that makes every child see exactly this fleet's configuration."""
     env = dict(os.environ)
     env.update(
+        ZANDD_SUPERVISED="1",
         ZANDD_AMQP_URL=settings.amqp_url,
         ZANDD_DATA_DIR=str(settings.data_dir.absolute()),
         ZANDD_VAULT_URL=settings.resolved_vault_url,
         ZANDD_KEK_FILE=str(settings.resolved_kek_file.absolute()),
         ZANDD_TPM_TCTI=tcti,
         ZANDD_LOG_LEVEL=settings.log_level,
+        ZANDD_LOG_FORMAT=settings.log_format,
+        ZANDD_TRACES_EXPORTER=settings.traces_exporter,
+        ZANDD_DECLARE_TOPOLOGY=str(settings.declare_topology).lower(),
     )
+    if settings.metrics_port is not None:
+        env["ZANDD_METRICS_PORT"] = str(settings.metrics_port)
     return env
+
+
+def die_with_supervisor() -> None:
+    """In a child of ``zandd up``: get SIGTERM when the supervisor dies, even by SIGKILL.
+
+    The children run in sessions of their own (see ``Fleet._supervise``), so nothing else
+    would stop them; Linux's parent-death signal does it.
+    """
+    if os.environ.get("ZANDD_SUPERVISED") != "1" or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("cannot ask to be stopped with the supervisor: errno %d", ctypes.get_errno())
+    if os.getppid() == 1:  # the supervisor died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _numbered(env: dict[str, str], index: int) -> dict[str, str]:
+    """Child ``index``'s environment: its own metrics port (base + index: keygen 0, signer n)."""
+    base = env.get("ZANDD_METRICS_PORT")
+    if base is None:
+        return env
+    return {**env, "ZANDD_METRICS_PORT": str(int(base) + index)}
 
 
 async def run_up(

@@ -45,8 +45,12 @@ from contracts.errors import (
 from contracts.limits import Limits
 from contracts.models import ErrorReply, parse_request
 from contracts.operations import ERROR_REPLY_TYPE, IDEMPOTENT_OPERATIONS, Operation
-from contracts.topology import declare_topology
+from contracts.topology import bind_topology, declare_topology
+from contracts.tracing import mark_failed
 from workers.backoff import retry_until_stopped
+from workers.logs import bound_request
+from workers.metrics import OUTCOME_OK, Metrics, operation_label
+from workers.telemetry import consumer_span
 
 log = logging.getLogger("zandd.runtime")
 
@@ -66,6 +70,12 @@ class RequestContext:
 
 
 Handler = Callable[[Any, RequestContext], Awaitable[BaseModel]]
+#: Awaited with (delivery, parsed request or None, reply or error) before any reply is sent.
+#: A successful request whose audit fails is not answered with its result: a dependency error
+#: (vault down) waits like the handler's own would, and the request is served again.
+AuditHook = Callable[
+    [AbstractIncomingMessage, BaseModel | None, BaseModel | ZanddError], Awaitable[None]
+]
 #: Raises a ``ZanddError`` while a dependency is down; returns when it answers again.
 Probe = Callable[[], Awaitable[None]]
 
@@ -74,8 +84,14 @@ Probe = Callable[[], Awaitable[None]]
 class _Outcome:
     body: bytes
     type: str
+    error: ZanddError | None = None
     #: Nobody can be told about this failure (no ``reply_to``): dead-letter it, don't drop it.
     dead_letter_if_unanswered: bool = False
+
+    @property
+    def label(self) -> str:
+        """``ok`` or the error code, for metrics."""
+        return OUTCOME_OK if self.error is None else self.error.code.value
 
 
 class _Session:
@@ -103,6 +119,9 @@ class ConsumerRuntime:
         name: str,
         probe: Probe | None = None,
         max_backoff_s: float = 30.0,
+        audit: AuditHook | None = None,
+        metrics: Metrics | None = None,
+        declare: bool = True,
     ) -> None:
         self._amqp_url = amqp_url
         self._queue = queue
@@ -113,6 +132,9 @@ class ConsumerRuntime:
         self._name = name
         self._probe = probe
         self._max_backoff_s = max_backoff_s
+        self._audit = audit
+        self._metrics = metrics if metrics is not None else Metrics()
+        self._declare = declare
         self._in_flight: set[asyncio.Task[None]] = set()
         self._session: _Session | None = None
         self._stop = asyncio.Event()
@@ -173,7 +195,10 @@ class ConsumerRuntime:
         channel = await connection.channel(publisher_confirms=True)
         # Per-consumer QoS: global QoS on a quorum queue closes the connection.
         await channel.set_qos(prefetch_count=self._prefetch)
-        queue = (await declare_topology(channel)).queues[self._queue]
+        # Least-privilege deployments declare the topology once (ops/rabbitmq/definitions.json)
+        # and give workers no configure rights: they only look it up.
+        topology = await (declare_topology if self._declare else bind_topology)(channel)
+        queue = topology.queues[self._queue]
         session = _Session(channel, queue)
         connection.close_callbacks.add(lambda *_: session.lost.set())
         channel.close_callbacks.add(lambda *_: session.lost.set())
@@ -218,40 +243,88 @@ class ConsumerRuntime:
         task = asyncio.current_task()
         assert task is not None  # aio-pika runs every delivery callback in its own task
         self._in_flight.add(task)
+        started_s = time.perf_counter()
         try:
-            outcome = await self._serve(message)
-            if message.reply_to:
-                await self._reply(message.reply_to, message, outcome)
-            if outcome.dead_letter_if_unanswered and not message.reply_to:
-                await message.reject(requeue=False)
-            else:
-                await message.ack()
+            with (
+                self._metrics.in_flight(),
+                bound_request(message.message_id),
+                consumer_span(message, queue=self._queue) as span,
+            ):
+                outcome = await self._serve(message)
+                if outcome.error is not None:
+                    mark_failed(span, outcome.error)
+                await self._settle(message, outcome)
+            self._metrics.observe_request(
+                operation_label(message.type or message.routing_key),
+                outcome.label,
+                time.perf_counter() - started_s,
+            )
         except _AMQP_FAILURES as exc:
             # Without a confirmed reply the request is not acked: the broker redelivers it.
             log.warning("request %s not settled (%s): left for redelivery", message.message_id, exc)
         finally:
             self._in_flight.discard(task)
 
+    async def _settle(self, message: AbstractIncomingMessage, outcome: _Outcome) -> None:
+        """Reply, then ack — or dead-letter what nobody can be told about."""
+        if message.reply_to:
+            await self._reply(message.reply_to, message, outcome)
+        if outcome.dead_letter_if_unanswered and not message.reply_to:
+            await message.reject(requeue=False)
+            self._metrics.dead_lettered(self._queue, "rejected")
+        else:
+            await message.ack()
+
     async def _serve(self, message: AbstractIncomingMessage) -> _Outcome:
+        request: BaseModel | None = None
         try:
             operation, handler = self._route(message)
             request = parse_request(operation, message.body, self._limits)
             context = RequestContext(operation, message.message_id, message.user_id)
+            handler = self._audited(handler, message)
             reply = await self._call(handler, request, context, _deadline_of(message))
         except (InvalidRequest, UnknownOperation) as exc:
             log.warning(
                 "request %s refused: %s %s", message.message_id, exc.code.value, exc.message
             )
+            await self._audit_refusal(message, request, exc)
             return _error_outcome(exc, dead_letter_if_unanswered=True)
         except ZanddError as exc:
             log.warning(
                 "request %s refused: %s %s", message.message_id, exc.code.value, exc.message
             )
+            await self._audit_refusal(message, request, exc)
             return _error_outcome(exc)
         except Exception:
             log.exception("request %s failed inside the worker", message.message_id)
-            return _error_outcome(InternalError("internal error; the worker log has the details"))
+            error = InternalError("internal error; the worker log has the details")
+            await self._audit_refusal(message, request, error)
+            return _error_outcome(error)
         return _Outcome(reply.model_dump_json().encode(), operation.reply_type)
+
+    def _audited(self, handler: Handler, message: AbstractIncomingMessage) -> Handler:
+        """``handler`` followed by the audit of its result, so both are retried together."""
+        audit = self._audit
+        if audit is None:
+            return handler
+
+        async def audited(request: Any, context: RequestContext) -> BaseModel:
+            reply = await handler(request, context)
+            await audit(message, request, reply)
+            return reply
+
+        return audited
+
+    async def _audit_refusal(
+        self, message: AbstractIncomingMessage, request: BaseModel | None, error: ZanddError
+    ) -> None:
+        # A refusal goes out even when it could not be audited: nothing was done for it.
+        if self._audit is None:
+            return
+        try:
+            await self._audit(message, request, error)
+        except Exception:
+            log.exception("request %s: its refusal could not be audited", message.message_id)
 
     def _route(self, message: AbstractIncomingMessage) -> tuple[Operation, Handler]:
         name = message.type or message.routing_key or ""
@@ -364,4 +437,6 @@ def _check_deadline(deadline: float | None, context: RequestContext) -> None:
 
 def _error_outcome(error: ZanddError, *, dead_letter_if_unanswered: bool = False) -> _Outcome:
     reply = ErrorReply(code=ErrorCode(error.code), message=error.message, retryable=error.retryable)
-    return _Outcome(reply.model_dump_json().encode(), ERROR_REPLY_TYPE, dead_letter_if_unanswered)
+    return _Outcome(
+        reply.model_dump_json().encode(), ERROR_REPLY_TYPE, error, dead_letter_if_unanswered
+    )

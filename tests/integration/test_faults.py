@@ -215,10 +215,14 @@ def keygen_subscribers(amqp_url: str) -> int:
 async def started(fleet: ProcessFleet, *, signers: int, keygens: int = 1) -> None:
     for n in range(1, keygens + 1):
         await fleet.start(f"keygen-{n}")
-        # One at a time: the first keygen worker to subscribe is the active one.
-        async with asyncio.timeout(60):
-            while await asyncio.to_thread(keygen_subscribers, fleet.amqp_url) < n:
-                await asyncio.sleep(0.2)
+        # One at a time: the first keygen worker to subscribe is the active one. The broker
+        # offers no event for a new subscriber: poll its consumer list.
+        for _ in range(300):
+            if await asyncio.to_thread(keygen_subscribers, fleet.amqp_url) >= n:
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise TimeoutError(f"keygen-{n} did not subscribe to {KEYGEN_QUEUE}")
     for n in range(1, signers + 1):
         await fleet.start(f"signer-{n}")
     await fleet.wait_for_consumers(signers=signers, keygens=min(keygens, 1))

@@ -9,15 +9,19 @@ from workers.config import Settings
 
 
 async def _cmd_signer(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.fleet import die_with_supervisor
     from workers.serve import serve_signer
 
+    die_with_supervisor()
     await serve_signer(settings, concurrency=args.concurrency)
     return 0
 
 
 async def _cmd_keygen(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.fleet import die_with_supervisor
     from workers.serve import serve_keygen
 
+    die_with_supervisor()
     await serve_keygen(settings)
     return 0
 
