@@ -23,7 +23,9 @@ from vault.store import VaultStore, open_store
 from workers.auditing import Clock, RequestAuditor, utc_now
 from workers.config import Settings
 from workers.events import EventPublisher, EventSubscriber
+from workers.health import TpmHeartbeat, heartbeat_path
 from workers.hygiene import harden_process
+from workers.metrics import Metrics
 from workers.policy import AccessPolicy
 from workers.probes import vault_answers
 from workers.runtime import AuditHook, ConsumerRuntime, Handler, Probe
@@ -52,7 +54,12 @@ class Worker:
 
 
 async def signer_worker(
-    settings: Settings, store: VaultStore, ring: KekRing, stack: AsyncExitStack
+    settings: Settings,
+    store: VaultStore,
+    ring: KekRing,
+    stack: AsyncExitStack,
+    *,
+    metrics: Metrics | None = None,
 ) -> Worker:
     """A signer: its handlers, its audit log, and its subscription to ``zandd.events``.
 
@@ -62,7 +69,7 @@ async def signer_worker(
 
     audit_log = AuditLog(store)
     stack.push_async_callback(audit_log.close)
-    signer = Signer(store, ring, AccessPolicy.from_settings(settings))
+    signer = Signer(store, ring, AccessPolicy.from_settings(settings), metrics=metrics)
     subscriber = EventSubscriber(
         settings.amqp_url,
         signer.on_event,
@@ -84,6 +91,7 @@ async def keygen_worker(
     stack: AsyncExitStack,
     *,
     clock: Clock = utc_now,
+    metrics: Metrics | None = None,
 ) -> Worker:
     """The keygen worker: key creation, the key lifecycle, and destruction when due."""
     from workers.keygen.lifecycle import KeyLifecycle
@@ -94,10 +102,11 @@ async def keygen_worker(
     events = EventPublisher(settings.amqp_url, declare=settings.declare_topology)
     stack.push_async_callback(events.close)
     policy = AccessPolicy.from_settings(settings)
-    keygen = Keygen(store, ring, tpm, policy)
+    keygen = Keygen(store, ring, tpm, policy, metrics=metrics)
     lifecycle = KeyLifecycle(store, policy=policy, events=events, audit=audit_log, clock=clock)
     interval_s = settings.destroy_check_interval_s
     await _beside(stack, partial(lifecycle.destroy_due_forever, interval_s=interval_s))
+    await _beside(stack, TpmHeartbeat(heartbeat_path(settings), tpm.heartbeat).run)
     handlers = {**keygen.handlers, **lifecycle.handlers}
     return Worker(KEYGEN_QUEUE, handlers, keygen.probe, RequestAuditor(audit_log, clock=clock))
 
@@ -124,7 +133,16 @@ async def _beside(
             task.result()  # it failed to start: its error says why
 
 
-async def _serve(settings: Settings, worker: Worker, prefetch: int) -> None:
+def _metrics(settings: Settings, stack: AsyncExitStack) -> Metrics:
+    metrics = Metrics()
+    if settings.metrics_port is not None:
+        server = metrics.serve(settings.metrics_port, settings.metrics_host)
+        stack.callback(server.close)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, server.port)
+    return metrics
+
+
+async def _serve(settings: Settings, worker: Worker, prefetch: int, metrics: Metrics) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -141,6 +159,7 @@ async def _serve(settings: Settings, worker: Worker, prefetch: int) -> None:
         probe=worker.probe,
         audit=worker.audit,
         declare=settings.declare_topology,
+        metrics=metrics,
     )
     await runtime.run(stop)
 
@@ -156,11 +175,12 @@ async def serve_signer(settings: Settings, *, concurrency: int | None = None) ->
     """Serve ``zandd.sign`` until SIGTERM/SIGINT, then drain."""
     ring = KekRing.load(settings.resolved_kek_file)
     async with AsyncExitStack() as stack:
+        metrics = _metrics(settings, stack)
         store = await open_store(settings.resolved_vault_url)
         stack.push_async_callback(store.close)
-        worker = await signer_worker(settings, store, ring, stack)
+        worker = await signer_worker(settings, store, ring, stack, metrics=metrics)
         _harden(settings)
-        await _serve(settings, worker, concurrency or settings.signer_concurrency)
+        await _serve(settings, worker, concurrency or settings.signer_concurrency, metrics)
 
 
 async def serve_keygen(settings: Settings) -> None:
@@ -173,8 +193,9 @@ async def serve_keygen(settings: Settings) -> None:
         tpm = TpmSession(resolve_tcti(settings))
         stack.callback(tpm.close)
         log.info("keygen will use the TPM at %s", tpm.tcti)
+        metrics = _metrics(settings, stack)
         store = await open_store(settings.resolved_vault_url)
         stack.push_async_callback(store.close)
-        worker = await keygen_worker(settings, store, ring, tpm, stack)
+        worker = await keygen_worker(settings, store, ring, tpm, stack, metrics=metrics)
         _harden(settings)
-        await _serve(settings, worker, settings.keygen_concurrency)
+        await _serve(settings, worker, settings.keygen_concurrency, metrics)

@@ -285,7 +285,8 @@ async def test_a_disabled_key_refuses_and_signs_again_once_enabled(
     await alice.sign(key.key_id, b"before")
     disabled = await alice.disable_key(key.key_id)
     assert [(v.version, v.state) for v in disabled.versions] == [(1, KeyState.DISABLED)]
-    # Both signers read the vault on every request: all refuse at once.
+    # The signer that signed "before" had cached the enabled record; the event (confirmed by
+    # the broker before the disable reply) invalidates it first: all refuse at once.
     refusals = await asyncio.gather(
         *(alice.sign(key.key_id, f"m{i}".encode()) for i in range(20)), return_exceptions=True
     )

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -22,6 +24,21 @@ T = TypeVar("T")
 log = logging.getLogger("zandd.keygen")
 
 _PROBE_BYTES = 8
+
+
+def endpoint_reachable(tcti: str, timeout_s: float = 2.0) -> None:
+    """Raise ``TpmUnavailable`` unless the TCTI's device exists or its socket accepts."""
+    kind, _, conf = tcti.partition(":")
+    if kind == "device":
+        if not os.access(conf or "/dev/tpmrm0", os.R_OK | os.W_OK):
+            raise TpmUnavailable(f"the TPM device {conf} is missing or not accessible")
+    elif kind in ("swtpm", "mssim"):
+        options = dict(part.split("=", 1) for part in conf.split(",") if "=" in part)
+        host, port = options.get("host", "127.0.0.1"), int(options.get("port", "2321"))
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+        except OSError as exc:
+            raise TpmUnavailable(f"nothing answers at the TPM's address {host}:{port}") from exc
 
 
 class TpmSession:
@@ -46,6 +63,18 @@ class TpmSession:
     async def probe(self) -> None:
         """Raise ``TpmUnavailable`` unless the TPM answers a harmless command."""
         await self.run(lambda tpm: tpm.get_random(_PROBE_BYTES))
+
+    async def heartbeat(self) -> None:
+        """For ``zandd health``: the TPM answers, without opening it if it is not open yet.
+
+        Opening is left to the first request: a hot standby that opened the TPM would flush
+        the active worker's objects from a TPM without a resource manager (see ``Tpm``).
+        Until then, only the TPM's endpoint is checked.
+        """
+        if self._tpm is None:
+            await asyncio.to_thread(endpoint_reachable, self._tcti)
+            return
+        await self.probe()
 
     def _run_blocking(self, command: Callable[[Tpm], T]) -> T:
         if self._tpm is None:

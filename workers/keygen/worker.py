@@ -19,9 +19,11 @@ from vault.records import KeyRecord, KeyState
 from vault.sealing import RecordBinding, seal
 from vault.store import VaultStore
 from workers.keygen.session import TpmSession
+from workers.metrics import Metrics
 from workers.policy import AccessPolicy
 from workers.probes import vault_answers
 from workers.runtime import Handler, RequestContext
+from workers.telemetry import Stage, stage
 
 log = logging.getLogger("zandd.keygen")
 
@@ -44,11 +46,14 @@ class Keygen:
         ring: KekRing,
         tpm: TpmSession,
         policy: AccessPolicy | None = None,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._ring = ring
         self._tpm = tpm
         self._policy = policy or AccessPolicy()
+        self._metrics = metrics
 
     @property
     def handlers(self) -> Mapping[Operation, Handler]:
@@ -87,7 +92,8 @@ class Keygen:
     async def _generate(self, request: KeyCreateRequest, owner: str, request_id: str) -> KeyRecord:
         # After a `zandd vault rotate-kek` new keys go under the new active KEK at once.
         self._ring.refresh()
-        exported = await self._tpm.run(lambda tpm: tpm.create_exportable_p256())
+        with stage(Stage.TPM, self._metrics):
+            exported = await self._tpm.run(lambda tpm: tpm.create_exportable_p256())
         with exported:
             key_id = new_key_id()
             binding = RecordBinding(key_id=key_id, version=1, algorithm=request.algorithm)

@@ -13,7 +13,7 @@ the record's stored public key, is refused with ``integrity_error`` and never si
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -26,6 +26,8 @@ from contracts.models import Encoding
 from vault.kek import KekRing
 from vault.records import KeyRecord, KeyState
 from vault.sealing import open_into, wipe
+from workers.metrics import Metrics
+from workers.telemetry import Stage, stage
 
 P256_SCALAR_BYTES = 32
 _PREHASHED_ECDSA = ec.ECDSA(Prehashed(hashes.SHA256()))
@@ -42,10 +44,12 @@ def stored_public_key(record: KeyRecord) -> ec.EllipticCurvePublicKey:
 
 
 @contextmanager
-def opened_key(
-    record: KeyRecord, ring: KekRing, public_key: ec.EllipticCurvePublicKey
-) -> Iterator[ec.EllipticCurvePrivateKey]:
-    """The record's private key for a ``with`` block; refuses unusable or mismatched records."""
+def opened_key(record: KeyRecord, ring: KekRing) -> Iterator[ec.EllipticCurvePrivateKey]:
+    """The record's private key for a ``with`` block; refuses unusable records.
+
+    A scalar that does not belong to the record's public key is caught by the verification
+    after signing (``sign_digests``), which costs less than deriving the public point here.
+    """
     if record.state is not KeyState.ENABLED or record.sealed is None:
         raise KeyDisabled(f"key {record.key_id} v{record.version} is {record.state.value}")
     scalar = bytearray(P256_SCALAR_BYTES)
@@ -64,35 +68,52 @@ def opened_key(
     finally:
         wipe(scalar)
     try:
-        if private_key.public_key().public_numbers() != public_key.public_numbers():
-            raise IntegrityError(
-                f"key {record.key_id} v{record.version}: the sealed private key does not "
-                "belong to the stored public key; refused"
-            )
         yield private_key
     finally:
         del private_key
 
 
 def sign_digests(
-    record: KeyRecord, ring: KekRing, digests: Iterable[bytes], encoding: Encoding
+    record: KeyRecord,
+    ring: KekRing,
+    digests: Iterable[bytes],
+    encoding: Encoding,
+    public_key: ec.EllipticCurvePublicKey | None = None,
+    metrics: Metrics | None = None,
 ) -> list[bytes]:
     """Sign every SHA-256 digest with the record's key and verify each signature.
 
-    Verification uses the public key stored in the record, not one derived from the opened
-    scalar: a fault during signing fails here and nothing is returned (``integrity_error``).
+    Verification uses the public key stored in the record (``public_key`` when the caller
+    parsed it already), not one derived from the opened scalar: a fault during signing, or a
+    scalar that does not belong to the record, fails here and nothing is returned
+    (``integrity_error``).
     """
-    public_key = stored_public_key(record)
+    if public_key is None:
+        public_key = stored_public_key(record)
     signatures: list[bytes] = []
-    with opened_key(record, ring, public_key) as private_key:
-        for digest in digests:
-            signature = private_key.sign(digest, _PREHASHED_ECDSA)
-            try:
-                public_key.verify(signature, digest, _PREHASHED_ECDSA)
-            except InvalidSignature:
-                raise IntegrityError(
-                    f"a signature by key {record.key_id} v{record.version} did not verify "
-                    "against its stored public key; nothing was returned"
-                ) from None
-            signatures.append(der_to_raw(signature) if encoding == "raw" else signature)
+    with ExitStack() as key_scope:
+        with stage(Stage.UNSEAL, metrics):
+            private_key = key_scope.enter_context(opened_key(record, ring))
+        with stage(Stage.SIGN, metrics):
+            for digest in digests:
+                signatures.append(_signed(private_key, public_key, record, digest, encoding))
     return signatures
+
+
+def _signed(
+    private_key: ec.EllipticCurvePrivateKey,
+    public_key: ec.EllipticCurvePublicKey,
+    record: KeyRecord,
+    digest: bytes,
+    encoding: Encoding,
+) -> bytes:
+    signature = private_key.sign(digest, _PREHASHED_ECDSA)
+    try:
+        public_key.verify(signature, digest, _PREHASHED_ECDSA)
+    except InvalidSignature:
+        raise IntegrityError(
+            f"a signature by key {record.key_id} v{record.version} did not verify "
+            "against its stored public key (a fault, or a sealed scalar that does not "
+            "belong to the record); nothing was returned"
+        ) from None
+    return der_to_raw(signature) if encoding == "raw" else signature

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from contracts.crypto import public_key_jwk, public_key_pem
 from contracts.errors import KeyDisabled
 from contracts.models import (
+    Encoding,
     KeyPublicReply,
     KeyPublicRequest,
     KeyState,
@@ -24,11 +25,13 @@ from contracts.models import (
 )
 from contracts.operations import Operation
 from vault.kek import KekRing
-from vault.records import KeyRecord
 from vault.store import VaultStore
+from workers.metrics import Metrics
 from workers.policy import AccessPolicy
 from workers.runtime import Handler, RequestContext
-from workers.signer.signing import sign_digests, stored_public_key
+from workers.signer.cache import CachedKey, RecordCache
+from workers.signer.signing import sign_digests
+from workers.telemetry import Stage, stage
 
 log = logging.getLogger("zandd.signer")
 
@@ -42,11 +45,19 @@ class Signer:
     """
 
     def __init__(
-        self, store: VaultStore, ring: KekRing, policy: AccessPolicy | None = None
+        self,
+        store: VaultStore,
+        ring: KekRing,
+        policy: AccessPolicy | None = None,
+        *,
+        metrics: Metrics | None = None,
+        cache: RecordCache | None = None,
     ) -> None:
         self._store = store
         self._ring = ring
         self._policy = policy or AccessPolicy()
+        self._metrics = metrics
+        self._cache = cache if cache is not None else RecordCache(store)
         self._not_enabled: dict[tuple[str, int], KeyState] = {}
 
     @property
@@ -61,6 +72,7 @@ class Signer:
     def on_event(self, event: KeyStateChangedEvent) -> None:
         """Note a committed state change announced on ``zandd.events``."""
         version = (event.key_id, event.version)
+        self._cache.invalidate(event.key_id)
         if event.state == KeyState.ENABLED:
             self._not_enabled.pop(version, None)
         else:
@@ -68,13 +80,16 @@ class Signer:
         log.debug("key %s v%d is now %s", event.key_id, event.version, event.state.value)
 
     def forget_events(self) -> None:
-        """Drop what the events said: some may have been missed; the vault decides alone."""
+        """Drop what the events said and what was cached: some events may have been missed,
+        so the vault decides alone until the next ones arrive."""
         self._not_enabled.clear()
+        self._cache.clear()
 
     async def sign(self, request: SignRequest, context: RequestContext) -> SignReply:
         """One signature over the request's message or digest."""
-        record = await self._usable_record(request.key_id, request.version, context)
-        (signature,) = sign_digests(record, self._ring, [request.sha256_digest()], request.encoding)
+        cached = await self._usable_key(request.key_id, request.version, context)
+        record = cached.record
+        (signature,) = self._sign(cached, [request.sha256_digest()], request.encoding)
         return SignReply(
             key_id=record.key_id,
             version=record.version,
@@ -87,9 +102,10 @@ class Signer:
         self, request: SignBatchRequest, context: RequestContext
     ) -> SignBatchReply:
         """Signatures over every item, in item order, with the key opened once."""
-        record = await self._usable_record(request.key_id, request.version, context)
+        cached = await self._usable_key(request.key_id, request.version, context)
+        record = cached.record
         digests = [item.sha256_digest() for item in request.items]
-        signatures = sign_digests(record, self._ring, digests, request.encoding)
+        signatures = self._sign(cached, digests, request.encoding)
         return SignBatchReply(
             key_id=record.key_id,
             version=record.version,
@@ -105,8 +121,8 @@ class Signer:
         authenticated and in any state: signatures made before a key was destroyed stay
         verifiable."""
         self._policy.principal(context)
-        record = await self._store.get_key(request.key_id, request.version)
-        key = stored_public_key(record)
+        cached = await self._fetch(request.key_id, request.version)
+        record, key = cached.record, cached.public_key
         return KeyPublicReply(
             key_id=record.key_id,
             version=record.version,
@@ -115,14 +131,28 @@ class Signer:
             public_key_jwk=public_key_jwk(key, kid=f"{record.key_id}.v{record.version}"),
         )
 
-    async def _usable_record(
+    async def _fetch(self, key_id: str, version: int | None) -> CachedKey:
+        with stage(Stage.VAULT_FETCH, self._metrics, attributes={"zandd.key.id": key_id}):
+            before = self._cache.hits
+            cached = await self._cache.get(key_id, version)
+        if self._metrics is not None:
+            self._metrics.cache_lookup("keys", hit=self._cache.hits > before)
+        return cached
+
+    def _sign(self, cached: CachedKey, digests: list[bytes], encoding: Encoding) -> list[bytes]:
+        return sign_digests(
+            cached.record, self._ring, digests, encoding, cached.public_key, self._metrics
+        )
+
+    async def _usable_key(
         self, key_id: str, version: int | None, context: RequestContext
-    ) -> KeyRecord:
+    ) -> CachedKey:
         principal = self._policy.principal(context)
-        record = await self._store.get_key(key_id, version)
+        cached = await self._fetch(key_id, version)
+        record = cached.record
         # Access before state: someone who may not use the key learns nothing of its state.
         self._policy.check_sign(record, principal)
         announced = self._not_enabled.get((record.key_id, record.version))
         if announced is not None:
             raise KeyDisabled(f"key {record.key_id} v{record.version} is {announced.value}")
-        return record
+        return cached

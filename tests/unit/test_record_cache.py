@@ -1,0 +1,135 @@
+"""The signer's cache of sealed records: hits, invalidation, expiry, bounds."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from contracts.crypto import public_key_der
+from contracts.errors import KeyNotFound
+from vault.records import KeyRecord, KeyState
+from vault.sealing import SealedKey
+from workers.signer.cache import RecordCache
+
+
+def record(key_id: str, version: int = 1) -> KeyRecord:
+    public = ec.generate_private_key(ec.SECP256R1()).public_key()
+    return KeyRecord(
+        key_id=key_id,
+        version=version,
+        algorithm="ecdsa-p256-sha256",
+        public_key_der=public_key_der(public),
+        sealed=SealedKey("kek-1", os.urandom(12), os.urandom(48)),
+        state=KeyState.ENABLED,
+        label=None,
+        allowed_signers=("alice",),
+        created_at=datetime(2026, 11, 28, tzinfo=UTC),
+        created_by="alice",
+        request_id=None,
+    )
+
+
+class CountingVault:
+    """A vault in memory that counts reads (the cache is what is under test here)."""
+
+    def __init__(self, *records: KeyRecord) -> None:
+        self.records = {(r.key_id, r.version): r for r in records}
+        self.reads = 0
+
+    async def get_key(self, key_id: str, version: int | None = None) -> KeyRecord:
+        self.reads += 1
+        versions = [v for (k, v) in self.records if k == key_id]
+        if not versions or (version is not None and version not in versions):
+            raise KeyNotFound(f"key {key_id} not found")
+        return self.records[key_id, version if version is not None else max(versions)]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def cache_over(vault: CountingVault, **options: object) -> RecordCache:
+    return RecordCache(vault, **options)  # type: ignore[arg-type]
+
+
+async def test_a_second_request_is_served_from_the_cache() -> None:
+    vault = CountingVault(record("k1"), record("k1", 2))
+    cache = cache_over(vault)
+    first = await cache.get("k1", None)
+    assert first.record.version == 2
+    assert (await cache.get("k1", None)).record is first.record
+    assert (await cache.get("k1", 2)).record is first.record
+    assert vault.reads == 1
+    assert (await cache.get("k1", 1)).record.version == 1
+    assert vault.reads == 2
+    assert (cache.hits, cache.misses) == (2, 2)
+    assert (
+        first.public_key.public_numbers()
+        == ec.EllipticCurvePublicKey.from_encoded_point(
+            ec.SECP256R1(), first.public_key.public_bytes(*_uncompressed())
+        ).public_numbers()
+    )
+
+
+def _uncompressed() -> tuple[object, object]:
+    from cryptography.hazmat.primitives import serialization
+
+    return serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+
+
+async def test_invalidating_a_key_forgets_every_version_and_the_latest() -> None:
+    vault = CountingVault(record("k1"), record("k2"))
+    cache = cache_over(vault)
+    await cache.get("k1", None)
+    await cache.get("k1", 1)
+    await cache.get("k2", 1)
+    cache.invalidate("k1")
+    await cache.get("k1", None)
+    await cache.get("k2", 1)
+    assert vault.reads == 3  # k1 read again, k2 still cached
+    cache.clear()
+    await cache.get("k2", 1)
+    assert vault.reads == 4
+
+
+async def test_entries_expire_after_the_ttl() -> None:
+    clock = Clock()
+    vault = CountingVault(record("k1"))
+    cache = cache_over(vault, ttl_s=60.0, clock=clock)
+    await cache.get("k1", None)
+    clock.now += 59.9
+    await cache.get("k1", None)
+    assert vault.reads == 1
+    clock.now += 0.2
+    await cache.get("k1", None)
+    assert vault.reads == 2
+
+
+async def test_the_least_recently_used_entry_leaves_first() -> None:
+    vault = CountingVault(*(record(f"k{i}") for i in range(3)))
+    cache = cache_over(vault, max_entries=2)
+    await cache.get("k0", 1)
+    await cache.get("k1", 1)
+    await cache.get("k0", 1)  # k0 is now the most recent
+    await cache.get("k2", 1)  # evicts k1
+    reads = vault.reads
+    await cache.get("k0", 1)
+    assert vault.reads == reads
+    await cache.get("k1", 1)
+    assert vault.reads == reads + 1
+
+
+async def test_a_missing_key_is_not_cached() -> None:
+    vault = CountingVault()
+    cache = cache_over(vault)
+    for _ in range(2):
+        with pytest.raises(KeyNotFound):
+            await cache.get("nope", None)
+    assert vault.reads == 2

@@ -1,0 +1,97 @@
+"""The signer's cache of sealed key records: ciphertext and public key, never a private key.
+
+It saves the vault read and the public-key parse a sign request would otherwise pay. Entries
+leave the cache when ``zandd.events`` announces a change of their key (the keygen worker
+publishes the event, confirmed by the broker, before it answers the request that made the
+change), when the event subscription had a gap (``clear``), and after ``ttl_s`` at the latest —
+the bound on what a change made behind the keygen worker's back can cost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from vault.records import KeyRecord
+from vault.store import VaultStore
+from workers.signer.signing import stored_public_key
+
+DEFAULT_TTL_S = 60.0
+DEFAULT_MAX_ENTRIES = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class CachedKey:
+    """A sealed record and its parsed public key."""
+
+    record: KeyRecord
+    public_key: ec.EllipticCurvePublicKey
+    expires_at: float
+
+
+class RecordCache:
+    """``(key_id, version)`` → sealed record, least recently used out first."""
+
+    def __init__(
+        self,
+        store: VaultStore,
+        *,
+        ttl_s: float = DEFAULT_TTL_S,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[tuple[str, int], CachedKey] = OrderedDict()
+        # The current version of a key, for requests that name none.
+        self._latest: dict[str, tuple[int, float]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    async def get(self, key_id: str, version: int | None) -> CachedKey:
+        """The record (from the cache when fresh), or the vault's ``KeyNotFound``."""
+        now = self._clock()
+        wanted = version if version is not None else self._latest_version(key_id, now)
+        if wanted is not None:
+            cached = self._entries.get((key_id, wanted))
+            if cached is not None and cached.expires_at > now:
+                self._entries.move_to_end((key_id, wanted))
+                self.hits += 1
+                return cached
+        self.misses += 1
+        record = await self._store.get_key(key_id, version)
+        return self._put(record, latest=version is None, now=now)
+
+    def _latest_version(self, key_id: str, now: float) -> int | None:
+        latest = self._latest.get(key_id)
+        if latest is None or latest[1] <= now:
+            return None
+        return latest[0]
+
+    def _put(self, record: KeyRecord, *, latest: bool, now: float) -> CachedKey:
+        entry = CachedKey(record, stored_public_key(record), now + self._ttl_s)
+        self._entries[record.key_id, record.version] = entry
+        self._entries.move_to_end((record.key_id, record.version))
+        if latest:
+            self._latest[record.key_id] = (record.version, entry.expires_at)
+        while len(self._entries) > self._max_entries:
+            (old_key_id, _version), _ = self._entries.popitem(last=False)
+            self._latest.pop(old_key_id, None)
+        return entry
+
+    def invalidate(self, key_id: str) -> None:
+        """Forget every version of ``key_id`` (a state change, a new version)."""
+        self._latest.pop(key_id, None)
+        for cached in [k for k in self._entries if k[0] == key_id]:
+            del self._entries[cached]
+
+    def clear(self) -> None:
+        """Forget everything (the event subscription may have missed changes)."""
+        self._entries.clear()
+        self._latest.clear()
