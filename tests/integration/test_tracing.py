@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from contracts.topology import EXCHANGE, SIGN_QUEUE, declare_topology
 from contracts.tracing import producer_span
+from tests.conftest import RunningFleet
 from tests.spans import by_name, memory_exporter
 from workers.telemetry import Stage, consumer_span, stage
 
@@ -65,3 +66,28 @@ async def test_the_worker_span_continues_the_producer_trace_across_the_broker(
     assert attributes["messaging.message.id"] == "req-9"
     assert attributes["messaging.rabbitmq.destination.routing_key"] == "sign"
     assert isinstance(attributes["messaging.rabbitmq.message.delivery_tag"], int)
+
+
+@pytest.mark.tpm
+async def test_a_client_call_and_the_signers_work_share_one_trace(
+    fleet: RunningFleet, spans: InMemorySpanExporter
+) -> None:
+    async with await fleet.client() as client:
+        key = await client.create_key()
+        spans.clear()
+        await client.sign(key.key_id, b"traced")
+    finished = spans.get_finished_spans()
+    producer = by_name(finished, "publish zandd:sign")
+    consumer = by_name(finished, "process zandd:sign:zandd.sign")
+    assert producer.context is not None
+    assert consumer.context is not None
+    trace_id = producer.context.trace_id
+    assert consumer.context.trace_id == trace_id
+    assert consumer.parent is not None
+    assert consumer.parent.span_id == producer.context.span_id
+    for name in ("zandd.vault_fetch", "zandd.unseal", "zandd.sign"):
+        child = by_name(finished, name)
+        assert child.context is not None
+        assert child.context.trace_id == trace_id
+        assert child.parent is not None
+        assert child.parent.span_id == consumer.context.span_id
