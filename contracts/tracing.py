@@ -24,6 +24,9 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from contracts.errors import ErrorCode, ZanddError
 
 TRACER_NAME = "zandd"
+#: Fetched once: ``get_tracer`` per span costs more than the span (a proxy until a provider is
+#: installed, after which it delegates to the real tracer).
+TRACER = trace.get_tracer(TRACER_NAME)
 
 MESSAGING_SYSTEM = "messaging.system"
 MESSAGING_OPERATION_TYPE = "messaging.operation.type"
@@ -125,7 +128,7 @@ def producer_span(
         attributes[MESSAGING_MESSAGE_ID] = message_id
     if correlation_id:
         attributes[MESSAGING_CONVERSATION_ID] = correlation_id
-    tracer = trace.get_tracer(TRACER_NAME)
+    tracer = TRACER
     with tracer.start_as_current_span(
         f"publish {destination}",
         kind=SpanKind.PRODUCER,

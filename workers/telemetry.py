@@ -44,7 +44,7 @@ from contracts.tracing import (
     MESSAGING_ROUTING_KEY,
     MESSAGING_SYSTEM,
     RABBITMQ,
-    TRACER_NAME,
+    TRACER,
     extract,
     mark_failed,
 )
@@ -157,7 +157,7 @@ def consumer_span(message: AbstractIncomingMessage, *, queue: str) -> Iterator[S
         attributes[MESSAGING_MESSAGE_ID] = message.message_id
     if message.correlation_id:
         attributes[MESSAGING_CONVERSATION_ID] = message.correlation_id
-    tracer = trace.get_tracer(TRACER_NAME)
+    tracer = TRACER
     with tracer.start_as_current_span(
         f"process {destination}",
         context=parent,
@@ -174,6 +174,12 @@ def consumer_span(message: AbstractIncomingMessage, *, queue: str) -> Iterator[S
             raise
 
 
+def recording() -> bool:
+    """Whether spans are recorded (an SDK provider whose sampler is not always-off)."""
+    provider = trace.get_tracer_provider()
+    return isinstance(provider, TracerProvider) and provider.sampler is not ALWAYS_OFF
+
+
 @contextmanager
 def stage(
     name: Stage,
@@ -182,21 +188,28 @@ def stage(
     attributes: Mapping[str, str | int] | None = None,
 ) -> Iterator[Span]:
     """A child span ``zandd.<stage>`` around one step of a request, also timed into the
-    stage histogram of ``metrics`` when given. Never put key material in ``attributes``."""
-    tracer = trace.get_tracer(TRACER_NAME)
+    stage histogram of ``metrics`` when given. Never put key material in ``attributes``.
+
+    With tracing off (exporter ``none``) no span is made: a stage span carries no trace id the
+    logs need (the consumer span does), and it would cost more than some stages it measures.
+    """
     started = time.perf_counter()
-    with tracer.start_as_current_span(
-        f"zandd.{name.value}",
-        kind=SpanKind.INTERNAL,
-        attributes=attributes,
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as span:
-        try:
-            yield span
-        except BaseException as exc:
-            mark_failed(span, exc)
-            raise
-        finally:
-            if metrics is not None:
-                metrics.observe_stage(name, time.perf_counter() - started)
+    try:
+        if not recording():
+            yield trace.INVALID_SPAN
+            return
+        with TRACER.start_as_current_span(
+            f"zandd.{name.value}",
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                yield span
+            except BaseException as exc:
+                mark_failed(span, exc)
+                raise
+    finally:
+        if metrics is not None:
+            metrics.observe_stage(name, time.perf_counter() - started)
