@@ -10,12 +10,12 @@ import hashlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from aio_pika.abc import AbstractIncomingMessage
 from pydantic import BaseModel
 
 from contracts.errors import ZanddError
 from contracts.models import SignBatchRequest, SignRequest
 from vault.audit import OUTCOME_OK, AuditEvent, AuditLog
+from workers.delivery import Delivery
 
 Clock = Callable[[], datetime]
 #: Names and ids that callers choose are kept to this length in the log.
@@ -52,7 +52,7 @@ def _number(value: object) -> int | None:
 
 
 def audit_event(
-    message: AbstractIncomingMessage,
+    message: Delivery,
     request: BaseModel | None,
     result: BaseModel | ZanddError,
     at: datetime,
@@ -82,7 +82,7 @@ class RequestAuditor:
 
     async def __call__(
         self,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         request: BaseModel | None,
         result: BaseModel | ZanddError,
     ) -> None:

@@ -26,8 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractQueue
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from aiormq.abc import AbstractChannel as TransportChannel
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
 from pydantic import BaseModel
 
 from contracts.amqp import DEADLINE_HEADER, JSON_CONTENT_TYPE, connect_plain
@@ -48,6 +51,7 @@ from contracts.operations import ERROR_REPLY_TYPE, IDEMPOTENT_OPERATIONS, Operat
 from contracts.topology import bind_topology, declare_topology
 from contracts.tracing import mark_failed
 from workers.backoff import retry_until_stopped
+from workers.delivery import Delivery
 from workers.logs import bound_request
 from workers.metrics import OUTCOME_OK, Metrics, operation_label
 from workers.telemetry import consumer_span
@@ -73,9 +77,7 @@ Handler = Callable[[Any, RequestContext], Awaitable[BaseModel]]
 #: Awaited with (delivery, parsed request or None, reply or error) before any reply is sent.
 #: A successful request whose audit fails is not answered with its result: a dependency error
 #: (vault down) waits like the handler's own would, and the request is served again.
-AuditHook = Callable[
-    [AbstractIncomingMessage, BaseModel | None, BaseModel | ZanddError], Awaitable[None]
-]
+AuditHook = Callable[[Delivery, BaseModel | None, BaseModel | ZanddError], Awaitable[None]]
 #: Raises a ``ZanddError`` while a dependency is down; returns when it answers again.
 Probe = Callable[[], Awaitable[None]]
 
@@ -97,8 +99,12 @@ class _Outcome:
 class _Session:
     """One connection's worth of state; a reconnect makes a new one."""
 
-    def __init__(self, channel: AbstractChannel, queue: AbstractQueue) -> None:
+    def __init__(
+        self, channel: AbstractChannel, transport: TransportChannel, queue: AbstractQueue
+    ) -> None:
         self.channel = channel
+        # The hot path (consume, reply, ack) talks to aiormq directly: see workers/delivery.py.
+        self.transport = transport
         self.queue = queue
         self.consumer_tag: str | None = None
         self.lost = asyncio.Event()
@@ -199,18 +205,19 @@ class ConsumerRuntime:
         # and give workers no configure rights: they only look it up.
         topology = await (declare_topology if self._declare else bind_topology)(channel)
         queue = topology.queues[self._queue]
-        session = _Session(channel, queue)
+        session = _Session(channel, await channel.get_underlay_channel(), queue)
         connection.close_callbacks.add(lambda *_: session.lost.set())
         channel.close_callbacks.add(lambda *_: session.lost.set())
         return session
 
     async def _consume(self, session: _Session) -> None:
-        session.consumer_tag = await session.queue.consume(self._on_message)
+        consuming = await session.transport.basic_consume(session.queue.name, self._on_delivery)
+        session.consumer_tag = consuming.consumer_tag
 
     async def _cancel_consumer(self, session: _Session) -> None:
         if session.consumer_tag is not None and not session.lost.is_set():
             tag, session.consumer_tag = session.consumer_tag, None
-            await session.queue.cancel(tag)
+            await session.transport.basic_cancel(tag)
 
     def _abandon_in_flight(self) -> None:
         if self._in_flight:
@@ -239,9 +246,12 @@ class ConsumerRuntime:
 
     # -- one delivery ----------------------------------------------------------------------
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_delivery(self, delivered: DeliveredMessage) -> None:
+        await self._on_message(Delivery.of(delivered))
+
+    async def _on_message(self, message: Delivery) -> None:
         task = asyncio.current_task()
-        assert task is not None  # aio-pika runs every delivery callback in its own task
+        assert task is not None  # aiormq runs every delivery callback in its own task
         self._in_flight.add(task)
         started_s = time.perf_counter()
         try:
@@ -265,17 +275,20 @@ class ConsumerRuntime:
         finally:
             self._in_flight.discard(task)
 
-    async def _settle(self, message: AbstractIncomingMessage, outcome: _Outcome) -> None:
+    async def _settle(self, message: Delivery, outcome: _Outcome) -> None:
         """Reply, then ack — or dead-letter what nobody can be told about."""
+        session = self._session
+        if session is None:
+            raise ChannelInvalidStateError("no broker session")
         if message.reply_to:
-            await self._reply(message.reply_to, message, outcome)
+            await self._reply(session, message.reply_to, message, outcome)
         if outcome.dead_letter_if_unanswered and not message.reply_to:
-            await message.reject(requeue=False)
+            await session.transport.basic_reject(message.delivery_tag, requeue=False)
             self._metrics.dead_lettered(self._queue, "rejected")
         else:
-            await message.ack()
+            await session.transport.basic_ack(message.delivery_tag)
 
-    async def _serve(self, message: AbstractIncomingMessage) -> _Outcome:
+    async def _serve(self, message: Delivery) -> _Outcome:
         request: BaseModel | None = None
         try:
             operation, handler = self._route(message)
@@ -302,7 +315,7 @@ class ConsumerRuntime:
             return _error_outcome(error)
         return _Outcome(reply.model_dump_json().encode(), operation.reply_type)
 
-    def _audited(self, handler: Handler, message: AbstractIncomingMessage) -> Handler:
+    def _audited(self, handler: Handler, message: Delivery) -> Handler:
         """``handler`` followed by the audit of its result, so both are retried together."""
         audit = self._audit
         if audit is None:
@@ -316,7 +329,7 @@ class ConsumerRuntime:
         return audited
 
     async def _audit_refusal(
-        self, message: AbstractIncomingMessage, request: BaseModel | None, error: ZanddError
+        self, message: Delivery, request: BaseModel | None, error: ZanddError
     ) -> None:
         # A refusal goes out even when it could not be audited: nothing was done for it.
         if self._audit is None:
@@ -326,7 +339,7 @@ class ConsumerRuntime:
         except Exception:
             log.exception("request %s: its refusal could not be audited", message.message_id)
 
-    def _route(self, message: AbstractIncomingMessage) -> tuple[Operation, Handler]:
+    def _route(self, message: Delivery) -> tuple[Operation, Handler]:
         name = message.type or message.routing_key or ""
         try:
             operation = Operation(name)
@@ -395,20 +408,19 @@ class ConsumerRuntime:
         log.info("%s resumes consuming %s", self._name, self._queue)
 
     async def _reply(
-        self, reply_to: str, message: AbstractIncomingMessage, outcome: _Outcome
+        self, session: _Session, reply_to: str, message: Delivery, outcome: _Outcome
     ) -> None:
-        session = self._session
-        if session is None:
-            raise ChannelInvalidStateError("no broker session")
-        reply = aio_pika.Message(
-            outcome.body,
+        properties = Basic.Properties(
             content_type=JSON_CONTENT_TYPE,
-            type=outcome.type,
+            message_type=outcome.type,
             correlation_id=message.correlation_id or message.message_id,
         )
-        # mandatory=False: a caller that went away must not bounce the reply back to us, and
-        # direct reply-to on 3.10 returns mandatory replies spuriously.
-        await session.channel.default_exchange.publish(reply, routing_key=reply_to, mandatory=False)
+        # Awaiting the publish waits for the broker's confirm. mandatory=False: a caller that
+        # went away must not bounce the reply back to us, and direct reply-to on 3.10 returns
+        # mandatory replies spuriously.
+        await session.transport.basic_publish(
+            outcome.body, exchange="", routing_key=reply_to, properties=properties, mandatory=False
+        )
 
 
 async def _first_of(*waits: Awaitable[Any]) -> None:
@@ -420,7 +432,7 @@ async def _first_of(*waits: Awaitable[Any]) -> None:
             task.cancel()
 
 
-def _deadline_of(message: AbstractIncomingMessage) -> float | None:
+def _deadline_of(message: Delivery) -> float | None:
     """The request's absolute deadline (Unix seconds) from its header, if it has one."""
     value = message.headers.get(DEADLINE_HEADER) if message.headers else None
     if isinstance(value, int) and not isinstance(value, bool):

@@ -23,9 +23,8 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from enum import StrEnum
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from aio_pika.abc import AbstractIncomingMessage
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -55,6 +54,23 @@ if TYPE_CHECKING:
 TracesExporter = Literal["none", "console", "otlp"]
 DEFAULT_SERVICE_NAME = "zandd"
 _UNKNOWN_SERVICE_PREFIX = "unknown_service"
+
+
+class DeliveryLike(Protocol):
+    """What a consumer span reads of a delivery (aio-pika's or the runtime's own view)."""
+
+    @property
+    def headers(self) -> Mapping[str, Any] | None: ...
+    @property
+    def exchange(self) -> str | None: ...
+    @property
+    def routing_key(self) -> str | None: ...
+    @property
+    def delivery_tag(self) -> int | None: ...
+    @property
+    def message_id(self) -> str | None: ...
+    @property
+    def correlation_id(self) -> str | None: ...
 
 
 class Stage(StrEnum):
@@ -130,7 +146,7 @@ def consumer_destination(exchange: str, routing_key: str, queue: str) -> str:
 
 
 @contextmanager
-def consumer_span(message: AbstractIncomingMessage, *, queue: str) -> Iterator[Span]:
+def consumer_span(message: DeliveryLike, *, queue: str) -> Iterator[Span]:
     """The CONSUMER ("process") span of one delivery, current for the block.
 
     Its parent is the trace context in the message's headers (a new trace when there is
