@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from contracts.models import SPECS, ErrorReply
+from contracts.models import SPECS, ErrorReply, KeyStateChangedEvent
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 _SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -33,6 +33,9 @@ def expected_schemas() -> dict[str, str]:
         files[f"{name}.request.json"] = _schema(spec.request, f"{name} request", "request")
         files[f"{name}.reply.json"] = _schema(spec.reply, f"{name}.reply", "reply")
     files["error.reply.json"] = _schema(ErrorReply, "error reply", "reply")
+    files["key.state_changed.event.json"] = _schema(
+        KeyStateChangedEvent, "key.state_changed event (zandd.events)", "reply"
+    )
     return files
 
 

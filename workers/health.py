@@ -32,10 +32,11 @@ from pathlib import Path
 from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import AMQPError, ChannelNotFoundEntity
 
-from contracts.amqp import connect, redact_url
+from contracts.amqp import connect
 from contracts.errors import ZanddError
 from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE
 from vault.store import open_store
+from vault.urls import redact_url
 from workers.config import Settings
 
 CHECK_TIMEOUT_S = 5.0

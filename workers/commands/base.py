@@ -18,7 +18,7 @@ Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 SETTING_FLAGS = {
     "amqp_url": "AMQP URL of the broker",
     "data_dir": "directory for the SQLite vault, the KEK ring and swtpm state",
-    "vault_url": "vault URL (sqlite:///path.db)",
+    "vault_url": "vault URL (sqlite:///path.db or mongodb://host/zandd)",
     "kek_file": "KEK ring file",
     "tpm_tcti": "TPM TCTI, e.g. device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
