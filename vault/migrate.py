@@ -20,15 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from contracts.crypto import public_key_der
 from contracts.errors import IntegrityError, KeyNotFound
 from contracts.models import ALGORITHM_ECDSA_P256_SHA256
 from vault.audit import AuditEntry, AuditQuery, verify_log
 from vault.kek import KekRing
+from vault.opening import private_key_of
 from vault.records import KeyRecord
-from vault.sealing import open_into, plaintext_size, wipe
 from vault.store import VaultStore
 
 
@@ -95,19 +93,8 @@ def check_opens(record: KeyRecord, ring: KekRing) -> None:
             f"key {record.key_id} v{record.version} has algorithm {record.algorithm!r}, "
             "which this software cannot check"
         )
-    scalar = bytearray(max(0, plaintext_size(record.sealed)))
-    try:
-        open_into(record.sealed, record.binding, ring, scalar)
-        try:
-            private_key = ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP256R1())
-        except ValueError as exc:
-            raise IntegrityError(
-                f"key {record.key_id} v{record.version} holds an invalid P-256 scalar"
-            ) from exc
-    finally:
-        wipe(scalar)
-    matches = public_key_der(private_key.public_key()) == record.public_key_der
-    del private_key
+    with private_key_of(record, ring) as private_key:
+        matches = public_key_der(private_key.public_key()) == record.public_key_der
     if not matches:
         raise IntegrityError(
             f"key {record.key_id} v{record.version} opens to a scalar that does not match "

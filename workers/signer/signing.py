@@ -24,12 +24,11 @@ from contracts.crypto import der_to_raw, load_public_key
 from contracts.errors import IntegrityError, InvalidRequest, KeyDisabled
 from contracts.models import Encoding
 from vault.kek import KekRing
+from vault.opening import private_key_of
 from vault.records import KeyRecord, KeyState
-from vault.sealing import open_into, wipe
 from workers.metrics import Metrics
 from workers.telemetry import Stage, stage
 
-P256_SCALAR_BYTES = 32
 _PREHASHED_ECDSA = ec.ECDSA(Prehashed(hashes.SHA256()))
 
 
@@ -52,25 +51,8 @@ def opened_key(record: KeyRecord, ring: KekRing) -> Iterator[ec.EllipticCurvePri
     """
     if record.state is not KeyState.ENABLED or record.sealed is None:
         raise KeyDisabled(f"key {record.key_id} v{record.version} is {record.state.value}")
-    scalar = bytearray(P256_SCALAR_BYTES)
-    try:
-        open_into(record.sealed, record.binding, ring, scalar)
-        try:
-            private_key = ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP256R1())
-        except ValueError as exc:
-            raise IntegrityError(
-                f"key {record.key_id} v{record.version} holds an invalid P-256 scalar"
-            ) from exc
-    except ValueError as exc:  # a sealed blob of the wrong length for a P-256 scalar
-        raise IntegrityError(
-            f"key {record.key_id} v{record.version} has sealed material of the wrong size"
-        ) from exc
-    finally:
-        wipe(scalar)
-    try:
+    with private_key_of(record, ring) as private_key:
         yield private_key
-    finally:
-        del private_key
 
 
 def sign_digests(
