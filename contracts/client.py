@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from collections.abc import Sequence
@@ -79,6 +80,8 @@ from contracts.tracing import producer_span
 
 DEFAULT_TIMEOUT_S = 30.0
 _PERSISTENT = 2
+_RESEND_FIRST_DELAY_S = 0.05
+_RESEND_MAX_DELAY_S = 2.0
 log = logging.getLogger("zandd.client")
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
 
@@ -295,6 +298,7 @@ class SigningClient:
         correlation_id: str,
         deadline_ms: int,
     ) -> DeliveredMessage:
+        failures = 0
         while True:
             future: asyncio.Future[DeliveredMessage] = asyncio.get_running_loop().create_future()
             self._pending[correlation_id] = future
@@ -304,11 +308,15 @@ class SigningClient:
             except BrokerUnavailable as exc:  # Refused (a nack) included
                 if not self._retry or self._closing:
                     raise
-                self.resent_requests += 1
+                failures += 1
                 log.info("resending %s %s after: %s", operation.value, request_id, exc.message)
-                await self._channel.ready()
             finally:
                 self._pending.pop(correlation_id, None)
+            # A lost connection fails a publish at once: back off (jittered, so a thousand
+            # waiting calls do not come back in lockstep), then wait for the channel to be back.
+            await asyncio.sleep(_resend_delay_s(failures))
+            await self._channel.ready()
+            self.resent_requests += 1
 
     async def _publish(
         self,
@@ -418,6 +426,11 @@ class SigningClient:
         return await self.call(
             Operation.KEY_CANCEL_DESTROY, request, KeyStateReply, timeout_s=timeout_s
         )
+
+
+def _resend_delay_s(failures: int) -> float:
+    ceiling_s = min(_RESEND_MAX_DELAY_S, _RESEND_FIRST_DELAY_S * 2 ** (failures - 1))
+    return random.uniform(ceiling_s / 2, ceiling_s)  # noqa: S311 - jitter, not a secret
 
 
 def _decode_reply(message: DeliveredMessage, reply_model: type[ReplyT]) -> ReplyT:

@@ -74,7 +74,10 @@ ensure_rabbitmq() {
   amqp_reachable && return 0
   if command -v rabbitmq-server >/dev/null; then
     say "RabbitMQ is not answering; starting the local rabbitmq-server"
-    rabbitmq-server -detached >/dev/null 2>&1 || true
+    # A node whose app was stopped (rabbitmqctl stop_app) only needs start_app.
+    if ! timeout 60 rabbitmqctl -q start_app >/dev/null 2>&1; then
+      rabbitmq-server -detached >/dev/null 2>&1 || true
+    fi
     local waited=0
     until amqp_reachable; do
       sleep 1

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -174,3 +176,57 @@ async def test_up_demo_proves_the_fleet_and_exits(empty_amqp_url: str, tmp_path:
     assert "started swtpm" in err
     assert "created the KEK ring" in err
     assert (tmp_path / "fleet" / "vault.db").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.tpm
+async def test_up_exports_traces_to_the_console_and_metrics_per_worker(
+    empty_amqp_url: str, tmp_path: Path
+) -> None:
+    from contracts.client import SigningClient
+    from workers.fleet import wait_until_ready
+
+    metrics_port = free_port()
+    env = environment(
+        ZANDD_AMQP_URL=empty_amqp_url,
+        ZANDD_DATA_DIR=str(tmp_path / "fleet"),
+        ZANDD_SWTPM_PORT=str(free_port_pair()),
+    )
+    up = await asyncio.create_subprocess_exec(
+        *ZANDD,
+        *("up", "--signers", "1", "--traces-exporter", "console"),
+        *("--metrics-port", str(metrics_port)),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        await wait_until_ready(empty_amqp_url, signers=1, timeout_s=60)
+        async with await SigningClient.connect(empty_amqp_url) as client:
+            key = await client.create_key()
+            await client.sign(key.key_id, b"observed")
+        # keygen on the base port, signer-1 on the next
+        signer_metrics = await asyncio.to_thread(scrape, metrics_port + 1)
+        keygen_metrics = await asyncio.to_thread(scrape, metrics_port)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _out, err_bytes = await asyncio.wait_for(up.communicate(), 60)
+    assert 'zandd_requests_total{operation="sign",outcome="ok"} 1.0' in signer_metrics
+    assert 'zandd_requests_total{operation="key.create",outcome="ok"} 1.0' in keygen_metrics
+    assert 'zandd_stage_duration_seconds_count{stage="tpm"} 1.0' in keygen_metrics
+    err = err_bytes.decode()
+    # The console exporter writes each finished span as JSON on stderr.
+    assert '"name": "process zandd:sign:zandd.sign"' in err
+    assert '"name": "zandd.sign"' in err
+    assert up.returncode == 0
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
