@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 from typing import TypeVar
+from urllib.parse import unquote
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractRobustConnection
@@ -12,7 +13,6 @@ from aio_pika.exceptions import (
     AuthenticationError,
     ProbableAuthenticationError,
 )
-from yarl import URL
 
 from contracts.errors import BrokerUnavailable, ConfigurationError
 
@@ -26,17 +26,23 @@ ConnectionT = TypeVar("ConnectionT", bound=AbstractConnection)
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password, fit for a log line or an error message."""
-    try:
-        parsed = URL(url)
-    except ValueError:
-        return "<unparseable URL>"
-    return str(parsed.with_password(None)) if parsed.password is not None else str(parsed)
+    """The URL without its password, fit for a log line or an error message.
+
+    Split at the last ``@`` by hand rather than parsed: a password with an unescaped ``#``,
+    ``?`` or ``/`` would otherwise end the authority early and pass for part of the path.
+    """
+    scheme, sep, remainder = url.partition("://")
+    userinfo, at, rest = remainder.rpartition("@")
+    if not sep or not at:
+        return url
+    return f"{scheme}://{userinfo.partition(':')[0]}@{rest}"
 
 
 def principal_of(url: str) -> str:
     """The AMQP user a connection to ``url`` authenticates as (RabbitMQ's default: guest)."""
-    return URL(url).user or "guest"
+    _scheme, _sep, remainder = url.partition("://")
+    userinfo, at, _rest = remainder.rpartition("@")
+    return unquote(userinfo.partition(":")[0]) if at and userinfo else "guest"
 
 
 async def connect(

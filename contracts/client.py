@@ -37,7 +37,7 @@ from aio_pika.exceptions import (
 from aiormq.abc import DeliveredMessage
 from cryptography.hazmat.primitives.asymmetric import ec
 from pamqp.commands import Basic
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from contracts.amqp import (
     DEADLINE_HEADER,
@@ -50,6 +50,7 @@ from contracts.crypto import load_public_key, verify_signature
 from contracts.errors import (
     BrokerUnavailable,
     InternalError,
+    InvalidRequest,
     NotDelivered,
     Refused,
     RequestTimeout,
@@ -73,6 +74,7 @@ from contracts.models import (
     SignPayload,
     SignReply,
     SignRequest,
+    describe_errors,
 )
 from contracts.operations import ERROR_REPLY_TYPE, Operation
 from contracts.topology import EXCHANGE, REPLY_QUEUE_PREFIX, declare_topology
@@ -84,6 +86,7 @@ _RESEND_FIRST_DELAY_S = 0.05
 _RESEND_MAX_DELAY_S = 2.0
 log = logging.getLogger("zandd.client")
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
+RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
 class SigningClient:
@@ -179,7 +182,8 @@ class SigningClient:
         timeout_s: float | None = None,
     ) -> KeyCreateReply:
         """Create a key. Sending the same ``request_id`` again returns the same key."""
-        request = KeyCreateRequest(
+        request = _request(
+            KeyCreateRequest,
             label=label,
             allowed_signers=list(allowed_signers) if allowed_signers is not None else None,
         )
@@ -202,8 +206,13 @@ class SigningClient:
         timeout_s: float | None = None,
     ) -> SignReply:
         """Sign ``message`` (or a precomputed SHA-256 ``digest``) with the key."""
-        request = SignRequest(
-            key_id=key_id, version=version, message=message, digest=digest, encoding=encoding
+        request = _request(
+            SignRequest,
+            key_id=key_id,
+            version=version,
+            message=message,
+            digest=digest,
+            encoding=encoding,
         )
         return await self.call(Operation.SIGN, request, SignReply, timeout_s=timeout_s)
 
@@ -218,17 +227,19 @@ class SigningClient:
         timeout_s: float | None = None,
     ) -> SignBatchReply:
         """Sign many messages (then many digests) with one key; signatures come in that order."""
-        items = [SignPayload(message=m) for m in messages] + [
-            SignPayload(digest=d) for d in digests
+        items = [_request(SignPayload, message=m) for m in messages] + [
+            _request(SignPayload, digest=d) for d in digests
         ]
-        request = SignBatchRequest(key_id=key_id, version=version, items=items, encoding=encoding)
+        request = _request(
+            SignBatchRequest, key_id=key_id, version=version, items=items, encoding=encoding
+        )
         return await self.call(Operation.SIGN_BATCH, request, SignBatchReply, timeout_s=timeout_s)
 
     async def public_key(
         self, key_id: str, version: int | None = None, *, timeout_s: float | None = None
     ) -> KeyPublicReply:
         """The key's public half (PEM and JWK)."""
-        request = KeyPublicRequest(key_id=key_id, version=version)
+        request = _request(KeyPublicRequest, key_id=key_id, version=version)
         return await self.call(Operation.KEY_PUBLIC, request, KeyPublicReply, timeout_s=timeout_s)
 
     async def verify(
@@ -396,14 +407,14 @@ class SigningClient:
         self, key_id: str, version: int | None = None, *, timeout_s: float | None = None
     ) -> KeyStateReply:
         """Refuse all signing with the key until ``enable_key``; signers hear of it at once."""
-        request = KeyStateRequest(key_id=key_id, version=version)
+        request = _request(KeyStateRequest, key_id=key_id, version=version)
         return await self.call(Operation.KEY_DISABLE, request, KeyStateReply, timeout_s=timeout_s)
 
     async def enable_key(
         self, key_id: str, version: int | None = None, *, timeout_s: float | None = None
     ) -> KeyStateReply:
         """Allow signing with a disabled key again."""
-        request = KeyStateRequest(key_id=key_id, version=version)
+        request = _request(KeyStateRequest, key_id=key_id, version=version)
         return await self.call(Operation.KEY_ENABLE, request, KeyStateReply, timeout_s=timeout_s)
 
     async def destroy_key(
@@ -415,17 +426,28 @@ class SigningClient:
         timeout_s: float | None = None,
     ) -> KeyStateReply:
         """Stop signing now; erase the sealed key after ``pending_days`` unless cancelled."""
-        request = KeyDestroyRequest(key_id=key_id, version=version, pending_days=pending_days)
+        request = _request(
+            KeyDestroyRequest, key_id=key_id, version=version, pending_days=pending_days
+        )
         return await self.call(Operation.KEY_DESTROY, request, KeyStateReply, timeout_s=timeout_s)
 
     async def cancel_key_destruction(
         self, key_id: str, version: int | None = None, *, timeout_s: float | None = None
     ) -> KeyStateReply:
         """Call off a scheduled destruction; the key comes back disabled."""
-        request = KeyStateRequest(key_id=key_id, version=version)
+        request = _request(KeyStateRequest, key_id=key_id, version=version)
         return await self.call(
             Operation.KEY_CANCEL_DESTROY, request, KeyStateReply, timeout_s=timeout_s
         )
+
+
+def _request(model: type[RequestT], **fields: Any) -> RequestT:
+    """Build a request model; a bad argument is ``InvalidRequest`` naming the field, never
+    quoting the value (it may be the data to sign)."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        raise InvalidRequest(f"invalid {model.__name__}: {describe_errors(exc)}") from None
 
 
 def _resend_delay_s(failures: int) -> float:

@@ -308,6 +308,11 @@ def _describe(error: Any) -> str:
     return f"{location}: {message}" if location else message
 
 
+def describe_errors(exc: ValidationError, limit: int = 5) -> str:
+    """Pydantic's errors as ``field: problem; …``, never quoting the input."""
+    return "; ".join(_describe(error) for error in exc.errors(include_input=False)[:limit])
+
+
 def parse_request(operation: Operation, body: bytes, limits: Limits = DEFAULT_LIMITS) -> BaseModel:
     """Validate an AMQP body as ``operation``'s request, or raise ``InvalidRequest``.
 
@@ -322,5 +327,4 @@ def parse_request(operation: Operation, body: bytes, limits: Limits = DEFAULT_LI
     try:
         return model.model_validate_json(body, context=limits.as_context())
     except ValidationError as exc:
-        problems = [_describe(error) for error in exc.errors(include_input=False)[:5]]
-        raise InvalidRequest(f"invalid {operation.value} request: " + "; ".join(problems)) from None
+        raise InvalidRequest(f"invalid {operation.value} request: {describe_errors(exc)}") from None

@@ -87,11 +87,3 @@ async def bind_topology(channel: AbstractChannel) -> Topology:
     events = await channel.get_exchange(EVENTS_EXCHANGE, ensure=True)
     queues = {name: await channel.get_queue(name, ensure=True) for name in QUEUE_OPERATIONS}
     return Topology(exchange=exchange, events=events, queues=queues)
-
-
-def queue_for(operation: Operation) -> str:
-    """The work queue an operation is routed to."""
-    for queue, operations in QUEUE_OPERATIONS.items():
-        if operation in operations:
-            return queue
-    raise KeyError(operation)

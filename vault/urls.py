@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
-from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus
 
 REDACTED = "***"
 # URL options whose value is a credential (MongoDB: a client key's passphrase, AWS tokens).
 _SECRET_OPTIONS = frozenset({"tlscertificatekeyfilepassword", "authmechanismproperties"})
 
 
+def _credentials(url: str) -> tuple[str, str, str | None, str] | None:
+    """``(scheme, user, password, rest)`` split at the *last* ``@``, or None without one.
+
+    Not ``urlsplit``: a password with an unescaped ``#``, ``?`` or ``/`` would end its
+    authority early, and the password would pass for part of the path.
+    """
+    scheme, sep, remainder = url.partition("://")
+    userinfo, at, rest = remainder.rpartition("@")
+    if not sep or not at:
+        return None
+    user, colon, password = userinfo.partition(":")
+    return scheme, user, (password if colon else None), rest
+
+
 def url_secrets(url: str) -> list[str]:
     """Every secret a URL carries (password, credential options), as written and unquoted."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return []
-    written = [password] if password else []
-    for name, value in _options(parts.query):
+    credentials = _credentials(url)
+    written = [credentials[2]] if credentials and credentials[2] else []
+    query = (credentials[3] if credentials else url).partition("?")[2]
+    for name, value in _options(query):
         if name.lower() in _SECRET_OPTIONS and value:
             written.append(value)
     variants = {form for value in written for form in (value, unquote(value), unquote_plus(value))}
@@ -34,22 +45,21 @@ def scrub(text: str, url: str) -> str:
 
 def redact_url(url: str) -> str:
     """``url`` with its password and credential options replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        has_password = parts.password is not None
-    except ValueError:
-        return f"{url.partition('://')[0]}://{REDACTED}"
     if not url_secrets(url):
-        return url  # unchanged: urlunsplit would respell some URLs (sqlite:///path)
-    netloc = parts.netloc
-    if has_password:
-        userinfo, _, hosts = netloc.rpartition("@")
-        netloc = f"{userinfo.partition(':')[0]}:{REDACTED}@{hosts}"
-    query = "&".join(
+        return url  # unchanged: a rebuilt URL could respell it (sqlite:///path)
+    credentials = _credentials(url)
+    if credentials is not None:
+        scheme, user, password, rest = credentials
+        userinfo = f"{user}:{REDACTED}" if password is not None else user
+        url = f"{scheme}://{userinfo}@{rest}"
+    base, question, query = url.partition("?")
+    if not question:
+        return url
+    options = "&".join(
         f"{name}={REDACTED}" if name.lower() in _SECRET_OPTIONS else f"{name}={value}"
-        for name, value in _options(parts.query)
+        for name, value in _options(query)
     )
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    return f"{base}?{options}"
 
 
 def _options(query: str) -> list[tuple[str, str]]:

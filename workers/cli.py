@@ -15,7 +15,10 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+from pydantic import ValidationError
+
 from contracts.errors import ZanddError
+from contracts.models import describe_errors
 from workers.commands import (
     audit,
     bench,
@@ -82,8 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from(args)
-    except ValueError as exc:
-        print(f"zandd: invalid configuration: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        print(f"zandd: invalid configuration: {describe_errors(exc)}", file=sys.stderr)
         return EXIT_USAGE
     _configure_logging(settings.log_level, settings.log_format)
     command: Command = args.command

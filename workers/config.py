@@ -18,6 +18,7 @@ from contracts.limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Limits,
 )
+from vault.urls import redact_url as redact_vault_url
 
 DEFAULT_SWTPM_PORT = 2321
 
@@ -48,7 +49,7 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1)
     max_batch_items: int = Field(default=DEFAULT_MAX_BATCH_ITEMS, ge=1)
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     #: Port of this process's Prometheus endpoint; None (the default) serves none.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
@@ -70,6 +71,11 @@ class Settings(BaseSettings):
     #: Workers lock their memory (mlockall) when the process is permitted to.
     lock_memory: bool = True
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
     @field_validator("key_creators", "admins", mode="before")
     @classmethod
     def _name_list(cls, value: object) -> object:
@@ -83,8 +89,10 @@ class Settings(BaseSettings):
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         # URLs carry passwords: a repr (a traceback, a debug line) shows them redacted.
         for name, value in super().__repr_args__():
-            if name in ("amqp_url", "vault_url") and isinstance(value, str):
+            if name == "amqp_url" and isinstance(value, str):
                 yield name, redact_url(value)
+            elif name == "vault_url" and isinstance(value, str):
+                yield name, redact_vault_url(value)  # also MongoDB's credential options
             else:
                 yield name, value
 

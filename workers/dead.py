@@ -10,18 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
-from aio_pika.exceptions import AMQPError, ChannelPreconditionFailed, PublishError
+from aio_pika.exceptions import (
+    AMQPError,
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+    PublishError,
+)
+from aiormq.exceptions import ChannelAccessRefused
 
 from contracts.amqp import DEADLINE_HEADER, connect_plain
-from contracts.errors import BrokerUnavailable, ZanddError
-from contracts.topology import DEAD_LETTER_QUEUE, EXCHANGE, declare_topology
+from contracts.errors import BrokerUnavailable, ConfigurationError, ZanddError
+from contracts.topology import DEAD_LETTER_QUEUE, EXCHANGE
 
 log = logging.getLogger("zandd.dead")
 
@@ -46,7 +53,6 @@ class DeadLetter:
     first_seen: datetime | None
     queue: str
     principal: str | None
-    body_bytes: int
 
 
 def describe(message: AbstractIncomingMessage) -> DeadLetter:
@@ -64,7 +70,6 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
         first_seen=time if isinstance(time, datetime) else None,
         queue=str(first.get("queue") or _header(message, "x-first-death-queue") or "?"),
         principal=message.user_id,
-        body_bytes=len(message.body),
     )
 
 
@@ -88,11 +93,12 @@ class DeadLetterQueue:
     async def list(self) -> list[DeadLetter]:
         """Every dead letter, oldest first; the queue is left as it was."""
         connection = await connect_plain(self._amqp_url, connection_name="zandd-dead")
-        async with connection:
-            channel = await connection.channel()
-            queue = await self._queue(channel)
-            # Unacked messages go back to the queue when the channel closes.
-            return [describe(message) for message in await _read_all(queue)]
+        with _broker_errors("reading zandd.dead"):
+            async with connection:
+                channel = await connection.channel()
+                queue = await self._queue(channel)
+                # Unacked messages go back to the queue when the channel closes.
+                return [describe(message) for message in await _read_all(queue)]
 
     async def replay(
         self,
@@ -102,23 +108,37 @@ class DeadLetterQueue:
     ) -> tuple[int, int]:
         """Republish the selected dead letters to ``zandd``; returns (replayed, kept)."""
         connection = await connect_plain(self._amqp_url, connection_name="zandd-dead")
-        async with connection:
-            reader = await connection.channel()
-            publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            exchange = await publisher.get_exchange(EXCHANGE, ensure=False)
-            messages = await _read_all(await self._queue(reader))
-            chosen = [m for m in messages if select(describe(m))]
-            for done, message in enumerate(chosen, start=1):
-                await _republish(exchange, message)
-                await message.ack()
-                if progress is not None:
-                    progress(done, len(chosen))
-            return len(chosen), len(messages) - len(chosen)
+        with _broker_errors("replaying zandd.dead"):
+            async with connection:
+                reader = await connection.channel()
+                publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                exchange = await publisher.get_exchange(EXCHANGE, ensure=False)
+                messages = await _read_all(await self._queue(reader))
+                chosen = [m for m in messages if select(describe(m))]
+                for done, message in enumerate(chosen, start=1):
+                    await _republish(exchange, message)
+                    await message.ack()
+                    if progress is not None:
+                        progress(done, len(chosen))
+                return len(chosen), len(messages) - len(chosen)
 
     async def _queue(self, channel: AbstractChannel) -> AbstractQueue:
-        await declare_topology(channel)
-        # Passive: only to learn how many messages are there right now.
+        # Passive: it needs no configure rights, and tells how many messages are there now.
         return await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+
+
+@contextmanager
+def _broker_errors(doing: str) -> Iterator[None]:
+    try:
+        yield
+    except ChannelNotFoundEntity as exc:
+        raise ConfigurationError(
+            "zandd.dead does not exist on this vhost: no worker has declared the topology"
+        ) from exc
+    except ChannelAccessRefused as exc:
+        raise ConfigurationError(f"the broker refused {doing} to this user") from exc
+    except AMQPError as exc:
+        raise BrokerUnavailable(f"lost the broker while {doing}") from exc
 
 
 async def _read_all(queue: AbstractQueue) -> list[AbstractIncomingMessage]:

@@ -96,6 +96,10 @@ class _Outcome:
         return OUTCOME_OK if self.error is None else self.error.code.value
 
 
+class _Abandoned(Exception):
+    """A request this worker leaves unsettled, so the broker gives it to another."""
+
+
 class _Session:
     """One connection's worth of state; a reconnect makes a new one."""
 
@@ -253,8 +257,12 @@ class ConsumerRuntime:
         task = asyncio.current_task()
         assert task is not None  # aiormq runs every delivery callback in its own task
         self._in_flight.add(task)
+        # Delivery tags belong to the channel that delivered: settle there or not at all.
+        session = self._session
         started_s = time.perf_counter()
         try:
+            if session is None:
+                raise ChannelInvalidStateError("no broker session")
             with (
                 self._metrics.in_flight(),
                 bound_request(message.message_id),
@@ -263,7 +271,7 @@ class ConsumerRuntime:
                 outcome = await self._serve(message)
                 if outcome.error is not None:
                     mark_failed(span, outcome.error)
-                await self._settle(message, outcome)
+                await self._settle(session, message, outcome)
             self._metrics.observe_request(
                 operation_label(message.type or message.routing_key),
                 outcome.label,
@@ -272,14 +280,15 @@ class ConsumerRuntime:
         except _AMQP_FAILURES as exc:
             # Without a confirmed reply the request is not acked: the broker redelivers it.
             log.warning("request %s not settled (%s): left for redelivery", message.message_id, exc)
+        except _Abandoned:
+            log.info("request %s left unsettled for another worker: stopping", message.message_id)
         finally:
             self._in_flight.discard(task)
 
-    async def _settle(self, message: Delivery, outcome: _Outcome) -> None:
+    async def _settle(self, session: _Session, message: Delivery, outcome: _Outcome) -> None:
         """Reply, then ack — or dead-letter what nobody can be told about."""
-        session = self._session
-        if session is None:
-            raise ChannelInvalidStateError("no broker session")
+        if session.lost.is_set():
+            raise ChannelInvalidStateError("the channel that delivered this request is gone")
         if message.reply_to:
             await self._reply(session, message.reply_to, message, outcome)
         if outcome.dead_letter_if_unanswered and not message.reply_to:
@@ -308,6 +317,8 @@ class ConsumerRuntime:
             )
             await self._audit_refusal(message, request, exc)
             return _error_outcome(exc)
+        except _Abandoned:
+            raise
         except Exception:
             log.exception("request %s failed inside the worker", message.message_id)
             error = InternalError("internal error; the worker log has the details")
@@ -337,6 +348,7 @@ class ConsumerRuntime:
         try:
             await self._audit(message, request, error)
         except Exception:
+            self._metrics.audit_write_failed()
             log.exception("request %s: its refusal could not be audited", message.message_id)
 
     def _route(self, message: Delivery) -> tuple[Operation, Handler]:
@@ -365,6 +377,9 @@ class ConsumerRuntime:
                 if self._probe is None:
                     raise
                 await self._wait_for_dependency(exc, deadline, context)
+                if self._stop.is_set():
+                    # Shutting down mid-outage: leave the request to a worker that can serve it.
+                    raise _Abandoned from exc
 
     async def _wait_for_dependency(
         self, error: ZanddError, deadline: float | None, context: RequestContext
@@ -378,11 +393,24 @@ class ConsumerRuntime:
         except TimeoutError:
             raise DeadlineExceeded(
                 f"{context.operation.value} {context.request_id}: deadline passed while "
-                f"waiting for an unavailable dependency ({error.message})"
+                f"waiting for the {error.code.value.removesuffix('_unavailable')}"
             ) from None
 
     async def _recover(self, error: ZanddError) -> None:
-        """Stop consuming, probe the dependency with backoff, resume consuming."""
+        """Stop consuming, probe the dependency with backoff, resume consuming.
+
+        Whatever happens here, waiting requests are released at the end: a recovery that
+        failed unexpectedly must not leave them waiting forever (the next dependency error
+        starts a new one).
+        """
+        try:
+            await self._probe_until_healthy(error)
+        except Exception:
+            log.exception("%s: recovering from an unavailable dependency failed", self._name)
+        finally:
+            self._healthy.set()
+
+    async def _probe_until_healthy(self, error: ZanddError) -> None:
         assert self._probe is not None
         session = self._session
         log.warning("%s pauses consuming: %s", self._name, error.message)
@@ -397,7 +425,6 @@ class ConsumerRuntime:
             what=f"{self._name}: waiting for {error.code.value.removesuffix('_unavailable')}",
             max_delay_s=self._max_backoff_s,
         )
-        self._healthy.set()
         if self._stop.is_set() or session is None or session.lost.is_set():
             return
         try:
@@ -447,8 +474,18 @@ def _check_deadline(deadline: float | None, context: RequestContext) -> None:
         )
 
 
+#: What callers are told for failures that are ours, not theirs: the details (paths, URLs,
+#: TPM codes) are for the worker's log, which has them.
+_PUBLIC_MESSAGES = {
+    ErrorCode.VAULT_UNAVAILABLE: "the key vault is unavailable; try again later",
+    ErrorCode.TPM_UNAVAILABLE: "the TPM is unavailable; try again later",
+    ErrorCode.INTERNAL: "internal error; the worker log has the details",
+}
+
+
 def _error_outcome(error: ZanddError, *, dead_letter_if_unanswered: bool = False) -> _Outcome:
-    reply = ErrorReply(code=ErrorCode(error.code), message=error.message, retryable=error.retryable)
+    message = _PUBLIC_MESSAGES.get(error.code, error.message)
+    reply = ErrorReply(code=ErrorCode(error.code), message=message, retryable=error.retryable)
     return _Outcome(
         reply.model_dump_json().encode(), ERROR_REPLY_TYPE, error, dead_letter_if_unanswered
     )

@@ -383,18 +383,19 @@ async def test_sigkill_active_keygen_standby_takes_over(
         )
     store = await open_store(f"sqlite:///{processes.data_dir / 'vault.db'}")
     try:
-        records = {r.request_id: r.key_id for r in await store.list_keys()}
+        keys = await store.list_keys()
+        records = {r.request_id: r.key_id for r in keys}
     finally:
         await store.close()
     report(
         f"faults: kill-active-keygen sent={len(request_ids)} answered={len(key_ids)} "
         f"keys={len(records)} duplicates={client.unmatched_replies}"
     )
-    assert len(key_ids) == 30
+    assert len(set(key_ids)) == 30
     assert {rid: records[rid] for rid in request_ids} == dict(
         zip(request_ids, key_ids, strict=True)
     )
-    assert len(records) == 30  # one key per request id, none twice
+    assert len(keys) == 30  # one key per request id, none made twice
     assert processes.alive() == ["keygen-2", "signer-1"]
 
 
@@ -519,9 +520,9 @@ def test_barrage_of_malformed_messages_never_hurts(
         loop.close()
     report(
         f"faults: barrage sent={totals['sent']} replies={totals['replies']}/"
-        f"{totals['replies_expected']} valid_after={totals['valid']} restarts=0"
+        f"{totals['replies_expected']} valid_after={totals['valid']} restarts={totals['restarts']}"
     )
-    assert totals["sent"] >= 500
+    assert totals["sent"] == 600
 
 
 async def after_barrage_valid_requests_succeed(
@@ -538,5 +539,7 @@ async def after_barrage_valid_requests_succeed(
             for i, r in enumerate(replies)
         )
     assert totals["valid"] == 100
-    assert {name: w.process.pid for name, w in fleet.workers.items()} == pids
+    now = {name: w.process.pid for name, w in fleet.workers.items()}
+    totals["restarts"] = sum(now[name] != pid for name, pid in pids.items())
+    assert now == pids
     assert fleet.alive() == sorted(pids)

@@ -29,7 +29,7 @@ from vault.migrate import MigrationReport, Progress, Stage, check_opens, migrate
 from vault.records import KeyRecord, KeyState
 from vault.sealing import RecordBinding, seal
 from vault.store import VaultStore, open_store
-from workers.commands.migrate import ProgressBar
+from workers.commands.progress import ProgressBar
 
 T0 = datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=UTC)
 

@@ -398,7 +398,10 @@ async def test_appending_nothing_writes_nothing(store: MongoStore) -> None:
             "&authMechanismProperties=AWS_SESSION_TOKEN:tok%2Fen",
             "mongodb+srv://db.example/zandd?authMechanism=MONGODB-AWS&authMechanismProperties=***",
         ),
-        ("mongodb://zandd:pw@[::1/zandd", "mongodb://***"),
+        ("mongodb://zandd:pw@[::1/zandd", "mongodb://zandd:***@[::1/zandd"),
+        # Unescaped URL delimiters in a password must not make it pass for the path.
+        ("mongodb://zandd:pa#ss@db/zandd", "mongodb://zandd:***@db/zandd"),
+        ("mongodb://zandd:pa?ss/x@db/zandd", "mongodb://zandd:***@db/zandd"),
     ],
 )  # fmt: skip
 def test_urls_are_shown_without_secrets(url: str, shown: str) -> None:

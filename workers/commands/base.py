@@ -29,6 +29,17 @@ SETTING_FLAGS = {
 }
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     """Settings from the environment, overridden by the flags given on the command line."""
     overrides = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name, None)}

@@ -7,6 +7,7 @@ import sys
 
 from contracts.errors import ConfigurationError
 from workers.commands.base import CommandTree
+from workers.commands.progress import ProgressBar
 from workers.config import Settings
 from workers.dead import DeadLetter, DeadLetterQueue
 
@@ -29,13 +30,6 @@ async def _cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _progress(done: int, total: int) -> None:
-    sys.stderr.write(f"\rreplayed {done}/{total}")
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
-
-
 async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     if not args.all and not args.id:
         raise ConfigurationError("say which messages: --id MESSAGE_ID (repeatable) or --all")
@@ -44,7 +38,11 @@ async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     def select(letter: DeadLetter) -> bool:
         return bool(args.all) or letter.message_id in wanted
 
-    replayed, kept = await DeadLetterQueue(settings.amqp_url).replay(select, progress=_progress)
+    bar = ProgressBar(sys.stderr)
+    replayed, kept = await DeadLetterQueue(settings.amqp_url).replay(
+        select, progress=lambda done, total: bar.show("replay", done, total)
+    )
+    bar.finish()
     print(f"replayed {replayed} to zandd; {kept} left in zandd.dead")
     return 0
 

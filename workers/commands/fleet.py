@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from workers.commands.base import EXIT_FAILURE, CommandTree
+from workers.commands.base import EXIT_FAILURE, CommandTree, positive_int
 from workers.config import Settings
 
 
@@ -43,8 +43,8 @@ def register(tree: CommandTree) -> None:
     tree.add("keygen-worker", _cmd_keygen, "run the keygen worker (owns the TPM)")
     signer = tree.add("signer", _cmd_signer, "run a signer worker")
     signer.add_argument(
-        "--concurrency", type=int, default=None, help="requests in flight (prefetch)"
+        "--concurrency", type=positive_int, default=None, help="requests in flight (prefetch)"
     )
     up = tree.add("up", _cmd_up, "run the whole fleet on this machine")
-    up.add_argument("--signers", type=int, default=2, help="signer processes (default 2)")
+    up.add_argument("--signers", type=positive_int, default=2, help="signer processes (default 2)")
     up.add_argument("--demo", action="store_true", help="prove the fleet works, then exit")

@@ -5,51 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 from contracts.errors import ConfigurationError, IntegrityError
 from workers.commands.base import EXIT_OK, CommandTree
+from workers.commands.progress import ProgressBar
 from workers.config import Settings
 
 if TYPE_CHECKING:
-    from vault.migrate import MigrationReport, Progress
+    from vault.migrate import MigrationReport
 
-BAR_WIDTH = 30
 _SHOWN_NOT_COPIED = 3
-
-
-class ProgressBar:
-    """Progress on ``stream``: a line redrawn in place on a terminal, else one line per 10 %."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._redraw = stream.isatty()
-        self._stage: str | None = None
-        self._tenths = -1
-
-    def update(self, progress: Progress) -> None:
-        """Show ``progress`` (a ``vault.migrate`` progress callback)."""
-        if progress.stage != self._stage:
-            self.finish()
-            self._stage, self._tenths = progress.stage, -1
-        fraction = progress.done / progress.total if progress.total else 1.0
-        filled = round(fraction * BAR_WIDTH)
-        line = (
-            f"{progress.stage:<5} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] "
-            f"{progress.done}/{progress.total}"
-        )
-        if self._redraw:
-            self._stream.write(f"\r{line}")
-        elif int(fraction * 10) > self._tenths:
-            self._tenths = int(fraction * 10)
-            self._stream.write(f"{line}\n")
-        self._stream.flush()
-
-    def finish(self) -> None:
-        """End the line being redrawn, if any."""
-        if self._redraw and self._stage is not None:
-            self._stream.write("\n")
-            self._stream.flush()
 
 
 async def _cmd_vault_migrate(args: argparse.Namespace, settings: Settings) -> int:

@@ -20,6 +20,7 @@ from vault.urls import redact_url
 from workers.auditing import utc_now
 from workers.commands.base import EXIT_FAILURE, CommandTree
 from workers.commands.local import local_principal, opened_store
+from workers.commands.progress import ProgressBar
 from workers.config import Settings
 
 if TYPE_CHECKING:
@@ -72,12 +73,12 @@ async def _cmd_vault_rewrap(args: argparse.Namespace, settings: Settings) -> int
 
     ring = KekRing.load(settings.resolved_kek_file)
     outcomes: Counter[RewrapOutcome] = Counter()
-    bar = _ProgressBar("rewrap")
+    bar = ProgressBar(sys.stderr)
     async with opened_store(settings) as store:
         audit = AuditLog(store)
         async for step in rewrap(store, ring):
             outcomes[step.outcome] += 1
-            bar.show(step.done, step.total)
+            bar.show("rewrap", step.done, step.total)
             if step.outcome in (RewrapOutcome.REWRAPPED, RewrapOutcome.UNREADABLE):
                 outcome = OUTCOME_OK if step.outcome == RewrapOutcome.REWRAPPED else step.outcome
                 await audit.record(
@@ -88,7 +89,7 @@ async def _cmd_vault_rewrap(args: argparse.Namespace, settings: Settings) -> int
                         outcome=outcome,
                     )
                 )
-    bar.done()
+    bar.finish()
     summary = ", ".join(f"{count} {outcome.value}" for outcome, count in sorted(outcomes.items()))
     print(f"rewrap under {ring.active.kek_id}: {summary or 'no key versions'}")
     if outcomes[RewrapOutcome.UNREADABLE]:
@@ -137,28 +138,6 @@ def _vault_event(
         key_id=key_id,
         version=version,
     )
-
-
-class _ProgressBar:
-    """A one-line bar on stderr when it is a terminal; nothing otherwise."""
-
-    WIDTH = 30
-
-    def __init__(self, label: str) -> None:
-        self._label = label
-        self._shown = sys.stderr.isatty()
-
-    def show(self, done: int, total: int) -> None:
-        if not self._shown:
-            return
-        filled = self.WIDTH * done // max(total, 1)
-        bar = "#" * filled + "-" * (self.WIDTH - filled)
-        sys.stderr.write(f"\r{self._label} [{bar}] {done}/{total}")
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        if self._shown:
-            sys.stderr.write("\n")
 
 
 def _reachable_tpm(settings: Settings) -> Tpm | None:

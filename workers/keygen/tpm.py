@@ -51,6 +51,7 @@ from tpm2_pytss import (
 )
 
 from contracts.errors import IntegrityError, TpmUnavailable
+from vault.sealing import wipe
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class ExportedKey:
 
     def wipe(self) -> None:
         """Zero the scalar in place."""
-        _wipe(self.private_scalar)
+        wipe(self.private_scalar)
 
     def __repr__(self) -> str:
         return f"ExportedKey(public_x={self.public_x.hex()}, private_scalar=<redacted>)"
@@ -188,7 +189,7 @@ class Tpm:
                     _zero_tpm2b(digest)
             return bytes(out)
         finally:
-            _wipe(out)
+            wipe(out)
 
     def create_exportable_p256(self) -> ExportedKey:
         """Generate a P-256 key in the TPM, export it, flush it, and check it.
@@ -212,7 +213,7 @@ class Tpm:
             exported = ExportedKey(scalar, *_public_point(public))
             _check_pair(exported)
         except BaseException:
-            _wipe(scalar)
+            wipe(scalar)
             raise
         return exported
 
@@ -392,10 +393,6 @@ def _zero_tpm2b(value: Any) -> None:
     """Zero the bytes of a tpm2-pytss TPM2B in its C memory (its buffer is a writable view)."""
     view = value.buffer
     view[:] = bytes(len(view))
-
-
-def _wipe(buffer: bytearray) -> None:
-    buffer[:] = bytes(len(buffer))
 
 
 def _fixed_properties(ectx: Any) -> dict[int, int]:
