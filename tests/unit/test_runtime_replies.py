@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 
-from contracts.errors import ConfigurationError, Forbidden, TpmUnavailable, VaultUnavailable
+from contracts.errors import (
+    ConfigurationError,
+    Forbidden,
+    TpmUnavailable,
+    VaultUnavailable,
+    ZanddError,
+)
 from workers.runtime import _error_outcome
 
 
-def reply_of(error: Exception) -> dict[str, object]:
-    assert isinstance(error, Exception)
-    outcome = _error_outcome(error)  # type: ignore[arg-type]
+def reply_of(error: ZanddError) -> dict[str, object]:
+    outcome = _error_outcome(error)
     body: dict[str, object] = json.loads(outcome.body)
     return body
 
