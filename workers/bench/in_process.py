@@ -22,7 +22,7 @@ from vault.records import KeyRecord
 from vault.store import open_store
 from workers.bench.measure import Run, Timing, drive_blocking
 from workers.bench.progress import Progress
-from workers.bench.tpm_path import TpmSignPath
+from workers.bench.tpm_path import sign_in_tpm
 from workers.runtime import RequestContext
 from workers.signer.signing import sign_digests
 
@@ -55,8 +55,10 @@ async def measure_in_process(
     hybrid = await _measured("hybrid", hybrid_once, timing, progress)
     progress.end(f"p50 {hybrid.p50_ms:.3f} ms ({hybrid.per_s:,.0f}/s)")
 
-    with TpmSignPath(tcti) as tpm:
-        tpm_only = await _measured("tpm_only", lambda: tpm.sign_once(digest), timing, progress)
+    from workers.keygen.tpm import Tpm
+
+    with Tpm(tcti) as tpm:
+        tpm_only = await _measured("tpm_only", lambda: sign_in_tpm(tpm, digest), timing, progress)
     progress.end(f"p50 {tpm_only.p50_ms:.2f} ms ({tpm_only.per_s:,.0f} ops/s)")
     return InProcessResults(crypto_limit=crypto_limit, hybrid=hybrid, tpm_only=tpm_only)
 

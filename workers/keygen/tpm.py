@@ -23,12 +23,12 @@ import hashlib
 import logging
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from tpm2_pytss import (
@@ -56,6 +56,7 @@ from vault.sealing import wipe
 logger = logging.getLogger(__name__)
 
 P256_BYTES = 32
+T = TypeVar("T")
 
 # Policy digest of TPM2_PolicyCommandCode(TPM2_CC_Duplicate) from a fresh SHA-256 session:
 # SHA256(zeros32 || TPM_CC_PolicyCommandCode || TPM_CC_Duplicate).
@@ -199,23 +200,35 @@ class Tpm:
             IntegrityError: the exported scalar does not match the TPM's public key.
         """
         scalar = bytearray(P256_BYTES)
+
+        def export(ectx: Any, primary: Any) -> TPM2B_PUBLIC:
+            private, public, _, _, _ = ectx.create(primary, None, _exportable_key_template())
+            with (
+                _flushed(ectx, ectx.load(primary, private, public)) as key,
+                _flushed(ectx, _policy_session(ectx)) as session,
+            ):
+                ectx.policy_command_code(session, TPM2_CC.Duplicate)
+                _copy_scalar(_duplicate_unwrapped(ectx, key, session), into=scalar)
+            return public
+
         try:
-            with self._lock, _tss_errors("key generation"):
-                ectx = self._context()
-                primary = self._storage_primary(ectx)
-                private, public, _, _, _ = ectx.create(primary, None, _exportable_key_template())
-                with (
-                    _flushed(ectx, ectx.load(primary, private, public)) as key,
-                    _flushed(ectx, _policy_session(ectx)) as session,
-                ):
-                    ectx.policy_command_code(session, TPM2_CC.Duplicate)
-                    _copy_scalar(_duplicate_unwrapped(ectx, key, session), into=scalar)
+            public = self.under_storage_primary("key generation", export)
             exported = ExportedKey(scalar, *_public_point(public))
             _check_pair(exported)
         except BaseException:
             wipe(scalar)
             raise
         return exported
+
+    def under_storage_primary(self, action: str, command: Callable[[Any, Any], T]) -> T:
+        """Run ``command(esapi_context, storage_primary)`` with the TPM to ourselves.
+
+        TSS errors become ``TpmUnavailable`` naming ``action``. ``command`` must flush every
+        object it loads (a TPM without a resource manager keeps them).
+        """
+        with self._lock, _tss_errors(action):
+            ectx = self._context()
+            return command(ectx, self._storage_primary(ectx))
 
     def close(self) -> None:
         """Flush the storage primary and close the ESAPI context; idempotent."""
