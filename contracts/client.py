@@ -252,7 +252,9 @@ class SigningClient:
         encoding: Encoding = "der",
         version: int | None = None,
     ) -> bool:
-        """Verify locally: the public key is fetched once per key version, then cached."""
+        """Verify locally. The public key of a named ``version`` is fetched once and cached;
+        without ``version`` the key's current public key is asked for on every call (a
+        rotation may have changed it)."""
         key = await self._cached_public_key(key_id, version)
         return verify_signature(key, signature, message=message, digest=digest, encoding=encoding)
 

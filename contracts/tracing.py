@@ -105,6 +105,32 @@ def producer_destination(exchange: str, routing_key: str) -> str:
     return ":".join(part for part in (exchange, routing_key) if part) or "amq.default"
 
 
+def messaging_attributes(
+    *,
+    operation_type: str,
+    operation_name: str,
+    destination: str,
+    routing_key: str | None,
+    message_id: str | None,
+    correlation_id: str | None,
+) -> dict[str, str | int]:
+    """The messaging semantic-convention attributes a RabbitMQ span carries (empties left out)."""
+    attributes: dict[str, str | int] = {
+        MESSAGING_SYSTEM: RABBITMQ,
+        MESSAGING_OPERATION_TYPE: operation_type,
+        MESSAGING_OPERATION_NAME: operation_name,
+        MESSAGING_DESTINATION_NAME: destination,
+    }
+    for name, value in (
+        (MESSAGING_ROUTING_KEY, routing_key),
+        (MESSAGING_MESSAGE_ID, message_id),
+        (MESSAGING_CONVERSATION_ID, correlation_id),
+    ):
+        if value:
+            attributes[name] = value
+    return attributes
+
+
 @contextmanager
 def producer_span(
     *, exchange: str, routing_key: str, message_id: str | None, correlation_id: str | None
@@ -116,18 +142,14 @@ def producer_span(
     block is recorded on the span and re-raised.
     """
     destination = producer_destination(exchange, routing_key)
-    attributes: dict[str, str] = {
-        MESSAGING_SYSTEM: RABBITMQ,
-        MESSAGING_OPERATION_TYPE: "send",
-        MESSAGING_OPERATION_NAME: "publish",
-        MESSAGING_DESTINATION_NAME: destination,
-    }
-    if routing_key:
-        attributes[MESSAGING_ROUTING_KEY] = routing_key
-    if message_id:
-        attributes[MESSAGING_MESSAGE_ID] = message_id
-    if correlation_id:
-        attributes[MESSAGING_CONVERSATION_ID] = correlation_id
+    attributes = messaging_attributes(
+        operation_type="send",
+        operation_name="publish",
+        destination=destination,
+        routing_key=routing_key,
+        message_id=message_id,
+        correlation_id=correlation_id,
+    )
     tracer = TRACER
     with tracer.start_as_current_span(
         f"publish {destination}",

@@ -34,18 +34,11 @@ from opentelemetry.trace import Link, Span, SpanKind
 
 from contracts.errors import ConfigurationError
 from contracts.tracing import (
-    MESSAGING_CONVERSATION_ID,
     MESSAGING_DELIVERY_TAG,
-    MESSAGING_DESTINATION_NAME,
-    MESSAGING_MESSAGE_ID,
-    MESSAGING_OPERATION_NAME,
-    MESSAGING_OPERATION_TYPE,
-    MESSAGING_ROUTING_KEY,
-    MESSAGING_SYSTEM,
-    RABBITMQ,
     TRACER,
     extract,
     mark_failed,
+    messaging_attributes,
 )
 
 if TYPE_CHECKING:
@@ -159,20 +152,16 @@ def consumer_span(message: DeliveryLike, *, queue: str) -> Iterator[Span]:
     exchange = message.exchange or ""
     routing_key = message.routing_key or ""
     destination = consumer_destination(exchange, routing_key, queue)
-    attributes: dict[str, str | int] = {
-        MESSAGING_SYSTEM: RABBITMQ,
-        MESSAGING_OPERATION_TYPE: "process",
-        MESSAGING_OPERATION_NAME: "process",
-        MESSAGING_DESTINATION_NAME: destination,
-    }
-    if routing_key:
-        attributes[MESSAGING_ROUTING_KEY] = routing_key
+    attributes = messaging_attributes(
+        operation_type="process",
+        operation_name="process",
+        destination=destination,
+        routing_key=routing_key,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+    )
     if message.delivery_tag is not None:
         attributes[MESSAGING_DELIVERY_TAG] = message.delivery_tag
-    if message.message_id:
-        attributes[MESSAGING_MESSAGE_ID] = message.message_id
-    if message.correlation_id:
-        attributes[MESSAGING_CONVERSATION_ID] = message.correlation_id
     tracer = TRACER
     with tracer.start_as_current_span(
         f"process {destination}",
