@@ -29,8 +29,16 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-from opentelemetry.trace import Link, Span, SpanKind
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    TraceFlags,
+)
 
 from contracts.errors import ConfigurationError
 from contracts.tracing import (
@@ -148,6 +156,12 @@ def consumer_span(message: DeliveryLike, *, queue: str) -> Iterator[Span]:
     """
     parent = extract(message.headers)
     parent_context = trace.get_current_span(parent).get_span_context()
+    if not recording():
+        # Nothing is recorded: skip the SDK's span machinery (attributes, links, sampler) and
+        # make current just what the logs need, the trace id, as the SDK's dropped span would.
+        with trace.use_span(_unrecorded_span(parent_context), end_on_exit=False) as span:
+            yield span
+        return
     links = [Link(parent_context)] if parent_context.is_valid else []
     exchange = message.exchange or ""
     routing_key = message.routing_key or ""
@@ -177,6 +191,24 @@ def consumer_span(message: DeliveryLike, *, queue: str) -> Iterator[Span]:
         except BaseException as exc:
             mark_failed(span, exc)
             raise
+
+
+_IDS = RandomIdGenerator()
+
+
+def _unrecorded_span(parent: SpanContext) -> NonRecordingSpan:
+    """What the SDK makes for a span its sampler drops: the parent's trace id (a new one
+    without a parent), a span id of its own, not sampled."""
+    trace_id = parent.trace_id if parent.is_valid else _IDS.generate_trace_id()
+    return NonRecordingSpan(
+        SpanContext(
+            trace_id,
+            _IDS.generate_span_id(),
+            is_remote=False,
+            trace_flags=TraceFlags(TraceFlags.DEFAULT),
+            trace_state=parent.trace_state,
+        )
+    )
 
 
 def recording() -> bool:

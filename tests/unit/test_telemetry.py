@@ -278,3 +278,22 @@ def test_without_an_exporter_nothing_is_recorded_but_trace_ids_still_flow() -> N
     with tracer.start_as_current_span("root") as root:
         assert not root.is_recording()
         assert root.get_span_context().is_valid
+
+
+def test_with_tracing_off_the_consumer_span_carries_the_producer_trace_id_and_records_nothing(
+    spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("workers.telemetry.recording", lambda: False)
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with consumer_span(_delivered({"traceparent": traceparent}), queue="zandd.sign") as span:
+        assert not span.is_recording()
+        assert current_trace_id() == "0af7651916cd43dd8448eb211c80319c"
+        assert f"{span.get_span_context().span_id:016x}" != "b7ad6b7169203331"
+    ids = set()
+    for _ in range(2):
+        with consumer_span(_delivered(None), queue="zandd.sign") as span:
+            assert span.get_span_context().is_valid
+            ids.add(current_trace_id())
+    assert None not in ids and len(ids) == 2  # a new trace per request without a traceparent
+    assert current_trace_id() is None
+    assert spans.get_finished_spans() == ()
