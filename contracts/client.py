@@ -45,6 +45,7 @@ from contracts.amqp import (
     JSON_CONTENT_TYPE,
     connect,
     principal_of,
+    transport_of,
 )
 from contracts.crypto import load_public_key, verify_signature
 from contracts.errors import (
@@ -364,13 +365,14 @@ class SigningClient:
         # Straight to aio-pika's transport (aiormq): an aio_pika.Message per call costs more
         # than the rest of the publish.
         try:
-            transport = await self._channel.get_underlay_channel()
+            transport = await transport_of(self._channel)
             await transport.basic_publish(
                 body,
                 exchange=EXCHANGE,
                 routing_key=operation.value,
                 properties=properties,
                 mandatory=True,
+                wait=False,
             )
         except (PublishError, ChannelNotFoundEntity) as exc:
             # A missing queue binding is returned; a missing exchange closes the channel.
@@ -385,7 +387,7 @@ class SigningClient:
 
     async def _consume_replies(self, *_: Any) -> None:
         """Consume the reply queue, again after every reopen of the (robust) channel."""
-        transport = await self._channel.get_underlay_channel()
+        transport = await transport_of(self._channel)
         await transport.basic_consume(self._reply_queue, self._on_reply, no_ack=True)
 
     async def _on_reply(self, message: DeliveredMessage) -> None:

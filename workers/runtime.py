@@ -1,9 +1,18 @@
 """The one consumer runtime both workers run: connect, declare, consume, dispatch, reply, ack.
 
-Where is a request acked? In ``ConsumerRuntime._on_message`` and nowhere else: after its
-reply (a result or a typed error) has been confirmed by the broker. A malformed request is
-answered with ``invalid_request`` and acked — or, with nobody to answer, dead-lettered — and
-never requeued; the worker keeps running.
+Where is a request acked? In ``ConsumerRuntime._settle`` and nowhere else: after its reply
+(a result or a typed error) has been published on the channel that delivered the request. A
+channel's frames are processed by the broker in order, so when the broker has the ack it has
+already routed the reply; the acks of requests that finish together go out as one
+``multiple`` ack (``workers/acks.py``). A malformed request is answered with
+``invalid_request`` and acked — or, with nobody to answer, dead-lettered — and never
+requeued; the worker keeps running.
+
+Why no publisher confirm on the reply: it would add no guarantee the frame order does not
+already give. A reply is transient and goes to the caller's transient queue; the broker
+confirms even a reply it could not route (the caller went away), and a connection lost before
+the broker read the reply loses the ack behind it too, so the request is redelivered. The
+confirm cost a frame each way and a wait before every ack.
 
 What the runtime does when things break:
 - the broker goes away: in-flight requests are abandoned unacked (the broker redelivers them
@@ -26,14 +35,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractQueue
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
-from aiormq.abc import AbstractChannel as TransportChannel
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 from pydantic import BaseModel
 
-from contracts.amqp import DEADLINE_HEADER, JSON_CONTENT_TYPE, connect_plain
+from contracts.amqp import DEADLINE_HEADER, JSON_CONTENT_TYPE, connect_plain, transport_of
 from contracts.errors import (
     BrokerUnavailable,
     DeadlineExceeded,
@@ -50,6 +59,7 @@ from contracts.models import ErrorReply, parse_request
 from contracts.operations import ERROR_REPLY_TYPE, IDEMPOTENT_OPERATIONS, Operation
 from contracts.topology import bind_topology, declare_topology
 from contracts.tracing import mark_failed
+from workers.acks import AckBatcher
 from workers.backoff import retry_until_stopped
 from workers.delivery import Delivery
 from workers.logs import bound_request
@@ -104,11 +114,12 @@ class _Session:
     """One connection's worth of state; a reconnect makes a new one."""
 
     def __init__(
-        self, channel: AbstractChannel, transport: TransportChannel, queue: AbstractQueue
+        self, channel: AbstractChannel, transport: aiormq.Channel, queue: AbstractQueue
     ) -> None:
         self.channel = channel
         # The hot path (consume, reply, ack) talks to aiormq directly: see workers/delivery.py.
         self.transport = transport
+        self.acks = AckBatcher(transport)
         self.queue = queue
         self.consumer_tag: str | None = None
         self.lost = asyncio.Event()
@@ -191,6 +202,7 @@ class ConsumerRuntime:
             log.info("%s stopping: no new requests, draining %d", self._name, len(self._in_flight))
             await self._cancel_consumer(session)
             await self._drain()
+            await session.acks.flushed()
         except _AMQP_FAILURES as exc:
             log.warning("%s lost the broker (%s)", self._name, type(exc).__name__)
             self._abandon_in_flight()
@@ -202,14 +214,14 @@ class ConsumerRuntime:
                 await connection.close()
 
     async def _open_session(self, connection: aio_pika.abc.AbstractConnection) -> _Session:
-        channel = await connection.channel(publisher_confirms=True)
+        channel = await connection.channel(publisher_confirms=False)
         # Per-consumer QoS: global QoS on a quorum queue closes the connection.
         await channel.set_qos(prefetch_count=self._prefetch)
         # Least-privilege deployments declare the topology once (ops/rabbitmq/definitions.json)
         # and give workers no configure rights: they only look it up.
         topology = await (declare_topology if self._declare else bind_topology)(channel)
         queue = topology.queues[self._queue]
-        session = _Session(channel, await channel.get_underlay_channel(), queue)
+        session = _Session(channel, await transport_of(channel), queue)
         connection.close_callbacks.add(lambda *_: session.lost.set())
         channel.close_callbacks.add(lambda *_: session.lost.set())
         return session
@@ -263,6 +275,7 @@ class ConsumerRuntime:
         try:
             if session is None:
                 raise ChannelInvalidStateError("no broker session")
+            session.acks.delivered(message.delivery_tag)
             with (
                 self._metrics.in_flight(),
                 bound_request(message.message_id),
@@ -278,7 +291,7 @@ class ConsumerRuntime:
                 time.perf_counter() - started_s,
             )
         except _AMQP_FAILURES as exc:
-            # Without a confirmed reply the request is not acked: the broker redelivers it.
+            # A reply not handed to the broker is not acked: the broker redelivers the request.
             log.warning("request %s not settled (%s): left for redelivery", message.message_id, exc)
         except _Abandoned:
             log.info("request %s left unsettled for another worker: stopping", message.message_id)
@@ -292,10 +305,11 @@ class ConsumerRuntime:
         if message.reply_to:
             await self._reply(session, message.reply_to, message, outcome)
         if outcome.dead_letter_if_unanswered and not message.reply_to:
-            await session.transport.basic_reject(message.delivery_tag, requeue=False)
+            await session.transport.basic_reject(message.delivery_tag, requeue=False, wait=False)
+            session.acks.rejected(message.delivery_tag)
             self._metrics.dead_lettered(self._queue, "rejected")
         else:
-            await session.transport.basic_ack(message.delivery_tag)
+            session.acks.ack(message.delivery_tag)
 
     async def _serve(self, message: Delivery) -> _Outcome:
         request: BaseModel | None = None
@@ -442,11 +456,17 @@ class ConsumerRuntime:
             message_type=outcome.type,
             correlation_id=message.correlation_id or message.message_id,
         )
-        # Awaiting the publish waits for the broker's confirm. mandatory=False: a caller that
-        # went away must not bounce the reply back to us, and direct reply-to on 3.10 returns
-        # mandatory replies spuriously.
+        # Queued on the delivering channel ahead of the ack (see the module docstring);
+        # wait=False: the frame order is the guarantee, not the socket drain. mandatory=False:
+        # a caller that went away must not bounce the reply back to us, and direct reply-to on
+        # 3.10 returns mandatory replies spuriously.
         await session.transport.basic_publish(
-            outcome.body, exchange="", routing_key=reply_to, properties=properties, mandatory=False
+            outcome.body,
+            exchange="",
+            routing_key=reply_to,
+            properties=properties,
+            mandatory=False,
+            wait=False,
         )
 
 
