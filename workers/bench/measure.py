@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 
 from workers.bench.progress import Progress
 
@@ -16,6 +16,9 @@ MIN_OPERATIONS = 5
 #: A blocking (in-process) run hands control back to the event loop this often, so progress is
 #: drawn and Ctrl-C is honoured while it runs.
 _YIELD_EVERY_S = 0.05
+
+#: One request of a scenario, awaited to its reply.
+Operation = Callable[[], Awaitable[object]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,15 @@ class Run:
         """99th percentile latency in milliseconds."""
         return self.percentile_ms(99)
 
+    @classmethod
+    def merged(cls, parts: Sequence[Run]) -> Run:
+        """One run of several measured apart: their operations, times and latencies together."""
+        return cls(
+            operations=sum(part.operations for part in parts),
+            elapsed_s=sum(part.elapsed_s for part in parts),
+            latencies_s=tuple(latency for part in parts for latency in part.latencies_s),
+        )
+
     def percentile_ms(self, percent: float) -> float:
         """The nearest-rank percentile of the latencies, in milliseconds."""
         ordered = sorted(self.latencies_s)
@@ -80,7 +92,7 @@ class Run:
         return ordered[rank - 1] * 1000
 
 
-async def drive(operation: Callable[[], Awaitable[object]], load: Load, progress: Progress) -> Run:
+async def drive(operation: Operation, load: Load, progress: Progress) -> Run:
     """Keep ``load.concurrency`` operations in flight until the duration is over.
 
     Each worker starts its next operation when its last one completes (a closed loop), so the
@@ -133,7 +145,7 @@ async def drive_blocking(operation: Callable[[], object], load: Load, progress: 
 
 async def measured(
     label: str,
-    operation: Callable[[], Awaitable[object]],
+    operation: Operation,
     load: Load,
     warmup: Load,
     progress: Progress,
@@ -143,3 +155,31 @@ async def measured(
     await drive(operation, warmup, progress)
     progress.begin(label)
     return await drive(operation, load, progress)
+
+
+async def interleaved(
+    scenarios: Sequence[tuple[str, Operation]],
+    load: Load,
+    warmup: Load,
+    progress: Progress,
+    *,
+    slices: int,
+) -> list[Run]:
+    """Measure scenarios that are to be compared in alternating slices, one ``Run`` each.
+
+    This machine's speed drifts by a fifth over a minute; measured one after the other, two
+    scenarios would compare two moments as much as two systems. Each gets ``slices`` slices of
+    ``load.duration_s / slices``, in A B B A … order so neither always goes first, and its
+    slices are merged.
+    """
+    for label, operation in scenarios:
+        progress.begin(f"{label} (warm-up)")
+        await drive(operation, warmup, progress)
+    slice_load = replace(load, duration_s=load.duration_s / slices)
+    parts: dict[str, list[Run]] = {label: [] for label, _ in scenarios}
+    for number in range(slices):
+        order = scenarios if number % 2 == 0 else scenarios[::-1]
+        for label, operation in order:
+            progress.begin(f"{label} (slice {number + 1}/{slices})")
+            parts[label].append(await drive(operation, slice_load, progress))
+    return [Run.merged(parts[label]) for label, _ in scenarios]

@@ -23,12 +23,14 @@ from contracts.client import SigningClient
 from contracts.errors import ZanddError
 from contracts.models import SignRequest
 from workers.bench.echo import READY_LINE, EchoClient, echo_queue_arguments
-from workers.bench.measure import MIN_OPERATIONS, Load, Run, Timing, measured
+from workers.bench.measure import MIN_OPERATIONS, Load, Run, Timing, interleaved, measured
 from workers.bench.progress import Progress
 
 #: Requests in flight for ``echo`` and ``sign`` (the issue's figure).
 CONCURRENCY = 64
 ITEMS_PER_MESSAGE = 100
+#: Alternating slices per compared pair (``echo``/``sign``, ``echo_serial``/``sign_serial``).
+SLICES = 6
 #: ``sign.batch`` messages in flight: enough to keep every signer busy while replies travel.
 BATCH_IN_FLIGHT = 16
 _ECHO_READY_TIMEOUT_S = 30.0
@@ -51,9 +53,20 @@ class FleetResults:
 async def measure_fleet(
     amqp_url: str, signers: int, timing: Timing, progress: Progress
 ) -> FleetResults:
-    """``echo``/``echo_serial`` beside ``sign``/``sign_serial``, then ``batch``."""
+    """``echo`` beside ``sign`` and ``echo_serial`` beside ``sign_serial``, then ``batch``.
+
+    Each pair is measured in alternating slices (:func:`interleaved`): the targets are their
+    ratios, and measured one after the other they would also compare two moments of a machine
+    whose speed drifts.
+    """
     digest = os.urandom(32)
-    echo, echo_serial = await _measure_echo(amqp_url, signers, digest, timing, progress)
+    # The body a sign request carries, so the echo moves the same bytes.
+    echo_body = SignRequest(key_id="zk-" + "0" * 20, digest=digest).model_dump_json(
+        exclude_none=True
+    )
+    echo_queue = f"zandd-bench.echo.{uuid.uuid4().hex[:12]}"
+    consumers = f"[{signers} consumer{'s' if signers > 1 else ''}]"
+    at = f"[{signers} signer{'s' if signers > 1 else ''}]"
     async with await SigningClient.connect(amqp_url) as client:
         key = await client.create_key(label=_BENCH_LABEL)
 
@@ -63,15 +76,32 @@ async def measure_fleet(
         async def sign_batch() -> object:
             return await client.sign_batch(key.key_id, digests=[digest] * ITEMS_PER_MESSAGE)
 
-        at = f"[{signers} signer{'s' if signers > 1 else ''}]"
-        sign_run = await measured(
-            f"sign {at}", sign, timing.load(CONCURRENCY), timing.warmup(CONCURRENCY), progress
-        )
-        progress.end(_throughput(sign_run, "req/s"))
-        sign_serial = await measured(
-            f"sign_serial {at}", sign, timing.load(1), timing.warmup(1), progress
-        )
-        progress.end(_latency(sign_serial))
+        async with (
+            _echo_consumers(amqp_url, echo_queue, signers, progress),
+            await EchoClient.connect(amqp_url, echo_queue) as echo_client,
+        ):
+
+            async def echo() -> object:
+                return await echo_client.call(echo_body.encode())
+
+            echo_run, sign_run = await interleaved(
+                [(f"echo {consumers}", echo), (f"sign {at}", sign)],
+                timing.load(CONCURRENCY),
+                timing.warmup(CONCURRENCY),
+                progress,
+                slices=SLICES,
+            )
+            progress.note(f"echo {consumers}: {_throughput(echo_run, 'req/s')}")
+            progress.note(f"sign {at}: {_throughput(sign_run, 'req/s')}")
+            echo_serial, sign_serial = await interleaved(
+                [(f"echo_serial {consumers}", echo), (f"sign_serial {at}", sign)],
+                timing.load(1),
+                timing.warmup(1),
+                progress,
+                slices=SLICES,
+            )
+            progress.note(f"echo_serial {consumers}: {_latency(echo_serial)}")
+            progress.note(f"sign_serial {at}: {_latency(sign_serial)}")
         batch = await measured(
             f"batch {at}",
             sign_batch,
@@ -80,7 +110,7 @@ async def measure_fleet(
             progress,
         )
         progress.end(f"{batch.per_s * ITEMS_PER_MESSAGE:,.0f} signatures/s")
-    return FleetResults(signers, echo, echo_serial, sign_run, sign_serial, batch)
+    return FleetResults(signers, echo_run, echo_serial, sign_run, sign_serial, batch)
 
 
 async def measure_keygen(amqp_url: str, max_keys: int, timing: Timing, progress: Progress) -> Run:
@@ -100,37 +130,6 @@ async def measure_keygen(amqp_url: str, max_keys: int, timing: Timing, progress:
         run = await measured("keygen", create, load, warmup, progress)
     progress.end(_latency(run))
     return run
-
-
-async def _measure_echo(
-    amqp_url: str, consumers: int, digest: bytes, timing: Timing, progress: Progress
-) -> tuple[Run, Run]:
-    # The body a sign request would carry, so both sides move the same bytes.
-    request = SignRequest(key_id="zk-" + "0" * 20, digest=digest)
-    body = request.model_dump_json(exclude_none=True).encode()
-    queue = f"zandd-bench.echo.{uuid.uuid4().hex[:12]}"
-    label = f"[{consumers} consumer{'s' if consumers > 1 else ''}]"
-    async with (
-        _echo_consumers(amqp_url, queue, consumers, progress),
-        await EchoClient.connect(amqp_url, queue) as client,
-    ):
-
-        async def echo() -> object:
-            return await client.call(body)
-
-        echo_run = await measured(
-            f"echo {label}",
-            echo,
-            timing.load(CONCURRENCY),
-            timing.warmup(CONCURRENCY),
-            progress,
-        )
-        progress.end(_throughput(echo_run, "req/s"))
-        echo_serial = await measured(
-            f"echo_serial {label}", echo, timing.load(1), timing.warmup(1), progress
-        )
-        progress.end(_latency(echo_serial))
-    return echo_run, echo_serial
 
 
 @asynccontextmanager
