@@ -35,7 +35,7 @@ class AckBatcher:
         self._unsettled: set[int] = set()
         self._finished: set[int] = set()
         self._flush: asyncio.Task[None] | None = None
-        #: Ack frames sent, and the deliveries they acked (for metrics and tests).
+        #: Ack frames sent, and the deliveries they acked.
         self.frames = 0
         self.acked = 0
 

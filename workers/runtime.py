@@ -165,6 +165,11 @@ class ConsumerRuntime:
         #: Set while the worker consumes; tests and ``zandd up`` wait on it.
         self.ready = asyncio.Event()
 
+    @property
+    def acks(self) -> AckBatcher | None:
+        """The current session's ack batcher (its counters show how acks were coalesced)."""
+        return None if self._session is None else self._session.acks
+
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain in-flight requests within the bound.
 

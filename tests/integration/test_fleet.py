@@ -273,3 +273,30 @@ async def test_each_malformed_message_gets_invalid_request_and_the_worker_goes_o
         key = await client.create_key()
         signed = await client.sign(key.key_id, b"still serving")
         assert await client.verify(key.key_id, signed.signature, message=b"still serving")
+
+
+@pytest.mark.signers(1)
+async def test_acks_are_coalesced_and_every_request_is_acked(fleet: RunningFleet) -> None:
+    async with await fleet.client() as client:
+        key = await client.create_key()
+        replies = await asyncio.gather(
+            *(client.sign(key.key_id, digest=bytes([n]) * 32) for n in range(200))
+        )
+    assert len({reply.signature for reply in replies}) == 200
+    acks = fleet.runtimes["signer-1"].acks
+    assert acks is not None
+    await acks.flushed()
+    assert acks.acked == 200
+    # Requests released together by the audit's group commit share one ack frame.
+    assert acks.frames < acks.acked
+    vhost = fleet.amqp_url.rsplit("/", 1)[1]
+    listing = await asyncio.create_subprocess_exec(
+        *("rabbitmqctl", "-q", "list_queues", "--no-table-headers", "-p", vhost),
+        *("name", "messages_unacknowledged"),
+        stdout=subprocess.PIPE,
+    )
+    stdout, _ = await asyncio.wait_for(listing.communicate(), 60)
+    assert listing.returncode == 0
+    lines = stdout.decode().splitlines()
+    unacked = {name: int(count) for name, count in (line.split() for line in lines)}
+    assert unacked["zandd.sign"] == 0
