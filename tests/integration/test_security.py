@@ -78,7 +78,8 @@ def users(amqp_url: str) -> Iterator[dict[str, str]]:
     urls: dict[str, str] = {}
     try:
         for name in (ALICE, BOB, CAROL, ADMIN):
-            password = secrets.token_urlsafe(16)
+            # Hex: rabbitmqctl takes a password that starts with "-" for an option (exit 64).
+            password = secrets.token_hex(16)
             _rabbitmqctl("add_user", name, password)
             urls[name] = str(base.with_user(name).with_password(password))
             _rabbitmqctl(
