@@ -4,7 +4,11 @@ Where is a request acked? In ``ConsumerRuntime._settle`` and nowhere else: after
 (a result or a typed error) has been published on the channel that delivered the request. A
 channel's frames are processed by the broker in order, so when the broker has the ack it has
 already routed the reply; the acks of requests that finish together go out as one
-``multiple`` ack (``workers/acks.py``). A malformed request is answered with
+``multiple`` ack (``workers/acks.py``), in the same write as their replies.
+
+Two connections per session: aio-pika declares (or looks up) the topology on a short-lived one,
+and the requests travel on a lean connection of our own (``workers/wire.py``), where a
+request's frames cost a fraction of what they cost through aiormq. A malformed request is answered with
 ``invalid_request`` and acked — or, with nobody to answer, dead-lettered — and never
 requeued; the worker keeps running.
 
@@ -34,15 +38,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
-import aiormq
-from aio_pika.abc import AbstractChannel, AbstractQueue
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
-from aiormq.abc import DeliveredMessage
-from pamqp.commands import Basic
 from pydantic import BaseModel
 
-from contracts.amqp import DEADLINE_HEADER, JSON_CONTENT_TYPE, connect_plain, transport_of
+from contracts.amqp import DEADLINE_HEADER, JSON_CONTENT_TYPE, connect_plain
 from contracts.errors import (
     BrokerUnavailable,
     DeadlineExceeded,
@@ -65,6 +64,7 @@ from workers.delivery import Delivery
 from workers.logs import bound_request
 from workers.metrics import OUTCOME_OK, Metrics, operation_label
 from workers.telemetry import consumer_span
+from workers.wire import Wire, WireClosed
 
 log = logging.getLogger("zandd.runtime")
 
@@ -113,16 +113,13 @@ class _Abandoned(Exception):
 class _Session:
     """One connection's worth of state; a reconnect makes a new one."""
 
-    def __init__(
-        self, channel: AbstractChannel, transport: aiormq.Channel, queue: AbstractQueue
-    ) -> None:
-        self.channel = channel
-        # The hot path (consume, reply, ack) talks to aiormq directly: see workers/delivery.py.
-        self.transport = transport
-        self.acks = AckBatcher(transport)
+    def __init__(self, wire: Wire, queue: str) -> None:
+        self.wire = wire
+        self.acks = AckBatcher(wire)
         self.queue = queue
         self.consumer_tag: str | None = None
-        self.lost = asyncio.Event()
+        #: Set when the connection is gone, whatever ended it.
+        self.lost = wire.lost
 
 
 class ConsumerRuntime:
@@ -177,68 +174,76 @@ class ConsumerRuntime:
         so and exits); later losses are retried until ``stop``.
         """
         self._stop = stop
-        await self._serve_session(await self._connect())
+        await self._serve_session(await self._open_session())
         while not stop.is_set():
-            connection = await retry_until_stopped(
-                self._connect,
+            session = await retry_until_stopped(
+                self._open_session,
                 stop=stop,
                 what=f"{self._name}: reconnecting to the broker",
                 retry_on=(BrokerUnavailable, *_AMQP_FAILURES),
                 max_delay_s=self._max_backoff_s,
             )
-            if connection is None:
+            if session is None:
                 return
-            await self._serve_session(connection)
+            await self._serve_session(session)
 
-    async def _connect(self) -> aio_pika.abc.AbstractConnection:
-        return await connect_plain(self._amqp_url, connection_name=self._name)
-
-    async def _serve_session(self, connection: aio_pika.abc.AbstractConnection) -> None:
+    async def _open_session(self) -> _Session:
+        """Declare (or look up) the topology, then connect the lean connection and set QoS."""
+        queue = await self._work_queue()
+        wire = await Wire.connect(self._amqp_url, connection_name=self._name)
         try:
-            session = await self._open_session(connection)
+            # Per-consumer QoS: global QoS on a quorum queue closes the connection.
+            await wire.qos(self._prefetch)
+        except BaseException:
+            await wire.close()
+            raise
+        return _Session(wire, queue)
+
+    async def _work_queue(self) -> str:
+        """The name of the queue to consume, its topology declared on a connection of its own.
+
+        Least-privilege deployments declare the topology once (ops/rabbitmq/definitions.json)
+        and give workers no configure rights: they only look it up.
+        """
+        connection = await connect_plain(self._amqp_url, connection_name=f"{self._name}/topology")
+        async with connection:
+            channel = await connection.channel()
+            topology = await (declare_topology if self._declare else bind_topology)(channel)
+            return topology.queues[self._queue].name
+
+    async def _serve_session(self, session: _Session) -> None:
+        try:
             self._session = session
             await self._consume(session)
             self.ready.set()
             log.info("%s consuming %s (prefetch %d)", self._name, self._queue, self._prefetch)
             await _first_of(self._stop.wait(), session.lost.wait())
             if session.lost.is_set() and not self._stop.is_set():
+                log.warning("%s lost the broker: %s", self._name, session.wire.reason)
                 self._abandon_in_flight()
                 return
             log.info("%s stopping: no new requests, draining %d", self._name, len(self._in_flight))
             await self._cancel_consumer(session)
             await self._drain()
-            await session.acks.flushed()
+            session.acks.flush()
         except _AMQP_FAILURES as exc:
-            log.warning("%s lost the broker (%s)", self._name, type(exc).__name__)
+            log.warning("%s lost the broker (%s)", self._name, exc)
             self._abandon_in_flight()
         finally:
             self.ready.clear()
             self._session = None
-            if not connection.is_closed:
-                # Closing the channel returns prefetched, unacked messages to the queue.
-                await connection.close()
-
-    async def _open_session(self, connection: aio_pika.abc.AbstractConnection) -> _Session:
-        channel = await connection.channel(publisher_confirms=False)
-        # Per-consumer QoS: global QoS on a quorum queue closes the connection.
-        await channel.set_qos(prefetch_count=self._prefetch)
-        # Least-privilege deployments declare the topology once (ops/rabbitmq/definitions.json)
-        # and give workers no configure rights: they only look it up.
-        topology = await (declare_topology if self._declare else bind_topology)(channel)
-        queue = topology.queues[self._queue]
-        session = _Session(channel, await transport_of(channel), queue)
-        connection.close_callbacks.add(lambda *_: session.lost.set())
-        channel.close_callbacks.add(lambda *_: session.lost.set())
-        return session
+            # Closing the connection returns prefetched, unacked messages to the queue.
+            await session.wire.close()
 
     async def _consume(self, session: _Session) -> None:
-        consuming = await session.transport.basic_consume(session.queue.name, self._on_delivery)
-        session.consumer_tag = consuming.consumer_tag
+        session.consumer_tag = await session.wire.consume(
+            session.queue, lambda delivery: self._on_delivery(session, delivery)
+        )
 
     async def _cancel_consumer(self, session: _Session) -> None:
         if session.consumer_tag is not None and not session.lost.is_set():
             tag, session.consumer_tag = session.consumer_tag, None
-            await session.transport.basic_cancel(tag)
+            await session.wire.cancel(tag)
 
     def _abandon_in_flight(self) -> None:
         if self._in_flight:
@@ -267,20 +272,17 @@ class ConsumerRuntime:
 
     # -- one delivery ----------------------------------------------------------------------
 
-    async def _on_delivery(self, delivered: DeliveredMessage) -> None:
-        await self._on_message(Delivery.of(delivered))
-
-    async def _on_message(self, message: Delivery) -> None:
-        task = asyncio.current_task()
-        assert task is not None  # aiormq runs every delivery callback in its own task
+    def _on_delivery(self, session: _Session, message: Delivery) -> None:
+        """A request arrived: register its tag (acks rely on the order) and serve it in a task."""
+        session.acks.delivered(message.delivery_tag)
+        task = asyncio.get_running_loop().create_task(self._on_message(session, message))
         self._in_flight.add(task)
-        # Delivery tags belong to the channel that delivered: settle there or not at all.
-        session = self._session
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _on_message(self, session: _Session, message: Delivery) -> None:
+        # Delivery tags belong to the connection that delivered: settle there or not at all.
         started_s = time.perf_counter()
         try:
-            if session is None:
-                raise ChannelInvalidStateError("no broker session")
-            session.acks.delivered(message.delivery_tag)
             with (
                 self._metrics.in_flight(),
                 bound_request(message.message_id),
@@ -300,17 +302,15 @@ class ConsumerRuntime:
             log.warning("request %s not settled (%s): left for redelivery", message.message_id, exc)
         except _Abandoned:
             log.info("request %s left unsettled for another worker: stopping", message.message_id)
-        finally:
-            self._in_flight.discard(task)
 
     async def _settle(self, session: _Session, message: Delivery, outcome: _Outcome) -> None:
         """Reply, then ack — or dead-letter what nobody can be told about."""
         if session.lost.is_set():
-            raise ChannelInvalidStateError("the channel that delivered this request is gone")
+            raise WireClosed("the connection that delivered this request is gone")
         if message.reply_to:
-            await self._reply(session, message.reply_to, message, outcome)
+            self._reply(session, message.reply_to, message, outcome)
         if outcome.dead_letter_if_unanswered and not message.reply_to:
-            await session.transport.basic_reject(message.delivery_tag, requeue=False, wait=False)
+            session.wire.reject(message.delivery_tag, requeue=False)
             session.acks.rejected(message.delivery_tag)
             self._metrics.dead_lettered(self._queue, "rejected")
         else:
@@ -437,7 +437,7 @@ class ConsumerRuntime:
             try:
                 await self._cancel_consumer(session)
             except _AMQP_FAILURES:
-                session.lost.set()
+                session.wire.drop("cancelling the consumer failed")
         await retry_until_stopped(
             self._probe,
             stop=self._stop,
@@ -449,29 +449,23 @@ class ConsumerRuntime:
         try:
             await self._consume(session)
         except _AMQP_FAILURES:
-            session.lost.set()
+            session.wire.drop("consuming again failed")
             return
         log.info("%s resumes consuming %s", self._name, self._queue)
 
-    async def _reply(
+    def _reply(
         self, session: _Session, reply_to: str, message: Delivery, outcome: _Outcome
     ) -> None:
-        properties = Basic.Properties(
+        # Queued on the delivering channel ahead of the ack (see the module docstring): the
+        # frame order is the guarantee, not the socket drain. Not mandatory: a caller that
+        # went away must not bounce the reply back to us, and direct reply-to on 3.10 returns
+        # mandatory replies spuriously.
+        session.wire.publish(
+            outcome.body,
+            routing_key=reply_to,
             content_type=JSON_CONTENT_TYPE,
             message_type=outcome.type,
             correlation_id=message.correlation_id or message.message_id,
-        )
-        # Queued on the delivering channel ahead of the ack (see the module docstring);
-        # wait=False: the frame order is the guarantee, not the socket drain. mandatory=False:
-        # a caller that went away must not bounce the reply back to us, and direct reply-to on
-        # 3.10 returns mandatory replies spuriously.
-        await session.transport.basic_publish(
-            outcome.body,
-            exchange="",
-            routing_key=reply_to,
-            properties=properties,
-            mandatory=False,
-            wait=False,
         )
 
 

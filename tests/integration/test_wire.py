@@ -1,0 +1,162 @@
+"""The runtime's lean AMQP connection against the real broker, with aio-pika on the other end."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from yarl import URL
+
+from contracts.errors import BrokerUnavailable, ConfigurationError
+from workers.delivery import Delivery
+from workers.wire import Wire
+
+pytestmark = pytest.mark.rabbitmq
+
+QUEUE = "wire.requests"
+REPLIES = "wire.replies"
+
+
+@pytest.fixture
+async def peer(empty_amqp_url: str) -> AsyncIterator[AbstractChannel]:
+    """An aio-pika channel on the same vhost, with a quorum work queue and a reply queue."""
+    connection: AbstractRobustConnection = await aio_pika.connect_robust(empty_amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+        await channel.declare_queue(REPLIES, durable=False)
+        yield channel
+
+
+async def _wire(url: str, deliveries: list[Delivery], prefetch: int = 100) -> Wire:
+    wire = await Wire.connect(url, connection_name="test-wire", heartbeat_s=1)
+    await wire.qos(prefetch)
+    await wire.consume(QUEUE, deliveries.append)
+    return wire
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 - deliveries arrive by callback, not event
+            await asyncio.sleep(0.01)
+
+
+async def test_requests_in_replies_out_acks_settle(
+    empty_amqp_url: str, peer: AbstractChannel
+) -> None:
+    large = bytes(range(256)) * 1200  # above the negotiated frame size: several body frames
+    for n in range(10):
+        await peer.default_exchange.publish(
+            aio_pika.Message(
+                large if n == 0 else f"request {n}".encode(),
+                message_id=f"m{n}",
+                correlation_id=f"c{n}",
+                reply_to=REPLIES,
+                type="sign",
+                content_type="application/json",
+                headers={"x-deadline-ms": 1_790_000_000_000, "traceparent": "00-a-b-01"},
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=QUEUE,
+        )
+    deliveries: list[Delivery] = []
+    wire = await _wire(empty_amqp_url, deliveries)
+    await _until(lambda: len(deliveries) == 10)
+    assert deliveries[0].body == large
+    assert [d.message_id for d in deliveries] == [f"m{n}" for n in range(10)]
+    first = deliveries[1]
+    assert (first.correlation_id, first.reply_to, first.type) == ("c1", REPLIES, "sign")
+    assert first.headers == {"x-deadline-ms": 1_790_000_000_000, "traceparent": "00-a-b-01"}
+    assert first.user_id is None
+    assert first.redelivered is False
+
+    for delivery in deliveries:
+        wire.publish(
+            delivery.body,
+            routing_key=REPLIES,
+            content_type="application/json",
+            correlation_id=delivery.correlation_id,
+            message_type="sign.reply",
+        )
+    wire.ack(deliveries[8].delivery_tag, multiple=True)  # the first nine with one frame
+    wire.reject(deliveries[9].delivery_tag, requeue=False)  # no dead-letter queue: dropped
+    await wire.close()
+
+    replies = await peer.get_queue(REPLIES)
+    received = []
+    for _ in range(10):
+        message = await replies.get(timeout=5)
+        assert message is not None
+        received.append(message)
+        await message.ack()
+    assert received[0].body == large
+    assert [m.correlation_id for m in received] == [f"c{n}" for n in range(10)]
+    assert {(m.type, m.content_type, m.delivery_mode) for m in received} == {
+        ("sign.reply", "application/json", aio_pika.DeliveryMode.NOT_PERSISTENT)
+    }
+    # Everything was settled: nothing is redelivered to the next consumer.
+    assert await _remaining(peer) == []
+
+
+async def test_unacked_deliveries_return_when_the_connection_closes(
+    empty_amqp_url: str, peer: AbstractChannel
+) -> None:
+    for _ in range(5):
+        await peer.default_exchange.publish(aio_pika.Message(b"x"), routing_key=QUEUE)
+    deliveries: list[Delivery] = []
+    wire = await _wire(empty_amqp_url, deliveries, prefetch=2)
+    await _until(lambda: len(deliveries) == 2)
+    await asyncio.sleep(0.2)
+    assert len(deliveries) == 2  # per-consumer prefetch holds the rest back
+    await wire.close()
+    # The two unacked are back (redelivered), ahead of the three never delivered.
+    assert await _remaining(peer) == [True, True, False, False, False]
+
+
+async def _remaining(peer: AbstractChannel) -> list[bool]:
+    """Drain the work queue: the redelivered flag of each message still in it."""
+    queue = await peer.declare_queue(QUEUE, passive=True)
+    flags = []
+    while (message := await queue.get(fail=False, timeout=5)) is not None:
+        flags.append(message.redelivered)
+        await message.ack()
+    return flags
+
+
+async def test_the_broker_ending_the_consumer_or_channel_is_reported(
+    empty_amqp_url: str, peer: AbstractChannel
+) -> None:
+    deliveries: list[Delivery] = []
+    wire = await _wire(empty_amqp_url, deliveries)
+    await peer.queue_delete(QUEUE)
+    await asyncio.wait_for(wire.lost.wait(), 10)
+    assert "cancelled the consumer" in str(wire.reason)
+
+    await peer.declare_queue(QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+    wire = await _wire(empty_amqp_url, deliveries)
+    wire.ack(424242)  # a tag never delivered: the broker closes the channel
+    await asyncio.wait_for(wire.lost.wait(), 10)
+    assert "406" in str(wire.reason)
+    with pytest.raises(ConnectionError):
+        await wire.consume(QUEUE, deliveries.append)
+
+
+async def test_heartbeats_keep_an_idle_connection_open(empty_amqp_url: str) -> None:
+    wire = await Wire.connect(empty_amqp_url, connection_name="test-wire", heartbeat_s=1)
+    await asyncio.sleep(3.5)  # more than two heartbeat intervals, with no other traffic
+    assert not wire.lost.is_set(), wire.reason
+    await wire.close()
+    assert wire.lost.is_set()
+
+
+async def test_wrong_credentials_and_no_broker_are_told_apart(empty_amqp_url: str) -> None:
+    wrong = str(URL(empty_amqp_url).with_password("not-the-password"))
+    with pytest.raises(ConfigurationError, match="refused us") as refused:
+        await Wire.connect(wrong, connection_name="test-wire")
+    assert "not-the-password" not in str(refused.value)
+    nobody = str(URL(empty_amqp_url).with_port(1))
+    with pytest.raises(BrokerUnavailable, match="cannot reach the broker"):
+        await Wire.connect(nobody, connection_name="test-wire", timeout_s=2)
