@@ -27,7 +27,7 @@ log = logging.getLogger("zandd.runtime")
 
 
 class AckSink(Protocol):
-    """Where ack frames go: the connection that delivered the requests (``workers/wire.py``)."""
+    """Where ack frames go: the connection that delivered the requests (``contracts/wire.py``)."""
 
     def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
         """Queue a ``basic.ack`` frame."""

@@ -14,8 +14,8 @@ from pydantic import BaseModel
 
 from contracts.errors import ZanddError
 from contracts.models import SignBatchRequest, SignRequest
+from contracts.wire import Delivery
 from vault.audit import OUTCOME_OK, AuditEvent, AuditLog
-from workers.delivery import Delivery
 
 Clock = Callable[[], datetime]
 #: Names and ids that callers choose are kept to this length in the log.

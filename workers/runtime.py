@@ -7,7 +7,7 @@ already routed the reply; the acks of requests that finish together go out as on
 ``multiple`` ack (``workers/acks.py``), in the same write as their replies.
 
 Two connections per session: aio-pika declares (or looks up) the topology on a short-lived one,
-and the requests travel on a lean connection of our own (``workers/wire.py``), where a
+and the requests travel on a lean connection of our own (``contracts/wire.py``), where a
 request's frames cost a fraction of what they cost through aiormq. A malformed request is answered with
 ``invalid_request`` and acked — or, with nobody to answer, dead-lettered — and never
 requeued; the worker keeps running.
@@ -58,13 +58,12 @@ from contracts.models import ErrorReply, parse_request
 from contracts.operations import ERROR_REPLY_TYPE, IDEMPOTENT_OPERATIONS, Operation
 from contracts.topology import bind_topology, declare_topology
 from contracts.tracing import mark_failed
+from contracts.wire import Delivery, Wire, WireClosed
 from workers.acks import AckBatcher
 from workers.backoff import retry_until_stopped
-from workers.delivery import Delivery
 from workers.logs import bound_request
 from workers.metrics import OUTCOME_OK, Metrics, operation_label
 from workers.telemetry import consumer_span
-from workers.wire import Wire, WireClosed
 
 log = logging.getLogger("zandd.runtime")
 

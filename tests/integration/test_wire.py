@@ -11,8 +11,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from yarl import URL
 
 from contracts.errors import BrokerUnavailable, ConfigurationError
-from workers.delivery import Delivery
-from workers.wire import Wire
+from contracts.wire import Delivery, Wire
 
 pytestmark = pytest.mark.rabbitmq
 

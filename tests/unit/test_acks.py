@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
+from contracts.wire import WireClosed
 from workers.acks import AckBatcher
-from workers.wire import WireClosed
 
 
 class _RecordingChannel:

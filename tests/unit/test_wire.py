@@ -18,8 +18,7 @@ from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
 from contracts.errors import ConfigurationError
-from workers.delivery import Delivery
-from workers.wire import Endpoint, Wire, WireProtocolError, WireRefused
+from contracts.wire import Delivery, Endpoint, Wire, WireProtocolError, WireRefused
 
 FRAME_MAX = 4096
 

@@ -41,7 +41,6 @@ from yarl import URL
 
 from contracts.amqp import redact_url
 from contracts.errors import BrokerUnavailable, ConfigurationError
-from workers.delivery import Delivery
 
 log = logging.getLogger("zandd.wire")
 
@@ -88,6 +87,28 @@ _P_USER_ID = 0x0010
 _P_APP_ID = 0x0008
 _P_CLUSTER_ID = 0x0004
 _P_MORE_FLAGS = 0x0001
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A message as delivered: its body, its AMQP properties, where it came from.
+
+    Decoded straight from the frames: no message object with a dozen properties copied one
+    by one, no task of its own.
+    """
+
+    body: bytes
+    delivery_tag: int
+    exchange: str
+    routing_key: str
+    redelivered: bool
+    headers: dict[str, Any]
+    message_id: str | None
+    correlation_id: str | None
+    type: str | None
+    reply_to: str | None
+    user_id: str | None
+    content_type: str | None
 
 
 class WireClosed(ConnectionError):
