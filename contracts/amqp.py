@@ -7,8 +7,7 @@ from typing import TypeVar
 from urllib.parse import unquote
 
 import aio_pika
-import aiormq
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 from aio_pika.exceptions import (
     AMQPConnectionError,
     AuthenticationError,
@@ -24,19 +23,6 @@ JSON_CONTENT_TYPE = "application/json"
 DEADLINE_HEADER = "x-deadline-ms"
 
 ConnectionT = TypeVar("ConnectionT", bound=AbstractConnection)
-
-
-async def transport_of(channel: AbstractChannel) -> aiormq.Channel:
-    """The aiormq channel under an aio-pika channel, where the hot paths publish and consume.
-
-    aio-pika's ``Message`` and ``IncomingMessage`` cost more per message than the rest of a
-    publish or a delivery; its transport (aiormq, pinned in ``pyproject.toml``) takes the
-    frames as they are.
-    """
-    transport = await channel.get_underlay_channel()
-    if not isinstance(transport, aiormq.Channel):  # pragma: no cover - aio-pika 10 always is
-        raise TypeError(f"unexpected AMQP transport {type(transport).__name__}")
-    return transport
 
 
 def redact_url(url: str) -> str:

@@ -6,7 +6,9 @@
         assert await client.verify(key.key_id, reply.signature, message=b"hello")
 
 One connection, one channel with publisher confirms and one exclusive reply queue per client;
-any number of concurrent calls share them. Each call has a timeout that also becomes the
+any number of concurrent calls share them. The connection is the lean one of
+``contracts/wire.py`` (a call costs a fraction of its CPU through aiormq); a lost one is
+reconnected in the background, with the reply queue declared again. Each call has a timeout that also becomes the
 request's AMQP ``expiration``, so the fleet does not sign for a caller who stopped waiting.
 Requests are published ``mandatory``: when no worker queue is bound the call fails at once
 with ``NotDelivered`` instead of waiting for its timeout.
@@ -20,32 +22,20 @@ import random
 import time
 import uuid
 from collections.abc import Sequence
+from contextlib import suppress
 from types import TracebackType
 from typing import Any, TypeVar
 
-from aio_pika.abc import (
-    AbstractRobustChannel,
-    AbstractRobustConnection,
-)
-from aio_pika.exceptions import (
-    AMQPError,
-    ChannelInvalidStateError,
-    ChannelNotFoundEntity,
-    DeliveryError,
-    PublishError,
-)
-from aiormq.abc import DeliveredMessage
+from aio_pika.exceptions import AMQPError
 from cryptography.hazmat.primitives.asymmetric import ec
-from pamqp.commands import Basic
 from pydantic import BaseModel, ValidationError
 
 from contracts.amqp import (
     DEADLINE_HEADER,
     DEFAULT_AMQP_URL,
     JSON_CONTENT_TYPE,
-    connect,
+    connect_plain,
     principal_of,
-    transport_of,
 )
 from contracts.crypto import load_public_key, verify_signature
 from contracts.errors import (
@@ -80,11 +70,13 @@ from contracts.models import (
 from contracts.operations import ERROR_REPLY_TYPE, Operation
 from contracts.topology import EXCHANGE, REPLY_QUEUE_PREFIX, declare_topology
 from contracts.tracing import producer_span
+from contracts.wire import Delivery, Properties, Wire, WireClosed
 
 DEFAULT_TIMEOUT_S = 30.0
-_PERSISTENT = 2
 _RESEND_FIRST_DELAY_S = 0.05
 _RESEND_MAX_DELAY_S = 2.0
+_RECONNECT_MAX_DELAY_S = 5.0
+_NOT_FOUND = 404
 log = logging.getLogger("zandd.client")
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
 RequestT = TypeVar("RequestT", bound=BaseModel)
@@ -94,22 +86,20 @@ class SigningClient:
     """Async RPC client for ZANDD HSM. Create it with ``await SigningClient.connect(url)``."""
 
     def __init__(
-        self,
-        connection: AbstractRobustConnection,
-        channel: AbstractRobustChannel,
-        reply_queue: str,
-        principal: str,
-        default_timeout_s: float,
-        retry: bool,
+        self, url: str, *, default_timeout_s: float, retry: bool, connect_timeout_s: float
     ) -> None:
-        self._connection = connection
-        self._channel = channel
-        self._reply_queue = reply_queue
-        self._principal = principal
+        self._url = url
+        self._reply_queue = f"{REPLY_QUEUE_PREFIX}{uuid.uuid4().hex}"
+        self._principal = principal_of(url)
         self._default_timeout_s = default_timeout_s
-        self._pending: dict[str, asyncio.Future[DeliveredMessage]] = {}
-        self._public_keys: dict[tuple[str, int], ec.EllipticCurvePublicKey] = {}
+        self._connect_timeout_s = connect_timeout_s
         self._retry = retry
+        self._wire: Wire | None = None
+        #: Set while a connection is up; cleared from its loss until the reconnect.
+        self._connected = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._pending: dict[str, asyncio.Future[Delivery]] = {}
+        self._public_keys: dict[tuple[str, int], ec.EllipticCurvePublicKey] = {}
         self._closing = False
         #: Replies that arrived for no waiting call (a late reply after a timeout, or a
         #: second answer to a redelivered request); they are dropped.
@@ -131,32 +121,67 @@ class SigningClient:
 
         ``declare=True`` declares the topology first (needs configure rights on the broker).
         ``retry=True`` resends calls interrupted by a lost connection (see ``call``); without it
-        they fail at once with the retryable ``BrokerUnavailable``.
+        they fail at once with the retryable ``BrokerUnavailable``. A lost connection is
+        reconnected in the background either way.
         """
-        connection = await connect(url, connection_name="zandd-client", timeout_s=connect_timeout_s)
-        try:
-            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            if declare:
-                await declare_topology(channel)
-            reply_queue = await channel.declare_queue(
-                f"{REPLY_QUEUE_PREFIX}{uuid.uuid4().hex}", exclusive=True, auto_delete=True
-            )
-            client = cls(connection, channel, reply_queue.name, principal_of(url), timeout_s, retry)
-            await client._consume_replies()
-            # The robust channel declares the reply queue again after a reconnect (RobustQueue);
-            # its consumer, made on the transport, is ours to restore.
-            channel.reopen_callbacks.add(client._consume_replies)
-        except AMQPError as exc:
-            await connection.close()
-            raise BrokerUnavailable(f"cannot set up the reply queue: {exc}") from exc
-        connection.close_callbacks.add(client._on_connection_closed)
+        if declare:
+            await _declare_topology(url, connect_timeout_s)
+        client = cls(
+            url, default_timeout_s=timeout_s, retry=retry, connect_timeout_s=connect_timeout_s
+        )
+        await client._open()
+        client._supervisor = asyncio.get_running_loop().create_task(client._supervise())
         return client
+
+    async def _open(self) -> None:
+        """Connect, turn on publisher confirms, declare the reply queue and consume it."""
+        wire = await Wire.connect(
+            self._url, connection_name="zandd-client", timeout_s=self._connect_timeout_s
+        )
+        try:
+            await wire.confirm_select()
+            await wire.declare_queue(self._reply_queue, exclusive=True, auto_delete=True)
+            await wire.consume(self._reply_queue, self._on_reply, no_ack=True)
+        except WireClosed as exc:
+            await wire.close()
+            raise BrokerUnavailable(f"cannot set up the reply queue: {exc}") from exc
+        wire.on_return = self._on_return
+        self._wire = wire
+        self._connected.set()
+
+    async def _supervise(self) -> None:
+        """After a lost connection: fail (or leave to ``retry``) the waiting calls, reconnect."""
+        while not self._closing:
+            wire = self._wire
+            assert wire is not None  # set by _open before this task starts
+            await wire.lost.wait()
+            self._connected.clear()
+            if self._closing:
+                return
+            log.warning("lost the broker connection (%s); reconnecting", wire.reason)
+            self._fail_pending(BrokerUnavailable(f"the broker connection closed: {wire.reason}"))
+            failures = 0
+            while not self._closing:
+                failures += 1
+                await asyncio.sleep(_backoff_s(failures, _RECONNECT_MAX_DELAY_S))
+                try:
+                    await self._open()
+                except ZanddError as exc:
+                    log.info("reconnecting to the broker (attempt %d): %s", failures, exc.message)
+                    continue
+                log.info("reconnected to the broker")
+                break
 
     async def close(self) -> None:
         """Fail calls still waiting and close the connection."""
         self._closing = True
         self._fail_pending(BrokerUnavailable("the client was closed"))
-        await self._connection.close()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._supervisor
+        if self._wire is not None:
+            await self._wire.close()
 
     async def __aenter__(self) -> SigningClient:
         return self
@@ -311,10 +336,10 @@ class SigningClient:
         request_id: str,
         correlation_id: str,
         deadline_ms: int,
-    ) -> DeliveredMessage:
+    ) -> Delivery:
         failures = 0
         while True:
-            future: asyncio.Future[DeliveredMessage] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
             self._pending[correlation_id] = future
             try:
                 await self._publish(operation, body, request_id, correlation_id, deadline_ms)
@@ -327,9 +352,9 @@ class SigningClient:
             finally:
                 self._pending.pop(correlation_id, None)
             # A lost connection fails a publish at once: back off (jittered, so a thousand
-            # waiting calls do not come back in lockstep), then wait for the channel to be back.
-            await asyncio.sleep(_resend_delay_s(failures))
-            await self._channel.ready()
+            # waiting calls do not come back in lockstep), then wait for the connection.
+            await asyncio.sleep(_backoff_s(failures, _RESEND_MAX_DELAY_S))
+            await self._connected.wait()
             self.resent_requests += 1
 
     async def _publish(
@@ -347,58 +372,50 @@ class SigningClient:
             correlation_id=correlation_id,
         ) as headers:
             headers[DEADLINE_HEADER] = deadline_ms
-            properties = Basic.Properties(
-                headers=headers,
+            properties = Properties(
                 content_type=JSON_CONTENT_TYPE,
-                delivery_mode=_PERSISTENT,
-                message_type=operation.value,
-                message_id=request_id,
+                headers=headers,
+                persistent=True,
                 correlation_id=correlation_id,
                 reply_to=self._reply_queue,
-                user_id=self._principal,
                 # The broker drops the request if it is still queued when the caller gives up.
                 expiration=str(max(1, deadline_ms - int(time.time() * 1000))),
+                message_id=request_id,
+                type=operation.value,
+                user_id=self._principal,
             )
             await self._send(body, properties, operation)
 
-    async def _send(self, body: bytes, properties: Basic.Properties, operation: Operation) -> None:
-        # Straight to aio-pika's transport (aiormq): an aio_pika.Message per call costs more
-        # than the rest of the publish.
+    async def _send(self, body: bytes, properties: Properties, operation: Operation) -> None:
+        """Publish (mandatory) and wait for the broker's confirm: it has the request, or why not."""
+        wire = self._wire
+        if wire is None or not self._connected.is_set():
+            raise BrokerUnavailable(f"not connected to the broker; {operation.value} was not sent")
         try:
-            transport = await transport_of(self._channel)
-            await transport.basic_publish(
-                body,
-                exchange=EXCHANGE,
-                routing_key=operation.value,
-                properties=properties,
-                mandatory=True,
-                wait=False,
+            confirmed = wire.publish(
+                body, properties, exchange=EXCHANGE, routing_key=operation.value, mandatory=True
             )
-        except (PublishError, ChannelNotFoundEntity) as exc:
-            # A missing queue binding is returned; a missing exchange closes the channel.
-            raise NotDelivered(
-                f"the broker could not route {operation.value}: is the ZANDD fleet running "
-                "(its queues are declared when a worker starts)?"
-            ) from exc
-        except DeliveryError as exc:
-            raise Refused(f"the broker refused {operation.value} (queue full?)") from exc
-        except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
+            assert confirmed is not None  # confirms are on from _open
+            accepted = await confirmed
+        except WireClosed as exc:
+            if exc.code == _NOT_FOUND:  # a missing exchange closes the channel
+                raise _not_routed(operation.value) from exc
             raise BrokerUnavailable(f"lost the broker while sending {operation.value}") from exc
+        if not accepted:
+            raise Refused(f"the broker refused {operation.value} (queue full?)")
 
-    async def _consume_replies(self, *_: Any) -> None:
-        """Consume the reply queue, again after every reopen of the (robust) channel."""
-        transport = await transport_of(self._channel)
-        await transport.basic_consume(self._reply_queue, self._on_reply, no_ack=True)
+    def _on_return(self, _code: int, _text: str, message: Delivery) -> None:
+        """A mandatory request no queue was bound for: its call fails now, not at its timeout."""
+        future = self._pending.get(message.correlation_id or "")
+        if future is not None and not future.done():
+            future.set_exception(_not_routed(message.type or "the request"))
 
-    async def _on_reply(self, message: DeliveredMessage) -> None:
-        future = self._pending.get(message.header.properties.correlation_id or "")
+    def _on_reply(self, message: Delivery) -> None:
+        future = self._pending.get(message.correlation_id or "")
         if future is None or future.done():
             self.unmatched_replies += 1
             return
         future.set_result(message)
-
-    def _on_connection_closed(self, _sender: Any, exc: BaseException | None) -> None:
-        self._fail_pending(BrokerUnavailable(f"the broker connection closed: {exc or 'by us'}"))
 
     def _fail_pending(self, error: ZanddError) -> None:
         for future in self._pending.values():
@@ -454,14 +471,31 @@ def _request(model: type[RequestT], **fields: Any) -> RequestT:
         raise InvalidRequest(f"invalid {model.__name__}: {describe_errors(exc)}") from None
 
 
-def _resend_delay_s(failures: int) -> float:
-    ceiling_s = min(_RESEND_MAX_DELAY_S, _RESEND_FIRST_DELAY_S * 2 ** (failures - 1))
+def _backoff_s(failures: int, max_delay_s: float) -> float:
+    ceiling_s = min(max_delay_s, _RESEND_FIRST_DELAY_S * 2 ** (failures - 1))
     return random.uniform(ceiling_s / 2, ceiling_s)  # noqa: S311 - jitter, not a secret
 
 
-def _decode_reply(message: DeliveredMessage, reply_model: type[ReplyT]) -> ReplyT:
+def _not_routed(operation: str) -> NotDelivered:
+    return NotDelivered(
+        f"the broker could not route {operation}: is the ZANDD fleet running "
+        "(its queues are declared when a worker starts)?"
+    )
+
+
+async def _declare_topology(url: str, timeout_s: float) -> None:
+    """Declare the fleet's exchanges and queues (aio-pika, on a short connection of its own)."""
+    connection = await connect_plain(url, connection_name="zandd-client", timeout_s=timeout_s)
+    async with connection:
+        try:
+            await declare_topology(await connection.channel())
+        except AMQPError as exc:
+            raise BrokerUnavailable(f"cannot declare the topology: {exc}") from exc
+
+
+def _decode_reply(message: Delivery, reply_model: type[ReplyT]) -> ReplyT:
     try:
-        if message.header.properties.message_type == ERROR_REPLY_TYPE:
+        if message.type == ERROR_REPLY_TYPE:
             error = ErrorReply.model_validate_json(message.body)
             raise error_from_code(error.code, error.message)
         return reply_model.model_validate_json(message.body)

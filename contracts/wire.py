@@ -36,6 +36,7 @@ from urllib.parse import unquote
 from pamqp import commands, frame
 from pamqp.base import Frame as MethodFrame
 from pamqp.decode import field_table
+from pamqp.encode import field_table as encode_table
 from pamqp.exceptions import PAMQPException
 from yarl import URL
 
@@ -70,6 +71,9 @@ _ACK_FRAME = struct.Struct(">BHIHHQBB")
 _ACK_SIZE = 4 + 8 + 1
 _ACK_METHOD = (60, 80)
 _REJECT_METHOD = (60, 90)
+_NACK_METHOD = (60, 120)
+_CONFIRMS = (_ACK_METHOD, _NACK_METHOD)
+_BITS = (b"\x00", b"\x01")
 
 # Content header property flags, in wire order (AMQP 0-9-1, basic class).
 _P_CONTENT_TYPE = 0x8000
@@ -111,8 +115,59 @@ class Delivery:
     content_type: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Properties:
+    """The properties of a message to publish (those ZANDD uses), encoded in wire order."""
+
+    content_type: str | None = None
+    headers: dict[str, Any] | None = None
+    persistent: bool = False
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    #: Milliseconds, as a string (AMQP's own odd choice).
+    expiration: str | None = None
+    message_id: str | None = None
+    type: str | None = None
+    #: Checked by RabbitMQ against the connection's user.
+    user_id: str | None = None
+
+    def encode(self) -> tuple[int, bytes]:
+        """The property flags and the encoded properties of a content header."""
+        flags = 0
+        parts: list[bytes] = []
+        if self.content_type is not None:
+            flags |= _P_CONTENT_TYPE
+            parts.append(_shortstr(self.content_type))
+        if self.headers:
+            flags |= _P_HEADERS
+            parts.append(encode_table(self.headers))
+        if self.persistent:
+            flags |= _P_DELIVERY_MODE
+            parts.append(b"\x02")
+        for flag, value in (
+            (_P_CORRELATION_ID, self.correlation_id),
+            (_P_REPLY_TO, self.reply_to),
+            (_P_EXPIRATION, self.expiration),
+            (_P_MESSAGE_ID, self.message_id),
+            (_P_TYPE, self.type),
+            (_P_USER_ID, self.user_id),
+        ):
+            if value is not None:
+                flags |= flag
+                parts.append(_shortstr(value))
+        return flags, b"".join(parts)
+
+
 class WireClosed(ConnectionError):
-    """The connection (or its one channel) is gone; ``str()`` says why, without secrets."""
+    """The connection (or its one channel) is gone; ``str()`` says why, without secrets.
+
+    ``code`` is the broker's reply code when the broker closed it (404: a missing exchange
+    or queue, 403: access refused…), else None.
+    """
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class WireRefused(WireClosed):
@@ -184,7 +239,13 @@ class Wire(asyncio.Protocol):
         self._body_size = 0
         self._body: list[bytes] = []
         self._received = 0
-        self._discarding = False
+        #: The basic.return whose content is being assembled (reply code, text).
+        self._returning: tuple[int, str] | None = None
+        #: Publisher confirms, once ``confirm_select`` ran: sequence number -> its future.
+        self._confirms: dict[int, asyncio.Future[bool]] | None = None
+        self._published = 0
+        #: Called with (reply code, text, message) for each mandatory message the broker returns.
+        self.on_return: Callable[[int, str, Delivery], None] | None = None
         self._frame_max = _FRAME_MAX
         self._last_read_s = self._loop.time()
         self._last_write_s = self._loop.time()
@@ -221,7 +282,10 @@ class Wire(asyncio.Protocol):
         except (OSError, TimeoutError, WireClosed) as exc:
             wire._abort(WireClosed(f"handshake failed ({type(exc).__name__})"))
             if isinstance(exc, WireRefused):
-                raise ConfigurationError(f"the broker at {endpoint.where} {exc}") from exc
+                what = "our credentials" if exc.code == _ACCESS_REFUSED else "access"
+                raise ConfigurationError(
+                    f"the broker at {endpoint.where} refused {what} ({exc})"
+                ) from exc
             raise BrokerUnavailable(
                 f"cannot reach the broker at {endpoint.where}: {type(exc).__name__}"
             ) from exc
@@ -276,12 +340,29 @@ class Wire(asyncio.Protocol):
         """Per-consumer prefetch (global QoS would close a connection to a quorum queue)."""
         await self._call(_CHANNEL, commands.Basic.Qos(prefetch_count=prefetch_count))
 
-    async def consume(self, queue: str, on_delivery: DeliveryCallback) -> str:
+    async def consume(
+        self, queue: str, on_delivery: DeliveryCallback, *, no_ack: bool = False
+    ) -> str:
         """Start consuming ``queue``; every delivery goes to ``on_delivery``. The consumer tag."""
         self._on_delivery = on_delivery
-        ok = await self._call(_CHANNEL, commands.Basic.Consume(queue=queue))
+        ok = await self._call(_CHANNEL, commands.Basic.Consume(queue=queue, no_ack=no_ack))
         assert isinstance(ok, commands.Basic.ConsumeOk)
         return str(ok.consumer_tag)
+
+    async def confirm_select(self) -> None:
+        """Turn on publisher confirms: from now on ``publish`` returns the broker's verdict."""
+        await self._call(_CHANNEL, commands.Confirm.Select())
+        self._confirms = {}
+        self._published = 0
+
+    async def declare_queue(
+        self, queue: str, *, exclusive: bool = False, auto_delete: bool = False
+    ) -> None:
+        """Declare a (transient) queue, such as a client's exclusive reply queue."""
+        await self._call(
+            _CHANNEL,
+            commands.Queue.Declare(queue=queue, exclusive=exclusive, auto_delete=auto_delete),
+        )
 
     async def cancel(self, consumer_tag: str) -> None:
         """Stop consuming; deliveries already sent still arrive and are still served."""
@@ -290,35 +371,36 @@ class Wire(asyncio.Protocol):
     def publish(
         self,
         body: bytes,
+        properties: Properties,
         *,
         routing_key: str,
         exchange: str = "",
-        content_type: str | None = None,
-        correlation_id: str | None = None,
-        message_type: str | None = None,
-    ) -> None:
-        """Queue a transient, non-mandatory message; it goes out with this turn's write."""
+        mandatory: bool = False,
+    ) -> asyncio.Future[bool] | None:
+        """Queue a message; it goes out with this turn's write.
+
+        With confirms on, the future says whether the broker took responsibility for it
+        (False: a nack); a ``mandatory`` message it could not route comes back to
+        ``on_return`` first. Without confirms there is nothing to wait for: None.
+        """
         self._check_open()
-        flags = 0
-        properties = bytearray()
-        if content_type is not None:
-            flags |= _P_CONTENT_TYPE
-            properties += _shortstr(content_type)
-        if correlation_id is not None:
-            flags |= _P_CORRELATION_ID
-            properties += _shortstr(correlation_id)
-        if message_type is not None:
-            flags |= _P_TYPE
-            properties += _shortstr(message_type)
-        method = b"".join((_PUBLISH_HEAD, _shortstr(exchange), _shortstr(routing_key), b"\x00"))
-        header = _CONTENT_HEAD.pack(60, 0, len(body), flags) + properties
+        method = b"".join(
+            (_PUBLISH_HEAD, _shortstr(exchange), _shortstr(routing_key), _BITS[mandatory])
+        )
+        flags, encoded = properties.encode()
         out = self._out
         out.append(_frame(_METHOD, method))
-        out.append(_frame(_HEADER, header))
+        out.append(_frame(_HEADER, _CONTENT_HEAD.pack(60, 0, len(body), flags) + encoded))
         limit = self._frame_max - 8
         for start in range(0, len(body), limit):
             out.append(_frame(_BODY, body[start : start + limit]))
         self._schedule_flush()
+        if self._confirms is None:
+            return None
+        self._published += 1
+        confirmed: asyncio.Future[bool] = self._loop.create_future()
+        self._confirms[self._published] = confirmed
+        return confirmed
 
     def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
         """Queue a ``basic.ack``; with ``multiple`` it acks every delivery up to the tag."""
@@ -363,7 +445,7 @@ class Wire(asyncio.Protocol):
 
     def _check_open(self) -> None:
         if self.lost.is_set() or self._closing:
-            raise WireClosed(str(self.reason or "the connection is closing"))
+            raise _again(self.reason, "the connection is closing")
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -398,7 +480,7 @@ class Wire(asyncio.Protocol):
 
     def _check_open_for(self, method: MethodFrame) -> None:
         if self.lost.is_set():
-            raise WireClosed(str(self.reason or "the connection is gone"))
+            raise _again(self.reason, "the connection is gone")
         if self._closing and not isinstance(method, commands.Connection.Close):
             raise WireClosed("the connection is closing")
 
@@ -477,8 +559,12 @@ class Wire(asyncio.Protocol):
         if kind == _BODY:
             self._on_body(data[start:end])
         elif kind == _METHOD:
-            if _CLASS_METHOD.unpack_from(data, start) == _DELIVER:
+            method = _CLASS_METHOD.unpack_from(data, start)
+            if method == _DELIVER:
                 self._on_deliver(data, start + 4)
+            elif method in _CONFIRMS:
+                (tag,) = _LONGLONG.unpack_from(data, start + 4)
+                self._on_confirm(tag, bool(data[start + 12] & 1), method == _ACK_METHOD)
             else:
                 self._on_method(channel, data[start - 7 : end + 1])
         elif kind == _HEADER:
@@ -513,31 +599,49 @@ class Wire(asyncio.Protocol):
         if self._received >= self._body_size:
             self._delivered()
 
+    def _on_confirm(self, tag: int, multiple: bool, ok: bool) -> None:
+        """The broker's verdict on published messages: up to ``tag`` when ``multiple``."""
+        confirms = self._confirms
+        if not confirms:
+            return
+        if multiple:
+            settled = [seq for seq in confirms if seq <= tag]  # in publish order
+        else:
+            settled = [tag] if tag in confirms else []
+        for seq in settled:
+            confirmed = confirms.pop(seq)
+            if not confirmed.done():
+                confirmed.set_result(ok)
+
     def _delivered(self) -> None:
         deliver, self._deliver = self._deliver, None
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         self._body = []
-        if self._discarding or deliver is None or self._on_delivery is None:
-            # The content of a basic.return (replies are not mandatory): nothing to do.
-            self._discarding = False
+        returning, self._returning = self._returning, None
+        if returning is not None:
+            if self.on_return is not None:
+                self.on_return(*returning, self._message(body, (0, False, "", "")))
             return
+        if deliver is None or self._on_delivery is None:
+            return
+        self._on_delivery(self._message(body, deliver))
+
+    def _message(self, body: bytes, deliver: tuple[int, bool, str, str]) -> Delivery:
         properties = self._properties
         delivery_tag, redelivered, exchange, routing_key = deliver
-        self._on_delivery(
-            Delivery(
-                body=body,
-                delivery_tag=delivery_tag,
-                exchange=exchange,
-                routing_key=routing_key,
-                redelivered=redelivered,
-                headers=properties.get("headers") or {},
-                message_id=properties.get("message_id"),
-                correlation_id=properties.get("correlation_id"),
-                type=properties.get("type"),
-                reply_to=properties.get("reply_to"),
-                user_id=properties.get("user_id"),
-                content_type=properties.get("content_type"),
-            )
+        return Delivery(
+            body=body,
+            delivery_tag=delivery_tag,
+            exchange=exchange,
+            routing_key=routing_key,
+            redelivered=redelivered,
+            headers=properties.get("headers") or {},
+            message_id=properties.get("message_id"),
+            correlation_id=properties.get("correlation_id"),
+            type=properties.get("type"),
+            reply_to=properties.get("reply_to"),
+            user_id=properties.get("user_id"),
+            content_type=properties.get("content_type"),
         )
 
     # -- every other method ---------------------------------------------------------------
@@ -566,7 +670,7 @@ class Wire(asyncio.Protocol):
             self.blocked = False
             log.info("the broker unblocked publishing")
         elif isinstance(method, commands.Basic.Return):
-            self._discarding = True
+            self._returning = (method.reply_code or 0, method.reply_text or "")
         elif isinstance(method, commands.Channel.Flow):
             self._send_method(channel, commands.Channel.FlowOk(active=method.active))
         else:
@@ -588,6 +692,10 @@ class Wire(asyncio.Protocol):
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(reason)
+        confirms, self._confirms = self._confirms or {}, None
+        for confirmed in confirms.values():
+            if not confirmed.done():
+                confirmed.set_exception(_again(reason, ""))
         if self._transport is not None:
             # close(), not abort(): a CloseOk just written still goes out.
             self._transport.close()
@@ -599,10 +707,16 @@ def _closed_by_broker(
     what: str, close: commands.Connection.Close | commands.Channel.Close
 ) -> WireClosed:
     code, text = close.reply_code or 0, close.reply_text or ""
-    message = f"the broker closed the {what}: {code} {text}"
     if code in (_ACCESS_REFUSED, _NOT_ALLOWED):
-        return WireRefused(f"refused us: {code} {text}")
-    return WireClosed(message)
+        return WireRefused(f"{code} {text}", code)
+    return WireClosed(f"the broker closed the {what}: {code} {text}", code)
+
+
+def _again(reason: WireClosed | None, otherwise: str) -> WireClosed:
+    """A fresh exception saying why the connection is gone (one instance is never re-raised)."""
+    if reason is None:
+        return WireClosed(otherwise)
+    return type(reason)(str(reason), reason.code)
 
 
 def _negotiated(server: int, client: int) -> int:

@@ -58,7 +58,7 @@ from contracts.models import ErrorReply, parse_request
 from contracts.operations import ERROR_REPLY_TYPE, IDEMPOTENT_OPERATIONS, Operation
 from contracts.topology import bind_topology, declare_topology
 from contracts.tracing import mark_failed
-from contracts.wire import Delivery, Wire, WireClosed
+from contracts.wire import Delivery, Properties, Wire, WireClosed
 from workers.acks import AckBatcher
 from workers.backoff import retry_until_stopped
 from workers.logs import bound_request
@@ -459,13 +459,12 @@ class ConsumerRuntime:
         # frame order is the guarantee, not the socket drain. Not mandatory: a caller that
         # went away must not bounce the reply back to us, and direct reply-to on 3.10 returns
         # mandatory replies spuriously.
-        session.wire.publish(
-            outcome.body,
-            routing_key=reply_to,
+        properties = Properties(
             content_type=JSON_CONTENT_TYPE,
-            message_type=outcome.type,
             correlation_id=message.correlation_id or message.message_id,
+            type=outcome.type,
         )
+        session.wire.publish(outcome.body, properties, routing_key=reply_to)
 
 
 async def _first_of(*waits: Awaitable[Any]) -> None:

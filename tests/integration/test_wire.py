@@ -11,7 +11,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from yarl import URL
 
 from contracts.errors import BrokerUnavailable, ConfigurationError
-from contracts.wire import Delivery, Wire
+from contracts.wire import Delivery, Properties, Wire
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -73,13 +73,12 @@ async def test_requests_in_replies_out_acks_settle(
     assert first.redelivered is False
 
     for delivery in deliveries:
-        wire.publish(
-            delivery.body,
-            routing_key=REPLIES,
+        reply = Properties(
             content_type="application/json",
             correlation_id=delivery.correlation_id,
-            message_type="sign.reply",
+            type="sign.reply",
         )
+        wire.publish(delivery.body, reply, routing_key=REPLIES)
     wire.ack(deliveries[8].delivery_tag, multiple=True)  # the first nine with one frame
     wire.reject(deliveries[9].delivery_tag, requeue=False)  # no dead-letter queue: dropped
     await wire.close()
@@ -153,7 +152,7 @@ async def test_heartbeats_keep_an_idle_connection_open(empty_amqp_url: str) -> N
 
 async def test_wrong_credentials_and_no_broker_are_told_apart(empty_amqp_url: str) -> None:
     wrong = str(URL(empty_amqp_url).with_password("not-the-password"))
-    with pytest.raises(ConfigurationError, match="refused us") as refused:
+    with pytest.raises(ConfigurationError, match="refused our credentials") as refused:
         await Wire.connect(wrong, connection_name="test-wire")
     assert "not-the-password" not in str(refused.value)
     nobody = str(URL(empty_amqp_url).with_port(1))

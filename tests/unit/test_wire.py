@@ -18,7 +18,15 @@ from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
 from contracts.errors import ConfigurationError
-from contracts.wire import Delivery, Endpoint, Wire, WireProtocolError, WireRefused
+from contracts.wire import (
+    Delivery,
+    Endpoint,
+    Properties,
+    Wire,
+    WireClosed,
+    WireProtocolError,
+    WireRefused,
+)
 
 FRAME_MAX = 4096
 
@@ -148,13 +156,8 @@ async def test_deliveries_back_to_back_and_an_empty_body_and_heartbeats() -> Non
 async def test_a_reply_is_written_as_pamqp_reads_it_split_at_the_frame_size() -> None:
     wire, transport, _ = await _wire()
     body = b"x" * 10_000
-    wire.publish(
-        body,
-        routing_key="zandd.reply.abc",
-        content_type="application/json",
-        correlation_id="corr-1",
-        message_type="sign.reply",
-    )
+    reply = Properties(content_type="application/json", correlation_id="corr-1", type="sign.reply")
+    assert wire.publish(body, reply, routing_key="zandd.reply.abc") is None  # no confirms
     await asyncio.sleep(0)  # the turn's write
     frames = transport.frames()
     method, header, *bodies = (value for _channel, value in frames)
@@ -171,9 +174,79 @@ async def test_a_reply_is_written_as_pamqp_reads_it_split_at_the_frame_size() ->
     assert b"".join(part.value for part in bodies) == body
 
 
+async def test_a_request_carries_every_property_as_pamqp_reads_it() -> None:
+    wire, transport, _ = await _wire()
+    request = Properties(
+        content_type="application/json",
+        headers={"x-deadline-ms": 1_790_000_000_000, "traceparent": "00-ab-cd-01"},
+        persistent=True,
+        correlation_id="corr-1",
+        reply_to="zandd.reply.abc",
+        expiration="30000",
+        message_id="req-1",
+        type="sign",
+        user_id="app",
+    )
+    wire.publish(b"{}", request, routing_key="sign", exchange="zandd", mandatory=True)
+    await asyncio.sleep(0)
+    (_, method), (_, header), _body = transport.frames()
+    assert (method.exchange, method.routing_key, method.mandatory) == ("zandd", "sign", True)
+    expected = commands.Basic.Properties(
+        content_type="application/json",
+        headers={"x-deadline-ms": 1_790_000_000_000, "traceparent": "00-ab-cd-01"},
+        delivery_mode=2,
+        correlation_id="corr-1",
+        reply_to="zandd.reply.abc",
+        expiration="30000",
+        message_id="req-1",
+        message_type="sign",
+        user_id="app",
+    )
+    assert header.properties == expected
+
+
+async def test_confirms_settle_in_order_single_or_multiple_and_a_nack_says_no() -> None:
+    wire, _transport, _ = await _wire()
+    wire._confirms = {}  # as after confirm.select
+    confirms = [wire.publish(b"{}", Properties(), routing_key="r") for _ in range(5)]
+    assert all(confirm is not None and not confirm.done() for confirm in confirms)
+    wire.data_received(frame.marshal(commands.Basic.Ack(delivery_tag=3, multiple=True), 1))
+    wire.data_received(frame.marshal(commands.Basic.Nack(delivery_tag=5), 1))
+    assert [c.result() if c and c.done() else None for c in confirms] == [
+        True,
+        True,
+        True,
+        None,
+        False,
+    ]
+    wire.drop("gone")  # the one still unconfirmed learns that the connection is gone
+    assert confirms[3] is not None
+    with pytest.raises(WireClosed, match="gone"):
+        confirms[3].result()
+
+
+async def test_a_returned_message_reaches_on_return_with_its_properties() -> None:
+    wire, _transport, deliveries = await _wire()
+    returned: list[tuple[int, str, Delivery]] = []
+    wire.on_return = lambda code, text, message: returned.append((code, text, message))
+    back = commands.Basic.Return(
+        reply_code=312, reply_text="NO_ROUTE", exchange="zandd", routing_key="sign"
+    )
+    properties = commands.Basic.Properties(correlation_id="corr-9")
+    wire.data_received(
+        frame.marshal(back, 1)
+        + frame.marshal(ContentHeader(body_size=2, properties=properties), 1)
+        + frame.marshal(ContentBody(b"{}"), 1)
+    )
+    assert [(code, text, m.correlation_id, m.body) for code, text, m in returned] == [
+        (312, "NO_ROUTE", "corr-9", b"{}")
+    ]
+    assert deliveries == []  # a return is not a delivery
+
+
 async def test_acks_and_rejects_follow_the_replies_in_one_write() -> None:
     wire, transport, _ = await _wire()
-    wire.publish(b"{}", routing_key="r")
+    wire.publish(b"{}", Properties(), routing_key="r")
     wire.ack(9, multiple=True)
     wire.reject(10, requeue=False)
     wire.ack(11)
@@ -196,7 +269,7 @@ async def test_acks_and_rejects_follow_the_replies_in_one_write() -> None:
 
 async def test_a_callback_registered_before_the_write_runs_first() -> None:
     wire, transport, _ = await _wire()
-    wire.publish(b"{}", routing_key="r")
+    wire.publish(b"{}", Properties(), routing_key="r")
     wire.before_flush(lambda: wire.ack(1))
     await asyncio.sleep(0)
     assert [type(v).__name__ for _c, v in transport.frames()][-1] == "Ack"
@@ -216,7 +289,7 @@ async def test_the_broker_closing_the_channel_ends_the_connection_with_its_reaso
     assert isinstance(transport.frames()[-1][1], commands.Channel.CloseOk)
     assert transport.closed
     with pytest.raises(ConnectionError):
-        wire.publish(b"{}", routing_key="r")
+        wire.publish(b"{}", Properties(), routing_key="r")
 
 
 async def test_refused_credentials_are_a_refusal_not_an_outage() -> None:
