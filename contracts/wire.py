@@ -180,7 +180,12 @@ class WireProtocolError(WireClosed):
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """Where and as whom to connect, parsed from an AMQP URL (the password is never shown)."""
+    """Where and as whom to connect, parsed from an AMQP URL (the password is never shown).
+
+    The URL's query takes aiormq's TLS options, so a URL that worked with aio-pika works
+    here: ``cafile``, ``capath``, ``certfile`` and ``keyfile`` (a client certificate),
+    ``no_verify_ssl=1``; and ``heartbeat`` (seconds) overrides the caller's default.
+    """
 
     host: str
     port: int
@@ -189,25 +194,55 @@ class Endpoint:
     password: str
     tls: bool
     where: str
+    cafile: str | None = None
+    capath: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    verify: bool = True
+    heartbeat_s: int | None = None
 
     @classmethod
     def of(cls, url: str) -> Endpoint:
-        """Parse ``amqp[s]://user:password@host:port/vhost`` like aiormq does."""
+        """Parse ``amqp[s]://user:password@host:port/vhost?options`` like aiormq does."""
         parsed = URL(url)
         if parsed.scheme not in ("amqp", "amqps"):
             raise ConfigurationError(f"not an AMQP URL: {redact_url(url)}")
         tls = parsed.scheme == "amqps"
         path = parsed.raw_path
-        vhost = "/" if path in ("", "/") else unquote(path[1:])
+        query = parsed.query
+        try:
+            heartbeat_s = int(query["heartbeat"]) if "heartbeat" in query else None
+        except ValueError:
+            raise ConfigurationError(
+                f"heartbeat must be whole seconds in {redact_url(url)}"
+            ) from None
         return cls(
             host=parsed.host or "localhost",
             port=parsed.port or (5671 if tls else 5672),
-            vhost=vhost,
+            vhost="/" if path in ("", "/") else unquote(path[1:]),
             user=unquote(parsed.raw_user or "guest"),
             password=unquote(parsed.raw_password or "guest"),
             tls=tls,
             where=redact_url(url),
+            cafile=query.get("cafile"),
+            capath=query.get("capath"),
+            certfile=query.get("certfile"),
+            keyfile=query.get("keyfile"),
+            verify=query.get("no_verify_ssl", "0") == "0",
+            heartbeat_s=heartbeat_s,
         )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for ``amqps://`` (None for plain ``amqp://``)."""
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(cafile=self.cafile, capath=self.capath)
+        if self.certfile:
+            context.load_cert_chain(self.certfile, self.keyfile)
+        if not self.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
 
     def __repr__(self) -> str:
         return f"Endpoint({self.where!r})"
@@ -267,8 +302,15 @@ class Wire(asyncio.Protocol):
         """Connect, authenticate and open channel 1, or raise why not (typed)."""
         endpoint = Endpoint.of(url)
         loop = asyncio.get_running_loop()
+        if endpoint.heartbeat_s is not None:
+            heartbeat_s = endpoint.heartbeat_s
         wire = cls(endpoint, connection_name=connection_name, heartbeat_s=heartbeat_s)
-        context = ssl.create_default_context() if endpoint.tls else None
+        try:
+            context = endpoint.ssl_context()
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigurationError(
+                f"cannot set up TLS for {endpoint.where}: {type(exc).__name__}: {exc}"
+            ) from exc
         try:
             async with asyncio.timeout(timeout_s):
                 await loop.create_connection(

@@ -8,6 +8,7 @@ socket splits them, and what the connection writes is decoded by pamqp.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from datetime import UTC, datetime
 from typing import Any
 
@@ -349,3 +350,19 @@ def test_the_endpoint_never_shows_the_password() -> None:
     assert Endpoint.of("amqp://localhost/").port == 5672
     with pytest.raises(ConfigurationError, match="not an AMQP URL"):
         Endpoint.of("http://localhost/")
+
+
+def test_the_url_s_tls_and_heartbeat_options_are_aiormq_s() -> None:
+    plain = Endpoint.of("amqp://localhost/?heartbeat=5")
+    assert plain.ssl_context() is None
+    assert plain.heartbeat_s == 5
+    unverified = Endpoint.of("amqps://localhost/?no_verify_ssl=1")
+    context = unverified.ssl_context()
+    assert context is not None
+    assert context.verify_mode == ssl.CERT_NONE
+    assert context.check_hostname is False
+    verified = Endpoint.of("amqps://localhost/").ssl_context()
+    assert verified is not None
+    assert verified.verify_mode == ssl.CERT_REQUIRED
+    with pytest.raises(ConfigurationError, match="heartbeat must be whole seconds"):
+        Endpoint.of("amqp://u:secret@localhost/?heartbeat=soon")
