@@ -145,6 +145,9 @@ class SigningClient:
         except WireClosed as exc:
             await wire.close()
             raise BrokerUnavailable(f"cannot set up the reply queue: {exc}") from exc
+        except BaseException:
+            wire.drop("setting up the client was interrupted")
+            raise
         wire.on_return = self._on_return
         self._wire = wire
         self._connected.set()

@@ -331,6 +331,9 @@ class Wire(asyncio.Protocol):
             raise BrokerUnavailable(
                 f"cannot reach the broker at {endpoint.where}: {type(exc).__name__}"
             ) from exc
+        except BaseException:  # cancelled (Ctrl-C, a caller's timeout): leave no socket behind
+            wire._abort(WireClosed("connecting was interrupted"))
+            raise
         return wire
 
     async def _handshake(self) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,7 +20,7 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
-from contracts.errors import ConfigurationError
+from contracts.errors import BrokerUnavailable, ConfigurationError
 from contracts.wire import (
     Delivery,
     Endpoint,
@@ -366,3 +368,37 @@ def test_the_url_s_tls_and_heartbeat_options_are_aiormq_s() -> None:
     assert verified.verify_mode == ssl.CERT_REQUIRED
     with pytest.raises(ConfigurationError, match="heartbeat must be whole seconds"):
         Endpoint.of("amqp://u:secret@localhost/?heartbeat=soon")
+
+
+@asynccontextmanager
+async def _silent_server() -> AsyncIterator[tuple[int, asyncio.Event]]:
+    """A TCP server that accepts and never speaks; the event is set when the client hangs up."""
+    hung_up = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client closes its end
+        hung_up.set()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1], hung_up
+
+
+async def test_a_broker_that_never_answers_is_a_timeout_and_the_socket_is_closed() -> None:
+    async with _silent_server() as (port, hung_up):
+        url = f"amqp://u:p@127.0.0.1:{port}/"
+        with pytest.raises(BrokerUnavailable, match="TimeoutError"):
+            await Wire.connect(url, connection_name="test", timeout_s=0.3)
+        await asyncio.wait_for(hung_up.wait(), 5)
+
+
+async def test_a_cancelled_connect_leaves_no_socket_open() -> None:
+    async with _silent_server() as (port, hung_up):
+        url = f"amqp://u:p@127.0.0.1:{port}/"
+        attempt = asyncio.create_task(Wire.connect(url, connection_name="test"))
+        await asyncio.sleep(0.2)  # connected, waiting for connection.start
+        attempt.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await attempt
+        await asyncio.wait_for(hung_up.wait(), 5)
