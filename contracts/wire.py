@@ -1,25 +1,27 @@
-"""The consumer runtime's AMQP 0-9-1 connection: one channel, consume, reply, ack — lean.
+"""The AMQP 0-9-1 connection of the hot paths: one channel, lean — the runtime's and the client's.
 
-Why not aio-pika's transport here: a signer's request is three frames in and three out, and
-aiormq spends more Python per frame than the signer spends on the signature (stream reader
-tasks, a queue and a lock per channel, a future per frame, pamqp objects for every method and
-property). Profiled under load, aiormq and pamqp were 29 % of a signer's event loop, about as
-much as the ECDSA sign and verify (docs/performance.md, "Session 3"). This connection does the
-few things a consumer needs, straight from the socket: an ``asyncio.Protocol`` that decodes
-``basic.deliver`` and its content with ``struct``, hands each delivery to a callback without a
-task of its own, and encodes replies and acks into a buffer that goes out in one write per
+Why not aio-pika's transport here: a sign request is three frames in and three out on each
+side, and aiormq spends more Python per frame than the signer spends on the signature (stream
+reader tasks, a queue and a lock per channel, a future per frame, pamqp objects for every
+method and property). Profiled under load, aiormq and pamqp were 29 % of a signer's event loop
+and over half of the client's (docs/performance.md, "Session 3"). This connection does the
+few things the two need, straight from the socket: an ``asyncio.Protocol`` that decodes
+``basic.deliver``, its content and the broker's confirms with ``struct``, hands each delivery
+to a callback, and encodes publishes and acks into a buffer that goes out in one write per
 turn of the event loop.
 
-What it does: the handshake (PLAIN, TLS for ``amqps://``), heartbeats both ways, one channel
-with per-consumer QoS, ``basic.consume``/``cancel``, ``basic.publish`` without confirms,
-``basic.ack`` (single or ``multiple``), ``basic.reject``, and a clean close. Anything the
-broker ends — ``connection.close``, ``channel.close``, a consumer cancelled because its queue
-went away, missed heartbeats, a dropped socket — ends the whole connection: ``lost`` is set
-with the reason, and the runtime reconnects and declares again. Rare frames (the handshake,
-closes, ``connection.blocked``) go through pamqp, as in aiormq.
+What it does: the handshake (PLAIN; TLS for ``amqps://`` with aiormq's URL options),
+heartbeats both ways, one channel with per-consumer QoS, ``basic.consume``/``cancel``
+(with or without acks), ``basic.publish`` (mandatory or not), publisher confirms,
+``basic.return``, ``basic.ack`` (single or ``multiple``), ``basic.reject``, ``queue.declare``,
+and a clean close. Anything the broker ends — ``connection.close``, ``channel.close``, a
+consumer cancelled because its queue went away, missed heartbeats, a dropped socket — ends the
+whole connection: ``lost`` is set with the reason, waiting confirms fail, and the owner
+reconnects. Rare frames (the handshake, closes, ``connection.blocked``) go through pamqp, as
+in aiormq.
 
-What it does not do, on purpose: declare topology (aio-pika does that on its own connection
-before this one consumes), publisher confirms, returns, transactions, several channels.
+What it does not do, on purpose: declare exchanges and bindings (aio-pika does that, on a
+connection of its own), transactions, several channels.
 """
 
 from __future__ import annotations
