@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
@@ -200,26 +201,43 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
 
 @asynccontextmanager
 async def _tls_in_front_of_the_broker(cert_file: Path, key_file: Path) -> AsyncIterator[int]:
-    """A TLS listener on a free port that relays to the local broker; yields its port."""
+    """A TLS listener on a free port that relays to the local broker; yields its port.
+
+    Every relayed connection is closed, and every relay task ended, before it returns.
+    """
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert_file, key_file)
     broker = URL(BASE_AMQP_URL)
+    writers: list[asyncio.StreamWriter] = []
+    relays: list[asyncio.Task[Any]] = []
+
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        with suppress(ConnectionError):
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        sink.close()
 
     async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
         up_reader, up_writer = await asyncio.open_connection(broker.host, broker.port or 5672)
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            with suppress(ConnectionError):
-                while data := await source.read(65536):
-                    sink.write(data)
-                    await sink.drain()
-            sink.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        writers.append(up_writer)
+        both = asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        relays.append(both)
+        await both
 
     server = await asyncio.start_server(relay, "127.0.0.1", 0, ssl=context)
-    async with server:
-        yield server.sockets[0].getsockname()[1]
+    try:
+        async with server:
+            yield server.sockets[0].getsockname()[1]
+    finally:
+        for task in relays:
+            task.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
+        for writer in writers:
+            writer.close()
+            with suppress(ConnectionError, ssl.SSLError):
+                await writer.wait_closed()
 
 
 async def test_amqps_with_the_url_s_tls_options(empty_amqp_url: str, tmp_path: Path) -> None:
