@@ -8,8 +8,9 @@
 One connection, one channel with publisher confirms and one exclusive reply queue per client;
 any number of concurrent calls share them. The connection is the lean one of
 ``contracts/wire.py`` (a call costs a fraction of its CPU through aiormq); a lost one is
-reconnected in the background, with the reply queue declared again. Each call has a timeout that also becomes the
-request's AMQP ``expiration``, so the fleet does not sign for a caller who stopped waiting.
+reconnected in the background, with the reply queue declared again. Each call has a timeout
+that also becomes the request's AMQP ``expiration``, so the fleet does not sign for a caller
+who stopped waiting.
 Requests are published ``mandatory``: when no worker queue is bound the call fails at once
 with ``NotDelivered`` instead of waiting for its timeout.
 """

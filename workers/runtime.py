@@ -6,11 +6,12 @@ channel's frames are processed by the broker in order, so when the broker has th
 already routed the reply; the acks of requests that finish together go out as one
 ``multiple`` ack (``workers/acks.py``), in the same write as their replies.
 
-Two connections per session: aio-pika declares (or looks up) the topology on a short-lived one,
-and the requests travel on a lean connection of our own (``contracts/wire.py``), where a
-request's frames cost a fraction of what they cost through aiormq. A malformed request is answered with
-``invalid_request`` and acked — or, with nobody to answer, dead-lettered — and never
-requeued; the worker keeps running.
+Two connections per session: aio-pika declares (or looks up) the topology on a short-lived
+one, and the requests travel on a lean connection of our own (``contracts/wire.py``), where a
+request's frames cost a fraction of what they cost through aiormq.
+
+A malformed request is answered with ``invalid_request`` and acked — or, with nobody to
+answer, dead-lettered — and never requeued; the worker keeps running.
 
 Why no publisher confirm on the reply: it would add no guarantee the frame order does not
 already give. A reply is transient and goes to the caller's transient queue; the broker

@@ -1,4 +1,5 @@
-"""The RPC client helper against a real broker with no fleet behind it: failures come fast and typed."""
+"""The RPC client helper against a real broker with no fleet behind it: failures come fast,
+typed, and a lost connection comes back."""
 
 from __future__ import annotations
 
