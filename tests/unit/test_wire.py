@@ -11,6 +11,7 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -370,35 +371,46 @@ def test_the_url_s_tls_and_heartbeat_options_are_aiormq_s() -> None:
         Endpoint.of("amqp://u:secret@localhost/?heartbeat=soon")
 
 
-@asynccontextmanager
-async def _silent_server() -> AsyncIterator[tuple[int, asyncio.Event]]:
-    """A TCP server that accepts and never speaks; the event is set when the client hangs up."""
-    hung_up = asyncio.Event()
+@dataclass
+class _Silent:
+    """A TCP server that accepts and never speaks."""
 
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    port: int
+    accepted: asyncio.Event = field(default_factory=asyncio.Event)
+    hung_up: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@asynccontextmanager
+async def _silent_server() -> AsyncIterator[_Silent]:
+    """A server that accepts and never speaks; ``hung_up`` is set when the client closes."""
+    silent = _Silent(port=0)
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.accepted.set()
         await reader.read()  # until the client closes its end
-        hung_up.set()
+        silent.hung_up.set()
         writer.close()
 
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
     async with server:
-        yield server.sockets[0].getsockname()[1], hung_up
+        silent.port = server.sockets[0].getsockname()[1]
+        yield silent
 
 
 async def test_a_broker_that_never_answers_is_a_timeout_and_the_socket_is_closed() -> None:
-    async with _silent_server() as (port, hung_up):
-        url = f"amqp://u:p@127.0.0.1:{port}/"
+    async with _silent_server() as silent:
+        url = f"amqp://u:p@127.0.0.1:{silent.port}/"
         with pytest.raises(BrokerUnavailable, match="TimeoutError"):
             await Wire.connect(url, connection_name="test", timeout_s=0.3)
-        await asyncio.wait_for(hung_up.wait(), 5)
+        await asyncio.wait_for(silent.hung_up.wait(), 5)
 
 
 async def test_a_cancelled_connect_leaves_no_socket_open() -> None:
-    async with _silent_server() as (port, hung_up):
-        url = f"amqp://u:p@127.0.0.1:{port}/"
+    async with _silent_server() as silent:
+        url = f"amqp://u:p@127.0.0.1:{silent.port}/"
         attempt = asyncio.create_task(Wire.connect(url, connection_name="test"))
-        await asyncio.sleep(0.2)  # connected, waiting for connection.start
+        await asyncio.wait_for(silent.accepted.wait(), 5)  # connected, awaiting connection.start
         attempt.cancel()
         with pytest.raises(asyncio.CancelledError):
             await attempt
-        await asyncio.wait_for(hung_up.wait(), 5)
+        await asyncio.wait_for(silent.hung_up.wait(), 5)
