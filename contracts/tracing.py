@@ -12,14 +12,14 @@ Span attributes follow the current OpenTelemetry messaging conventions for Rabbi
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
 from contracts.errors import ErrorCode, ZanddError
 
@@ -150,18 +150,34 @@ def producer_span(
         message_id=message_id,
         correlation_id=correlation_id,
     )
-    tracer = TRACER
-    with tracer.start_as_current_span(
-        f"publish {destination}",
-        kind=SpanKind.PRODUCER,
+    with failing_span(f"publish {destination}", kind=SpanKind.PRODUCER, attributes=attributes):
+        headers: dict[str, Any] = {}
+        inject(headers)
+        yield headers
+
+
+@contextmanager
+def failing_span(
+    name: str,
+    *,
+    kind: SpanKind,
+    attributes: Mapping[str, Any] | None = None,
+    context: Context | None = None,
+    links: Sequence[Link] | None = None,
+) -> Iterator[Span]:
+    """A current span of ours; an exception leaving the block marks it failed
+    (:func:`mark_failed`: our error code, never the exception's text) and is re-raised."""
+    with TRACER.start_as_current_span(
+        name,
+        context=context,
+        kind=kind,
         attributes=attributes,
+        links=links,
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
-        headers: dict[str, Any] = {}
-        inject(headers)
         try:
-            yield headers
+            yield span
         except BaseException as exc:
             mark_failed(span, exc)
             raise

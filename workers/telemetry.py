@@ -43,9 +43,8 @@ from opentelemetry.trace import (
 from contracts.errors import ConfigurationError
 from contracts.tracing import (
     MESSAGING_DELIVERY_TAG,
-    TRACER,
     extract,
-    mark_failed,
+    failing_span,
     messaging_attributes,
 )
 
@@ -176,21 +175,14 @@ def consumer_span(message: DeliveryLike, *, queue: str) -> Iterator[Span]:
     )
     if message.delivery_tag is not None:
         attributes[MESSAGING_DELIVERY_TAG] = message.delivery_tag
-    tracer = TRACER
-    with tracer.start_as_current_span(
+    with failing_span(
         f"process {destination}",
-        context=parent,
         kind=SpanKind.CONSUMER,
         attributes=attributes,
+        context=parent,
         links=links,
-        record_exception=False,
-        set_status_on_exception=False,
     ) as span:
-        try:
-            yield span
-        except BaseException as exc:
-            mark_failed(span, exc)
-            raise
+        yield span
 
 
 _IDS = RandomIdGenerator()
@@ -235,18 +227,10 @@ def stage(
         if not recording():
             yield trace.INVALID_SPAN
             return
-        with TRACER.start_as_current_span(
-            f"zandd.{name.value}",
-            kind=SpanKind.INTERNAL,
-            attributes=attributes,
-            record_exception=False,
-            set_status_on_exception=False,
+        with failing_span(
+            f"zandd.{name.value}", kind=SpanKind.INTERNAL, attributes=attributes
         ) as span:
-            try:
-                yield span
-            except BaseException as exc:
-                mark_failed(span, exc)
-                raise
+            yield span
     finally:
         if metrics is not None:
             metrics.observe_stage(name, time.perf_counter() - started)
