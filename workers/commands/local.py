@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 from vault.store import VaultStore, open_store
 from workers.config import Settings
+from workers.logs import escape_controls
 
 
 @asynccontextmanager
@@ -32,9 +33,7 @@ def local_principal() -> str:
 
 def printable(text: str | None) -> str:
     """``text`` safe for a terminal: control characters (from callers' input) escaped."""
-    if text is None:
-        return "-"
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return "-" if text is None else escape_controls(text)
 
 
 def when(moment: datetime | None) -> str:
