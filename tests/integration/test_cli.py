@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import secrets
@@ -256,6 +257,38 @@ def _children(pid: int) -> list[int]:
 
 def _proc(pid: int, name: str) -> bytes:
     return Path(f"/proc/{pid}/{name}").read_bytes()
+
+
+_CREATE_RING_AS_UP_DOES = """
+from workers.config import Settings
+from workers.fleet import ensure_kek_ring
+ensure_kek_ring(Settings(), sys.argv[1])
+print(json.dumps({"seen": seen}))
+"""
+
+
+@pytest.mark.tpm
+async def test_up_hardens_itself_before_it_creates_the_kek_ring(
+    swtpm_tcti: str, tmp_path: Path
+) -> None:
+    from tests.unit.test_hygiene import WATCH_KEY_MATERIAL
+
+    env = environment(ZANDD_DATA_DIR=str(tmp_path / "fleet"))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        WATCH_KEY_MATERIAL + _CREATE_RING_AS_UP_DOES,
+        swtpm_tcti,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    seen = json.loads(out.decode().splitlines()[-1])["seen"]
+    assert [name for name, *_ in seen] == ["create"]
+    assert [(dumpable, core) for _name, dumpable, core in seen] == [(0, [0, 0])]
+    assert (tmp_path / "fleet" / "kek-ring.json").exists()
 
 
 @pytest.fixture

@@ -78,12 +78,11 @@ def test_locking_can_be_switched_off() -> None:
     assert "switched off (ZANDD_LOCK_MEMORY=false)" in str(probe["line"])
 
 
-# Runs one ``zandd`` command and notes, each time KEK material enters the process (a ring is
-# loaded or created) and each time a key is opened, whether the process could then be dumped.
-_WATCHED_COMMAND = """
+# Notes, each time KEK material enters the process (a ring is loaded or created) and each time
+# a key is opened, whether the process could then be dumped; ``seen`` holds the notes.
+WATCH_KEY_MATERIAL = """
 import ctypes, json, resource, sys
 import vault.kek, vault.opening, vault.rewrap
-from workers.cli import main
 
 libc = ctypes.CDLL(None)
 seen = []
@@ -99,9 +98,16 @@ for name in ("load", "create"):
     setattr(vault.kek.KekRing, name, classmethod(watched(name, method)))
 for module in (vault.opening, vault.rewrap):
     module.open_into = watched("open", module.open_into)
+"""
+# Runs one ``zandd`` command so watched.
+_WATCHED_COMMAND = (
+    WATCH_KEY_MATERIAL
+    + """
+from workers.cli import main
 code = main(sys.argv[1:])
 print(json.dumps({"code": code, "seen": seen}))
 """
+)
 
 
 def _closed_port() -> int:

@@ -19,9 +19,10 @@ from vault.audit import OUTCOME_OK, AuditEvent, AuditLog
 from vault.urls import redact_url
 from workers.auditing import utc_now
 from workers.commands.base import EXIT_FAILURE, CommandTree
-from workers.commands.local import harden_for_key_material, local_principal, opened_store
+from workers.commands.local import local_principal, opened_store
 from workers.commands.progress import ProgressBar
 from workers.config import Settings
+from workers.hygiene import harden_for_key_material
 
 if TYPE_CHECKING:
     from workers.keygen.tpm import Tpm
@@ -33,7 +34,7 @@ async def _cmd_vault_init(args: argparse.Namespace, settings: Settings) -> int:
     from vault.kek import KekRing
     from vault.store import open_store
 
-    harden_for_key_material(settings)
+    harden_for_key_material(lock_memory=settings.lock_memory)
     path = settings.resolved_kek_file
     if path.exists():
         print(f"KEK ring {path} exists already; kept as it is")
@@ -57,7 +58,7 @@ async def _cmd_vault_init(args: argparse.Namespace, settings: Settings) -> int:
 async def _cmd_vault_rotate_kek(args: argparse.Namespace, settings: Settings) -> int:
     from vault.kek import KekRing
 
-    harden_for_key_material(settings)
+    harden_for_key_material(lock_memory=settings.lock_memory)
     path = settings.resolved_kek_file
     old = KekRing.load(path)
     ring = old.rotate(path)
@@ -73,7 +74,7 @@ async def _cmd_vault_rewrap(args: argparse.Namespace, settings: Settings) -> int
     from vault.kek import KekRing
     from vault.rewrap import RewrapOutcome, rewrap
 
-    harden_for_key_material(settings)
+    harden_for_key_material(lock_memory=settings.lock_memory)
     ring = KekRing.load(settings.resolved_kek_file)
     outcomes: Counter[RewrapOutcome] = Counter()
     bar = ProgressBar(sys.stderr)
@@ -109,7 +110,7 @@ async def _cmd_vault_rewrap(args: argparse.Namespace, settings: Settings) -> int
 async def _cmd_vault_status(args: argparse.Namespace, settings: Settings) -> int:
     from vault.kek import KekRing
 
-    harden_for_key_material(settings)
+    harden_for_key_material(lock_memory=settings.lock_memory)
     ring = KekRing.load(settings.resolved_kek_file)
     async with opened_store(settings) as store:
         records = await store.list_versions()
