@@ -11,8 +11,8 @@ replicaSet=rs0&readConcernLevel=local``; the URL's path names the database (defa
 The backend only stores and reads documents; uniqueness is the server's job (unique indexes),
 so concurrent writers in several processes or hosts need no lock of ours and no transaction
 (which a standalone server would not have): ``keys`` holds one document per key version,
-unique on (key_id, version) and on (created_by, request_id); ``audit`` one document per appended batch of
-entries, unique on its first sequence number; ``meta`` the schema version.
+unique on (key_id, version) and on (created_by, request_id); ``audit`` one document per
+appended batch of entries, unique on its first sequence number; ``meta`` the schema version.
 """
 
 from __future__ import annotations

@@ -118,9 +118,8 @@ class TextFormatter(logging.Formatter):
         ]
         if tags:
             line = f"{line} {' '.join(tags)}"
-        # Not record.exc_text: another formatter may have cached its own, unescaped rendering.
         details = [
-            self.formatException(record.exc_info) if record.exc_info else None,
+            self.formatException(record.exc_info) if record.exc_info else record.exc_text,
             self.formatStack(record.stack_info) if record.stack_info else None,
         ]
         for detail in details:
