@@ -3,12 +3,26 @@
 
 ZANDD_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ZANDD_VENV="${ZANDD_VENV:-$ZANDD_ROOT/.venv}"
-ZANDD_AMQP_URL="${ZANDD_AMQP_URL:-amqp://guest:guest@localhost:5672/}"
+# The broker URL (with its password) travels in the environment only, never on a command line
+# (every local user can read those with ps): zandd up and the reachability check read it there.
+export ZANDD_AMQP_URL="${ZANDD_AMQP_URL:-amqp://guest:guest@localhost:5672/}"
 # docker-compose validates compose/compose.yaml and prometheus brings promtool for the alert
 # rules: the tests use only these command-line tools, no Docker engine or Prometheus server.
 APT_PACKAGES=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config python3-venv docker-compose prometheus)
 
 say() { printf 'zandd ops: %s\n' "$*" >&2; }
+
+# $ZANDD_AMQP_URL fit to print: the password cut out (split at the last @, as zandd does).
+shown_amqp_url() {
+  local url="$ZANDD_AMQP_URL" rest userinfo
+  case "$url" in
+    *://*@*) ;;
+    *) printf '%s\n' "$url"; return 0 ;;
+  esac
+  rest="${url#*://}"
+  userinfo="${rest%@*}"
+  printf '%s://%s@%s\n' "${url%%://*}" "${userinfo%%:*}" "${rest##*@}"
+}
 die() { say "$*"; exit 1; }
 
 ensure_system_packages() {
@@ -59,10 +73,10 @@ ensure_venv() {
 }
 
 amqp_reachable() {
-  "$ZANDD_VENV/bin/python" - "$ZANDD_AMQP_URL" <<'PY'
-import socket, sys
+  "$ZANDD_VENV/bin/python" - <<'PY'
+import os, socket, sys
 from urllib.parse import urlsplit
-url = urlsplit(sys.argv[1])
+url = urlsplit(os.environ["ZANDD_AMQP_URL"])
 try:
     socket.create_connection((url.hostname or "localhost", url.port or 5672), timeout=2).close()
 except OSError:
@@ -87,7 +101,7 @@ ensure_rabbitmq() {
     rabbitmqctl await_startup >/dev/null 2>&1 || true
     say "RabbitMQ is up"
   else
-    die "no broker at $ZANDD_AMQP_URL and no local rabbitmq-server; install one (apt-get install rabbitmq-server) or set ZANDD_AMQP_URL"
+    die "no broker at $(shown_amqp_url) and no local rabbitmq-server; install one (apt-get install rabbitmq-server) or set ZANDD_AMQP_URL"
   fi
 }
 

@@ -11,8 +11,8 @@ replicaSet=rs0&readConcernLevel=local``; the URL's path names the database (defa
 The backend only stores and reads documents; uniqueness is the server's job (unique indexes),
 so concurrent writers in several processes or hosts need no lock of ours and no transaction
 (which a standalone server would not have): ``keys`` holds one document per key version,
-unique on (key_id, version) and on request_id; ``audit`` one document per appended batch of
-entries, unique on its first sequence number; ``meta`` the schema version.
+unique on (key_id, version) and on (created_by, request_id); ``audit`` one document per
+appended batch of entries, unique on its first sequence number; ``meta`` the schema version.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ from vault.urls import redact_url, scrub
 Document = dict[str, Any]
 
 DEFAULT_DATABASE: Final = "zandd"
-SCHEMA_VERSION: Final = 1
+#: 2: request ids are unique per owner (index ``owner_request_id``), no longer vault-wide.
+SCHEMA_VERSION: Final = 2
 KEYS_COLLECTION: Final = "keys"
 AUDIT_COLLECTION: Final = "audit"
 META_COLLECTION: Final = "meta"
@@ -78,14 +79,18 @@ AUDIT_APPEND_ATTEMPTS: Final = 100
 # pages through at once (vault.audit.READ_PAGE_ENTRIES).
 AUDIT_DOCUMENT_ENTRIES: Final = 1000
 _MESSAGE_LIMIT = 300
+_INDEX_NOT_FOUND: Final = 27
+#: The vault-wide request id index of schema 1, dropped by the upgrade to 2.
+_OLD_REQUEST_ID_INDEX: Final = "request_id"
 
 _KEY_INDEXES: Final = (
     IndexModel([("key_id", ASCENDING), ("version", ASCENDING)], unique=True, name="key_version"),
-    # Partial: records created without a request id must not collide on null.
+    # A request id is the idempotency key of its owner only. Partial: records created without
+    # a request id must not collide on null.
     IndexModel(
-        [("request_id", ASCENDING)],
+        [("created_by", ASCENDING), ("request_id", ASCENDING)],
         unique=True,
-        name="request_id",
+        name="owner_request_id",
         partialFilterExpression={"request_id": {"$type": "string"}},
     ),
 )
@@ -156,7 +161,7 @@ class MongoStore:
                 # loser reads back the winner's record.
                 existing = None
                 if record.request_id is not None:
-                    existing = await self._find_winner(record.request_id)
+                    existing = await self._find_winner(record.owner, record.request_id)
                 if existing is None:
                     raise IntegrityError(
                         f"key {record.key_id} version {record.version} already exists"
@@ -180,10 +185,12 @@ class MongoStore:
             raise KeyNotFound(f"key {key_id} has no version {version}")
         return _to_record(latest)
 
-    async def find_by_request_id(self, request_id: str) -> KeyRecord | None:
-        """The record created by request ``request_id``, if any."""
+    async def find_by_request_id(self, request_id: str, *, owner: str) -> KeyRecord | None:
+        """The record ``owner``'s request ``request_id`` created, if any."""
         with self._translated():
-            found = await self._keys.find_one({"request_id": request_id}, _NO_ID)
+            found = await self._keys.find_one(
+                {"created_by": owner, "request_id": request_id}, _NO_ID
+            )
         return None if found is None else _to_record(found)
 
     async def list_keys(self) -> list[KeyRecord]:
@@ -282,11 +289,27 @@ class MongoStore:
                 )
             await self._keys.create_indexes(list(_KEY_INDEXES))
             await self._audit.create_indexes(list(_AUDIT_INDEXES))
+            if version < SCHEMA_VERSION:
+                await self._upgrade()
 
-    async def _find_winner(self, request_id: str) -> KeyRecord | None:
+    async def _upgrade(self) -> None:
+        # Schema 1 → 2. The per-owner index exists by now (a schema-1 vault satisfies it: its
+        # request ids were unique vault-wide), so dropping the old one leaves no moment
+        # without a unique request id index. Concurrent openers may both drop: one finds it gone.
+        try:
+            await self._keys.drop_index(_OLD_REQUEST_ID_INDEX)
+        except OperationFailure as exc:
+            if exc.code != _INDEX_NOT_FOUND:
+                raise
+        # $max: a concurrent opener that already upgraded is never set back.
+        await self._meta.update_one({"_id": _SCHEMA_ID}, {"$max": {"version": SCHEMA_VERSION}})
+
+    async def _find_winner(self, owner: str, request_id: str) -> KeyRecord | None:
         # The winner's insert is on the primary (it made ours fail) but may not be majority-
         # committed yet; a majority read could miss it, so read the primary's own data.
-        found = await self._primary(self._keys).find_one({"request_id": request_id}, _NO_ID)
+        found = await self._primary(self._keys).find_one(
+            {"created_by": owner, "request_id": request_id}, _NO_ID
+        )
         return None if found is None else _to_record(found)
 
     async def _append_batch(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:

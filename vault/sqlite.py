@@ -42,7 +42,7 @@ _T = TypeVar("_T")
 
 log = logging.getLogger("zandd.vault")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 10.0
 _CHECKPOINT_ATTEMPTS = 3
 _THREAD_NAME = "zandd-sqlite"
@@ -93,6 +93,13 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX audit_key_id ON audit (key_id, seq)",
         "CREATE INDEX audit_principal ON audit (principal, seq)",
     ),
+    # A request id is the idempotency key of its principal only: one principal reusing
+    # another's id must not be answered with (or refused because of) the other's key.
+    3: (
+        "DROP INDEX IF EXISTS keys_request_id",
+        "CREATE UNIQUE INDEX keys_owner_request_id ON keys (created_by, request_id)"
+        " WHERE request_id IS NOT NULL",
+    ),
 }
 
 _COLUMNS = (
@@ -102,7 +109,7 @@ _COLUMNS = (
 # The f-strings below join module constants only; every value is a bound parameter.
 _INSERT = f"INSERT INTO keys ({_COLUMNS}) VALUES ({', '.join('?' * 14)})"  # noqa: S608
 _SELECT = f"SELECT {_COLUMNS} FROM keys"  # noqa: S608
-_BY_REQUEST_ID = f"{_SELECT} WHERE request_id = ?"
+_BY_REQUEST_ID = f"{_SELECT} WHERE created_by = ? AND request_id = ?"
 _LATEST = f"{_SELECT} WHERE key_id = ? ORDER BY version DESC LIMIT 1"
 _BY_VERSION = f"{_SELECT} WHERE key_id = ? AND version = ?"
 _LIST_LATEST = (
@@ -173,9 +180,9 @@ class SqliteStore:
             raise KeyNotFound(f"key {key_id} has no version {version}")
         return latest
 
-    async def find_by_request_id(self, request_id: str) -> KeyRecord | None:
-        """The record created by request ``request_id``, if any."""
-        return await self._run(_fetch_one, _BY_REQUEST_ID, (request_id,))
+    async def find_by_request_id(self, request_id: str, *, owner: str) -> KeyRecord | None:
+        """The record ``owner``'s request ``request_id`` created, if any."""
+        return await self._run(_fetch_one, _BY_REQUEST_ID, (owner, request_id))
 
     async def list_keys(self) -> list[KeyRecord]:
         """The latest version of every key, ordered by ``created_at``."""
@@ -365,13 +372,15 @@ def _close(conn: sqlite3.Connection) -> None:
 
 
 def _insert(conn: sqlite3.Connection, row: tuple[Any, ...]) -> KeyRecord | None:
-    key_id, version, request_id = row[0], row[1], row[12]
+    key_id, version, owner, request_id = row[0], row[1], row[11], row[12]
     try:
         conn.execute(_INSERT, row)
     except sqlite3.IntegrityError as exc:
-        # The unique index on request_id arbitrates between concurrent creators, in any
-        # process: the loser reads back the winner's record.
-        existing = None if request_id is None else _fetch_one(conn, _BY_REQUEST_ID, (request_id,))
+        # The unique index on (owner, request_id) arbitrates between concurrent creators, in
+        # any process: the loser reads back the winner's record.
+        existing = (
+            None if request_id is None else _fetch_one(conn, _BY_REQUEST_ID, (owner, request_id))
+        )
         if existing is None:
             raise IntegrityError(f"key {key_id} version {version} already exists") from exc
         return existing

@@ -22,11 +22,13 @@ class VaultStore(Protocol):
     """
 
     async def create_key(self, record: KeyRecord) -> KeyRecord:
-        """Insert ``record``, idempotently on its request id.
+        """Insert ``record``, idempotently on its owner's request id.
 
-        If a record with the same non-null ``request_id`` exists, nothing is inserted and that
-        existing record is returned (the caller compares ``key_id``); safe against concurrent
-        creators in several processes. A duplicate (key_id, version) raises IntegrityError.
+        If a record with the same owner (``created_by``) and non-null ``request_id`` exists,
+        nothing is inserted and that existing record is returned (the caller compares
+        ``key_id``); safe against concurrent creators in several processes. Request ids are
+        scoped per owner: two owners' records with one request id are two records. A duplicate
+        (key_id, version) raises IntegrityError.
         """
         ...
 
@@ -34,8 +36,8 @@ class VaultStore(Protocol):
         """The given version of a key, or its latest when ``version`` is None; else KeyNotFound."""
         ...
 
-    async def find_by_request_id(self, request_id: str) -> KeyRecord | None:
-        """The record created by request ``request_id``, if any."""
+    async def find_by_request_id(self, request_id: str, *, owner: str) -> KeyRecord | None:
+        """The record ``owner``'s request ``request_id`` created, if any (never another's)."""
         ...
 
     async def list_keys(self) -> list[KeyRecord]:

@@ -37,6 +37,7 @@ from workers.commands.base import (
     EXIT_USAGE,
     Command,
     CommandTree,
+    secrets_in,
     settings_from,
 )
 from workers.logs import LogFormat
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``zandd`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from(args)
@@ -89,6 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"zandd: invalid configuration: {describe_errors(exc)}", file=sys.stderr)
         return EXIT_USAGE
     _configure_logging(settings.log_level, settings.log_format)
+    for shown in secrets_in(argv):
+        log.warning(
+            "a password on the command line (%s) is visible to every local user (ps) while "
+            "zandd runs: pass the URL in the environment instead (ZANDD_AMQP_URL, "
+            "ZANDD_VAULT_URL; docs/operations.md)",
+            shown,
+        )
     command: Command = args.command
     try:
         configure_tracing(settings.traces_exporter)

@@ -25,6 +25,7 @@ from contracts.errors import ConfigurationError, ZanddError
 from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE
 from vault.kek import KekRing
 from workers.config import Settings
+from workers.hygiene import harden_for_key_material
 
 log = logging.getLogger("zandd.up")
 
@@ -71,6 +72,7 @@ def ensure_kek_ring(settings: Settings, tcti: str) -> None:
     path = settings.resolved_kek_file
     if path.exists():
         return
+    harden_for_key_material(lock_memory=settings.lock_memory)
     with Tpm(tcti) as tpm:
         KekRing.create(path, random_bytes=tpm.get_random)
     log.info("created the KEK ring %s from the TPM's RNG", path)

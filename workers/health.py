@@ -227,7 +227,7 @@ async def _check_vault(url: str) -> None:
         async with asyncio.timeout(CHECK_TIMEOUT_S):
             store = await open_store(url)
             try:
-                await store.find_by_request_id(_PROBE_REQUEST_ID)
+                await store.find_by_request_id(_PROBE_REQUEST_ID, owner=_PROBE_REQUEST_ID)
             finally:
                 await store.close()
     except TimeoutError:

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
 import resource
 import sys
 from dataclasses import dataclass
+
+log = logging.getLogger("zandd.hygiene")
 
 MCL_CURRENT = 1
 MCL_FUTURE = 2
@@ -60,6 +63,21 @@ def harden_process(*, lock_memory: bool = True) -> Protections:
     if not lock_memory:
         notes.append("memory locking switched off (ZANDD_LOCK_MEMORY=false)")
     return Protections(locked, core_off, not_dumpable, tuple(notes))
+
+
+def harden_for_key_material(*, lock_memory: bool = True) -> Protections:
+    """:func:`harden_process` for a process other than a worker, before it loads a KEK.
+
+    For the ``zandd vault`` commands and ``zandd up`` creating the ring: a KEK ring holds
+    every key, so a core dump or a ptrace of them would give keys away as surely as one of a
+    worker. Quiet when core dumps and ptrace are stopped, a warning when not.
+    """
+    protections = harden_process(lock_memory=lock_memory)
+    if protections.core_dumps_off and protections.not_dumpable:
+        log.debug("memory protections: %s", protections.describe())
+    else:
+        log.warning("memory protections: %s", protections.describe())
+    return protections
 
 
 def _libc() -> ctypes.CDLL | None:

@@ -6,10 +6,17 @@ Both live in context variables, so concurrent requests in one event loop never m
 
 The JSON formatter writes a fixed set of fields: whatever a caller passes in ``extra`` is not
 copied, so a payload can only reach the log if a message string puts it there, and none does.
+
+Log lines quote what producers chose (request ids, operation names, user names, labels). Both
+formatters show every character Python does not consider printable as its escape (``\\n``,
+``\\x1b``, ``\\u2028``), at the one place every record passes: a producer cannot end a line
+early to forge the next one, nor send escape sequences to the operator's terminal. Text
+tracebacks keep their lines, each indented, so no line of one can pass for a record.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
@@ -26,6 +33,31 @@ LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
 
 _request_id: ContextVar[str | None] = ContextVar("zandd_request_id", default=None)
+_DETAIL_INDENT = "  "
+
+
+def escape_controls(text: str) -> str:
+    """``text`` on one line and inert on a terminal: each unprintable character as its escape.
+
+    Unprintable is Python's ``str.isprintable``: control characters (newlines, ESC, DEL, C1),
+    line and paragraph separators and format characters (bidirectional overrides) among them.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(char: str) -> str:
+    return char.encode("unicode_escape").decode("ascii")
+
+
+def _json_escape(char: str) -> str:
+    # JSON spells a character outside the BMP as a UTF-16 surrogate pair.
+    code = ord(char)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 @contextmanager
@@ -63,23 +95,40 @@ class RequestContextFilter(logging.Filter):
 
 
 class TextFormatter(logging.Formatter):
-    """The classic one-line format, with ``request_id=… trace_id=…`` appended when known."""
+    """The classic one-line format, with ``request_id=… trace_id=…`` appended when known.
+
+    The message and the tags are escaped onto that one line; a traceback or stack follows on
+    lines of its own, each indented and escaped.
+    """
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
-        """One line (plus a traceback when the record has one)."""
-        line = super().format(record)
+        """One line (plus an indented traceback when the record has one)."""
+        # A copy: other handlers of the same record format it their own way.
+        shown = copy.copy(record)
+        shown.msg, shown.args = escape_controls(record.getMessage()), None
+        shown.exc_info, shown.exc_text, shown.stack_info = None, None, None
+        line = super().format(shown)
         tags = [
-            f"{name}={value}"
+            f"{name}={escape_controls(str(value))}"
             for name in ("request_id", "trace_id")
             if (value := getattr(record, name, None))
         ]
-        if not tags:
-            return line
-        head, newline, rest = line.partition("\n")
-        return f"{head} {' '.join(tags)}{newline}{rest}"
+        if tags:
+            line = f"{line} {' '.join(tags)}"
+        details = [
+            self.formatException(record.exc_info) if record.exc_info else record.exc_text,
+            self.formatStack(record.stack_info) if record.stack_info else None,
+        ]
+        for detail in details:
+            if detail:
+                # split("\n"), not splitlines(): other line breaks in a message are escaped.
+                line += "".join(
+                    f"\n{_DETAIL_INDENT}{escape_controls(part)}" for part in detail.split("\n")
+                )
+        return line
 
 
 class JsonFormatter(logging.Formatter):
@@ -100,7 +149,12 @@ class JsonFormatter(logging.Formatter):
                 entry[name] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        # json.dumps escapes the C0 controls only; the rest of what a terminal acts on (DEL,
+        # C1, line separators, bidirectional overrides) and lone surrogates are escaped here.
+        line = json.dumps(entry, ensure_ascii=False)
+        if line.isprintable():
+            return line
+        return "".join(c if c.isprintable() else _json_escape(c) for c in line)
 
 
 class _ZanddHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import secrets
 import signal
 import socket
 import stat
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from yarl import URL
 
 from tests.conftest import RunningFleet
 
@@ -234,3 +238,114 @@ async def test_up_exports_traces_to_the_console_and_metrics_per_worker(
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         return str(response.read().decode())
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat_line = (entry / "stat").read_text()
+            except OSError:
+                continue  # exited meanwhile
+            # The command name (in parentheses) may hold spaces: the fields after it are fixed.
+            if int(stat_line.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _proc(pid: int, name: str) -> bytes:
+    return Path(f"/proc/{pid}/{name}").read_bytes()
+
+
+_CREATE_RING_AS_UP_DOES = """
+from workers.config import Settings
+from workers.fleet import ensure_kek_ring
+ensure_kek_ring(Settings(), sys.argv[1])
+print(json.dumps({"seen": seen}))
+"""
+
+
+@pytest.mark.tpm
+async def test_up_hardens_itself_before_it_creates_the_kek_ring(
+    swtpm_tcti: str, tmp_path: Path
+) -> None:
+    from tests.unit.test_hygiene import WATCH_KEY_MATERIAL
+
+    env = environment(ZANDD_DATA_DIR=str(tmp_path / "fleet"))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        WATCH_KEY_MATERIAL + _CREATE_RING_AS_UP_DOES,
+        swtpm_tcti,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    seen = json.loads(out.decode().splitlines()[-1])["seen"]
+    assert [name for name, *_ in seen] == ["create"]
+    assert [(dumpable, core) for _name, dumpable, core in seen] == [(0, [0, 0])]
+    assert (tmp_path / "fleet" / "kek-ring.json").exists()
+
+
+@pytest.fixture
+def passworded_url(empty_amqp_url: str) -> Iterator[str]:
+    """A URL of a broker user of its own with a random password (unlike guest's, findable)."""
+    user, password = f"zt-up-{secrets.token_hex(4)}", secrets.token_hex(16)
+    vhost = URL(empty_amqp_url).path.removeprefix("/")
+    rabbitmqctl = ["rabbitmqctl", "-q"]
+    subprocess.run([*rabbitmqctl, "add_user", user, password], check=True, capture_output=True)
+    try:
+        subprocess.run(
+            [*rabbitmqctl, "set_permissions", "-p", vhost, user, ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+        )
+        yield str(URL(empty_amqp_url).with_user(user).with_password(password))
+    finally:
+        subprocess.run([*rabbitmqctl, "delete_user", user], check=True, capture_output=True)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.tpm
+async def test_up_keeps_the_broker_password_off_command_lines_and_out_of_swtpm(
+    passworded_url: str, tmp_path: Path
+) -> None:
+    from workers.fleet import wait_until_ready
+
+    url, password = passworded_url, URL(passworded_url).password
+    assert password
+    env = environment(
+        ZANDD_AMQP_URL=url,
+        ZANDD_DATA_DIR=str(tmp_path / "fleet"),
+        ZANDD_SWTPM_PORT=str(free_port_pair()),
+    )
+    up = await asyncio.create_subprocess_exec(
+        *ZANDD, "up", "--signers", "1", env=env, stderr=subprocess.PIPE
+    )
+    try:
+        await wait_until_ready(url, signers=1, timeout_s=60)
+        children = {pid: _proc(pid, "cmdline").split(b"\0") for pid in _children(up.pid)}
+        environs = {pid: _proc(pid, "environ").split(b"\0") for pid in children}
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _out, err = await asyncio.wait_for(up.communicate(), 60)
+    assert up.returncode == 0, err.decode()
+    secret = password.encode()
+    swtpm = [pid for pid, argv in children.items() if Path(argv[0].decode()).name == "swtpm"]
+    workers = [pid for pid, argv in children.items() if b"workers.cli" in argv]
+    assert len(swtpm) == 1
+    assert len(workers) == 2  # keygen and signer-1
+    for argv in children.values():
+        assert not any(secret in arg for arg in argv), f"the password is on {argv!r}"
+    # The workers get the URL through their environment (readable by the same user only)...
+    for pid in workers:
+        assert f"ZANDD_AMQP_URL={url}".encode() in environs[pid]
+    # ...and the simulator gets none of it: only what it needs.
+    (swtpm_environ,) = (environs[pid] for pid in swtpm)
+    assert not any(secret in variable for variable in swtpm_environ)
+    assert not any(variable.startswith(b"ZANDD_") for variable in swtpm_environ)
+    assert secret not in err

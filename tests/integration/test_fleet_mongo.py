@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from contracts.amqp import principal_of
 from contracts.crypto import load_public_key, verify_signature
 from tests.conftest import RunningFleet
 from tests.integration.test_fleet import openssl_verify
@@ -71,7 +72,7 @@ async def test_key_create_is_idempotent_across_the_shared_vault(fleet: RunningFl
         first = await client.create_key(request_id=request_id)
         again = await client.create_key(request_id=request_id)
     assert again.key_id == first.key_id
-    found = await fleet.store.find_by_request_id(request_id)
+    found = await fleet.store.find_by_request_id(request_id, owner=principal_of(fleet.amqp_url))
     assert found is not None
     assert found.key_id == first.key_id
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -50,9 +51,18 @@ async def _attach(amqp_url: str, queue: str) -> aio_pika.abc.AbstractConnection:
     return connection
 
 
-def _zandd(*args: str) -> subprocess.CompletedProcess[str]:
+def _zandd(*args: str, amqp_url: str | None = None) -> subprocess.CompletedProcess[str]:
+    # The URL in the environment, as operators are told to: on the command line it draws a
+    # warning (a password there is visible in ps).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZANDD_")}
+    if amqp_url is not None:
+        env["ZANDD_AMQP_URL"] = amqp_url
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "workers.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
 
 
@@ -69,14 +79,7 @@ async def test_a_signer_with_broker_consumer_and_vault_is_healthy(
     attached = await _attach(topology, SIGN_QUEUE)
     try:
         result = await asyncio.to_thread(
-            _zandd,
-            "health",
-            "--role",
-            "signer",
-            "--amqp-url",
-            topology,
-            "--data-dir",
-            str(tmp_path),
+            _zandd, "health", "--role", "signer", "--data-dir", str(tmp_path), amqp_url=topology
         )
     finally:
         await attached.close()
@@ -88,7 +91,7 @@ async def test_without_a_consumer_one_line_says_so_and_the_exit_code_is_1(
     topology: str, tmp_path: Path
 ) -> None:
     result = await asyncio.to_thread(
-        _zandd, "health", "--role", "signer", "--amqp-url", topology, "--data-dir", str(tmp_path)
+        _zandd, "health", "--role", "signer", "--data-dir", str(tmp_path), amqp_url=topology
     )
     assert result.returncode == 1
     assert result.stderr == "zandd: no consumer on zandd.sign\n"
@@ -97,12 +100,25 @@ async def test_without_a_consumer_one_line_says_so_and_the_exit_code_is_1(
 
 async def test_an_unreachable_broker_fails_in_one_line(tmp_path: Path) -> None:
     url = f"amqp://guest:secret-pw@127.0.0.1:{_closed_port()}/"
-    result = await asyncio.to_thread(
-        _zandd, "health", "--amqp-url", url, "--data-dir", str(tmp_path)
-    )
+    result = await asyncio.to_thread(_zandd, "health", "--data-dir", str(tmp_path), amqp_url=url)
     assert result.returncode == 1
     assert result.stderr.startswith("zandd: cannot reach the broker at amqp://guest@127.0.0.1:")
     assert result.stderr.count("\n") == 1
+    assert "secret-pw" not in result.stderr
+
+
+async def test_a_password_on_the_command_line_draws_a_warning(tmp_path: Path) -> None:
+    url = f"amqp://guest:secret-pw@127.0.0.1:{_closed_port()}/"
+    result = await asyncio.to_thread(
+        _zandd, "health", f"--amqp-url={url}", "--data-dir", str(tmp_path)
+    )
+    assert result.returncode == 1
+    warning, error = result.stderr.splitlines()
+    assert " WARNING zandd.cli" in warning
+    assert "(--amqp-url=amqp://guest:***@127.0.0.1:" in warning
+    assert "visible to every local user (ps)" in warning
+    assert "ZANDD_AMQP_URL" in warning
+    assert error.startswith("zandd: cannot reach the broker at amqp://guest@127.0.0.1:")
     assert "secret-pw" not in result.stderr
 
 

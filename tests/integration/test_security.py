@@ -275,6 +275,25 @@ async def test_a_request_without_user_id_is_forbidden(
     assert (await fleet.store.get_key(key.key_id)).state == KeyState.ENABLED
 
 
+async def test_another_principal_cannot_squat_a_request_id(
+    fleet: RunningFleet, clients: dict[str, SigningClient]
+) -> None:
+    # Request ids are predictable (a producer may derive them from its own data): Bob sending
+    # Alice's next id first must not block Alice's key.create, nor hand Bob Alice's key.
+    request_id = f"invoice-key-{uuid.uuid4().hex}"
+    bobs = await clients[BOB].create_key(request_id=request_id)
+    alices = await clients[ALICE].create_key(request_id=request_id)
+    assert alices.key_id != bobs.key_id
+    # Each one's retry (a redelivery, a reconnect) is answered with that one's own key.
+    assert (await clients[ALICE].create_key(request_id=request_id)).key_id == alices.key_id
+    assert (await clients[BOB].create_key(request_id=request_id)).key_id == bobs.key_id
+    assert (await fleet.store.get_key(alices.key_id)).owner == ALICE
+    assert (await fleet.store.get_key(bobs.key_id)).owner == BOB
+    signed = await clients[ALICE].sign(alices.key_id, b"mine")
+    assert await clients[ALICE].verify(alices.key_id, signed.signature, message=b"mine")
+    assert (await audit_outcomes(fleet))[request_id] == ["ok"] * 4
+
+
 # --- key states ---------------------------------------------------------------------------------
 
 

@@ -3,12 +3,20 @@ would be a poor idea)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from tests.unit.test_migrate import sealed_record
+from vault.kek import KekRing
+from vault.store import open_store
 
 _PROBE = """
 import ctypes, ctypes.util, json, resource
@@ -68,3 +76,107 @@ def test_locking_can_be_switched_off() -> None:
     assert probe["reported"] == [False, True, True]
     assert probe["locked_kib"] == 0
     assert "switched off (ZANDD_LOCK_MEMORY=false)" in str(probe["line"])
+
+
+# Notes, each time KEK material enters the process (a ring is loaded or created) and each time
+# a key is opened, whether the process could then be dumped; ``seen`` holds the notes.
+WATCH_KEY_MATERIAL = """
+import ctypes, json, resource, sys
+import vault.kek, vault.opening, vault.rewrap
+
+libc = ctypes.CDLL(None)
+seen = []
+
+def watched(name, fn):
+    def call(*args, **kwargs):
+        seen.append([name, libc.prctl(3, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE)])
+        return fn(*args, **kwargs)
+    return call
+
+for name in ("load", "create"):
+    method = getattr(vault.kek.KekRing, name).__func__
+    setattr(vault.kek.KekRing, name, classmethod(watched(name, method)))
+for module in (vault.opening, vault.rewrap):
+    module.open_into = watched("open", module.open_into)
+"""
+# Runs one ``zandd`` command so watched.
+_WATCHED_COMMAND = (
+    WATCH_KEY_MATERIAL
+    + """
+from workers.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "seen": seen}))
+"""
+)
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+def vault_dir(tmp_path: Path) -> Path:
+    """A data dir with a KEK ring and one key sealed under its previous KEK (rewrap has work)."""
+    data = tmp_path / "vault"
+    data.mkdir()
+    ring = KekRing.create(data / "kek-ring.json")
+
+    async def fill() -> None:
+        store = await open_store(f"sqlite://{data / 'vault.db'}")
+        try:
+            await store.create_key(sealed_record(ring, "zk-hardened"))
+        finally:
+            await store.close()
+
+    asyncio.run(fill())
+    ring.rotate(data / "kek-ring.json")
+    return data
+
+
+@pytest.mark.parametrize(
+    ("command", "opens_keys"),
+    [
+        (["vault", "init"], False),
+        (["vault", "rotate-kek"], False),
+        (["vault", "rewrap"], True),
+        (["vault", "status"], False),
+        (
+            ["vault", "migrate", "--from", "sqlite://{data}/vault.db", "--to", "sqlite://{copy}"],
+            True,
+        ),
+    ],
+    ids=["init", "rotate-kek", "rewrap", "status", "migrate"],
+)
+def test_vault_commands_harden_before_they_hold_a_kek(
+    vault_dir: Path, tmp_path: Path, command: list[str], opens_keys: bool
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZANDD_")}
+    env.update(
+        ZANDD_DATA_DIR=str(vault_dir),
+        # No TPM: `vault init` falls back to the OS RNG at once.
+        ZANDD_TPM_TCTI=f"swtpm:host=127.0.0.1,port={_closed_port()}",
+        TSS2_LOG="all+none",
+    )
+    if command == ["vault", "init"]:
+        env["ZANDD_DATA_DIR"] = str(tmp_path / "fresh")  # a ring to create, not one to keep
+    argv = [part.format(data=vault_dir, copy=tmp_path / "copy.db") for part in command]
+    result = subprocess.run(
+        [sys.executable, "-c", _WATCHED_COMMAND, *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.stdout, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["code"] == 0, result.stderr
+    seen = report["seen"]
+    assert {name for name, *_ in seen} >= ({"open"} if opens_keys else set()) | {
+        "create" if command == ["vault", "init"] else "load"
+    }
+    for name, dumpable, core_limit in seen:
+        assert (dumpable, core_limit) == (0, [0, 0]), f"{name} while dumpable={dumpable}"

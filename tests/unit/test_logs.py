@@ -132,3 +132,59 @@ def test_install_replaces_its_own_handler_and_keeps_others() -> None:
                 root.removeHandler(handler)
         root.removeHandler(foreign)
         root.setLevel(level)
+
+
+FORGED_ID = "r-1\n2026-01-01 00:00:00,000 INFO zandd.keygen[1] forged\x1b[31m"
+
+
+def test_text_lines_escape_what_a_producer_chose(
+    stream_logger: tuple[logging.Logger, io.StringIO, logging.Handler],
+) -> None:
+    # A request id (or operation, user name, label) with a newline would forge a second
+    # record, and an ANSI escape would reach the operator's terminal.
+    logger, stream, handler = stream_logger
+    handler.setFormatter(TextFormatter())
+    with bound_request(FORGED_ID):
+        logger.warning("request %s refused: %s", FORGED_ID, "forbidden\u2028\x9b2J\u202e")
+    output = stream.getvalue()
+    (line,) = output.splitlines()
+    assert "\x1b" not in output
+    assert "\x9b" not in output
+    assert "\u202e" not in output
+    escaped = r"r-1\n2026-01-01 00:00:00,000 INFO zandd.keygen[1] forged\x1b[31m"
+    assert f"request {escaped} refused: forbidden\\u2028\\x9b2J\\u202e" in line
+    assert line.endswith(f" request_id={escaped}")
+
+
+def test_text_tracebacks_are_indented_and_escaped(
+    stream_logger: tuple[logging.Logger, io.StringIO, logging.Handler],
+) -> None:
+    logger, stream, handler = stream_logger
+    handler.setFormatter(TextFormatter())
+    try:
+        raise ValueError(f"bad id {FORGED_ID}")
+    except ValueError:
+        logger.exception("request %s failed", "r-2")
+    head, *details = stream.getvalue().rstrip("\n").split("\n")
+    assert head.endswith(" request r-2 failed")
+    assert details[0] == "  Traceback (most recent call last):"
+    assert all(line.startswith("  ") for line in details)
+    assert details[-2] == "  ValueError: bad id r-1"
+    assert details[-1] == r"  2026-01-01 00:00:00,000 INFO zandd.keygen[1] forged\x1b[31m"
+
+
+def test_json_lines_escape_what_a_terminal_acts_on(
+    stream_logger: tuple[logging.Logger, io.StringIO, logging.Handler],
+) -> None:
+    logger, stream, handler = stream_logger
+    handler.setFormatter(JsonFormatter())
+    hostile = FORGED_ID + "\x7f\x85\x9b\u2028\u2029\u202e\U000e0001\udcff label ✓"
+    with bound_request(hostile):
+        logger.info("serving %s", hostile)
+    output = stream.getvalue()
+    (line,) = output.splitlines()
+    assert line.isprintable(), "nothing unprintable reaches the terminal"
+    assert "✓" in line, "printable text stays readable"
+    entry = json.loads(line)
+    assert entry["message"] == f"serving {hostile}"
+    assert entry["request_id"] == hostile

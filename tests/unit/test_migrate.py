@@ -123,7 +123,7 @@ async def test_everything_is_copied_verified_and_the_chain_kept(
     report = await migrate_vault(source, target, ring)
     assert report == MigrationReport(copied=4, audit_copied=5)
     assert await target.list_versions() == records
-    assert await target.find_by_request_id("req-key-a-2") == records[1]
+    assert await target.find_by_request_id("req-key-a-2", owner="keygen-user") == records[1]
     query = AuditQuery()
     assert await target.read_audit(query) == await source.read_audit(query)
     assert await verify_log(target) == await verify_log(source)

@@ -26,9 +26,11 @@ import pytest
 from contracts.errors import ConfigurationError, IntegrityError, KeyNotFound, VaultUnavailable
 from vault import KeyRecord, KeyState, SealedKey, SqliteStore, VaultStore, open_store
 from vault.audit import GENESIS_HASH, AuditEvent, AuditQuery, ChainVerifier, verify_log
+from vault.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 
 BACKENDS = ["sqlite", pytest.param("mongodb", marks=pytest.mark.mongo)]
 T0 = datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=UTC)
+OWNER = "keygen-user"
 
 
 @pytest.fixture(params=BACKENDS)
@@ -54,6 +56,7 @@ def make_record(
     request_id: str | None = None,
     created_at: datetime = T0,
     destroyed: bool = False,
+    created_by: str = "keygen-user",
 ) -> KeyRecord:
     sealed = SealedKey("kek-20261128-0a0b0c0d", os.urandom(12), os.urandom(48))
     return KeyRecord(
@@ -66,7 +69,7 @@ def make_record(
         label="payments signing key ✓",
         allowed_signers=("svc-a", "svc-b"),
         created_at=created_at,
-        created_by="keygen-user",
+        created_by=created_by,
         request_id=request_id,
     )
 
@@ -127,10 +130,40 @@ async def test_create_is_idempotent_on_request_id(store: VaultStore) -> None:
     retry = make_record(request_id="req-1")  # a redelivery that generated another key
     assert await store.create_key(first) == first
     assert await store.create_key(retry) == first
-    assert await store.find_by_request_id("req-1") == first
+    assert await store.find_by_request_id("req-1", owner=OWNER) == first
     with pytest.raises(KeyNotFound):
         await store.get_key(retry.key_id)
     assert await store.list_keys() == [first]
+
+
+async def test_request_ids_are_scoped_per_owner(store: VaultStore) -> None:
+    # Another principal reusing (squatting) a request id neither blocks the owner's request
+    # nor gets the owner's key: each owner's request id names its own request.
+    squatter = make_record(request_id="req-guessable", created_by="mallory")
+    assert await store.create_key(squatter) == squatter
+    mine = make_record(request_id="req-guessable", created_by="alice")
+    assert await store.create_key(mine) == mine
+    retry = make_record(request_id="req-guessable", created_by="alice")
+    assert await store.create_key(retry) == mine
+    assert await store.find_by_request_id("req-guessable", owner="alice") == mine
+    assert await store.find_by_request_id("req-guessable", owner="mallory") == squatter
+    assert await store.find_by_request_id("req-guessable", owner="bob") is None
+    assert {r.key_id for r in await store.list_keys()} == {squatter.key_id, mine.key_id}
+
+
+async def test_concurrent_creates_of_two_owners_with_one_request_id(store: VaultStore) -> None:
+    candidates = [
+        make_record(request_id="req-both", created_by=owner)
+        for owner in ("alice", "mallory")
+        for _ in range(10)
+    ]
+    results = await asyncio.gather(*(store.create_key(c) for c in candidates))
+    winners = {result.owner: result for result in results}
+    assert set(winners) == {"alice", "mallory"}
+    assert all(result == winners[result.owner] for result in results)
+    assert sorted(r.key_id for r in await store.list_keys()) == sorted(
+        w.key_id for w in winners.values()
+    )
 
 
 async def test_records_without_request_id_do_not_collide(store: VaultStore) -> None:
@@ -155,11 +188,11 @@ async def test_duplicate_key_id_and_version_is_an_integrity_error(store: VaultSt
         await store.create_key(make_record("key-dup", request_id="req-b"))
     with pytest.raises(IntegrityError, match="key key-dup version 1 already exists"):
         await store.create_key(make_record("key-dup"))
-    assert await store.find_by_request_id("req-b") is None
+    assert await store.find_by_request_id("req-b", owner=OWNER) is None
 
 
 async def test_find_by_unknown_request_id_is_none(store: VaultStore) -> None:
-    assert await store.find_by_request_id("req-unknown") is None
+    assert await store.find_by_request_id("req-unknown", owner=OWNER) is None
 
 
 async def test_list_keys_gives_latest_versions_by_created_at(store: VaultStore) -> None:
@@ -187,7 +220,7 @@ async def test_two_instances_see_each_others_writes(store: VaultStore, store_url
             *(s.create_key(c) for s, c in zip(stores, candidates, strict=True))
         )
         assert len(set(results)) == 1
-        assert await store.find_by_request_id("req-shared") == results[0]
+        assert await store.find_by_request_id("req-shared", owner=OWNER) == results[0]
     finally:
         await other.close()
 
@@ -216,7 +249,7 @@ async def main(url, prefix, start_at):
                 key_id=f"{prefix}-{i}", version=1, algorithm="ecdsa-p256-sha256",
                 public_key_der=b"der", sealed=SealedKey("kek-x", bytes(12), bytes(48)),
                 state=KeyState.ENABLED, label=None, allowed_signers=(),
-                created_at=datetime.now(UTC), created_by=prefix, request_id=request_id,
+                created_at=datetime.now(UTC), created_by="writer", request_id=request_id,
             ))
     finally:
         await store.close()
@@ -246,7 +279,7 @@ async def test_two_processes_write_concurrently(store: VaultStore, store_url: st
     expected = {f"{prefix}-{i}" for prefix in ("proc-a", "proc-b") for i in range(20)}
     assert expected <= keys
     assert len(keys - expected) == 1  # the one winner of "req-shared"
-    shared = await store.find_by_request_id("req-shared")
+    shared = await store.find_by_request_id("req-shared", owner="writer")
     assert shared is not None
     assert shared.key_id in {"proc-a--1", "proc-b--1"}
 
@@ -277,7 +310,7 @@ async def test_replace_key_changes_state_and_keeps_the_rest(store: VaultStore) -
     )
     assert await store.replace_key(pending, record) is True
     assert await store.get_key(record.key_id) == pending
-    assert await store.find_by_request_id("req-cas") == pending
+    assert await store.find_by_request_id("req-cas", owner=OWNER) == pending
 
 
 async def test_replace_key_loses_to_a_writer_that_came_first(store: VaultStore) -> None:
@@ -503,7 +536,7 @@ async def test_sqlite_settings_and_thread(tmp_path: Path) -> None:
                 for name in ("journal_mode", "synchronous", "busy_timeout", "user_version")
             ]
         )
-        assert pragmas == ["wal", 2, 10_000, 2]  # synchronous 2 = FULL
+        assert pragmas == ["wal", 2, 10_000, SQLITE_SCHEMA_VERSION]  # synchronous 2 = FULL
         thread_name = await store._run(lambda conn: threading.current_thread().name)
         assert thread_name == "zandd-sqlite"
     finally:
@@ -590,7 +623,12 @@ async def test_sqlite_upgrades_a_version_1_vault(tmp_path: Path) -> None:
         assert (old.state, old.destroy_after, old.created_by) == (KeyState.ENABLED, None, "svc")
         assert (await store.append_audit([audit_event(1)]))[0].seq == 1
         version = await store._run(lambda conn: conn.execute("PRAGMA user_version").fetchone()[0])
-        assert version == 2
+        assert version == SQLITE_SCHEMA_VERSION
+        # The vault-wide request id index is gone: the id is now scoped per owner.
+        assert await store.find_by_request_id("r-1", owner="svc") == old
+        other = make_record(request_id="r-1", created_by="another")
+        assert await store.create_key(other) == other
+        assert await store.create_key(make_record(request_id="r-1", created_by="svc")) == old
     finally:
         await store.close()
 
@@ -637,3 +675,37 @@ async def test_sqlite_connections_of_one_process_keep_their_wal(tmp_path: Path) 
     finally:
         await first.close()
         await second.close()
+
+
+@pytest.mark.mongo
+async def test_mongodb_upgrades_a_schema_1_vault(mongo_vault_url: str) -> None:
+    from pymongo import ASCENDING, AsyncMongoClient
+
+    from vault.mongo import SCHEMA_VERSION
+
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(mongo_vault_url)
+    try:
+        database = client.get_default_database()
+        # What schema 1 left: its version and the vault-wide unique request id index.
+        await database["meta"].insert_one({"_id": "schema", "version": 1})
+        await database["keys"].create_index(
+            [("request_id", ASCENDING)],
+            unique=True,
+            name="request_id",
+            partialFilterExpression={"request_id": {"$type": "string"}},
+        )
+        store = await open_store(mongo_vault_url)
+        try:
+            mine = make_record(request_id="req-old", created_by="alice")
+            theirs = make_record(request_id="req-old", created_by="mallory")
+            assert await store.create_key(mine) == mine
+            assert await store.create_key(theirs) == theirs
+        finally:
+            await store.close()
+        indexes = await (await database["keys"].list_indexes()).to_list()
+        assert "request_id" not in {index["name"] for index in indexes}
+        schema = await database["meta"].find_one({"_id": "schema"})
+        assert schema is not None
+        assert schema["version"] == SCHEMA_VERSION
+    finally:
+        await client.close()

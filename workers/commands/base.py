@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from vault.urls import redact_url, url_secrets
 from workers.config import Settings
 
 EXIT_OK = 0
@@ -38,6 +39,15 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is less than 1")
     return value
+
+
+def secrets_in(argv: Sequence[str]) -> list[str]:
+    """The arguments that carry a URL password or credential option, as shown redacted.
+
+    A command line is world-readable (``ps``, ``/proc/<pid>/cmdline``) for as long as the
+    process runs; its environment only to the same user and root.
+    """
+    return [redact_url(arg) for arg in argv if "://" in arg and url_secrets(arg)]
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

@@ -1,7 +1,8 @@
 """What the commands that work on the vault directly share (``keys show``, ``audit``, ``vault``).
 
 They run on a host that can open the vault and the KEK ring, as an operator; what they change
-is audited under the principal ``local:<OS user>``.
+is audited under the principal ``local:<OS user>``. Those that hold KEKs or open keys first
+harden their process as the workers do (``workers.hygiene.harden_for_key_material``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from datetime import UTC, datetime
 
 from vault.store import VaultStore, open_store
 from workers.config import Settings
+from workers.logs import escape_controls
 
 
 @asynccontextmanager
@@ -32,9 +34,7 @@ def local_principal() -> str:
 
 def printable(text: str | None) -> str:
     """``text`` safe for a terminal: control characters (from callers' input) escaped."""
-    if text is None:
-        return "-"
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return "-" if text is None else escape_controls(text)
 
 
 def when(moment: datetime | None) -> str:

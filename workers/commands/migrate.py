@@ -11,6 +11,7 @@ from contracts.errors import ConfigurationError, IntegrityError
 from workers.commands.base import EXIT_OK, CommandTree
 from workers.commands.progress import ProgressBar
 from workers.config import Settings
+from workers.hygiene import harden_for_key_material
 
 if TYPE_CHECKING:
     from vault.migrate import MigrationReport
@@ -26,6 +27,7 @@ async def _cmd_vault_migrate(args: argparse.Namespace, settings: Settings) -> in
 
     if args.source == args.target:
         raise ConfigurationError("--from and --to name the same vault")
+    harden_for_key_material(lock_memory=settings.lock_memory)
     ring = KekRing.load(settings.resolved_kek_file)
     bar = ProgressBar(sys.stderr)
     async with AsyncExitStack() as stack:

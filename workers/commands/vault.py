@@ -22,6 +22,7 @@ from workers.commands.base import EXIT_FAILURE, CommandTree
 from workers.commands.local import local_principal, opened_store
 from workers.commands.progress import ProgressBar
 from workers.config import Settings
+from workers.hygiene import harden_for_key_material
 
 if TYPE_CHECKING:
     from workers.keygen.tpm import Tpm
@@ -33,6 +34,7 @@ async def _cmd_vault_init(args: argparse.Namespace, settings: Settings) -> int:
     from vault.kek import KekRing
     from vault.store import open_store
 
+    harden_for_key_material(lock_memory=settings.lock_memory)
     path = settings.resolved_kek_file
     if path.exists():
         print(f"KEK ring {path} exists already; kept as it is")
@@ -56,6 +58,7 @@ async def _cmd_vault_init(args: argparse.Namespace, settings: Settings) -> int:
 async def _cmd_vault_rotate_kek(args: argparse.Namespace, settings: Settings) -> int:
     from vault.kek import KekRing
 
+    harden_for_key_material(lock_memory=settings.lock_memory)
     path = settings.resolved_kek_file
     old = KekRing.load(path)
     ring = old.rotate(path)
@@ -71,6 +74,7 @@ async def _cmd_vault_rewrap(args: argparse.Namespace, settings: Settings) -> int
     from vault.kek import KekRing
     from vault.rewrap import RewrapOutcome, rewrap
 
+    harden_for_key_material(lock_memory=settings.lock_memory)
     ring = KekRing.load(settings.resolved_kek_file)
     outcomes: Counter[RewrapOutcome] = Counter()
     bar = ProgressBar(sys.stderr)
@@ -106,6 +110,7 @@ async def _cmd_vault_rewrap(args: argparse.Namespace, settings: Settings) -> int
 async def _cmd_vault_status(args: argparse.Namespace, settings: Settings) -> int:
     from vault.kek import KekRing
 
+    harden_for_key_material(lock_memory=settings.lock_memory)
     ring = KekRing.load(settings.resolved_kek_file)
     async with opened_store(settings) as store:
         records = await store.list_versions()

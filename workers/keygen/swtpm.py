@@ -7,13 +7,14 @@ directory brings back the same simulated TPM (same seeds, same NV contents).
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,18 @@ from contracts.errors import TpmUnavailable
 _READY_POLL_S = 0.02
 _PORT_PICK_ATTEMPTS = 50
 _PR_SET_PDEATHSIG = 1
+#: All swtpm gets of our environment. An allow-list: the parent's environment holds the
+#: broker and vault URLs with their passwords, which the simulator has no use for.
+SWTPM_ENVIRONMENT = (
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "LD_LIBRARY_PATH",
+)
 
 
 @dataclass
@@ -71,9 +84,10 @@ def start_swtpm(
     With ``port`` None two free consecutive ports are picked; the control port is always
     ``port + 1`` because the tpm2-tss ``swtpm`` TCTI derives it that way. The simulator is
     started already powered on and past ``TPM2_Startup(CLEAR)``, so a fresh state directory
-    is usable at once. Its output goes to ``state_dir/swtpm.log``. On Linux it is also killed
-    when the thread that started it dies (``PR_SET_PDEATHSIG``), so start it from a
-    long-lived thread; otherwise call :meth:`SwtpmProcess.stop`.
+    is usable at once. Its output goes to ``state_dir/swtpm.log``; of this process's
+    environment it sees only :data:`SWTPM_ENVIRONMENT` (no URL, no password). On Linux it is
+    also killed when the thread that started it dies (``PR_SET_PDEATHSIG``), so start it from
+    a long-lived thread; otherwise call :meth:`SwtpmProcess.stop`.
 
     Raises:
         TpmUnavailable: swtpm is missing, a given port is taken, or it did not come up.
@@ -108,6 +122,7 @@ def start_swtpm(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=swtpm_environment(os.environ),
             preexec_fn=_parent_death_hook(),
         )
     swtpm = SwtpmProcess(state_dir, host, port, port + 1, process)
@@ -117,6 +132,11 @@ def start_swtpm(
         swtpm.stop()
         raise
     return swtpm
+
+
+def swtpm_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables of ``environ`` that swtpm may see (:data:`SWTPM_ENVIRONMENT`)."""
+    return {name: environ[name] for name in SWTPM_ENVIRONMENT if name in environ}
 
 
 def _wait_ready(swtpm: SwtpmProcess, ready_timeout_s: float, log_path: Path) -> None:

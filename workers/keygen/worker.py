@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from contracts.crypto import load_public_key, public_key_der, public_key_pem
-from contracts.errors import Forbidden, InvalidRequest
+from contracts.errors import InvalidRequest
 from contracts.models import KeyCreateReply, KeyCreateRequest
 from contracts.operations import Operation
 from vault.kek import KekRing
@@ -71,18 +71,19 @@ class Keygen:
         """Create, export, flush, seal and store a new key; idempotent on the request id.
 
         The caller becomes the key's owner and, unless ``allowed_signers`` says otherwise,
-        its only signer.
+        its only signer. Request ids are the caller's own: another principal's request with
+        the same id is another request, so a guessed id can neither fetch nor block a key.
         """
         owner = self._policy.principal(context)
         self._policy.check_create(owner)
         if context.request_id is None:
             raise InvalidRequest("key.create needs a message_id: it is the idempotency key")
-        existing = await self._store.find_by_request_id(context.request_id)
+        existing = await self._store.find_by_request_id(context.request_id, owner=owner)
         if existing is not None:
             log.info("key.create %s repeated: returning %s", context.request_id, existing.key_id)
-            return _reply(_owned_by(existing, owner))
+            return _reply(existing)
         record = await self._generate(request, owner, context.request_id)
-        stored = _owned_by(await self._store.create_key(record), owner)
+        stored = await self._store.create_key(record)
         if stored.key_id != record.key_id:
             log.info("key.create %s raced a twin: returning %s", context.request_id, stored.key_id)
         else:
@@ -113,13 +114,6 @@ class Keygen:
             created_by=owner,
             request_id=request_id,
         )
-
-
-def _owned_by(record: KeyRecord, owner: str) -> KeyRecord:
-    # A request id is unique across principals: another's id must not reveal their key.
-    if record.owner != owner:
-        raise Forbidden(f"request id {record.request_id} was used by another principal")
-    return record
 
 
 def _reply(record: KeyRecord) -> KeyCreateReply:
