@@ -477,10 +477,16 @@ async def _first_of(*waits: Awaitable[Any]) -> None:
             task.cancel()
 
 
+#: 9999-12-31T23:59:59.999Z: a later deadline is no deadline, and certainly a mistake.
+MAX_DEADLINE_MS = 253_402_300_799_999
+
+
 def _deadline_of(message: Delivery) -> float | None:
     """The request's absolute deadline (Unix seconds) from its header, if it has one."""
     value = message.headers.get(DEADLINE_HEADER) if message.headers else None
     if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= MAX_DEADLINE_MS:
+            raise InvalidRequest(f"{DEADLINE_HEADER} must be Unix milliseconds, 0 to 9999-12-31")
         return value / 1000.0
     return None
 
