@@ -9,10 +9,11 @@ from pydantic import ValidationInfo
 
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 DEFAULT_MAX_BATCH_ITEMS = 1000
-#: Parsing costs up to ~3 ms of event loop per MiB (a batch of large messages, a string of
-#: escapes): 4 MiB keeps the worst request near 15 ms, and still carries one 1 MiB message
-#: (1.4 MB as base64) or 1,000 items of digests (57 kB). Larger batches send digests.
-DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+#: Parsing costs up to ~8 ms of event loop per MiB (integers of 4,300 digits, the most the
+#: parser reads; a string of escapes ~3 ms): 2 MiB keeps the worst body near 16 ms on an idle
+#: core, and still carries one 1 MiB message (1.4 MB as base64) or 1,000 digests (57 kB).
+#: Batches of larger messages send digests.
+DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
 #: JSON structure a request may carry on top of two per batch item (an item's ``{`` and the
 #: ``,`` before it): a ``key.create``'s 256 allowed signers, commas inside labels and names.
 STRUCTURE_SLACK = 1024
