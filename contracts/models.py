@@ -76,7 +76,10 @@ Base64Bytes = Annotated[
 KeyId = Annotated[
     str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"), Field(strict=True)
 ]
-Version = Annotated[int, Field(ge=1, strict=True)]
+#: Versions count from 1; the upper bound keeps every integer storable (SQLite's INTEGER is 64
+#: bits, BSON's int32/int64) and printable, whatever a caller sends.
+MAX_VERSION = 2**31 - 1
+Version = Annotated[int, Field(ge=1, le=MAX_VERSION, strict=True)]
 Principal = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{1,128}$")]
 Encoding = Literal["der", "raw"]
 Algorithm = Literal["ecdsa-p256-sha256"]
@@ -309,19 +312,32 @@ def _describe(error: Any) -> str:
 
 
 def describe_errors(exc: ValidationError, limit: int = 5) -> str:
-    """Pydantic's errors as ``field: problem; …``, never quoting the input."""
-    return "; ".join(_describe(error) for error in exc.errors(include_input=False)[:limit])
+    """Pydantic's errors as ``field: problem; …`` (the first ``limit``), never quoting the input."""
+    described = "; ".join(_describe(error) for error in exc.errors(include_input=False)[:limit])
+    more = exc.error_count() - limit
+    return f"{described}; and {more} more" if more > 0 else described
+
+
+def _structure_count(body: bytes) -> int:
+    return body.count(b",") + body.count(b"{") + body.count(b"[")
 
 
 def parse_request(operation: Operation, body: bytes, limits: Limits = DEFAULT_LIMITS) -> BaseModel:
     """Validate an AMQP body as ``operation``'s request, or raise ``InvalidRequest``.
 
-    The body's size is checked before any JSON is parsed. The error text names every problem
-    (up to five) by field, and never quotes the input.
+    The body's size and the number of JSON values it can hold (``Limits.max_structure``)
+    are checked before any JSON is parsed, so no request costs more than a valid one of the
+    same size. The error text names the first five problems by field, and never quotes the
+    input.
     """
     if len(body) > limits.max_body_bytes:
         raise InvalidRequest(
             f"request body is larger than the limit of {limits.max_body_bytes} bytes"
+        )
+    if _structure_count(body) > limits.max_structure:
+        raise InvalidRequest(
+            f"request body holds more than {limits.max_structure} JSON values "
+            "(',', '{' and '[' counted)"
         )
     model = SPECS[operation].request
     try:

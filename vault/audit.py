@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from contracts.errors import IntegrityError, VaultUnavailable, ZanddError
+from contracts.errors import IntegrityError, InternalError, VaultUnavailable, ZanddError
 
 AUDIT_FORMAT = "zandd-audit/1"
 GENESIS_HASH = "0" * 64
 OUTCOME_OK = "ok"
 READ_PAGE_ENTRIES = 1000
+#: The largest number every backend stores as an integer (SQLite INTEGER, BSON int64).
+MAX_STORED_INT = 2**63 - 1
 
 
 def _audit_time(moment: datetime) -> datetime:
@@ -55,6 +57,9 @@ class AuditEvent:
     data_sha256: str | None = None
 
     def __post_init__(self) -> None:
+        # Refused here, not by the store inside a group commit it would fail as a whole.
+        if self.version is not None and not 0 <= self.version <= MAX_STORED_INT:
+            raise ValueError("an audit version must fit a signed 64-bit integer")
         object.__setattr__(self, "at", _audit_time(self.at))
 
 
@@ -209,6 +214,11 @@ class AuditLog:
     ``record`` returns only once its entry is committed. While one batch is being written,
     newly recorded events wait and go together in the next (group commit), so a busy worker
     pays one durable write per batch, not per request.
+
+    A batch the store refuses for what is in it (not because it is unavailable) is written
+    again one entry at a time, so one entry the store cannot hold never costs the others
+    theirs; that entry's ``record`` raises ``InternalError``, not ``VaultUnavailable``:
+    waiting for the vault would not help it.
     """
 
     def __init__(self, store: AuditAppender) -> None:
@@ -237,15 +247,31 @@ class AuditLog:
                 entries = await self._store.append_audit([p.event for p in batch])
                 written = list(zip(batch, entries, strict=True))
             except Exception as exc:  # every waiter learns; the writer itself goes on
-                for pending in batch:
-                    pending.done.set_exception(_not_written(exc))
+                if len(batch) == 1 or isinstance(exc, VaultUnavailable):
+                    for pending in batch:
+                        pending.done.set_exception(_not_written(exc))
+                else:
+                    for pending in batch:
+                        await self._write_alone(pending)
                 continue
             for pending, entry in written:
                 pending.done.set_result(entry)
 
+    async def _write_alone(self, pending: _Pending) -> None:
+        try:
+            (entry,) = await self._store.append_audit([pending.event])
+        except Exception as exc:  # handed to its waiter
+            pending.done.set_exception(_not_written(exc))
+        else:
+            pending.done.set_result(entry)
 
-def _not_written(cause: Exception) -> VaultUnavailable:
+
+def _not_written(cause: Exception) -> ZanddError:
     reason = cause.message if isinstance(cause, ZanddError) else type(cause).__name__
-    error = VaultUnavailable(f"the audit entry could not be written: {reason}")
+    error: ZanddError
+    if isinstance(cause, VaultUnavailable):
+        error = VaultUnavailable(f"the audit entry could not be written: {reason}")
+    else:
+        error = InternalError(f"the audit entry could not be stored: {reason}")
     error.__cause__ = cause
     return error

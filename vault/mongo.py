@@ -93,6 +93,13 @@ _KEY_INDEXES: Final = (
         name="owner_request_id",
         partialFilterExpression={"request_id": {"$type": "string"}},
     ),
+    # Partial: only the versions waiting for destruction, which every lifecycle request asks
+    # for (list_due). Created on open, so existing databases gain it without a migration.
+    IndexModel(
+        [("destroy_after", ASCENDING)],
+        name="pending_destruction",
+        partialFilterExpression={"state": KeyState.PENDING_DESTRUCTION.value},
+    ),
 )
 # One audit document holds one appended batch, ``_id`` its first sequence number and ``last``
 # its last: the unique _id is what makes two appenders that read the same head collide
@@ -209,6 +216,16 @@ class MongoStore:
             query["key_id"] = key_id
         if state is not None:
             query["state"] = state.value
+        with self._translated():
+            documents = await self._keys.find(query, _NO_ID, sort=_BY_KEY_VERSION).to_list()
+        return [_to_record(document) for document in documents]
+
+    async def list_due(self, now: datetime) -> list[KeyRecord]:
+        """Versions pending destruction due at ``now`` (index pending_destruction)."""
+        query = {
+            "state": KeyState.PENDING_DESTRUCTION.value,
+            "destroy_after": {"$lte": _timestamp(now)},
+        }
         with self._translated():
             documents = await self._keys.find(query, _NO_ID, sort=_BY_KEY_VERSION).to_list()
         return [_to_record(document) for document in documents]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Protocol
 
 from contracts.errors import ConfigurationError
@@ -50,6 +51,14 @@ class VaultStore(Protocol):
         """Every version of one key (or of all keys), optionally only those in ``state``.
 
         Ordered by key id, then version. An unknown ``key_id`` gives an empty list.
+        """
+        ...
+
+    async def list_due(self, now: datetime) -> list[KeyRecord]:
+        """The versions pending destruction whose ``destroy_after`` is at or before ``now``.
+
+        Ordered by key id, then version. Every lifecycle request asks, so backends index it:
+        the answer costs what is due, not what is pending.
         """
         ...
 

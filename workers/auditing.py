@@ -12,14 +12,17 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel
 
-from contracts.errors import ZanddError
+from contracts.errors import VaultUnavailable, ZanddError
 from contracts.models import SignBatchRequest, SignRequest
 from contracts.wire import Delivery
-from vault.audit import OUTCOME_OK, AuditEvent, AuditLog
+from vault.audit import MAX_STORED_INT, OUTCOME_OK, AuditEvent, AuditLog
 
 Clock = Callable[[], datetime]
 #: Names and ids that callers choose are kept to this length in the log.
 MAX_RECORDED_CHARS = 128
+#: Principals are kept whole: an AMQP ``user_id`` is a short string of at most 255 bytes, and
+#: two names sharing a prefix must stay two principals in the audit.
+MAX_RECORDED_PRINCIPAL_CHARS = 255
 
 
 def utc_now() -> datetime:
@@ -43,12 +46,18 @@ def data_digest(request: BaseModel | None) -> str | None:
     return None
 
 
-def _text(value: object) -> str | None:
-    return value[:MAX_RECORDED_CHARS] if isinstance(value, str) else None
+def _text(value: object, limit: int = MAX_RECORDED_CHARS) -> str | None:
+    if not isinstance(value, str):
+        return None
+    # Lone surrogates cannot be encoded, hashed or stored: escape them, whatever sent them.
+    return value[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _number(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    # Out of range is recorded as absent: the entry must always be storable.
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_STORED_INT:
+        return value
+    return None
 
 
 def audit_event(
@@ -57,13 +66,17 @@ def audit_event(
     result: BaseModel | ZanddError,
     at: datetime,
 ) -> AuditEvent:
-    """The audit event of one request: who, what, which key version, how it ended."""
+    """The audit event of one request: who, what, which key version, how it ended.
+
+    Every field is bounded here (texts cut and escaped, numbers range-checked), so the event
+    is storable whatever the request carried.
+    """
     # The reply names the version actually used; the request only what was asked for.
     key_id = getattr(result, "key_id", None) or getattr(request, "key_id", None)
     version = getattr(result, "version", None) or getattr(request, "version", None)
     return AuditEvent(
         at=at,
-        principal=_text(message.user_id),
+        principal=_text(message.user_id, MAX_RECORDED_PRINCIPAL_CHARS),
         operation=_text(message.type or message.routing_key) or "",
         outcome=result.code.value if isinstance(result, ZanddError) else OUTCOME_OK,
         key_id=_text(key_id),
@@ -86,4 +99,24 @@ class RequestAuditor:
         request: BaseModel | None,
         result: BaseModel | ZanddError,
     ) -> None:
-        await self._log.record(audit_event(message, request, result, self._clock()))
+        event = audit_event(message, request, result, self._clock())
+        try:
+            await self._log.record(event)
+        except VaultUnavailable:
+            raise  # the runtime waits for the vault and audits again
+        except ZanddError:
+            # The store refused this entry itself: record what it cannot refuse instead (who,
+            # what, how it ended), so the request still has its entry.
+            await self._log.record(_minimal(event))
+
+
+def _minimal(event: AuditEvent) -> AuditEvent:
+    def ascii_text(value: str | None) -> str | None:
+        return None if value is None else value.encode("ascii", "backslashreplace").decode()
+
+    return AuditEvent(
+        at=event.at,
+        principal=ascii_text(event.principal),
+        operation=ascii_text(event.operation) or "",
+        outcome=event.outcome,
+    )

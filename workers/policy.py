@@ -19,6 +19,9 @@ from workers.runtime import RequestContext
 ANYONE = "*"
 #: The principal of a request without ``user_id`` when anonymous requests are allowed.
 ANONYMOUS_PRINCIPAL = "anonymous"
+#: As long as a name in ``allowed_signers`` may be (contracts.models.Principal), and as much
+#: of a name as the audit log keeps: a longer one could not be told apart from its prefix.
+MAX_PRINCIPAL_CHARS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +42,22 @@ class AccessPolicy:
         )
 
     def principal(self, context: RequestContext) -> str:
-        """Who is asking; ``Forbidden`` for a request without ``user_id`` (unless allowed)."""
+        """Who is asking; ``Forbidden`` for a request without ``user_id`` (unless allowed).
+
+        A broker user named ``*`` would own keys that anyone may use (``*`` means "any
+        principal" in ``allowed_signers``), and one longer than 128 characters could not be
+        named in ``allowed_signers`` nor told apart in the audit: both are refused.
+        """
+        if context.principal == ANYONE:
+            raise Forbidden(
+                f"{context.operation.value} refused: the user name '*' is reserved "
+                "(it means any principal)"
+            )
+        if context.principal and len(context.principal) > MAX_PRINCIPAL_CHARS:
+            raise Forbidden(
+                f"{context.operation.value} refused: user names longer than "
+                f"{MAX_PRINCIPAL_CHARS} characters are not principals"
+            )
         if context.principal:
             return context.principal
         if self.allow_anonymous:

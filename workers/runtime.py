@@ -86,7 +86,8 @@ class RequestContext:
 Handler = Callable[[Any, RequestContext], Awaitable[BaseModel]]
 #: Awaited with (delivery, parsed request or None, reply or error) before any reply is sent.
 #: A successful request whose audit fails is not answered with its result: a dependency error
-#: (vault down) waits like the handler's own would, and the request is served again.
+#: (vault down) waits like the handler's own would, and the request is served again. A refusal
+#: waits for the vault too; one whose entry cannot be written at all is dead-lettered unanswered.
 AuditHook = Callable[[Delivery, BaseModel | None, BaseModel | ZanddError], Awaitable[None]]
 #: Raises a ``ZanddError`` while a dependency is down; returns when it answers again.
 Probe = Callable[[], Awaitable[None]]
@@ -99,6 +100,8 @@ class _Outcome:
     error: ZanddError | None = None
     #: Nobody can be told about this failure (no ``reply_to``): dead-letter it, don't drop it.
     dead_letter_if_unanswered: bool = False
+    #: Its audit entry could not be written: it is dead-lettered, never answered unaudited.
+    unaudited: bool = False
 
     @property
     def label(self) -> str:
@@ -307,9 +310,9 @@ class ConsumerRuntime:
         """Reply, then ack — or dead-letter what nobody can be told about."""
         if session.lost.is_set():
             raise WireClosed("the connection that delivered this request is gone")
-        if message.reply_to:
+        if message.reply_to and not outcome.unaudited:
             self._reply(session, message.reply_to, message, outcome)
-        if outcome.dead_letter_if_unanswered and not message.reply_to:
+        if outcome.unaudited or (outcome.dead_letter_if_unanswered and not message.reply_to):
             session.wire.reject(message.delivery_tag, requeue=False)
             session.acks.rejected(message.delivery_tag)
             self._metrics.dead_lettered(self._queue, "rejected")
@@ -328,21 +331,19 @@ class ConsumerRuntime:
             log.warning(
                 "request %s refused: %s %s", message.message_id, exc.code.value, exc.message
             )
-            await self._audit_refusal(message, request, exc)
-            return _error_outcome(exc, dead_letter_if_unanswered=True)
+            audited = await self._audit_refusal(message, request, exc)
+            return _error_outcome(exc, dead_letter_if_unanswered=True, audited=audited)
         except ZanddError as exc:
             log.warning(
                 "request %s refused: %s %s", message.message_id, exc.code.value, exc.message
             )
-            await self._audit_refusal(message, request, exc)
-            return _error_outcome(exc)
+            return _error_outcome(exc, audited=await self._audit_refusal(message, request, exc))
         except _Abandoned:
             raise
         except Exception:
             log.exception("request %s failed inside the worker", message.message_id)
             error = InternalError("internal error; the worker log has the details")
-            await self._audit_refusal(message, request, error)
-            return _error_outcome(error)
+            return _error_outcome(error, audited=await self._audit_refusal(message, request, error))
         return _Outcome(reply.model_dump_json().encode(), operation.reply_type)
 
     def _audited(self, handler: Handler, message: Delivery) -> Handler:
@@ -360,15 +361,31 @@ class ConsumerRuntime:
 
     async def _audit_refusal(
         self, message: Delivery, request: BaseModel | None, error: ZanddError
-    ) -> None:
-        # A refusal goes out even when it could not be audited: nothing was done for it.
+    ) -> bool:
+        """Audit a refusal; False if it cannot be, and then it must not be answered.
+
+        No request is answered without its entry: while the vault is down the refusal waits
+        for it like any request (stopping meanwhile leaves it to another worker).
+        """
         if self._audit is None:
-            return
-        try:
-            await self._audit(message, request, error)
-        except Exception:
-            self._metrics.audit_write_failed()
-            log.exception("request %s: its refusal could not be audited", message.message_id)
+            return True
+        while True:
+            try:
+                await self._audit(message, request, error)
+                return True
+            except DEPENDENCY_ERRORS as exc:
+                if self._probe is None:
+                    return self._unaudited(message)
+                await self._wait_for_dependency(exc, None, f"request {message.message_id}")
+                if self._stop.is_set():
+                    raise _Abandoned from exc
+            except Exception:
+                return self._unaudited(message)
+
+    def _unaudited(self, message: Delivery) -> bool:
+        self._metrics.audit_write_failed()
+        log.exception("request %s: its refusal could not be audited", message.message_id)
+        return False
 
     def _route(self, message: Delivery) -> tuple[Operation, Handler]:
         name = message.type or message.routing_key or ""
@@ -395,13 +412,15 @@ class ConsumerRuntime:
             except DEPENDENCY_ERRORS as exc:
                 if self._probe is None:
                     raise
-                await self._wait_for_dependency(exc, deadline, context)
+                await self._wait_for_dependency(
+                    exc, deadline, f"{context.operation.value} {context.request_id}"
+                )
                 if self._stop.is_set():
                     # Shutting down mid-outage: leave the request to a worker that can serve it.
                     raise _Abandoned from exc
 
     async def _wait_for_dependency(
-        self, error: ZanddError, deadline: float | None, context: RequestContext
+        self, error: ZanddError, deadline: float | None, what: str
     ) -> None:
         self._healthy.clear()
         if self._recovery is None or self._recovery.done():
@@ -411,7 +430,7 @@ class ConsumerRuntime:
             await asyncio.wait_for(self._healthy.wait(), timeout=remaining_s)
         except TimeoutError:
             raise DeadlineExceeded(
-                f"{context.operation.value} {context.request_id}: deadline passed while "
+                f"{what}: deadline passed while "
                 f"waiting for the {error.code.value.removesuffix('_unavailable')}"
             ) from None
 
@@ -477,10 +496,16 @@ async def _first_of(*waits: Awaitable[Any]) -> None:
             task.cancel()
 
 
+#: 9999-12-31T23:59:59.999Z: a later deadline is no deadline, and certainly a mistake.
+MAX_DEADLINE_MS = 253_402_300_799_999
+
+
 def _deadline_of(message: Delivery) -> float | None:
     """The request's absolute deadline (Unix seconds) from its header, if it has one."""
     value = message.headers.get(DEADLINE_HEADER) if message.headers else None
     if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= MAX_DEADLINE_MS:
+            raise InvalidRequest(f"{DEADLINE_HEADER} must be Unix milliseconds, 0 to 9999-12-31")
         return value / 1000.0
     return None
 
@@ -501,9 +526,15 @@ _PUBLIC_MESSAGES = {
 }
 
 
-def _error_outcome(error: ZanddError, *, dead_letter_if_unanswered: bool = False) -> _Outcome:
+def _error_outcome(
+    error: ZanddError, *, dead_letter_if_unanswered: bool = False, audited: bool = True
+) -> _Outcome:
     message = _PUBLIC_MESSAGES.get(error.code, error.message)
     reply = ErrorReply(code=ErrorCode(error.code), message=message, retryable=error.retryable)
     return _Outcome(
-        reply.model_dump_json().encode(), ERROR_REPLY_TYPE, error, dead_letter_if_unanswered
+        reply.model_dump_json().encode(),
+        ERROR_REPLY_TYPE,
+        error,
+        dead_letter_if_unanswered,
+        unaudited=not audited,
     )

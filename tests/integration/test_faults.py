@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -30,6 +33,7 @@ from contracts.crypto import load_public_key, verify_signature
 from contracts.errors import ZanddError
 from contracts.models import SignReply
 from contracts.topology import DEAD_LETTER_QUEUE, EXCHANGE, KEYGEN_QUEUE, SIGN_QUEUE
+from tests.conftest import RunningFleet
 from vault.kek import KekRing
 from vault.store import open_store
 from workers.fleet import consumer_counts
@@ -543,3 +547,134 @@ async def after_barrage_valid_requests_succeed(
     totals["restarts"] = sum(now[name] != pid for name, pid in pids.items())
     assert now == pids
     assert fleet.alive() == sorted(pids)
+
+
+# --- parse bombs: the fleet fixture runs the workers in this process, so its RSS is theirs ---
+
+
+def _status_kib(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field_name}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"/proc/self/status has no {field_name}")
+
+
+class LoopWatch:
+    """Ticks every millisecond and keeps the longest stretch the event loop was held."""
+
+    def __init__(self) -> None:
+        self.longest_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(0.001)
+            self.longest_s = max(self.longest_s, time.perf_counter() - before - 0.001)
+
+    async def __aenter__(self) -> LoopWatch:
+        self._task = asyncio.create_task(self._tick())
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+async def _raw_request(amqp_url: str, operation: str, body: bytes) -> tuple[str, float]:
+    """Publish one hand-made request; its reply type and the seconds until it came."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        replies = await channel.declare_queue(
+            f"zandd.reply.bomb-{uuid.uuid4().hex}", exclusive=True, auto_delete=True
+        )
+        exchange = await channel.get_exchange(EXCHANGE, ensure=False)
+        started_s = time.perf_counter()
+        await exchange.publish(
+            aio_pika.Message(
+                body,
+                content_type="application/json",
+                type=operation,
+                message_id=f"bomb-{uuid.uuid4().hex}",
+                reply_to=replies.name,
+                user_id="guest",
+            ),
+            routing_key=operation,
+        )
+        async with replies.iterator() as incoming, asyncio.timeout(60):
+            async for message in incoming:
+                await message.ack()
+                elapsed_s = time.perf_counter() - started_s
+                code = json.loads(message.body).get("code", "ok")
+                return str(code), elapsed_s
+    raise AssertionError("no reply")
+
+
+@pytest.mark.signers(1)
+@pytest.mark.parametrize("items", [300_000, 400_000], ids=["0.9MB", "1.2MB"])
+async def test_a_parse_bomb_is_refused_at_once_and_the_signer_serves_on(
+    fleet: RunningFleet, items: int, report: Callable[[str], None]
+) -> None:
+    # On 8fa3105, 300,000 empty items held a signer's loop 7 s and grew it by 836 MB; 1.2 MB
+    # held it past the heartbeat, so the bomb was redelivered forever (issue 12, finding 2).
+    bomb = b'{"key_id":"zk-any","items":[' + b",".join([b"{}"] * items) + b"]}"
+    async with await fleet.client() as client:
+        key = await client.create_key()
+        await client.sign(key.key_id, b"warm up")
+        await asyncio.to_thread(Path("/proc/self/clear_refs").write_text, "5")  # VmHWM := VmRSS
+        baseline_kib = _status_kib("VmRSS")
+        async with LoopWatch() as watch:
+            (code, answered_s), innocent = await asyncio.gather(
+                _raw_request(fleet.amqp_url, "sign.batch", bomb),
+                client.sign(key.key_id, b"innocent"),
+            )
+        growth_mib = (_status_kib("VmHWM") - baseline_kib) / 1024
+        assert await client.verify(key.key_id, innocent.signature, message=b"innocent")
+    body_mib = len(bomb) / 2**20
+    report(
+        f"faults: parse-bomb body_mb={len(bomb) / 1e6:.1f} items={items} code={code} "
+        f"answered_ms={answered_s * 1000:.0f} loop_hold_ms={watch.longest_s * 1000:.0f} "
+        f"rss_growth_mb={growth_mib:.1f} innocent_served={innocent.key_id == key.key_id}"
+    )
+    assert code == "invalid_request"
+    assert answered_s < 1.0  # the issue's bound; a generous one (the refusal takes ~2 ms)
+    assert growth_mib < 4 * body_mib + 8  # the body is held a few times, never per item
+
+
+_SLOW_CALLBACK = re.compile(r"took (\d+\.\d+) seconds")
+
+
+@pytest.mark.signers(1)
+async def test_a_full_batch_yields_the_loop_while_it_signs(
+    fleet: RunningFleet, caplog: pytest.LogCaptureFixture, report: Callable[[str], None]
+) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def steps_s(count: int) -> list[float]:
+        """How long each step of the event loop took (asyncio's debug mode times each)."""
+        digests = [bytes([n % 256]) * 32 for n in range(count)]
+        caplog.clear()
+        await client.sign_batch(key.key_id, digests=digests)
+        steps = [_SLOW_CALLBACK.search(record.getMessage()) for record in caplog.records]
+        return [float(step.group(1)) for step in steps if step is not None]
+
+    async with await fleet.client() as client:
+        key = await client.create_key()
+        await client.sign_batch(key.key_id, digests=[b"w" * 32] * 10)
+        caplog.set_level(logging.WARNING, logger="asyncio")
+        loop.slow_callback_duration = 0.001
+        loop.set_debug(True)
+        try:
+            runs = [await steps_s(1000) for _ in range(3)]
+        finally:
+            loop.set_debug(False)
+    share, steps = min((max(run) / sum(run), run) for run in runs)
+    report(
+        f"faults: batch-loop-hold items=1000 longest_step_ms={max(steps) * 1000:.0f} "
+        f"steps_over_1ms={len(steps)} all_steps_ms={sum(steps) * 1000:.0f}"
+    )
+    # Signing 1,000 in one step was ~90% of the batch's event loop time; in chunks of 64 no
+    # step is more than a small share of it (a ratio within one run, not a time).
+    assert share < 0.5

@@ -45,7 +45,7 @@ from contracts.operations import Operation
 from contracts.topology import EXCHANGE
 from tests.conftest import RunningFleet
 from tests.integration.test_cli import environment, zandd
-from vault.audit import AuditQuery
+from vault.audit import AuditQuery, verify_log
 from vault.rewrap import RewrapOutcome, rewrap
 from vault.sealing import open_into
 from workers.events import EventSubscriber
@@ -292,6 +292,38 @@ async def test_another_principal_cannot_squat_a_request_id(
     signed = await clients[ALICE].sign(alices.key_id, b"mine")
     assert await clients[ALICE].verify(alices.key_id, signed.signature, message=b"mine")
     assert (await audit_outcomes(fleet))[request_id] == ["ok"] * 4
+
+
+async def test_huge_integers_are_refused_and_every_refusal_beside_them_is_audited(
+    fleet: RunningFleet, clients: dict[str, SigningClient]
+) -> None:
+    # version=2**63 overflowed SQLite untranslated: answered `internal` unaudited, and its
+    # group-commit batch took 28 innocent refusals' entries with it (issue 12, finding 3).
+    key = await clients[ALICE].create_key()
+    item = {"message": b64(b"x")}
+    huge = {
+        "sign": {"key_id": key.key_id, "version": 2**63, **item},
+        "sign.batch": {"key_id": key.key_id, "version": 2**64, "items": [item]},
+        "key.public": {"key_id": key.key_id, "version": 2**63},
+        "key.disable": {"key_id": key.key_id, "version": 2**63},
+    }
+    async with RawProducer(fleet.amqp_url) as producer:
+        ids = {operation: f"huge-{uuid.uuid4().hex}" for operation in huge}
+        innocent = [f"innocent-{uuid.uuid4().hex}" for _ in range(28)]
+        for operation, body in huge.items():
+            await producer.send(operation, body, user_id="guest", request_id=ids[operation])
+        for n, request_id in enumerate(innocent):
+            missing = {"key_id": f"zk-missing-{n}", **item}
+            await producer.send("sign", missing, user_id="guest", request_id=request_id)
+        codes = {operation: await producer.error_code(ids[operation]) for operation in huge}
+        innocent_codes = {await producer.error_code(request_id) for request_id in innocent}
+    assert codes == dict.fromkeys(huge, "invalid_request")
+    assert innocent_codes == {"key_not_found"}
+    outcomes = await audit_outcomes(fleet)
+    assert all(outcomes[request_id] == ["invalid_request"] for request_id in ids.values())
+    assert all(outcomes[request_id] == ["key_not_found"] for request_id in innocent)
+    await verify_log(fleet.store)
+    assert (await fleet.store.get_key(key.key_id)).state == KeyState.ENABLED
 
 
 # --- key states ---------------------------------------------------------------------------------

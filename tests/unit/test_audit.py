@@ -9,10 +9,11 @@ import itertools
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
-from contracts.errors import VaultUnavailable
+from contracts.errors import InternalError, VaultUnavailable
 from vault.audit import (
     GENESIS,
     GENESIS_HASH,
@@ -28,6 +29,7 @@ from vault.audit import (
     link,
     verify_log,
 )
+from vault.sqlite import SqliteStore
 
 T0 = datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=UTC)
 
@@ -220,3 +222,72 @@ async def test_a_caller_that_gives_up_does_not_cancel_the_batch() -> None:
     assert (await patient).seq == 2
     assert [e.event.request_id for e in store.entries] == ["req-1", "req-2"]
     await log.close()
+
+
+class _PickyStore(_ListStore):
+    """Refuses, for what is in it, any batch holding the request id ``req-bad``."""
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
+        if any(e.request_id == "req-bad" for e in events):
+            raise OverflowError("Python int too large to convert to SQLite INTEGER")
+        return await super().append_audit(events)
+
+
+async def test_one_unstorable_entry_never_costs_the_others_theirs() -> None:
+    store = _PickyStore()
+    log = AuditLog(store)
+    store.gate.clear()
+    first = asyncio.create_task(log.record(event(0)))
+    await asyncio.sleep(0)
+    innocent = [asyncio.create_task(log.record(event(n))) for n in range(1, 29)]
+    bad = asyncio.create_task(log.record(dataclasses.replace(event(99), request_id="req-bad")))
+    await asyncio.sleep(0)
+    store.gate.set()
+    entries = await asyncio.gather(first, *innocent)
+    assert [e.event.request_id for e in entries] == [f"req-{n}" for n in range(29)]
+    with pytest.raises(InternalError, match="could not be stored: OverflowError") as info:
+        await bad
+    assert not isinstance(info.value, VaultUnavailable), "waiting for the vault cannot help it"
+    assert (await verify_log(store)).seq == 29
+    await log.close()
+
+
+async def test_an_unavailable_store_fails_the_batch_without_retrying_each_entry() -> None:
+    store = _ListStore()
+    log = AuditLog(store)
+    store.fail_with = VaultUnavailable("down")
+    results = await asyncio.gather(
+        *(log.record(event(n)) for n in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(result, VaultUnavailable) for result in results)
+    await log.close()
+
+
+def test_an_audit_version_must_fit_every_store() -> None:
+    assert AuditEvent(at=T0, principal=None, operation="sign", outcome="ok", version=2**63 - 1)
+    for bad in (2**63, -1):
+        with pytest.raises(ValueError, match="signed 64-bit"):
+            AuditEvent(at=T0, principal=None, operation="sign", outcome="ok", version=bad)
+
+
+async def test_on_real_sqlite_a_group_commit_keeps_every_innocent_entry(tmp_path: Path) -> None:
+    # A lone surrogate cannot be encoded, so its batch fails inside the store's transaction.
+    store = await SqliteStore.open(str(tmp_path / "vault.db"))
+    try:
+        log = AuditLog(store)
+        unstorable = dataclasses.replace(event(99), principal="\udc80")
+        results = await asyncio.gather(
+            *(log.record(event(n)) for n in range(1, 29)),
+            log.record(unstorable),
+            *(log.record(event(n)) for n in range(29, 40)),
+            return_exceptions=True,
+        )
+        assert isinstance(results[28], InternalError)
+        stored = [r for r in results if isinstance(r, AuditEntry)]
+        assert len(stored) == 39
+        assert (await verify_log(store)).seq == 39
+        recorded = {e.event.request_id for e in await store.read_audit(AuditQuery())}
+        assert recorded == {f"req-{n}" for n in range(1, 40)}
+        await log.close()
+    finally:
+        await store.close()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
-from contracts.errors import Forbidden, InvalidRequest
+from contracts.errors import Forbidden, InternalError, InvalidRequest
 from contracts.models import (
     KeyCreateReply,
     KeyPublicRequest,
@@ -16,7 +16,8 @@ from contracts.models import (
     SignReply,
     SignRequest,
 )
-from workers.auditing import MAX_RECORDED_CHARS, audit_event, data_digest
+from vault.audit import AuditEvent, AuditLog, canonical_bytes
+from workers.auditing import MAX_RECORDED_CHARS, RequestAuditor, audit_event, data_digest
 
 AT = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
 
@@ -88,3 +89,48 @@ def test_what_a_caller_chose_is_kept_short_and_may_be_missing() -> None:
     assert event.operation == "x" * MAX_RECORDED_CHARS
     assert event.request_id == "x" * MAX_RECORDED_CHARS
     assert (event.principal, event.key_id, event.outcome) == (None, None, "invalid_request")
+
+
+def test_every_recorded_value_is_storable_whatever_the_request_carried() -> None:
+    # A request built in Python skips the wire's bounds; the entry must still be storable.
+    request = SimpleNamespace(key_id="zk-\udc80", version=2**63)
+    event = audit_event(delivery(message_id="id-\ud800"), request, Forbidden("no"), AT)
+    assert event.version is None
+    assert (event.key_id, event.request_id) == ("zk-\\udc80", "id-\\ud800")
+    canonical_bytes(1, event, "0" * 64)  # encodes: the chain can hash it
+
+
+def test_principals_are_recorded_whole() -> None:
+    # Two names sharing 128 characters must stay two principals in the audit.
+    first, second = "p" * 128 + "-a", "p" * 128 + "-b"
+    recorded = {
+        audit_event(delivery(user_id=name), None, Forbidden("no"), AT).principal
+        for name in (first, second)
+    }
+    assert recorded == {first, second}
+
+
+class _RefusingLog:
+    """An audit log whose store refuses any entry naming a key, as a store might refuse data."""
+
+    def __init__(self) -> None:
+        self.recorded: list[AuditEvent] = []
+
+    async def record(self, event: AuditEvent) -> None:
+        if event.key_id is not None:
+            raise InternalError("the audit entry could not be stored: OverflowError")
+        self.recorded.append(event)
+
+
+async def test_an_entry_the_store_refuses_is_recorded_in_its_minimal_form() -> None:
+    log = _RefusingLog()
+    auditor = RequestAuditor(cast(AuditLog, log), clock=lambda: AT)
+    request = SignRequest(key_id="zk-1", message=b"m")
+    await auditor(
+        delivery(user_id="svc-\u00e9"),
+        request,
+        Forbidden("no"),
+    )
+    (event,) = log.recorded
+    assert (event.principal, event.operation, event.outcome) == ("svc-\\xe9", "sign", "forbidden")
+    assert (event.key_id, event.version, event.request_id) == (None, None, None)

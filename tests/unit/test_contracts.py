@@ -142,6 +142,88 @@ def test_default_batch_limit_is_1000_items() -> None:
         parse_request(Operation.SIGN_BATCH, body(key_id="k", items=items * 1001))
 
 
+@pytest.mark.parametrize(
+    "operation",
+    [
+        Operation.SIGN,
+        Operation.SIGN_BATCH,
+        Operation.KEY_PUBLIC,
+        Operation.KEY_DISABLE,
+        Operation.KEY_ENABLE,
+        Operation.KEY_DESTROY,
+        Operation.KEY_CANCEL_DESTROY,
+    ],
+)
+def test_versions_are_bounded_so_every_store_can_hold_them(operation: Operation) -> None:
+    # 2**63 raised OverflowError in SQLite, past the audit log (issue 12, finding 3).
+    fields: dict[str, Any] = {"key_id": "k"}
+    if operation is Operation.SIGN:
+        fields["digest"] = b64(DIGEST)
+    if operation is Operation.SIGN_BATCH:
+        fields["items"] = [{"digest": b64(DIGEST)}]
+    assert parse_request(operation, body(**fields, version=2**31 - 1))
+    for huge in (2**31, 2**63, 2**64 + 1):
+        with pytest.raises(InvalidRequest, match="version: Input should be less than"):
+            parse_request(operation, body(**fields, version=huge))
+
+
+def _values(count: int, value: bytes = b"{}") -> bytes:
+    return b",".join([value] * count)
+
+
+PARSE_BOMBS = {
+    # Each was validated value by value, and each refusal built, before any limit applied.
+    "300,000 empty items": (
+        Operation.SIGN_BATCH,
+        b'{"key_id":"k","items":[' + _values(300_000) + b"]}",
+    ),
+    "400,000 allowed signers": (
+        Operation.KEY_CREATE,
+        b'{"allowed_signers":[' + _values(400_000, b'"a"') + b"]}",
+    ),
+    "100,000 unknown keys": (
+        Operation.SIGN,
+        b'{"key_id":"k",' + b",".join(b'"k%d":1' % i for i in range(100_000)) + b"}",
+    ),
+    "100,000 duplicated keys": (Operation.SIGN, b"{" + _values(100_000, b'"key_id":"k"') + b"}"),
+}
+
+
+@pytest.mark.parametrize("bomb", PARSE_BOMBS)
+def test_parse_bombs_are_refused_before_any_value_is_validated(bomb: str) -> None:
+    operation, raw = PARSE_BOMBS[bomb]
+    assert len(raw) < 2 * 1024 * 1024, "within the body limit: the count is what refuses it"
+    with pytest.raises(InvalidRequest, match="holds more than 3024 JSON values"):
+        parse_request(operation, raw)
+
+
+def test_the_largest_valid_batch_fits_the_structure_bound() -> None:
+    # Every field set, commas inside nothing: 1,000 items is what the default limits allow.
+    items = [{"digest": b64(DIGEST)}] * 1000
+    raw = body(key_id="k", version=1, encoding="raw", items=items)
+    assert parse_request(Operation.SIGN_BATCH, raw)
+    signers = [f"team-{i},{{[" for i in range(256)]
+    assert parse_request(Operation.KEY_CREATE, body(label="a,b" * 80, allowed_signers=signers))
+
+
+def test_error_reports_are_capped_and_say_how_many_more() -> None:
+    raw = b'{"key_id":"k","items":[' + _values(1000) + b"]}"
+    with pytest.raises(InvalidRequest) as info:
+        parse_request(Operation.SIGN_BATCH, raw)
+    assert info.value.message.count("exactly one of") == 5
+    assert info.value.message.endswith("; and 995 more")
+
+
+def test_deep_nesting_and_huge_numbers_are_refused_by_the_parser() -> None:
+    deep = b'{"key_id":"k","items":[' + b"[" * 1000 + b"]" * 1000 + b"]}"
+    with pytest.raises(InvalidRequest, match="recursion limit"):
+        parse_request(Operation.SIGN_BATCH, deep)
+    with pytest.raises(InvalidRequest, match="number out of range"):
+        parse_request(Operation.SIGN, b'{"key_id":"k","version":1' + b"0" * 100_000 + b"}")
+    with pytest.raises(InvalidRequest, match="version"):
+        parse_request(Operation.SIGN, b'{"key_id":"k","version":1e999999}')
+
+
 def test_python_callers_pass_bytes_and_serialise_to_base64() -> None:
     request = SignRequest(key_id="zk-1", message=b"\x00\xff")
     assert json.loads(request.model_dump_json(exclude_none=True)) == {

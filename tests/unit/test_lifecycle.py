@@ -140,6 +140,17 @@ def test_a_request_without_user_id_is_forbidden_unless_allowed() -> None:
     assert AccessPolicy().principal(context("svc-a")) == "svc-a"
 
 
+def test_the_anyone_name_and_overlong_names_are_not_principals() -> None:
+    # A user named '*' would own keys anyone can sign with; two names sharing 128 characters
+    # would be one principal in the audit (issue 12, finding 6).
+    with pytest.raises(Forbidden, match="'\\*' is reserved"):
+        AccessPolicy().principal(context("*"))
+    with pytest.raises(Forbidden, match="longer than 128 characters"):
+        AccessPolicy(allow_anonymous=True).principal(context("p" * 129))
+    assert AccessPolicy().principal(context("p" * 128)) == "p" * 128
+    assert AccessPolicy().principal(context("**")) == "**"
+
+
 def test_signers_owner_and_admins() -> None:
     policy = AccessPolicy(admins=frozenset({"root-ops"}))
     key = record()

@@ -26,6 +26,7 @@ import pytest
 from contracts.errors import ConfigurationError, IntegrityError, KeyNotFound, VaultUnavailable
 from vault import KeyRecord, KeyState, SealedKey, SqliteStore, VaultStore, open_store
 from vault.audit import GENESIS_HASH, AuditEvent, AuditQuery, ChainVerifier, verify_log
+from vault.sqlite import _DUE
 from vault.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 
 BACKENDS = ["sqlite", pytest.param("mongodb", marks=pytest.mark.mongo)]
@@ -303,6 +304,28 @@ async def test_list_versions_by_key_and_state(store: VaultStore) -> None:
     assert await store.list_versions("key-b", state=KeyState.DISABLED) == []
 
 
+async def test_list_due_gives_only_the_pending_versions_whose_time_has_come(
+    store: VaultStore,
+) -> None:
+    def pending(key_id: str, version: int, after: timedelta) -> KeyRecord:
+        record = make_record(key_id, version=version)
+        return dataclasses.replace(
+            record, state=KeyState.PENDING_DESTRUCTION, destroy_after=T0 + after
+        )
+
+    due_b = pending("key-b", 1, timedelta(days=-1))
+    due_a = pending("key-a", 3, timedelta(0))
+    later = pending("key-a", 4, timedelta(microseconds=1))
+    disabled = dataclasses.replace(
+        make_record("key-c"), state=KeyState.DISABLED, destroy_after=T0 - timedelta(days=9)
+    )
+    for record in (due_b, due_a, later, disabled, make_record("key-d")):
+        await store.create_key(record)
+    assert await store.list_due(T0) == [due_a, due_b]
+    assert await store.list_due(T0 - timedelta(days=2)) == []
+    assert await store.list_due(T0 + timedelta(days=1)) == [due_a, later, due_b]
+
+
 async def test_replace_key_changes_state_and_keeps_the_rest(store: VaultStore) -> None:
     record = await store.create_key(make_record(request_id="req-cas"))
     pending = dataclasses.replace(
@@ -552,6 +575,20 @@ async def test_sqlite_on_an_unusable_path_fails_clearly(tmp_path: Path) -> None:
     assert "Not a directory" in str(info.value)
 
 
+async def test_sqlite_finds_due_versions_through_an_index(tmp_path: Path) -> None:
+    # Every lifecycle request asks; 3,000 pending versions used to be scanned and decoded
+    # each time (issue 12, finding 6).
+    store = await SqliteStore.open(str(tmp_path / "vault.db"))
+    try:
+        plan = await store._run(
+            lambda conn: conn.execute(f"EXPLAIN QUERY PLAN {_DUE}", ("now",)).fetchall()
+        )
+    finally:
+        await store.close()
+    details = " ".join(str(row[-1]) for row in plan)
+    assert "USING INDEX keys_pending_destruction" in details, details
+
+
 async def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
     db = tmp_path / "vault.db"
     with sqlite3.connect(db) as conn:
@@ -629,6 +666,7 @@ async def test_sqlite_upgrades_a_version_1_vault(tmp_path: Path) -> None:
         other = make_record(request_id="r-1", created_by="another")
         assert await store.create_key(other) == other
         assert await store.create_key(make_record(request_id="r-1", created_by="svc")) == old
+        assert await store.list_due(T0) == []
     finally:
         await store.close()
 

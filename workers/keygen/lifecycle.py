@@ -29,7 +29,7 @@ from contracts.models import (
 )
 from contracts.operations import Operation
 from vault.audit import OUTCOME_OK, AuditEvent, AuditLog
-from vault.lifecycle import destroyed, is_due, transition
+from vault.lifecycle import destroyed, transition
 from vault.records import KeyRecord
 from vault.store import VaultStore
 from workers.auditing import Clock, utc_now
@@ -181,9 +181,7 @@ class KeyLifecycle:
     async def _destroy_due_locked(self) -> list[KeyRecord]:
         now = self._clock()
         gone = []
-        for record in await self._store.list_versions(state=KeyState.PENDING_DESTRUCTION):
-            if not is_due(record, now):
-                continue
+        for record in await self._store.list_due(now):
             erased = destroyed(record)
             if not await self._store.replace_key(erased, record):
                 continue  # changed meanwhile (cancelled, or another keygen got there first)

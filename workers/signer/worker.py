@@ -7,6 +7,7 @@ the events announced — then open, sign, verify, wipe.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 
@@ -34,6 +35,11 @@ from workers.signer.signing import sign_digests
 from workers.telemetry import Stage, stage
 
 log = logging.getLogger("zandd.signer")
+#: Signing and verifying one digest takes ~85 us of event loop: a batch yields to the loop
+#: after each chunk (~6 ms), not once after 1,000 items (~85 ms); the next chunk runs before
+#: the callbacks that became ready meanwhile, so they wait up to two chunks. The key is
+#: opened per chunk, which costs ~0.5% of the chunk (~30 us).
+SIGN_CHUNK_ITEMS = 64
 
 
 class Signer:
@@ -101,11 +107,16 @@ class Signer:
     async def sign_batch(
         self, request: SignBatchRequest, context: RequestContext
     ) -> SignBatchReply:
-        """Signatures over every item, in item order, with the key opened once."""
+        """Signatures over every item, in item order, the key opened once per chunk."""
         cached = await self._usable_key(request.key_id, request.version, context)
         record = cached.record
         digests = [item.sha256_digest() for item in request.items]
-        signatures = self._sign(cached, digests, request.encoding)
+        signatures: list[bytes] = []
+        for start in range(0, len(digests), SIGN_CHUNK_ITEMS):
+            if start:
+                await asyncio.sleep(0)  # let other requests and heartbeats through
+            chunk = digests[start : start + SIGN_CHUNK_ITEMS]
+            signatures += self._sign(cached, chunk, request.encoding)
         return SignBatchReply(
             key_id=record.key_id,
             version=record.version,
