@@ -29,7 +29,12 @@ from contracts.client import SigningClient
 from contracts.errors import KeyNotFound
 from contracts.models import ErrorReply
 from contracts.operations import ERROR_REPLY_TYPE
-from contracts.replyto import producer_permissions
+from contracts.replyto import (
+    DIRECT_REPLY_TO,
+    direct_reply_node,
+    learn_direct_reply_node,
+    producer_permissions,
+)
 from contracts.topology import (
     DEAD_LETTER_QUEUE,
     EVENTS_EXCHANGE,
@@ -208,6 +213,29 @@ async def test_a_producer_declares_and_reads_its_own_reply_queues(
     own = f"zandd.reply.{broker.users['producer']}.{uuid.uuid4().hex}"
     for queue in (server_named, await channel.declare_queue(own, exclusive=True)):
         await queue.consume(_ignore, no_ack=True)
+
+
+@pytest.mark.parametrize("role", ["signer", "keygen"])
+async def test_a_worker_learns_the_direct_reply_to_node_with_its_own_rights(
+    broker: Broker, role: str
+) -> None:
+    connection = await aio_pika.connect(broker.url(role))
+    async with connection:
+        node = await learn_direct_reply_node(connection)
+        # The node segment a requester's direct reply-to name carries.
+        requester = await aio_pika.connect(broker.admin_url)
+        async with requester:
+            channel = await requester.channel()
+            await (await channel.get_queue(DIRECT_REPLY_TO, ensure=False)).consume(
+                _ignore, no_ack=True
+            )
+            returned = await channel.default_exchange.publish(
+                aio_pika.Message(b"", reply_to=DIRECT_REPLY_TO, message_id="probe"),
+                routing_key="no-such-queue",
+                mandatory=True,
+            )
+    assert node is not None
+    assert node == direct_reply_node(returned.header.properties.reply_to or "")  # type: ignore[union-attr]
 
 
 async def test_a_keygen_worker_serves_its_queue_and_publishes_events_signers_hear(
