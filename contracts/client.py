@@ -5,12 +5,14 @@
         reply = await client.sign(key.key_id, b"hello")
         assert await client.verify(key.key_id, reply.signature, message=b"hello")
 
-One connection, one channel with publisher confirms and one exclusive reply queue per client;
-any number of concurrent calls share them. The connection is the lean one of
+One connection, one channel with publisher confirms and one exclusive, server-named reply
+queue (``amq.gen-...``: a ``reply_to`` the fleet serves, see ``contracts/replyto.py``) per
+client; any number of concurrent calls share them. The connection is the lean one of
 ``contracts/wire.py`` (a call costs a fraction of its CPU through aiormq); a lost one is
-reconnected in the background, with the reply queue declared again. Each call has a timeout
-that also becomes the request's AMQP ``expiration``, so the fleet does not sign for a caller
-who stopped waiting.
+reconnected in the background, with a new reply queue declared (the broker names it anew;
+calls in flight on the lost connection have failed, or are resent with ``retry``). Each call
+has a timeout that also becomes the request's AMQP ``expiration``, so the fleet does not sign
+for a caller who stopped waiting.
 Requests are published ``mandatory``: when no worker queue is bound the call fails at once
 with ``NotDelivered`` instead of waiting for its timeout.
 """
@@ -69,7 +71,7 @@ from contracts.models import (
     describe_errors,
 )
 from contracts.operations import ERROR_REPLY_TYPE, Operation
-from contracts.topology import EXCHANGE, REPLY_QUEUE_PREFIX, declare_topology
+from contracts.topology import EXCHANGE, declare_topology
 from contracts.tracing import producer_span
 from contracts.wire import Delivery, Properties, Wire, WireClosed
 
@@ -90,7 +92,8 @@ class SigningClient:
         self, url: str, *, default_timeout_s: float, retry: bool, connect_timeout_s: float
     ) -> None:
         self._url = url
-        self._reply_queue = f"{REPLY_QUEUE_PREFIX}{uuid.uuid4().hex}"
+        #: Server-named, so a new one after each reconnect (the calls in flight were failed).
+        self._reply_queue = ""
         self._principal = principal_of(url)
         self._default_timeout_s = default_timeout_s
         self._connect_timeout_s = connect_timeout_s
@@ -141,8 +144,8 @@ class SigningClient:
         )
         try:
             await wire.confirm_select()
-            await wire.declare_queue(self._reply_queue, exclusive=True, auto_delete=True)
-            await wire.consume(self._reply_queue, self._on_reply, no_ack=True)
+            reply_queue = await wire.declare_queue("", exclusive=True, auto_delete=True)
+            await wire.consume(reply_queue, self._on_reply, no_ack=True)
         except WireClosed as exc:
             await wire.close()
             raise BrokerUnavailable(f"cannot set up the reply queue: {exc}") from exc
@@ -150,6 +153,7 @@ class SigningClient:
             wire.drop("setting up the client was interrupted")
             raise
         wire.on_return = self._on_return
+        self._reply_queue = reply_queue
         self._wire = wire
         self._connected.set()
 

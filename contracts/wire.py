@@ -404,12 +404,17 @@ class Wire(asyncio.Protocol):
 
     async def declare_queue(
         self, queue: str, *, exclusive: bool = False, auto_delete: bool = False
-    ) -> None:
-        """Declare a (transient) queue, such as a client's exclusive reply queue."""
-        await self._call(
+    ) -> str:
+        """Declare a (transient) queue, such as a client's exclusive reply queue; its name.
+
+        With ``queue=""`` the broker names it (``amq.gen-...``) and the name is its answer.
+        """
+        ok = await self._call(
             _CHANNEL,
             commands.Queue.Declare(queue=queue, exclusive=exclusive, auto_delete=auto_delete),
         )
+        assert isinstance(ok, commands.Queue.DeclareOk)
+        return str(ok.queue)
 
     async def cancel(self, consumer_tag: str) -> None:
         """Stop consuming; deliveries already sent still arrive and are still served."""

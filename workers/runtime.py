@@ -57,6 +57,7 @@ from contracts.errors import (
 from contracts.limits import Limits
 from contracts.models import ErrorReply, parse_request
 from contracts.operations import ERROR_REPLY_TYPE, IDEMPOTENT_OPERATIONS, Operation
+from contracts.replyto import ReplyToRefused, check_reply_to, learn_direct_reply_node
 from contracts.topology import bind_topology, declare_topology
 from contracts.tracing import mark_failed
 from contracts.wire import Delivery, Properties, Wire, WireClosed
@@ -157,6 +158,8 @@ class ConsumerRuntime:
         self._metrics = metrics if metrics is not None else Metrics()
         self._declare = declare
         self._in_flight: set[asyncio.Task[None]] = set()
+        #: How this broker's direct reply-to names start: learned from it, never from a request.
+        self._reply_nodes: set[str] = set()
         self._session: _Session | None = None
         self._stop = asyncio.Event()
         self._healthy = asyncio.Event()
@@ -212,6 +215,13 @@ class ConsumerRuntime:
         async with connection:
             channel = await connection.channel()
             topology = await (declare_topology if self._declare else bind_topology)(channel)
+            node = await learn_direct_reply_node(connection)
+            if node is None:
+                log.warning(
+                    "%s: the broker minted no direct reply-to name: none is served", self._name
+                )
+            else:
+                self._reply_nodes.add(node)
             return topology.queues[self._queue].name
 
     async def _serve_session(self, session: _Session) -> None:
@@ -310,9 +320,13 @@ class ConsumerRuntime:
         """Reply, then ack — or dead-letter what nobody can be told about."""
         if session.lost.is_set():
             raise WireClosed("the connection that delivered this request is gone")
-        if message.reply_to and not outcome.unaudited:
-            self._reply(session, message.reply_to, message, outcome)
-        if outcome.unaudited or (outcome.dead_letter_if_unanswered and not message.reply_to):
+        # A reply_to the producer could not read itself gets nothing (see contracts/replyto.py),
+        # and nothing is answered before its audit entry is written.
+        refused = isinstance(outcome.error, ReplyToRefused)
+        reply_to = None if refused or outcome.unaudited else message.reply_to
+        if reply_to:
+            self._reply(session, reply_to, message, outcome)
+        if outcome.unaudited or (outcome.dead_letter_if_unanswered and not reply_to):
             session.wire.reject(message.delivery_tag, requeue=False)
             session.acks.rejected(message.delivery_tag)
             self._metrics.dead_lettered(self._queue, "rejected")
@@ -322,6 +336,10 @@ class ConsumerRuntime:
     async def _serve(self, message: Delivery) -> _Outcome:
         request: BaseModel | None = None
         try:
+            if message.reply_to:
+                check_reply_to(
+                    message.reply_to, message.user_id, direct_reply_nodes=self._reply_nodes
+                )
             operation, handler = self._route(message)
             request = parse_request(operation, message.body, self._limits)
             context = RequestContext(operation, message.message_id, message.user_id)

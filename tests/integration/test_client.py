@@ -84,6 +84,10 @@ async def _close_connections_in(vhost: str) -> int:
 async def test_a_lost_connection_fails_calls_in_flight_and_comes_back(empty_amqp_url: str) -> None:
     vhost = URL(empty_amqp_url).path.lstrip("/")
     async with await SigningClient.connect(empty_amqp_url, declare=True) as client:
+        # The reply queue is server-named (a reply_to the fleet serves); a reconnect gets a new
+        # one from the broker, which is harmless: the calls in flight on the old one fail.
+        first_reply_queue = client._reply_queue
+        assert first_reply_queue.startswith("amq.gen-")
         call = asyncio.create_task(client.sign("zk-1", b"m", timeout_s=30))  # no worker: waits
         await asyncio.sleep(0.2)
         assert await _close_connections_in(vhost) == 1
@@ -99,3 +103,5 @@ async def test_a_lost_connection_fails_calls_in_flight_and_comes_back(empty_amqp
                     break
                 except BrokerUnavailable:
                     await asyncio.sleep(0.1)
+        assert client._reply_queue.startswith("amq.gen-")
+        assert client._reply_queue != first_reply_queue

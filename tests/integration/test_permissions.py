@@ -29,6 +29,12 @@ from contracts.client import SigningClient
 from contracts.errors import KeyNotFound
 from contracts.models import ErrorReply
 from contracts.operations import ERROR_REPLY_TYPE
+from contracts.replyto import (
+    DIRECT_REPLY_TO,
+    direct_reply_node,
+    learn_direct_reply_node,
+    producer_permissions,
+)
 from contracts.topology import (
     DEAD_LETTER_QUEUE,
     EVENTS_EXCHANGE,
@@ -90,6 +96,13 @@ def _private_copy(definitions: dict[str, Any], vhost: str, users: dict[str, str]
     for entry in copy["users"]:
         entry["name"] = users[entry["name"]]
     for entry in copy["permissions"]:
+        if entry["user"] == "producer":
+            # A producer's reply queues carry its name (RabbitMQ 3.10 has no {username} there).
+            assert (entry["configure"], entry["write"], entry["read"]) == producer_permissions(
+                "producer"
+            )
+            rights = producer_permissions(users["producer"])
+            entry["configure"], entry["write"], entry["read"] = rights
         entry["user"] = users[entry["user"]]
     for section in ("vhosts",):
         for entry in copy[section]:
@@ -191,6 +204,40 @@ async def test_a_producer_and_a_signer_complete_a_request_with_their_own_rights(
     assert request.user_id == broker.users["producer"]
 
 
+async def test_a_producer_declares_and_reads_its_own_reply_queues(
+    broker: Broker, connections: Callable[[str], Awaitable[AbstractChannel]]
+) -> None:
+    channel = await connections("producer")
+    server_named = await channel.declare_queue("", exclusive=True, auto_delete=True)
+    assert server_named.name.startswith("amq.gen-")
+    own = f"zandd.reply.{broker.users['producer']}.{uuid.uuid4().hex}"
+    for queue in (server_named, await channel.declare_queue(own, exclusive=True)):
+        await queue.consume(_ignore, no_ack=True)
+
+
+@pytest.mark.parametrize("role", ["signer", "keygen"])
+async def test_a_worker_learns_the_direct_reply_to_node_with_its_own_rights(
+    broker: Broker, role: str
+) -> None:
+    connection = await aio_pika.connect(broker.url(role))
+    async with connection:
+        node = await learn_direct_reply_node(connection)
+        # The node segment a requester's direct reply-to name carries.
+        requester = await aio_pika.connect(broker.admin_url)
+        async with requester:
+            channel = await requester.channel()
+            await (await channel.get_queue(DIRECT_REPLY_TO, ensure=False)).consume(
+                _ignore, no_ack=True
+            )
+            returned = await channel.default_exchange.publish(
+                aio_pika.Message(b"", reply_to=DIRECT_REPLY_TO, message_id="probe"),
+                routing_key="no-such-queue",
+                mandatory=True,
+            )
+    assert node is not None
+    assert node == direct_reply_node(returned.header.properties.reply_to or "")  # type: ignore[union-attr]
+
+
 async def test_a_keygen_worker_serves_its_queue_and_publishes_events_signers_hear(
     broker: Broker, connections: Callable[[str], Awaitable[AbstractChannel]]
 ) -> None:
@@ -230,6 +277,10 @@ async def _declare(channel: AbstractChannel, queue: str) -> None:
     await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
 
 
+async def _declare_reply_queue(channel: AbstractChannel, queue: str) -> None:
+    await channel.declare_queue(queue, exclusive=True, auto_delete=True)
+
+
 async def _delete(channel: AbstractChannel, queue: str) -> None:
     await (await channel.get_queue(queue, ensure=True)).delete(if_unused=False, if_empty=False)
 
@@ -260,6 +311,24 @@ REFUSED: list[tuple[str, str, Attempt, type[ChannelClosed]]] = [
         "producer",
         "declare a work queue",
         lambda c, u: _declare(c, SIGN_QUEUE),
+        ChannelAccessRefused,
+    ),
+    (
+        "producer",
+        "declare another producer's reply queue",
+        lambda c, u: _declare_reply_queue(c, f"zandd.reply.{u['ops']}.x"),
+        ChannelAccessRefused,
+    ),
+    (
+        "producer",
+        "declare a reply queue another principal's rule owns",
+        lambda c, u: _declare_reply_queue(c, f"zandd.reply.{u['producer']}.evil.x"),
+        ChannelAccessRefused,
+    ),
+    (
+        "producer",
+        "name a queue amq.gen- itself",
+        lambda c, u: _declare_reply_queue(c, "amq.gen-Lj47WP1eYOHeRBztvFuKmQ"),
         ChannelAccessRefused,
     ),
     (

@@ -42,6 +42,7 @@ from contracts.models import (
     SignRequest,
 )
 from contracts.operations import Operation
+from contracts.replyto import producer_permissions
 from contracts.topology import EXCHANGE
 from tests.conftest import RunningFleet
 from tests.integration.test_cli import environment, zandd
@@ -70,8 +71,9 @@ def _rabbitmqctl(*args: str) -> None:
 def users(amqp_url: str) -> Iterator[dict[str, str]]:
     """Broker users with a producer's rights only, in this module's vhost: name → AMQP URL.
 
-    A producer may publish to ``zandd`` and declare and read its own reply queues; it cannot
-    read the work queues, bind to ``zandd.events`` or touch anything else.
+    A producer may publish to ``zandd`` and declare and read its own reply queues (the
+    documented ``producer_permissions``); it cannot read the work queues, bind to
+    ``zandd.events`` or touch anything else.
     """
     base = URL(amqp_url)
     vhost = base.path.removeprefix("/")
@@ -82,15 +84,7 @@ def users(amqp_url: str) -> Iterator[dict[str, str]]:
             password = secrets.token_hex(16)
             _rabbitmqctl("add_user", name, password)
             urls[name] = str(base.with_user(name).with_password(password))
-            _rabbitmqctl(
-                "set_permissions",
-                "-p",
-                vhost,
-                name,
-                r"^zandd\.reply\.",
-                "^zandd$",
-                r"^zandd\.reply\.",
-            )
+            _rabbitmqctl("set_permissions", "-p", vhost, name, *producer_permissions(name))
         yield urls
     finally:
         for name in urls:
@@ -133,10 +127,8 @@ class RawProducer:
         self._connection = await aio_pika.connect(self._url)
         self.channel = await self._connection.channel()
         self._exchange = await self.channel.get_exchange(EXCHANGE, ensure=False)
-        # Named like the client's reply queues: the only ones a producer may declare.
-        queue = await self.channel.declare_queue(
-            f"zandd.reply.raw-{uuid.uuid4().hex}", exclusive=True, auto_delete=True
-        )
+        # Server-named, like the client's reply queue: a reply_to the workers serve.
+        queue = await self.channel.declare_queue("", exclusive=True, auto_delete=True)
         self._reply_to = queue.name
         await queue.consume(self._on_reply, no_ack=True)
         return self

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from contracts.replyto import producer_permissions
 from contracts.topology import (
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
@@ -71,10 +72,17 @@ def _allowed(pattern: re.Pattern[str], name: str) -> bool:
 
 
 def test_producers_may_use_their_reply_queues_and_write_only_to_the_request_exchange() -> None:
+    (entry,) = [p for p in DEFINITIONS["permissions"] if p["user"] == "producer"]
+    assert (entry["configure"], entry["write"], entry["read"]) == producer_permissions("producer")
     rights = _rights("producer")
-    reply_queue = f"{REPLY_QUEUE_PREFIX}{uuid.uuid4().hex}"
-    assert _allowed(rights["configure"], reply_queue)
-    assert _allowed(rights["read"], reply_queue)
+    own = f"{REPLY_QUEUE_PREFIX}producer.{uuid.uuid4().hex}"
+    for reply_queue in (own, "amq.gen-Lj47WP1eYOHeRBztvFuKmQ"):
+        assert _allowed(rights["configure"], reply_queue)
+        assert _allowed(rights["read"], reply_queue)
+    # Another producer's reply queues are out of reach, as the workers' reply_to rule says.
+    for other in (f"{REPLY_QUEUE_PREFIX}app2.x", f"{REPLY_QUEUE_PREFIX}producer.evil.x"):
+        assert not _allowed(rights["read"], other), other
+        assert not _allowed(rights["configure"], other), other
     assert _allowed(rights["write"], EXCHANGE)
     for other in (EVENTS_EXCHANGE, "amq.default", "zandd.sign", "zandd.keygen", "xzandd"):
         assert not _allowed(rights["write"], other), other
