@@ -14,7 +14,10 @@ into any queue of the vhost (a confused deputy). So a request is served only whe
 - a queue named for the request's principal, ``zandd.reply.<user_id>.<suffix>``, where
   ``user_id`` is the one the broker validated and ``suffix`` has no ``.`` (so a principal
   ``alice`` cannot claim ``zandd.reply.alice.evil.x``, which belongs to ``alice.evil``). Each
-  producer's broker permissions allow exactly these names (``producer_permissions``).
+  producer's broker permissions allow exactly these names (``producer_permissions``);
+- for producers on a ``SigningClient`` from before this rule: its exclusive queue
+  ``zandd.reply.<32 hex digits>`` (a uuid4, 122 random bits), accepted with the same residual
+  as a server-named queue — reachable only by a producer that learns the name.
 
 Anything else is not served: the request is dead-lettered unanswered.
 
@@ -50,6 +53,9 @@ _PROBE_TIMEOUT_S = 10.0
 
 _SERVER_NAMED = re.compile(r"amq\.gen-[A-Za-z0-9_-]+")
 _PRINCIPAL_SUFFIX = re.compile(r"[A-Za-z0-9_-]+")
+#: The reply queue of a SigningClient from before the rule: the prefix and a uuid4's hex.
+_LEGACY_CLIENT = re.compile(r"zandd\.reply\.[0-9a-f]{32}")
+_LEGACY_CLIENT_PERMISSION = "zandd\\.reply\\.[0-9a-f]{32}"
 _DIRECT = re.compile(r"amq\.rabbitmq\.reply-to\.([A-Za-z0-9+/]+={0,2})\.([A-Za-z0-9+/]{22}==)")
 # The pid as the broker encodes it (pid_recomposition:to_binary): external term format
 # version 131, NEW_PID_EXT 88, ATOM_UTF8_EXT 118, a 16-bit node name length, then the node
@@ -79,7 +85,10 @@ def producer_permissions(user: str) -> tuple[str, str, str]:
     RabbitMQ 3.10 does not expand ``{username}`` in resource permissions (only in topic
     permissions), so each producer user gets its own line naming it.
     """
-    own = f"^({_regex_literal(principal_reply_prefix(user))}[A-Za-z0-9_-]+|amq\\.gen-.+)$"
+    own = (
+        f"^({_regex_literal(principal_reply_prefix(user))}[A-Za-z0-9_-]+"
+        f"|{_LEGACY_CLIENT_PERMISSION}|amq\\.gen-.+)$"
+    )
     return own, f"^{_regex_literal(EXCHANGE)}$", own
 
 
@@ -99,7 +108,9 @@ def check_reply_to(
             raise ReplyToRefused(f"reply_to {_shown(reply_to)} is no server-named queue")
     elif reply_to.startswith(f"{DIRECT_REPLY_TO}."):
         _check_direct(reply_to, direct_reply_nodes)
-    elif not _is_principals_queue(reply_to, principal):
+    elif _LEGACY_CLIENT.fullmatch(reply_to) is None and not _is_principals_queue(
+        reply_to, principal
+    ):
         raise ReplyToRefused(
             f"reply_to {_shown(reply_to)} is none of direct reply-to, a server-named queue "
             f"or {_shown(principal_reply_prefix(principal or '<user_id>') + '<suffix>')}"

@@ -58,6 +58,9 @@ def allowed(reply_to: str, principal: str | None = ALICE) -> bool:
         ("zandd.reply.alice.x", ALICE),
         ("zandd.reply.alice.evil.x", "alice.evil"),
         ("zandd.reply.jürgen.inbox", "jürgen"),
+        # A SigningClient from before the rule: its uuid4 queue, with or without a user_id.
+        ("zandd.reply.0f3c9a1e8b7d4c2a9e6f5b4a3c2d1e0f", ALICE),
+        ("zandd.reply.0f3c9a1e8b7d4c2a9e6f5b4a3c2d1e0f", None),
     ],
 )
 def test_a_producers_own_queues_are_served(reply_to: str, principal: str | None) -> None:
@@ -74,7 +77,10 @@ def test_a_producers_own_queues_are_served(reply_to: str, principal: str | None)
         "zandd.keygen",
         "zandd.events.host-1.4242.0a1b2c3d",  # a signer's event queue: forged key events
         "billing.invoices",  # another application's queue
-        "zandd.reply.0f3c9a1e8b7d4c2a",  # the v0 client's name: no principal in it
+        "zandd.reply.0f3c9a1e8b7d4c2a",  # not the old client's uuid4: too short
+        "zandd.reply.0F3C9A1E8B7D4C2A9E6F5B4A3C2D1E0F",
+        "zandd.reply.0f3c9a1e8b7d4c2a9e6f5b4a3c2d1e0f0",
+        "zandd.reply.0f3c9a1e8b7d4c2a9e6f5b4a3c2d1e0f.x",
         "zandd.reply.alice",
         "zandd.reply.alice.",
         "zandd.reply.alice.evil.x",  # alice.evil's, not alice's
@@ -179,6 +185,8 @@ def test_producer_permissions_allow_what_the_rule_serves_and_nothing_more(user: 
         "zandd.reply.other.x",
         "zandd.reply.alice.evil.x",
         "zandd.reply.aXb.c",
+        "zandd.reply.0f3c9a1e8b7d4c2a9e6f5b4a3c2d1e0f",
+        "zandd.reply.0f3c9a1e8b7d4c2a9e6f5b4a3c2d1e0f0",
         "zandd.sign",
         "zandd.dead",
         "zandd.keygen",
