@@ -224,7 +224,11 @@ async def test_producers_replying_as_wire_contract_v1_allows_notice_nothing(
             f"zandd.reply.{ALICE}.{uuid.uuid4().hex}", exclusive=True, auto_delete=True
         )
         server_named = await alice.channel.declare_queue("", exclusive=True, auto_delete=True)
-        for queue in (direct, named, server_named):
+        # What a SigningClient from before the reply_to rule declared.
+        legacy = await alice.channel.declare_queue(
+            f"zandd.reply.{uuid.uuid4().hex}", exclusive=True, auto_delete=True
+        )
+        for queue in (direct, named, server_named, legacy):
             await alice.listen(queue)
             request_id = f"{queue.name}-{uuid.uuid4().hex}"[-100:]
             await alice.sign(key.key_id, request_id, reply_to=queue.name)
