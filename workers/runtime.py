@@ -11,7 +11,11 @@ one, and the requests travel on a lean connection of our own (``contracts/wire.p
 request's frames cost a fraction of what they cost through aiormq.
 
 A malformed request is answered with ``invalid_request`` and acked — or, with nobody to
-answer, dead-lettered — and never requeued; the worker keeps running.
+answer, dead-lettered — and never requeued; the worker keeps running. A message whose AMQP
+properties or body the connection could not read (``Delivery.defect``: a poison header, a body
+over the size limit) is refused before any handler runs: answered ``invalid_request`` when it
+names a ``reply_to``, and dead-lettered on its first delivery either way, so an operator sees
+it in ``zandd.dead`` (an unreadable message is evidence, not noise).
 
 Why no publisher confirm on the reply: it would add no guarantee the frame order does not
 already give. A reply is transient and goes to the caller's transient queue; the broker
@@ -59,7 +63,7 @@ from contracts.models import ErrorReply, parse_request
 from contracts.operations import ERROR_REPLY_TYPE, IDEMPOTENT_OPERATIONS, Operation
 from contracts.topology import bind_topology, declare_topology
 from contracts.tracing import mark_failed
-from contracts.wire import Delivery, Properties, Wire, WireClosed
+from contracts.wire import Delivery, Properties, Wire, WireClosed, printable
 from workers.acks import AckBatcher
 from workers.backoff import retry_until_stopped
 from workers.logs import bound_request
@@ -99,6 +103,8 @@ class _Outcome:
     error: ZanddError | None = None
     #: Nobody can be told about this failure (no ``reply_to``): dead-letter it, don't drop it.
     dead_letter_if_unanswered: bool = False
+    #: Dead-letter it even when answered: the message itself could not be read.
+    dead_letter: bool = False
 
     @property
     def label(self) -> str:
@@ -190,7 +196,11 @@ class ConsumerRuntime:
     async def _open_session(self) -> _Session:
         """Declare (or look up) the topology, then connect the lean connection and set QoS."""
         queue = await self._work_queue()
-        wire = await Wire.connect(self._amqp_url, connection_name=self._name)
+        wire = await Wire.connect(
+            self._amqp_url,
+            connection_name=self._name,
+            max_body_bytes=self._limits.max_body_bytes,
+        )
         try:
             # Per-consumer QoS: global QoS on a quorum queue closes the connection.
             await wire.qos(self._prefetch)
@@ -309,7 +319,7 @@ class ConsumerRuntime:
             raise WireClosed("the connection that delivered this request is gone")
         if message.reply_to:
             self._reply(session, message.reply_to, message, outcome)
-        if outcome.dead_letter_if_unanswered and not message.reply_to:
+        if outcome.dead_letter or (outcome.dead_letter_if_unanswered and not message.reply_to):
             session.wire.reject(message.delivery_tag, requeue=False)
             session.acks.rejected(message.delivery_tag)
             self._metrics.dead_lettered(self._queue, "rejected")
@@ -317,6 +327,8 @@ class ConsumerRuntime:
             session.acks.ack(message.delivery_tag)
 
     async def _serve(self, message: Delivery) -> _Outcome:
+        if message.defect is not None:
+            return await self._refuse_unreadable(message, message.defect)
         request: BaseModel | None = None
         try:
             operation, handler = self._route(message)
@@ -344,6 +356,14 @@ class ConsumerRuntime:
             await self._audit_refusal(message, request, error)
             return _error_outcome(error)
         return _Outcome(reply.model_dump_json().encode(), operation.reply_type)
+
+    async def _refuse_unreadable(self, message: Delivery, defect: str) -> _Outcome:
+        """A message the connection could not read: no handler sees it; refused, dead-lettered."""
+        error = InvalidRequest(f"the message cannot be read: {defect}")
+        log.warning("request %s refused: %s", printable(message.message_id), error.message)
+        await self._audit_refusal(message, None, error)
+        outcome = _error_outcome(error)
+        return _Outcome(outcome.body, outcome.type, error, dead_letter=True)
 
     def _audited(self, handler: Handler, message: Delivery) -> Handler:
         """``handler`` followed by the audit of its result, so both are retried together."""
