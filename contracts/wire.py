@@ -436,13 +436,24 @@ class Wire(asyncio.Protocol):
         self._published = 0
 
     async def declare_queue(
-        self, queue: str, *, exclusive: bool = False, auto_delete: bool = False
-    ) -> None:
-        """Declare a (transient) queue, such as a client's exclusive reply queue."""
-        await self._call(
+        self,
+        queue: str,
+        *,
+        exclusive: bool = False,
+        auto_delete: bool = False,
+        passive: bool = False,
+    ) -> int:
+        """Declare a (transient) queue, such as a client's exclusive reply queue, or with
+        ``passive`` check that it exists (a missing one closes the connection: code 404).
+        The number of messages ready in it."""
+        ok = await self._call(
             _CHANNEL,
-            commands.Queue.Declare(queue=queue, exclusive=exclusive, auto_delete=auto_delete),
+            commands.Queue.Declare(
+                queue=queue, exclusive=exclusive, auto_delete=auto_delete, passive=passive
+            ),
         )
+        assert isinstance(ok, commands.Queue.DeclareOk)
+        return ok.message_count or 0
 
     async def cancel(self, consumer_tag: str) -> None:
         """Stop consuming; deliveries already sent still arrive and are still served."""
@@ -868,6 +879,7 @@ MAX_TABLE_DEPTH = 16
 #: Most values one message's headers may hold, at every level together.
 MAX_TABLE_VALUES = 1024
 _MAX_SHOWN_CHARS = 80
+_RAW_SHOWN_BYTES = 16
 
 
 class _Undecodable(Exception):
@@ -961,8 +973,7 @@ class _TableReader:
         try:
             return data[offset + 1 : key_end].decode(), key_end
         except UnicodeDecodeError:
-            shown = printable(data[offset + 1 : key_end], 40)
-            raise _Undecodable(f"a table key that is not UTF-8 ({shown})") from None
+            raise _Undecodable("a table key that is not UTF-8") from None
 
     def value(self, offset: int, end: int, depth: int) -> tuple[Any, int]:
         """One field value: its type octet, then the value; and where it ends."""
@@ -1011,7 +1022,7 @@ class _TableReader:
             return None, offset
         if kind == _BYTES:
             stop = self._extent(offset, end, "byte array")
-            return data[offset + 4 : stop], stop
+            return bytearray(data[offset + 4 : stop]), stop  # as pamqp: it re-encodes as "x"
         if kind == _BOOLEAN:
             if offset >= end:
                 raise _Undecodable("a boolean runs past its table")
@@ -1087,14 +1098,22 @@ def _read_headers(data: bytes, offset: int, end: int) -> tuple[dict[str, Any], s
             key, offset = reader.key(offset, stop)
             headers[key], offset = reader.value(offset, stop, 1)
         except _Undecodable as exc:
-            where = printable(data[key_start + 1 : key_start + 1 + data[key_start]], 40)
-            defect = defect or f"header {where!r}: {exc}"
             after_key = min(key_start + 1 + data[key_start], stop)
             skipped = reader.skip(after_key, stop)
+            if defect is None:
+                defect = _entry_defect(data, key_start, after_key, skipped or stop, exc)
             if skipped is None:
                 break
             offset = skipped
     return headers, defect, stop
+
+
+def _entry_defect(data: bytes, start: int, value_start: int, end: int, exc: Exception) -> str:
+    """What is wrong with one header entry: its key and the first bytes of its value, escaped."""
+    key = printable(data[start + 1 : value_start], 40)
+    cut = min(end, value_start + _RAW_SHOWN_BYTES)
+    raw = printable(data[value_start:cut], 4 * _RAW_SHOWN_BYTES) + ("…" if cut < end else "")
+    return f"header '{key}' ({raw}): {exc}"
 
 
 _Reader = Callable[[bytes, int, int], tuple[Any, int]]
