@@ -36,6 +36,7 @@ from contracts.wire import (
     WireProtocolError,
     WireRefused,
 )
+from tests.poison import POISON_HEADERS
 
 FRAME_MAX = 4096
 
@@ -422,35 +423,6 @@ async def test_a_cancelled_connect_leaves_no_socket_open() -> None:
 
 
 # -- hostile content: one bad message is one bad message ---------------------------------------
-
-
-def _table(*entries: bytes) -> bytes:
-    body = b"".join(entries)
-    return struct.pack(">I", len(body)) + body
-
-
-def _entry(key: bytes, value: bytes) -> bytes:
-    return bytes((len(key),)) + key + value
-
-
-def _longstr(text: bytes) -> bytes:
-    return b"S" + struct.pack(">I", len(text)) + text
-
-
-def _nested(depth: int) -> bytes:
-    value = b"F" + _table()
-    for _ in range(depth):
-        value = b"F" + _table(_entry(b"n", value))
-    return value
-
-
-TRACEPARENT = _entry(b"traceparent", _longstr(b"00-ab-cd-01"))
-#: The three poison headers of issue 12, each next to an innocent traceparent.
-POISON_HEADERS = {
-    "timestamp 2**64-1": _table(_entry(b"when", b"T" + b"\xff" * 8), TRACEPARENT),
-    "2,000 nested tables": _table(_entry(b"deep", _nested(2000)), TRACEPARENT),
-    "a non-UTF-8 key": _table(_entry(b"\xff\xfe\x1b[31m", _longstr(b"x")), TRACEPARENT),
-}
 
 
 def _raw_delivery(table: bytes, body: bytes, *, tag: int, message_id: bytes) -> bytes:
