@@ -215,3 +215,38 @@ async def test_unreadable_messages_are_refused_dead_lettered_once_and_listed_esc
     assert code == 0, err
     assert "replayed 0 to zandd" in out
     assert "\x1b" not in err
+
+
+@pytest.mark.tpm
+@pytest.mark.fleet_settings(max_body_bytes=64 * 1024)
+async def test_a_body_over_the_limit_is_refused_from_its_header_and_dead_lettered(
+    fleet: RunningFleet,
+) -> None:
+    connection = await aio_pika.connect(fleet.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        before = (
+            await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+        ).declaration_result.message_count or 0
+        replies = await channel.declare_queue(exclusive=True)
+        exchange = await channel.get_exchange(EXCHANGE, ensure=False)
+        body = b"[" + b"{}," * 400_000 + b"{}]"
+        await exchange.publish(
+            aio_pika.Message(
+                body,
+                type="sign.batch",
+                message_id="too-big",
+                reply_to=replies.name,
+                user_id="guest",
+            ),
+            routing_key="sign.batch",
+        )
+        async with replies.iterator(timeout=30) as incoming:
+            async for message in incoming:
+                error = ErrorReply.model_validate_json(message.body)
+                break
+        await wait_for_dead(channel, before + 1)
+    assert error.code == "invalid_request"
+    assert error.message == (
+        f"the message cannot be read: a body of {len(body)} bytes is over the limit of 65536"
+    )
