@@ -49,6 +49,7 @@ log = logging.getLogger("zandd.wire")
 
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 _METHOD, _HEADER, _BODY, _HEARTBEAT = 1, 2, 3, 8
+_DROPPED_BODY = -_BODY  # a state of ours, never a frame type
 _FRAME_END = 0xCE
 _FRAME_END_BYTE = b"\xce"
 _CHANNEL = 1
@@ -289,11 +290,11 @@ class Wire(asyncio.Protocol):
         self._body_size = 0
         self._body: list[bytes] = []
         self._received = 0
-        #: Which content frame may come next: _HEADER, _BODY, or 0 (a method).
+        #: Which content frame may come next: _HEADER, _BODY, _DROPPED_BODY (one over the
+        #: limit: counted, not kept), or 0 (a method).
         self._content = 0
         #: A body announced as larger than this is counted and dropped, never buffered.
         self._max_body_bytes = max_body_bytes
-        self._dropping = False
         #: The basic.return whose content is being assembled (reply code, text).
         self._returning: tuple[int, str] | None = None
         #: Publisher confirms, once ``confirm_select`` ran: sequence number -> its future.
@@ -652,8 +653,6 @@ class Wire(asyncio.Protocol):
             if end - start < 4:
                 raise WireProtocolError("a method frame too short to name its method")
             method = _CLASS_METHOD.unpack_from(data, start)
-            if self._content and channel == _CHANNEL:
-                raise WireProtocolError("a method frame in the middle of a message's content")
             if method == _DELIVER:
                 self._on_deliver(data, start + 4, end)
             elif method in _CONFIRMS:
@@ -671,6 +670,8 @@ class Wire(asyncio.Protocol):
     # -- deliveries -----------------------------------------------------------------------
 
     def _on_deliver(self, data: bytes, offset: int, end: int) -> None:
+        if self._content:
+            raise WireProtocolError("a delivery began before the last one's content ended")
         try:
             _tag, offset = _read_shortstr(data, offset, end)  # consumer tag: one consumer here
             if offset + 9 > end:
@@ -695,22 +696,23 @@ class Wire(asyncio.Protocol):
         # The header frame has its own length: whatever its properties hold, the next frame
         # is found, so an unreadable property spoils this one message and not the connection.
         self._properties, self._defect = _read_properties(data, offset + 14, end, flags)
+        self._content = _BODY
         limit = self._max_body_bytes
-        self._dropping = limit is not None and body_size > limit
-        if self._dropping:
+        if limit is not None and body_size > limit:
             self._defect = f"a body of {body_size} bytes is over the limit of {limit}"
+            self._content = _DROPPED_BODY
         self._body_size = body_size
         self._body = []
         self._received = 0
-        self._content = _BODY
         if body_size == 0:
             self._delivered()
 
     def _on_body(self, data: bytes, start: int, end: int) -> None:
-        if self._content != _BODY:
-            raise WireProtocolError("a body frame without its content header")
-        if not self._dropping:
+        content = self._content
+        if content == _BODY:
             self._body.append(data[start:end])
+        elif content != _DROPPED_BODY:
+            raise WireProtocolError("a body frame without its content header")
         self._received += end - start
         if self._received >= self._body_size:
             if self._received > self._body_size:
@@ -748,20 +750,22 @@ class Wire(asyncio.Protocol):
     def _message(self, body: bytes, deliver: tuple[int, bool, str, str]) -> Delivery:
         properties = self._properties
         delivery_tag, redelivered, exchange, routing_key = deliver
+        get = properties.get
+        # Positional, in field order: a frozen dataclass's keyword call costs more per delivery.
         return Delivery(
-            body=body,
-            delivery_tag=delivery_tag,
-            exchange=exchange,
-            routing_key=routing_key,
-            redelivered=redelivered,
-            headers=properties.get("headers") or {},
-            message_id=properties.get("message_id"),
-            correlation_id=properties.get("correlation_id"),
-            type=properties.get("type"),
-            reply_to=properties.get("reply_to"),
-            user_id=properties.get("user_id"),
-            content_type=properties.get("content_type"),
-            defect=self._defect,
+            body,
+            delivery_tag,
+            exchange,
+            routing_key,
+            redelivered,
+            get("headers") or {},
+            get("message_id"),
+            get("correlation_id"),
+            get("type"),
+            get("reply_to"),
+            get("user_id"),
+            get("content_type"),
+            self._defect,
         )
 
     # -- every other method ---------------------------------------------------------------
@@ -788,6 +792,8 @@ class Wire(asyncio.Protocol):
             self.blocked = False
             log.info("the broker unblocked publishing")
         elif isinstance(method, commands.Basic.Return):
+            if self._content:
+                raise WireProtocolError("a returned message began before the last one ended")
             self._returning = (method.reply_code or 0, method.reply_text or "")
             self._content = _HEADER
         elif isinstance(method, commands.Channel.Flow):
