@@ -144,7 +144,7 @@ class SigningClient:
         )
         try:
             await wire.confirm_select()
-            reply_queue = await wire.declare_queue("", exclusive=True, auto_delete=True)
+            reply_queue = (await wire.declare_queue("", exclusive=True, auto_delete=True)).name
             await wire.consume(reply_queue, self._on_reply, no_ack=True)
         except WireClosed as exc:
             await wire.close()

@@ -32,23 +32,25 @@ import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, cast
 from urllib.parse import unquote
 
 from pamqp import commands, frame
 from pamqp.base import Frame as MethodFrame
-from pamqp.decode import field_table
 from pamqp.encode import field_table as encode_table
-from pamqp.exceptions import PAMQPException
 from yarl import URL
 
 from contracts.amqp import redact_url
 from contracts.errors import BrokerUnavailable, ConfigurationError
+from contracts.text import printable
 
 log = logging.getLogger("zandd.wire")
 
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 _METHOD, _HEADER, _BODY, _HEARTBEAT = 1, 2, 3, 8
+_DROPPED_BODY = -_BODY  # a state of ours, never a frame type
 _FRAME_END = 0xCE
 _FRAME_END_BYTE = b"\xce"
 _CHANNEL = 1
@@ -115,6 +117,11 @@ class Delivery:
     reply_to: str | None
     user_id: str | None
     content_type: str | None
+    #: Why this message cannot be served, when its properties or body could not be read
+    #: (printable, bounded: never the offending bytes raw); None for a sound message. The
+    #: properties that could be read are set, an undecodable header entry is left out, and
+    #: the body is empty when it was over the connection's ``max_body_bytes``.
+    defect: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,13 +257,28 @@ class Endpoint:
         return f"Endpoint({self.where!r})"
 
 
+@dataclass(frozen=True, slots=True)
+class DeclaredQueue:
+    """The broker's answer to ``queue.declare``: the queue's name and its ready messages."""
+
+    name: str
+    message_count: int
+
+
 DeliveryCallback = Callable[[Delivery], None]
 
 
 class Wire(asyncio.Protocol):
     """One AMQP connection with one channel; make it with :meth:`connect`."""
 
-    def __init__(self, endpoint: Endpoint, *, connection_name: str, heartbeat_s: int) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        connection_name: str,
+        heartbeat_s: int,
+        max_body_bytes: int | None = None,
+    ) -> None:
         self._endpoint = endpoint
         self._connection_name = connection_name
         self._heartbeat_s = heartbeat_s
@@ -273,9 +295,15 @@ class Wire(asyncio.Protocol):
         # The delivery being assembled: its basic.deliver fields, then its properties.
         self._deliver: tuple[int, bool, str, str] | None = None
         self._properties: dict[str, Any] = {}
+        self._defect: str | None = None
         self._body_size = 0
         self._body: list[bytes] = []
         self._received = 0
+        #: Which content frame may come next: _HEADER, _BODY, _DROPPED_BODY (one over the
+        #: limit: counted, not kept), or 0 (a method).
+        self._content = 0
+        #: A body announced as larger than this is counted and dropped, never buffered.
+        self._max_body_bytes = max_body_bytes
         #: The basic.return whose content is being assembled (reply code, text).
         self._returning: tuple[int, str] | None = None
         #: Publisher confirms, once ``confirm_select`` ran: sequence number -> its future.
@@ -299,14 +327,29 @@ class Wire(asyncio.Protocol):
 
     @classmethod
     async def connect(
-        cls, url: str, *, connection_name: str, heartbeat_s: int = 15, timeout_s: float = 10.0
+        cls,
+        url: str,
+        *,
+        connection_name: str,
+        heartbeat_s: int = 15,
+        timeout_s: float = 10.0,
+        max_body_bytes: int | None = None,
     ) -> Wire:
-        """Connect, authenticate and open channel 1, or raise why not (typed)."""
+        """Connect, authenticate and open channel 1, or raise why not (typed).
+
+        A delivery whose content header announces a body over ``max_body_bytes`` is delivered
+        with an empty body and a ``defect``; its body frames are never buffered.
+        """
         endpoint = Endpoint.of(url)
         loop = asyncio.get_running_loop()
         if endpoint.heartbeat_s is not None:
             heartbeat_s = endpoint.heartbeat_s
-        wire = cls(endpoint, connection_name=connection_name, heartbeat_s=heartbeat_s)
+        wire = cls(
+            endpoint,
+            connection_name=connection_name,
+            heartbeat_s=heartbeat_s,
+            max_body_bytes=max_body_bytes,
+        )
         try:
             context = endpoint.ssl_context()
         except (OSError, ssl.SSLError) as exc:
@@ -403,18 +446,26 @@ class Wire(asyncio.Protocol):
         self._published = 0
 
     async def declare_queue(
-        self, queue: str, *, exclusive: bool = False, auto_delete: bool = False
-    ) -> str:
-        """Declare a (transient) queue, such as a client's exclusive reply queue; its name.
+        self,
+        queue: str,
+        *,
+        exclusive: bool = False,
+        auto_delete: bool = False,
+        passive: bool = False,
+    ) -> DeclaredQueue:
+        """Declare a (transient) queue, such as a client's exclusive reply queue, or with
+        ``passive`` check that it exists (a missing one closes the connection: code 404).
 
-        With ``queue=""`` the broker names it (``amq.gen-...``) and the name is its answer.
+        With ``queue=""`` the broker names it (``amq.gen-...``): the answer has the name.
         """
         ok = await self._call(
             _CHANNEL,
-            commands.Queue.Declare(queue=queue, exclusive=exclusive, auto_delete=auto_delete),
+            commands.Queue.Declare(
+                queue=queue, exclusive=exclusive, auto_delete=auto_delete, passive=passive
+            ),
         )
         assert isinstance(ok, commands.Queue.DeclareOk)
-        return str(ok.queue)
+        return DeclaredQueue(str(ok.queue), ok.message_count or 0)
 
     async def cancel(self, consumer_tag: str) -> None:
         """Stop consuming; deliveries already sent still arrive and are still served."""
@@ -577,9 +628,8 @@ class Wire(asyncio.Protocol):
             self._pending.clear()
         try:
             consumed = self._frames(data)
-        except (WireClosed, PAMQPException, ValueError, struct.error, UnicodeDecodeError) as exc:
-            problem = exc if isinstance(exc, WireClosed) else None
-            self._abort(problem or WireProtocolError(f"unreadable frame ({type(exc).__name__})"))
+        except WireClosed as exc:
+            self._abort(exc)
             return
         if consumed < len(data):
             self._pending += data[consumed:]
@@ -609,46 +659,75 @@ class Wire(asyncio.Protocol):
     def _on_frame(self, kind: int, channel: int, data: bytes, start: int, end: int) -> None:
         """One frame: its payload is ``data[start:end]``."""
         if kind == _BODY:
-            self._on_body(data[start:end])
+            self._on_body(data, start, end)
         elif kind == _METHOD:
+            if end - start < 4:
+                raise WireProtocolError("a method frame too short to name its method")
             method = _CLASS_METHOD.unpack_from(data, start)
             if method == _DELIVER:
-                self._on_deliver(data, start + 4)
+                self._on_deliver(data, start + 4, end)
             elif method in _CONFIRMS:
+                if end - start < 13:
+                    raise WireProtocolError("a confirm frame too short for its fields")
                 (tag,) = _LONGLONG.unpack_from(data, start + 4)
                 self._on_confirm(tag, bool(data[start + 12] & 1), method == _ACK_METHOD)
             else:
                 self._on_method(channel, data[start - 7 : end + 1])
         elif kind == _HEADER:
-            self._on_header(data, start)
+            self._on_header(data, start, end)
         elif kind != _HEARTBEAT:
             raise WireProtocolError(f"frame type {kind}")
 
     # -- deliveries -----------------------------------------------------------------------
 
-    def _on_deliver(self, data: bytes, offset: int) -> None:
-        _tag, offset = _read_shortstr(data, offset)  # consumer tag: one consumer here
-        (delivery_tag,) = _LONGLONG.unpack_from(data, offset)
-        redelivered = bool(data[offset + 8] & 1)
-        exchange, offset = _read_shortstr(data, offset + 9)
-        routing_key, offset = _read_shortstr(data, offset)
+    def _on_deliver(self, data: bytes, offset: int, end: int) -> None:
+        if self._content:
+            raise WireProtocolError("a delivery began before the last one's content ended")
+        try:
+            _tag, offset = _read_shortstr(data, offset, end)  # consumer tag: one consumer here
+            if offset + 9 > end:
+                raise _Undecodable("basic.deliver too short for its fields")
+            (delivery_tag,) = _LONGLONG.unpack_from(data, offset)
+            redelivered = bool(data[offset + 8] & 1)
+            exchange, offset = _read_shortstr(data, offset + 9, end)
+            routing_key, offset = _read_shortstr(data, offset, end)
+        except _Undecodable as exc:
+            # The broker's own frame, not the producer's: without a delivery tag there is
+            # nothing to settle, so the connection cannot go on.
+            raise WireProtocolError(f"an unreadable basic.deliver: {exc}") from None
         self._deliver = (delivery_tag, redelivered, exchange, routing_key)
+        self._content = _HEADER
 
-    def _on_header(self, data: bytes, offset: int) -> None:
+    def _on_header(self, data: bytes, offset: int, end: int) -> None:
+        if self._content != _HEADER:
+            raise WireProtocolError("a content header without its basic.deliver")
+        if end - offset < _CONTENT_HEAD.size:
+            raise WireProtocolError("a content header too short to give its body size")
         _class, _weight, body_size, flags = _CONTENT_HEAD.unpack_from(data, offset)
-        if flags & _P_MORE_FLAGS:
-            raise WireProtocolError("more property flags than AMQP 0-9-1 defines")
-        self._properties = _read_properties(data, offset + 14, flags)
+        # The header frame has its own length: whatever its properties hold, the next frame
+        # is found, so an unreadable property spoils this one message and not the connection.
+        self._properties, self._defect = _read_properties(data, offset + 14, end, flags)
+        self._content = _BODY
+        limit = self._max_body_bytes
+        if limit is not None and body_size > limit:
+            self._defect = f"a body of {body_size} bytes is over the limit of {limit}"
+            self._content = _DROPPED_BODY
         self._body_size = body_size
         self._body = []
         self._received = 0
         if body_size == 0:
             self._delivered()
 
-    def _on_body(self, chunk: bytes) -> None:
-        self._body.append(chunk)
-        self._received += len(chunk)
+    def _on_body(self, data: bytes, start: int, end: int) -> None:
+        content = self._content
+        if content == _BODY:
+            self._body.append(data[start:end])
+        elif content != _DROPPED_BODY:
+            raise WireProtocolError("a body frame without its content header")
+        self._received += end - start
         if self._received >= self._body_size:
+            if self._received > self._body_size:
+                raise WireProtocolError("a body longer than its content header announced")
             self._delivered()
 
     def _on_confirm(self, tag: int, multiple: bool, ok: bool) -> None:
@@ -669,6 +748,7 @@ class Wire(asyncio.Protocol):
         deliver, self._deliver = self._deliver, None
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         self._body = []
+        self._content = 0
         returning, self._returning = self._returning, None
         if returning is not None:
             if self.on_return is not None:
@@ -681,27 +761,28 @@ class Wire(asyncio.Protocol):
     def _message(self, body: bytes, deliver: tuple[int, bool, str, str]) -> Delivery:
         properties = self._properties
         delivery_tag, redelivered, exchange, routing_key = deliver
+        get = properties.get
+        # Positional, in field order: a frozen dataclass's keyword call costs more per delivery.
         return Delivery(
-            body=body,
-            delivery_tag=delivery_tag,
-            exchange=exchange,
-            routing_key=routing_key,
-            redelivered=redelivered,
-            headers=properties.get("headers") or {},
-            message_id=properties.get("message_id"),
-            correlation_id=properties.get("correlation_id"),
-            type=properties.get("type"),
-            reply_to=properties.get("reply_to"),
-            user_id=properties.get("user_id"),
-            content_type=properties.get("content_type"),
+            body,
+            delivery_tag,
+            exchange,
+            routing_key,
+            redelivered,
+            get("headers") or {},
+            get("message_id"),
+            get("correlation_id"),
+            get("type"),
+            get("reply_to"),
+            get("user_id"),
+            get("content_type"),
+            self._defect,
         )
 
     # -- every other method ---------------------------------------------------------------
 
     def _on_method(self, channel: int, raw: bytes) -> None:
-        _consumed, _channel, method = frame.unmarshal(raw)
-        if not isinstance(method, MethodFrame):
-            raise WireProtocolError("a method frame that holds no method")
+        method = _unmarshal(raw)
         waiter = self._waiter
         if waiter is not None and not waiter.done() and method.name in self._expected:
             self._waiter = None
@@ -722,7 +803,10 @@ class Wire(asyncio.Protocol):
             self.blocked = False
             log.info("the broker unblocked publishing")
         elif isinstance(method, commands.Basic.Return):
+            if self._content:
+                raise WireProtocolError("a returned message began before the last one ended")
             self._returning = (method.reply_code or 0, method.reply_text or "")
+            self._content = _HEADER
         elif isinstance(method, commands.Channel.Flow):
             self._send_method(channel, commands.Channel.FlowOk(active=method.active))
         else:
@@ -753,6 +837,17 @@ class Wire(asyncio.Protocol):
             self._transport.close()
         if not self._closing:
             log.debug("AMQP connection to %s lost: %s", self._endpoint.where, reason)
+
+
+def _unmarshal(raw: bytes) -> MethodFrame:
+    """A rare method frame, read by pamqp; anything pamqp cannot read ends the connection."""
+    try:
+        _consumed, _channel, method = frame.unmarshal(raw)
+    except Exception as exc:  # pamqp's errors are many and untyped: each is an unreadable frame
+        raise WireProtocolError(f"an unreadable method frame ({type(exc).__name__})") from None
+    if not isinstance(method, MethodFrame):
+        raise WireProtocolError("a method frame that holds no method")
+    return method
 
 
 def _closed_by_broker(
@@ -795,33 +890,242 @@ def _shortstr(value: str) -> bytes:
     return bytes((len(encoded),)) + encoded
 
 
-def _read_shortstr(data: bytes, offset: int) -> tuple[str, int]:
-    end = offset + 1 + data[offset]
-    if end > len(data):
-        raise WireProtocolError("a short string runs past its frame")
-    return data[offset + 1 : end].decode("utf-8", errors="replace"), end
+#: Deepest nesting of tables and arrays in a message's headers (ours use one level, the
+#: broker's ``x-death`` two): deeper is a defect, never a recursion into the interpreter's limit.
+MAX_TABLE_DEPTH = 16
+#: Most values one message's headers may hold, at every level together.
+MAX_TABLE_VALUES = 1024
+_RAW_SHOWN_BYTES = 16
 
 
-def _read_table(data: bytes, offset: int) -> tuple[dict[str, Any], int]:
-    (length,) = struct.unpack_from(">I", data, offset)
-    consumed, table = field_table(data[offset : offset + 4 + length])
-    return table, offset + consumed
+class _Undecodable(Exception):
+    """Part of a frame that cannot be read; ``str()`` is printable and says what."""
 
 
-def _read_octet(data: bytes, offset: int) -> tuple[int, int]:
+def _read_shortstr(data: bytes, offset: int, end: int) -> tuple[str, int]:
+    if offset >= end:
+        raise _Undecodable("a short string runs past its frame")
+    stop = offset + 1 + data[offset]
+    if stop > end:
+        raise _Undecodable("a short string runs past its frame")
+    return data[offset + 1 : stop].decode("utf-8", errors="replace"), stop
+
+
+def _read_octet(data: bytes, offset: int, end: int) -> tuple[int, int]:
+    if offset >= end:
+        raise _Undecodable("an octet runs past its frame")
     return data[offset], offset + 1
 
 
-def _read_longlong(data: bytes, offset: int) -> tuple[int, int]:
+def _read_longlong(data: bytes, offset: int, end: int) -> tuple[int, int]:
+    if offset + 8 > end:
+        raise _Undecodable("a timestamp runs past its frame")
     return _LONGLONG.unpack_from(data, offset)[0], offset + 8
 
 
-_Reader = Callable[[bytes, int], tuple[Any, int]]
-#: The basic class's properties in wire order: flag, name, how to read it.
-_PROPERTIES: tuple[tuple[int, str, _Reader], ...] = (
+_LONG = struct.Struct(">I")
+#: Field values of a fixed size, by type octet (RabbitMQ's table of types, read as pamqp
+#: reads them, so a header decodes to what aio-pika would have shown).
+_FIXED_VALUES: dict[int, struct.Struct] = {
+    ord("b"): struct.Struct(">b"),
+    ord("B"): struct.Struct(">B"),
+    ord("s"): struct.Struct(">h"),
+    ord("u"): struct.Struct(">H"),
+    ord("I"): struct.Struct(">i"),
+    ord("i"): struct.Struct(">I"),
+    ord("l"): struct.Struct(">q"),
+    ord("L"): struct.Struct(">q"),
+    ord("f"): struct.Struct(">f"),
+    ord("d"): struct.Struct(">d"),
+}
+_BOOLEAN, _TIMESTAMP, _DECIMAL = ord("t"), ord("T"), ord("D")
+_LONGSTR, _BYTES, _TABLE, _ARRAY = ord("S"), ord("x"), ord("F"), ord("A")
+_VOIDS = (ord("V"), 0)
+#: Seconds: a timestamp above is taken as milliseconds (pamqp's rule, "after the year 2106").
+_SECONDS_MAX = 0xFFFFFFFF
+
+
+class _TableReader:
+    """Reads one message's field tables within bounds: depth, value count, the frame."""
+
+    __slots__ = ("data", "values_left")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.values_left = MAX_TABLE_VALUES
+
+    def table(self, offset: int, end: int, depth: int) -> tuple[dict[str, Any], int]:
+        """The table at ``offset`` (its length first), and where it ends."""
+        stop = self._extent(offset, end, "table")
+        if depth > MAX_TABLE_DEPTH:
+            raise _Undecodable(f"tables nested deeper than {MAX_TABLE_DEPTH}")
+        table: dict[str, Any] = {}
+        offset += 4
+        while offset < stop:
+            key, offset = self.key(offset, stop)
+            table[key], offset = self.value(offset, stop, depth)
+        return table, stop
+
+    def key(self, offset: int, stop: int) -> tuple[str, int]:
+        """A table key (a short string), which must be UTF-8."""
+        data = self.data
+        key_end = offset + 1 + data[offset]
+        if key_end > stop:
+            raise _Undecodable("a table key runs past its table")
+        try:
+            return data[offset + 1 : key_end].decode(), key_end
+        except UnicodeDecodeError:
+            raise _Undecodable("a table key that is not UTF-8") from None
+
+    def value(self, offset: int, end: int, depth: int) -> tuple[Any, int]:
+        """One field value: its type octet, then the value; and where it ends."""
+        if offset >= end:
+            raise _Undecodable("a table value runs past its table")
+        self.values_left -= 1
+        if self.values_left < 0:
+            raise _Undecodable(f"more than {MAX_TABLE_VALUES} values in the headers")
+        data = self.data
+        kind = data[offset]
+        offset += 1
+        if kind == _LONGSTR:
+            stop = self._extent(offset, end, "long string")
+            raw = data[offset + 4 : stop]
+            try:
+                return raw.decode(), stop
+            except UnicodeDecodeError:
+                return raw, stop  # as pamqp: a long string need not be text
+        fixed = _FIXED_VALUES.get(kind)
+        if fixed is not None:
+            if offset + fixed.size > end:
+                raise _Undecodable("a number runs past its table")
+            return fixed.unpack_from(data, offset)[0], offset + fixed.size
+        if kind == _TABLE:
+            return self.table(offset, end, depth + 1)
+        if kind == _ARRAY:
+            return self.array(offset, end, depth + 1)
+        return self.rare(kind, offset, end)
+
+    def array(self, offset: int, end: int, depth: int) -> tuple[list[Any], int]:
+        """A field array (its length first), and where it ends."""
+        stop = self._extent(offset, end, "array")
+        if depth > MAX_TABLE_DEPTH:
+            raise _Undecodable(f"tables nested deeper than {MAX_TABLE_DEPTH}")
+        values: list[Any] = []
+        offset += 4
+        while offset < stop:
+            value, offset = self.value(offset, stop, depth)
+            values.append(value)
+        return values, stop
+
+    def rare(self, kind: int, offset: int, end: int) -> tuple[Any, int]:
+        """Values no ZANDD header uses, but a producer (or the broker's x-death) may."""
+        data = self.data
+        if kind in _VOIDS:
+            return None, offset
+        if kind == _BYTES:
+            stop = self._extent(offset, end, "byte array")
+            return bytearray(data[offset + 4 : stop]), stop  # as pamqp: it re-encodes as "x"
+        if kind == _BOOLEAN:
+            if offset >= end:
+                raise _Undecodable("a boolean runs past its table")
+            return bool(data[offset]), offset + 1
+        if kind == _TIMESTAMP:
+            stamp, stop = _read_longlong(data, offset, end)
+            return _timestamp(stamp), stop
+        if kind == _DECIMAL:
+            if offset + 5 > end:
+                raise _Undecodable("a decimal runs past its table")
+            places = data[offset]
+            (raw,) = _SIGNED_LONG.unpack_from(data, offset + 1)
+            return Decimal(raw) * Decimal(10) ** -places, offset + 5
+        raise _Undecodable(f"a field value of unknown type {printable(bytes((kind,)))}")
+
+    def skip(self, offset: int, end: int) -> int | None:
+        """Where the value at ``offset`` ends, without reading it; None when unknowable."""
+        data = self.data
+        if offset >= end:
+            return None
+        kind = data[offset]
+        offset += 1
+        if kind in (_LONGSTR, _BYTES, _TABLE, _ARRAY):
+            try:
+                return self._extent(offset, end, "value")
+            except _Undecodable:
+                return None
+        size = _RARE_SIZES.get(kind)
+        if size is None:
+            fixed = _FIXED_VALUES.get(kind)
+            if fixed is None:
+                return None
+            size = fixed.size
+        return offset + size if offset + size <= end else None
+
+    def _extent(self, offset: int, end: int, what: str) -> int:
+        """Where a length-prefixed value at ``offset`` ends, checked against ``end``."""
+        if offset + 4 > end:
+            raise _Undecodable(f"a {what} runs past its frame")
+        stop: int = offset + 4 + _LONG.unpack_from(self.data, offset)[0]
+        if stop > end:
+            raise _Undecodable(f"a {what} runs past its frame")
+        return stop
+
+
+_SIGNED_LONG = struct.Struct(">i")
+_RARE_SIZES = {ord("V"): 0, 0: 0, _BOOLEAN: 1, _TIMESTAMP: 8, _DECIMAL: 5}
+
+
+def _timestamp(stamp: int) -> datetime:
+    seconds = stamp / 1000.0 if stamp > _SECONDS_MAX else stamp
+    try:
+        return datetime.fromtimestamp(seconds, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        raise _Undecodable(f"a timestamp out of range ({stamp})") from None
+
+
+def _read_headers(data: bytes, offset: int, end: int) -> tuple[dict[str, Any], str | None, int]:
+    """The headers table, what was wrong in it (None: nothing), and where it ends.
+
+    An entry that cannot be read is left out and the others are kept (the broker's ``x-death``
+    next to a producer's bad entry still says why the message died); a table whose length
+    runs past the frame is the end of what can be read.
+    """
+    reader = _TableReader(data)
+    stop = reader._extent(offset, end, "headers table")
+    headers: dict[str, Any] = {}
+    defect: str | None = None
+    offset += 4
+    while offset < stop:
+        key_start = offset
+        try:
+            key, offset = reader.key(offset, stop)
+            headers[key], offset = reader.value(offset, stop, 1)
+        except _Undecodable as exc:
+            after_key = min(key_start + 1 + data[key_start], stop)
+            skipped = reader.skip(after_key, stop)
+            if defect is None:
+                defect = _entry_defect(data, key_start, after_key, skipped or stop, exc)
+            if skipped is None:
+                break
+            offset = skipped
+    return headers, defect, stop
+
+
+def _entry_defect(data: bytes, start: int, value_start: int, end: int, exc: Exception) -> str:
+    """What is wrong with one header entry: its key and the first bytes of its value, escaped."""
+    key = printable(data[start + 1 : value_start], 40)
+    cut = min(end, value_start + _RAW_SHOWN_BYTES)
+    raw = printable(data[value_start:cut], 4 * _RAW_SHOWN_BYTES) + ("…" if cut < end else "")
+    return f"header '{key}' ({raw}): {exc}"
+
+
+_Reader = Callable[[bytes, int, int], tuple[Any, int]]
+#: The basic class's properties in wire order (the headers table sits between these two
+#: groups and is read by ``_read_headers``): flag, name, how to read it.
+_BEFORE_HEADERS: tuple[tuple[int, str, _Reader], ...] = (
     (_P_CONTENT_TYPE, "content_type", _read_shortstr),
     (_P_CONTENT_ENCODING, "content_encoding", _read_shortstr),
-    (_P_HEADERS, "headers", _read_table),
+)
+_AFTER_HEADERS: tuple[tuple[int, str, _Reader], ...] = (
     (_P_DELIVERY_MODE, "delivery_mode", _read_octet),
     (_P_PRIORITY, "priority", _read_octet),
     (_P_CORRELATION_ID, "correlation_id", _read_shortstr),
@@ -836,10 +1140,24 @@ _PROPERTIES: tuple[tuple[int, str, _Reader], ...] = (
 )
 
 
-def _read_properties(data: bytes, offset: int, flags: int) -> dict[str, Any]:
-    """The basic properties of a content header, by their flags, in wire order."""
+def _read_properties(
+    data: bytes, offset: int, end: int, flags: int
+) -> tuple[dict[str, Any], str | None]:
+    """The basic properties of a content header by their flags, in wire order, and what could
+    not be read (None: nothing). What precedes an unreadable property is kept."""
     properties: dict[str, Any] = {}
-    for flag, name, read in _PROPERTIES:
-        if flags & flag:
-            properties[name], offset = read(data, offset)
-    return properties
+    if flags & _P_MORE_FLAGS:
+        return properties, "more property flags than AMQP 0-9-1 defines"
+    defect: str | None = None
+    try:
+        for flag, name, read in _BEFORE_HEADERS:
+            if flags & flag:
+                properties[name], offset = read(data, offset, end)
+        if flags & _P_HEADERS:
+            properties["headers"], defect, offset = _read_headers(data, offset, end)
+        for flag, name, read in _AFTER_HEADERS:
+            if flags & flag:
+                properties[name], offset = read(data, offset, end)
+    except _Undecodable as exc:
+        return properties, f"unreadable properties: {exc}"
+    return properties, defect

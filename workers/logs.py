@@ -28,27 +28,14 @@ from typing import Literal
 
 from opentelemetry import trace
 
+from contracts.text import escape_unprintable
+
 LogFormat = Literal["text", "json"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
 
 _request_id: ContextVar[str | None] = ContextVar("zandd_request_id", default=None)
 _DETAIL_INDENT = "  "
-
-
-def escape_controls(text: str) -> str:
-    """``text`` on one line and inert on a terminal: each unprintable character as its escape.
-
-    Unprintable is Python's ``str.isprintable``: control characters (newlines, ESC, DEL, C1),
-    line and paragraph separators and format characters (bidirectional overrides) among them.
-    """
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else _escape(c) for c in text)
-
-
-def _escape(char: str) -> str:
-    return char.encode("unicode_escape").decode("ascii")
 
 
 def _json_escape(char: str) -> str:
@@ -108,11 +95,11 @@ class TextFormatter(logging.Formatter):
         """One line (plus an indented traceback when the record has one)."""
         # A copy: other handlers of the same record format it their own way.
         shown = copy.copy(record)
-        shown.msg, shown.args = escape_controls(record.getMessage()), None
+        shown.msg, shown.args = escape_unprintable(record.getMessage()), None
         shown.exc_info, shown.exc_text, shown.stack_info = None, None, None
         line = super().format(shown)
         tags = [
-            f"{name}={escape_controls(str(value))}"
+            f"{name}={escape_unprintable(str(value))}"
             for name in ("request_id", "trace_id")
             if (value := getattr(record, name, None))
         ]
@@ -126,7 +113,7 @@ class TextFormatter(logging.Formatter):
             if detail:
                 # split("\n"), not splitlines(): other line breaks in a message are escaped.
                 line += "".join(
-                    f"\n{_DETAIL_INDENT}{escape_controls(part)}" for part in detail.split("\n")
+                    f"\n{_DETAIL_INDENT}{escape_unprintable(part)}" for part in detail.split("\n")
                 )
         return line
 

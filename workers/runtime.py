@@ -11,7 +11,11 @@ one, and the requests travel on a lean connection of our own (``contracts/wire.p
 request's frames cost a fraction of what they cost through aiormq.
 
 A malformed request is answered with ``invalid_request`` and acked — or, with nobody to
-answer, dead-lettered — and never requeued; the worker keeps running.
+answer, dead-lettered — and never requeued; the worker keeps running. A message whose AMQP
+properties or body the connection could not read (``Delivery.defect``: a poison header, a body
+over the size limit) is refused before any handler runs: answered ``invalid_request`` when it
+names a ``reply_to``, and dead-lettered on its first delivery either way, so an operator sees
+it in ``zandd.dead`` (an unreadable message is evidence, not noise).
 
 Why no publisher confirm on the reply: it would add no guarantee the frame order does not
 already give. A reply is transient and goes to the caller's transient queue; the broker
@@ -33,6 +37,7 @@ What the runtime does when things break:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -58,6 +63,7 @@ from contracts.limits import Limits
 from contracts.models import ErrorReply, parse_request
 from contracts.operations import ERROR_REPLY_TYPE, IDEMPOTENT_OPERATIONS, Operation
 from contracts.replyto import ReplyToRefused, check_reply_to, learn_direct_reply_node
+from contracts.text import printable
 from contracts.topology import bind_topology, declare_topology
 from contracts.tracing import mark_failed
 from contracts.wire import Delivery, Properties, Wire, WireClosed
@@ -103,6 +109,8 @@ class _Outcome:
     dead_letter_if_unanswered: bool = False
     #: Its audit entry could not be written: it is dead-lettered, never answered unaudited.
     unaudited: bool = False
+    #: Dead-letter it even when answered: the message itself could not be read.
+    dead_letter: bool = False
 
     @property
     def label(self) -> str:
@@ -196,7 +204,11 @@ class ConsumerRuntime:
     async def _open_session(self) -> _Session:
         """Declare (or look up) the topology, then connect the lean connection and set QoS."""
         queue = await self._work_queue()
-        wire = await Wire.connect(self._amqp_url, connection_name=self._name)
+        wire = await Wire.connect(
+            self._amqp_url,
+            connection_name=self._name,
+            max_body_bytes=self._limits.max_body_bytes,
+        )
         try:
             # Per-consumer QoS: global QoS on a quorum queue closes the connection.
             await wire.qos(self._prefetch)
@@ -326,7 +338,8 @@ class ConsumerRuntime:
         reply_to = None if refused or outcome.unaudited else message.reply_to
         if reply_to:
             self._reply(session, reply_to, message, outcome)
-        if outcome.unaudited or (outcome.dead_letter_if_unanswered and not reply_to):
+        dead_letter = outcome.dead_letter or outcome.unaudited
+        if dead_letter or (outcome.dead_letter_if_unanswered and not reply_to):
             session.wire.reject(message.delivery_tag, requeue=False)
             session.acks.rejected(message.delivery_tag)
             self._metrics.dead_lettered(self._queue, "rejected")
@@ -336,10 +349,13 @@ class ConsumerRuntime:
     async def _serve(self, message: Delivery) -> _Outcome:
         request: BaseModel | None = None
         try:
+            # First: whatever follows (an error reply included) may go to reply_to.
             if message.reply_to:
                 check_reply_to(
                     message.reply_to, message.user_id, direct_reply_nodes=self._reply_nodes
                 )
+            if message.defect is not None:
+                return await self._refuse_unreadable(message, message.defect)
             operation, handler = self._route(message)
             request = parse_request(operation, message.body, self._limits)
             context = RequestContext(operation, message.message_id, message.user_id)
@@ -363,6 +379,13 @@ class ConsumerRuntime:
             error = InternalError("internal error; the worker log has the details")
             return _error_outcome(error, audited=await self._audit_refusal(message, request, error))
         return _Outcome(reply.model_dump_json().encode(), operation.reply_type)
+
+    async def _refuse_unreadable(self, message: Delivery, defect: str) -> _Outcome:
+        """A message the connection could not read: no handler sees it; refused, dead-lettered."""
+        error = InvalidRequest(f"the message cannot be read: {defect}")
+        log.warning("request %s refused: %s", printable(message.message_id), error.message)
+        outcome = _error_outcome(error, audited=await self._audit_refusal(message, None, error))
+        return dataclasses.replace(outcome, dead_letter=True)
 
     def _audited(self, handler: Handler, message: Delivery) -> Handler:
         """``handler`` followed by the audit of its result, so both are retried together."""

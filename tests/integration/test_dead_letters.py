@@ -21,6 +21,7 @@ from contracts.topology import (
     declare_topology,
 )
 from tests.conftest import RunningFleet
+from tests.poison import POISON_HEADERS, publish_poison
 from workers.dead import DeadLetterQueue
 
 pytestmark = pytest.mark.rabbitmq
@@ -170,3 +171,82 @@ async def test_a_malformed_request_without_reply_to_is_dead_lettered(fleet: Runn
         await wait_for_dead(channel, (before or 0) + 1)
     letters = await DeadLetterQueue(fleet.amqp_url).list()
     assert ("nobody-to-tell", "rejected") in [(d.message_id, d.reason) for d in letters]
+
+
+@pytest.mark.tpm
+async def test_unreadable_messages_are_refused_dead_lettered_once_and_listed_escaped(
+    fleet: RunningFleet,
+) -> None:
+    sessions = {name: runtime._session for name, runtime in fleet.runtimes.items()}
+    connection = await aio_pika.connect(fleet.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        before = (
+            await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+        ).declaration_result.message_count or 0
+        replies = await publish_poison(fleet.amqp_url, answerable=(True, False))
+        await wait_for_dead(channel, before + 6)
+    errors = {r.correlation_id: ErrorReply.model_validate_json(r.body) for r in replies}
+    assert sorted(errors) == sorted(f"{kind}-True" for kind in POISON_HEADERS)
+    assert {
+        (e.code, e.message.startswith("the message cannot be read")) for e in errors.values()
+    } == {("invalid_request", True)}
+    letters = {
+        d.message_id: d
+        for d in await DeadLetterQueue(fleet.amqp_url).list()
+        if (d.message_id or "").startswith("poison-")
+    }
+    assert len(letters) == 6
+    # Dead-lettered on the first delivery (one death), by a worker's reject, with the reason.
+    assert {(d.reason, d.count, d.queue) for d in letters.values()} == {("rejected", 1, SIGN_QUEUE)}
+    assert all(d.defect and d.defect.startswith("header ") for d in letters.values())
+    # No worker lost its connection over them.
+    assert {name: runtime._session for name, runtime in fleet.runtimes.items()} == sessions
+    assert not any(s is None or s.lost.is_set() for s in sessions.values())
+
+    code, out, err = await zandd(fleet.amqp_url, "dead", "list")
+    assert code == 0, err
+    assert "\x1b" not in out  # every producer-chosen text is escaped
+    for kind in POISON_HEADERS:
+        assert f"poison-{kind}-True\\x1b[2J" in out
+    assert out.count("  unreadable: header ") == 6
+    # Never replayed (it would only be refused again), and the queue stays readable.
+    code, out, err = await zandd(fleet.amqp_url, "dead", "replay", "--id", "poison-key-True\x1b[2J")
+    assert code == 0, err
+    assert "replayed 0 to zandd" in out
+    assert "\x1b" not in err
+
+
+@pytest.mark.tpm
+@pytest.mark.fleet_settings(max_body_bytes=64 * 1024)
+async def test_a_body_over_the_limit_is_refused_from_its_header_and_dead_lettered(
+    fleet: RunningFleet,
+) -> None:
+    connection = await aio_pika.connect(fleet.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        before = (
+            await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+        ).declaration_result.message_count or 0
+        replies = await channel.declare_queue(exclusive=True)
+        exchange = await channel.get_exchange(EXCHANGE, ensure=False)
+        body = b"[" + b"{}," * 400_000 + b"{}]"
+        await exchange.publish(
+            aio_pika.Message(
+                body,
+                type="sign.batch",
+                message_id="too-big",
+                reply_to=replies.name,
+                user_id="guest",
+            ),
+            routing_key="sign.batch",
+        )
+        async with replies.iterator(timeout=30) as incoming:
+            async for message in incoming:
+                error = ErrorReply.model_validate_json(message.body)
+                break
+        await wait_for_dead(channel, before + 1)
+    assert error.code == "invalid_request"
+    assert error.message == (
+        f"the message cannot be read: a body of {len(body)} bytes is over the limit of 65536"
+    )

@@ -31,12 +31,15 @@ from hypothesis import strategies as st
 from contracts.client import SigningClient
 from contracts.crypto import load_public_key, verify_signature
 from contracts.errors import ZanddError
-from contracts.models import SignReply
+from contracts.models import ErrorReply, SignReply
 from contracts.topology import DEAD_LETTER_QUEUE, EXCHANGE, KEYGEN_QUEUE, SIGN_QUEUE
 from tests.conftest import RunningFleet
+from tests.poison import POISON_HEADERS, publish_poison
 from vault.kek import KekRing
 from vault.store import open_store
+from workers.dead import DeadLetterQueue
 from workers.fleet import consumer_counts
+from workers.runtime import ConsumerRuntime
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm, pytest.mark.faults]
 
@@ -678,3 +681,50 @@ async def test_a_full_batch_yields_the_loop_while_it_signs(
     # Signing 1,000 in one step was ~90% of the batch's event loop time; in chunks of 64 no
     # step is more than a small share of it (a ratio within one run, not a time).
     assert share < 0.5
+
+
+# -- poison messages amid load (issue 12) --------------------------------------------------
+
+
+async def test_one_poison_message_of_each_kind_amid_load_harms_no_one_else(
+    fleet: RunningFleet, report: Callable[[str], None]
+) -> None:
+    sessions = {name: runtime._session for name, runtime in fleet.runtimes.items()}
+    dead_before = await dead_letters(fleet.amqp_url)
+    async with await fleet.client() as client:
+        key = await client.create_key()
+        reached, seen = when(500)
+        load = asyncio.create_task(sign_load(client, key.key_id, 3000, on_answer=seen))
+        await reached.wait()
+        refusals = await publish_poison(fleet.amqp_url, answerable=(True,))
+        result = await load
+        duplicates = client.unmatched_replies
+    poison = [
+        letter
+        for letter in await DeadLetterQueue(fleet.amqp_url).list()
+        if (letter.message_id or "").startswith("poison-")
+    ]
+    drops = sum(
+        runtime._session is not sessions[name] or runtime_lost(runtime)
+        for name, runtime in fleet.runtimes.items()
+    )
+    dead = await dead_letters(fleet.amqp_url) - dead_before
+    report(
+        f"faults: poison kinds={len(POISON_HEADERS)} sent={result.sent} "
+        f"answered={result.answered} lost={result.lost} errors={sum(result.errors.values())} "
+        f"refused={len(refusals)} dead={dead} deaths={sum(p.count for p in poison)} "
+        f"drops={drops} duplicates={duplicates}"
+    )
+    assert (result.answered, result.lost, dict(result.errors)) == (3000, 0, {})
+    assert all_verify(key.public_key_pem, result)
+    assert drops == 0
+    assert {ErrorReply.model_validate_json(r.body).code for r in refusals} == {"invalid_request"}
+    assert len(refusals) == len(POISON_HEADERS)
+    # Each dead-lettered once, on its first delivery: one x-death of count 1, reason rejected.
+    assert dead == len(POISON_HEADERS)
+    assert sorted((p.reason, p.count) for p in poison) == [("rejected", 1)] * len(POISON_HEADERS)
+
+
+def runtime_lost(runtime: ConsumerRuntime) -> bool:
+    session = runtime._session
+    return session is None or session.lost.is_set()

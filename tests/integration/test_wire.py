@@ -250,8 +250,8 @@ async def test_amqps_with_the_url_s_tls_options(empty_amqp_url: str, tmp_path: P
         # Trusted through ?cafile= (aiormq's option, so the same URL works with aio-pika).
         trusted = over_tls.with_query({"cafile": str(cert_file)})
         wire = await Wire.connect(str(trusted), connection_name="test-wire", timeout_s=5)
-        assert await wire.declare_queue("wire.tls", exclusive=True) == "wire.tls"
-        assert (await wire.declare_queue("", exclusive=True)).startswith("amq.gen-")
+        assert (await wire.declare_queue("wire.tls", exclusive=True)).name == "wire.tls"
+        assert (await wire.declare_queue("", exclusive=True)).name.startswith("amq.gen-")
         await wire.confirm_select()
         confirmed = wire.publish(b"over tls", Properties(), routing_key="wire.tls")
         assert confirmed is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,8 +17,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pamqp import commands, frame
 from pamqp.body import ContentBody
+from pamqp.decode import field_table
+from pamqp.encode import field_table as encode_table
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
@@ -31,6 +36,7 @@ from contracts.wire import (
     WireProtocolError,
     WireRefused,
 )
+from tests.poison import POISON_HEADERS
 
 FRAME_MAX = 4096
 
@@ -414,3 +420,179 @@ async def test_a_cancelled_connect_leaves_no_socket_open() -> None:
         with pytest.raises(asyncio.CancelledError):
             await attempt
         await asyncio.wait_for(silent.hung_up.wait(), 5)
+
+
+# -- hostile content: one bad message is one bad message ---------------------------------------
+
+
+def _raw_delivery(table: bytes, body: bytes, *, tag: int, message_id: bytes) -> bytes:
+    """A delivery whose headers table is given as raw bytes (pamqp cannot encode a poison one)."""
+    deliver = commands.Basic.Deliver(
+        consumer_tag="ctag", delivery_tag=tag, exchange="zandd", routing_key="sign"
+    )
+    flags = 0x2000 | 0x0200 | 0x0080  # headers, reply_to, message_id: in wire order below
+    properties = table + bytes((7,)) + b"replies" + bytes((len(message_id),)) + message_id
+    header = struct.pack(">HHQH", 60, 0, len(body), flags) + properties
+    return (
+        frame.marshal(deliver, 1)
+        + struct.pack(">BHI", 2, 1, len(header))
+        + header
+        + b"\xce"
+        + frame.marshal(ContentBody(body), 1)
+    )
+
+
+@pytest.mark.parametrize("kind", POISON_HEADERS)
+@pytest.mark.parametrize("chunk", [1_000_000, 1, 7])
+async def test_an_undecodable_header_is_one_defective_delivery_and_the_next_is_intact(
+    kind: str, chunk: int
+) -> None:
+    wire, _transport, deliveries = await _wire(frame_max=131072)
+    data = _raw_delivery(
+        POISON_HEADERS[kind], b"{}", tag=1, message_id=b"poison"
+    ) + _delivery_bytes(b"{}", FULL_PROPERTIES, tag=2)
+    for start in range(0, len(data), chunk):
+        wire.data_received(data[start : start + chunk])
+    assert not wire.lost.is_set(), wire.reason
+    poison, innocent = deliveries
+    assert poison.defect is not None
+    assert poison.defect.isprintable()  # the escape sequence in the key is shown escaped
+    # The headers table has its own length: what follows it, and its good entries, still read.
+    assert (poison.delivery_tag, poison.message_id, poison.reply_to) == (1, "poison", "replies")
+    assert poison.headers == {"traceparent": "00-ab-cd-01"}
+    assert innocent.defect is None
+    assert (innocent.delivery_tag, innocent.message_id, innocent.body) == (2, "req-1", b"{}")
+
+
+async def test_a_body_over_the_limit_is_counted_not_buffered_and_delivered_with_a_defect() -> None:
+    wire, _transport, deliveries = await _wire()
+    wire._max_body_bytes = 1000
+    big = _delivery_bytes(b"x" * 10_000, commands.Basic.Properties(message_id="big"), tag=1)
+    frames = []
+    rest = big
+    while rest:
+        size = struct.unpack_from(">I", rest, 3)[0] + 8
+        frames.append(rest[:size])
+        rest = rest[size:]
+    deliver, header, *bodies = frames
+    assert len(bodies) == 3
+    wire.data_received(deliver + header)
+    for body in bodies[:-1]:
+        wire.data_received(body)
+        assert wire._body == []  # nothing of the oversized body is held
+    wire.data_received(bodies[-1] + _delivery_bytes(b"{}", FULL_PROPERTIES, tag=2))
+    over, innocent = deliveries
+    assert (over.message_id, over.body) == ("big", b"")
+    assert over.defect == "a body of 10000 bytes is over the limit of 1000"
+    assert (innocent.delivery_tag, innocent.body, innocent.defect) == (2, b"{}", None)
+    assert not wire.lost.is_set()
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [ContentBody(b"{}")],  # a body with no header
+        [ContentHeader(body_size=2, properties=commands.Basic.Properties())],  # no deliver
+    ],
+    ids=["body-first", "header-first"],
+)
+async def test_content_out_of_order_is_a_protocol_error(frames: list[Any]) -> None:
+    wire, _transport, deliveries = await _wire()
+    wire.data_received(b"".join(frame.marshal(f, 1) for f in frames))
+    assert isinstance(wire.reason, WireProtocolError)
+    assert deliveries == []
+
+
+async def test_a_method_frame_pamqp_cannot_read_is_a_protocol_error() -> None:
+    wire, _transport, _ = await _wire()
+    # connection.close whose reply text runs past its frame.
+    payload = struct.pack(">HHH", 10, 50, 200) + b"\xff"
+    wire.data_received(struct.pack(">BHI", 1, 0, len(payload)) + payload + b"\xce")
+    assert isinstance(wire.reason, WireProtocolError)
+
+
+HEADER_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(width=32, allow_nan=False)  # pamqp writes every float as a single
+    | st.text(max_size=20)
+    | st.binary(max_size=10).map(bytearray)
+    | st.datetimes(
+        min_value=datetime(1970, 1, 2), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+    ).map(lambda d: d.replace(microsecond=0)),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=12), HEADER_VALUES, max_size=6))
+async def test_headers_decode_as_pamqp_decodes_them(headers: dict[str, Any]) -> None:
+    wire, _transport, deliveries = await _wire(frame_max=131072)
+    properties = commands.Basic.Properties(headers=headers, message_id="m")
+    wire.data_received(_delivery_bytes(b"{}", properties))
+    (delivery,) = deliveries
+    assert delivery.defect is None
+    assert delivery.headers == field_table(encode_table(headers))[1]
+
+
+def _mutated(data: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
+    """``data`` with each (position, bytes removed, bytes inserted) edit applied."""
+    for position, removed, inserted in edits:
+        at = position % (len(data) + 1)
+        data = data[:at] + inserted + data[at + removed :]
+    return data
+
+
+FRAME_STREAMS = st.one_of(
+    st.binary(max_size=600),
+    st.builds(
+        _mutated,
+        st.sampled_from(
+            [
+                _delivery_bytes(b"{}", FULL_PROPERTIES, tag=3)
+                + _delivery_bytes(b"x" * 5000, commands.Basic.Properties(), tag=4),
+                *(_raw_delivery(t, b"{}", tag=5, message_id=b"p") for t in POISON_HEADERS.values()),
+                frame.marshal(commands.Basic.Ack(delivery_tag=1, multiple=True), 1)
+                + frame.marshal(commands.Connection.Blocked(reason="low on memory"), 0),
+            ]
+        ),
+        st.lists(
+            st.tuples(
+                st.integers(min_value=0, max_value=20_000),
+                st.integers(min_value=0, max_value=4),
+                st.binary(max_size=4),
+            ),
+            min_size=1,
+            max_size=4,
+        ),
+    ),
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(FRAME_STREAMS, st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=8))
+async def test_any_bytes_end_in_deliveries_defects_or_a_protocol_error(
+    data: bytes, splits: list[int]
+) -> None:
+    wire, _transport, deliveries = await _wire(frame_max=131072)
+    wire._max_body_bytes = 4000
+    wire._confirms = {}
+    offset = 0
+    for size in splits * (len(data) // sum(splits) + 1):
+        if offset >= len(data):
+            break
+        wire.data_received(data[offset : offset + size])  # never raises
+        offset += size
+    for delivery in deliveries:
+        assert delivery.defect is None or delivery.defect.isprintable()
+        assert isinstance(delivery.body, bytes)
+    if wire.lost.is_set():
+        # A protocol error, or a verdict of the broker's that the mutation happened to spell
+        # (connection.close, channel.close, basic.cancel): never anything else.
+        assert isinstance(wire.reason, WireProtocolError | WireRefused | WireClosed)
+        if type(wire.reason) is WireClosed:
+            assert str(wire.reason).startswith("the broker"), repr(wire.reason)

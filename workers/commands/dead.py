@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from contracts.errors import ConfigurationError
+from contracts.text import printable
 from workers.commands.base import CommandTree
 from workers.commands.progress import ProgressBar
 from workers.config import Settings
@@ -22,10 +23,15 @@ async def _cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     )
     for letter in letters:
         seen = letter.first_seen.strftime("%Y-%m-%d %H:%M:%S") if letter.first_seen else "?"
+        # Every text here is a producer's or a broker's: escaped, so no ANSI escape or line
+        # break of theirs reaches the terminal.
         print(
-            f"{letter.message_id or '-':<34} {letter.operation:<12} {letter.reason:<15} "
-            f"{letter.count:>5}  {seen:<20} {letter.queue} ({letter.principal or 'no user'})"
+            f"{printable(letter.message_id, 255):<34} {printable(letter.operation, 255):<12} "
+            f"{printable(letter.reason, 255):<15} {letter.count:>5}  {seen:<20} "
+            f"{printable(letter.queue)} ({printable(letter.principal or 'no user')})"
         )
+        if letter.defect is not None:
+            print(f"  unreadable: {printable(letter.defect, 500)}")
     print(f"{len(letters)} dead letters")
     return 0
 

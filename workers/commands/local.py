@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
+from contracts.text import escape_unprintable
 from vault.store import VaultStore, open_store
 from workers.config import Settings
-from workers.logs import escape_controls
 
 
 @asynccontextmanager
@@ -34,7 +34,7 @@ def local_principal() -> str:
 
 def printable(text: str | None) -> str:
     """``text`` safe for a terminal: control characters (from callers' input) escaped."""
-    return "-" if text is None else escape_controls(text)
+    return "-" if text is None else escape_unprintable(text)
 
 
 def when(moment: datetime | None) -> str:
