@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import struct
-import uuid
 from dataclasses import dataclass
 
 from contracts.wire import Delivery, Properties, Wire
@@ -93,8 +92,8 @@ async def publish_poison(amqp_url: str, *, answerable: tuple[bool, ...]) -> list
     wire = await Wire.connect(amqp_url, connection_name="poison-producer")
     try:
         await wire.confirm_select()
-        reply_queue = f"zandd.reply.poison-{uuid.uuid4().hex[:8]}"
-        await wire.declare_queue(reply_queue, exclusive=True)
+        # Server-named: a reply_to the fleet answers (contracts/replyto.py).
+        reply_queue = (await wire.declare_queue("", exclusive=True)).name
         await wire.consume(reply_queue, on_reply, no_ack=True)
         for kind, headers in POISON_HEADERS.items():
             for with_reply in answerable:

@@ -590,9 +590,7 @@ async def _raw_request(amqp_url: str, operation: str, body: bytes) -> tuple[str,
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
-        replies = await channel.declare_queue(
-            f"zandd.reply.bomb-{uuid.uuid4().hex}", exclusive=True, auto_delete=True
-        )
+        replies = await channel.declare_queue("", exclusive=True, auto_delete=True)
         exchange = await channel.get_exchange(EXCHANGE, ensure=False)
         started_s = time.perf_counter()
         await exchange.publish(
