@@ -37,7 +37,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import BaseModel
@@ -49,6 +49,7 @@ from contracts.errors import (
     ErrorCode,
     InternalError,
     InvalidRequest,
+    Throttled,
     TpmUnavailable,
     UnknownOperation,
     VaultUnavailable,
@@ -90,6 +91,19 @@ Handler = Callable[[Any, RequestContext], Awaitable[BaseModel]]
 AuditHook = Callable[[Delivery, BaseModel | None, BaseModel | ZanddError], Awaitable[None]]
 #: Raises a ``ZanddError`` while a dependency is down; returns when it answers again.
 Probe = Callable[[], Awaitable[None]]
+
+
+class Admission(Protocol):
+    """Who may be served now (per-principal quotas, ``workers/quotas.py``).
+
+    ``admit`` runs before the body is parsed, ``charge`` after; either refuses by raising.
+    """
+
+    def admit(self, message: Delivery, operation: Operation) -> None:
+        """Refuse (raise ``Throttled``) before any parsing, or return."""
+
+    def charge(self, message: Delivery, request: BaseModel) -> None:
+        """Account for what the parsed request asks for; may refuse it too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +154,7 @@ class ConsumerRuntime:
         audit: AuditHook | None = None,
         metrics: Metrics | None = None,
         declare: bool = True,
+        admission: Admission | None = None,
     ) -> None:
         self._amqp_url = amqp_url
         self._queue = queue
@@ -153,6 +168,7 @@ class ConsumerRuntime:
         self._audit = audit
         self._metrics = metrics if metrics is not None else Metrics()
         self._declare = declare
+        self._admission = admission
         self._in_flight: set[asyncio.Task[None]] = set()
         self._session: _Session | None = None
         self._stop = asyncio.Event()
@@ -320,7 +336,11 @@ class ConsumerRuntime:
         request: BaseModel | None = None
         try:
             operation, handler = self._route(message)
+            if self._admission is not None:
+                self._admission.admit(message, operation)
             request = parse_request(operation, message.body, self._limits)
+            if self._admission is not None:
+                self._admission.charge(message, request)
             context = RequestContext(operation, message.message_id, message.user_id)
             handler = self._audited(handler, message)
             reply = await self._call(handler, request, context, _deadline_of(message))
@@ -330,6 +350,11 @@ class ConsumerRuntime:
             )
             await self._audit_refusal(message, request, exc)
             return _error_outcome(exc, dead_letter_if_unanswered=True)
+        except Throttled as exc:
+            # Not logged per request: a flood would flood the log too (the quotas log once a
+            # minute per principal, and count every refusal).
+            await self._audit_refusal(message, request, exc)
+            return _error_outcome(exc)
         except ZanddError as exc:
             log.warning(
                 "request %s refused: %s %s", message.message_id, exc.code.value, exc.message
@@ -503,7 +528,16 @@ _PUBLIC_MESSAGES = {
 
 def _error_outcome(error: ZanddError, *, dead_letter_if_unanswered: bool = False) -> _Outcome:
     message = _PUBLIC_MESSAGES.get(error.code, error.message)
-    reply = ErrorReply(code=ErrorCode(error.code), message=message, retryable=error.retryable)
+    retry_after_s = error.retry_after_s if isinstance(error, Throttled) else None
+    reply = ErrorReply(
+        code=ErrorCode(error.code),
+        message=message,
+        retryable=error.retryable,
+        retry_after_ms=None if retry_after_s is None else round(retry_after_s * 1000),
+    )
     return _Outcome(
-        reply.model_dump_json().encode(), ERROR_REPLY_TYPE, error, dead_letter_if_unanswered
+        reply.model_dump_json(exclude_none=True).encode(),
+        ERROR_REPLY_TYPE,
+        error,
+        dead_letter_if_unanswered,
     )
