@@ -38,8 +38,10 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 
+from aio_pika.abc import AbstractConnection
 from aio_pika.exceptions import AMQPError
 from pydantic import BaseModel
 
@@ -57,8 +59,9 @@ log = logging.getLogger("zandd.quotas")
 #: A bucket holds this many seconds of its rate: a burst after a quiet second is admitted.
 BURST_S = 1.0
 MAX_TRACKED_PRINCIPALS = 10_000
-#: How often a worker re-reads how many workers share its queue's quotas.
-CONSUMER_POLL_S = 10.0
+#: How often a worker re-reads how many workers share its queue's quotas (one passive
+#: declare on a connection kept open: a round trip, nothing the broker has to write).
+CONSUMER_POLL_S = 2.0
 #: At most one "is being throttled" log line per principal in this many seconds.
 _LOG_EVERY_S = 60.0
 _SIGNING = frozenset({Operation.SIGN, Operation.SIGN_BATCH})
@@ -269,7 +272,7 @@ class Quotas:
             log.warning("principal %r is throttled: over its %g %s/s", principal, rate, quota)
         retry_after_ms = min(MAX_RETRY_AFTER_MS, max(1, math.ceil(wait_s * 1000)))
         raise Throttled(
-            f"over the quota of {rate:g} {quota}/s; retry after {retry_after_ms} ms",
+            f"over the quota of {rate:g} {quota}/s; send again after retry_after_ms",
             retry_after_s=retry_after_ms / 1000.0,
         )
 
@@ -295,24 +298,39 @@ async def follow_consumers(
 ) -> None:
     """Until ``stop``: every ``interval_s``, share the quotas by ``queue``'s consumer count.
 
-    A passive declare needs no broker permission. A failed read keeps the last count (the
-    runtime's own reconnect is what deals with a lost broker).
+    One connection, kept open: a poll is one passive declare (no broker permission needed).
+    A failed read keeps the last count and reconnects at the next poll.
     """
-    while not stop.is_set():
-        try:
-            quotas.share_with(await consumer_count(amqp_url, queue))
-        except (AMQPError, ConnectionError, ZanddError, TimeoutError) as exc:
-            log.debug("quotas: cannot read the consumer count of %s (%s)", queue, exc)
-        try:
-            await asyncio.wait_for(stop.wait(), interval_s)
-        except TimeoutError:
-            continue
+    connection: AbstractConnection | None = None
+    try:
+        while not stop.is_set():
+            try:
+                if connection is None or connection.is_closed:
+                    connection = await connect_plain(amqp_url, connection_name="zandd-quotas")
+                quotas.share_with(await _consumer_count(connection, queue))
+            except (AMQPError, ConnectionError, ZanddError, TimeoutError) as exc:
+                log.debug("quotas: cannot read the consumer count of %s (%s)", queue, exc)
+                if connection is not None:
+                    await _close_quietly(connection)
+                connection = None
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+    finally:
+        if connection is not None:
+            await _close_quietly(connection)
 
 
-async def consumer_count(amqp_url: str, queue: str) -> int:
+async def _consumer_count(connection: AbstractConnection, queue: str) -> int:
     """How many consumers ``queue`` has now (a single-active-consumer queue shows one)."""
-    connection = await connect_plain(amqp_url, connection_name="zandd-quotas")
-    async with connection:
-        channel = await connection.channel()
+    channel = await connection.channel()
+    try:
         declared = await channel.declare_queue(queue, passive=True)
         return declared.declaration_result.consumer_count or 0
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def _close_quietly(connection: AbstractConnection) -> None:
+    with suppress(AMQPError, ConnectionError, TimeoutError):
+        await connection.close()

@@ -13,6 +13,13 @@ request's frames cost a fraction of what they cost through aiormq.
 A malformed request is answered with ``invalid_request`` and acked — or, with nobody to
 answer, dead-lettered — and never requeued; the worker keeps running.
 
+A ``throttled`` refusal is the one exception to reply-then-ack: it is acked at once (its
+prefetch slot goes to the next request) and its reply is held for its retry-after, at most
+``MAX_THROTTLE_HOLD_S``, with the hint shortened by the time held. A producer that resends on
+every reply, ignoring the hint, then sends at most (its requests in flight / the hold) per
+second, instead of as fast as refusals can be made. A held reply is lost with its connection:
+nothing was done for the request, and the caller's timeout covers it.
+
 Why no publisher confirm on the reply: it would add no guarantee the frame order does not
 already give. A reply is transient and goes to the caller's transient queue; the broker
 confirms even a reply it could not route (the caller went away), and a connection lost before
@@ -73,6 +80,10 @@ _MAX_ECHOED_NAME_CHARS = 40
 #: Errors that say a dependency is down, not that the request is wrong: the request waits.
 DEPENDENCY_ERRORS: tuple[type[ZanddError], ...] = (VaultUnavailable, TpmUnavailable)
 _AMQP_FAILURES = (AMQPError, ChannelInvalidStateError, ConnectionError)
+#: Longest a throttled refusal's reply is held (see the module docstring).
+MAX_THROTTLE_HOLD_S = 1.0
+#: Beyond this many held replies (a producer that does not wait for them), reply at once.
+MAX_HELD_REPLIES = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +124,8 @@ class _Outcome:
     error: ZanddError | None = None
     #: Nobody can be told about this failure (no ``reply_to``): dead-letter it, don't drop it.
     dead_letter_if_unanswered: bool = False
+    #: Ack now, reply this much later (a throttled refusal).
+    hold_s: float = 0.0
 
     @property
     def label(self) -> str:
@@ -170,6 +183,8 @@ class ConsumerRuntime:
         self._declare = declare
         self._admission = admission
         self._in_flight: set[asyncio.Task[None]] = set()
+        #: Held throttled replies: their timers and what sends each now.
+        self._held: dict[asyncio.TimerHandle, Callable[[], None]] = {}
         self._session: _Session | None = None
         self._stop = asyncio.Event()
         self._healthy = asyncio.Event()
@@ -241,6 +256,7 @@ class ConsumerRuntime:
             log.info("%s stopping: no new requests, draining %d", self._name, len(self._in_flight))
             await self._cancel_consumer(session)
             await self._drain()
+            self._release_held()
             session.acks.flush()
         except _AMQP_FAILURES as exc:
             log.warning("%s lost the broker (%s)", self._name, exc)
@@ -323,7 +339,9 @@ class ConsumerRuntime:
         """Reply, then ack — or dead-letter what nobody can be told about."""
         if session.lost.is_set():
             raise WireClosed("the connection that delivered this request is gone")
-        if message.reply_to:
+        if message.reply_to and outcome.hold_s > 0:
+            self._hold_reply(session, message.reply_to, message, outcome)
+        elif message.reply_to:
             self._reply(session, message.reply_to, message, outcome)
         if outcome.dead_letter_if_unanswered and not message.reply_to:
             session.wire.reject(message.delivery_tag, requeue=False)
@@ -354,7 +372,7 @@ class ConsumerRuntime:
             # Not logged per request: a flood would flood the log too (the quotas log once a
             # minute per principal, and count every refusal).
             await self._audit_refusal(message, request, exc)
-            return _error_outcome(exc)
+            return self._throttled_outcome(exc)
         except ZanddError as exc:
             log.warning(
                 "request %s refused: %s %s", message.message_id, exc.code.value, exc.message
@@ -369,6 +387,36 @@ class ConsumerRuntime:
             await self._audit_refusal(message, request, error)
             return _error_outcome(error)
         return _Outcome(reply.model_dump_json().encode(), operation.reply_type)
+
+    def _throttled_outcome(self, error: Throttled) -> _Outcome:
+        """The refusal, to be held for its retry-after (capped), the hint shortened by that."""
+        retry_after_s = error.retry_after_s or 0.0
+        hold_s = min(retry_after_s, MAX_THROTTLE_HOLD_S)
+        if len(self._held) >= MAX_HELD_REPLIES:
+            hold_s = 0.0
+        shortened = Throttled(error.message, retry_after_s=max(0.001, retry_after_s - hold_s))
+        outcome = _error_outcome(shortened)
+        return _Outcome(outcome.body, outcome.type, error, hold_s=hold_s)
+
+    def _hold_reply(
+        self, session: _Session, reply_to: str, message: Delivery, outcome: _Outcome
+    ) -> None:
+        def release() -> None:
+            self._held.pop(handle, None)
+            if not session.lost.is_set():
+                try:
+                    self._reply(session, reply_to, message, outcome)
+                except WireClosed:
+                    return  # the caller's timeout covers a refusal lost with its connection
+
+        handle = asyncio.get_running_loop().call_later(outcome.hold_s, release)
+        self._held[handle] = release
+
+    def _release_held(self) -> None:
+        """Send every held reply now (stopping: the connection is about to close)."""
+        for handle, release in list(self._held.items()):
+            handle.cancel()
+            release()
 
     def _audited(self, handler: Handler, message: Delivery) -> Handler:
         """``handler`` followed by the audit of its result, so both are retried together."""
