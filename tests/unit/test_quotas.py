@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +16,9 @@ from contracts.errors import ErrorCode, Throttled, ZanddError
 from contracts.limits import Limits
 from contracts.operations import ERROR_REPLY_TYPE, Operation
 from contracts.wire import Delivery
+from workers.bench.environment import bench_settings
 from workers.config import Settings
+from workers.fleet import child_environment
 from workers.metrics import Metrics
 from workers.quotas import Quotas, Rates, TokenBucket, rates_from
 from workers.runtime import ConsumerRuntime, RequestContext
@@ -263,3 +266,36 @@ def test_the_client_raises_throttled_with_the_hint_in_seconds() -> None:
     error = _decode_error(delivery(Operation.SIGN, body))
     assert isinstance(error, Throttled)
     assert (error.code, error.retryable, error.retry_after_s) == (ErrorCode.THROTTLED, True, 1.5)
+
+
+def quota_variables(env: dict[str, str]) -> dict[str, str]:
+    return {name: value for name, value in env.items() if name.startswith("ZANDD_QUOTA_")}
+
+
+def test_zandd_up_children_get_the_quotas_its_flags_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZANDD_QUOTA_SIGNATURES_PER_S", "7")  # a flag below says otherwise
+    settings = Settings(
+        quota_requests_per_s="5",
+        quota_signatures_per_s=None,
+        quota_overrides='{"ops": "unlimited", "job": {"signatures_per_s": null}}',
+    )
+    env = quota_variables(child_environment(settings, "swtpm:port=1"))
+    assert env == {
+        "ZANDD_QUOTA_REQUESTS_PER_S": "5.0",
+        "ZANDD_QUOTA_OVERRIDES": '{"ops": "unlimited", "job": {"signatures_per_s": null}}',
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("ZANDD_QUOTA_SIGNATURES_PER_S")
+    assert rates_from(Settings()) == rates_from(settings)
+
+
+def test_the_bench_fleet_runs_unthrottled_whatever_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("ZANDD_QUOTA_REQUESTS_PER_S", "1")
+    monkeypatch.setenv("ZANDD_QUOTA_OVERRIDES", '{"bench": {"signatures_per_s": 1}}')
+    settings = bench_settings(Settings(), amqp_url="amqp://x/", data_dir=tmp_path, tcti="t")
+    assert Quotas.from_settings(settings) is None
+    env = quota_variables(child_environment(settings, "t"))
+    assert env == {"ZANDD_QUOTA_OVERRIDES": "{}"}
