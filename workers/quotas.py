@@ -10,7 +10,8 @@ dictionary lookup, an audit entry and a reply — not its batch's validation or 
   signing request is admitted unless the bucket is below zero, and charged its item count
   once parsed; a principal in debt is refused, before parsing, until the debt is paid back.
 
-A refusal carries the time until the bucket would admit the request again (``retry_after_ms``).
+A refusal carries the time until the bucket would admit the request again (``retry_after_ms``);
+the runtime holds its reply for part of that time (``workers/runtime.py``).
 
 **Shared across the workers, approximately.** The fleet has no shared counter (that would be
 a round trip per request); instead each of the N workers consuming a queue enforces 1/N of
@@ -19,8 +20,8 @@ every rate, where N is the queue's consumer count, read by a passive declare eve
 consumers by their free prefetch slots, so with even spreading the fleet admits the quota. The
 error is on the safe side in steady state: a worker that gets less than 1/N of a principal's
 requests leaves part of its share unused, so the fleet admits at most the quota (plus each
-worker's burst of one second's share, i.e. one second of the whole rate), and less when the
-spreading is uneven. For up to ``CONSUMER_POLL_S`` after a worker joins or leaves, the others
+worker's burst of one second's share, i.e. one second of the whole rate, and per worker one
+batch of signature debt), and less when the spreading is uneven. For up to ``CONSUMER_POLL_S`` after a worker joins or leaves, the others
 still use the old N: a fleet that grew from N to M admits up to M/N of the quota until they
 have read it. The keygen queue has a single active consumer, so its count is 1 and its
 worker enforces the whole quota.

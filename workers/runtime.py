@@ -63,7 +63,7 @@ from contracts.errors import (
     ZanddError,
 )
 from contracts.limits import Limits
-from contracts.models import ErrorReply, parse_request
+from contracts.models import MAX_RETRY_AFTER_MS, ErrorReply, parse_request
 from contracts.operations import ERROR_REPLY_TYPE, IDEMPOTENT_OPERATIONS, Operation
 from contracts.topology import bind_topology, declare_topology
 from contracts.tracing import mark_failed
@@ -581,7 +581,9 @@ def _error_outcome(error: ZanddError, *, dead_letter_if_unanswered: bool = False
         code=ErrorCode(error.code),
         message=message,
         retryable=error.retryable,
-        retry_after_ms=None if retry_after_s is None else round(retry_after_s * 1000),
+        retry_after_ms=None
+        if retry_after_s is None
+        else min(MAX_RETRY_AFTER_MS, round(retry_after_s * 1000)),
     )
     return _Outcome(
         reply.model_dump_json(exclude_none=True).encode(),
