@@ -14,11 +14,14 @@ A malformed request is answered with ``invalid_request`` and acked — or, with 
 answer, dead-lettered — and never requeued; the worker keeps running.
 
 A ``throttled`` refusal is the one exception to reply-then-ack: it is acked at once (its
-prefetch slot goes to the next request) and its reply is held for its retry-after, at most
-``MAX_THROTTLE_HOLD_S``, with the hint shortened by the time held. A producer that resends on
-every reply, ignoring the hint, then sends at most (its requests in flight / the hold) per
-second, instead of as fast as refusals can be made. A held reply is lost with its connection:
-nothing was done for the request, and the caller's timeout covers it.
+prefetch slot goes to the next request) and its reply is held ``THROTTLE_HOLD_S`` (1 s), with
+the retry-after hint shortened by that. A producer that resends on every reply, ignoring the
+hint, then sends at most its requests in flight per second, instead of as fast as refusals
+can be made: each refusal still crosses the broker and the worker, and a flood of them ahead
+in the queue is what the other principals would wait behind. Not the retry-after itself: for
+a principal with many requests in flight it is short (one token's worth), so holding only
+that long let 64 key.create in flight run ~500 refusals/s. A held reply is lost with its
+connection: nothing was done for the request, and the caller's timeout covers it.
 
 Why no publisher confirm on the reply: it would add no guarantee the frame order does not
 already give. A reply is transient and goes to the caller's transient queue; the broker
@@ -80,8 +83,8 @@ _MAX_ECHOED_NAME_CHARS = 40
 #: Errors that say a dependency is down, not that the request is wrong: the request waits.
 DEPENDENCY_ERRORS: tuple[type[ZanddError], ...] = (VaultUnavailable, TpmUnavailable)
 _AMQP_FAILURES = (AMQPError, ChannelInvalidStateError, ConnectionError)
-#: Longest a throttled refusal's reply is held (see the module docstring).
-MAX_THROTTLE_HOLD_S = 1.0
+#: How long a throttled refusal's reply is held (see the module docstring).
+THROTTLE_HOLD_S = 1.0
 #: Beyond this many held replies (a producer that does not wait for them), reply at once.
 MAX_HELD_REPLIES = 10_000
 
@@ -389,11 +392,9 @@ class ConsumerRuntime:
         return _Outcome(reply.model_dump_json().encode(), operation.reply_type)
 
     def _throttled_outcome(self, error: Throttled) -> _Outcome:
-        """The refusal, to be held for its retry-after (capped), the hint shortened by that."""
+        """The refusal, to be held ``THROTTLE_HOLD_S``, the hint shortened by that."""
         retry_after_s = error.retry_after_s or 0.0
-        hold_s = min(retry_after_s, MAX_THROTTLE_HOLD_S)
-        if len(self._held) >= MAX_HELD_REPLIES:
-            hold_s = 0.0
+        hold_s = THROTTLE_HOLD_S if len(self._held) < MAX_HELD_REPLIES else 0.0
         shortened = Throttled(error.message, retry_after_s=max(0.001, retry_after_s - hold_s))
         outcome = _error_outcome(shortened)
         return _Outcome(outcome.body, outcome.type, error, hold_s=hold_s)
