@@ -11,7 +11,7 @@ dictionary lookup, an audit entry and a reply — not its batch's validation or 
   once parsed; a principal in debt is refused, before parsing, until the debt is paid back.
 
 A refusal carries the time until the bucket would admit the request again (``retry_after_ms``);
-the runtime holds its reply for part of that time (``workers/runtime.py``).
+the runtime holds the reply 1 s and shortens the hint by that (``workers/runtime.py``).
 
 **Shared across the workers, approximately.** The fleet has no shared counter (that would be
 a round trip per request); instead each of the N workers consuming a queue enforces 1/N of
