@@ -48,6 +48,7 @@ from contracts.errors import (
     NotDelivered,
     Refused,
     RequestTimeout,
+    Throttled,
     ZanddError,
     error_from_code,
 )
@@ -110,6 +111,8 @@ class SigningClient:
         self.unmatched_replies = 0
         #: Requests sent again after a lost connection or a refusal (``retry=True``).
         self.resent_requests = 0
+        #: Requests sent again after a ``throttled`` reply's retry-after (``retry=True``).
+        self.throttled_retries = 0
 
     @classmethod
     async def connect(
@@ -124,8 +127,9 @@ class SigningClient:
         """Connect to the broker at ``url``; ``timeout_s`` is the default per-call timeout.
 
         ``declare=True`` declares the topology first (needs configure rights on the broker).
-        ``retry=True`` resends calls interrupted by a lost connection (see ``call``); without it
-        they fail at once with the retryable ``BrokerUnavailable``. A lost connection is
+        ``retry=True`` resends calls interrupted by a lost connection (see ``call``) and calls
+        answered ``throttled`` (after the reply's retry-after); without it they fail at once
+        with the retryable ``BrokerUnavailable`` or ``Throttled``. A lost connection is
         reconnected in the background either way.
         """
         if declare:
@@ -315,7 +319,9 @@ class SigningClient:
 
         With ``retry=True`` on the client, a call whose connection dropped (or whose request
         the broker refused) is sent again with the same ``message_id`` once the connection is
-        back, until its timeout: every v1 operation is idempotent on its message id.
+        back, and a call answered ``throttled`` is sent again after the reply's retry-after,
+        until its timeout: every v1 operation is idempotent on its message id. A retry-after
+        that ends beyond the timeout raises ``Throttled`` at once rather than waiting for it.
         """
         if SPECS[operation].reply is not reply_model:
             raise TypeError(f"{operation.value} replies with {SPECS[operation].reply.__name__}")
@@ -326,16 +332,40 @@ class SigningClient:
         request_id = message_id or correlation_id
         deadline_ms = int((time.time() + timeout) * 1000)
         body = request.model_dump_json(exclude_none=True).encode()
+        ends_at = asyncio.get_running_loop().time() + timeout
         try:
-            async with asyncio.timeout(timeout):
-                reply = await self._attempts(
-                    operation, body, request_id, correlation_id, deadline_ms
-                )
+            async with asyncio.timeout_at(ends_at):
+                while True:
+                    reply = await self._attempts(
+                        operation, body, request_id, correlation_id, deadline_ms
+                    )
+                    if not self._retry or not await self._waited_out_throttle(reply, ends_at):
+                        break
         except TimeoutError:
             raise RequestTimeout(
                 f"no reply to {operation.value} within {timeout:g} s (request {request_id})"
             ) from None
         return _decode_reply(reply, reply_model)
+
+    async def _waited_out_throttle(self, reply: Delivery, ends_at: float) -> bool:
+        """For a ``throttled`` reply, wait its retry-after and say so (then send again).
+
+        A hint that ends after the call's timeout is not waited for: the call fails now.
+        """
+        if reply.type != ERROR_REPLY_TYPE:
+            return False
+        error = _decode_error(reply)
+        if not isinstance(error, Throttled):
+            return False
+        # Without a hint, the resend backoff's ceiling; a little jitter on top, so throttled
+        # callers do not come back in lockstep.
+        wait_s = _RESEND_MAX_DELAY_S if error.retry_after_s is None else error.retry_after_s
+        wait_s *= random.uniform(1.0, 1.2)  # noqa: S311 - jitter, not a secret
+        if asyncio.get_running_loop().time() + wait_s >= ends_at:
+            raise error
+        await asyncio.sleep(wait_s)
+        self.throttled_retries += 1
+        return True
 
     async def _attempts(
         self,
@@ -502,12 +532,24 @@ async def _declare_topology(url: str, timeout_s: float) -> None:
 
 
 def _decode_reply(message: Delivery, reply_model: type[ReplyT]) -> ReplyT:
+    if message.type == ERROR_REPLY_TYPE:
+        raise _decode_error(message)
     try:
-        if message.type == ERROR_REPLY_TYPE:
-            error = ErrorReply.model_validate_json(message.body)
-            raise error_from_code(error.code, error.message)
         return reply_model.model_validate_json(message.body)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        raise InternalError(
-            f"the service sent a reply that does not follow the contract: {exc}"
-        ) from exc
+        raise _off_contract(exc) from exc
+
+
+def _decode_error(message: Delivery) -> ZanddError:
+    """The typed error an ``error`` reply stands for."""
+    try:
+        error = ErrorReply.model_validate_json(message.body)
+    except ValueError as exc:
+        off_contract = _off_contract(exc)
+        off_contract.__cause__ = exc
+        return off_contract
+    return error_from_code(error.code, error.message, retry_after_ms=error.retry_after_ms)
+
+
+def _off_contract(exc: ValueError) -> InternalError:
+    return InternalError(f"the service sent a reply that does not follow the contract: {exc}")

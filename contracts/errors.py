@@ -24,6 +24,7 @@ class ErrorCode(StrEnum):
     TPM_UNAVAILABLE = "tpm_unavailable"
     VAULT_UNAVAILABLE = "vault_unavailable"
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    THROTTLED = "throttled"
     INTERNAL = "internal"
 
 
@@ -98,6 +99,21 @@ class DeadlineExceeded(ZanddError):
     retryable = True
 
 
+class Throttled(ZanddError):
+    """The caller is over its quota (requests or signatures per second); nothing was done.
+
+    ``retry_after_s`` is the service's hint: the same request sent again after that long has
+    the quota it needs (unless the caller spends it on other requests meanwhile).
+    """
+
+    code = ErrorCode.THROTTLED
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class InternalError(ZanddError):
     """An unexpected failure inside the service; details are in the worker's log."""
 
@@ -139,15 +155,22 @@ ERRORS_BY_CODE: dict[ErrorCode, type[ZanddError]] = {
         TpmUnavailable,
         VaultUnavailable,
         DeadlineExceeded,
+        Throttled,
         InternalError,
     )
 }
 
 
-def error_from_code(code: str, message: str) -> ZanddError:
-    """Rebuild the typed error for a wire ``code``; an unknown code becomes ``InternalError``."""
+def error_from_code(code: str, message: str, *, retry_after_ms: int | None = None) -> ZanddError:
+    """Rebuild the typed error for a wire ``code``; an unknown code becomes ``InternalError``.
+
+    ``retry_after_ms`` is the ``error`` reply's hint; only ``throttled`` carries one.
+    """
     try:
         cls = ERRORS_BY_CODE[ErrorCode(code)]
     except ValueError:
         return InternalError(f"unknown error code {code!r}: {message}")
+    if cls is Throttled:
+        retry_after_s = None if retry_after_ms is None else retry_after_ms / 1000.0
+        return Throttled(message, retry_after_s=retry_after_s)
     return cls(message)

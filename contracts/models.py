@@ -269,12 +269,21 @@ class KeyStateChangedEvent(_Reply):
     changed_at: AwareDatetime
 
 
+#: The longest retry-after hint a reply may carry; a client waits no longer than this.
+MAX_RETRY_AFTER_MS = 3_600_000
+
+
 class ErrorReply(_Reply):
-    """The reply of AMQP ``type`` ``error``, for any operation that failed."""
+    """The reply of AMQP ``type`` ``error``, for any operation that failed.
+
+    ``retry_after_ms`` comes only with ``throttled`` (omitted otherwise): how long to wait
+    before sending the request again.
+    """
 
     code: ErrorCode
     message: str
     retryable: bool
+    retry_after_ms: Annotated[int, Field(ge=0, le=MAX_RETRY_AFTER_MS)] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,10 +7,12 @@ broker rights relies on the workers having declared and on mandatory publishes f
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aiormq.exceptions import ChannelPreconditionFailed
 from pamqp.common import FieldTable
 
 from contracts.operations import KEYGEN_OPERATIONS, SIGN_OPERATIONS, Operation
@@ -27,15 +29,31 @@ REPLY_QUEUE_PREFIX = "zandd.reply."
 #: because a crashing consumer with prefetch > 1 costs every unacked message one delivery.
 DELIVERY_LIMIT = 20
 
+#: Work queue bounds (messages, bytes). Beyond them the broker refuses new requests
+#: (``reject-publish``: a publisher nack, the client's ``Refused``) instead of queueing them
+#: behind a backlog they would expire in. Sign: ~30 s of a two-signer fleet's throughput, the
+#: client's default timeout; keygen: far more than its TPM creates keys in 30 s, room for
+#: bursts of fast lifecycle requests. The bytes keep the broker's disk and memory clear of
+#: its alarms, which would block every publisher. docs/operations.md has the reasoning.
+QUEUE_BOUNDS: dict[str, tuple[int, int]] = {
+    SIGN_QUEUE: (100_000, 1024 * 1024 * 1024),
+    KEYGEN_QUEUE: (10_000, 64 * 1024 * 1024),
+}
+_BOUND_ARGUMENTS = ("x-max-length", "x-max-length-bytes")
+log = logging.getLogger("zandd.topology")
+
 QUEUE_OPERATIONS: dict[str, tuple[Operation, ...]] = {
     KEYGEN_QUEUE: KEYGEN_OPERATIONS,
     SIGN_QUEUE: SIGN_OPERATIONS,
 }
 
 
-def queue_arguments(queue: str) -> FieldTable:
+def queue_arguments(queue: str, *, bounded: bool = True) -> FieldTable:
     """The ``x-`` arguments a work queue is declared with (they must never change silently:
-    RabbitMQ refuses a redeclaration with different arguments)."""
+    RabbitMQ refuses a redeclaration with different arguments).
+
+    ``bounded=False``: without the bounds, as queues were declared before they existed.
+    """
     arguments: FieldTable = {
         "x-queue-type": "quorum",
         "x-delivery-limit": DELIVERY_LIMIT,
@@ -47,6 +65,8 @@ def queue_arguments(queue: str) -> FieldTable:
     if queue == KEYGEN_QUEUE:
         # One writer to the TPM at a time; a second keygen worker is a hot standby.
         arguments["x-single-active-consumer"] = True
+    if bounded:
+        arguments["x-max-length"], arguments["x-max-length-bytes"] = QUEUE_BOUNDS[queue]
     return arguments
 
 
@@ -74,11 +94,34 @@ async def declare_topology(channel: AbstractChannel) -> Topology:
     await dead_queue.bind(dead_exchange, routing_key="")
     queues: dict[str, AbstractQueue] = {}
     for name, operations in QUEUE_OPERATIONS.items():
-        queue = await channel.declare_queue(name, durable=True, arguments=queue_arguments(name))
+        queue = await _declare_work_queue(channel, name)
         for operation in operations:
             await queue.bind(exchange, routing_key=operation.value)
         queues[name] = queue
     return Topology(exchange=exchange, events=events, queues=queues)
+
+
+async def _declare_work_queue(channel: AbstractChannel, name: str) -> AbstractQueue:
+    """Declare a work queue with its bounds; one declared before they existed is kept as is.
+
+    RabbitMQ refuses (406) to redeclare a queue with other arguments and closes the channel;
+    if the same declaration without the bounds is accepted, the queue is such an older one:
+    it is used, and bounded by the broker policy of ops/rabbitmq/definitions.json (or none).
+    Any other difference still fails.
+    """
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=queue_arguments(name))
+    except ChannelPreconditionFailed:
+        await channel.reopen()
+    queue = await channel.declare_queue(
+        name, durable=True, arguments=queue_arguments(name, bounded=False)
+    )
+    log.warning(
+        "queue %s was declared without x-max-length (before ZANDD bounded it): kept; it is "
+        "bounded only by a max-length policy (docs/operations.md, queue bounds)",
+        name,
+    )
+    return queue
 
 
 async def bind_topology(channel: AbstractChannel) -> Topology:

@@ -49,6 +49,8 @@ CALLER_ERROR_CODES: frozenset[ErrorCode] = frozenset(
         ErrorCode.KEY_NOT_FOUND,
         ErrorCode.KEY_DISABLED,
         ErrorCode.FORBIDDEN,
+        # Like HTTP 429: the caller's rate, not a fault of the service.
+        ErrorCode.THROTTLED,
     }
 )
 

@@ -256,6 +256,7 @@ async def fleet(
                 drain_timeout_s=settings.drain_timeout_s,
                 name=f"test-{name}",
                 audit=worker.audit,
+                admission=worker.admission,
             )
             running.runtimes[name] = runtime
             running.tasks.append(asyncio.create_task(runtime.run(stop)))

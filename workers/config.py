@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from contracts.amqp import DEFAULT_AMQP_URL, redact_url
@@ -18,9 +18,24 @@ from contracts.limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Limits,
 )
+from contracts.models import Principal
 from vault.urls import redact_url as redact_vault_url
 
 DEFAULT_SWTPM_PORT = 2321
+#: ``ZANDD_QUOTA_OVERRIDES`` value that exempts a principal from every quota.
+UNLIMITED = "unlimited"
+RequestRate = Annotated[float, Field(gt=0, le=1_000_000)]
+SignatureRate = Annotated[float, Field(gt=0, le=100_000_000)]
+
+
+class QuotaOverride(BaseModel):
+    """One principal's quotas in ``ZANDD_QUOTA_OVERRIDES``: a field left out keeps the
+    default, ``null`` lifts that limit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests_per_s: RequestRate | None = None
+    signatures_per_s: SignatureRate | None = None
 
 
 def _default_data_dir() -> Path:
@@ -70,6 +85,13 @@ class Settings(BaseSettings):
     destroy_check_interval_s: float = Field(default=60.0, gt=0)
     #: Workers lock their memory (mlockall) when the process is permitted to.
     lock_memory: bool = True
+    # Per-principal quotas, fleet-wide (workers/quotas.py); None (the default) is no limit.
+    quota_requests_per_s: RequestRate | None = None
+    quota_signatures_per_s: SignatureRate | None = None
+    #: JSON: principal -> {"requests_per_s": ..., "signatures_per_s": ...} or "unlimited".
+    quota_overrides: Annotated[dict[Principal, QuotaOverride | Literal["unlimited"]], NoDecode] = (
+        Field(default_factory=dict)
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -84,6 +106,20 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [name.strip() for name in text.split(",") if name.strip()]
+        return value
+
+    @field_validator("quota_overrides", mode="before")
+    @classmethod
+    def _json_object(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    "must be a JSON object such as "
+                    '{"alice": {"requests_per_s": 100, "signatures_per_s": 5000}, '
+                    f'"ops": "{UNLIMITED}"}} ({exc.msg} at character {exc.pos})'
+                ) from None
         return value
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:

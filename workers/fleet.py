@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -199,6 +200,30 @@ def child_environment(settings: Settings, tcti: str) -> dict[str, str]:
     )
     if settings.metrics_port is not None:
         env["ZANDD_METRICS_PORT"] = str(settings.metrics_port)
+    for name in ("ZANDD_QUOTA_REQUESTS_PER_S", "ZANDD_QUOTA_SIGNATURES_PER_S"):
+        env.pop(name, None)  # unset in the settings: unset for the children too
+    env.update(quota_environment(settings))
+    return env
+
+
+def quota_environment(settings: Settings) -> dict[str, str]:
+    """The ``ZANDD_QUOTA_*`` variables that give a child these settings' quotas."""
+    env = {
+        "ZANDD_QUOTA_OVERRIDES": json.dumps(
+            {
+                name: override
+                if isinstance(override, str)
+                else override.model_dump(exclude_unset=True)
+                for name, override in settings.quota_overrides.items()
+            }
+        )
+    }
+    for name, rate in (
+        ("ZANDD_QUOTA_REQUESTS_PER_S", settings.quota_requests_per_s),
+        ("ZANDD_QUOTA_SIGNATURES_PER_S", settings.quota_signatures_per_s),
+    ):
+        if rate is not None:
+            env[name] = repr(rate)
     return env
 
 

@@ -17,6 +17,16 @@ over the size limit) is refused before any handler runs: answered ``invalid_requ
 names a ``reply_to``, and dead-lettered on its first delivery either way, so an operator sees
 it in ``zandd.dead`` (an unreadable message is evidence, not noise).
 
+A ``throttled`` refusal is the one exception to reply-then-ack: it is acked at once (its
+prefetch slot goes to the next request) and its reply is held ``THROTTLE_HOLD_S`` (1 s), with
+the retry-after hint shortened by that. A producer that resends on every reply, ignoring the
+hint, then sends at most its requests in flight per second, instead of as fast as refusals
+can be made: each refusal still crosses the broker and the worker, and a flood of them ahead
+in the queue is what the other principals would wait behind. Not the retry-after itself: for
+a principal with many requests in flight it is short (one token's worth), so holding only
+that long let 64 key.create in flight run ~500 refusals/s. A held reply is lost with its
+connection: nothing was done for the request, and the caller's timeout covers it.
+
 Why no publisher confirm on the reply: it would add no guarantee the frame order does not
 already give. A reply is transient and goes to the caller's transient queue; the broker
 confirms even a reply it could not route (the caller went away), and a connection lost before
@@ -42,7 +52,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import BaseModel
@@ -54,13 +64,14 @@ from contracts.errors import (
     ErrorCode,
     InternalError,
     InvalidRequest,
+    Throttled,
     TpmUnavailable,
     UnknownOperation,
     VaultUnavailable,
     ZanddError,
 )
 from contracts.limits import Limits
-from contracts.models import ErrorReply, parse_request
+from contracts.models import MAX_RETRY_AFTER_MS, ErrorReply, parse_request
 from contracts.operations import ERROR_REPLY_TYPE, IDEMPOTENT_OPERATIONS, Operation
 from contracts.replyto import ReplyToRefused, check_reply_to, learn_direct_reply_node
 from contracts.text import printable
@@ -79,6 +90,10 @@ _MAX_ECHOED_NAME_CHARS = 40
 #: Errors that say a dependency is down, not that the request is wrong: the request waits.
 DEPENDENCY_ERRORS: tuple[type[ZanddError], ...] = (VaultUnavailable, TpmUnavailable)
 _AMQP_FAILURES = (AMQPError, ChannelInvalidStateError, ConnectionError)
+#: How long a throttled refusal's reply is held (see the module docstring).
+THROTTLE_HOLD_S = 1.0
+#: Beyond this many held replies (a producer that does not wait for them), reply at once.
+MAX_HELD_REPLIES = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +115,19 @@ AuditHook = Callable[[Delivery, BaseModel | None, BaseModel | ZanddError], Await
 Probe = Callable[[], Awaitable[None]]
 
 
+class Admission(Protocol):
+    """Who may be served now (per-principal quotas, ``workers/quotas.py``).
+
+    ``admit`` runs before the body is parsed, ``charge`` after; either refuses by raising.
+    """
+
+    def admit(self, message: Delivery, operation: Operation) -> None:
+        """Refuse (raise ``Throttled``) before any parsing, or return."""
+
+    def charge(self, message: Delivery, request: BaseModel) -> None:
+        """Account for what the parsed request asks for; may refuse it too."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Outcome:
     body: bytes
@@ -111,6 +139,8 @@ class _Outcome:
     unaudited: bool = False
     #: Dead-letter it even when answered: the message itself could not be read.
     dead_letter: bool = False
+    #: Ack now, reply this much later (a throttled refusal).
+    hold_s: float = 0.0
 
     @property
     def label(self) -> str:
@@ -152,6 +182,7 @@ class ConsumerRuntime:
         audit: AuditHook | None = None,
         metrics: Metrics | None = None,
         declare: bool = True,
+        admission: Admission | None = None,
     ) -> None:
         self._amqp_url = amqp_url
         self._queue = queue
@@ -165,9 +196,12 @@ class ConsumerRuntime:
         self._audit = audit
         self._metrics = metrics if metrics is not None else Metrics()
         self._declare = declare
+        self._admission = admission
         self._in_flight: set[asyncio.Task[None]] = set()
         #: How this broker's direct reply-to names start: learned from it, never from a request.
         self._reply_nodes: set[str] = set()
+        #: Held throttled replies: their timers and what sends each now.
+        self._held: dict[asyncio.TimerHandle, Callable[[], None]] = {}
         self._session: _Session | None = None
         self._stop = asyncio.Event()
         self._healthy = asyncio.Event()
@@ -250,6 +284,7 @@ class ConsumerRuntime:
             log.info("%s stopping: no new requests, draining %d", self._name, len(self._in_flight))
             await self._cancel_consumer(session)
             await self._drain()
+            self._release_held()
             session.acks.flush()
         except _AMQP_FAILURES as exc:
             log.warning("%s lost the broker (%s)", self._name, exc)
@@ -336,7 +371,9 @@ class ConsumerRuntime:
         # and nothing is answered before its audit entry is written.
         refused = isinstance(outcome.error, ReplyToRefused)
         reply_to = None if refused or outcome.unaudited else message.reply_to
-        if reply_to:
+        if reply_to and outcome.hold_s > 0:
+            self._hold_reply(session, reply_to, message, outcome)
+        elif reply_to:
             self._reply(session, reply_to, message, outcome)
         dead_letter = outcome.dead_letter or outcome.unaudited
         if dead_letter or (outcome.dead_letter_if_unanswered and not reply_to):
@@ -357,7 +394,11 @@ class ConsumerRuntime:
             if message.defect is not None:
                 return await self._refuse_unreadable(message, message.defect)
             operation, handler = self._route(message)
+            if self._admission is not None:
+                self._admission.admit(message, operation)
             request = parse_request(operation, message.body, self._limits)
+            if self._admission is not None:
+                self._admission.charge(message, request)
             context = RequestContext(operation, message.message_id, message.user_id)
             handler = self._audited(handler, message)
             reply = await self._call(handler, request, context, _deadline_of(message))
@@ -367,6 +408,10 @@ class ConsumerRuntime:
             )
             audited = await self._audit_refusal(message, request, exc)
             return _error_outcome(exc, dead_letter_if_unanswered=True, audited=audited)
+        except Throttled as exc:
+            # Not logged per request: a flood would flood the log too (the quotas log once a
+            # minute per principal, and count every refusal).
+            return self._throttled_outcome(exc, await self._audit_refusal(message, request, exc))
         except ZanddError as exc:
             log.warning(
                 "request %s refused: %s %s", message.message_id, exc.code.value, exc.message
@@ -386,6 +431,34 @@ class ConsumerRuntime:
         log.warning("request %s refused: %s", printable(message.message_id), error.message)
         outcome = _error_outcome(error, audited=await self._audit_refusal(message, None, error))
         return dataclasses.replace(outcome, dead_letter=True)
+
+    def _throttled_outcome(self, error: Throttled, audited: bool) -> _Outcome:
+        """The refusal, to be held ``THROTTLE_HOLD_S``, the hint shortened by that."""
+        retry_after_s = error.retry_after_s or 0.0
+        hold_s = THROTTLE_HOLD_S if len(self._held) < MAX_HELD_REPLIES else 0.0
+        shortened = Throttled(error.message, retry_after_s=max(0.001, retry_after_s - hold_s))
+        outcome = _error_outcome(shortened, audited=audited)
+        return dataclasses.replace(outcome, error=error, hold_s=hold_s)
+
+    def _hold_reply(
+        self, session: _Session, reply_to: str, message: Delivery, outcome: _Outcome
+    ) -> None:
+        def release() -> None:
+            self._held.pop(handle, None)
+            if not session.lost.is_set():
+                try:
+                    self._reply(session, reply_to, message, outcome)
+                except WireClosed:
+                    return  # the caller's timeout covers a refusal lost with its connection
+
+        handle = asyncio.get_running_loop().call_later(outcome.hold_s, release)
+        self._held[handle] = release
+
+    def _release_held(self) -> None:
+        """Send every held reply now (stopping: the connection is about to close)."""
+        for handle, release in list(self._held.items()):
+            handle.cancel()
+            release()
 
     def _audited(self, handler: Handler, message: Delivery) -> Handler:
         """``handler`` followed by the audit of its result, so both are retried together."""
@@ -571,9 +644,17 @@ def _error_outcome(
     error: ZanddError, *, dead_letter_if_unanswered: bool = False, audited: bool = True
 ) -> _Outcome:
     message = _PUBLIC_MESSAGES.get(error.code, error.message)
-    reply = ErrorReply(code=ErrorCode(error.code), message=message, retryable=error.retryable)
+    retry_after_s = error.retry_after_s if isinstance(error, Throttled) else None
+    reply = ErrorReply(
+        code=ErrorCode(error.code),
+        message=message,
+        retryable=error.retryable,
+        retry_after_ms=None
+        if retry_after_s is None
+        else min(MAX_RETRY_AFTER_MS, round(retry_after_s * 1000)),
+    )
     return _Outcome(
-        reply.model_dump_json().encode(),
+        reply.model_dump_json(exclude_none=True).encode(),
         ERROR_REPLY_TYPE,
         error,
         dead_letter_if_unanswered,

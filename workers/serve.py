@@ -28,7 +28,8 @@ from workers.hygiene import harden_process
 from workers.metrics import Metrics
 from workers.policy import AccessPolicy
 from workers.probes import vault_answers
-from workers.runtime import AuditHook, ConsumerRuntime, Handler, Probe
+from workers.quotas import Quotas, follow_consumers
+from workers.runtime import Admission, AuditHook, ConsumerRuntime, Handler, Probe
 
 if TYPE_CHECKING:
     from workers.keygen.session import TpmSession
@@ -51,6 +52,8 @@ class Worker:
     handlers: Mapping[Operation, Handler]
     probe: Probe
     audit: AuditHook
+    #: The per-principal quotas; None when ``ZANDD_QUOTA_*`` limit nobody (the default).
+    admission: Admission | None = None
 
 
 async def signer_worker(
@@ -79,7 +82,11 @@ async def signer_worker(
     )
     await _beside(stack, subscriber.run, subscriber.ready)
     return Worker(
-        SIGN_QUEUE, signer.handlers, partial(vault_answers, store), RequestAuditor(audit_log)
+        SIGN_QUEUE,
+        signer.handlers,
+        partial(vault_answers, store),
+        RequestAuditor(audit_log),
+        await _quotas(settings, SIGN_QUEUE, stack, metrics),
     )
 
 
@@ -108,7 +115,23 @@ async def keygen_worker(
     await _beside(stack, partial(lifecycle.destroy_due_forever, interval_s=interval_s))
     await _beside(stack, TpmHeartbeat(heartbeat_path(settings), tpm.heartbeat).run)
     handlers = {**keygen.handlers, **lifecycle.handlers}
-    return Worker(KEYGEN_QUEUE, handlers, keygen.probe, RequestAuditor(audit_log, clock=clock))
+    return Worker(
+        KEYGEN_QUEUE,
+        handlers,
+        keygen.probe,
+        RequestAuditor(audit_log, clock=clock),
+        await _quotas(settings, KEYGEN_QUEUE, stack, metrics),
+    )
+
+
+async def _quotas(
+    settings: Settings, queue: str, stack: AsyncExitStack, metrics: Metrics | None
+) -> Quotas | None:
+    """The worker's quotas, kept shared by the queue's consumers; None if they are off."""
+    quotas = Quotas.from_settings(settings, metrics=metrics)
+    if quotas is not None:
+        await _beside(stack, partial(follow_consumers, quotas, settings.amqp_url, queue))
+    return quotas
 
 
 async def _beside(
@@ -160,6 +183,7 @@ async def _serve(settings: Settings, worker: Worker, prefetch: int, metrics: Met
         audit=worker.audit,
         declare=settings.declare_topology,
         metrics=metrics,
+        admission=worker.admission,
     )
     await runtime.run(stop)
 

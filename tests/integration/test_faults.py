@@ -9,17 +9,21 @@ lost.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
 import re
+import secrets
 import signal
+import statistics
 import subprocess
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,12 +31,14 @@ import aio_pika
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from yarl import URL
 
 from contracts.client import SigningClient
 from contracts.crypto import load_public_key, verify_signature
 from contracts.errors import ZanddError
 from contracts.models import ErrorReply, SignReply
 from contracts.topology import DEAD_LETTER_QUEUE, EXCHANGE, KEYGEN_QUEUE, SIGN_QUEUE
+from contracts.wire import Delivery, Properties, Wire
 from tests.conftest import RunningFleet
 from tests.poison import POISON_HEADERS, publish_poison
 from vault.kek import KekRing
@@ -60,6 +66,8 @@ class ProcessFleet:
     data_dir: Path
     tcti: str
     workers: dict[str, Worker] = field(default_factory=dict)
+    #: More ``ZANDD_*`` settings for the workers started from now on.
+    settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
@@ -72,6 +80,7 @@ class ProcessFleet:
             ZANDD_DRAIN_TIMEOUT_S="20",
             ZANDD_LOG_LEVEL="WARNING",
         )
+        env.update(self.settings)
         return env
 
     async def start(self, name: str) -> Worker:
@@ -726,3 +735,161 @@ async def test_one_poison_message_of_each_kind_amid_load_harms_no_one_else(
 def runtime_lost(runtime: ConsumerRuntime) -> bool:
     session = runtime._session
     return session is None or session.lost.is_set()
+
+
+# -- a flood from one principal, with quotas set -----------------------------------------------
+
+FLOOD_IN_FLIGHT = 64
+FLOOD_BATCH_ITEMS = 1000
+FAIRNESS_SAMPLES = 150
+#: How long the victim signs during the flood (at least FAIRNESS_SAMPLES, time allowing).
+FLOOD_MEASURED_S = 6.0
+#: Fleet-wide, per principal: the flooder may have 2 batches of 1,000 signed per second.
+FLOOD_QUOTAS = {"ZANDD_QUOTA_REQUESTS_PER_S": "1000", "ZANDD_QUOTA_SIGNATURES_PER_S": "2000"}
+
+
+@contextmanager
+def producer_users(amqp_url: str, *roles: str) -> Iterator[dict[str, str]]:
+    """Broker users with a producer's rights in the vhost of ``amqp_url``: role → AMQP URL."""
+    base = URL(amqp_url)
+    vhost = base.path.removeprefix("/")
+    urls: dict[str, str] = {}
+    try:
+        for role in roles:
+            name = f"zt-{role}-{uuid.uuid4().hex[:8]}"
+            # Hex: rabbitmqctl takes a password that starts with "-" for an option.
+            password = secrets.token_hex(16)
+            rabbitmqctl("add_user", name, password)
+            urls[role] = str(base.with_user(name).with_password(password))
+            rabbitmqctl(
+                "set_permissions",
+                "-p",
+                vhost,
+                name,
+                r"^zandd\.reply\.",
+                "^zandd$",
+                r"^zandd\.reply\.",
+            )
+        yield urls
+    finally:
+        for url in urls.values():
+            rabbitmqctl("delete_user", URL(url).user or "")
+
+
+@dataclass
+class Flood:
+    """One principal keeping ``FLOOD_IN_FLIGHT`` sign.batch requests in flight, resending on
+    every reply at once (a hostile producer ignores retry-after)."""
+
+    url: str
+    key_id: str
+    replies: Counter[str] = field(default_factory=Counter)
+    retry_after_ms: list[int] = field(default_factory=list)
+    running: bool = True
+    #: Set once as many requests as are in flight were refused.
+    throttled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        wire = await Wire.connect(self.url, connection_name="zandd-test-flood")
+        digest = base64.b64encode(bytes(32)).decode()
+        body = json.dumps(
+            {"key_id": self.key_id, "items": [{"digest": digest}] * FLOOD_BATCH_ITEMS}
+        ).encode()
+        reply_queue = f"zandd.reply.flood-{uuid.uuid4().hex}"
+        properties = Properties(
+            content_type="application/json",
+            reply_to=reply_queue,
+            type="sign.batch",
+            user_id=URL(self.url).user,
+        )
+
+        def send() -> None:
+            if self.running:
+                wire.publish(body, properties, exchange=EXCHANGE, routing_key="sign.batch")
+
+        def on_reply(message: Delivery) -> None:
+            if message.type == "error":
+                error = json.loads(message.body)
+                self.replies[error["code"]] += 1
+                if "retry_after_ms" in error:
+                    self.retry_after_ms.append(error["retry_after_ms"])
+                if self.replies["throttled"] >= FLOOD_IN_FLIGHT:
+                    self.throttled.set()
+            else:
+                self.replies["ok"] += 1
+            send()
+
+        try:
+            await wire.declare_queue(reply_queue, exclusive=True, auto_delete=True)
+            await wire.consume(reply_queue, on_reply, no_ack=True)
+            for _ in range(FLOOD_IN_FLIGHT):
+                send()
+            await stop.wait()
+            self.running = False
+        finally:
+            await wire.close()
+
+
+async def sign_latencies_s(
+    client: SigningClient, key_id: str, count: int, *, budget_s: float = 30.0
+) -> list[float]:
+    """One sign at a time, ``count`` times (or until ``budget_s`` is spent): how long each
+    took, end to end."""
+    latencies: list[float] = []
+    ends_s = time.perf_counter() + budget_s
+    for index in range(count):
+        if time.perf_counter() > ends_s:
+            break
+        started_s = time.perf_counter()
+        await client.sign(key_id, f"victim {index}".encode(), timeout_s=LOAD_TIMEOUT_S)
+        latencies.append(time.perf_counter() - started_s)
+    return latencies
+
+
+async def test_a_flooding_principal_is_throttled_and_the_other_keeps_its_latency(
+    processes: ProcessFleet, report: Callable[[str], None]
+) -> None:
+    with producer_users(processes.amqp_url, "victim", "flooder") as urls:
+        processes.settings.update(FLOOD_QUOTAS)
+        await started(processes, signers=2)
+        async with (
+            await SigningClient.connect(urls["victim"]) as victim,
+            await SigningClient.connect(urls["flooder"]) as flooder,
+        ):
+            victim_key = (await victim.create_key()).key_id
+            flood_key = (await flooder.create_key()).key_id
+            await sign_latencies_s(victim, victim_key, 20)  # warm: caches, connections
+            idle_s = statistics.median(await sign_latencies_s(victim, victim_key, FAIRNESS_SAMPLES))
+            flood = Flood(urls["flooder"], flood_key)
+            stop = asyncio.Event()
+            flood_started_s = time.perf_counter()
+            flooding = asyncio.create_task(flood.run(stop))
+            try:
+                # Into the steady state: the flooder's first second of quota spent, in debt.
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(flood.throttled.wait(), 10)
+                during = await sign_latencies_s(
+                    victim, victim_key, 10**6, budget_s=FLOOD_MEASURED_S
+                )
+            finally:
+                stop.set()
+                await flooding
+            flood_s = time.perf_counter() - flood_started_s
+    during_s = statistics.median(during)
+    report(
+        f"faults: flood in_flight={FLOOD_IN_FLIGHT}x{FLOOD_BATCH_ITEMS} "
+        f"victim_p50_idle_ms={idle_s * 1000:.1f} victim_p50_flood_ms={during_s * 1000:.1f} "
+        f"ratio={during_s / idle_s:.2f} flood_s={flood_s:.1f} flood_replies={dict(flood.replies)} "
+        f"flood_signed_per_s={flood.replies['ok'] * FLOOD_BATCH_ITEMS / flood_s:.0f} "
+        f"retry_after_ms_median={statistics.median(flood.retry_after_ms or [0]):g}"
+    )
+    assert flood.replies["throttled"] > 0
+    assert len(flood.retry_after_ms) == flood.replies["throttled"]
+    assert all(ms > 0 for ms in flood.retry_after_ms)
+    assert flood.replies["ok"] >= 1  # throttled, not starved: its quota is still served
+    # At most its quota, plus each signer's first-second burst and one batch of debt, plus a
+    # poll interval in which a signer may still think it serves alone.
+    quota = float(FLOOD_QUOTAS["ZANDD_QUOTA_SIGNATURES_PER_S"])
+    assert flood.replies["ok"] * FLOOD_BATCH_ITEMS <= quota * (flood_s + 2 * 2.0) + 2 * 3000
+    # A ratio of two medians measured in one run (never a time: the machine is shared).
+    assert during_s <= 3 * idle_s

@@ -107,7 +107,7 @@ def _private_copy(definitions: dict[str, Any], vhost: str, users: dict[str, str]
     for section in ("vhosts",):
         for entry in copy[section]:
             entry["name"] = vhost
-    for section in ("permissions", "queues", "exchanges", "bindings"):
+    for section in ("permissions", "queues", "exchanges", "bindings", "policies"):
         for entry in copy[section]:
             entry["vhost"] = vhost
     return copy
@@ -165,6 +165,44 @@ async def test_the_definitions_declare_exactly_the_topology_the_workers_declare(
     async with connection:
         topology = await declare_topology(await connection.channel())
         assert set(topology.queues) == {KEYGEN_QUEUE, SIGN_QUEUE}
+
+
+def _queues(vhost: str) -> dict[str, dict[str, Any]]:
+    """Each queue's arguments and the policy that applies to it, as the broker has them."""
+    columns = ("name", "arguments", "policy")
+    listing = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "-p", vhost, *columns, "--formatter", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return {
+        queue["name"]: {
+            "arguments": {name: value for name, _type, value in queue["arguments"]},
+            "policy": queue["policy"],
+        }
+        for queue in json.loads(listing)
+    }
+
+
+async def test_the_work_queues_are_bounded_by_their_arguments_and_by_a_policy(
+    broker: Broker,
+) -> None:
+    # The policy is what bounds a queue declared before the bounds were (an import keeps an
+    # existing queue's arguments): see docs/operations.md, "Queue bounds".
+    queues = _queues(broker.vhost)
+    for name, policy, length, size in (
+        (SIGN_QUEUE, "zandd-sign-bounds", 100_000, 1024**3),
+        (KEYGEN_QUEUE, "zandd-keygen-bounds", 10_000, 64 * 1024**2),
+    ):
+        arguments = queues[name]["arguments"]
+        assert (arguments.get("x-max-length"), arguments.get("x-max-length-bytes")) == (
+            length,
+            size,
+        )
+        assert arguments["x-overflow"] == "reject-publish"
+        assert queues[name]["policy"] == policy
 
 
 async def _answer_one(channel: AbstractChannel, queue: str, code: str) -> AbstractIncomingMessage:

@@ -14,6 +14,7 @@ from contracts.topology import (
     DEAD_LETTER_QUEUE,
     EVENTS_EXCHANGE,
     EXCHANGE,
+    QUEUE_BOUNDS,
     QUEUE_OPERATIONS,
     REPLY_QUEUE_PREFIX,
     queue_arguments,
@@ -39,6 +40,17 @@ def test_queues_carry_the_exact_arguments_the_workers_declare() -> None:
     queues = _without_vhost(DEFINITIONS["queues"])
     assert {q["name"]: q["arguments"] for q in queues} == expected
     assert all(q["durable"] and not q["auto_delete"] for q in queues)
+
+
+def test_a_policy_bounds_each_work_queue_as_its_arguments_do() -> None:
+    # For queues declared before the bounds were: an import keeps an existing queue's
+    # arguments, so only a policy bounds it.
+    policies = {p["pattern"]: p for p in _without_vhost(DEFINITIONS["policies"])}
+    for queue, (length, size) in QUEUE_BOUNDS.items():
+        policy = policies["^" + re.escape(queue) + "$"]
+        assert policy["apply-to"] == "queues"
+        assert policy["definition"] == {"max-length": length, "max-length-bytes": size}
+        assert queue_arguments(queue)["x-overflow"] == "reject-publish"
 
 
 def test_exchanges_and_bindings_match_the_topology() -> None:

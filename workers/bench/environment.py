@@ -131,6 +131,10 @@ def bench_settings(settings: Settings, *, amqp_url: str, data_dir: Path, tcti: s
             "log_level": "WARNING" if level == "INFO" else level,
             "drain_timeout_s": _DRAIN_TIMEOUT_S,
             "metrics_port": None,
+            # It measures what the fleet can do, not an operator's quota.
+            "quota_requests_per_s": None,
+            "quota_signatures_per_s": None,
+            "quota_overrides": {},
         }
     )
 
