@@ -43,7 +43,7 @@ from contracts.errors import (
     ZanddError,
 )
 from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, link
-from vault.records import KeyRecord, KeyState
+from vault.records import KeyRecord, KeyState, RecordMac, check_replacement
 from vault.sealing import SealedKey
 from vault.urls import redact_url, scrub
 
@@ -213,20 +213,25 @@ class MongoStore:
         MongoDB keeps for a while (the oplog entry of the insert until the oplog rolls over,
         freed blocks until reused, backups) are beyond a client's reach.
         """
-        if (record.key_id, record.version) != (expected.key_id, expected.version):
-            raise ValueError("replace_key needs two versions of the same record")
+        check_replacement(record, expected)
         query: Document = {
             "key_id": expected.key_id,
             "version": expected.version,
             "state": expected.state.value,
         }
+        # Documents from before record MACs have no generation field: they are generation 1.
+        if expected.generation == 1:
+            query["generation"] = {"$in": [1, None]}
+        else:
+            query["generation"] = expected.generation
         if expected.sealed is None:
             query["sealed"] = None
         else:
             query["sealed.kek_id"] = expected.sealed.kek_id
             query["sealed.nonce"] = expected.sealed.nonce
         document = _to_document(record)
-        update = {"$set": {name: document[name] for name in ("state", "destroy_after", "sealed")}}
+        changed = ("state", "destroy_after", "sealed", "generation", "mac")
+        update = {"$set": {name: document[name] for name in changed}}
         with self._translated():
             result = await self._keys.update_one(query, update)
         return result.matched_count == 1
@@ -392,6 +397,8 @@ def _to_document(record: KeyRecord) -> Document:
         "created_by": record.created_by,
         "request_id": record.request_id,
         "destroy_after": None if record.destroy_after is None else _timestamp(record.destroy_after),
+        "generation": record.generation,
+        "mac": None if record.mac is None else {"kek_id": record.mac.kek_id, "tag": record.mac.tag},
     }
 
 
@@ -423,6 +430,9 @@ def _to_record(document: Mapping[str, Any]) -> KeyRecord:
             created_by=document["created_by"],
             request_id=document["request_id"],
             destroy_after=_optional_time(document["destroy_after"]),
+            # Documents from before record MACs lack both fields.
+            generation=document.get("generation", 1),
+            mac=_optional_mac(document.get("mac")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise IntegrityError(f"stored record for key {key_id} v{version} is malformed") from exc
@@ -430,6 +440,10 @@ def _to_record(document: Mapping[str, Any]) -> KeyRecord:
 
 def _optional_time(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
+
+
+def _optional_mac(document: Mapping[str, Any] | None) -> RecordMac | None:
+    return None if document is None else RecordMac(document["kek_id"], bytes(document["tag"]))
 
 
 def _audit_document(entries: Sequence[AuditEntry]) -> Document:

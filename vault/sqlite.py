@@ -35,14 +35,14 @@ from contracts.errors import (
     ZanddError,
 )
 from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, link
-from vault.records import KeyRecord, KeyState
+from vault.records import KeyRecord, KeyState, RecordMac, check_replacement
 from vault.sealing import SealedKey
 
 _T = TypeVar("_T")
 
 log = logging.getLogger("zandd.vault")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 10.0
 _CHECKPOINT_ATTEMPTS = 3
 _THREAD_NAME = "zandd-sqlite"
@@ -95,12 +95,24 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 
+#: Authenticated records (vault.record_mac): each version's generation and MAC. Rows from
+#: before start at generation 1 without a MAC, which readers refuse until `zandd vault
+#: mac-records` (or the keygen worker at start) vouches for them. A step of its own, so it
+#: can take whichever schema number is next.
+RECORD_MAC_STEP: tuple[str, ...] = (
+    "ALTER TABLE keys ADD COLUMN generation INTEGER NOT NULL DEFAULT 1",
+    "ALTER TABLE keys ADD COLUMN mac_kek_id TEXT",
+    "ALTER TABLE keys ADD COLUMN mac BLOB",
+)
+_MIGRATIONS[3] = RECORD_MAC_STEP
+
 _COLUMNS = (
     "key_id, version, algorithm, public_key_der, kek_id, nonce, ciphertext, state, label,"
-    " allowed_signers, created_at, created_by, request_id, destroy_after"
+    " allowed_signers, created_at, created_by, request_id, destroy_after, generation,"
+    " mac_kek_id, mac"
 )
 # The f-strings below join module constants only; every value is a bound parameter.
-_INSERT = f"INSERT INTO keys ({_COLUMNS}) VALUES ({', '.join('?' * 14)})"  # noqa: S608
+_INSERT = f"INSERT INTO keys ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"  # noqa: S608
 _SELECT = f"SELECT {_COLUMNS} FROM keys"  # noqa: S608
 _BY_REQUEST_ID = f"{_SELECT} WHERE request_id = ?"
 _LATEST = f"{_SELECT} WHERE key_id = ? ORDER BY version DESC LIMIT 1"
@@ -110,8 +122,10 @@ _LIST_LATEST = (
     " ORDER BY created_at, key_id"
 )
 _REPLACE = (
-    "UPDATE keys SET state = ?, destroy_after = ?, kek_id = ?, nonce = ?, ciphertext = ?"
-    " WHERE key_id = ? AND version = ? AND state = ? AND kek_id IS ? AND nonce IS ?"
+    "UPDATE keys SET state = ?, destroy_after = ?, kek_id = ?, nonce = ?, ciphertext = ?,"
+    " generation = ?, mac_kek_id = ?, mac = ?"
+    " WHERE key_id = ? AND version = ? AND generation = ? AND state = ? AND kek_id IS ?"
+    " AND nonce IS ?"
 )
 _AUDIT_COLUMNS = (
     "seq, at, principal, operation, outcome, key_id, version, request_id, data_sha256,"
@@ -190,18 +204,24 @@ class SqliteStore:
         return await self._run(_fetch_all, sql, params)
 
     async def replace_key(self, record: KeyRecord, expected: KeyRecord) -> bool:
-        """Compare-and-set state, destroy_after and sealed material; erases on destroy."""
-        if (record.key_id, record.version) != (expected.key_id, expected.version):
-            raise ValueError("replace_key needs two versions of the same record")
-        sealed = record.sealed
+        """Compare-and-set state, destroy_after, sealed material, generation and MAC.
+
+        Erases on destroy.
+        """
+        check_replacement(record, expected)
+        sealed, mac = record.sealed, record.mac
         params = (
             record.state.value,
             None if record.destroy_after is None else _time_text(record.destroy_after),
             None if sealed is None else sealed.kek_id,
             None if sealed is None else sealed.nonce,
             None if sealed is None else sealed.ciphertext,
+            record.generation,
+            None if mac is None else mac.kek_id,
+            None if mac is None else mac.tag,
             record.key_id,
             record.version,
+            expected.generation,
             expected.state.value,
             expected.kek_id,
             None if expected.sealed is None else expected.sealed.nonce,
@@ -484,12 +504,16 @@ def _to_row(record: KeyRecord) -> tuple[Any, ...]:
         record.created_by,
         record.request_id,
         None if record.destroy_after is None else _time_text(record.destroy_after),
+        record.generation,
+        None if record.mac is None else record.mac.kek_id,
+        None if record.mac is None else record.mac.tag,
     )
 
 
 def _to_record(row: tuple[Any, ...]) -> KeyRecord:
     (key_id, version, algorithm, public_key_der, kek_id, nonce, ciphertext) = row[:7]
-    (state, label, allowed_signers, created_at, created_by, request_id, destroy_after) = row[7:]
+    (state, label, allowed_signers, created_at, created_by, request_id, destroy_after) = row[7:14]
+    (generation, mac_kek_id, mac) = row[14:]
     try:
         sealed = None if kek_id is None else SealedKey(kek_id, bytes(nonce), bytes(ciphertext))
         return KeyRecord(
@@ -505,6 +529,8 @@ def _to_record(row: tuple[Any, ...]) -> KeyRecord:
             created_by=created_by,
             request_id=request_id,
             destroy_after=None if destroy_after is None else datetime.fromisoformat(destroy_after),
+            generation=generation,
+            mac=None if mac_kek_id is None or mac is None else RecordMac(mac_kek_id, bytes(mac)),
         )
     except (TypeError, ValueError) as exc:
         raise IntegrityError(f"stored record for key {key_id} v{version} is malformed") from exc

@@ -14,8 +14,9 @@ import pytest
 from contracts.errors import BrokerUnavailable, Forbidden, KeyDisabled, KeyNotFound
 from contracts.models import KeyDestroyRequest, KeyState, KeyStateChangedEvent, KeyStateRequest
 from contracts.operations import Operation
-from vault import Kek, KeyRecord, RecordBinding, SealedKey, seal
+from vault import Kek, KekRing, KeyRecord, RecordBinding, SealedKey, seal
 from vault.audit import AuditLog, AuditQuery
+from vault.record_mac import authenticated
 from vault.store import VaultStore, open_store
 from workers.keygen.lifecycle import KeyLifecycle
 from workers.policy import AccessPolicy
@@ -23,6 +24,7 @@ from workers.runtime import RequestContext
 
 T0 = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
 KEK = Kek.generate()
+RING = KekRing(KEK)
 
 
 class Clock:
@@ -70,6 +72,7 @@ async def lifecycle(store: VaultStore, clock: Clock, events: Events) -> AsyncIte
     audit = AuditLog(store)
     yield KeyLifecycle(
         store,
+        RING,
         policy=AccessPolicy(admins=frozenset({"ops"})),
         events=events,  # type: ignore[arg-type]
         audit=audit,
@@ -82,22 +85,21 @@ async def add_key(
     store: VaultStore, key_id: str = "zk-1", version: int = 1, state: KeyState = KeyState.ENABLED
 ) -> KeyRecord:
     binding = RecordBinding(key_id, version, "ecdsa-p256-sha256")
-    return await store.create_key(
-        KeyRecord(
-            key_id=key_id,
-            version=version,
-            algorithm="ecdsa-p256-sha256",
-            public_key_der=b"public",
-            sealed=None if state == KeyState.DESTROYED else seal(os.urandom(32), binding, KEK),
-            state=state,
-            label=None,
-            allowed_signers=("svc",),
-            created_at=T0,
-            created_by="owner",
-            request_id=None,
-            destroy_after=T0 if state == KeyState.DESTROYED else None,
-        )
+    record = KeyRecord(
+        key_id=key_id,
+        version=version,
+        algorithm="ecdsa-p256-sha256",
+        public_key_der=b"public",
+        sealed=None if state == KeyState.DESTROYED else seal(os.urandom(32), binding, KEK),
+        state=state,
+        label=None,
+        allowed_signers=("svc",),
+        created_at=T0,
+        created_by="owner",
+        request_id=None,
+        destroy_after=T0 if state == KeyState.DESTROYED else None,
     )
+    return await store.create_key(authenticated(record, RING, generation=1))
 
 
 def as_(principal: str, operation: Operation = Operation.KEY_DISABLE) -> RequestContext:
@@ -194,8 +196,12 @@ class _RacingStore:
     async def replace_key(self, record: KeyRecord, expected: KeyRecord) -> bool:
         if not self.raced:
             self.raced = True
-            resealed = dataclasses.replace(
-                expected, sealed=SealedKey("kek-new", os.urandom(12), os.urandom(48))
+            resealed = authenticated(
+                dataclasses.replace(
+                    expected, sealed=SealedKey("kek-new", os.urandom(12), os.urandom(48))
+                ),
+                RING,
+                generation=expected.generation + 1,
             )
             assert await self._store.replace_key(resealed, expected)
         return await self._store.replace_key(record, expected)
@@ -209,6 +215,7 @@ async def test_a_change_racing_a_rewrap_keeps_both(
     audit = AuditLog(store)
     lifecycle = KeyLifecycle(
         racing,  # type: ignore[arg-type]
+        RING,
         policy=AccessPolicy(),
         events=events,  # type: ignore[arg-type]
         audit=audit,

@@ -26,6 +26,8 @@ import pytest
 from contracts.errors import ConfigurationError, IntegrityError, KeyNotFound, VaultUnavailable
 from vault import KeyRecord, KeyState, SealedKey, SqliteStore, VaultStore, open_store
 from vault.audit import GENESIS_HASH, AuditEvent, AuditQuery, ChainVerifier, verify_log
+from vault.records import RecordMac
+from vault.sqlite import SCHEMA_VERSION
 
 BACKENDS = ["sqlite", pytest.param("mongodb", marks=pytest.mark.mongo)]
 T0 = datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=UTC)
@@ -68,6 +70,7 @@ def make_record(
         created_at=created_at,
         created_by="keygen-user",
         request_id=request_id,
+        mac=RecordMac("kek-20261128-0a0b0c0d", os.urandom(32)),
     )
 
 
@@ -76,7 +79,9 @@ def make_record(
 
 @pytest.mark.parametrize("destroyed", [False, True], ids=["sealed", "destroyed"])
 async def test_create_get_round_trip_keeps_every_field(store: VaultStore, destroyed: bool) -> None:
-    record = make_record(request_id=f"req-{uuid.uuid4()}", destroyed=destroyed)
+    record = dataclasses.replace(
+        make_record(request_id=f"req-{uuid.uuid4()}", destroyed=destroyed), generation=7
+    )
     assert await store.create_key(record) == record
     fetched = await store.get_key(record.key_id, 1)
     for field in dataclasses.fields(KeyRecord):
@@ -273,7 +278,11 @@ async def test_list_versions_by_key_and_state(store: VaultStore) -> None:
 async def test_replace_key_changes_state_and_keeps_the_rest(store: VaultStore) -> None:
     record = await store.create_key(make_record(request_id="req-cas"))
     pending = dataclasses.replace(
-        record, state=KeyState.PENDING_DESTRUCTION, destroy_after=T0 + timedelta(days=7)
+        record,
+        state=KeyState.PENDING_DESTRUCTION,
+        destroy_after=T0 + timedelta(days=7),
+        generation=2,
+        mac=RecordMac("kek-20261128-0a0b0c0d", os.urandom(32)),
     )
     assert await store.replace_key(pending, record) is True
     assert await store.get_key(record.key_id) == pending
@@ -282,10 +291,12 @@ async def test_replace_key_changes_state_and_keeps_the_rest(store: VaultStore) -
 
 async def test_replace_key_loses_to_a_writer_that_came_first(store: VaultStore) -> None:
     record = await store.create_key(make_record())
-    disabled = dataclasses.replace(record, state=KeyState.DISABLED)
+    disabled = dataclasses.replace(record, state=KeyState.DISABLED, generation=2)
     assert await store.replace_key(disabled, record)
     # A second writer still holding the enabled record must not overwrite the change.
-    other = dataclasses.replace(record, state=KeyState.PENDING_DESTRUCTION, destroy_after=T0)
+    other = dataclasses.replace(
+        record, state=KeyState.PENDING_DESTRUCTION, destroy_after=T0, generation=2
+    )
     assert await store.replace_key(other, record) is False
     assert (await store.get_key(record.key_id)).state == KeyState.DISABLED
 
@@ -294,11 +305,11 @@ async def test_replace_key_compares_the_sealed_material(store: VaultStore) -> No
     record = await store.create_key(make_record())
     assert record.sealed is not None
     resealed = dataclasses.replace(
-        record, sealed=SealedKey("kek-new", os.urandom(12), os.urandom(48))
+        record, sealed=SealedKey("kek-new", os.urandom(12), os.urandom(48)), generation=2
     )
     assert await store.replace_key(resealed, record)
     again = dataclasses.replace(
-        record, sealed=SealedKey("kek-newer", os.urandom(12), os.urandom(48))
+        record, sealed=SealedKey("kek-newer", os.urandom(12), os.urandom(48)), generation=2
     )
     assert await store.replace_key(again, record) is False  # sealed changed meanwhile
     assert await store.get_key(record.key_id) == resealed
@@ -309,7 +320,7 @@ async def test_replace_key_erases_sealed_material(store: VaultStore) -> None:
         make_record(), state=KeyState.PENDING_DESTRUCTION, destroy_after=T0
     )
     await store.create_key(pending)
-    gone = dataclasses.replace(pending, state=KeyState.DESTROYED, sealed=None)
+    gone = dataclasses.replace(pending, state=KeyState.DESTROYED, sealed=None, generation=2)
     assert await store.replace_key(gone, pending)
     fetched = await store.get_key(pending.key_id)
     assert fetched == gone
@@ -321,7 +332,9 @@ async def test_replace_key_erases_sealed_material(store: VaultStore) -> None:
 async def test_replace_key_of_a_missing_version_is_false(store: VaultStore) -> None:
     record = make_record()
     assert (
-        await store.replace_key(dataclasses.replace(record, state=KeyState.DISABLED), record)
+        await store.replace_key(
+            dataclasses.replace(record, state=KeyState.DISABLED, generation=2), record
+        )
         is False
     )
 
@@ -329,7 +342,28 @@ async def test_replace_key_of_a_missing_version_is_false(store: VaultStore) -> N
 async def test_replace_key_needs_one_identity(store: VaultStore) -> None:
     record = await store.create_key(make_record())
     with pytest.raises(ValueError, match="same record"):
-        await store.replace_key(dataclasses.replace(record, version=2), record)
+        await store.replace_key(dataclasses.replace(record, version=2, generation=2), record)
+
+
+async def test_replace_key_compares_the_generation(store: VaultStore) -> None:
+    record = await store.create_key(make_record())
+    second = dataclasses.replace(record, generation=2, mac=RecordMac("kek-a", os.urandom(32)))
+    assert await store.replace_key(second, record)
+    # Same state and sealed material, but a writer still holding generation 1 is too late.
+    stale = dataclasses.replace(record, generation=2, mac=RecordMac("kek-b", os.urandom(32)))
+    assert await store.replace_key(stale, record) is False
+    assert await store.get_key(record.key_id) == second
+    third = dataclasses.replace(second, state=KeyState.DISABLED, generation=3)
+    assert await store.replace_key(third, second)
+    assert await store.get_key(record.key_id) == third
+
+
+async def test_replace_key_raises_the_generation_by_exactly_one(store: VaultStore) -> None:
+    record = await store.create_key(make_record())
+    for generation in (1, 3):
+        with pytest.raises(ValueError, match="generation by exactly one"):
+            await store.replace_key(dataclasses.replace(record, generation=generation), record)
+    assert await store.get_key(record.key_id) == record
 
 
 # --- the audit log -----------------------------------------------------------------------------
@@ -503,7 +537,7 @@ async def test_sqlite_settings_and_thread(tmp_path: Path) -> None:
                 for name in ("journal_mode", "synchronous", "busy_timeout", "user_version")
             ]
         )
-        assert pragmas == ["wal", 2, 10_000, 2]  # synchronous 2 = FULL
+        assert pragmas == ["wal", 2, 10_000, SCHEMA_VERSION]  # synchronous 2 = FULL
         thread_name = await store._run(lambda conn: threading.current_thread().name)
         assert thread_name == "zandd-sqlite"
     finally:
@@ -555,7 +589,7 @@ async def test_sqlite_erased_ciphertext_is_gone_from_the_files(tmp_path: Path) -
         secret_parts = (pending.sealed.ciphertext, pending.sealed.nonce)
         await reader.get_key(pending.key_id)  # another process has read it
         assert all(part in _vault_bytes(db) for part in secret_parts)
-        gone = dataclasses.replace(pending, state=KeyState.DESTROYED, sealed=None)
+        gone = dataclasses.replace(pending, state=KeyState.DESTROYED, sealed=None, generation=2)
         assert await store.replace_key(gone, pending)
         contents = _vault_bytes(db)
         assert not any(part in contents for part in secret_parts)
@@ -588,9 +622,12 @@ async def test_sqlite_upgrades_a_version_1_vault(tmp_path: Path) -> None:
     try:
         old = await store.get_key("key-old")
         assert (old.state, old.destroy_after, old.created_by) == (KeyState.ENABLED, None, "svc")
+        # Rows from before record MACs: generation 1, no MAC (readers refuse them until the
+        # upgrade vouches for them).
+        assert (old.generation, old.mac) == (1, None)
         assert (await store.append_audit([audit_event(1)]))[0].seq == 1
         version = await store._run(lambda conn: conn.execute("PRAGMA user_version").fetchone()[0])
-        assert version == 2
+        assert version == SCHEMA_VERSION
     finally:
         await store.close()
 

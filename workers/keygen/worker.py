@@ -15,6 +15,7 @@ from contracts.errors import Forbidden, InvalidRequest
 from contracts.models import KeyCreateReply, KeyCreateRequest
 from contracts.operations import Operation
 from vault.kek import KekRing
+from vault.record_mac import authenticated, verify_record
 from vault.records import KeyRecord, KeyState
 from vault.sealing import RecordBinding, seal
 from vault.store import VaultStore
@@ -80,9 +81,10 @@ class Keygen:
         existing = await self._store.find_by_request_id(context.request_id)
         if existing is not None:
             log.info("key.create %s repeated: returning %s", context.request_id, existing.key_id)
-            return _reply(_owned_by(existing, owner))
+            return _reply(_owned_by(verify_record(existing, self._ring), owner))
         record = await self._generate(request, owner, context.request_id)
-        stored = _owned_by(await self._store.create_key(record), owner)
+        # The stored record may be a twin request's: it is checked like any read.
+        stored = _owned_by(verify_record(await self._store.create_key(record), self._ring), owner)
         if stored.key_id != record.key_id:
             log.info("key.create %s raced a twin: returning %s", context.request_id, stored.key_id)
         else:
@@ -100,7 +102,7 @@ class Keygen:
             sealed = seal(exported.private_scalar, binding, self._ring.active)
             public_der = public_key_der(exported.public_key())
         signers = request.allowed_signers if request.allowed_signers is not None else [owner]
-        return KeyRecord(
+        record = KeyRecord(
             key_id=key_id,
             version=1,
             algorithm=request.algorithm,
@@ -113,6 +115,7 @@ class Keygen:
             created_by=owner,
             request_id=request_id,
         )
+        return authenticated(record, self._ring, generation=1)
 
 
 def _owned_by(record: KeyRecord, owner: str) -> KeyRecord:
