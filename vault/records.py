@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from contracts.errors import IntegrityError
 from contracts.models import KeyState
 from vault.sealing import RecordBinding, SealedKey
 
-__all__ = ["KeyRecord", "KeyState", "RecordMac", "check_replacement"]
+__all__ = ["KeyRecord", "KeyState", "RecordMac", "check_head", "check_replacement"]
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -98,3 +99,17 @@ def check_replacement(record: KeyRecord, expected: KeyRecord) -> None:
         raise ValueError("replace_key needs two versions of the same record")
     if record.generation != expected.generation + 1:
         raise ValueError("replace_key must raise the record generation by exactly one")
+
+
+def check_head(key_id: str, version: int, generation: int, head: int | None) -> None:
+    """Raise IntegrityError when a stored row is older than the head its store keeps for it.
+
+    Every write raises the version's head to the generation written; a row below its head
+    was put back from an older copy. A row without a head (from before heads, or whose head
+    was deleted) passes: the head is a tripwire beside the row, not a proof.
+    """
+    if head is not None and generation < head:
+        raise IntegrityError(
+            f"key {key_id} v{version} is generation {generation}, but the vault wrote "
+            f"generation {head}: an older copy of the record was put back"
+        )

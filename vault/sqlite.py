@@ -35,7 +35,7 @@ from contracts.errors import (
     ZanddError,
 )
 from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, link
-from vault.records import KeyRecord, KeyState, RecordMac, check_replacement
+from vault.records import KeyRecord, KeyState, RecordMac, check_head, check_replacement
 from vault.sealing import SealedKey
 
 _T = TypeVar("_T")
@@ -95,14 +95,23 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 
-#: Authenticated records (vault.record_mac): each version's generation and MAC. Rows from
-#: before start at generation 1 without a MAC, which readers refuse until `zandd vault
-#: mac-records` (or the keygen worker at start) vouches for them. A step of its own, so it
-#: can take whichever schema number is next.
+#: Authenticated records (vault.record_mac): each version's generation and MAC, and the
+#: highest generation written of each version (key_heads), kept apart from the row so that
+#: a row put back on its own from an older copy reads as what it is. Rows from before start
+#: at generation 1 without a MAC, which readers refuse until `zandd vault mac-records`
+#: vouches for them. A step of its own, so it can take whichever schema number is next.
 RECORD_MAC_STEP: tuple[str, ...] = (
     "ALTER TABLE keys ADD COLUMN generation INTEGER NOT NULL DEFAULT 1",
     "ALTER TABLE keys ADD COLUMN mac_kek_id TEXT",
     "ALTER TABLE keys ADD COLUMN mac BLOB",
+    """
+    CREATE TABLE key_heads (
+        key_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        generation INTEGER NOT NULL,
+        PRIMARY KEY (key_id, version)
+    )
+    """,
 )
 _MIGRATIONS[3] = RECORD_MAC_STEP
 
@@ -113,13 +122,20 @@ _COLUMNS = (
 )
 # The f-strings below join module constants only; every value is a bound parameter.
 _INSERT = f"INSERT INTO keys ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"  # noqa: S608
-_SELECT = f"SELECT {_COLUMNS} FROM keys"  # noqa: S608
+_HEAD = (
+    "(SELECT h.generation FROM key_heads AS h WHERE h.key_id = k.key_id AND h.version = k.version)"
+)
+_SELECT = f"SELECT {_COLUMNS}, {_HEAD} FROM keys AS k"  # noqa: S608
 _BY_REQUEST_ID = f"{_SELECT} WHERE request_id = ?"
 _LATEST = f"{_SELECT} WHERE key_id = ? ORDER BY version DESC LIMIT 1"
 _BY_VERSION = f"{_SELECT} WHERE key_id = ? AND version = ?"
 _LIST_LATEST = (
-    f"{_SELECT} AS k WHERE version = (SELECT MAX(version) FROM keys WHERE key_id = k.key_id)"  # noqa: S608
+    f"{_SELECT} WHERE version = (SELECT MAX(version) FROM keys WHERE key_id = k.key_id)"  # noqa: S608
     " ORDER BY created_at, key_id"
+)
+_RAISE_HEAD = (
+    "INSERT INTO key_heads (key_id, version, generation) VALUES (?, ?, ?)"
+    " ON CONFLICT (key_id, version) DO UPDATE SET generation = MAX(generation, excluded.generation)"
 )
 _REPLACE = (
     "UPDATE keys SET state = ?, destroy_after = ?, kek_id = ?, nonce = ?, ciphertext = ?,"
@@ -385,9 +401,11 @@ def _close(conn: sqlite3.Connection) -> None:
 
 
 def _insert(conn: sqlite3.Connection, row: tuple[Any, ...]) -> KeyRecord | None:
-    key_id, version, request_id = row[0], row[1], row[12]
+    key_id, version, request_id, generation = row[0], row[1], row[12], row[14]
     try:
-        conn.execute(_INSERT, row)
+        with _immediate(conn):
+            conn.execute(_INSERT, row)
+            conn.execute(_RAISE_HEAD, (key_id, version, generation))
     except sqlite3.IntegrityError as exc:
         # The unique index on request_id arbitrates between concurrent creators, in any
         # process: the loser reads back the winner's record.
@@ -416,7 +434,11 @@ def _where(**equal: str | None) -> tuple[str, tuple[str, ...]]:
 
 
 def _replace(conn: sqlite3.Connection, params: tuple[Any, ...], erase: bool) -> bool:
-    replaced = conn.execute(_REPLACE, params).rowcount == 1
+    key_id, version, generation = params[8], params[9], params[5]
+    with _immediate(conn):
+        replaced = conn.execute(_REPLACE, params).rowcount == 1
+        if replaced:
+            conn.execute(_RAISE_HEAD, (key_id, version, generation))
     if replaced and erase:
         _truncate_wal(conn)
     return replaced
@@ -513,7 +535,8 @@ def _to_row(record: KeyRecord) -> tuple[Any, ...]:
 def _to_record(row: tuple[Any, ...]) -> KeyRecord:
     (key_id, version, algorithm, public_key_der, kek_id, nonce, ciphertext) = row[:7]
     (state, label, allowed_signers, created_at, created_by, request_id, destroy_after) = row[7:14]
-    (generation, mac_kek_id, mac) = row[14:]
+    (generation, mac_kek_id, mac, head) = row[14:]
+    check_head(key_id, version, generation, head)
     try:
         sealed = None if kek_id is None else SealedKey(kek_id, bytes(nonce), bytes(ciphertext))
         return KeyRecord(

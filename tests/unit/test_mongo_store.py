@@ -44,7 +44,7 @@ from vault.mongo import (
     client_options,
     translate_error,
 )
-from vault.records import KeyRecord, KeyState
+from vault.records import KeyRecord, KeyState, RecordMac
 from vault.sealing import SealedKey
 from vault.store import open_store
 from vault.urls import redact_url, scrub, url_secrets
@@ -229,13 +229,14 @@ def through_bson(document: Mapping[str, Any]) -> dict[str, Any]:
         record(label=None, allowed_signers=(), request_id=None),
         record(state=KeyState.PENDING_DESTRUCTION, destroy_after=T0 + timedelta(days=7)),
         record(sealed=None, state=KeyState.DESTROYED, destroy_after=T0),
+        record(generation=9, mac=RecordMac("kek-20261128-0a0b0c0d", bytes(range(32)))),
     ],
-    ids=["enabled", "empty-optionals", "pending", "destroyed"],
+    ids=["enabled", "empty-optionals", "pending", "destroyed", "maced"],
 )
 def test_records_survive_bson_exactly(original: KeyRecord) -> None:
     document = through_bson(_to_document(original))
     assert isinstance(document["public_key_der"], bytes)
-    restored = _to_record(document)
+    restored = _to_record(document, {})
     assert restored == original
     assert restored.created_at.microsecond == 123456  # BSON dates would keep milliseconds
 
@@ -244,7 +245,21 @@ def test_a_malformed_document_is_an_integrity_error() -> None:
     document = through_bson(_to_document(record()))
     document["state"] = "lost"
     with pytest.raises(IntegrityError, match="stored record for key zk-0123456789abcdef0123 v3"):
-        _to_record(document)
+        _to_record(document, {})
+
+
+def test_a_document_from_before_record_macs_is_generation_1_without_a_mac() -> None:
+    document = through_bson(_to_document(record()))
+    del document["generation"], document["mac"]
+    assert (_to_record(document, {}).generation, _to_record(document, {}).mac) == (1, None)
+
+
+def test_a_document_older_than_its_head_is_an_integrity_error() -> None:
+    document = through_bson(_to_document(record(generation=2)))
+    key = ("zk-0123456789abcdef0123", 3)
+    assert _to_record(document, {key: 2}).generation == 2
+    with pytest.raises(IntegrityError, match="generation 2, but the vault wrote generation 5"):
+        _to_record(document, {key: 5})
 
 
 def events(count: int, start: int = 0) -> list[AuditEvent]:

@@ -632,6 +632,30 @@ async def test_sqlite_upgrades_a_version_1_vault(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_sqlite_refuses_a_row_put_back_from_an_older_copy(tmp_path: Path) -> None:
+    db = tmp_path / "vault.db"
+    store = await SqliteStore.open(str(db))
+    try:
+        first = await store.create_key(make_record(request_id="req-old"))
+        second = dataclasses.replace(first, state=KeyState.DISABLED, generation=2)
+        assert await store.replace_key(second, first)
+        with sqlite3.connect(db) as conn:  # a vault writer restores the row alone
+            conn.execute("UPDATE keys SET state = 'enabled', generation = 1")
+        conn.close()
+        reads = (
+            store.get_key(first.key_id),
+            store.get_key(first.key_id, 1),
+            store.find_by_request_id("req-old"),
+            store.list_keys(),
+            store.list_versions(),
+        )
+        for read in reads:
+            with pytest.raises(IntegrityError, match="generation 1, but the vault wrote"):
+                await read
+    finally:
+        await store.close()
+
+
 _OPEN_READ_CLOSE = """
 import asyncio, sys
 from vault.store import open_store
