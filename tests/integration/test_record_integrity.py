@@ -27,6 +27,7 @@ from contracts.models import SPECS, KeyPublicRequest, KeyState, KeyStateRequest,
 from contracts.operations import Operation
 from tests.conftest import RunningFleet
 from tests.integration import test_security as security
+from tests.integration.test_cli import environment, zandd
 from tests.integration.test_security import ALICE, BOB, audit_outcomes, vault_file
 from vault.record_mac import verify_record
 from workers.runtime import ConsumerRuntime
@@ -202,3 +203,41 @@ async def test_a_public_key_swapped_in_the_vault_is_refused_by_key_public_and_si
     await refused_and_audited(
         alice, fleet, Operation.SIGN, SignRequest(key_id=key.key_id, message=b"x")
     )
+
+
+async def test_a_vault_from_before_record_macs_is_upgraded_once(
+    fleet: RunningFleet, clients: dict[str, SigningClient]
+) -> None:
+    alice, bob = clients[ALICE], clients[BOB]
+    keys = [await alice.create_key() for _ in range(3)]
+    # The vault as the previous version left it (after the schema step): no MACs, no heads.
+    write_row(fleet, "UPDATE keys SET mac = NULL, mac_kek_id = NULL, generation = 1")
+    write_row(fleet, "DELETE FROM key_heads")
+    env = environment(ZANDD_DATA_DIR=str(fleet.settings.data_dir))
+    code, out, _ = await zandd("vault", "status", env=env)
+    assert "without a record MAC (refused): 3 key versions" in out
+    code, out, _ = await zandd("keys", "show", keys[0].key_id, env=env)
+    assert "REFUSED BY THE WORKERS" in out
+    assert "has no record MAC" in out
+    sign_first = SignRequest(key_id=keys[0].key_id, message=b"before the upgrade")
+    await refused_and_audited(alice, fleet, Operation.SIGN, sign_first)
+
+    code, out, err = await zandd("vault", "mac-records", env=env)
+    assert code == 0, err
+    assert out.strip().endswith(": 3 maced")
+    await alice.sign(keys[0].key_id, b"after the upgrade")
+    code, out, _ = await zandd("keys", "show", keys[0].key_id, env=env)
+    assert "REFUSED" not in out
+
+    # From now on a record without a MAC was written without the ring: never vouched for.
+    write_row(
+        fleet,
+        "UPDATE keys SET mac = NULL, allowed_signers = ? WHERE key_id = ?",
+        f'["{BOB}"]',
+        keys[1].key_id,
+    )
+    code, _, err = await zandd("vault", "mac-records", env=env)
+    assert code == 1
+    assert "1 key versions have no MAC in a vault where 2 have one" in err
+    sign_second = SignRequest(key_id=keys[1].key_id, message=b"pay Bob")
+    await refused_and_audited(bob, fleet, Operation.SIGN, sign_second)
