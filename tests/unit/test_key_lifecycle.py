@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from contracts.errors import BrokerUnavailable, Forbidden, KeyDisabled, KeyNotFound
+from contracts.errors import (
+    BrokerUnavailable,
+    Forbidden,
+    IntegrityError,
+    KeyDisabled,
+    KeyNotFound,
+)
 from contracts.models import KeyDestroyRequest, KeyState, KeyStateChangedEvent, KeyStateRequest
 from contracts.operations import Operation
 from vault import Kek, KekRing, KeyRecord, RecordBinding, SealedKey, seal
@@ -170,6 +176,27 @@ async def test_due_versions_are_destroyed_by_the_periodic_check(
     assert [(e.key_id, e.state) for e in events.published] == [("zk-1", KeyState.DESTROYED)]
     (entry,) = await store.read_audit(AuditQuery(latest=True, limit=1))
     assert (entry.event.principal, entry.event.operation) == ("zandd:keygen", "key.destroyed")
+
+
+async def test_changed_records_are_neither_changed_nor_destroyed(
+    store: VaultStore, lifecycle: KeyLifecycle, clock: Clock, events: Events
+) -> None:
+    record = await add_key(store, key_id="zk-owned")
+    # A vault writer makes itself the owner (no ring: the MAC stays the old one).
+    stolen = dataclasses.replace(record, created_by="mallory", generation=2)
+    assert await store.replace_key(stolen, record)
+    with pytest.raises(IntegrityError, match="failed its record MAC"):
+        await lifecycle.disable(KeyStateRequest(key_id="zk-owned"), as_("mallory"))
+    # ...or brings a scheduled destruction forward.
+    await add_key(store, key_id="zk-later")
+    await lifecycle.destroy(KeyDestroyRequest(key_id="zk-later", pending_days=30), as_("owner"))
+    pending = await store.get_key("zk-later")
+    sooner = dataclasses.replace(pending, destroy_after=T0, generation=pending.generation + 1)
+    assert await store.replace_key(sooner, pending)
+    clock.now = T0 + timedelta(days=1)
+    assert await lifecycle.destroy_due() == []
+    assert (await store.get_key("zk-later")).state == KeyState.PENDING_DESTRUCTION
+    assert [e.state for e in events.published] == [KeyState.PENDING_DESTRUCTION]
 
 
 async def test_a_cancelled_destruction_is_not_carried_out(
