@@ -259,7 +259,9 @@ class KeyStateChangedEvent(_Reply):
 
     AMQP ``type`` ``key.state_changed``, ``content_type`` ``application/json``, one message per
     key version. Also sent again when a lifecycle request finds the key already in the asked
-    state, so a retried request repairs an event that was lost.
+    state, so a retried request repairs an event that was lost. ``generation`` is the vault
+    record's generation after the change: signers refuse any older copy of the record from
+    then on (absent from publishers that predate it).
     """
 
     key_id: str
@@ -267,6 +269,7 @@ class KeyStateChangedEvent(_Reply):
     state: KeyState
     destroy_after: AwareDatetime | None = None
     changed_at: AwareDatetime
+    generation: Annotated[int, Field(ge=1, lt=2**63, strict=True)] | None = None
 
 
 #: The longest retry-after hint a reply may carry; a client waits no longer than this.

@@ -1,8 +1,9 @@
 """Copying a vault to another store (e.g. SQLite → MongoDB), resumably and verified.
 
 Works on any two ``VaultStore`` backends. Every key version is copied as it is (still sealed:
-nothing is re-encrypted), read back from the target and checked: equal to the source's, and,
-unless destroyed, it opens with the KEK ring and its scalar gives the stored public key. The
+nothing is re-encrypted, its record MAC and generation kept), read back from the target and
+checked: equal to the source's, its record MAC holds, and, unless destroyed, it opens with the
+KEK ring and its scalar gives the stored public key. The
 audit log follows with its hash chain intact: entries are re-linked in the target with the
 same sequence numbers, so their hashes come out identical, and the target's chain is verified
 at the end.
@@ -26,6 +27,7 @@ from contracts.models import ALGORITHM_ECDSA_P256_SHA256
 from vault.audit import AuditEntry, AuditQuery, verify_log
 from vault.kek import KekRing
 from vault.opening import private_key_of
+from vault.record_mac import verify_record
 from vault.records import KeyRecord
 from vault.store import VaultStore
 
@@ -81,10 +83,21 @@ async def migrate_vault(
 
 
 def check_opens(record: KeyRecord, ring: KekRing) -> None:
+    """Check ``record``'s MAC, open it into a wiped buffer and check its scalar gives the
+    stored public key.
+
+    Raises IntegrityError when its MAC fails (or it has none: run ``zandd vault mac-records``
+    on the source first), it does not open (tampered, or its KEK is not in the ring) or
+    belongs to another public key. A destroyed version has nothing to open; its MAC must hold.
+    """
+    verify_record(record, ring)
+    check_scalar(record, ring)
+
+
+def check_scalar(record: KeyRecord, ring: KekRing) -> None:
     """Open ``record`` into a wiped buffer and check its scalar gives the stored public key.
 
-    Raises IntegrityError when it does not open (tampered, or its KEK is not in the ring) or
-    belongs to another public key. A destroyed version has nothing to open and passes.
+    ``check_opens`` without the record MAC; IntegrityError as there.
     """
     if record.sealed is None:
         return

@@ -12,7 +12,9 @@ The backend only stores and reads documents; uniqueness is the server's job (uni
 so concurrent writers in several processes or hosts need no lock of ours and no transaction
 (which a standalone server would not have): ``keys`` holds one document per key version,
 unique on (key_id, version) and on (created_by, request_id); ``audit`` one document per
-appended batch of entries, unique on its first sequence number; ``meta`` the schema version.
+appended batch of entries, unique on its first sequence number; ``meta`` the schema version;
+``key_heads`` the highest generation written of each key version (see
+``vault.records.check_head``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from contracts.errors import (
     ZanddError,
 )
 from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, link
-from vault.records import KeyRecord, KeyState
+from vault.records import KeyRecord, KeyState, RecordMac, check_head, check_replacement
 from vault.sealing import SealedKey
 from vault.urls import redact_url, scrub
 
@@ -55,6 +57,7 @@ SCHEMA_VERSION: Final = 2
 KEYS_COLLECTION: Final = "keys"
 AUDIT_COLLECTION: Final = "audit"
 META_COLLECTION: Final = "meta"
+HEADS_COLLECTION: Final = "key_heads"
 _SCHEMA_ID: Final = "schema"
 
 # Applied only where the URL does not set the option itself (PyMongo lets keyword arguments
@@ -132,6 +135,7 @@ class MongoStore:
         self._keys: AsyncCollection[Document] = database[KEYS_COLLECTION]
         self._audit: AsyncCollection[Document] = database[AUDIT_COLLECTION]
         self._meta: AsyncCollection[Document] = database[META_COLLECTION]
+        self._heads: AsyncCollection[Document] = database[HEADS_COLLECTION]
         self._closed = False
 
     @classmethod
@@ -174,15 +178,17 @@ class MongoStore:
                         f"key {record.key_id} version {record.version} already exists"
                     ) from exc
                 return existing
+            await self._raise_head(record)
         return record
 
     async def get_key(self, key_id: str, version: int | None = None) -> KeyRecord:
         """The given version of a key, or its latest; KeyNotFound if there is none."""
         with self._translated():
+            heads = await self._heads_of({"_id.key_id": key_id})
             if version is not None:
                 found = await self._keys.find_one({"key_id": key_id, "version": version}, _NO_ID)
                 if found is not None:
-                    return _to_record(found)
+                    return _to_record(found, heads)
             latest = await self._keys.find_one(
                 {"key_id": key_id}, _NO_ID, sort=[("version", DESCENDING)]
             )
@@ -190,22 +196,28 @@ class MongoStore:
             raise KeyNotFound(f"key {key_id} not found")
         if version is not None:
             raise KeyNotFound(f"key {key_id} has no version {version}")
-        return _to_record(latest)
+        return _to_record(latest, heads)
 
     async def find_by_request_id(self, request_id: str, *, owner: str) -> KeyRecord | None:
         """The record ``owner``'s request ``request_id`` created, if any."""
         with self._translated():
-            found = await self._keys.find_one(
-                {"created_by": owner, "request_id": request_id}, _NO_ID
-            )
-        return None if found is None else _to_record(found)
+            query = {"created_by": owner, "request_id": request_id}
+            found = await self._keys.find_one(query, _NO_ID)
+            if found is None:
+                return None
+            # The key id comes from a first read; the heads read after it are a floor for a
+            # second read of the record (see _raise_head), not for the first.
+            heads = await self._heads_of({"_id.key_id": found.get("key_id")})
+            found = await self._keys.find_one(query, _NO_ID)
+        return None if found is None else _to_record(found, heads)
 
     async def list_keys(self) -> list[KeyRecord]:
         """The latest version of every key, ordered by ``created_at``."""
         with self._translated():
+            heads = await self._heads_of({})
             cursor = await self._keys.aggregate(_LATEST_PER_KEY)
             documents = await cursor.to_list()
-        return [_to_record(document) for document in documents]
+        return [_to_record(document, heads) for document in documents]
 
     async def list_versions(
         self, key_id: str | None = None, *, state: KeyState | None = None
@@ -217,8 +229,9 @@ class MongoStore:
         if state is not None:
             query["state"] = state.value
         with self._translated():
+            heads = await self._heads_of({} if key_id is None else {"_id.key_id": key_id})
             documents = await self._keys.find(query, _NO_ID, sort=_BY_KEY_VERSION).to_list()
-        return [_to_record(document) for document in documents]
+        return [_to_record(document, heads) for document in documents]
 
     async def list_due(self, now: datetime) -> list[KeyRecord]:
         """Versions pending destruction due at ``now`` (index pending_destruction)."""
@@ -227,8 +240,14 @@ class MongoStore:
             "destroy_after": {"$lte": _timestamp(now)},
         }
         with self._translated():
+            due = await self._keys.find(query, {"key_id": 1}).to_list()
+            if not due:
+                return []
+            # As in find_by_request_id: the heads are a floor for a second read of the records.
+            key_ids = sorted({str(document.get("key_id")) for document in due})
+            heads = await self._heads_of({"_id.key_id": {"$in": key_ids}})
             documents = await self._keys.find(query, _NO_ID, sort=_BY_KEY_VERSION).to_list()
-        return [_to_record(document) for document in documents]
+        return [_to_record(document, heads) for document in documents]
 
     async def replace_key(self, record: KeyRecord, expected: KeyRecord) -> bool:
         """Compare-and-set state, destroy_after and sealed material in one document update.
@@ -237,23 +256,31 @@ class MongoStore:
         MongoDB keeps for a while (the oplog entry of the insert until the oplog rolls over,
         freed blocks until reused, backups) are beyond a client's reach.
         """
-        if (record.key_id, record.version) != (expected.key_id, expected.version):
-            raise ValueError("replace_key needs two versions of the same record")
+        check_replacement(record, expected)
         query: Document = {
             "key_id": expected.key_id,
             "version": expected.version,
             "state": expected.state.value,
         }
+        # Documents from before record MACs have no generation field: they are generation 1.
+        if expected.generation == 1:
+            query["generation"] = {"$in": [1, None]}
+        else:
+            query["generation"] = expected.generation
         if expected.sealed is None:
             query["sealed"] = None
         else:
             query["sealed.kek_id"] = expected.sealed.kek_id
             query["sealed.nonce"] = expected.sealed.nonce
         document = _to_document(record)
-        update = {"$set": {name: document[name] for name in ("state", "destroy_after", "sealed")}}
+        changed = ("state", "destroy_after", "sealed", "generation", "mac")
+        update = {"$set": {name: document[name] for name in changed}}
         with self._translated():
             result = await self._keys.update_one(query, update)
-        return result.matched_count == 1
+            if result.matched_count != 1:
+                return False
+            await self._raise_head(record)
+        return True
 
     async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
         """Chain ``events`` after the newest entry in one document; durable (majority) on return.
@@ -327,7 +354,27 @@ class MongoStore:
         found = await self._primary(self._keys).find_one(
             {"created_by": owner, "request_id": request_id}, _NO_ID
         )
-        return None if found is None else _to_record(found)
+        return None if found is None else _to_record(found, {})
+
+    async def _raise_head(self, record: KeyRecord) -> None:
+        # After the record's own write, never before: a head read first is then a floor for
+        # the record read after it, so a reader racing a writer sees no false rollback. A
+        # crash in between leaves the head one change behind, which only weakens the tripwire.
+        await self._heads.update_one(
+            {"_id": _head_id(record.key_id, record.version)},
+            {"$max": {"generation": record.generation}},
+            upsert=True,
+        )
+
+    async def _heads_of(self, query: Document) -> dict[tuple[str, int], int]:
+        # Read before the records they guard (see _raise_head).
+        heads: dict[tuple[str, int], int] = {}
+        for document in await self._heads.find(query).to_list():
+            head_id, generation = document.get("_id"), document.get("generation")
+            # A malformed head guards nothing, like a missing one.
+            if isinstance(head_id, dict) and isinstance(generation, int):
+                heads[str(head_id.get("key_id")), head_id.get("version", 0)] = generation
+        return heads
 
     async def _append_batch(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
         for _attempt in range(AUDIT_APPEND_ATTEMPTS):
@@ -432,6 +479,8 @@ def _to_document(record: KeyRecord) -> Document:
         "created_by": record.created_by,
         "request_id": record.request_id,
         "destroy_after": None if record.destroy_after is None else _timestamp(record.destroy_after),
+        "generation": record.generation,
+        "mac": None if record.mac is None else {"kek_id": record.mac.kek_id, "tag": record.mac.tag},
     }
 
 
@@ -439,8 +488,14 @@ def _timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-def _to_record(document: Mapping[str, Any]) -> KeyRecord:
+def _head_id(key_id: str, version: int) -> Document:
+    return {"key_id": key_id, "version": version}
+
+
+def _to_record(document: Mapping[str, Any], heads: Mapping[tuple[str, int], int]) -> KeyRecord:
     key_id, version = document.get("key_id"), document.get("version")
+    number = version if isinstance(version, int) else 0
+    check_head(str(key_id), number, _generation(document), heads.get((str(key_id), number)))
     try:
         sealed_doc = document["sealed"]
         sealed = (
@@ -463,6 +518,8 @@ def _to_record(document: Mapping[str, Any]) -> KeyRecord:
             created_by=document["created_by"],
             request_id=document["request_id"],
             destroy_after=_optional_time(document["destroy_after"]),
+            generation=_generation(document),
+            mac=_optional_mac(document.get("mac")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise IntegrityError(f"stored record for key {key_id} v{version} is malformed") from exc
@@ -470,6 +527,16 @@ def _to_record(document: Mapping[str, Any]) -> KeyRecord:
 
 def _optional_time(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
+
+
+def _generation(document: Mapping[str, Any]) -> int:
+    # Documents from before record MACs have neither a generation nor a MAC.
+    generation = document.get("generation", 1)
+    return generation if isinstance(generation, int) else 0
+
+
+def _optional_mac(document: Mapping[str, Any] | None) -> RecordMac | None:
+    return None if document is None else RecordMac(document["kek_id"], bytes(document["tag"]))
 
 
 def _audit_document(entries: Sequence[AuditEntry]) -> Document:

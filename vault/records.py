@@ -5,10 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from contracts.errors import IntegrityError
 from contracts.models import KeyState
 from vault.sealing import RecordBinding, SealedKey
 
-__all__ = ["KeyRecord", "KeyState"]
+__all__ = ["KeyRecord", "KeyState", "RecordMac", "check_head", "check_replacement"]
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class RecordMac:
+    """A record's MAC (``vault.record_mac``) and the KEK its MAC key was derived from."""
+
+    kek_id: str
+    tag: bytes
+
+    def __repr__(self) -> str:
+        return f"RecordMac(kek_id={self.kek_id!r}, tag=<{len(self.tag)} bytes>)"
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -16,7 +28,9 @@ class KeyRecord:
     """One version of a key as the vault stores it; ``sealed`` is None once destroyed.
 
     ``destroy_after`` is when a scheduled destruction falls due: set while the version is
-    ``pending_destruction`` and kept once it is ``destroyed``.
+    ``pending_destruction`` and kept once it is ``destroyed``. ``generation`` counts the
+    version's changes (1 when created) and ``mac`` authenticates every field
+    (``vault.record_mac``); None only in a vault not upgraded yet.
     """
 
     key_id: str
@@ -31,10 +45,14 @@ class KeyRecord:
     created_by: str
     request_id: str | None
     destroy_after: datetime | None = None
+    generation: int = 1
+    mac: RecordMac | None = None
 
     def __post_init__(self) -> None:
         if self.version < 1:
             raise ValueError("key versions start at 1")
+        if self.generation < 1:
+            raise ValueError("record generations start at 1")
         for moment in (self.created_at, self.destroy_after):
             if moment is not None and moment.tzinfo is None:
                 raise ValueError("record times must be timezone-aware")
@@ -66,5 +84,32 @@ class KeyRecord:
             f"sealed={self.sealed!r}, label={self.label!r}, "
             f"allowed_signers={self.allowed_signers!r}, "
             f"created_at={self.created_at.isoformat()!r}, created_by={self.created_by!r}, "
-            f"request_id={self.request_id!r}, destroy_after={destroy_after!r})"
+            f"request_id={self.request_id!r}, destroy_after={destroy_after!r}, "
+            f"generation={self.generation}, mac={self.mac!r})"
+        )
+
+
+def check_replacement(record: KeyRecord, expected: KeyRecord) -> None:
+    """Raise ValueError unless ``record`` may replace ``expected`` (for ``replace_key``).
+
+    Both must be the same version, and every change raises its generation by exactly one:
+    that is what lets a reader tell an older copy of a row from the current one.
+    """
+    if (record.key_id, record.version) != (expected.key_id, expected.version):
+        raise ValueError("replace_key needs two versions of the same record")
+    if record.generation != expected.generation + 1:
+        raise ValueError("replace_key must raise the record generation by exactly one")
+
+
+def check_head(key_id: str, version: int, generation: int, head: int | None) -> None:
+    """Raise IntegrityError when a stored row is older than the head its store keeps for it.
+
+    Every write raises the version's head to the generation written; a row below its head
+    was put back from an older copy. A row without a head (from before heads, or whose head
+    was deleted) passes: the head is a tripwire beside the row, not a proof.
+    """
+    if head is not None and generation < head:
+        raise IntegrityError(
+            f"key {key_id} v{version} is generation {generation}, but the vault wrote "
+            f"generation {head}: an older copy of the record was put back"
         )

@@ -4,6 +4,10 @@ One version at a time, each written with the store's compare-and-set: a run inte
 any point (killed, crashed, Ctrl-C) leaves every version sealed under either its old KEK or
 the new one — both in the ring — and running it again finishes the job. A version someone
 else changed meanwhile (disabled, destroyed, re-wrapped by a second run) is left to them.
+
+Each record's MAC is checked first and recomputed under the active KEK with the next
+generation (destroyed versions too: they have nothing sealed, but their MAC must not depend
+on a KEK that is about to be retired). A record whose MAC fails is left as it is.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from enum import StrEnum
 
 from contracts.errors import IntegrityError
 from vault.kek import KekRing
+from vault.record_mac import authenticated, verify_record
 from vault.records import KeyRecord
 from vault.sealing import open_into, plaintext_size, seal, wipe
 from vault.store import VaultStore
@@ -26,11 +31,12 @@ class RewrapOutcome(StrEnum):
     REWRAPPED = "rewrapped"
     #: Already sealed under the active KEK.
     CURRENT = "current"
-    #: Destroyed: nothing sealed to re-wrap.
+    #: Destroyed: nothing sealed to re-wrap, its MAC already under the active KEK.
     DESTROYED = "destroyed"
     #: Changed by another writer while we worked on it; a later run picks it up.
     CHANGED = "changed"
-    #: The sealed material does not open (tampered, or its KEK is missing): left as it is.
+    #: The sealed material does not open or the record's MAC fails (tampered, its KEK is
+    #: missing, or a vault whose records were never MACed): left as it is.
     UNREADABLE = "integrity_error"
 
 
@@ -45,16 +51,18 @@ class RewrapStep:
 
 
 def resealed(record: KeyRecord, ring: KekRing) -> KeyRecord:
-    """``record`` sealed under the ring's active KEK; the plaintext lives in a wiped buffer."""
+    """``record`` sealed (if it holds anything sealed) and MACed under the ring's active KEK,
+    as its next generation; the plaintext lives in a wiped buffer."""
     if record.sealed is None:
-        raise ValueError(f"key {record.key_id} v{record.version} has nothing sealed")
+        return authenticated(record, ring, generation=record.generation + 1)
     scalar = bytearray(max(0, plaintext_size(record.sealed)))
     try:
         open_into(record.sealed, record.binding, ring, scalar)
         sealed = seal(scalar, record.binding, ring.active)
     finally:
         wipe(scalar)
-    return dataclasses.replace(record, sealed=sealed)
+    moved = dataclasses.replace(record, sealed=sealed)
+    return authenticated(moved, ring, generation=record.generation + 1)
 
 
 async def rewrap(store: VaultStore, ring: KekRing) -> AsyncIterator[RewrapStep]:
@@ -67,12 +75,14 @@ async def rewrap(store: VaultStore, ring: KekRing) -> AsyncIterator[RewrapStep]:
 
 
 async def _rewrap_one(store: VaultStore, ring: KekRing, record: KeyRecord) -> RewrapOutcome:
-    if record.sealed is None:
-        return RewrapOutcome.DESTROYED
-    if record.sealed.kek_id == ring.active.kek_id:
-        return RewrapOutcome.CURRENT
+    active = ring.active.kek_id
+    if record.mac is not None and record.mac.kek_id == active:
+        if record.sealed is None:
+            return RewrapOutcome.DESTROYED
+        if record.sealed.kek_id == active:
+            return RewrapOutcome.CURRENT
     try:
-        updated = resealed(record, ring)
+        updated = resealed(verify_record(record, ring), ring)
     except IntegrityError:
         return RewrapOutcome.UNREADABLE
     if await store.replace_key(updated, record):

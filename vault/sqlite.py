@@ -35,14 +35,14 @@ from contracts.errors import (
     ZanddError,
 )
 from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, link
-from vault.records import KeyRecord, KeyState
+from vault.records import KeyRecord, KeyState, RecordMac, check_head, check_replacement
 from vault.sealing import SealedKey
 
 _T = TypeVar("_T")
 
 log = logging.getLogger("zandd.vault")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_S = 10.0
 _CHECKPOINT_ATTEMPTS = 3
 _THREAD_NAME = "zandd-sqlite"
@@ -108,30 +108,60 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 
+#: Authenticated records (vault.record_mac): each version's generation and MAC, and the
+#: highest generation written of each version (key_heads), kept apart from the row so that
+#: a row put back on its own from an older copy reads as what it is. Rows from before start
+#: at generation 1 without a MAC, which readers refuse until `zandd vault mac-records`
+#: vouches for them. A step of its own, so it can take whichever schema number is next.
+RECORD_MAC_STEP: tuple[str, ...] = (
+    "ALTER TABLE keys ADD COLUMN generation INTEGER NOT NULL DEFAULT 1",
+    "ALTER TABLE keys ADD COLUMN mac_kek_id TEXT",
+    "ALTER TABLE keys ADD COLUMN mac BLOB",
+    """
+    CREATE TABLE key_heads (
+        key_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        generation INTEGER NOT NULL,
+        PRIMARY KEY (key_id, version)
+    )
+    """,
+)
+_MIGRATIONS[5] = RECORD_MAC_STEP
+
 _COLUMNS = (
     "key_id, version, algorithm, public_key_der, kek_id, nonce, ciphertext, state, label,"
-    " allowed_signers, created_at, created_by, request_id, destroy_after"
+    " allowed_signers, created_at, created_by, request_id, destroy_after, generation,"
+    " mac_kek_id, mac"
 )
 # The f-strings below join module constants only; every value is a bound parameter.
-_INSERT = f"INSERT INTO keys ({_COLUMNS}) VALUES ({', '.join('?' * 14)})"  # noqa: S608
-_SELECT = f"SELECT {_COLUMNS} FROM keys"  # noqa: S608
+_INSERT = f"INSERT INTO keys ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"  # noqa: S608
+_HEAD = (
+    "(SELECT h.generation FROM key_heads AS h WHERE h.key_id = k.key_id AND h.version = k.version)"
+)
+_SELECT = f"SELECT {_COLUMNS}, {_HEAD} FROM keys AS k"  # noqa: S608
 _BY_REQUEST_ID = f"{_SELECT} WHERE created_by = ? AND request_id = ?"
 _LATEST = f"{_SELECT} WHERE key_id = ? ORDER BY version DESC LIMIT 1"
 _BY_VERSION = f"{_SELECT} WHERE key_id = ? AND version = ?"
 _LIST_LATEST = (
-    f"{_SELECT} AS k WHERE version = (SELECT MAX(version) FROM keys WHERE key_id = k.key_id)"  # noqa: S608
+    f"{_SELECT} WHERE version = (SELECT MAX(version) FROM keys WHERE key_id = k.key_id)"  # noqa: S608
     " ORDER BY created_at, key_id"
 )
 # The state is a literal, not a parameter: SQLite uses a partial index only for a query
 # whose WHERE names the index's own condition. INDEXED BY: without statistics the planner
 # prefers walking the primary key in ORDER BY order, which reads every version.
 _DUE = (
-    f"SELECT {_COLUMNS} FROM keys INDEXED BY keys_pending_destruction"  # noqa: S608
+    f"SELECT {_COLUMNS}, {_HEAD} FROM keys AS k INDEXED BY keys_pending_destruction"  # noqa: S608
     " WHERE state = 'pending_destruction' AND destroy_after <= ? ORDER BY key_id, version"
 )
+_RAISE_HEAD = (
+    "INSERT INTO key_heads (key_id, version, generation) VALUES (?, ?, ?)"
+    " ON CONFLICT (key_id, version) DO UPDATE SET generation = MAX(generation, excluded.generation)"
+)
 _REPLACE = (
-    "UPDATE keys SET state = ?, destroy_after = ?, kek_id = ?, nonce = ?, ciphertext = ?"
-    " WHERE key_id = ? AND version = ? AND state = ? AND kek_id IS ? AND nonce IS ?"
+    "UPDATE keys SET state = ?, destroy_after = ?, kek_id = ?, nonce = ?, ciphertext = ?,"
+    " generation = ?, mac_kek_id = ?, mac = ?"
+    " WHERE key_id = ? AND version = ? AND generation = ? AND state = ? AND kek_id IS ?"
+    " AND nonce IS ?"
 )
 _AUDIT_COLUMNS = (
     "seq, at, principal, operation, outcome, key_id, version, request_id, data_sha256,"
@@ -214,18 +244,24 @@ class SqliteStore:
         return await self._run(_fetch_all, _DUE, (_time_text(now),))
 
     async def replace_key(self, record: KeyRecord, expected: KeyRecord) -> bool:
-        """Compare-and-set state, destroy_after and sealed material; erases on destroy."""
-        if (record.key_id, record.version) != (expected.key_id, expected.version):
-            raise ValueError("replace_key needs two versions of the same record")
-        sealed = record.sealed
+        """Compare-and-set state, destroy_after, sealed material, generation and MAC.
+
+        Erases on destroy.
+        """
+        check_replacement(record, expected)
+        sealed, mac = record.sealed, record.mac
         params = (
             record.state.value,
             None if record.destroy_after is None else _time_text(record.destroy_after),
             None if sealed is None else sealed.kek_id,
             None if sealed is None else sealed.nonce,
             None if sealed is None else sealed.ciphertext,
+            record.generation,
+            None if mac is None else mac.kek_id,
+            None if mac is None else mac.tag,
             record.key_id,
             record.version,
+            expected.generation,
             expected.state.value,
             expected.kek_id,
             None if expected.sealed is None else expected.sealed.nonce,
@@ -390,8 +426,11 @@ def _close(conn: sqlite3.Connection) -> None:
 
 def _insert(conn: sqlite3.Connection, row: tuple[Any, ...]) -> KeyRecord | None:
     key_id, version, owner, request_id = row[0], row[1], row[11], row[12]
+    generation = row[14]
     try:
-        conn.execute(_INSERT, row)
+        with _immediate(conn):
+            conn.execute(_INSERT, row)
+            conn.execute(_RAISE_HEAD, (key_id, version, generation))
     except sqlite3.IntegrityError as exc:
         # The unique index on (owner, request_id) arbitrates between concurrent creators, in
         # any process: the loser reads back the winner's record.
@@ -422,7 +461,11 @@ def _where(**equal: str | None) -> tuple[str, tuple[str, ...]]:
 
 
 def _replace(conn: sqlite3.Connection, params: tuple[Any, ...], erase: bool) -> bool:
-    replaced = conn.execute(_REPLACE, params).rowcount == 1
+    key_id, version, generation = params[8], params[9], params[5]
+    with _immediate(conn):
+        replaced = conn.execute(_REPLACE, params).rowcount == 1
+        if replaced:
+            conn.execute(_RAISE_HEAD, (key_id, version, generation))
     if replaced and erase:
         _truncate_wal(conn)
     return replaced
@@ -510,12 +553,17 @@ def _to_row(record: KeyRecord) -> tuple[Any, ...]:
         record.created_by,
         record.request_id,
         None if record.destroy_after is None else _time_text(record.destroy_after),
+        record.generation,
+        None if record.mac is None else record.mac.kek_id,
+        None if record.mac is None else record.mac.tag,
     )
 
 
 def _to_record(row: tuple[Any, ...]) -> KeyRecord:
     (key_id, version, algorithm, public_key_der, kek_id, nonce, ciphertext) = row[:7]
-    (state, label, allowed_signers, created_at, created_by, request_id, destroy_after) = row[7:]
+    (state, label, allowed_signers, created_at, created_by, request_id, destroy_after) = row[7:14]
+    (generation, mac_kek_id, mac, head) = row[14:]
+    check_head(key_id, version, generation, head)
     try:
         sealed = None if kek_id is None else SealedKey(kek_id, bytes(nonce), bytes(ciphertext))
         return KeyRecord(
@@ -531,6 +579,8 @@ def _to_record(row: tuple[Any, ...]) -> KeyRecord:
             created_by=created_by,
             request_id=request_id,
             destroy_after=None if destroy_after is None else datetime.fromisoformat(destroy_after),
+            generation=generation,
+            mac=None if mac_kek_id is None or mac is None else RecordMac(mac_kek_id, bytes(mac)),
         )
     except (TypeError, ValueError) as exc:
         raise IntegrityError(f"stored record for key {key_id} v{version} is malformed") from exc

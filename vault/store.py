@@ -63,13 +63,15 @@ class VaultStore(Protocol):
         ...
 
     async def replace_key(self, record: KeyRecord, expected: KeyRecord) -> bool:
-        """Compare-and-set one version's mutable fields: state, destroy_after, sealed.
+        """Compare-and-set one version's mutable fields: state, destroy_after, sealed,
+        generation and MAC.
 
-        Stores ``record``'s values iff the stored version (same key id and version) still has
-        ``expected``'s state and sealed material (KEK id and nonce); True when it did, False
-        when another writer changed it first (re-read, decide again). When ``record.sealed``
-        is None the backend erases the old sealed material from its storage, not only from
-        view, as far as the backend can.
+        ``record.generation`` must be ``expected.generation + 1`` (else ValueError). Stores
+        ``record``'s values iff the stored version (same key id and version) still has
+        ``expected``'s generation, state and sealed material (KEK id and nonce); True when it
+        did, False when another writer changed it first (re-read, decide again). When
+        ``record.sealed`` is None the backend erases the old sealed material from its storage,
+        not only from view, as far as the backend can.
         """
         ...
 

@@ -110,7 +110,9 @@ async def keygen_worker(
     stack.push_async_callback(events.close)
     policy = AccessPolicy.from_settings(settings)
     keygen = Keygen(store, ring, tpm, policy, metrics=metrics)
-    lifecycle = KeyLifecycle(store, policy=policy, events=events, audit=audit_log, clock=clock)
+    lifecycle = KeyLifecycle(
+        store, ring, policy=policy, events=events, audit=audit_log, clock=clock
+    )
     interval_s = settings.destroy_check_interval_s
     await _beside(stack, partial(lifecycle.destroy_due_forever, interval_s=interval_s))
     await _beside(stack, TpmHeartbeat(heartbeat_path(settings), tpm.heartbeat).run)

@@ -382,8 +382,12 @@ async def test_a_signer_with_a_stale_vault_read_refuses_once_the_event_arrives(
         with pytest.raises(KeyDisabled, match="is disabled"):
             await signer.sign(request, context)
         await alice.enable_key(key.key_id)
-        assert (await asyncio.wait_for(heard.get(), 30)).state == KeyState.ENABLED
-        await signer.sign(request, context)
+        enabled = await asyncio.wait_for(heard.get(), 30)
+        assert (enabled.state, enabled.generation) == (KeyState.ENABLED, 3)
+        # Enabled again, but its (frozen) read is generation 1 of the record: an older copy
+        # than the event announced, refused like a row rolled back in the vault.
+        with pytest.raises(IntegrityError, match="generation 1, but generation 3 was seen"):
+            await signer.sign(request, context)
         await alice.destroy_key(key.key_id, pending_days=30)
         assert (await asyncio.wait_for(heard.get(), 30)).state == KeyState.PENDING_DESTRUCTION
         with pytest.raises(KeyDisabled, match="is pending_destruction"):

@@ -11,11 +11,18 @@ from typing import Any
 
 import pytest
 
-from contracts.errors import BrokerUnavailable, Forbidden, KeyDisabled, KeyNotFound
+from contracts.errors import (
+    BrokerUnavailable,
+    Forbidden,
+    IntegrityError,
+    KeyDisabled,
+    KeyNotFound,
+)
 from contracts.models import KeyDestroyRequest, KeyState, KeyStateChangedEvent, KeyStateRequest
 from contracts.operations import Operation
-from vault import Kek, KeyRecord, RecordBinding, SealedKey, seal
+from vault import Kek, KekRing, KeyRecord, RecordBinding, SealedKey, seal
 from vault.audit import AuditLog, AuditQuery
+from vault.record_mac import authenticated
 from vault.store import VaultStore, open_store
 from workers.keygen.lifecycle import KeyLifecycle
 from workers.policy import AccessPolicy
@@ -23,6 +30,7 @@ from workers.runtime import RequestContext
 
 T0 = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
 KEK = Kek.generate()
+RING = KekRing(KEK)
 
 
 class Clock:
@@ -70,6 +78,7 @@ async def lifecycle(store: VaultStore, clock: Clock, events: Events) -> AsyncIte
     audit = AuditLog(store)
     yield KeyLifecycle(
         store,
+        RING,
         policy=AccessPolicy(admins=frozenset({"ops"})),
         events=events,  # type: ignore[arg-type]
         audit=audit,
@@ -82,22 +91,21 @@ async def add_key(
     store: VaultStore, key_id: str = "zk-1", version: int = 1, state: KeyState = KeyState.ENABLED
 ) -> KeyRecord:
     binding = RecordBinding(key_id, version, "ecdsa-p256-sha256")
-    return await store.create_key(
-        KeyRecord(
-            key_id=key_id,
-            version=version,
-            algorithm="ecdsa-p256-sha256",
-            public_key_der=b"public",
-            sealed=None if state == KeyState.DESTROYED else seal(os.urandom(32), binding, KEK),
-            state=state,
-            label=None,
-            allowed_signers=("svc",),
-            created_at=T0,
-            created_by="owner",
-            request_id=None,
-            destroy_after=T0 if state == KeyState.DESTROYED else None,
-        )
+    record = KeyRecord(
+        key_id=key_id,
+        version=version,
+        algorithm="ecdsa-p256-sha256",
+        public_key_der=b"public",
+        sealed=None if state == KeyState.DESTROYED else seal(os.urandom(32), binding, KEK),
+        state=state,
+        label=None,
+        allowed_signers=("svc",),
+        created_at=T0,
+        created_by="owner",
+        request_id=None,
+        destroy_after=T0 if state == KeyState.DESTROYED else None,
     )
+    return await store.create_key(authenticated(record, RING, generation=1))
 
 
 def as_(principal: str, operation: Operation = Operation.KEY_DISABLE) -> RequestContext:
@@ -170,6 +178,27 @@ async def test_due_versions_are_destroyed_by_the_periodic_check(
     assert (entry.event.principal, entry.event.operation) == ("zandd:keygen", "key.destroyed")
 
 
+async def test_changed_records_are_neither_changed_nor_destroyed(
+    store: VaultStore, lifecycle: KeyLifecycle, clock: Clock, events: Events
+) -> None:
+    record = await add_key(store, key_id="zk-owned")
+    # A vault writer makes itself the owner (no ring: the MAC stays the old one).
+    stolen = dataclasses.replace(record, created_by="mallory", generation=2)
+    assert await store.replace_key(stolen, record)
+    with pytest.raises(IntegrityError, match="failed its record MAC"):
+        await lifecycle.disable(KeyStateRequest(key_id="zk-owned"), as_("mallory"))
+    # ...or brings a scheduled destruction forward.
+    await add_key(store, key_id="zk-later")
+    await lifecycle.destroy(KeyDestroyRequest(key_id="zk-later", pending_days=30), as_("owner"))
+    pending = await store.get_key("zk-later")
+    sooner = dataclasses.replace(pending, destroy_after=T0, generation=pending.generation + 1)
+    assert await store.replace_key(sooner, pending)
+    clock.now = T0 + timedelta(days=1)
+    assert await lifecycle.destroy_due() == []
+    assert (await store.get_key("zk-later")).state == KeyState.PENDING_DESTRUCTION
+    assert [e.state for e in events.published] == [KeyState.PENDING_DESTRUCTION]
+
+
 async def test_a_cancelled_destruction_is_not_carried_out(
     store: VaultStore, lifecycle: KeyLifecycle, clock: Clock
 ) -> None:
@@ -194,8 +223,12 @@ class _RacingStore:
     async def replace_key(self, record: KeyRecord, expected: KeyRecord) -> bool:
         if not self.raced:
             self.raced = True
-            resealed = dataclasses.replace(
-                expected, sealed=SealedKey("kek-new", os.urandom(12), os.urandom(48))
+            resealed = authenticated(
+                dataclasses.replace(
+                    expected, sealed=SealedKey("kek-new", os.urandom(12), os.urandom(48))
+                ),
+                RING,
+                generation=expected.generation + 1,
             )
             assert await self._store.replace_key(resealed, expected)
         return await self._store.replace_key(record, expected)
@@ -209,6 +242,7 @@ async def test_a_change_racing_a_rewrap_keeps_both(
     audit = AuditLog(store)
     lifecycle = KeyLifecycle(
         racing,  # type: ignore[arg-type]
+        RING,
         policy=AccessPolicy(),
         events=events,  # type: ignore[arg-type]
         audit=audit,

@@ -14,6 +14,7 @@ from contracts.models import KeyState
 from contracts.operations import Operation
 from vault import Kek, KekRing, KeyRecord, RecordBinding, open_into, seal
 from vault.lifecycle import destroyed, is_due, transition
+from vault.record_mac import authenticated, verify_record
 from vault.rewrap import RewrapOutcome, resealed, rewrap
 from vault.store import VaultStore, open_store
 from workers.policy import ANONYMOUS_PRINCIPAL, AccessPolicy
@@ -41,7 +42,7 @@ def record(
     scalar: bytes | None = None,
 ) -> KeyRecord:
     binding = RecordBinding(key_id, version, "ecdsa-p256-sha256")
-    return KeyRecord(
+    unsigned = KeyRecord(
         key_id=key_id,
         version=version,
         algorithm="ecdsa-p256-sha256",
@@ -55,6 +56,7 @@ def record(
         request_id=None,
         destroy_after=NOW if state in (P, X) else None,
     )
+    return authenticated(unsigned, KekRing(kek), generation=1)
 
 
 # --- transitions ------------------------------------------------------------------------------
@@ -198,7 +200,11 @@ def test_resealed_keeps_the_scalar_under_the_new_kek() -> None:
     assert after.sealed is not None
     assert after.sealed.kek_id == new.kek_id
     assert opened(after, KekRing(new)) == b"\x07" * 32
-    assert dataclasses.replace(after, sealed=before.sealed) == before
+    assert after.generation == 2
+    assert after.mac is not None
+    assert after.mac.kek_id == new.kek_id
+    verify_record(after, KekRing(new))
+    assert dataclasses.replace(after, sealed=before.sealed, generation=1, mac=before.mac) == before
 
 
 async def test_rewrap_interrupted_then_run_again(store: VaultStore) -> None:
@@ -219,9 +225,13 @@ async def test_rewrap_interrupted_then_run_again(store: VaultStore) -> None:
 
     outcomes = [step.outcome async for step in rewrap(store, ring)]
     assert outcomes.count(RewrapOutcome.CURRENT) == 4
-    assert outcomes.count(RewrapOutcome.REWRAPPED) == 6
+    # The destroyed version too: nothing sealed, but its MAC moves to the active KEK.
+    assert outcomes.count(RewrapOutcome.REWRAPPED) == 7
+    outcomes = [step.outcome async for step in rewrap(store, ring)]
+    assert outcomes.count(RewrapOutcome.CURRENT) == 10
     assert outcomes.count(RewrapOutcome.DESTROYED) == 1
     for rec in await store.list_versions():
+        verify_record(rec, KekRing(ring.active))  # retiring the old KEK keeps it verifiable
         if rec.sealed is not None:
             assert rec.sealed.kek_id == ring.active.kek_id
             assert opened(rec, KekRing(ring.active)) == scalars[rec.key_id]
@@ -244,7 +254,8 @@ async def test_rewrap_leaves_what_changed_meanwhile_and_what_does_not_open(
     first = await anext(steps)
     assert (first.record.key_id, first.outcome) == ("zk-bad", RewrapOutcome.UNREADABLE)
     racy = await store.get_key("zk-racy")
-    await store.replace_key(dataclasses.replace(racy, state=D), racy)  # disabled meanwhile
+    disabled = dataclasses.replace(racy, state=D, generation=2)
+    await store.replace_key(disabled, racy)  # disabled meanwhile
     second = await anext(steps)
     assert (second.record.key_id, second.outcome) == ("zk-racy", RewrapOutcome.CHANGED)
     after = await store.get_key("zk-racy")

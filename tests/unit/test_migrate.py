@@ -26,6 +26,7 @@ from contracts.errors import IntegrityError
 from vault.audit import AuditBroken, AuditEvent, AuditQuery, verify_log
 from vault.kek import Kek, KekRing
 from vault.migrate import MigrationReport, Progress, Stage, check_opens, migrate_vault
+from vault.record_mac import authenticated
 from vault.records import KeyRecord, KeyState
 from vault.sealing import RecordBinding, seal
 from vault.store import VaultStore, open_store
@@ -49,7 +50,7 @@ def sealed_record(
     binding = RecordBinding(key_id=key_id, version=version, algorithm="ecdsa-p256-sha256")
     destroyed = state is KeyState.DESTROYED
     destroy_after = T0 + timedelta(days=30) if state is KeyState.PENDING_DESTRUCTION else None
-    return KeyRecord(
+    unsigned = KeyRecord(
         key_id=key_id,
         version=version,
         algorithm="ecdsa-p256-sha256",
@@ -63,6 +64,7 @@ def sealed_record(
         request_id=f"req-{key_id}-{version}",
         destroy_after=T0 if destroyed else destroy_after,
     )
+    return authenticated(unsigned, ring, generation=1)
 
 
 def audit_event(n: int) -> AuditEvent:
@@ -200,7 +202,9 @@ async def test_a_request_id_taken_in_the_target_is_reported(
     assert report.not_copied == ["key key-a v1 (its request id made key key-twin there)"]
 
 
-@pytest.mark.parametrize("fault", ["unknown KEK", "tampered", "wrong scalar"])
+@pytest.mark.parametrize(
+    "fault", ["unknown KEK", "tampered", "changed metadata", "no MAC", "wrong scalar"]
+)
 async def test_a_version_that_does_not_open_is_not_copied(
     source: VaultStore, target: VaultStore, ring: KekRing, fault: str
 ) -> None:
@@ -212,10 +216,21 @@ async def test_a_version_that_does_not_open_is_not_copied(
         record = sealed_record(ring, "key-bad")
         assert record.sealed is not None
         flipped = bytes([record.sealed.ciphertext[0] ^ 1]) + record.sealed.ciphertext[1:]
-        bad = dataclasses.replace(
-            record, sealed=dataclasses.replace(record.sealed, ciphertext=flipped)
+        # MACed again: a record a ring holder wrote, whose ciphertext is damaged.
+        bad = authenticated(
+            dataclasses.replace(
+                record, sealed=dataclasses.replace(record.sealed, ciphertext=flipped)
+            ),
+            ring,
+            generation=2,
         )
         reason = "failed authentication"
+    elif fault == "changed metadata":
+        bad = dataclasses.replace(sealed_record(ring, "key-bad"), allowed_signers=("mallory",))
+        reason = "failed its record MAC"
+    elif fault == "no MAC":
+        bad = dataclasses.replace(sealed_record(ring, "key-bad"), mac=None)
+        reason = "has no record MAC"
     else:
         bad = sealed_record(ring, "key-bad", scalar_of=ec.generate_private_key(ec.SECP256R1()))
         reason = "does not match its stored public key"
@@ -233,7 +248,14 @@ def test_check_opens_passes_a_good_record_and_a_destroyed_one(ring: KekRing) -> 
     check_opens(sealed_record(ring, "key-ok"), ring)
     check_opens(sealed_record(ring, "key-gone", state=KeyState.DESTROYED), ring)
     with pytest.raises(IntegrityError, match="cannot check"):
-        check_opens(dataclasses.replace(sealed_record(ring, "key-x"), algorithm="rsa"), ring)
+        check_opens(
+            authenticated(
+                dataclasses.replace(sealed_record(ring, "key-x"), algorithm="rsa"),
+                ring,
+                generation=2,
+            ),
+            ring,
+        )
 
 
 async def test_a_target_audit_log_of_its_own_is_refused(

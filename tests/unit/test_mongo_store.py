@@ -44,7 +44,7 @@ from vault.mongo import (
     client_options,
     translate_error,
 )
-from vault.records import KeyRecord, KeyState
+from vault.records import KeyRecord, KeyState, RecordMac
 from vault.sealing import SealedKey
 from vault.store import open_store
 from vault.urls import redact_url, scrub, url_secrets
@@ -229,13 +229,14 @@ def through_bson(document: Mapping[str, Any]) -> dict[str, Any]:
         record(label=None, allowed_signers=(), request_id=None),
         record(state=KeyState.PENDING_DESTRUCTION, destroy_after=T0 + timedelta(days=7)),
         record(sealed=None, state=KeyState.DESTROYED, destroy_after=T0),
+        record(generation=9, mac=RecordMac("kek-20261128-0a0b0c0d", bytes(range(32)))),
     ],
-    ids=["enabled", "empty-optionals", "pending", "destroyed"],
+    ids=["enabled", "empty-optionals", "pending", "destroyed", "maced"],
 )
 def test_records_survive_bson_exactly(original: KeyRecord) -> None:
     document = through_bson(_to_document(original))
     assert isinstance(document["public_key_der"], bytes)
-    restored = _to_record(document)
+    restored = _to_record(document, {})
     assert restored == original
     assert restored.created_at.microsecond == 123456  # BSON dates would keep milliseconds
 
@@ -244,7 +245,21 @@ def test_a_malformed_document_is_an_integrity_error() -> None:
     document = through_bson(_to_document(record()))
     document["state"] = "lost"
     with pytest.raises(IntegrityError, match="stored record for key zk-0123456789abcdef0123 v3"):
-        _to_record(document)
+        _to_record(document, {})
+
+
+def test_a_document_from_before_record_macs_is_generation_1_without_a_mac() -> None:
+    document = through_bson(_to_document(record()))
+    del document["generation"], document["mac"]
+    assert (_to_record(document, {}).generation, _to_record(document, {}).mac) == (1, None)
+
+
+def test_a_document_older_than_its_head_is_an_integrity_error() -> None:
+    document = through_bson(_to_document(record(generation=2)))
+    key = ("zk-0123456789abcdef0123", 3)
+    assert _to_record(document, {key: 2}).generation == 2
+    with pytest.raises(IntegrityError, match="generation 2, but the vault wrote generation 5"):
+        _to_record(document, {key: 5})
 
 
 def events(count: int, start: int = 0) -> list[AuditEvent]:
@@ -413,3 +428,123 @@ def test_scrub_removes_every_spelling_of_a_secret() -> None:
     assert set(url_secrets(url)) >= {"p%40ss%2Fword", "p@ss/word", "k%20ey", "k ey"}
     text = "auth p@ss/word failed; p%40ss%2Fword; key k ey"
     assert scrub(text, url) == "auth *** failed; ***; key ***"
+
+
+# --- key heads, against collections in memory -----------------------------------------------
+
+
+class _Found:
+    def __init__(self, documents: list[dict[str, Any]]) -> None:
+        self._documents = documents
+
+    async def to_list(self) -> list[dict[str, Any]]:
+        return self._documents
+
+
+class _Updated:
+    def __init__(self, matched_count: int) -> None:
+        self.matched_count = matched_count
+
+
+def _value(document: Mapping[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(document, Mapping):
+            return None
+        document = document.get(part)  # type: ignore[assignment]
+    return document
+
+
+def _matches(document: Mapping[str, Any], query: Mapping[str, Any]) -> bool:
+    for name, wanted in query.items():
+        value = _value(document, name)
+        if isinstance(wanted, dict) and "$in" in wanted:
+            if value not in wanted["$in"]:
+                return False
+        elif value != wanted:
+            return False
+    return True
+
+
+class MemoryCollection:
+    """The few collection calls the key methods make, with MongoDB's meaning, in memory."""
+
+    def __init__(self) -> None:
+        self.documents: list[dict[str, Any]] = []
+
+    def find(self, query: Mapping[str, Any], projection: Any = None, sort: Any = None) -> _Found:
+        found = [through_bson(d) for d in self.documents if _matches(d, query)]
+        for name, direction in reversed(sort or []):
+            found.sort(key=lambda d, n=name: d[n], reverse=direction < 0)
+        for document in found:
+            if projection == {"_id": False}:
+                document.pop("_id", None)
+        return _Found(found)
+
+    async def find_one(
+        self, query: Mapping[str, Any], projection: Any = None, sort: Any = None
+    ) -> dict[str, Any] | None:
+        found = await self.find(query, projection, sort).to_list()
+        return found[0] if found else None
+
+    async def insert_one(self, document: dict[str, Any]) -> None:
+        self.documents.append(dict(document))
+
+    async def update_one(
+        self, query: Mapping[str, Any], update: Mapping[str, Any], upsert: bool = False
+    ) -> _Updated:
+        target = next((d for d in self.documents if _matches(d, query)), None)
+        if target is None:
+            if not upsert:
+                return _Updated(0)
+            target = dict(query)
+            self.documents.append(target)
+        target.update(update.get("$set", {}))
+        for name, value in update.get("$max", {}).items():
+            target[name] = max(target.get(name, value), value)
+        return _Updated(1)
+
+
+@pytest.fixture
+def memory_store(store: MongoStore) -> MongoStore:
+    store._keys = MemoryCollection()  # type: ignore[assignment]
+    store._heads = MemoryCollection()  # type: ignore[assignment]
+    return store
+
+
+async def test_mongo_refuses_a_document_put_back_from_an_older_copy(
+    memory_store: MongoStore,
+) -> None:
+    first = await memory_store.create_key(record(version=1))
+    second = record(version=1, state=KeyState.DISABLED, generation=2)
+    assert await memory_store.replace_key(second, first)
+    assert await memory_store.replace_key(record(version=1, generation=2), first) is False
+    assert await memory_store.get_key(first.key_id) == second
+    keys: MemoryCollection = memory_store._keys  # type: ignore[assignment]
+    keys.documents[0].update(state="enabled", generation=1)  # a vault writer's restore
+    reads = (
+        memory_store.get_key(first.key_id),
+        memory_store.get_key(first.key_id, 1),
+        memory_store.find_by_request_id("req-1", owner=first.owner),
+        memory_store.list_versions(),
+        memory_store.list_versions(first.key_id),
+    )
+    for read in reads:
+        with pytest.raises(IntegrityError, match="generation 1, but the vault wrote generation 2"):
+            await read
+
+
+async def test_mongo_replaces_a_document_from_before_generations(
+    memory_store: MongoStore,
+) -> None:
+    legacy = record(version=1)
+    await memory_store.create_key(legacy)
+    keys: MemoryCollection = memory_store._keys  # type: ignore[assignment]
+    del keys.documents[0]["generation"], keys.documents[0]["mac"]
+    heads: MemoryCollection = memory_store._heads  # type: ignore[assignment]
+    heads.documents.clear()
+    maced = record(
+        version=1, generation=2, mac=RecordMac("kek-20261128-0a0b0c0d", bytes(range(32)))
+    )
+    assert await memory_store.replace_key(maced, legacy)
+    assert await memory_store.get_key(legacy.key_id) == maced
+    assert heads.documents == [{"_id": {"key_id": legacy.key_id, "version": 1}, "generation": 2}]

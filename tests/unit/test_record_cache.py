@@ -10,14 +10,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from contracts.crypto import public_key_der
 from contracts.errors import KeyNotFound
+from vault.kek import Kek, KekRing
+from vault.record_mac import authenticated
 from vault.records import KeyRecord, KeyState
 from vault.sealing import SealedKey
 from workers.signer.cache import RecordCache
 
+RING = KekRing(Kek.generate())
+
 
 def record(key_id: str, version: int = 1) -> KeyRecord:
     public = ec.generate_private_key(ec.SECP256R1()).public_key()
-    return KeyRecord(
+    unsigned = KeyRecord(
         key_id=key_id,
         version=version,
         algorithm="ecdsa-p256-sha256",
@@ -30,6 +34,7 @@ def record(key_id: str, version: int = 1) -> KeyRecord:
         created_by="alice",
         request_id=None,
     )
+    return authenticated(unsigned, RING, generation=1)
 
 
 class CountingVault:
@@ -56,7 +61,7 @@ class Clock:
 
 
 def cache_over(vault: CountingVault, **options: object) -> RecordCache:
-    return RecordCache(vault, **options)  # type: ignore[arg-type]
+    return RecordCache(vault, RING, **options)  # type: ignore[arg-type]
 
 
 async def test_a_second_request_is_served_from_the_cache() -> None:

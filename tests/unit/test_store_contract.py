@@ -26,6 +26,7 @@ import pytest
 from contracts.errors import ConfigurationError, IntegrityError, KeyNotFound, VaultUnavailable
 from vault import KeyRecord, KeyState, SealedKey, SqliteStore, VaultStore, open_store
 from vault.audit import GENESIS_HASH, AuditEvent, AuditQuery, ChainVerifier, verify_log
+from vault.records import RecordMac
 from vault.sqlite import _DUE
 from vault.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 
@@ -72,6 +73,7 @@ def make_record(
         created_at=created_at,
         created_by=created_by,
         request_id=request_id,
+        mac=RecordMac("kek-20261128-0a0b0c0d", os.urandom(32)),
     )
 
 
@@ -80,7 +82,9 @@ def make_record(
 
 @pytest.mark.parametrize("destroyed", [False, True], ids=["sealed", "destroyed"])
 async def test_create_get_round_trip_keeps_every_field(store: VaultStore, destroyed: bool) -> None:
-    record = make_record(request_id=f"req-{uuid.uuid4()}", destroyed=destroyed)
+    record = dataclasses.replace(
+        make_record(request_id=f"req-{uuid.uuid4()}", destroyed=destroyed), generation=7
+    )
     assert await store.create_key(record) == record
     fetched = await store.get_key(record.key_id, 1)
     for field in dataclasses.fields(KeyRecord):
@@ -329,7 +333,11 @@ async def test_list_due_gives_only_the_pending_versions_whose_time_has_come(
 async def test_replace_key_changes_state_and_keeps_the_rest(store: VaultStore) -> None:
     record = await store.create_key(make_record(request_id="req-cas"))
     pending = dataclasses.replace(
-        record, state=KeyState.PENDING_DESTRUCTION, destroy_after=T0 + timedelta(days=7)
+        record,
+        state=KeyState.PENDING_DESTRUCTION,
+        destroy_after=T0 + timedelta(days=7),
+        generation=2,
+        mac=RecordMac("kek-20261128-0a0b0c0d", os.urandom(32)),
     )
     assert await store.replace_key(pending, record) is True
     assert await store.get_key(record.key_id) == pending
@@ -338,10 +346,12 @@ async def test_replace_key_changes_state_and_keeps_the_rest(store: VaultStore) -
 
 async def test_replace_key_loses_to_a_writer_that_came_first(store: VaultStore) -> None:
     record = await store.create_key(make_record())
-    disabled = dataclasses.replace(record, state=KeyState.DISABLED)
+    disabled = dataclasses.replace(record, state=KeyState.DISABLED, generation=2)
     assert await store.replace_key(disabled, record)
     # A second writer still holding the enabled record must not overwrite the change.
-    other = dataclasses.replace(record, state=KeyState.PENDING_DESTRUCTION, destroy_after=T0)
+    other = dataclasses.replace(
+        record, state=KeyState.PENDING_DESTRUCTION, destroy_after=T0, generation=2
+    )
     assert await store.replace_key(other, record) is False
     assert (await store.get_key(record.key_id)).state == KeyState.DISABLED
 
@@ -350,11 +360,11 @@ async def test_replace_key_compares_the_sealed_material(store: VaultStore) -> No
     record = await store.create_key(make_record())
     assert record.sealed is not None
     resealed = dataclasses.replace(
-        record, sealed=SealedKey("kek-new", os.urandom(12), os.urandom(48))
+        record, sealed=SealedKey("kek-new", os.urandom(12), os.urandom(48)), generation=2
     )
     assert await store.replace_key(resealed, record)
     again = dataclasses.replace(
-        record, sealed=SealedKey("kek-newer", os.urandom(12), os.urandom(48))
+        record, sealed=SealedKey("kek-newer", os.urandom(12), os.urandom(48)), generation=2
     )
     assert await store.replace_key(again, record) is False  # sealed changed meanwhile
     assert await store.get_key(record.key_id) == resealed
@@ -365,7 +375,7 @@ async def test_replace_key_erases_sealed_material(store: VaultStore) -> None:
         make_record(), state=KeyState.PENDING_DESTRUCTION, destroy_after=T0
     )
     await store.create_key(pending)
-    gone = dataclasses.replace(pending, state=KeyState.DESTROYED, sealed=None)
+    gone = dataclasses.replace(pending, state=KeyState.DESTROYED, sealed=None, generation=2)
     assert await store.replace_key(gone, pending)
     fetched = await store.get_key(pending.key_id)
     assert fetched == gone
@@ -377,7 +387,9 @@ async def test_replace_key_erases_sealed_material(store: VaultStore) -> None:
 async def test_replace_key_of_a_missing_version_is_false(store: VaultStore) -> None:
     record = make_record()
     assert (
-        await store.replace_key(dataclasses.replace(record, state=KeyState.DISABLED), record)
+        await store.replace_key(
+            dataclasses.replace(record, state=KeyState.DISABLED, generation=2), record
+        )
         is False
     )
 
@@ -385,7 +397,28 @@ async def test_replace_key_of_a_missing_version_is_false(store: VaultStore) -> N
 async def test_replace_key_needs_one_identity(store: VaultStore) -> None:
     record = await store.create_key(make_record())
     with pytest.raises(ValueError, match="same record"):
-        await store.replace_key(dataclasses.replace(record, version=2), record)
+        await store.replace_key(dataclasses.replace(record, version=2, generation=2), record)
+
+
+async def test_replace_key_compares_the_generation(store: VaultStore) -> None:
+    record = await store.create_key(make_record())
+    second = dataclasses.replace(record, generation=2, mac=RecordMac("kek-a", os.urandom(32)))
+    assert await store.replace_key(second, record)
+    # Same state and sealed material, but a writer still holding generation 1 is too late.
+    stale = dataclasses.replace(record, generation=2, mac=RecordMac("kek-b", os.urandom(32)))
+    assert await store.replace_key(stale, record) is False
+    assert await store.get_key(record.key_id) == second
+    third = dataclasses.replace(second, state=KeyState.DISABLED, generation=3)
+    assert await store.replace_key(third, second)
+    assert await store.get_key(record.key_id) == third
+
+
+async def test_replace_key_raises_the_generation_by_exactly_one(store: VaultStore) -> None:
+    record = await store.create_key(make_record())
+    for generation in (1, 3):
+        with pytest.raises(ValueError, match="generation by exactly one"):
+            await store.replace_key(dataclasses.replace(record, generation=generation), record)
+    assert await store.get_key(record.key_id) == record
 
 
 # --- the audit log -----------------------------------------------------------------------------
@@ -625,7 +658,7 @@ async def test_sqlite_erased_ciphertext_is_gone_from_the_files(tmp_path: Path) -
         secret_parts = (pending.sealed.ciphertext, pending.sealed.nonce)
         await reader.get_key(pending.key_id)  # another process has read it
         assert all(part in _vault_bytes(db) for part in secret_parts)
-        gone = dataclasses.replace(pending, state=KeyState.DESTROYED, sealed=None)
+        gone = dataclasses.replace(pending, state=KeyState.DESTROYED, sealed=None, generation=2)
         assert await store.replace_key(gone, pending)
         contents = _vault_bytes(db)
         assert not any(part in contents for part in secret_parts)
@@ -658,6 +691,9 @@ async def test_sqlite_upgrades_a_version_1_vault(tmp_path: Path) -> None:
     try:
         old = await store.get_key("key-old")
         assert (old.state, old.destroy_after, old.created_by) == (KeyState.ENABLED, None, "svc")
+        # Rows from before record MACs: generation 1, no MAC (readers refuse them until the
+        # upgrade vouches for them).
+        assert (old.generation, old.mac) == (1, None)
         assert (await store.append_audit([audit_event(1)]))[0].seq == 1
         version = await store._run(lambda conn: conn.execute("PRAGMA user_version").fetchone()[0])
         assert version == SQLITE_SCHEMA_VERSION
@@ -667,6 +703,30 @@ async def test_sqlite_upgrades_a_version_1_vault(tmp_path: Path) -> None:
         assert await store.create_key(other) == other
         assert await store.create_key(make_record(request_id="r-1", created_by="svc")) == old
         assert await store.list_due(T0) == []
+    finally:
+        await store.close()
+
+
+async def test_sqlite_refuses_a_row_put_back_from_an_older_copy(tmp_path: Path) -> None:
+    db = tmp_path / "vault.db"
+    store = await SqliteStore.open(str(db))
+    try:
+        first = await store.create_key(make_record(request_id="req-old"))
+        second = dataclasses.replace(first, state=KeyState.DISABLED, generation=2)
+        assert await store.replace_key(second, first)
+        with sqlite3.connect(db) as conn:  # a vault writer restores the row alone
+            conn.execute("UPDATE keys SET state = 'enabled', generation = 1")
+        conn.close()
+        reads = (
+            store.get_key(first.key_id),
+            store.get_key(first.key_id, 1),
+            store.find_by_request_id("req-old", owner="keygen-user"),
+            store.list_keys(),
+            store.list_versions(),
+        )
+        for read in reads:
+            with pytest.raises(IntegrityError, match="generation 1, but the vault wrote"):
+                await read
     finally:
         await store.close()
 

@@ -2,7 +2,9 @@
 
 The lifecycle commands go through the fleet like any producer (the keygen worker checks that
 the caller owns the key or is an admin, and audits it). ``show`` and ``list`` read the vault
-directly: they are for an operator on a host that can open it, and show no key material.
+directly: they are for an operator on a host that can open it, and show no key material. With
+the KEK ring at hand they check each record's MAC and mark the ones the workers refuse: what
+the vault says of an owner or a signer means nothing when its MAC fails.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import argparse
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from contracts.errors import KeyNotFound
+from contracts.errors import ConfigurationError, IntegrityError, KeyNotFound
 from contracts.models import DEFAULT_PENDING_DAYS, KeyState, KeyStateReply
 from workers.commands.base import Command, CommandTree
 from workers.commands.local import opened_store, printable, when
@@ -40,13 +42,37 @@ def _lifecycle(call: LifecycleCall) -> Command:
     return command
 
 
-def _describe_version(record: KeyRecord) -> str:
+RecordCheck = Callable[["KeyRecord"], str]
+
+
+def _describe_version(record: KeyRecord, check: RecordCheck) -> str:
     if record.state == KeyState.DESTROYED:
-        return f"v{record.version}: destroyed (due {when(record.destroy_after)})"
-    line = f"v{record.version}: {record.state.value}, sealed with KEK {record.kek_id}"
+        line = f"v{record.version}: destroyed (due {when(record.destroy_after)})"
+    else:
+        line = f"v{record.version}: {record.state.value}, sealed with KEK {record.kek_id}"
     if record.state == KeyState.PENDING_DESTRUCTION:
         line += f", destroyed after {when(record.destroy_after)}"
-    return line
+    return line + check(record)
+
+
+def _record_check(settings: Settings) -> RecordCheck:
+    """A suffix for each record: empty when its MAC holds, why the workers refuse it if not."""
+    from vault.kek import KekRing
+    from vault.record_mac import verify_record
+
+    try:
+        ring = KekRing.load(settings.resolved_kek_file)
+    except ConfigurationError:
+        return lambda record: " (record MAC not checked: no KEK ring here)"
+
+    def check(record: KeyRecord) -> str:
+        try:
+            verify_record(record, ring)
+        except IntegrityError as exc:
+            return f" — REFUSED BY THE WORKERS: {exc.message}"
+        return ""
+
+    return check
 
 
 async def _cmd_keys_show(args: argparse.Namespace, settings: Settings) -> int:
@@ -55,6 +81,7 @@ async def _cmd_keys_show(args: argparse.Namespace, settings: Settings) -> int:
     if not versions:
         raise KeyNotFound(f"key {args.key_id} not found")
     first, latest = versions[0], versions[-1]
+    check = _record_check(settings)
     print(f"key {latest.key_id}")
     print(f"  label:           {printable(latest.label)}")
     print(f"  algorithm:       {latest.algorithm}")
@@ -62,18 +89,19 @@ async def _cmd_keys_show(args: argparse.Namespace, settings: Settings) -> int:
     print(f"  allowed signers: {', '.join(printable(s) for s in latest.allowed_signers)}")
     print(f"  created:         {when(first.created_at)}")
     for record in versions:
-        print(f"  {_describe_version(record)}")
+        print(f"  {_describe_version(record, check)}")
     return 0
 
 
 async def _cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
     async with opened_store(settings) as store:
         records = await store.list_keys()
+    check = _record_check(settings)
     print(f"{'KEY':<24} {'VERSION':>7}  {'STATE':<20} {'OWNER':<20} LABEL")
     for record in records:
         print(
             f"{record.key_id:<24} {record.version:>7}  {record.state.value:<20} "
-            f"{printable(record.owner):<20} {printable(record.label)}"
+            f"{printable(record.owner):<20} {printable(record.label)}{check(record)}"
         )
     return 0
 

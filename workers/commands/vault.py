@@ -1,8 +1,9 @@
-"""The key vault: ``zandd vault init|rotate-kek|rewrap|status``.
+"""The key vault: ``zandd vault init|rotate-kek|rewrap|status|mac-records``.
 
 Retiring a KEK: ``rotate-kek`` adds a new active KEK (running workers pick it up by
-themselves), ``rewrap`` re-seals every key version under it — interruptible, re-runnable —
-and ``status`` shows when no version uses the old KEK any more.
+themselves), ``rewrap`` re-seals and re-MACs every key version under it — interruptible,
+re-runnable — and ``status`` shows when no version uses the old KEK any more.
+``mac-records`` is the one-time upgrade of a vault whose records predate record MACs.
 """
 
 from __future__ import annotations
@@ -107,6 +108,52 @@ async def _cmd_vault_rewrap(args: argparse.Namespace, settings: Settings) -> int
     return 0
 
 
+async def _cmd_vault_mac_records(args: argparse.Namespace, settings: Settings) -> int:
+    from vault.kek import KekRing
+    from vault.mac_upgrade import MacOutcome, count_unmaced, mac_records
+
+    ring = KekRing.load(settings.resolved_kek_file)
+    outcomes: Counter[MacOutcome] = Counter()
+    bar = ProgressBar(sys.stderr)
+    async with opened_store(settings) as store:
+        maced, unmaced = await count_unmaced(store)
+        if maced and unmaced and not args.again:
+            print(
+                f"zandd: {unmaced} key versions have no MAC in a vault where {maced} have one: "
+                "in an upgraded vault such a record was written without the KEK ring; "
+                "pass --again only to finish an interrupted upgrade",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
+        audit = AuditLog(store)
+        async for step in mac_records(store, ring):
+            outcomes[step.outcome] += 1
+            bar.show("mac-records", step.done, step.total)
+            if step.outcome in (MacOutcome.MACED, MacOutcome.UNREADABLE):
+                outcome = OUTCOME_OK if step.outcome == MacOutcome.MACED else step.outcome
+                await audit.record(
+                    _vault_event(
+                        "vault.mac-records",
+                        key_id=step.record.key_id,
+                        version=step.record.version,
+                        outcome=outcome,
+                    )
+                )
+    bar.finish()
+    summary = ", ".join(f"{count} {outcome.value}" for outcome, count in sorted(outcomes.items()))
+    print(f"record MACs under {ring.active.kek_id}: {summary or 'no key versions'}")
+    if outcomes[MacOutcome.UNREADABLE]:
+        print(
+            "some versions do not open or do not match their public key: left without a MAC "
+            "(refused by every worker); see `zandd audit tail`",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    if outcomes[MacOutcome.CHANGED]:
+        print("some versions changed meanwhile: run `zandd vault mac-records --again`")
+    return 0
+
+
 async def _cmd_vault_status(args: argparse.Namespace, settings: Settings) -> int:
     from vault.kek import KekRing
 
@@ -116,16 +163,22 @@ async def _cmd_vault_status(args: argparse.Namespace, settings: Settings) -> int
         records = await store.list_versions()
     per_kek = Counter(record.kek_id for record in records)
     destroyed = per_kek.pop(None, 0)
+    # A KEK that only derives some record's MAC key is still in use: re-wrap moves those too.
+    macs = Counter(record.mac.kek_id for record in records if record.mac is not None)
+    unmaced = len(records) - macs.total()
     print(f"vault {redact_url(settings.resolved_vault_url)}: {len(records)} key versions")
     for kek_id in ring.kek_ids:
         active = " (active)" if kek_id == ring.active.kek_id else ""
-        count = per_kek.pop(kek_id, 0)
-        retire = "" if count or active else " — unused: it can be retired"
-        print(f"  KEK {kek_id}{active}: {count} key versions{retire}")
-    for unknown, count in per_kek.items():
+        count, mac_count = per_kek.pop(kek_id, 0), macs.pop(kek_id, 0)
+        retire = "" if count or mac_count or active else " — unused: it can be retired"
+        also = f" (and {mac_count} record MACs)" if mac_count > count else ""
+        print(f"  KEK {kek_id}{active}: {count} key versions{also}{retire}")
+    for unknown, count in (per_kek + macs).items():
         print(f"  KEK {unknown} (NOT IN THE RING): {count} key versions cannot be opened")
     print(f"  destroyed (nothing sealed): {destroyed} key versions")
-    return EXIT_FAILURE if per_kek else 0
+    if unmaced:
+        print(f"  without a record MAC (refused): {unmaced} key versions")
+    return EXIT_FAILURE if per_kek or macs else 0
 
 
 def _vault_event(
@@ -168,3 +221,12 @@ def register(tree: CommandTree) -> None:
         "re-seal every key version under the active KEK (safe to interrupt and re-run)",
     )
     tree.add("vault status", _cmd_vault_status, "key versions per KEK, and KEKs nothing uses")
+    upgrade = tree.add(
+        "vault mac-records",
+        _cmd_vault_mac_records,
+        "one-time upgrade: MAC every key version of a vault from before record MACs, "
+        "trusting the rows as they are now",
+    )
+    upgrade.add_argument(
+        "--again", action="store_true", help="finish an interrupted run (some versions have MACs)"
+    )

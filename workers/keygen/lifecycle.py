@@ -8,6 +8,10 @@ Destruction happens when the waiting period is over: the keygen worker looks for
 versions before every lifecycle request and every ``destroy_check_interval_s``; a due
 version loses its sealed material for good (its public key and audit trail stay). Every
 keygen instance, standby ones too, may do this; the compare-and-set lets only one succeed.
+
+Every record is checked before use — its MAC (``vault.record_mac``) and that it is not older
+than a generation this process has seen — and every change is written with the next
+generation and a fresh MAC; the event carries that generation to the signers.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 from collections.abc import Mapping
 from datetime import datetime
 
-from contracts.errors import InternalError, KeyNotFound, ZanddError
+from contracts.errors import IntegrityError, InternalError, KeyNotFound, ZanddError
 from contracts.models import (
     DEFAULT_PENDING_DAYS,
     KeyDestroyRequest,
@@ -29,7 +33,9 @@ from contracts.models import (
 )
 from contracts.operations import Operation
 from vault.audit import OUTCOME_OK, AuditEvent, AuditLog
+from vault.kek import KekRing
 from vault.lifecycle import destroyed, transition
+from vault.record_mac import GenerationWatermark, authenticated, verify_record
 from vault.records import KeyRecord
 from vault.store import VaultStore
 from workers.auditing import Clock, utc_now
@@ -53,6 +59,7 @@ class KeyLifecycle:
     def __init__(
         self,
         store: VaultStore,
+        ring: KekRing,
         *,
         policy: AccessPolicy,
         events: EventPublisher,
@@ -60,12 +67,14 @@ class KeyLifecycle:
         clock: Clock = utc_now,
     ) -> None:
         self._store = store
+        self._ring = ring
         self._policy = policy
         self._events = events
         self._audit = audit
         self._clock = clock
         # One change at a time in this process; other processes are kept out by the CAS.
         self._lock = asyncio.Lock()
+        self._generations = GenerationWatermark()
 
     @property
     def handlers(self) -> Mapping[Operation, Handler]:
@@ -147,24 +156,39 @@ class KeyLifecycle:
             ],
         )
 
+    def _checked(self, record: KeyRecord) -> KeyRecord:
+        """``record`` if its MAC holds and it is no older than what this process saw."""
+        return self._generations.check(verify_record(record, self._ring))
+
     async def _addressed(self, request: KeyStateRequest) -> list[KeyRecord]:
         if request.version is not None:
-            return [await self._store.get_key(request.key_id, request.version)]
-        versions = await self._store.list_versions(request.key_id)
+            return [self._checked(await self._store.get_key(request.key_id, request.version))]
+        versions = [self._checked(r) for r in await self._store.list_versions(request.key_id)]
         if not versions:
             raise KeyNotFound(f"key {request.key_id} not found")
         live = [record for record in versions if record.state != KeyState.DESTROYED]
         return live or versions
+
+    async def _write(self, record: KeyRecord, expected: KeyRecord) -> KeyRecord | None:
+        """Store ``record`` as the next generation of ``expected``; None if it changed first."""
+        updated = authenticated(record, self._ring, generation=expected.generation + 1)
+        if not await self._store.replace_key(updated, expected):
+            return None
+        self._generations.saw(updated.key_id, updated.version, updated.generation)
+        return updated
 
     async def _apply(
         self, record: KeyRecord, operation: Operation, now: datetime, pending_days: int
     ) -> KeyRecord:
         for _ in range(_CAS_ATTEMPTS):
             target = transition(record, operation, now=now, pending_days=pending_days)
-            if target == record or await self._store.replace_key(target, record):
-                return target
+            if target == record:
+                return record
+            written = await self._write(target, record)
+            if written is not None:
+                return written
             # Someone else (a re-wrap, another keygen's sweep) changed it: decide again.
-            record = await self._store.get_key(record.key_id, record.version)
+            record = self._checked(await self._store.get_key(record.key_id, record.version))
         raise InternalError(
             f"key {record.key_id} v{record.version} kept changing during {operation.value}; "
             "try again"
@@ -182,8 +206,10 @@ class KeyLifecycle:
         now = self._clock()
         gone = []
         for record in await self._store.list_due(now):
-            erased = destroyed(record)
-            if not await self._store.replace_key(erased, record):
+            if not self._trusted(record):
+                continue
+            erased = await self._write(destroyed(record), record)
+            if erased is None:
                 continue  # changed meanwhile (cancelled, or another keygen got there first)
             log.info("destroyed key %s v%d: its waiting period is over", *_ids(record))
             await self._audit.record(
@@ -199,6 +225,16 @@ class KeyLifecycle:
             gone.append(erased)
         return gone
 
+    def _trusted(self, record: KeyRecord) -> bool:
+        # A pending record whose MAC fails may have been made pending (or due) by a vault
+        # writer: it is left alone, and every signer refuses it anyway.
+        try:
+            self._checked(record)
+        except IntegrityError as exc:
+            log.error("not destroying key %s v%d: %s", *_ids(record), exc.message)
+            return False
+        return True
+
 
 def _ids(record: KeyRecord) -> tuple[str, int]:
     return record.key_id, record.version
@@ -211,6 +247,7 @@ def _event(record: KeyRecord, now: datetime) -> KeyStateChangedEvent:
         state=record.state,
         destroy_after=record.destroy_after,
         changed_at=now,
+        generation=record.generation,
     )
 
 

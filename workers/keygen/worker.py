@@ -15,6 +15,7 @@ from contracts.errors import InvalidRequest
 from contracts.models import KeyCreateReply, KeyCreateRequest
 from contracts.operations import Operation
 from vault.kek import KekRing
+from vault.record_mac import authenticated, verify_record
 from vault.records import KeyRecord, KeyState
 from vault.sealing import RecordBinding, seal
 from vault.store import VaultStore
@@ -81,9 +82,10 @@ class Keygen:
         existing = await self._store.find_by_request_id(context.request_id, owner=owner)
         if existing is not None:
             log.info("key.create %s repeated: returning %s", context.request_id, existing.key_id)
-            return _reply(existing)
+            return _reply(verify_record(existing, self._ring))
         record = await self._generate(request, owner, context.request_id)
-        stored = await self._store.create_key(record)
+        # The stored record may be a twin request's: it is checked like any read.
+        stored = verify_record(await self._store.create_key(record), self._ring)
         if stored.key_id != record.key_id:
             log.info("key.create %s raced a twin: returning %s", context.request_id, stored.key_id)
         else:
@@ -101,7 +103,7 @@ class Keygen:
             sealed = seal(exported.private_scalar, binding, self._ring.active)
             public_der = public_key_der(exported.public_key())
         signers = request.allowed_signers if request.allowed_signers is not None else [owner]
-        return KeyRecord(
+        record = KeyRecord(
             key_id=key_id,
             version=1,
             algorithm=request.algorithm,
@@ -114,6 +116,7 @@ class Keygen:
             created_by=owner,
             request_id=request_id,
         )
+        return authenticated(record, self._ring, generation=1)
 
 
 def _reply(record: KeyRecord) -> KeyCreateReply:

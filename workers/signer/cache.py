@@ -3,8 +3,11 @@
 It saves the vault read and the public-key parse a sign request would otherwise pay. Entries
 leave the cache when ``zandd.events`` announces a change of their key (the keygen worker
 publishes the event, confirmed by the broker, before it answers the request that made the
-change), when the event subscription had a gap (``clear``), and after ``ttl_s`` at the latest —
-the bound on what a change made behind the keygen worker's back can cost.
+change), when the event subscription had a gap (``clear``), and after ``ttl_s`` at the latest.
+
+Every record is checked once, as it is loaded: its MAC (``vault.record_mac``) must hold, so a
+row changed behind the keygen worker's back is refused (``integrity_error``) and never cached;
+requests served from the cache pay nothing for the check.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from vault.kek import KekRing
+from vault.record_mac import verify_record
 from vault.records import KeyRecord
 from vault.store import VaultStore
 from workers.signer.signing import stored_public_key
@@ -39,12 +44,14 @@ class RecordCache:
     def __init__(
         self,
         store: VaultStore,
+        ring: KekRing,
         *,
         ttl_s: float = DEFAULT_TTL_S,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
+        self._ring = ring
         self._ttl_s = ttl_s
         self._max_entries = max_entries
         self._clock = clock
@@ -55,7 +62,10 @@ class RecordCache:
         self.misses = 0
 
     async def get(self, key_id: str, version: int | None) -> CachedKey:
-        """The record (from the cache when fresh), or the vault's ``KeyNotFound``."""
+        """The record (from the cache when fresh), or the vault's ``KeyNotFound``.
+
+        A record loaded from the vault whose MAC fails raises IntegrityError.
+        """
         now = self._clock()
         wanted = version if version is not None else self._latest_version(key_id, now)
         if wanted is not None:
@@ -75,6 +85,7 @@ class RecordCache:
         return latest[0]
 
     def _put(self, record: KeyRecord, *, latest: bool, now: float) -> CachedKey:
+        verify_record(record, self._ring)
         entry = CachedKey(record, stored_public_key(record), now + self._ttl_s)
         self._entries[record.key_id, record.version] = entry
         self._entries.move_to_end((record.key_id, record.version))

@@ -1,8 +1,9 @@
 """The signer worker: ``sign``, ``sign.batch`` and ``key.public`` on ``zandd.sign``.
 
-Per request: who is asking (the AMQP ``user_id``), the key version from the vault, may this
-principal sign with it, is it enabled — by the vault's record and by any newer state change
-the events announced — then open, sign, verify, wipe.
+Per request: who is asking (the AMQP ``user_id``), the key version from the vault (its MAC
+checked when it was loaded), may this principal sign with it, is it enabled — by the vault's
+record and by any newer state change the events announced — is it not older than a
+generation seen before, then open, sign, verify, wipe.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from contracts.models import (
 )
 from contracts.operations import Operation
 from vault.kek import KekRing
+from vault.record_mac import GenerationWatermark
 from vault.store import VaultStore
 from workers.metrics import Metrics
 from workers.policy import AccessPolicy
@@ -63,8 +65,9 @@ class Signer:
         self._ring = ring
         self._policy = policy or AccessPolicy()
         self._metrics = metrics
-        self._cache = cache if cache is not None else RecordCache(store)
+        self._cache = cache if cache is not None else RecordCache(store, ring)
         self._not_enabled: dict[tuple[str, int], KeyState] = {}
+        self._generations = GenerationWatermark()
 
     @property
     def handlers(self) -> Mapping[Operation, Handler]:
@@ -79,6 +82,8 @@ class Signer:
         """Note a committed state change announced on ``zandd.events``."""
         version = (event.key_id, event.version)
         self._cache.invalidate(event.key_id)
+        if event.generation is not None:
+            self._generations.saw(event.key_id, event.version, event.generation)
         if event.state == KeyState.ENABLED:
             self._not_enabled.pop(version, None)
         else:
@@ -87,7 +92,10 @@ class Signer:
 
     def forget_events(self) -> None:
         """Drop what the events said and what was cached: some events may have been missed,
-        so the vault decides alone until the next ones arrive."""
+        so the vault decides alone until the next ones arrive.
+
+        The generations seen are kept: a missed event can only have been about a newer one.
+        """
         self._not_enabled.clear()
         self._cache.clear()
 
@@ -166,4 +174,6 @@ class Signer:
         announced = self._not_enabled.get((record.key_id, record.version))
         if announced is not None:
             raise KeyDisabled(f"key {record.key_id} v{record.version} is {announced.value}")
+        # After the state check: a lagging read of a version announced disabled is that.
+        self._generations.check(record)
         return cached
