@@ -38,7 +38,7 @@ async def test_create_sign_and_openssl_verifies(fleet: RunningFleet, tmp_path: P
         reply = await client.sign(key.key_id, b"pay 100 EUR to Alice")
         raw = await client.sign(key.key_id, b"pay 100 EUR to Alice", encoding="raw")
         assert await client.verify(
-            key.key_id, raw.signature, message=b"pay 100 EUR to Alice", encoding="raw"
+            key, raw.signature, message=b"pay 100 EUR to Alice", encoding="raw"
         )
     assert (reply.key_id, reply.version) == (key.key_id, 1)
     assert (
