@@ -43,6 +43,7 @@ from contracts.errors import (
     ZanddError,
 )
 from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, link
+from vault.audit_chain import ChainKey
 from vault.records import KeyRecord, KeyState
 from vault.sealing import SealedKey
 from vault.urls import redact_url, scrub
@@ -231,8 +232,11 @@ class MongoStore:
             result = await self._keys.update_one(query, update)
         return result.matched_count == 1
 
-    async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
-        """Chain ``events`` after the newest entry in one document; durable (majority) on return.
+    async def append_audit(
+        self, events: Sequence[AuditEvent], chain_key: ChainKey | None = None
+    ) -> list[AuditEntry]:
+        """Chain ``events`` (keyed under ``chain_key`` when given) after the newest entry in one
+        document; durable (majority) on return.
 
         No transaction (a standalone server has none): of the appenders that read the same
         head, the unique ``_id`` (the batch's first sequence number) lets exactly one insert
@@ -243,7 +247,8 @@ class MongoStore:
         stored: list[AuditEntry] = []
         with self._translated():
             for start in range(0, len(events), AUDIT_DOCUMENT_ENTRIES):
-                stored += await self._append_batch(events[start : start + AUDIT_DOCUMENT_ENTRIES])
+                batch = events[start : start + AUDIT_DOCUMENT_ENTRIES]
+                stored += await self._append_batch(batch, chain_key)
         return stored
 
     async def read_audit(self, query: AuditQuery) -> list[AuditEntry]:
@@ -289,9 +294,11 @@ class MongoStore:
         found = await self._primary(self._keys).find_one({"request_id": request_id}, _NO_ID)
         return None if found is None else _to_record(found)
 
-    async def _append_batch(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
+    async def _append_batch(
+        self, events: Sequence[AuditEvent], chain_key: ChainKey | None
+    ) -> list[AuditEntry]:
         for _attempt in range(AUDIT_APPEND_ATTEMPTS):
-            entries = link(await self._audit_head(), events)
+            entries = link(await self._audit_head(), events, chain_key)
             try:
                 await self._audit.insert_one(_audit_document(entries))
             except DuplicateKeyError:

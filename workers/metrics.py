@@ -137,6 +137,11 @@ class Metrics:
             "Audit entries that could not be written.",
             registry=self.registry,
         )
+        self._audit_head_seq = Gauge(
+            "zandd_audit_head_seq",
+            "Sequence number of the newest audit entry this worker wrote (its published head).",
+            registry=self.registry,
+        )
         # Per-request series resolved once: a ``labels()`` lookup costs three times the update.
         self._stage_series = {name: self._stage_seconds.labels(stage=name.value) for name in Stage}
         self._request_series: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
@@ -182,6 +187,10 @@ class Metrics:
     def audit_write_failed(self) -> None:
         """Count an audit entry that could not be written."""
         self._audit_failures.inc()
+
+    def audit_head(self, seq: int) -> None:
+        """Record the sequence number of the newest audit entry this worker wrote."""
+        self._audit_head_seq.set(seq)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> MetricsServer:
         """Serve ``/metrics`` on ``host:port`` from a daemon thread.

@@ -16,6 +16,7 @@ from contracts.crypto import load_public_key, verify_signature
 from tests.conftest import RunningFleet
 from tests.integration.test_fleet import openssl_verify
 from vault.audit import AuditQuery, verify_log
+from vault.audit_chain import ChainKeys
 from vault.mongo import MongoStore
 from vault.store import open_store
 
@@ -89,7 +90,7 @@ async def test_a_second_host_sees_the_keys_and_the_audit_chain(fleet: RunningFle
             ("key.create", "ok"),
             ("sign", "ok"),
         ]
-        head = await verify_log(other)
+        head = await verify_log(other, ChainKeys(fleet.ring))
         assert head.seq >= 2
     finally:
         await other.close()
