@@ -137,6 +137,8 @@ class AuditHeadPublisher:
             if entry.head != self._regressed_to:  # once per state, not once per round
                 self._regressed_to = entry.head
                 self.regressions += 1
+                if self._metrics is not None:
+                    self._metrics.audit_head_went_back()
                 log.error(
                     "the audit log went back from #%d (published) to #%d: its newest entries "
                     "were removed",

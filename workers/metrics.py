@@ -137,6 +137,11 @@ class Metrics:
             "Audit entries that could not be written.",
             registry=self.registry,
         )
+        self._audit_head_regressions = Counter(
+            "zandd_audit_head_regressions",
+            "Times the vault's newest audit entry was older than a head already published.",
+            registry=self.registry,
+        )
         self._audit_head_seq = Gauge(
             "zandd_audit_head_seq",
             "Sequence number of the newest audit entry this worker wrote (its published head).",
@@ -191,6 +196,10 @@ class Metrics:
     def audit_head(self, seq: int) -> None:
         """Record the sequence number of the newest audit entry this worker wrote."""
         self._audit_head_seq.set(seq)
+
+    def audit_head_went_back(self) -> None:
+        """Count the audit log found shorter than a head already published."""
+        self._audit_head_regressions.inc()
 
     def serve(self, port: int, host: str = "127.0.0.1") -> MetricsServer:
         """Serve ``/metrics`` on ``host:port`` from a daemon thread.

@@ -35,6 +35,7 @@ from vault.migrate import migrate_vault
 from vault.store import VaultStore, open_store
 from workers.audit_head import MAX_POLL_S, AuditHeadPublisher, KeyedAppender
 from workers.commands.audit import parse_head
+from workers.metrics import Metrics
 
 T0 = datetime(2026, 11, 29, 20, 0, 0, tzinfo=UTC)
 
@@ -171,6 +172,8 @@ async def test_a_known_head_detects_a_cut_and_a_rewrite(
         conn.execute("DELETE FROM audit WHERE seq > 50")
     conn.close()
     assert (await check_log(store, ChainKeys(ring))).head.seq == 50  # intact on its own
+    with pytest.raises(AuditBroken, match="newest 50 entries were cut"):
+        await check_log(store, ChainKeys(ring), ChainHead(100, ""))  # the metric's number
     with pytest.raises(AuditBroken, match=r"ends at #50 .* newest 50 entries were cut"):
         await check_log(store, ChainKeys(ring), known)
 
@@ -196,7 +199,8 @@ def test_heads_parse_from_what_verify_prints_and_from_events() -> None:
     assert parse_head(f"#12 {link_text}") == ChainHead(12, link_text)
     event_json = AuditHeadEvent(seq=12, link=link_text, published_at=T0).model_dump_json()
     assert parse_head(event_json) == ChainHead(12, link_text)
-    for bad in ("12", "x:" + link_text, "12:nothex", '{"seq": -1}'):
+    assert parse_head("12") == ChainHead(12, "")
+    for bad in ("x:" + link_text, "12:nothex", '{"seq": -1}', ""):
         with pytest.raises(ConfigurationError):
             parse_head(bad)
 
@@ -253,7 +257,10 @@ async def test_a_head_that_went_back_or_fails_its_check_is_not_published(
     store: VaultStore, ring: KekRing, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     published = Published()
-    heads = AuditHeadPublisher(store, ChainKeys(ring), published, every_entries=1, interval_s=0.05)
+    metrics = Metrics()
+    heads = AuditHeadPublisher(
+        store, ChainKeys(ring), published, every_entries=1, interval_s=0.05, metrics=metrics
+    )
     stop = asyncio.Event()
     runner = asyncio.create_task(heads.run(stop))
     await append_keyed(store, ring, range(1, 21))
@@ -263,6 +270,8 @@ async def test_a_head_that_went_back_or_fails_its_check_is_not_published(
     conn.close()
     await asyncio.sleep(0.3)  # several rounds
     assert heads.regressions == 1  # told once, not once per round
+    assert metrics.registry.get_sample_value("zandd_audit_head_regressions_total") == 1
+    assert metrics.registry.get_sample_value("zandd_audit_head_seq") == 20
     assert "went back from #20 (published) to #10" in caplog.text
     # A writer without the ring appends past #20: unkeyed, then with a key of its own.
     await store.append_audit([event(n, principal="mallory") for n in range(11, 26)])

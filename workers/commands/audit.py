@@ -53,7 +53,9 @@ def describe(report: AuditReport) -> list[str]:
             "a cut of the newest entries shows only against a head kept elsewhere"
         )
     else:
-        lines.append(f"head: the log reaches the known head #{report.known_head.seq} and matches")
+        known = report.known_head
+        matches = "and matches" if known.entry_hash else "(no link given to compare)"
+        lines.append(f"head: the log reaches the known head #{known.seq} {matches}")
     return lines
 
 
@@ -66,7 +68,8 @@ def _known_head(args: argparse.Namespace) -> ChainHead | None:
 
 def parse_head(text: str) -> ChainHead:
     """``SEQ:LINK`` (what ``audit verify`` prints as ``#SEQ LINK``, or an ``audit.head`` event's
-    ``seq`` and ``link``) → a head; a JSON ``audit.head`` event body is accepted too."""
+    ``seq`` and ``link``) → a head; a JSON ``audit.head`` event body is accepted too, and so is
+    ``SEQ`` alone (``zandd_audit_head_seq``), whose link is then not compared (empty)."""
     text = text.strip()
     if text.startswith("{"):
         try:
@@ -75,8 +78,10 @@ def parse_head(text: str) -> ChainHead:
             raise ConfigurationError("an audit head line is not an audit.head event") from None
         return ChainHead(seq=event.seq, entry_hash=event.link)
     seq, separator, link = text.removeprefix("#").replace(" ", ":", 1).partition(":")
-    if not separator or not seq.isdigit():
+    if not seq.isdigit():
         raise ConfigurationError(f"{printable(text[:80])!r} is not a head: expected SEQ:LINK")
+    if not separator:  # a sequence number alone (the metric): the log must reach it
+        return ChainHead(seq=int(seq), entry_hash="")
     try:
         link_kek_id(link)
     except ValueError:
@@ -128,7 +133,8 @@ def register(tree: CommandTree) -> None:
         action="append",
         default=[],
         metavar="SEQ:LINK",
-        help="a head published earlier (audit.head on zandd.events); repeatable, newest wins",
+        help="a head published earlier (audit.head on zandd.events), or SEQ alone "
+        "(zandd_audit_head_seq); repeatable, the highest wins",
     )
     verify.add_argument(
         "--head-file",
