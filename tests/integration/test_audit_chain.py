@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from contracts.models import AuditHeadEvent
 from contracts.operations import AUDIT_HEAD_EVENT
 from contracts.topology import EVENTS_EXCHANGE
 from tests.conftest import RunningFleet
-from tests.integration.test_cli import environment, zandd
+from tests.integration.test_cli import ZANDD, environment, zandd
 from tests.unit.test_audit_chain import event
 from vault.audit import GENESIS, AuditQuery, link
 from vault.kek import KekRing
@@ -194,3 +195,41 @@ async def test_a_legacy_prefix_stays_valid_once_workers_write_keyed_entries(
     assert code == 0, err
     assert "legacy unkeyed links (SHA-256, before the first keyed entry): #1 to #5" in out
     assert "keyed links (HMAC-SHA256 under the ring's audit key): #6 to #9" in out
+
+
+async def test_zandd_audit_keep_heads_keeps_what_audit_verify_checks(
+    fleet: RunningFleet, tmp_path: Path
+) -> None:
+    env = environment(ZANDD_AMQP_URL=fleet.amqp_url, ZANDD_DATA_DIR=str(fleet.settings.data_dir))
+    head_file = tmp_path / "elsewhere" / "heads.jsonl"
+    head_file.parent.mkdir()
+    keeper = await asyncio.create_subprocess_exec(
+        *ZANDD,
+        *("audit", "keep-heads", str(head_file), "--count", "2"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert keeper.stdout is not None
+    started = await asyncio.wait_for(keeper.stdout.readline(), 60)
+    assert started.decode().startswith("keeping audit heads from zandd.events")
+    await sign_many(fleet, 30)
+    first = await asyncio.wait_for(keeper.stdout.readline(), 60)
+    assert first.decode().startswith("kept audit head #")
+    await sign_many(fleet, 30)  # a newer head, the keeper's second
+    out, err = await asyncio.wait_for(keeper.communicate(), 60)
+    assert keeper.returncode == 0, err.decode()
+    assert out.decode().count("kept audit head #") == 1
+    kept = [AuditHeadEvent.model_validate_json(line) for line in head_file.read_text().splitlines()]
+    newest = max(kept, key=lambda head: head.seq)
+    code, out_text, err_text = await zandd(
+        "audit", "verify", "--head-file", str(head_file), env=env
+    )
+    assert code == 0, err_text
+    assert f"head: the log reaches the known head #{newest.seq} and matches" in out_text
+    with sqlite3.connect(vault_db(fleet), timeout=10) as conn:
+        conn.execute("DELETE FROM audit WHERE seq >= ?", (newest.seq,))
+    conn.close()
+    code, _, err_text = await zandd("audit", "verify", "--head-file", str(head_file), env=env)
+    assert code == 1
+    assert "entries were cut" in err_text

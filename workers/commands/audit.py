@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 from contracts.errors import ConfigurationError, IntegrityError
@@ -97,6 +99,59 @@ def _heads_in(path: Path) -> list[ChainHead]:
     return [parse_head(line) for line in lines if line.strip()]
 
 
+async def _cmd_audit_keep_heads(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+    import socket
+    import uuid
+
+    from aio_pika.abc import AbstractIncomingMessage
+
+    from contracts.amqp import connect_plain
+    from contracts.operations import AUDIT_HEAD_EVENT
+    from contracts.topology import EVENTS_EXCHANGE
+
+    kept = 0
+    enough = asyncio.Event()
+    # Named like a signer's event queue, so the least-privilege signer user may run this too.
+    queue_name = (
+        f"{EVENTS_EXCHANGE}.{socket.gethostname()[:64]}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    )
+
+    async def keep(message: AbstractIncomingMessage) -> None:
+        nonlocal kept
+        if message.type != AUDIT_HEAD_EVENT:
+            return
+        try:
+            head = AuditHeadEvent.model_validate_json(message.body)
+        except ValueError:
+            print("zandd: ignored a malformed audit.head event", file=sys.stderr)
+            return
+        _append_line(args.file, head.model_dump_json())
+        kept += 1
+        print(f"kept audit head #{head.seq} {head.link}", flush=True)
+        if args.count is not None and kept >= args.count:
+            enough.set()
+
+    connection = await connect_plain(settings.amqp_url, connection_name="zandd-audit-heads")
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(EVENTS_EXCHANGE, ensure=True)
+        queue = await channel.declare_queue(queue_name, exclusive=True, auto_delete=True)
+        await queue.bind(exchange)
+        await queue.consume(keep, no_ack=True)
+        print(f"keeping audit heads from {EVENTS_EXCHANGE} in {args.file}", flush=True)
+        await enough.wait()
+    return 0
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line and make it durable: a kept head is only worth something if it stays."""
+    with path.open("a", encoding="utf-8") as file:
+        file.write(line + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+
+
 def format_entry(entry: AuditEntry) -> str:
     """One line per entry; every field is escaped for the terminal (callers chose some, and a
     vault writer could have chosen any)."""
@@ -146,6 +201,15 @@ def register(tree: CommandTree) -> None:
         "--legacy",
         action="store_true",
         help="accept a log without any keyed entry (a vault no worker of this version wrote to)",
+    )
+    keep = tree.add(
+        "audit keep-heads",
+        _cmd_audit_keep_heads,
+        "append every audit head published on zandd.events to a file (run it on another host)",
+    )
+    keep.add_argument("file", type=Path, help="heads file, one audit.head event per line")
+    keep.add_argument(
+        "--count", type=int, default=None, help="stop after this many heads (default: Ctrl-C)"
     )
     tail = tree.add("audit tail", _cmd_audit_tail, "show the newest audit entries")
     tail.add_argument("--key", default=None, help="only entries about this key id")
