@@ -110,7 +110,7 @@ class AuditQuery:
 def canonical_bytes(
     seq: int, event: AuditEvent, prev_hash: str, kek_id: str | None = None
 ) -> bytes:
-    """The bytes an entry's link is taken over; a keyed link's name the KEK of its key."""
+    """The bytes an entry's link is taken over; for a keyed link they name the KEK of its key."""
     document = {
         "format": AUDIT_FORMAT if kek_id is None else KEYED_AUDIT_FORMAT,
         "seq": seq,
