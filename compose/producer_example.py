@@ -2,7 +2,8 @@
 
 Runs in the compose stack as the least-privileged ``producer`` broker user (it may publish to
 ``zandd`` and use its own reply queue, nothing else). Each round signs a fresh message, checks
-the signature locally against the key's public key, and prints one line.
+the signature locally against the public key pinned from the ``key.create`` reply (not one the
+fleet serves later), and prints one line.
 
     ZANDD_AMQP_URL=amqp://producer:producer-dev@localhost:5672/zandd python producer_example.py
 """
@@ -32,7 +33,7 @@ async def produce(amqp_url: str) -> None:
             message = f"invoice {round_number} at {datetime.now(UTC).isoformat()}".encode()
             try:
                 reply = await client.sign(key.key_id, message)
-                valid = await client.verify(key.key_id, reply.signature, message=message)
+                valid = await client.verify(key, reply.signature, message=message)
             except ZanddError as exc:
                 print(f"producer: round {round_number} failed: {exc.message}", flush=True)
             else:

@@ -3,7 +3,11 @@
     async with await SigningClient.connect("amqp://app:secret@mq/") as client:
         key = await client.create_key(label="invoices")
         reply = await client.sign(key.key_id, b"hello")
-        assert await client.verify(key.key_id, reply.signature, message=b"hello")
+        assert await client.verify(key, reply.signature, message=b"hello")
+
+``verify`` checks against a public key the caller pinned — here the ``key.create`` reply's —
+never against a fresh ``key.public`` answer, which is the public key *as the vault says*
+(``verify_trusting_fleet`` is that weaker check, named for what it trusts).
 
 One connection, one channel with publisher confirms and one exclusive, server-named reply
 queue (``amq.gen-...``: a ``reply_to`` the fleet serves, see ``contracts/replyto.py``) per
@@ -72,6 +76,7 @@ from contracts.models import (
     describe_errors,
 )
 from contracts.operations import ERROR_REPLY_TYPE, Operation
+from contracts.pinning import PinnedKey, PublicKeySource
 from contracts.topology import EXCHANGE, declare_topology
 from contracts.tracing import producer_span
 from contracts.wire import Delivery, Properties, Wire, WireClosed
@@ -282,6 +287,22 @@ class SigningClient:
 
     async def verify(
         self,
+        public_key: PublicKeySource,
+        signature: bytes,
+        *,
+        message: bytes | None = None,
+        digest: bytes | None = None,
+        encoding: Encoding = "der",
+    ) -> bool:
+        """Verify locally against a public key the caller pinned: the ``create_key`` reply, a
+        ``PinnedKey``, a ``cryptography`` public key, PEM or a JWK. Nothing is asked of the
+        fleet, so a vault writer who swapped the key's stored public key cannot make a forged
+        signature pass. A key id is refused: that is ``verify_trusting_fleet``."""
+        pinned = PinnedKey.of(public_key)
+        return pinned.verify(signature, message=message, digest=digest, encoding=encoding)
+
+    async def verify_trusting_fleet(
+        self,
         key_id: str,
         signature: bytes,
         *,
@@ -290,9 +311,12 @@ class SigningClient:
         encoding: Encoding = "der",
         version: int | None = None,
     ) -> bool:
-        """Verify locally. The public key of a named ``version`` is fetched once and cached;
-        without ``version`` the key's current public key is asked for on every call (a
-        rotation may have changed it)."""
+        """Verify against the public key ``key.public`` returns — as the vault says, so a vault
+        writer who swapped it makes this accept its forgeries; pin the key instead (``verify``).
+
+        The public key of a named ``version`` is fetched once and cached; without ``version``
+        the key's current public key is asked for on every call (a rotation may have changed it).
+        """
         key = await self._cached_public_key(key_id, version)
         return verify_signature(key, signature, message=message, digest=digest, encoding=encoding)
 

@@ -276,6 +276,17 @@ class KeyStateChangedEvent(_Reply):
 MAX_RETRY_AFTER_MS = 3_600_000
 
 
+class AuditHeadEvent(_Reply):
+    """The newest audit entry a worker wrote, published to ``zandd.events`` every N entries or
+    T seconds (AMQP ``type`` ``audit.head``): keep it outside the vault, and ``zandd audit verify
+    --head SEQ:LINK`` shows whether the log still reaches it — a cut of the newest entries does
+    not. ``link`` is the entry's link (``hmac-sha256/<kek_id>/<hex>``, or 64 hex if legacy)."""
+
+    seq: int = Field(ge=0)
+    link: str = Field(max_length=160, pattern=r"^[A-Za-z0-9._/-]+$")
+    published_at: AwareDatetime
+
+
 class ErrorReply(_Reply):
     """The reply of AMQP ``type`` ``error``, for any operation that failed.
 

@@ -26,6 +26,8 @@ class Operation(StrEnum):
 ERROR_REPLY_TYPE = "error"
 #: The AMQP ``type`` of the event published to ``zandd.events`` after a key state change.
 KEY_STATE_CHANGED_EVENT = "key.state_changed"
+#: The AMQP ``type`` of a worker's newest audit head on ``zandd.events``.
+AUDIT_HEAD_EVENT = "audit.head"
 
 #: Operations served by the single active keygen worker (they touch the TPM or write keys).
 KEYGEN_OPERATIONS: tuple[Operation, ...] = (

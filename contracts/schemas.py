@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from contracts.models import SPECS, ErrorReply, KeyStateChangedEvent
+from contracts.models import SPECS, AuditHeadEvent, ErrorReply, KeyStateChangedEvent
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 _SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -35,6 +35,9 @@ def expected_schemas() -> dict[str, str]:
     files["error.reply.json"] = _schema(ErrorReply, "error reply", "reply")
     files["key.state_changed.event.json"] = _schema(
         KeyStateChangedEvent, "key.state_changed event (zandd.events)", "reply"
+    )
+    files["audit.head.event.json"] = _schema(
+        AuditHeadEvent, "audit.head event (zandd.events)", "reply"
     )
     return files
 

@@ -8,23 +8,37 @@ stores and reads rows and, when appending, links new events to its last entry wi
 An entry's hash is the SHA-256 of a canonical JSON document (sorted keys, no spaces, UTF-8)
 of every field but the hash itself, including ``prev_hash``; ``at`` is UTC with millisecond
 precision, so every backend (BSON dates included) stores it exactly. The first entry's
-``prev_hash`` is 64 zeros. What the chain cannot show on its own is the loss of the newest
-entries: compare the head that ``zandd audit verify`` prints with one kept elsewhere.
+``prev_hash`` is 64 zeros.
+
+Workers link with a key (``vault/audit_chain.py``): the "hash" is then an HMAC-SHA256 under a
+key derived from the KEK ring, over the same document with format ``zandd-audit/2`` and the
+KEK's id. Unkeyed entries are legacy: accepted only before the first keyed one. What no chain
+shows on its own is the loss of the newest entries: :func:`check_log` compares the log with a
+head published elsewhere (workers publish theirs on ``zandd.events``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from contracts.errors import IntegrityError, InternalError, VaultUnavailable, ZanddError
+from contracts.errors import (
+    ConfigurationError,
+    IntegrityError,
+    InternalError,
+    VaultUnavailable,
+    ZanddError,
+)
+from vault.audit_chain import ChainKey, ChainKeyLookup, link_kek_id
 
 AUDIT_FORMAT = "zandd-audit/1"
+KEYED_AUDIT_FORMAT = "zandd-audit/2"
 GENESIS_HASH = "0" * 64
 OUTCOME_OK = "ok"
 READ_PAGE_ENTRIES = 1000
@@ -104,10 +118,12 @@ class AuditQuery:
     latest: bool = False
 
 
-def canonical_bytes(seq: int, event: AuditEvent, prev_hash: str) -> bytes:
-    """The bytes an entry's hash is taken over."""
+def canonical_bytes(
+    seq: int, event: AuditEvent, prev_hash: str, kek_id: str | None = None
+) -> bytes:
+    """The bytes an entry's link is taken over; for a keyed link they name the KEK of its key."""
     document = {
-        "format": AUDIT_FORMAT,
+        "format": AUDIT_FORMAT if kek_id is None else KEYED_AUDIT_FORMAT,
         "seq": seq,
         "at": event.at.isoformat(timespec="milliseconds"),
         "principal": event.principal,
@@ -119,20 +135,29 @@ def canonical_bytes(seq: int, event: AuditEvent, prev_hash: str) -> bytes:
         "data_sha256": event.data_sha256,
         "prev_hash": prev_hash,
     }
+    if kek_id is not None:
+        document["kek_id"] = kek_id
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def entry_hash(seq: int, event: AuditEvent, prev_hash: str) -> str:
-    """The hex SHA-256 that chains an entry."""
-    return hashlib.sha256(canonical_bytes(seq, event, prev_hash)).hexdigest()
+def entry_hash(seq: int, event: AuditEvent, prev_hash: str, key: ChainKey | None = None) -> str:
+    """The link that chains an entry: keyed under ``key``, else (legacy) its hex SHA-256."""
+    if key is None:
+        return hashlib.sha256(canonical_bytes(seq, event, prev_hash)).hexdigest()
+    return key.link(canonical_bytes(seq, event, prev_hash, key.kek_id))
 
 
-def link(head: ChainHead, events: Iterable[AuditEvent]) -> list[AuditEntry]:
-    """Chain ``events`` after ``head``: what a backend appends in one transaction."""
+def link(
+    head: ChainHead, events: Iterable[AuditEvent], key: ChainKey | None = None
+) -> list[AuditEntry]:
+    """Chain ``events`` after ``head`` (keyed under ``key`` when given): what a backend appends
+    in one transaction."""
     entries = []
     for event in events:
         seq = head.seq + 1
-        entry = AuditEntry(seq, event, head.entry_hash, entry_hash(seq, event, head.entry_hash))
+        entry = AuditEntry(
+            seq, event, head.entry_hash, entry_hash(seq, event, head.entry_hash, key)
+        )
         entries.append(entry)
         head = entry.head
     return entries
@@ -148,9 +173,18 @@ class AuditBroken(IntegrityError):
 
 @dataclass
 class ChainVerifier:
-    """Checks entries fed oldest first; raises AuditBroken naming the first broken entry."""
+    """Checks entries fed oldest first; raises AuditBroken naming the first broken entry.
 
+    Keyed links are checked with ``keys`` (without them a keyed entry cannot be checked: that
+    is a ConfigurationError, not a verdict); unkeyed ones only before the first keyed entry.
+    """
+
+    keys: ChainKeyLookup | None = None
     head: ChainHead = field(default=GENESIS)
+    #: Unkeyed entries seen (all before the first keyed one), and keyed ones.
+    legacy_entries: int = 0
+    keyed_entries: int = 0
+    kek_ids: list[str] = field(default_factory=list)
 
     def feed(self, entry: AuditEntry) -> None:
         """Check one entry against the chain so far and make it the head."""
@@ -167,12 +201,46 @@ class ChainVerifier:
                 f"audit entry #{entry.seq} does not follow entry #{self.head.seq}: "
                 "an entry was removed, reordered or rewritten",
             )
-        if entry_hash(entry.seq, entry.event, entry.prev_hash) != entry.entry_hash:
+        key = self._key_of(entry)
+        if not hmac.compare_digest(
+            entry_hash(entry.seq, entry.event, entry.prev_hash, key), entry.entry_hash
+        ):
             raise AuditBroken(
                 entry.seq,
                 f"audit entry #{entry.seq} was altered: its hash does not match its content",
             )
         self.head = entry.head
+
+    def _key_of(self, entry: AuditEntry) -> ChainKey | None:
+        try:
+            kek_id = link_kek_id(entry.entry_hash)
+        except ValueError:
+            raise AuditBroken(entry.seq, f"audit entry #{entry.seq} has a malformed link") from None
+        if kek_id is None:
+            if self.keyed_entries:
+                raise AuditBroken(
+                    entry.seq,
+                    f"audit entry #{entry.seq} is unkeyed but follows keyed entries: it was "
+                    "written or re-chained without the KEK ring",
+                )
+            self.legacy_entries += 1
+            return None
+        if self.keys is None:
+            raise ConfigurationError(
+                f"audit entry #{entry.seq} is keyed: checking it needs the KEK ring"
+            )
+        try:
+            key = self.keys.get(kek_id)
+        except KeyError:
+            raise AuditBroken(
+                entry.seq,
+                f"audit entry #{entry.seq} is keyed under KEK {kek_id!r}, which the ring does "
+                "not hold: restore that KEK to check it (or the entry is forged)",
+            ) from None
+        self.keyed_entries += 1
+        if kek_id not in self.kek_ids:
+            self.kek_ids.append(kek_id)
+        return key
 
 
 class AuditAppender(Protocol):
@@ -191,15 +259,62 @@ class AuditReader(Protocol):
         ...
 
 
-async def verify_log(reader: AuditReader) -> ChainHead:
-    """Walk the whole log; the head when intact, else AuditBroken naming the first bad entry."""
-    verifier = ChainVerifier()
+@dataclass(frozen=True, slots=True)
+class AuditReport:
+    """What ``check_log`` checked: the head it reached, how many entries had legacy (unkeyed,
+    all before the first keyed one) and keyed links, under which KEKs, and the known head the
+    log was found to reach (None when none was given)."""
+
+    head: ChainHead
+    legacy_entries: int
+    keyed_entries: int
+    kek_ids: tuple[str, ...]
+    known_head: ChainHead | None
+
+
+async def check_log(
+    reader: AuditReader, keys: ChainKeyLookup | None = None, known_head: ChainHead | None = None
+) -> AuditReport:
+    """Walk the whole log, checking every link, and that it reaches ``known_head`` (a head
+    published earlier) with the same link; AuditBroken names the first bad entry."""
+    verifier = ChainVerifier(keys)
     while True:
         page = await reader.read_audit(AuditQuery(after_seq=verifier.head.seq))
         for entry in page:
             verifier.feed(entry)
+            if known_head is not None and entry.seq == known_head.seq:
+                _check_known_head(entry, known_head)
         if len(page) < READ_PAGE_ENTRIES:
-            return verifier.head
+            break
+    head = verifier.head
+    if known_head is not None and known_head.seq > head.seq:
+        raise AuditBroken(
+            head.seq + 1,
+            f"the audit log ends at #{head.seq} but a published head is #{known_head.seq}: "
+            f"its newest {known_head.seq - head.seq} entries were cut",
+        )
+    return AuditReport(
+        head,
+        verifier.legacy_entries,
+        verifier.keyed_entries,
+        tuple(verifier.kek_ids),
+        known_head,
+    )
+
+
+def _check_known_head(entry: AuditEntry, known_head: ChainHead) -> None:
+    # A head known by its number alone (a metric) has no link to compare.
+    if known_head.entry_hash and not hmac.compare_digest(entry.entry_hash, known_head.entry_hash):
+        raise AuditBroken(
+            entry.seq,
+            f"audit entry #{entry.seq} is not the published head #{known_head.seq}: the log was "
+            "rewritten at or before it",
+        )
+
+
+async def verify_log(reader: AuditReader, keys: ChainKeyLookup | None = None) -> ChainHead:
+    """Walk the whole log; the head when intact, else AuditBroken naming the first bad entry."""
+    return (await check_log(reader, keys)).head
 
 
 @dataclass(eq=False)

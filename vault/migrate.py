@@ -20,11 +20,13 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import groupby
 
 from contracts.crypto import public_key_der
 from contracts.errors import IntegrityError, KeyNotFound
 from contracts.models import ALGORITHM_ECDSA_P256_SHA256
 from vault.audit import AuditEntry, AuditQuery, verify_log
+from vault.audit_chain import ChainKeys, link_kek_id
 from vault.kek import KekRing
 from vault.opening import private_key_of
 from vault.record_mac import verify_record
@@ -78,7 +80,7 @@ async def migrate_vault(
     report = MigrationReport()
     notify = on_progress or _ignore
     await _copy_keys(source, target, ring, report, notify)
-    await _copy_audit(source, target, report, notify)
+    await _copy_audit(source, target, ChainKeys(ring), report, notify)
     return report
 
 
@@ -173,10 +175,14 @@ def _difference(existing: KeyRecord, record: KeyRecord) -> str:
 
 
 async def _copy_audit(
-    source: VaultStore, target: VaultStore, report: MigrationReport, notify: ProgressCallback
+    source: VaultStore,
+    target: VaultStore,
+    keys: ChainKeys,
+    report: MigrationReport,
+    notify: ProgressCallback,
 ) -> None:
     # A broken source chain would be re-linked into a valid-looking one: refuse it instead.
-    source_head = await verify_log(source)
+    source_head = await verify_log(source, keys)
     notify(Progress(Stage.AUDIT, 0, source_head.seq))
     copied_up_to = await _skip_common_audit(source, target)
     report.audit_already_there = copied_up_to
@@ -185,7 +191,7 @@ async def _copy_audit(
         page = await source.read_audit(AuditQuery(after_seq=copied_up_to))
         if not page:
             break
-        stored = await target.append_audit([entry.event for entry in page])
+        stored = await _relink(target, page, keys)
         if stored != page:
             raise IntegrityError(
                 f"the target's audit log took entries #{stored[0].seq}… where the source has "
@@ -194,7 +200,7 @@ async def _copy_audit(
         report.audit_copied += len(page)
         copied_up_to = page[-1].seq
         notify(Progress(Stage.AUDIT, copied_up_to, source_head.seq))
-    if await verify_log(target) != source_head:
+    if await verify_log(target, keys) != source_head:
         raise IntegrityError("the target's audit log does not end where the source's does")
 
 
@@ -213,6 +219,16 @@ async def _skip_common_audit(source: VaultStore, target: VaultStore) -> int:
                 "(written to since an earlier run, or another vault's): logs are not merged"
             )
         after = theirs[-1].seq
+
+
+async def _relink(target: VaultStore, page: list[AuditEntry], keys: ChainKeys) -> list[AuditEntry]:
+    """Append ``page``'s events to ``target``, each run keyed as in the source (legacy runs
+    unkeyed), so the target's links come out identical to the source's."""
+    stored: list[AuditEntry] = []
+    for kek_id, run in groupby(page, key=lambda entry: link_kek_id(entry.entry_hash)):
+        chain_key = None if kek_id is None else keys.get(kek_id)
+        stored += await target.append_audit([entry.event for entry in run], chain_key)
+    return stored
 
 
 def _first_mismatch(ours: list[AuditEntry], theirs: list[AuditEntry]) -> int | None:

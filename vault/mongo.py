@@ -45,6 +45,7 @@ from contracts.errors import (
     ZanddError,
 )
 from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, link
+from vault.audit_chain import ChainKey
 from vault.records import KeyRecord, KeyState, RecordMac, check_head, check_replacement
 from vault.sealing import SealedKey
 from vault.urls import redact_url, scrub
@@ -282,8 +283,11 @@ class MongoStore:
             await self._raise_head(record)
         return True
 
-    async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
-        """Chain ``events`` after the newest entry in one document; durable (majority) on return.
+    async def append_audit(
+        self, events: Sequence[AuditEvent], chain_key: ChainKey | None = None
+    ) -> list[AuditEntry]:
+        """Chain ``events`` (keyed under ``chain_key`` when given) after the newest entry in one
+        document; durable (majority) on return.
 
         No transaction (a standalone server has none): of the appenders that read the same
         head, the unique ``_id`` (the batch's first sequence number) lets exactly one insert
@@ -294,7 +298,8 @@ class MongoStore:
         stored: list[AuditEntry] = []
         with self._translated():
             for start in range(0, len(events), AUDIT_DOCUMENT_ENTRIES):
-                stored += await self._append_batch(events[start : start + AUDIT_DOCUMENT_ENTRIES])
+                batch = events[start : start + AUDIT_DOCUMENT_ENTRIES]
+                stored += await self._append_batch(batch, chain_key)
         return stored
 
     async def read_audit(self, query: AuditQuery) -> list[AuditEntry]:
@@ -376,9 +381,11 @@ class MongoStore:
                 heads[str(head_id.get("key_id")), head_id.get("version", 0)] = generation
         return heads
 
-    async def _append_batch(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
+    async def _append_batch(
+        self, events: Sequence[AuditEvent], chain_key: ChainKey | None
+    ) -> list[AuditEntry]:
         for _attempt in range(AUDIT_APPEND_ATTEMPTS):
-            entries = link(await self._audit_head(), events)
+            entries = link(await self._audit_head(), events, chain_key)
             try:
                 await self._audit.insert_one(_audit_document(entries))
             except DuplicateKeyError:

@@ -35,6 +35,7 @@ from contracts.errors import (
     ZanddError,
 )
 from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, link
+from vault.audit_chain import ChainKey
 from vault.records import KeyRecord, KeyState, RecordMac, check_head, check_replacement
 from vault.sealing import SealedKey
 
@@ -269,9 +270,12 @@ class SqliteStore:
         erase = record.sealed is None and expected.sealed is not None
         return await self._run(_replace, params, erase)
 
-    async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
-        """Chain and insert ``events`` in one IMMEDIATE transaction, durable on return."""
-        return await self._run(_append_audit, list(events), lane=self._appends)
+    async def append_audit(
+        self, events: Sequence[AuditEvent], chain_key: ChainKey | None = None
+    ) -> list[AuditEntry]:
+        """Chain (keyed under ``chain_key`` when given) and insert ``events`` in one IMMEDIATE
+        transaction, durable on return."""
+        return await self._run(_append_audit, list(events), chain_key, lane=self._appends)
 
     async def read_audit(self, query: AuditQuery) -> list[AuditEntry]:
         """Audit entries matching ``query``, oldest first."""
@@ -483,11 +487,13 @@ def _truncate_wal(conn: sqlite3.Connection) -> None:
     log.warning("the WAL could not be truncated after erasing a key: readers kept it busy")
 
 
-def _append_audit(conn: sqlite3.Connection, events: list[AuditEvent]) -> list[AuditEntry]:
+def _append_audit(
+    conn: sqlite3.Connection, events: list[AuditEvent], chain_key: ChainKey | None
+) -> list[AuditEntry]:
     with _immediate(conn):
         row = conn.execute(_AUDIT_HEAD).fetchone()
         head = GENESIS if row is None else ChainHead(seq=row[0], entry_hash=row[1])
-        entries = link(head, events)
+        entries = link(head, events, chain_key)
         conn.executemany(_AUDIT_INSERT, [_audit_row(entry) for entry in entries])
     return entries
 

@@ -8,6 +8,7 @@ from typing import Protocol
 
 from contracts.errors import ConfigurationError
 from vault.audit import AuditEntry, AuditEvent, AuditQuery
+from vault.audit_chain import ChainKey
 from vault.records import KeyRecord, KeyState
 from vault.sqlite import SqliteStore
 
@@ -75,10 +76,13 @@ class VaultStore(Protocol):
         """
         ...
 
-    async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
+    async def append_audit(
+        self, events: Sequence[AuditEvent], chain_key: ChainKey | None = None
+    ) -> list[AuditEntry]:
         """Chain ``events`` after the newest stored entry and store them durably, atomically.
 
-        Read the newest entry and insert ``vault.audit.link(head, events)`` in one transaction,
+        Read the newest entry and insert ``vault.audit.link(head, events, chain_key)`` (keyed
+        links when ``chain_key`` is given, legacy ones otherwise) in one transaction,
         safe against appenders in other processes: sequence numbers never repeat or skip.
         Returns the stored entries once durable.
         """

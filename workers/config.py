@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     admins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     #: How often the keygen worker destroys versions whose waiting period is over.
     destroy_check_interval_s: float = Field(default=60.0, gt=0)
+    #: A worker publishes its newest audit head after this many entries, or this often.
+    audit_head_every_entries: int = Field(default=1000, ge=1)
+    audit_head_interval_s: float = Field(default=10.0, gt=0)
     #: Workers lock their memory (mlockall) when the process is permitted to.
     lock_memory: bool = True
     # Per-principal quotas, fleet-wide (workers/quotas.py); None (the default) is no limit.

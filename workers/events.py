@@ -8,6 +8,9 @@ keygen worker once the change is committed to the vault — AMQP ``type`` ``key.
     {"key_id": "zk-…", "version": 1, "state": "disabled", "destroy_after": null,
      "changed_at": "2026-11-28T10:00:00Z"}
 
+Workers also publish their newest audit head there (``type`` ``audit.head``, body
+:class:`contracts.models.AuditHeadEvent`) every N entries or T seconds; signers ignore it.
+
 Events are transient: each subscriber has an exclusive, auto-delete queue that lives as long
 as its connection. A subscriber that lost its connection may have missed events, so it calls
 ``on_gap`` after reconnecting; whoever keeps state derived from events drops it there. Events
@@ -36,8 +39,8 @@ from pydantic import ValidationError
 
 from contracts.amqp import JSON_CONTENT_TYPE, connect_plain
 from contracts.errors import BrokerUnavailable
-from contracts.models import KeyStateChangedEvent
-from contracts.operations import KEY_STATE_CHANGED_EVENT
+from contracts.models import AuditHeadEvent, KeyStateChangedEvent
+from contracts.operations import AUDIT_HEAD_EVENT, KEY_STATE_CHANGED_EVENT
 from contracts.topology import EVENTS_EXCHANGE, Topology, bind_topology, declare_topology
 from workers.backoff import retry_until_stopped
 
@@ -61,14 +64,19 @@ class EventPublisher:
         self._exchange: AbstractExchange | None = None
         self._connecting = asyncio.Lock()
 
-    async def publish(self, event: KeyStateChangedEvent) -> None:
+    async def publish(self, event: KeyStateChangedEvent | AuditHeadEvent) -> None:
         """Publish ``event``; returns once the broker confirmed it, else BrokerUnavailable."""
+        if isinstance(event, AuditHeadEvent):
+            kind, at, what = AUDIT_HEAD_EVENT, event.published_at, f"audit head #{event.seq}"
+        else:
+            kind, at = KEY_STATE_CHANGED_EVENT, event.changed_at
+            what = f"the state change of key {event.key_id} v{event.version}"
         message = aio_pika.Message(
             event.model_dump_json().encode(),
             content_type=JSON_CONTENT_TYPE,
-            type=KEY_STATE_CHANGED_EVENT,
+            type=kind,
             message_id=uuid.uuid4().hex,
-            timestamp=event.changed_at,
+            timestamp=at,
         )
         try:
             exchange = await self._ready_exchange()
@@ -76,10 +84,7 @@ class EventPublisher:
             await exchange.publish(message, routing_key="", mandatory=False)
         except _AMQP_FAILURES as exc:
             await self.close()
-            raise BrokerUnavailable(
-                f"could not publish the state change of key {event.key_id} v{event.version}: "
-                f"{type(exc).__name__}"
-            ) from exc
+            raise BrokerUnavailable(f"could not publish {what}: {type(exc).__name__}") from exc
 
     async def _ready_exchange(self) -> AbstractExchange:
         async with self._connecting:
@@ -165,6 +170,8 @@ class EventSubscriber:
                 await connection.close()
 
     async def _deliver(self, message: AbstractIncomingMessage) -> None:
+        if message.type == AUDIT_HEAD_EVENT:
+            return  # for whoever keeps audit heads; a signer has no use for them
         if message.type != KEY_STATE_CHANGED_EVENT:
             log.warning("%s ignored an event of type %.40r", self._name, message.type)
             return

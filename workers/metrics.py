@@ -145,6 +145,16 @@ class Metrics:
             ("quota",),
             registry=self.registry,
         )
+        self._audit_head_regressions = Counter(
+            "zandd_audit_head_regressions",
+            "Times the vault's newest audit entry was older than a head already published.",
+            registry=self.registry,
+        )
+        self._audit_head_seq = Gauge(
+            "zandd_audit_head_seq",
+            "Sequence number of the newest audit entry this worker wrote (its published head).",
+            registry=self.registry,
+        )
         # Per-request series resolved once: a ``labels()`` lookup costs three times the update.
         self._stage_series = {name: self._stage_seconds.labels(stage=name.value) for name in Stage}
         self._request_series: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
@@ -194,6 +204,14 @@ class Metrics:
     def throttled(self, quota: str) -> None:
         """Count a request refused ``throttled`` (``quota``: ``requests`` or ``signatures``)."""
         self._throttled.labels(quota=quota).inc()
+
+    def audit_head(self, seq: int) -> None:
+        """Record the sequence number of the newest audit entry this worker wrote."""
+        self._audit_head_seq.set(seq)
+
+    def audit_head_went_back(self) -> None:
+        """Count the audit log found shorter than a head already published."""
+        self._audit_head_regressions.inc()
 
     def serve(self, port: int, host: str = "127.0.0.1") -> MetricsServer:
         """Serve ``/metrics`` on ``host:port`` from a daemon thread.

@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 from contracts.operations import Operation
 from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE
 from vault.audit import AuditLog
+from vault.audit_chain import ChainKeys
 from vault.kek import KekRing
 from vault.store import VaultStore, open_store
+from workers.audit_head import AuditHeadPublisher, KeyedAppender
 from workers.auditing import Clock, RequestAuditor, utc_now
 from workers.config import Settings
 from workers.events import EventPublisher, EventSubscriber
@@ -70,8 +72,7 @@ async def signer_worker(
     """
     from workers.signer.worker import Signer
 
-    audit_log = AuditLog(store)
-    stack.push_async_callback(audit_log.close)
+    audit_log = _keyed_audit_log(store, ring, stack, metrics)
     signer = Signer(store, ring, AccessPolicy.from_settings(settings), metrics=metrics)
     subscriber = EventSubscriber(
         settings.amqp_url,
@@ -104,10 +105,20 @@ async def keygen_worker(
     from workers.keygen.lifecycle import KeyLifecycle
     from workers.keygen.worker import Keygen
 
-    audit_log = AuditLog(store)
-    stack.push_async_callback(audit_log.close)
     events = EventPublisher(settings.amqp_url, declare=settings.declare_topology)
     stack.push_async_callback(events.close)
+    heads = AuditHeadPublisher(
+        store,
+        ChainKeys(ring),
+        events.publish,
+        every_entries=settings.audit_head_every_entries,
+        interval_s=settings.audit_head_interval_s,
+        metrics=metrics,
+    )
+    # Stopped after the audit log is flushed (the stack closes in reverse), so the last head
+    # published includes this worker's last entries.
+    await _beside(stack, heads.run)
+    audit_log = _keyed_audit_log(store, ring, stack, metrics)
     policy = AccessPolicy.from_settings(settings)
     keygen = Keygen(store, ring, tpm, policy, metrics=metrics)
     lifecycle = KeyLifecycle(
@@ -134,6 +145,16 @@ async def _quotas(
     if quotas is not None:
         await _beside(stack, partial(follow_consumers, quotas, settings.amqp_url, queue))
     return quotas
+
+
+def _keyed_audit_log(
+    store: VaultStore, ring: KekRing, stack: AsyncExitStack, metrics: Metrics | None
+) -> AuditLog:
+    """The worker's audit log, linked under the ring's audit key; its newest entry a metric."""
+    on_head = None if metrics is None else (lambda head: metrics.audit_head(head.seq))
+    audit_log = AuditLog(KeyedAppender(store, ChainKeys(ring), on_head=on_head))
+    stack.push_async_callback(audit_log.close)
+    return audit_log
 
 
 async def _beside(

@@ -394,7 +394,7 @@ async def test_sigkill_active_keygen_standby_takes_over(
         processes.signal("keygen-1", signal.SIGKILL)
         key_ids = await asyncio.gather(*calls)
         signed = await client.sign(key_ids[-1], b"signed with a key the standby made")
-        assert await client.verify(
+        assert await client.verify_trusting_fleet(
             key_ids[-1], signed.signature, message=b"signed with a key the standby made"
         )
     store = await open_store(f"sqlite:///{processes.data_dir / 'vault.db'}")

@@ -84,7 +84,7 @@ async def test_digest_input_signs_the_message(fleet: RunningFleet, tmp_path: Pat
     async with await fleet.client() as client:
         key = await client.create_key()
         reply = await client.sign(key.key_id, digest=hashlib.sha256(message).digest())
-        assert await client.verify(key.key_id, reply.signature, message=message)
+        assert await client.verify(key, reply.signature, message=message)
     assert openssl_verify(tmp_path, key.public_key_pem, message, reply.signature) == "Verified OK"
 
 
@@ -272,7 +272,7 @@ async def test_each_malformed_message_gets_invalid_request_and_the_worker_goes_o
     async with await fleet.client() as client:
         key = await client.create_key()
         signed = await client.sign(key.key_id, b"still serving")
-        assert await client.verify(key.key_id, signed.signature, message=b"still serving")
+        assert await client.verify(key, signed.signature, message=b"still serving")
 
 
 @pytest.mark.signers(1)

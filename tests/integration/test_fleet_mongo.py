@@ -17,6 +17,7 @@ from contracts.crypto import load_public_key, verify_signature
 from tests.conftest import RunningFleet
 from tests.integration.test_fleet import openssl_verify
 from vault.audit import AuditQuery, verify_log
+from vault.audit_chain import ChainKeys
 from vault.mongo import MongoStore
 from vault.store import open_store
 
@@ -39,7 +40,7 @@ async def test_create_sign_and_openssl_verifies(fleet: RunningFleet, tmp_path: P
         reply = await client.sign(key.key_id, b"pay 100 EUR to Alice")
         raw = await client.sign(key.key_id, b"pay 100 EUR to Alice", encoding="raw")
         assert await client.verify(
-            key.key_id, raw.signature, message=b"pay 100 EUR to Alice", encoding="raw"
+            key, raw.signature, message=b"pay 100 EUR to Alice", encoding="raw"
         )
     assert (reply.key_id, reply.version) == (key.key_id, 1)
     assert (
@@ -90,7 +91,7 @@ async def test_a_second_host_sees_the_keys_and_the_audit_chain(fleet: RunningFle
             ("key.create", "ok"),
             ("sign", "ok"),
         ]
-        head = await verify_log(other)
+        head = await verify_log(other, ChainKeys(fleet.ring))
         assert head.seq >= 2
     finally:
         await other.close()

@@ -201,7 +201,7 @@ async def test_a_second_user_signing_with_someone_elses_key_is_forbidden(
         await bob.disable_key(mine.key_id)
     assert (await bob.public_key(mine.key_id)).public_key_pem == mine.public_key_pem
     signed = await alice.sign(mine.key_id, b"pay Alice")
-    assert await bob.verify(mine.key_id, signed.signature, message=b"pay Alice")
+    assert await bob.verify(mine, signed.signature, message=b"pay Alice")
 
     shared = await alice.create_key(allowed_signers=[BOB])
     await bob.sign(shared.key_id, b"bob may")
@@ -340,7 +340,7 @@ async def test_a_disabled_key_refuses_and_signs_again_once_enabled(
     assert (await alice.disable_key(key.key_id)).versions[0].state == KeyState.DISABLED
     await alice.enable_key(key.key_id)
     signed = await alice.sign(key.key_id, b"after")
-    assert await alice.verify(key.key_id, signed.signature, message=b"after")
+    assert await alice.verify(key, signed.signature, message=b"after")
 
 
 class _FrozenVault:
@@ -450,7 +450,7 @@ async def test_destruction_waits_can_be_cancelled_and_then_erases_the_key(
     with pytest.raises(KeyDisabled, match="a destroyed key cannot come back"):
         await alice.cancel_key_destruction(key.key_id)
     # What stays: the public key (old signatures still verify) and the audit trail.
-    assert await clients[BOB].verify(
+    assert await clients[BOB].verify_trusting_fleet(
         key.key_id, signed.signature, message=b"signed before destruction"
     )
     trail = [
@@ -608,7 +608,7 @@ async def test_rotation_and_an_interrupted_rewrap_leave_every_key_usable(
     assert f"KEK {new_kek} (active): 7 key versions" in out
     for key in [*before, after]:
         signed = await alice.sign(key.key_id, b"after the rewrap")
-        assert await alice.verify(key.key_id, signed.signature, message=b"after the rewrap")
+        assert await alice.verify(key, signed.signature, message=b"after the rewrap")
     audited = await fleet.store.read_audit(AuditQuery(limit=10_000))
     rewraps = [e.event for e in audited if e.event.operation == "vault.rewrap"]
     assert len(rewraps) == 3

@@ -26,6 +26,8 @@ import pytest
 from contracts.errors import ConfigurationError, IntegrityError, KeyNotFound, VaultUnavailable
 from vault import KeyRecord, KeyState, SealedKey, SqliteStore, VaultStore, open_store
 from vault.audit import GENESIS_HASH, AuditEvent, AuditQuery, ChainVerifier, verify_log
+from vault.audit_chain import ChainKeys
+from vault.kek import Kek, KekRing
 from vault.records import RecordMac
 from vault.sqlite import _DUE
 from vault.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
@@ -449,6 +451,16 @@ async def test_append_audit_chains_from_the_first_entry(store: VaultStore) -> No
         verifier.feed(entry)
     assert await store.read_audit(AuditQuery()) == entries
     assert await verify_log(store) == entries[-1].head
+
+
+async def test_append_audit_links_under_a_chain_key_when_given(store: VaultStore) -> None:
+    keys = ChainKeys(KekRing(Kek.generate()))
+    legacy = await store.append_audit([audit_event(1)])
+    keyed = await store.append_audit([audit_event(n) for n in range(2, 5)], keys.active())
+    assert keyed[0].prev_hash == legacy[0].entry_hash
+    assert all(e.entry_hash.startswith(f"hmac-sha256/{keys.active().kek_id}/") for e in keyed)
+    assert await store.read_audit(AuditQuery()) == legacy + keyed
+    assert await verify_log(store, keys) == keyed[-1].head
 
 
 async def test_audit_entries_come_back_exactly(store: VaultStore) -> None:

@@ -3,20 +3,153 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from pathlib import Path
 
-from vault.audit import AuditEntry, AuditQuery, verify_log
+from contracts.errors import ConfigurationError, IntegrityError
+from contracts.models import AuditHeadEvent
+from vault.audit import AuditEntry, AuditQuery, AuditReport, ChainHead, check_log
+from vault.audit_chain import ChainKeys, link_kek_id
 from workers.commands.base import CommandTree
 from workers.commands.local import opened_store, printable, when
 from workers.config import Settings
 
 
 async def _cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from vault.kek import KekRing
+
+    known = _known_head(args)
+    keys = ChainKeys(KekRing.load(settings.resolved_kek_file))
     async with opened_store(settings) as store:
         # A broken chain raises AuditBroken, whose one sentence names the first bad entry.
-        head = await verify_log(store)
+        report = await check_log(store, keys, known)
+    if report.legacy_entries and not report.keyed_entries and not args.legacy:
+        raise IntegrityError(
+            f"no audit entry is keyed (all {report.legacy_entries} are legacy, unkeyed): either "
+            "no worker of this version has written yet, or a writer without the KEK ring "
+            "re-chained the log; pass --legacy to accept it"
+        )
+    head = report.head
     print(f"audit log intact: {head.seq} entries, head #{head.seq} {head.entry_hash}")
-    print("keep the head elsewhere: an intact chain cannot show its newest entries were cut")
+    for line in describe(report):
+        print(line)
     return 0
+
+
+def describe(report: AuditReport) -> list[str]:
+    """What ``zandd audit verify`` checked, one line per kind of check."""
+    legacy, keyed = report.legacy_entries, report.keyed_entries
+    lines = [
+        f"keyed links (HMAC-SHA256 under the ring's audit key): #{legacy + 1} to #{legacy + keyed}"
+        f", KEK {', '.join(report.kek_ids)}"
+        if keyed
+        else "keyed links: none",
+        f"legacy unkeyed links (SHA-256, before the first keyed entry): #1 to #{legacy}"
+        if legacy
+        else "legacy unkeyed links: none",
+    ]
+    if report.known_head is None:
+        lines.append(
+            "head: not checked (give --head SEQ:LINK from an audit.head event on zandd.events): "
+            "a cut of the newest entries shows only against a head kept elsewhere"
+        )
+    else:
+        known = report.known_head
+        matches = "and matches" if known.entry_hash else "(no link given to compare)"
+        lines.append(f"head: the log reaches the known head #{known.seq} {matches}")
+    return lines
+
+
+def _known_head(args: argparse.Namespace) -> ChainHead | None:
+    heads = [parse_head(text) for text in args.head]
+    if args.head_file is not None:
+        heads += _heads_in(args.head_file)
+    return max(heads, key=lambda head: head.seq, default=None)
+
+
+def parse_head(text: str) -> ChainHead:
+    """``SEQ:LINK`` (what ``audit verify`` prints as ``#SEQ LINK``, or an ``audit.head`` event's
+    ``seq`` and ``link``) → a head; a JSON ``audit.head`` event body is accepted too, and so is
+    ``SEQ`` alone (``zandd_audit_head_seq``), whose link is then not compared (empty)."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            event = AuditHeadEvent.model_validate_json(text)
+        except ValueError:
+            raise ConfigurationError("an audit head line is not an audit.head event") from None
+        return ChainHead(seq=event.seq, entry_hash=event.link)
+    seq, separator, link = text.removeprefix("#").replace(" ", ":", 1).partition(":")
+    if not seq.isdigit():
+        raise ConfigurationError(f"{printable(text[:80])!r} is not a head: expected SEQ:LINK")
+    if not separator:  # a sequence number alone (the metric): the log must reach it
+        return ChainHead(seq=int(seq), entry_hash="")
+    try:
+        link_kek_id(link)
+    except ValueError:
+        raise ConfigurationError(f"{printable(text[:80])!r} is not a head: bad link") from None
+    return ChainHead(seq=int(seq), entry_hash=link)
+
+
+def _heads_in(path: Path) -> list[ChainHead]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"cannot read the head file {path}: {exc}") from None
+    return [parse_head(line) for line in lines if line.strip()]
+
+
+async def _cmd_audit_keep_heads(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+    import socket
+    import uuid
+
+    from aio_pika.abc import AbstractIncomingMessage
+
+    from contracts.amqp import connect_plain
+    from contracts.operations import AUDIT_HEAD_EVENT
+    from contracts.topology import EVENTS_EXCHANGE
+
+    kept = 0
+    enough = asyncio.Event()
+    # Named like a signer's event queue, so the least-privilege signer user may run this too.
+    queue_name = (
+        f"{EVENTS_EXCHANGE}.{socket.gethostname()[:64]}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    )
+
+    async def keep(message: AbstractIncomingMessage) -> None:
+        nonlocal kept
+        if message.type != AUDIT_HEAD_EVENT:
+            return
+        try:
+            head = AuditHeadEvent.model_validate_json(message.body)
+        except ValueError:
+            print("zandd: ignored a malformed audit.head event", file=sys.stderr)
+            return
+        _append_line(args.file, head.model_dump_json())
+        kept += 1
+        print(f"kept audit head #{head.seq} {head.link}", flush=True)
+        if args.count is not None and kept >= args.count:
+            enough.set()
+
+    connection = await connect_plain(settings.amqp_url, connection_name="zandd-audit-heads")
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(EVENTS_EXCHANGE, ensure=True)
+        queue = await channel.declare_queue(queue_name, exclusive=True, auto_delete=True)
+        await queue.bind(exchange)
+        await queue.consume(keep, no_ack=True)
+        print(f"keeping audit heads from {EVENTS_EXCHANGE} in {args.file}", flush=True)
+        await enough.wait()
+    return 0
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line and make it durable: a kept head is only worth something if it stays."""
+    with path.open("a", encoding="utf-8") as file:
+        file.write(line + "\n")
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def format_entry(entry: AuditEntry) -> str:
@@ -45,10 +178,38 @@ async def _cmd_audit_tail(args: argparse.Namespace, settings: Settings) -> int:
 
 def register(tree: CommandTree) -> None:
     """Add the audit commands."""
-    tree.add(
+    verify = tree.add(
         "audit verify",
         _cmd_audit_verify,
-        "check the audit log's hash chain and name the first broken entry",
+        "check the audit log's keyed chain (and a known head) and name the first broken entry",
+    )
+    verify.add_argument(
+        "--head",
+        action="append",
+        default=[],
+        metavar="SEQ:LINK",
+        help="a head published earlier (audit.head on zandd.events), or SEQ alone "
+        "(zandd_audit_head_seq); repeatable, the highest wins",
+    )
+    verify.add_argument(
+        "--head-file",
+        type=Path,
+        default=None,
+        help="a file of heads, one per line (SEQ:LINK or an audit.head event's JSON)",
+    )
+    verify.add_argument(
+        "--legacy",
+        action="store_true",
+        help="accept a log without any keyed entry (a vault no worker of this version wrote to)",
+    )
+    keep = tree.add(
+        "audit keep-heads",
+        _cmd_audit_keep_heads,
+        "append every audit head published on zandd.events to a file (run it on another host)",
+    )
+    keep.add_argument("file", type=Path, help="heads file, one audit.head event per line")
+    keep.add_argument(
+        "--count", type=int, default=None, help="stop after this many heads (default: Ctrl-C)"
     )
     tail = tree.add("audit tail", _cmd_audit_tail, "show the newest audit entries")
     tail.add_argument("--key", default=None, help="only entries about this key id")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import sys
 from pathlib import Path
 
 from contracts.errors import ZanddError
@@ -71,13 +72,25 @@ def _read_signature(value: str) -> bytes:
 
 
 async def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from contracts.client import SigningClient
-
     message, digest = _payload(args.file, args.digest)
     signature = _read_signature(args.signature)
-    async with await SigningClient.connect(settings.amqp_url, timeout_s=args.timeout) as client:
-        valid = await client.verify(
-            args.key, signature, message=message, digest=digest, encoding=args.encoding
+    if args.public_key is not None:
+        from contracts.pinning import PinnedKey
+
+        # Offline: the pinned key alone decides, no broker and no vault is asked.
+        pinned = PinnedKey.from_file(args.public_key)
+        valid = pinned.verify(signature, message=message, digest=digest, encoding=args.encoding)
+    else:
+        from contracts.client import SigningClient
+
+        async with await SigningClient.connect(settings.amqp_url, timeout_s=args.timeout) as client:
+            valid = await client.verify_trusting_fleet(
+                args.key, signature, message=message, digest=digest, encoding=args.encoding
+            )
+        print(
+            "zandd: checked against the public key the fleet serves (as the vault says); "
+            "pin it with --public-key FILE",
+            file=sys.stderr,
         )
     print("signature OK" if valid else "signature INVALID")
     return 0 if valid else EXIT_FAILURE
@@ -99,9 +112,28 @@ def register(tree: CommandTree) -> None:
     public.add_argument("--jwk", action="store_true", help="print a JWK instead of PEM")
 
     sign = tree.add("sign", _cmd_sign, "sign a file", client=True)
-    verify = tree.add("verify", _cmd_verify, "verify a file's signature locally", client=True)
+    sign.add_argument("--key", required=True, help="key id")
+    verify = tree.add(
+        "verify",
+        _cmd_verify,
+        "verify a file's signature locally, against a pinned public key (offline) or the fleet's",
+        client=True,
+    )
+    against = verify.add_mutually_exclusive_group(required=True)
+    against.add_argument(
+        "--public-key",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the pinned public key (PEM or JWK, as keys create or keys public --jwk print it); "
+        "needs no broker",
+    )
+    against.add_argument(
+        "--key",
+        default=None,
+        help="key id: trust the public key the fleet serves (as the vault says)",
+    )
     for parser in (sign, verify):
-        parser.add_argument("--key", required=True, help="key id")
         parser.add_argument("file", type=Path)
         parser.add_argument(
             "--digest", action="store_true", help="send only the file's SHA-256 digest"

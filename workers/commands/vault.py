@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING
 
 from contracts.errors import ZanddError
 from vault.audit import OUTCOME_OK, AuditEvent, AuditLog
+from vault.audit_chain import ChainKeys
 from vault.urls import redact_url
+from workers.audit_head import KeyedAppender
 from workers.auditing import utc_now
 from workers.commands.base import EXIT_FAILURE, CommandTree
 from workers.commands.local import local_principal, opened_store
@@ -64,7 +66,7 @@ async def _cmd_vault_rotate_kek(args: argparse.Namespace, settings: Settings) ->
     old = KekRing.load(path)
     ring = old.rotate(path)
     async with opened_store(settings) as store:
-        audit = AuditLog(store)
+        audit = AuditLog(KeyedAppender(store, ChainKeys(ring)))
         await audit.record(_vault_event("vault.rotate-kek", key_id=ring.active.kek_id))
     print(f"new active KEK {ring.active.kek_id} (previous {old.active.kek_id}, kept in the ring)")
     print("running workers use it from their next key on; `zandd vault rewrap` moves the rest")
@@ -80,7 +82,7 @@ async def _cmd_vault_rewrap(args: argparse.Namespace, settings: Settings) -> int
     outcomes: Counter[RewrapOutcome] = Counter()
     bar = ProgressBar(sys.stderr)
     async with opened_store(settings) as store:
-        audit = AuditLog(store)
+        audit = AuditLog(KeyedAppender(store, ChainKeys(ring)))
         async for step in rewrap(store, ring):
             outcomes[step.outcome] += 1
             bar.show("rewrap", step.done, step.total)
