@@ -641,7 +641,7 @@ async def test_a_parse_bomb_is_refused_at_once_and_the_signer_serves_on(
                 client.sign(key.key_id, b"innocent"),
             )
         growth_mib = (_status_kib("VmHWM") - baseline_kib) / 1024
-        assert await client.verify(key.key_id, innocent.signature, message=b"innocent")
+        assert await client.verify(key, innocent.signature, message=b"innocent")
     body_mib = len(bomb) / 2**20
     report(
         f"faults: parse-bomb body_mb={len(bomb) / 1e6:.1f} items={items} code={code} "

@@ -150,7 +150,7 @@ async def _attack(
         await _wait_for_dead_letters(admin, len(attacks))
         # Alice is served as before, after every attack was settled.
         signed = await alice_client.sign(key.key_id, b"after the attacks")
-        assert await alice_client.verify(key.key_id, signed.signature, message=b"after the attacks")
+        assert await alice_client.verify(key, signed.signature, message=b"after the attacks")
 
     assert _sessions(fleet) == sessions, "no worker lost its broker connection"
     letters = await DeadLetterQueue(fleet.amqp_url).list()
@@ -238,4 +238,4 @@ async def test_producers_replying_as_wire_contract_v1_allows_notice_nothing(
             (reply,) = alice.received[queue.name]
             assert (reply.type, reply.correlation_id) == ("sign.reply", request_id), reply.body
             signature: Any = json.loads(reply.body)["signature"]
-            assert await client.verify(key.key_id, base64.b64decode(signature), message=b"pay Bob")
+            assert await client.verify(key, base64.b64decode(signature), message=b"pay Bob")

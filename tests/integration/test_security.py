@@ -47,6 +47,7 @@ from contracts.topology import EXCHANGE
 from tests.conftest import RunningFleet
 from tests.integration.test_cli import environment, zandd
 from vault.audit import AuditQuery, verify_log
+from vault.audit_chain import ChainKeys
 from vault.rewrap import RewrapOutcome, rewrap
 from vault.sealing import open_into
 from workers.events import EventSubscriber
@@ -282,7 +283,7 @@ async def test_another_principal_cannot_squat_a_request_id(
     assert (await fleet.store.get_key(alices.key_id)).owner == ALICE
     assert (await fleet.store.get_key(bobs.key_id)).owner == BOB
     signed = await clients[ALICE].sign(alices.key_id, b"mine")
-    assert await clients[ALICE].verify(alices.key_id, signed.signature, message=b"mine")
+    assert await clients[ALICE].verify(alices, signed.signature, message=b"mine")
     assert (await audit_outcomes(fleet))[request_id] == ["ok"] * 4
 
 
@@ -314,7 +315,7 @@ async def test_huge_integers_are_refused_and_every_refusal_beside_them_is_audite
     outcomes = await audit_outcomes(fleet)
     assert all(outcomes[request_id] == ["invalid_request"] for request_id in ids.values())
     assert all(outcomes[request_id] == ["key_not_found"] for request_id in innocent)
-    await verify_log(fleet.store)
+    await verify_log(fleet.store, ChainKeys(fleet.ring))
     assert (await fleet.store.get_key(key.key_id)).state == KeyState.ENABLED
 
 
