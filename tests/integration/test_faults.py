@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import signal
 import statistics
 import subprocess
@@ -22,8 +21,8 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from contracts.topology import DEAD_LETTER_QUEUE, EXCHANGE, KEYGEN_QUEUE, SIGN_Q
 from contracts.wire import Delivery, Properties, Wire
 from tests.conftest import RunningFleet
 from tests.poison import POISON_HEADERS, publish_poison
+from tests.producers import producer_users, rabbitmqctl
 from vault.kek import KekRing
 from vault.store import open_store
 from workers.dead import DeadLetterQueue
@@ -295,10 +295,6 @@ async def test_rolling_sigterm_restart_of_every_signer_loses_nothing(
     assert (result.answered, result.lost, dict(result.errors)) == (3000, 0, {})
     assert all_verify(key.public_key_pem, result)
     assert processes.alive() == ["keygen-1", "signer-3", "signer-4"]
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
 
 
 @pytest.mark.skipif(
@@ -748,34 +744,6 @@ FLOOD_MEASURED_S = 6.0
 FLOOD_QUOTAS = {"ZANDD_QUOTA_REQUESTS_PER_S": "1000", "ZANDD_QUOTA_SIGNATURES_PER_S": "2000"}
 
 
-@contextmanager
-def producer_users(amqp_url: str, *roles: str) -> Iterator[dict[str, str]]:
-    """Broker users with a producer's rights in the vhost of ``amqp_url``: role → AMQP URL."""
-    base = URL(amqp_url)
-    vhost = base.path.removeprefix("/")
-    urls: dict[str, str] = {}
-    try:
-        for role in roles:
-            name = f"zt-{role}-{uuid.uuid4().hex[:8]}"
-            # Hex: rabbitmqctl takes a password that starts with "-" for an option.
-            password = secrets.token_hex(16)
-            rabbitmqctl("add_user", name, password)
-            urls[role] = str(base.with_user(name).with_password(password))
-            rabbitmqctl(
-                "set_permissions",
-                "-p",
-                vhost,
-                name,
-                r"^zandd\.reply\.",
-                "^zandd$",
-                r"^zandd\.reply\.",
-            )
-        yield urls
-    finally:
-        for url in urls.values():
-            rabbitmqctl("delete_user", URL(url).user or "")
-
-
 @dataclass
 class Flood:
     """One principal keeping ``FLOOD_IN_FLIGHT`` sign.batch requests in flight, resending on
@@ -795,7 +763,8 @@ class Flood:
         body = json.dumps(
             {"key_id": self.key_id, "items": [{"digest": digest}] * FLOOD_BATCH_ITEMS}
         ).encode()
-        reply_queue = f"zandd.reply.flood-{uuid.uuid4().hex}"
+        # Server-named: a reply_to the fleet serves (contracts/replyto.py).
+        reply_queue = (await wire.declare_queue("", exclusive=True, auto_delete=True)).name
         properties = Properties(
             content_type="application/json",
             reply_to=reply_queue,
@@ -820,7 +789,6 @@ class Flood:
             send()
 
         try:
-            await wire.declare_queue(reply_queue, exclusive=True, auto_delete=True)
             await wire.consume(reply_queue, on_reply, no_ack=True)
             for _ in range(FLOOD_IN_FLIGHT):
                 send()

@@ -7,20 +7,17 @@ shared by the two signers (5/s each, a burst of 5).
 from __future__ import annotations
 
 import asyncio
-import secrets
 import statistics
-import subprocess
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from yarl import URL
 
 from contracts.client import SigningClient
 from contracts.errors import Throttled, ZanddError
 from tests.conftest import RunningFleet
+from tests.producers import producer_users
 from vault.audit import AuditQuery
 
 REQUESTS_PER_S = 10
@@ -94,32 +91,8 @@ async def test_a_hint_beyond_the_timeout_fails_the_call_at_once(fleet: RunningFl
 @pytest.fixture
 def two_producers(fleet: RunningFleet) -> Iterator[dict[str, str]]:
     """Two broker users with a producer's rights in the fleet's vhost: role → AMQP URL."""
-    base = URL(fleet.amqp_url)
-    vhost = base.path.removeprefix("/")
-    urls: dict[str, str] = {}
-    try:
-        for role in ("patient", "flooder"):
-            name = f"zt-{role}-{uuid.uuid4().hex[:8]}"
-            password = secrets.token_hex(16)  # hex: rabbitmqctl reads a leading "-" as an option
-            rabbitmqctl("add_user", name, password)
-            urls[role] = str(base.with_user(name).with_password(password))
-            rabbitmqctl(
-                "set_permissions",
-                "-p",
-                vhost,
-                name,
-                r"^zandd\.reply\.",
-                "^zandd$",
-                r"^zandd\.reply\.",
-            )
+    with producer_users(fleet.amqp_url, "patient", "flooder") as urls:
         yield urls
-    finally:
-        for url in urls.values():
-            rabbitmqctl("delete_user", URL(url).user or "")
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
 
 
 async def create_latencies_s(client: SigningClient, count: int) -> list[float]:
