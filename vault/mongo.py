@@ -107,6 +107,11 @@ _LATEST_PER_KEY: Final[list[Document]] = [
     {"$sort": {"created_at": ASCENDING, "key_id": ASCENDING}},
 ]
 
+_KEK_USAGE: Final[list[Document]] = [
+    {"$match": {"sealed": {"$ne": None}}},
+    {"$group": {"_id": "$sealed.kek_id", "count": {"$sum": 1}}},
+]
+
 
 class MongoStore:
     """A VaultStore on one MongoDB database; open it with ``await MongoStore.open(url)``."""
@@ -205,6 +210,13 @@ class MongoStore:
         with self._translated():
             documents = await self._keys.find(query, _NO_ID, sort=_BY_KEY_VERSION).to_list()
         return [_to_record(document) for document in documents]
+
+    async def kek_usage(self) -> dict[str, int]:
+        """Key versions per KEK id, destroyed ones (no sealed material) left out."""
+        with self._translated():
+            cursor = await self._keys.aggregate(_KEK_USAGE)
+            documents = await cursor.to_list()
+        return {str(document["_id"]): int(document["count"]) for document in documents}
 
     async def replace_key(self, record: KeyRecord, expected: KeyRecord) -> bool:
         """Compare-and-set state, destroy_after and sealed material in one document update.

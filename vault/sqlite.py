@@ -109,6 +109,7 @@ _LIST_LATEST = (
     f"{_SELECT} AS k WHERE version = (SELECT MAX(version) FROM keys WHERE key_id = k.key_id)"  # noqa: S608
     " ORDER BY created_at, key_id"
 )
+_KEK_USAGE = "SELECT kek_id, COUNT(*) FROM keys WHERE kek_id IS NOT NULL GROUP BY kek_id"
 _REPLACE = (
     "UPDATE keys SET state = ?, destroy_after = ?, kek_id = ?, nonce = ?, ciphertext = ?"
     " WHERE key_id = ? AND version = ? AND state = ? AND kek_id IS ? AND nonce IS ?"
@@ -188,6 +189,10 @@ class SqliteStore:
         conditions, params = _where(key_id=key_id, state=None if state is None else state.value)
         sql = f"{_SELECT}{conditions} ORDER BY key_id, version"
         return await self._run(_fetch_all, sql, params)
+
+    async def kek_usage(self) -> dict[str, int]:
+        """Key versions per KEK id, destroyed ones (no KEK) left out."""
+        return await self._run(_count_by_kek)
 
     async def replace_key(self, record: KeyRecord, expected: KeyRecord) -> bool:
         """Compare-and-set state, destroy_after and sealed material; erases on destroy."""
@@ -385,6 +390,10 @@ def _fetch_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> K
 
 def _fetch_all(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[KeyRecord]:
     return [_to_record(row) for row in conn.execute(sql, params).fetchall()]
+
+
+def _count_by_kek(conn: sqlite3.Connection) -> dict[str, int]:
+    return {str(kek_id): int(count) for kek_id, count in conn.execute(_KEK_USAGE).fetchall()}
 
 
 def _where(**equal: str | None) -> tuple[str, tuple[str, ...]]:

@@ -51,6 +51,14 @@ class VaultStore(Protocol):
         """
         ...
 
+    async def kek_usage(self) -> dict[str, int]:
+        """How many key versions each KEK id seals (destroyed versions seal nothing).
+
+        What the vault needs from a KEK ring: every id here must be in it, or those versions
+        cannot be opened.
+        """
+        ...
+
     async def replace_key(self, record: KeyRecord, expected: KeyRecord) -> bool:
         """Compare-and-set one version's mutable fields: state, destroy_after, sealed.
 

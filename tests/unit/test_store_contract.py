@@ -270,6 +270,16 @@ async def test_list_versions_by_key_and_state(store: VaultStore) -> None:
     assert await store.list_versions("key-b", state=KeyState.DISABLED) == []
 
 
+async def test_kek_usage_counts_sealed_versions_per_kek(store: VaultStore) -> None:
+    assert await store.kek_usage() == {}
+    other = SealedKey("kek-20261129-0e0e0e0e", os.urandom(12), os.urandom(48))
+    await store.create_key(make_record("key-a"))
+    await store.create_key(make_record("key-a", version=2))
+    await store.create_key(dataclasses.replace(make_record("key-b"), sealed=other))
+    await store.create_key(make_record("key-c", destroyed=True))
+    assert await store.kek_usage() == {"kek-20261128-0a0b0c0d": 2, "kek-20261129-0e0e0e0e": 1}
+
+
 async def test_replace_key_changes_state_and_keeps_the_rest(store: VaultStore) -> None:
     record = await store.create_key(make_record(request_id="req-cas"))
     pending = dataclasses.replace(
