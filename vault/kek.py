@@ -199,6 +199,14 @@ class KekRing:
         return json.dumps(document, indent=2).encode("utf-8") + b"\n"
 
 
+def ring_file_kek_ids(path: Path) -> tuple[str, ...] | None:
+    """The KEK ids of the ring file at ``path`` (None when there is no file), for checks that
+    need no key: ``zandd health`` compares them with the vault."""
+    if not path.exists():
+        return None
+    return KekRing.load(path).kek_ids
+
+
 def _merge(keks: dict[str, Kek], more: Mapping[str, Kek], path: Path) -> None:
     for kek_id, kek in more.items():
         if keks.setdefault(kek_id, kek).key != kek.key:

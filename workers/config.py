@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     destroy_check_interval_s: float = Field(default=60.0, gt=0)
     #: Workers lock their memory (mlockall) when the process is permitted to.
     lock_memory: bool = True
+    #: Start even when the vault holds key versions the KEK ring cannot open (they stay
+    #: unreadable; health fails and ZanddVaultRecordsUnreadable fires). ``--allow-unreadable``.
+    allow_unreadable: bool = False
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import AMQPError
@@ -25,6 +26,7 @@ from contracts.errors import ConfigurationError, ZanddError
 from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE
 from vault.kek import KekRing
 from workers.config import Settings
+from workers.ringsetup import open_or_create_ring
 
 log = logging.getLogger("zandd.up")
 
@@ -64,16 +66,23 @@ def ensure_tpm(settings: Settings, stack: ExitStack) -> str:
     return swtpm.tcti
 
 
-def ensure_kek_ring(settings: Settings, tcti: str) -> None:
-    """Create the KEK ring from the TPM's RNG when there is none yet."""
+async def ensure_kek_ring(settings: Settings, tcti: str) -> KekRing:
+    """The KEK ring, created from the TPM's RNG when there is none yet and the vault is empty.
+
+    Raises:
+        ConfigurationError: the ring does not open every record of the vault (or there is no
+            ring and the vault has records), unless ``settings.allow_unreadable``.
+    """
     from workers.keygen.tpm import Tpm
 
-    path = settings.resolved_kek_file
-    if path.exists():
-        return
-    with Tpm(tcti) as tpm:
-        KekRing.create(path, random_bytes=tpm.get_random)
-    log.info("created the KEK ring %s from the TPM's RNG", path)
+    def create(path: Path) -> KekRing:
+        with Tpm(tcti) as tpm:
+            return KekRing.create(path, random_bytes=tpm.get_random)
+
+    ring, created = await open_or_create_ring(settings, create)
+    if created:
+        log.info("created the KEK ring %s from the TPM's RNG", settings.resolved_kek_file)
+    return ring
 
 
 class Fleet:
@@ -194,6 +203,7 @@ def child_environment(settings: Settings, tcti: str) -> dict[str, str]:
         ZANDD_LOG_FORMAT=settings.log_format,
         ZANDD_TRACES_EXPORTER=settings.traces_exporter,
         ZANDD_DECLARE_TOPOLOGY=str(settings.declare_topology).lower(),
+        ZANDD_ALLOW_UNREADABLE=str(settings.allow_unreadable).lower(),
     )
     if settings.metrics_port is not None:
         env["ZANDD_METRICS_PORT"] = str(settings.metrics_port)
@@ -237,7 +247,7 @@ async def run_up(
     await (await connect(settings.amqp_url, connection_name="zandd-up")).close()
     with ExitStack() as stack:
         tcti = ensure_tpm(settings, stack)
-        ensure_kek_ring(settings, tcti)
+        await ensure_kek_ring(settings, tcti)
         fleet = Fleet(settings, signers=signers, child_env=child_environment(settings, tcti))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -12,6 +12,8 @@ compose every container listens on the same port at its own address). Metric nam
 - ``zandd_cache_lookups_total{cache, result}`` — ``result`` is ``hit`` or ``miss``.
 - ``zandd_dead_lettered_total{queue, reason}`` — messages this worker rejected to ``zandd.dead``.
 - ``zandd_audit_write_failures_total`` — audit entries that could not be written.
+- ``zandd_vault_records_unreadable`` — key versions of the vault sealed with a KEK this
+  worker's ring lacks (checked at start-up, where it refuses to start, and every minute).
 - ``zandd_client_unmatched_replies_total`` — client side: replies no call was waiting for
   (duplicates after a redelivery, late replies after a timeout); see :class:`ClientCollector`.
 
@@ -137,6 +139,11 @@ class Metrics:
             "Audit entries that could not be written.",
             registry=self.registry,
         )
+        self._unreadable = Gauge(
+            "zandd_vault_records_unreadable",
+            "Key versions of the vault sealed with a KEK that this worker's ring lacks.",
+            registry=self.registry,
+        )
         # Per-request series resolved once: a ``labels()`` lookup costs three times the update.
         self._stage_series = {name: self._stage_seconds.labels(stage=name.value) for name in Stage}
         self._request_series: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
@@ -182,6 +189,10 @@ class Metrics:
     def audit_write_failed(self) -> None:
         """Count an audit entry that could not be written."""
         self._audit_failures.inc()
+
+    def vault_records_unreadable(self, count: int) -> None:
+        """Set how many key versions the ring cannot open (0 when it opens them all)."""
+        self._unreadable.set(count)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> MetricsServer:
         """Serve ``/metrics`` on ``host:port`` from a daemon thread.

@@ -12,10 +12,12 @@ import logging
 import sys
 from collections import Counter
 from contextlib import ExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from contracts.errors import ZanddError
 from vault.audit import OUTCOME_OK, AuditEvent, AuditLog
+from vault.coverage import ALLOW_UNREADABLE_FLAG
 from vault.urls import redact_url
 from workers.auditing import utc_now
 from workers.commands.base import EXIT_FAILURE, CommandTree
@@ -31,24 +33,29 @@ log = logging.getLogger("zandd.cli")
 
 async def _cmd_vault_init(args: argparse.Namespace, settings: Settings) -> int:
     from vault.kek import KekRing
-    from vault.store import open_store
+    from workers.ringsetup import open_or_create_ring
 
-    path = settings.resolved_kek_file
-    if path.exists():
-        print(f"KEK ring {path} exists already; kept as it is")
-    else:
+    if args.allow_unreadable:
+        settings = settings.model_copy(update={"allow_unreadable": True})
+    source = ""
+
+    def create(path: Path) -> KekRing:
+        nonlocal source
         with ExitStack() as stack:
             tpm = _reachable_tpm(settings)
             if tpm is None:
-                ring = KekRing.create(path)
                 source = "the OS RNG (no TPM reachable)"
-            else:
-                stack.enter_context(tpm)
-                ring = KekRing.create(path, random_bytes=tpm.get_random)
-                source = "the TPM's RNG mixed with the OS RNG"
+                return KekRing.create(path)
+            stack.enter_context(tpm)
+            source = "the TPM's RNG mixed with the OS RNG"
+            return KekRing.create(path, random_bytes=tpm.get_random)
+
+    path = settings.resolved_kek_file
+    ring, created = await open_or_create_ring(settings, create)
+    if created:
         print(f"created KEK ring {path} (active KEK {ring.active.kek_id}, from {source})")
-    store = await open_store(settings.resolved_vault_url)
-    await store.close()
+    else:
+        print(f"KEK ring {path} exists already; kept as it is")
     print(f"vault ready at {redact_url(settings.resolved_vault_url)}")
     return 0
 
@@ -153,8 +160,14 @@ def _reachable_tpm(settings: Settings) -> Tpm | None:
 
 def register(tree: CommandTree) -> None:
     """Add the vault commands."""
-    tree.add(
+    init = tree.add(
         "vault init", _cmd_vault_init, "create the KEK ring (from the TPM's RNG) and the vault"
+    )
+    init.add_argument(
+        ALLOW_UNREADABLE_FLAG,
+        action="store_true",
+        help="create a new ring even though the vault holds key versions it will not open "
+        "(they stay unreadable; health fails until they are gone)",
     )
     tree.add("vault rotate-kek", _cmd_vault_rotate_kek, "add a new active KEK to the ring")
     tree.add(
