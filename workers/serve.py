@@ -28,7 +28,7 @@ from workers.hygiene import harden_process
 from workers.metrics import Metrics
 from workers.policy import AccessPolicy
 from workers.probes import vault_answers
-from workers.ringsetup import accept
+from workers.ringsetup import accept, describe, load_ring
 from workers.ringwatch import RingWatch
 from workers.runtime import AuditHook, ConsumerRuntime, Handler, Probe
 
@@ -188,11 +188,12 @@ async def _open_vault(
 
 async def serve_signer(settings: Settings, *, concurrency: int | None = None) -> None:
     """Serve ``zandd.sign`` until SIGTERM/SIGINT, then drain."""
-    ring = KekRing.load(settings.resolved_kek_file)
+    ring = load_ring(settings)
     async with AsyncExitStack() as stack:
         metrics = _metrics(settings, stack)
         store = await _open_vault(settings, ring, stack, metrics)
         worker = await signer_worker(settings, store, ring, stack, metrics=metrics)
+        log.info("%s", describe(ring, settings))
         _harden(settings)
         await _serve(settings, worker, concurrency or settings.signer_concurrency, metrics)
 
@@ -201,7 +202,7 @@ async def serve_keygen(settings: Settings) -> None:
     """Serve ``zandd.keygen`` until SIGTERM/SIGINT, then drain. Needs the TPM."""
     from workers.keygen.session import TpmSession
 
-    ring = KekRing.load(settings.resolved_kek_file)
+    ring = load_ring(settings)
     async with AsyncExitStack() as stack:
         # Opened on first use: a hot standby leaves the TPM to the active keygen worker.
         tpm = TpmSession(resolve_tcti(settings))
@@ -210,5 +211,6 @@ async def serve_keygen(settings: Settings) -> None:
         metrics = _metrics(settings, stack)
         store = await _open_vault(settings, ring, stack, metrics)
         worker = await keygen_worker(settings, store, ring, tpm, stack, metrics=metrics)
+        log.info("%s", describe(ring, settings))
         _harden(settings)
         await _serve(settings, worker, settings.keygen_concurrency, metrics)

@@ -84,7 +84,7 @@ async def _run(settings: Settings, options: BenchOptions, progress: Progress) ->
             async with AsyncExitStack() as fleet_stack:
                 if not options.attach:
                     await fleet_stack.enter_async_context(
-                        running_fleet(local, tcti, signers, progress)
+                        running_fleet(local, tcti, signers, progress, ring)
                     )
                 fleets.append(await measure_fleet(amqp_url, signers, options.timing, progress))
                 if keygen is None:

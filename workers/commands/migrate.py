@@ -19,14 +19,15 @@ _SHOWN_NOT_COPIED = 3
 
 
 async def _cmd_vault_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from vault.kek import KekRing
     from vault.migrate import migrate_vault
     from vault.store import open_store
     from vault.urls import redact_url
 
     if args.source == args.target:
         raise ConfigurationError("--from and --to name the same vault")
-    ring = KekRing.load(settings.resolved_kek_file)
+    from workers.ringsetup import load_ring
+
+    ring = load_ring(settings)
     bar = ProgressBar(sys.stderr)
     async with AsyncExitStack() as stack:
         source = await open_store(args.source)

@@ -1,8 +1,12 @@
-"""The key vault: ``zandd vault init|rotate-kek|rewrap|status``.
+"""The key vault: ``zandd vault init|rotate-kek|rewrap|status|seal-ring|export-ring``.
 
 Retiring a KEK: ``rotate-kek`` adds a new active KEK (running workers pick it up by
-themselves), ``rewrap`` re-seals every key version under it — interruptible, re-runnable —
-and ``status`` shows when no version uses the old KEK any more.
+themselves; under ``zandd up`` the supervisor replaces them with ones that have it),
+``rewrap`` re-seals every key version under it — interruptible, re-runnable — and ``status``
+shows when no version uses the old KEK any more.
+
+The ring file is sealed to this host's TPM when it has one; ``seal-ring`` seals a plaintext
+ring and ``export-ring`` writes a sealed one back in plaintext (for a host without a TPM).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from contracts.errors import ZanddError
+from contracts.errors import ConfigurationError, ZanddError
 from vault.audit import OUTCOME_OK, AuditEvent, AuditLog
 from vault.coverage import ALLOW_UNREADABLE_FLAG
 from vault.urls import redact_url
@@ -33,10 +37,12 @@ log = logging.getLogger("zandd.cli")
 
 async def _cmd_vault_init(args: argparse.Namespace, settings: Settings) -> int:
     from vault.kek import KekRing
-    from workers.ringsetup import open_or_create_ring
+    from workers.ringsetup import describe, open_or_create_ring, tpm_sealer
 
-    if args.allow_unreadable:
-        settings = settings.model_copy(update={"allow_unreadable": True})
+    updates: dict[str, object] = {"allow_unreadable": True} if args.allow_unreadable else {}
+    if args.pcrs:
+        updates["kek_ring_pcrs"] = args.pcrs
+    settings = settings.model_copy(update=updates)
     source = ""
 
     def create(path: Path) -> KekRing:
@@ -44,11 +50,19 @@ async def _cmd_vault_init(args: argparse.Namespace, settings: Settings) -> int:
         with ExitStack() as stack:
             tpm = _reachable_tpm(settings)
             if tpm is None:
+                if not args.plaintext:
+                    raise ConfigurationError(
+                        f"no TPM is reachable to seal the KEK ring {path} to: start one (or set "
+                        "ZANDD_TPM_TCTI), or pass --plaintext to write the ring in the clear"
+                    )
                 source = "the OS RNG (no TPM reachable)"
                 return KekRing.create(path)
             stack.enter_context(tpm)
             source = "the TPM's RNG mixed with the OS RNG"
-            return KekRing.create(path, random_bytes=tpm.get_random)
+            sealer = None
+            if not args.plaintext:
+                sealer = tpm_sealer(settings, pcrs=settings.kek_ring_pcrs)
+            return KekRing.create(path, random_bytes=tpm.get_random, sealer=sealer)
 
     path = settings.resolved_kek_file
     ring, created = await open_or_create_ring(settings, create)
@@ -56,15 +70,16 @@ async def _cmd_vault_init(args: argparse.Namespace, settings: Settings) -> int:
         print(f"created KEK ring {path} (active KEK {ring.active.kek_id}, from {source})")
     else:
         print(f"KEK ring {path} exists already; kept as it is")
+    print(describe(ring, settings))
     print(f"vault ready at {redact_url(settings.resolved_vault_url)}")
     return 0
 
 
 async def _cmd_vault_rotate_kek(args: argparse.Namespace, settings: Settings) -> int:
-    from vault.kek import KekRing
+    from workers.ringsetup import load_ring
 
     path = settings.resolved_kek_file
-    old = KekRing.load(path)
+    old = load_ring(settings)
     ring = old.rotate(path)
     async with opened_store(settings) as store:
         audit = AuditLog(store)
@@ -74,11 +89,50 @@ async def _cmd_vault_rotate_kek(args: argparse.Namespace, settings: Settings) ->
     return 0
 
 
-async def _cmd_vault_rewrap(args: argparse.Namespace, settings: Settings) -> int:
-    from vault.kek import KekRing
-    from vault.rewrap import RewrapOutcome, rewrap
+async def _cmd_vault_seal_ring(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.ringsetup import describe, load_ring, tpm_sealer
 
-    ring = KekRing.load(settings.resolved_kek_file)
+    ring = load_ring(settings)
+    if ring.sealer is not None:
+        print(f"{describe(ring, settings)}: nothing to do")
+        return 0
+    sealer = tpm_sealer(settings, pcrs=args.pcrs or settings.kek_ring_pcrs)
+    sealed = ring.rewrite(settings.resolved_kek_file, sealer=sealer)
+    await _record_ring_event("vault.seal-ring", sealed.active.kek_id, settings)
+    print(describe(sealed, settings))
+    print("copies of the plaintext file (backups, other hosts) still hold every KEK")
+    return 0
+
+
+async def _cmd_vault_export_ring(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.ringsetup import describe, load_ring
+
+    ring = load_ring(settings)
+    if ring.sealer is None:
+        print(f"{describe(ring, settings)}: nothing to do")
+        return 0
+    plain = ring.rewrite(settings.resolved_kek_file, sealer=None)
+    await _record_ring_event("vault.export-ring", plain.active.kek_id, settings)
+    print(
+        f"WARNING: the KEK ring {settings.resolved_kek_file} is now in PLAINTEXT: whoever "
+        "copies it and the vault has every key; keep it mode 0600, off backups, and delete "
+        "it once it reached the host that needs it",
+        file=sys.stderr,
+    )
+    print(describe(plain, settings))
+    return 0
+
+
+async def _record_ring_event(operation: str, active_kek_id: str, settings: Settings) -> None:
+    async with opened_store(settings) as store:
+        await AuditLog(store).record(_vault_event(operation, key_id=active_kek_id))
+
+
+async def _cmd_vault_rewrap(args: argparse.Namespace, settings: Settings) -> int:
+    from vault.rewrap import RewrapOutcome, rewrap
+    from workers.ringsetup import load_ring
+
+    ring = load_ring(settings)
     outcomes: Counter[RewrapOutcome] = Counter()
     bar = ProgressBar(sys.stderr)
     async with opened_store(settings) as store:
@@ -111,16 +165,23 @@ async def _cmd_vault_rewrap(args: argparse.Namespace, settings: Settings) -> int
 
 
 async def _cmd_vault_status(args: argparse.Namespace, settings: Settings) -> int:
-    from vault.kek import KekRing
+    from vault.kek import ring_file_info
 
-    ring = KekRing.load(settings.resolved_kek_file)
+    path = settings.resolved_kek_file
+    # The ids and the form are readable without opening the ring: no TPM needed.
+    ring = ring_file_info(path)
     async with opened_store(settings) as store:
         records = await store.list_versions()
     per_kek = Counter(record.kek_id for record in records)
     destroyed = per_kek.pop(None, 0)
     print(f"vault {redact_url(settings.resolved_vault_url)}: {len(records)} key versions")
+    if ring.sealed:
+        policy = f"PCR policy {ring.pcrs}" if ring.pcrs else "no PCR policy"
+        print(f"KEK ring {path}: sealed to this host's TPM ({policy})")
+    else:
+        print(f"KEK ring {path}: PLAINTEXT, not sealed to a TPM (`zandd vault seal-ring` seals it)")
     for kek_id in ring.kek_ids:
-        active = " (active)" if kek_id == ring.active.kek_id else ""
+        active = " (active)" if kek_id == ring.active else ""
         count = per_kek.pop(kek_id, 0)
         retire = "" if count or active else " — unused: it can be retired"
         print(f"  KEK {kek_id}{active}: {count} key versions{retire}")
@@ -158,11 +219,24 @@ def _reachable_tpm(settings: Settings) -> Tpm | None:
         return None
 
 
+_PCRS_HELP = (
+    "seal with a PCR policy: the ring then opens only while these PCRs (e.g. sha256:0,2,4,7) "
+    "hold the values they had at sealing (real TPMs; default: no policy, ZANDD_KEK_RING_PCRS)"
+)
+
+
 def register(tree: CommandTree) -> None:
     """Add the vault commands."""
     init = tree.add(
         "vault init", _cmd_vault_init, "create the KEK ring (from the TPM's RNG) and the vault"
     )
+    init.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="write the ring in the clear, not sealed to the TPM (hosts without a TPM, "
+        "compose secrets)",
+    )
+    init.add_argument("--pcrs", default=None, help=_PCRS_HELP)
     init.add_argument(
         ALLOW_UNREADABLE_FLAG,
         action="store_true",
@@ -175,4 +249,17 @@ def register(tree: CommandTree) -> None:
         _cmd_vault_rewrap,
         "re-seal every key version under the active KEK (safe to interrupt and re-run)",
     )
-    tree.add("vault status", _cmd_vault_status, "key versions per KEK, and KEKs nothing uses")
+    tree.add(
+        "vault status",
+        _cmd_vault_status,
+        "key versions per KEK, KEKs nothing uses, and whether the ring is sealed",
+    )
+    seal = tree.add(
+        "vault seal-ring", _cmd_vault_seal_ring, "seal a plaintext KEK ring to this host's TPM"
+    )
+    seal.add_argument("--pcrs", default=None, help=_PCRS_HELP)
+    tree.add(
+        "vault export-ring",
+        _cmd_vault_export_ring,
+        "write a sealed KEK ring back in PLAINTEXT (for a host without a TPM)",
+    )
