@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contracts.errors import ConfigurationError
-from vault.store import VaultStore
 from vault.urls import redact_url
 
 #: The flag of ``zandd up`` and ``zandd vault init`` that accepts unreadable records.
@@ -51,11 +50,6 @@ def coverage_of(usage: Mapping[str, int], kek_ids: Iterable[str]) -> RingCoverag
     return RingCoverage({k: n for k, n in usage.items() if k not in known})
 
 
-async def ring_coverage(store: VaultStore, kek_ids: Iterable[str]) -> RingCoverage:
-    """Ask ``store`` which KEK ids it uses and compare them with the ring's ``kek_ids``."""
-    return coverage_of(await store.kek_usage(), kek_ids)
-
-
 def unreadable_error(coverage: RingCoverage, ring_path: Path, vault_url: str) -> ConfigurationError:
     """The one sentence that refuses to start on a ring that does not open the vault."""
     return ConfigurationError(
@@ -73,13 +67,3 @@ def no_ring_error(coverage: RingCoverage, ring_path: Path, vault_url: str) -> Co
         f"at the ring that sealed them (or pass {ALLOW_UNREADABLE_FLAG} to create a new ring "
         "and leave them unreadable)"
     )
-
-
-def require_complete(coverage: RingCoverage, ring_path: Path, vault_url: str) -> None:
-    """Raise the refusal when the ring at ``ring_path`` does not open every record.
-
-    Raises:
-        ConfigurationError: one sentence naming the ring path and the missing KEK ids.
-    """
-    if not coverage.complete:
-        raise unreadable_error(coverage, ring_path, vault_url)

@@ -285,7 +285,7 @@ class KekRing:
         with _directory_lock(path.parent):
             if self._source is None or self._source[0] != path:
                 raise ConfigurationError(f"the ring to rewrite was not read from {path}")
-            if _stamp_of(os.stat(path)) != self._source[1]:
+            if ring_file_stamp(path) != self._source[1]:
                 raise ConfigurationError(f"KEK file {path} changed while rewriting it: run again")
             ring = KekRing(self.active, others=self._keks.values(), created_at=self._created_at)
             ring._sealer = sealer

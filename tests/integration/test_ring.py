@@ -328,7 +328,7 @@ def test_a_pcr_policy_opens_the_ring_only_with_the_same_pcr_values(
                     ESYS_TR.PCR16, TPML_DIGEST_VALUES([TPMT_HA(hashAlg=TPM2_ALG.SHA256)])
                 ),
             )
-        with pytest.raises(ConfigurationError, match="PCRs changed"):
+        with pytest.raises(ConfigurationError, match="PCRs no longer hold the values"):
             KekRing.load(tmp_path / "kek-ring.json", sealer=sealer)
     finally:
         swtpm.stop()

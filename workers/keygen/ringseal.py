@@ -25,6 +25,7 @@ from typing import Any
 from tpm2_pytss import (
     ESYS_TR,
     TPM2_ALG,
+    TPM2_RC,
     TPM2_SE,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
@@ -107,12 +108,11 @@ class TpmRingSealer:
                 )
                 return key
             except TpmUnavailable as exc:
-                if not isinstance(exc.__cause__, TSS2_Exception):
-                    raise
+                reason = _refusal_reason(exc.__cause__)
+                if reason is None:
+                    raise  # the TPM failed, not the object: retryable, not a wrong ring
                 raise ConfigurationError(
-                    f"{self.description} cannot unseal the KEK ring: it was sealed to another "
-                    "TPM (or this TPM's owner hierarchy was cleared, its PCRs changed, or the "
-                    f"file was altered): {exc.__cause__}"
+                    f"{self.description} cannot unseal the KEK ring: {reason} ({exc.__cause__})"
                 ) from exc
 
 
@@ -133,6 +133,21 @@ def _unsealer(public: TPM2B_PUBLIC, private: TPM2B_PRIVATE, pcrs: str | None) ->
                 data.buffer[index] = 0
 
     return unseal
+
+
+def _refusal_reason(cause: BaseException | None) -> str | None:
+    """Why the TPM refused to open the sealed object, when it was the object's fault."""
+    if not isinstance(cause, TSS2_Exception):
+        return None
+    if cause.error == TPM2_RC.INTEGRITY:
+        # The parent (our storage primary) cannot decrypt the private blob.
+        return (
+            "it was sealed to another TPM (or this TPM's owner hierarchy was cleared, or the "
+            "file was altered)"
+        )
+    if cause.error == TPM2_RC.POLICY_FAIL:
+        return "its PCR policy fails: the PCRs no longer hold the values it was sealed with"
+    return None
 
 
 def _pcr_policy_digest(ectx: Any, pcrs: str) -> bytes:
