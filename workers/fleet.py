@@ -388,4 +388,12 @@ async def _watch_ring(
             continue
         log.info("the KEK ring changed (active %s): replacing the workers", fresh.active.kek_id)
         ring = fresh
-        await fleet.hand_over(ring)
+        # A stop during the hand-over wins: the children are stopped, not replaced.
+        handing = asyncio.create_task(fleet.hand_over(ring))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({handing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not handing.done():
+            handing.cancel()
+        with suppress(asyncio.CancelledError):
+            await handing

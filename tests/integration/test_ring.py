@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import os
 import re
@@ -441,3 +442,43 @@ async def test_a_copy_of_the_data_dir_of_zandd_up_opens_no_key_elsewhere(
     )
     assert code == 1
     assert "cannot unseal the KEK ring: it was sealed to another TPM" in err
+
+
+@pytest.mark.rabbitmq
+async def test_a_worker_allowed_to_start_on_the_wrong_ring_counts_what_it_cannot_open(
+    populated: tuple[Path, KekRing], tmp_path: Path, empty_amqp_url: str
+) -> None:
+    from tests.integration.test_cli import free_port, scrape
+
+    data, ring = populated
+    other = tmp_path / "other" / "kek-ring.json"
+    KekRing.create(other)
+    port = free_port()
+    env = environment(
+        ZANDD_AMQP_URL=empty_amqp_url,
+        ZANDD_DATA_DIR=str(data),
+        ZANDD_KEK_FILE=str(other),
+        ZANDD_ALLOW_UNREADABLE="true",
+        ZANDD_METRICS_PORT=str(port),
+    )
+    signer = await asyncio.create_subprocess_exec(
+        *ZANDD, "signer", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        metric = "zandd_vault_records_unreadable 2.0"
+        for _ in range(150):  # a process start-up: nothing to wait on but the endpoint
+            with contextlib.suppress(OSError):
+                if metric in await asyncio.to_thread(scrape, port):
+                    break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError(f"no {metric!r} on the signer's metrics endpoint")
+        code, _, err = await zandd("health", "--role", "signer", env=env)
+        assert code == 1
+        assert ring.active.kek_id in err
+    finally:
+        signer.send_signal(signal.SIGTERM)
+        _, err_bytes = await asyncio.wait_for(signer.communicate(), 60)
+    log = err_bytes.decode()
+    assert re.search(rf"ERROR .*allowed by --allow-unreadable: .*{ring.active.kek_id}", log), log
+    assert "in PLAINTEXT, not sealed to a TPM" in log
