@@ -1,8 +1,16 @@
 """The KEK ring: named 256-bit vault keys kept in one JSON file.
 
 Every sealed record names the KEK that sealed it, so the ring keeps old keys after a rotation
-and records can be re-wrapped at leisure. The file holds raw key material: it is written
-atomically with mode 0600 and refused when group or other may read it.
+and records can be re-wrapped at leisure. The file is written atomically with mode 0600 and
+refused when group or other may read it. It comes in two forms:
+
+- **sealed** (``zandd-kek-ring-sealed/1``, where a TPM is present): the ring's JSON encrypted
+  with AES-256-GCM under a random 32-byte wrapping key that a :class:`RingSealer` (the TPM,
+  ``workers.keygen.ringseal``) keeps; the KEK ids and the active id stay readable, as
+  associated data, so health checks and ``zandd vault status`` need no TPM. The ring is
+  opened in memory only.
+- **plaintext** (``zandd-kek-ring/1``, hosts without a TPM, compose secrets): raw key
+  material, chosen explicitly.
 
 Workers keep running across a rotation: a ring read from a file re-reads it when asked for a
 KEK it does not know (a record sealed after the rotation) and when told to ``refresh``
@@ -23,14 +31,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from contracts.errors import ConfigurationError, IntegrityError
 
 KEK_SIZE_BYTES = 32
 RING_FORMAT = "zandd-kek-ring/1"
+SEALED_RING_FORMAT = "zandd-kek-ring-sealed/1"
+WRAPPING_KEY_BYTES = 32
+_NONCE_BYTES = 12
 _KEK_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
@@ -38,6 +50,34 @@ _DIR_MODE = 0o700
 RandomBytes = Callable[[int], bytes]
 #: What identifies one version of the ring file: inode, modification time, size.
 _Stamp = tuple[int, int, int]
+
+
+class RingSealer(Protocol):
+    """Keeps the ring file's wrapping key where only this host can open it (its TPM)."""
+
+    @property
+    def description(self) -> str:
+        """What seals the ring, for status lines and logs (no secret)."""
+        ...
+
+    def seal(self, wrapping_key: bytes) -> dict[str, Any]:
+        """A JSON-able description of ``wrapping_key`` sealed, stored in the ring file."""
+        ...
+
+    def unseal(self, sealed: Mapping[str, Any]) -> bytes:
+        """The wrapping key back from what :meth:`seal` returned; ConfigurationError if not."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RingFileInfo:
+    """What a ring file says without opening it: its form and its KEK ids."""
+
+    sealed: bool
+    kek_ids: tuple[str, ...]
+    active: str
+    #: The PCR selection a sealed ring's TPM object requires, if any.
+    pcrs: str | None = None
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -87,7 +127,7 @@ class Kek:
 class KekRing:
     """The set of KEKs a process knows, one of them active (used for new seals)."""
 
-    __slots__ = ("_created_at", "_keks", "_source", "active")
+    __slots__ = ("_created_at", "_keks", "_sealer", "_source", "active")
 
     def __init__(
         self,
@@ -102,8 +142,11 @@ class KekRing:
         now = datetime.now(UTC)
         given = created_at or {}
         self._created_at = {kek_id: given.get(kek_id, now) for kek_id in self._keks}
-        #: The file this ring was read from and the version of it read; None when built here.
+        #: The file this ring was read from and the version of it read; None when built here
+        #: or received from ``zandd up`` (which restarts its children when the file changes).
         self._source: tuple[Path, _Stamp] | None = None
+        #: What opens the file when it is sealed (re-reads need it too).
+        self._sealer: RingSealer | None = None
 
     def get(self, kek_id: str) -> Kek:
         """The KEK named ``kek_id``, re-reading the ring file once if it is not known yet.
@@ -131,7 +174,7 @@ class KekRing:
             raise ConfigurationError(f"cannot read KEK file {path}: {exc.strerror}") from exc
         if current == stamp:
             return False
-        fresh = KekRing.load(path)
+        fresh = KekRing.load(path, sealer=self._sealer)
         self.active, self._keks = fresh.active, fresh._keks
         self._created_at, self._source = fresh._created_at, fresh._source
         return True
@@ -147,28 +190,75 @@ class KekRing:
     __str__ = __repr__
 
     @classmethod
-    def load(cls, path: Path) -> KekRing:
-        """Read the ring from ``path``; refuses a missing, garbled or group/other-readable file."""
+    def load(cls, path: Path, *, sealer: RingSealer | None = None) -> KekRing:
+        """Read the ring from ``path``; refuses a missing, garbled or group/other-readable file.
+
+        A sealed file needs ``sealer`` (the TPM it was sealed to) and is opened in memory.
+        """
         raw, stamp = _read_private_file(path)
-        try:
-            document = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigurationError(f"KEK file {path} is not valid JSON") from exc
+        document = _json_document(raw, path)
+        if isinstance(document, dict) and document.get("format") == SEALED_RING_FORMAT:
+            if sealer is None:
+                raise ConfigurationError(
+                    f"KEK file {path} is sealed to a TPM and this process has no TPM to open it "
+                    "with: run it under `zandd up`, or give it a plaintext ring (`zandd vault "
+                    "export-ring`)"
+                )
+            document = _json_document(_open_sealed(document, sealer, path), path)
         ring = _parse_ring(document, path)
         ring._source = (path, stamp)
+        ring._sealer = sealer
         return ring
 
     @classmethod
-    def create(cls, path: Path, *, random_bytes: RandomBytes | None = None) -> KekRing:
-        """Make a ring with one new KEK and write it to ``path``, which must not exist yet."""
+    def from_json(cls, raw: bytes, origin: str) -> KekRing:
+        """A ring from its plaintext JSON (``zandd up`` hands it to its workers through a pipe);
+        ``origin`` names where it came from in errors. It is never re-read."""
+        return _parse_ring(_json_document(raw, origin), origin)
+
+    @classmethod
+    def from_fd(cls, fd: int) -> KekRing:
+        """Read a plaintext ring from the pipe ``fd`` to its end, then close it."""
+        chunks = []
+        try:
+            with os.fdopen(fd, "rb", closefd=True) as pipe:
+                while chunk := pipe.read(65536):
+                    chunks.append(chunk)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot read the KEK ring from file descriptor {fd}: {exc.strerror}"
+            ) from exc
+        return cls.from_json(b"".join(chunks), f"the KEK ring passed on file descriptor {fd}")
+
+    def to_json(self) -> bytes:
+        """The ring as plaintext JSON: key material, for a pipe to a child or an export."""
+        return self._to_json()
+
+    @property
+    def sealer(self) -> RingSealer | None:
+        """What the ring's file is sealed with; None for a plaintext file or no file."""
+        return self._sealer
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        *,
+        random_bytes: RandomBytes | None = None,
+        sealer: RingSealer | None = None,
+    ) -> KekRing:
+        """Make a ring with one new KEK and write it to ``path``, which must not exist yet;
+        sealed with ``sealer`` when given, else in plaintext."""
         if path.exists():
             raise ConfigurationError(f"KEK file {path} already exists: refusing to overwrite it")
         ring = cls(Kek.generate(random_bytes=random_bytes))
-        ring._source = (path, _write_atomically(path, ring._to_json(), replace=False))
+        ring._sealer = sealer
+        ring._source = (path, _write_atomically(path, ring._file_bytes(), replace=False))
         return ring
 
     def rotate(self, path: Path, *, random_bytes: RandomBytes | None = None) -> KekRing:
-        """Add a new active KEK (old ones stay for opening old records) and rewrite ``path``.
+        """Add a new active KEK (old ones stay for opening old records) and rewrite ``path``,
+        in the form it has (sealed again with this ring's sealer, or plaintext).
 
         The file is re-read under a lock first, so two rotations at once both keep their KEK.
         """
@@ -176,7 +266,7 @@ class KekRing:
             keks = dict(self._keks)
             created_at = dict(self._created_at)
             if path.exists():
-                on_disk = KekRing.load(path)
+                on_disk = KekRing.load(path, sealer=self._sealer)
                 _merge(keks, on_disk._keks, path)
                 created_at.update(on_disk._created_at)
             new = Kek.generate(random_bytes=random_bytes)
@@ -184,8 +274,43 @@ class KekRing:
                 new = Kek.generate(random_bytes=random_bytes)
             created_at[new.kek_id] = datetime.now(UTC)
             ring = KekRing(new, others=keks.values(), created_at=created_at)
-            ring._source = (path, _write_atomically(path, ring._to_json(), replace=True))
+            ring._sealer = self._sealer
+            ring._source = (path, _write_atomically(path, ring._file_bytes(), replace=True))
         return ring
+
+    def rewrite(self, path: Path, *, sealer: RingSealer | None) -> KekRing:
+        """Write this ring to ``path`` again, sealed with ``sealer`` or (None) in plaintext:
+        ``zandd vault seal-ring`` and ``export-ring``. Refuses when the file has changed
+        since it was read (a rotation meanwhile would be lost)."""
+        with _directory_lock(path.parent):
+            if self._source is None or self._source[0] != path:
+                raise ConfigurationError(f"the ring to rewrite was not read from {path}")
+            if ring_file_stamp(path) != self._source[1]:
+                raise ConfigurationError(f"KEK file {path} changed while rewriting it: run again")
+            ring = KekRing(self.active, others=self._keks.values(), created_at=self._created_at)
+            ring._sealer = sealer
+            ring._source = (path, _write_atomically(path, ring._file_bytes(), replace=True))
+        return ring
+
+    def _file_bytes(self) -> bytes:
+        plaintext = self._to_json()
+        if self._sealer is None:
+            return plaintext
+        wrapping_key = os.urandom(WRAPPING_KEY_BYTES)
+        header = {
+            "format": SEALED_RING_FORMAT,
+            "active": self.active.kek_id,
+            "kek_ids": list(self.kek_ids),
+            "sealed_key": self._sealer.seal(wrapping_key),
+        }
+        nonce = os.urandom(_NONCE_BYTES)
+        ciphertext = AESGCM(wrapping_key).encrypt(nonce, plaintext, _header_aad(header))
+        document = {
+            **header,
+            "nonce": base64.b64encode(nonce).decode("ascii"),
+            "ciphertext": base64.b64encode(ciphertext).decode("ascii"),
+        }
+        return json.dumps(document, indent=2).encode("utf-8") + b"\n"
 
     def _to_json(self) -> bytes:
         keys = {
@@ -197,6 +322,91 @@ class KekRing:
         }
         document = {"format": RING_FORMAT, "active": self.active.kek_id, "keys": keys}
         return json.dumps(document, indent=2).encode("utf-8") + b"\n"
+
+
+def ring_file_info(path: Path) -> RingFileInfo:
+    """What the ring file at ``path`` says without opening it (a sealed ring needs no TPM)."""
+    raw, _ = _read_private_file(path)
+    document = _json_document(raw, path)
+    if isinstance(document, dict) and document.get("format") == SEALED_RING_FORMAT:
+        header = _sealed_header(document, path)
+        sealed_key = header["sealed_key"]
+        pcrs = sealed_key.get("pcrs") if isinstance(sealed_key, dict) else None
+        return RingFileInfo(
+            sealed=True,
+            kek_ids=tuple(header["kek_ids"]),
+            active=str(header["active"]),
+            pcrs=pcrs if isinstance(pcrs, str) else None,
+        )
+    ring = _parse_ring(document, path)
+    return RingFileInfo(sealed=False, kek_ids=ring.kek_ids, active=ring.active.kek_id)
+
+
+def ring_file_kek_ids(path: Path) -> tuple[str, ...] | None:
+    """The KEK ids of the ring file at ``path`` (None when there is no file), for checks that
+    need no key: ``zandd health`` compares them with the vault."""
+    if not path.exists():
+        return None
+    return ring_file_info(path).kek_ids
+
+
+def ring_file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when the ring file is rewritten (None when it is missing)."""
+    try:
+        return _stamp_of(os.stat(path))
+    except FileNotFoundError:
+        return None
+
+
+def _json_document(raw: bytes, origin: Path | str) -> Any:
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigurationError(f"KEK file {origin} is not valid JSON") from exc
+
+
+def _header_aad(header: Mapping[str, Any]) -> bytes:
+    # The readable header is authenticated: its KEK ids cannot be edited to fool a health check
+    # without the ring then failing to open.
+    return json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _sealed_header(document: dict[str, Any], path: Path) -> dict[str, Any]:
+    header = {k: document.get(k) for k in ("format", "active", "kek_ids", "sealed_key")}
+    kek_ids = header["kek_ids"]
+    if (
+        not isinstance(kek_ids, list)
+        or not kek_ids
+        or not all(isinstance(k, str) for k in kek_ids)
+        or header["active"] not in kek_ids
+        or not isinstance(header["sealed_key"], dict)
+    ):
+        raise ConfigurationError(f"KEK file {path} is not a valid {SEALED_RING_FORMAT} file")
+    return header
+
+
+def _open_sealed(document: dict[str, Any], sealer: RingSealer, path: Path) -> bytes:
+    header = _sealed_header(document, path)
+    try:
+        nonce = base64.b64decode(document["nonce"], validate=True)
+        ciphertext = base64.b64decode(document["ciphertext"], validate=True)
+    except (KeyError, TypeError, binascii.Error) as exc:
+        raise ConfigurationError(
+            f"KEK file {path} is not a valid {SEALED_RING_FORMAT} file"
+        ) from exc
+    wrapping_key = sealer.unseal(header["sealed_key"])
+    if len(wrapping_key) != WRAPPING_KEY_BYTES:
+        raise ConfigurationError(f"KEK file {path}: the TPM returned a wrapping key of bad size")
+    try:
+        plaintext = AESGCM(wrapping_key).decrypt(nonce, ciphertext, _header_aad(header))
+    except (InvalidTag, ValueError) as exc:
+        raise IntegrityError(
+            f"KEK file {path} does not open with its sealed key: it was altered"
+        ) from exc
+    opened = _parse_ring(_json_document(plaintext, path), path)
+    if opened.kek_ids != tuple(header["kek_ids"]) or opened.active.kek_id != header["active"]:
+        raise IntegrityError(f"KEK file {path}: its readable KEK ids contradict the sealed ring")
+    return plaintext
 
 
 def _merge(keks: dict[str, Kek], more: Mapping[str, Kek], path: Path) -> None:
@@ -249,7 +459,7 @@ def _read_private_file(path: Path) -> tuple[bytes, _Stamp]:
             raise ConfigurationError(f"cannot read KEK file {path}: {exc.strerror}") from exc
 
 
-def _parse_ring(document: Any, path: Path) -> KekRing:
+def _parse_ring(document: Any, path: Path | str) -> KekRing:
     def garbled(reason: str) -> ConfigurationError:
         return ConfigurationError(f"KEK file {path} is not a valid {RING_FORMAT} file: {reason}")
 

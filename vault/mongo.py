@@ -123,6 +123,14 @@ _LATEST_PER_KEY: Final[list[Document]] = [
     {"$sort": {"created_at": ASCENDING, "key_id": ASCENDING}},
 ]
 
+# Every KEK a version needs: the one that sealed it and the one its MAC key comes from
+# (counted once when they are the same; a destroyed version needs only its MAC's).
+_KEK_USAGE: Final[list[Document]] = [
+    {"$project": {"keks": {"$setDifference": [["$sealed.kek_id", "$mac.kek_id"], [None]]}}},
+    {"$unwind": "$keks"},
+    {"$group": {"_id": "$keks", "count": {"$sum": 1}}},
+]
+
 
 class MongoStore:
     """A VaultStore on one MongoDB database; open it with ``await MongoStore.open(url)``."""
@@ -249,6 +257,13 @@ class MongoStore:
             heads = await self._heads_of({"_id.key_id": {"$in": key_ids}})
             documents = await self._keys.find(query, _NO_ID, sort=_BY_KEY_VERSION).to_list()
         return [_to_record(document, heads) for document in documents]
+
+    async def kek_usage(self) -> dict[str, int]:
+        """Key versions per KEK id they need: to open their sealed key or check their MAC."""
+        with self._translated():
+            cursor = await self._keys.aggregate(_KEK_USAGE)
+            documents = await cursor.to_list()
+        return {str(document["_id"]): int(document["count"]) for document in documents}
 
     async def replace_key(self, record: KeyRecord, expected: KeyRecord) -> bool:
         """Compare-and-set state, destroy_after and sealed material in one document update.

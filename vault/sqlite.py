@@ -158,6 +158,15 @@ _RAISE_HEAD = (
     "INSERT INTO key_heads (key_id, version, generation) VALUES (?, ?, ?)"
     " ON CONFLICT (key_id, version) DO UPDATE SET generation = MAX(generation, excluded.generation)"
 )
+# Every KEK a version needs: the one that sealed it and the one its MAC key comes from
+# (counted once when they are the same; a destroyed version needs only its MAC's).
+_KEK_USAGE = (
+    "SELECT kek, COUNT(*) FROM ("
+    " SELECT kek_id AS kek FROM keys WHERE kek_id IS NOT NULL"
+    " UNION ALL SELECT mac_kek_id FROM keys"
+    " WHERE mac_kek_id IS NOT NULL AND mac_kek_id IS NOT kek_id"
+    ") GROUP BY kek"
+)
 _REPLACE = (
     "UPDATE keys SET state = ?, destroy_after = ?, kek_id = ?, nonce = ?, ciphertext = ?,"
     " generation = ?, mac_kek_id = ?, mac = ?"
@@ -243,6 +252,10 @@ class SqliteStore:
     async def list_due(self, now: datetime) -> list[KeyRecord]:
         """Versions pending destruction due at ``now`` (index keys_pending_destruction)."""
         return await self._run(_fetch_all, _DUE, (_time_text(now),))
+
+    async def kek_usage(self) -> dict[str, int]:
+        """Key versions per KEK id they need: to open their sealed key or check their MAC."""
+        return await self._run(_count_by_kek)
 
     async def replace_key(self, record: KeyRecord, expected: KeyRecord) -> bool:
         """Compare-and-set state, destroy_after, sealed material, generation and MAC.
@@ -454,6 +467,10 @@ def _fetch_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> K
 
 def _fetch_all(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[KeyRecord]:
     return [_to_record(row) for row in conn.execute(sql, params).fetchall()]
+
+
+def _count_by_kek(conn: sqlite3.Connection) -> dict[str, int]:
+    return {str(kek_id): int(count) for kek_id, count in conn.execute(_KEK_USAGE).fetchall()}
 
 
 def _where(**equal: str | None) -> tuple[str, tuple[str, ...]]:

@@ -55,6 +55,14 @@ class VaultStore(Protocol):
         """
         ...
 
+    async def kek_usage(self) -> dict[str, int]:
+        """How many key versions need each KEK id: to open their sealed key or check their MAC.
+
+        What the vault needs from a KEK ring: every id here must be in it, or those versions
+        cannot be opened.
+        """
+        ...
+
     async def list_due(self, now: datetime) -> list[KeyRecord]:
         """The versions pending destruction whose ``destroy_after`` is at or before ``now``.
 

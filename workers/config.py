@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     kek_file: Path | None = None
     tpm_tcti: str | None = None
     swtpm_port: int = DEFAULT_SWTPM_PORT
+    #: The state directory of the swtpm ``zandd up`` starts; default ``<data dir>-swtpm``.
+    swtpm_state_dir: Path | None = None
     signer_concurrency: int = Field(default=64, ge=1, le=10_000)
     keygen_concurrency: int = Field(default=4, ge=1, le=256)
     drain_timeout_s: float = Field(default=10.0, gt=0)
@@ -95,6 +97,15 @@ class Settings(BaseSettings):
     quota_overrides: Annotated[dict[Principal, QuotaOverride | Literal["unlimited"]], NoDecode] = (
         Field(default_factory=dict)
     )
+    #: Start even when the vault holds key versions the KEK ring cannot open (they stay
+    #: unreadable; health fails and ZanddVaultRecordsUnreadable fires). ``--allow-unreadable``.
+    allow_unreadable: bool = False
+    #: Set by ``zandd up`` for its children: the pipe from which they read the KEK ring it
+    #: opened (the ring itself never is in the environment).
+    kek_fd: int | None = Field(default=None, ge=0)
+    #: The PCR selection (e.g. ``sha256:0,2,4,7``) a newly sealed KEK ring must match to open;
+    #: None (the default) seals without a PCR policy.
+    kek_ring_pcrs: str | None = None
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -147,8 +158,13 @@ class Settings(BaseSettings):
 
     @property
     def swtpm_dir(self) -> Path:
-        """Where ``zandd up`` keeps the state of the swtpm it starts."""
-        return self.data_dir / "swtpm"
+        """Where ``zandd up`` keeps the state of the swtpm it starts: beside the data dir,
+        not in it (``<data dir>-swtpm``), so that a copy of the data dir does not carry the
+        TPM its KEK ring is sealed to."""
+        if self.swtpm_state_dir is not None:
+            return self.swtpm_state_dir
+        data = self.data_dir.absolute()
+        return data.with_name(f"{data.name}-swtpm")
 
     @property
     def local_swtpm_tcti(self) -> str:

@@ -1,8 +1,16 @@
 """``zandd up``: the whole fleet on one machine, supervised.
 
 Starts a swtpm when the host has no TPM device and none is listening, creates the KEK ring
-when missing (from the TPM's RNG), runs the keygen worker and N signers as child processes,
-restarts a child that dies (with backoff), and stops everything on Ctrl-C/SIGTERM.
+when missing (from the TPM's RNG, sealed to the TPM), runs the keygen worker and N signers as
+child processes, restarts a child that dies (with backoff), and stops everything on
+Ctrl-C/SIGTERM.
+
+The supervisor opens the ring once (unsealing it with the TPM) and hands it to each child
+through an inherited pipe: the child reads it from the descriptor named by ``ZANDD_KEK_FD``
+at start, so the ring is in no environment variable and no file in the clear. A child does not
+re-read the ring file; the supervisor watches it instead, and when it changes (``zandd vault
+rotate-kek``) opens it again and replaces the children one after the other with ones that get
+the new ring.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import AMQPError
@@ -24,9 +33,10 @@ from aio_pika.exceptions import AMQPError
 from contracts.amqp import connect
 from contracts.errors import ConfigurationError, ZanddError
 from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE
-from vault.kek import KekRing
+from vault.kek import KekRing, ring_file_stamp
 from workers.config import Settings
 from workers.hygiene import harden_for_key_material
+from workers.ringsetup import describe, file_sealer, open_or_create_ring, tpm_sealer
 
 log = logging.getLogger("zandd.up")
 
@@ -34,6 +44,8 @@ READY_TIMEOUT_S = 60.0
 _POLL_INTERVAL_S = 0.2
 _MAX_RESTART_DELAY_S = 30.0
 _PR_SET_PDEATHSIG = 1
+#: How often the supervisor looks whether the ring file changed (a rotation).
+RING_POLL_INTERVAL_S = 2.0
 
 
 @dataclass
@@ -45,6 +57,8 @@ class _Child:
     restarts: int = 0
     last_exit: int | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    #: Set while the supervisor replaces the child on purpose (a new ring): no backoff.
+    replacing: bool = False
 
 
 def ensure_tpm(settings: Settings, stack: ExitStack) -> str:
@@ -66,31 +80,52 @@ def ensure_tpm(settings: Settings, stack: ExitStack) -> str:
     return swtpm.tcti
 
 
-def ensure_kek_ring(settings: Settings, tcti: str) -> None:
-    """Create the KEK ring from the TPM's RNG when there is none yet."""
+async def ensure_kek_ring(settings: Settings, tcti: str) -> KekRing:
+    """The KEK ring, created from the TPM's RNG when there is none yet and the vault is empty.
+
+    Raises:
+        ConfigurationError: the ring does not open every record of the vault (or there is no
+            ring and the vault has records), unless ``settings.allow_unreadable``.
+    """
     from workers.keygen.tpm import Tpm
 
-    path = settings.resolved_kek_file
-    if path.exists():
-        return
+    # zandd up holds the ring from here on: no core dump or ptrace may reach it.
     harden_for_key_material(lock_memory=settings.lock_memory)
-    with Tpm(tcti) as tpm:
-        KekRing.create(path, random_bytes=tpm.get_random)
-    log.info("created the KEK ring %s from the TPM's RNG", path)
+
+    def create(path: Path) -> KekRing:
+        sealer = tpm_sealer(settings, tcti, pcrs=settings.kek_ring_pcrs)
+        with Tpm(tcti) as tpm:
+            return KekRing.create(path, random_bytes=tpm.get_random, sealer=sealer)
+
+    ring, created = await open_or_create_ring(settings, create, tcti)
+    if created:
+        log.info("created the KEK ring %s from the TPM's RNG", settings.resolved_kek_file)
+    log.info("%s", describe(ring, settings))
+    return ring
 
 
 class Fleet:
     """The supervised child processes of ``zandd up``."""
 
-    def __init__(self, settings: Settings, *, signers: int, child_env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        signers: int,
+        child_env: dict[str, str],
+        ring: KekRing | None = None,
+    ) -> None:
         self._settings = settings
         self._stopping = False
+        # The ring handed to each child on a pipe; None: children read the ring file.
+        self._ring_json = None if ring is None else ring.to_json()
         cli = [sys.executable, "-m", "workers.cli"]
         self._children = [_Child("keygen", [*cli, "keygen-worker"], _numbered(child_env, 0))] + [
             _Child(f"signer-{n}", [*cli, "signer"], _numbered(child_env, n))
             for n in range(1, signers + 1)
         ]
         self.signers = signers
+        self.amqp_url = settings.amqp_url
 
     async def start(self) -> None:
         """Start every child under supervision."""
@@ -100,20 +135,61 @@ class Fleet:
     async def _supervise(self, child: _Child) -> None:
         delay_s = 0.5
         while not self._stopping:
-            # A session of its own: Ctrl-C in the terminal reaches only the supervisor, which
-            # then stops the children in order (they would exit and be restarted otherwise).
-            child.process = await asyncio.create_subprocess_exec(
-                *child.argv, env=child.env, start_new_session=True
-            )
+            child.process = await self._spawn(child)
             child.last_exit = await child.process.wait()
             if self._stopping:
                 return
+            if child.replacing:
+                child.replacing = False
+                continue
             child.restarts += 1
             log.warning(
                 "%s exited with code %s; restarting in %.1f s", child.role, child.last_exit, delay_s
             )
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, _MAX_RESTART_DELAY_S)
+
+    async def _spawn(self, child: _Child) -> asyncio.subprocess.Process:
+        # A session of its own: Ctrl-C in the terminal reaches only the supervisor, which
+        # then stops the children in order (they would exit and be restarted otherwise).
+        if self._ring_json is None:
+            return await asyncio.create_subprocess_exec(
+                *child.argv, env=child.env, start_new_session=True
+            )
+        # os.pipe() is close-on-exec: only this child inherits the read end (pass_fds), and
+        # no child inherits the write end.
+        read_fd, write_fd = os.pipe()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *child.argv,
+                env={**child.env, "ZANDD_KEK_FD": str(read_fd)},
+                start_new_session=True,
+                pass_fds=(read_fd,),
+            )
+        except BaseException:
+            os.close(write_fd)
+            raise
+        finally:
+            os.close(read_fd)
+        await asyncio.to_thread(_write_and_close, write_fd, self._ring_json, child.role)
+        return process
+
+    async def hand_over(self, ring: KekRing) -> None:
+        """Give every child ``ring``: replace them one after the other (each drains first)."""
+        self._ring_json = ring.to_json()
+        for child in self._children:
+            process = child.process
+            if self._stopping or process is None or process.returncode is not None:
+                continue
+            child.replacing = True
+            with suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(self._settings.drain_timeout_s + 5.0):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
 
     def describe_failures(self) -> str:
         """Which children died, for an error message."""
@@ -197,6 +273,7 @@ def child_environment(settings: Settings, tcti: str) -> dict[str, str]:
         ZANDD_LOG_FORMAT=settings.log_format,
         ZANDD_TRACES_EXPORTER=settings.traces_exporter,
         ZANDD_DECLARE_TOPOLOGY=str(settings.declare_topology).lower(),
+        ZANDD_ALLOW_UNREADABLE=str(settings.allow_unreadable).lower(),
     )
     if settings.metrics_port is not None:
         env["ZANDD_METRICS_PORT"] = str(settings.metrics_port)
@@ -225,6 +302,17 @@ def quota_environment(settings: Settings) -> dict[str, str]:
         if rate is not None:
             env[name] = repr(rate)
     return env
+
+
+def _write_and_close(fd: int, data: bytes, role: str) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BrokenPipeError:
+        log.warning("%s exited before it read the KEK ring", role)
+    finally:
+        os.close(fd)
 
 
 def die_with_supervisor() -> None:
@@ -264,34 +352,77 @@ async def run_up(
     await (await connect(settings.amqp_url, connection_name="zandd-up")).close()
     with ExitStack() as stack:
         tcti = ensure_tpm(settings, stack)
-        ensure_kek_ring(settings, tcti)
-        fleet = Fleet(settings, signers=signers, child_env=child_environment(settings, tcti))
+        ring = await ensure_kek_ring(settings, tcti)
+        stamp = ring_file_stamp(settings.resolved_kek_file)
+        fleet = Fleet(
+            settings, signers=signers, child_env=child_environment(settings, tcti), ring=ring
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         await fleet.start()
         try:
-            return await _until_done(settings, fleet, stop, after_ready)
+            await _until_ready(fleet)
+            if after_ready is not None:
+                return await after_ready()
+            await _watch_ring(settings, tcti, fleet, stop, ring, stamp)
+            return 0
         finally:
             log.info("stopping the fleet")
             await fleet.stop()
 
 
-async def _until_done(
-    settings: Settings,
-    fleet: Fleet,
-    stop: asyncio.Event,
-    after_ready: Callable[[], Awaitable[int]] | None,
-) -> int:
+async def _until_ready(fleet: Fleet) -> None:
     try:
-        await wait_until_ready(settings.amqp_url, fleet.signers)
+        await wait_until_ready(fleet.amqp_url, fleet.signers)
     except TimeoutError:
         raise ZanddError(
             f"the fleet was not ready within {READY_TIMEOUT_S:.0f} s: {fleet.describe_failures()}"
         ) from None
     log.info("fleet ready: keygen + %d signers", fleet.signers)
-    if after_ready is not None:
-        return await after_ready()
-    await stop.wait()
-    return 0
+
+
+async def _watch_ring(
+    settings: Settings,
+    tcti: str,
+    fleet: Fleet,
+    stop: asyncio.Event,
+    ring: KekRing,
+    stamp: tuple[int, int, int] | None,
+) -> None:
+    """Until ``stop``: when the ring file changes, open it and hand it to the children."""
+    path = settings.resolved_kek_file
+    while not stop.is_set():
+        with suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), RING_POLL_INTERVAL_S)
+        current = ring_file_stamp(path)
+        if stop.is_set() or current == stamp:
+            continue
+        stamp = current
+        try:
+            fresh = await asyncio.to_thread(
+                lambda: KekRing.load(path, sealer=file_sealer(settings, path, tcti))
+            )
+        except ZanddError as exc:
+            log.error("the KEK ring changed but does not open (%s); workers keep theirs", exc)
+            continue
+        lost = sorted(set(ring.kek_ids) - set(fresh.kek_ids))
+        if lost:
+            log.error(
+                "the KEK ring %s changed and lost KEK ids %s: not handed to the workers",
+                path,
+                ", ".join(lost),
+            )
+            continue
+        log.info("the KEK ring changed (active %s): replacing the workers", fresh.active.kek_id)
+        ring = fresh
+        # A stop during the hand-over wins: the children are stopped, not replaced.
+        handing = asyncio.create_task(fleet.hand_over(ring))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({handing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not handing.done():
+            handing.cancel()
+        with suppress(asyncio.CancelledError):
+            await handing

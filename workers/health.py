@@ -8,7 +8,8 @@ Checked in order, stopping at the first failure (which :class:`Unhealthy` names 
    for the queue's consumer count (a passive declare, which needs no permission). On
    ``zandd.keygen`` (single active consumer) the count is the active consumer only: a standby
    keygen worker passes when the active one is attached;
-3. the vault answers a lookup;
+3. the vault answers a lookup, and every KEK its records name is in the KEK ring (a wrong
+   ring, or none, leaves those records unreadable);
 4. for ``keygen``: the TPM answered the keygen worker recently. The worker owns the TPM, so
    health does not open a TPM connection of its own (``device:/dev/tpm0`` admits one user;
    a fresh connection would not tell whether the *worker's* context still works after a TPM
@@ -35,6 +36,8 @@ from aio_pika.exceptions import AMQPError, ChannelNotFoundEntity
 from contracts.amqp import connect
 from contracts.errors import ZanddError
 from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE
+from vault.coverage import coverage_of, no_ring_error, unreadable_error
+from vault.kek import ring_file_kek_ids
 from vault.store import open_store
 from vault.urls import redact_url
 from workers.config import Settings
@@ -195,7 +198,7 @@ async def check_health(
             passed.append(f"{queue} ({consumers} consumer{'s' if consumers != 1 else ''})")
     finally:
         await connection.close()
-    await _check_vault(settings.resolved_vault_url)
+    await _check_vault(settings.resolved_vault_url, settings.resolved_kek_file)
     passed.append("vault")
     if role is Role.KEYGEN:
         passed.append(read_tpm_check(heartbeat_path(settings), now=now()))
@@ -221,13 +224,14 @@ async def _consumer_count(connection: AbstractRobustConnection, queue: str) -> i
     return consumers
 
 
-async def _check_vault(url: str) -> None:
+async def _check_vault(url: str, ring_path: Path) -> None:
     where = redact_url(url)
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S):
             store = await open_store(url)
             try:
                 await store.find_by_request_id(_PROBE_REQUEST_ID, owner=_PROBE_REQUEST_ID)
+                usage = await store.kek_usage()
             finally:
                 await store.close()
     except TimeoutError:
@@ -238,3 +242,18 @@ async def _check_vault(url: str) -> None:
         raise Unhealthy(f"the vault at {where} failed: {exc.message}") from exc
     except OSError as exc:
         raise Unhealthy(f"the vault at {where} failed: {exc.strerror or exc}") from exc
+    _check_ring(usage, ring_path, url)
+
+
+def _check_ring(usage: dict[str, int], ring_path: Path, url: str) -> None:
+    """Every KEK the vault's records name must be in the ring (its ids need no unsealing)."""
+    try:
+        kek_ids = ring_file_kek_ids(ring_path)
+    except ZanddError as exc:
+        raise Unhealthy(exc.message) from exc
+    coverage = coverage_of(usage, kek_ids or ())
+    if coverage.complete:
+        return
+    if kek_ids is None:
+        raise Unhealthy(no_ring_error(coverage, ring_path, url).message)
+    raise Unhealthy(unreadable_error(coverage, ring_path, url).message)

@@ -14,6 +14,8 @@ compose every container listens on the same port at its own address). Metric nam
 - ``zandd_audit_write_failures_total`` — audit entries that could not be written.
 - ``zandd_throttled_total{quota}`` — requests refused ``throttled``; ``quota`` is ``requests``
   or ``signatures`` (which per-second quota the principal was over; the log names who).
+- ``zandd_vault_records_unreadable`` — key versions of the vault sealed with a KEK this
+  worker's ring lacks (checked at start-up, where it refuses to start, and every minute).
 - ``zandd_client_unmatched_replies_total`` — client side: replies no call was waiting for
   (duplicates after a redelivery, late replies after a timeout); see :class:`ClientCollector`.
 
@@ -155,6 +157,11 @@ class Metrics:
             "Sequence number of the newest audit entry this worker wrote (its published head).",
             registry=self.registry,
         )
+        self._unreadable = Gauge(
+            "zandd_vault_records_unreadable",
+            "Key versions of the vault sealed with a KEK that this worker's ring lacks.",
+            registry=self.registry,
+        )
         # Per-request series resolved once: a ``labels()`` lookup costs three times the update.
         self._stage_series = {name: self._stage_seconds.labels(stage=name.value) for name in Stage}
         self._request_series: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
@@ -212,6 +219,10 @@ class Metrics:
     def audit_head_went_back(self) -> None:
         """Count the audit log found shorter than a head already published."""
         self._audit_head_regressions.inc()
+
+    def vault_records_unreadable(self, count: int) -> None:
+        """Set how many key versions the ring cannot open (0 when it opens them all)."""
+        self._unreadable.set(count)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> MetricsServer:
         """Serve ``/metrics`` on ``host:port`` from a daemon thread.

@@ -31,6 +31,8 @@ from workers.metrics import Metrics
 from workers.policy import AccessPolicy
 from workers.probes import vault_answers
 from workers.quotas import Quotas, follow_consumers
+from workers.ringsetup import accept, describe, load_ring
+from workers.ringwatch import RingWatch
 from workers.runtime import Admission, AuditHook, ConsumerRuntime, Handler, Probe
 
 if TYPE_CHECKING:
@@ -218,14 +220,27 @@ def _harden(settings: Settings) -> None:
     log.info("memory protections: %s", protections.describe())
 
 
+async def _open_vault(
+    settings: Settings, ring: KekRing, stack: AsyncExitStack, metrics: Metrics
+) -> VaultStore:
+    """Open the vault, refuse a ring that cannot open all of it, and keep checking that."""
+    store = await open_store(settings.resolved_vault_url)
+    stack.push_async_callback(store.close)
+    watch = RingWatch(store, ring, metrics)
+    coverage = await watch.check()
+    accept(coverage, settings)
+    await _beside(stack, watch.run)
+    return store
+
+
 async def serve_signer(settings: Settings, *, concurrency: int | None = None) -> None:
     """Serve ``zandd.sign`` until SIGTERM/SIGINT, then drain."""
-    ring = KekRing.load(settings.resolved_kek_file)
+    ring = load_ring(settings)
     async with AsyncExitStack() as stack:
         metrics = _metrics(settings, stack)
-        store = await open_store(settings.resolved_vault_url)
-        stack.push_async_callback(store.close)
+        store = await _open_vault(settings, ring, stack, metrics)
         worker = await signer_worker(settings, store, ring, stack, metrics=metrics)
+        log.info("%s", describe(ring, settings))
         _harden(settings)
         await _serve(settings, worker, concurrency or settings.signer_concurrency, metrics)
 
@@ -234,15 +249,15 @@ async def serve_keygen(settings: Settings) -> None:
     """Serve ``zandd.keygen`` until SIGTERM/SIGINT, then drain. Needs the TPM."""
     from workers.keygen.session import TpmSession
 
-    ring = KekRing.load(settings.resolved_kek_file)
+    ring = load_ring(settings)
     async with AsyncExitStack() as stack:
         # Opened on first use: a hot standby leaves the TPM to the active keygen worker.
         tpm = TpmSession(resolve_tcti(settings))
         stack.callback(tpm.close)
         log.info("keygen will use the TPM at %s", tpm.tcti)
         metrics = _metrics(settings, stack)
-        store = await open_store(settings.resolved_vault_url)
-        stack.push_async_callback(store.close)
+        store = await _open_vault(settings, ring, stack, metrics)
         worker = await keygen_worker(settings, store, ring, tpm, stack, metrics=metrics)
+        log.info("%s", describe(ring, settings))
         _harden(settings)
         await _serve(settings, worker, settings.keygen_concurrency, metrics)

@@ -127,7 +127,7 @@ async def test_unreachable_broker_is_one_sentence(args: tuple[str, ...], tmp_pat
         ZANDD_AMQP_URL="amqp://guest:secret-pw@127.0.0.1:1/", ZANDD_DATA_DIR=str(tmp_path)
     )
     if args[0] == "signer":
-        await zandd("vault", "init", env=env)
+        await zandd("vault", "init", "--plaintext", env=env)
     code, out, err = await zandd(*args, env=env)
     assert code == 1
     # One sentence; its last word names the failure (AMQPConnectionError through aio-pika,

@@ -836,8 +836,10 @@ async def test_a_debug_log_of_a_full_run_holds_no_key_material(
 
     from vault.kek import KekRing
     from vault.store import open_store
+    from workers.keygen.ringseal import TpmRingSealer
 
-    ring = KekRing.load(data / "kek-ring.json")
+    # `vault init` sealed the ring to the TPM: opened here as the workers did.
+    ring = KekRing.load(data / "kek-ring.json", sealer=TpmRingSealer(swtpm_tcti))
     store = await open_store(f"sqlite:///{data / 'vault.db'}")
     scalars = []
     try:

@@ -7,12 +7,17 @@ import json
 import os
 import re
 import stat
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from contracts.errors import ConfigurationError, IntegrityError
 from vault import Kek, KekRing
+from vault.kek import RingFileInfo, ring_file_info
 
 
 def _mode(path: Path) -> int:
@@ -235,3 +240,117 @@ def test_a_ring_that_contradicts_the_file_is_refused(kek_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="differs from the one in memory"):
         impostor.rotate(kek_path)
     assert KekRing.load(kek_path).active == ring.active
+
+
+# --- the sealed form -------------------------------------------------------------------------
+
+
+class _StandInSealer:
+    """Format tests only: a host secret in place of a TPM (tests/integration/test_ring.py
+    seals with swtpm). Another instance is another host."""
+
+    description = "a stand-in TPM"
+
+    def __init__(self) -> None:
+        self._secret = AESGCM(os.urandom(32))
+
+    def seal(self, wrapping_key: bytes) -> dict[str, Any]:
+        nonce = os.urandom(12)
+        blob = nonce + self._secret.encrypt(nonce, wrapping_key, None)
+        return {"kind": "stand-in", "blob": base64.b64encode(blob).decode()}
+
+    def unseal(self, sealed: Mapping[str, Any]) -> bytes:
+        blob = base64.b64decode(sealed["blob"])
+        try:
+            return self._secret.decrypt(blob[:12], blob[12:], None)
+        except InvalidTag:
+            raise ConfigurationError("sealed to another host") from None
+
+
+def _all_key_forms(ring: KekRing) -> list[str]:
+    return [form for kek_id in ring.kek_ids for form in _key_forms(ring.get(kek_id).key)]
+
+
+def test_a_sealed_ring_file_holds_ids_but_no_key(kek_path: Path) -> None:
+    sealer = _StandInSealer()
+    ring = KekRing.create(kek_path, sealer=sealer)
+    text = kek_path.read_text()
+    assert json.loads(text)["format"] == "zandd-kek-ring-sealed/1"
+    assert not any(form in text for form in _all_key_forms(ring))
+    assert ring_file_info(kek_path) == RingFileInfo(
+        sealed=True, kek_ids=ring.kek_ids, active=ring.active.kek_id
+    )
+    assert _mode(kek_path) == 0o600
+    loaded = KekRing.load(kek_path, sealer=sealer)
+    assert loaded.active == ring.active
+    assert loaded.sealer is sealer
+
+
+def test_a_sealed_ring_needs_its_own_sealer(kek_path: Path) -> None:
+    KekRing.create(kek_path, sealer=_StandInSealer())
+    with pytest.raises(ConfigurationError, match="is sealed to a TPM and this process has no TPM"):
+        KekRing.load(kek_path)
+    with pytest.raises(ConfigurationError, match="sealed to another host"):
+        KekRing.load(kek_path, sealer=_StandInSealer())
+
+
+@pytest.mark.parametrize("field", ["kek_ids", "active", "ciphertext"])
+def test_an_edited_sealed_ring_does_not_open(kek_path: Path, field: str) -> None:
+    sealer = _StandInSealer()
+    ring = KekRing.create(kek_path, sealer=sealer).rotate(kek_path)
+    document = json.loads(kek_path.read_text())
+    if field == "kek_ids":
+        document["kek_ids"] = [*document["kek_ids"], "kek-20200101-00000000"]
+    elif field == "active":
+        document["active"] = ring.kek_ids[0]
+    else:
+        raw = bytearray(base64.b64decode(document["ciphertext"]))
+        raw[0] ^= 1
+        document["ciphertext"] = base64.b64encode(bytes(raw)).decode()
+    kek_path.write_text(json.dumps(document))
+    with pytest.raises(IntegrityError, match="altered"):
+        KekRing.load(kek_path, sealer=sealer)
+
+
+def test_a_sealed_ring_stays_sealed_through_rotation_and_refresh(kek_path: Path) -> None:
+    sealer = _StandInSealer()
+    worker = KekRing.create(kek_path, sealer=sealer)
+    rotated = KekRing.load(kek_path, sealer=sealer).rotate(kek_path)
+    assert ring_file_info(kek_path).sealed
+    assert not any(form in kek_path.read_text() for form in _all_key_forms(rotated))
+    assert worker.get(rotated.active.kek_id) == rotated.active  # re-read with its sealer
+
+
+def test_seal_ring_and_export_ring_rewrite_the_same_ring(kek_path: Path) -> None:
+    plain = KekRing.create(kek_path).rotate(kek_path)
+    sealer = _StandInSealer()
+    sealed = KekRing.load(kek_path).rewrite(kek_path, sealer=sealer)
+    assert ring_file_info(kek_path).sealed
+    assert KekRing.load(kek_path, sealer=sealer).kek_ids == plain.kek_ids
+    exported = KekRing.load(kek_path, sealer=sealer).rewrite(kek_path, sealer=None)
+    assert not ring_file_info(kek_path).sealed
+    assert exported.active == sealed.active == plain.active
+    assert KekRing.load(kek_path).kek_ids == plain.kek_ids
+    assert _mode(kek_path) == 0o600
+
+
+def test_rewrite_refuses_a_file_that_changed_since_it_was_read(kek_path: Path) -> None:
+    KekRing.create(kek_path)
+    stale = KekRing.load(kek_path)
+    KekRing.load(kek_path).rotate(kek_path)
+    with pytest.raises(ConfigurationError, match="changed while rewriting"):
+        stale.rewrite(kek_path, sealer=_StandInSealer())
+
+
+def test_a_ring_passed_on_a_pipe_round_trips_and_never_reloads(kek_path: Path) -> None:
+    ring = KekRing.create(kek_path).rotate(kek_path)
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, ring.to_json())
+    os.close(write_fd)
+    received = KekRing.from_fd(read_fd)
+    assert received.active == ring.active
+    assert received.kek_ids == ring.kek_ids
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(read_fd)  # closed after reading
+    KekRing.load(kek_path).rotate(kek_path)
+    assert received.refresh() is False  # zandd up replaces the process instead

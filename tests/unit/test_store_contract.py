@@ -332,6 +332,18 @@ async def test_list_due_gives_only_the_pending_versions_whose_time_has_come(
     assert await store.list_due(T0 + timedelta(days=1)) == [due_a, later, due_b]
 
 
+async def test_kek_usage_counts_versions_per_kek_they_need(store: VaultStore) -> None:
+    assert await store.kek_usage() == {}
+    other = SealedKey("kek-20261129-0e0e0e0e", os.urandom(12), os.urandom(48))
+    await store.create_key(make_record("key-a"))
+    await store.create_key(make_record("key-a", version=2))
+    await store.create_key(dataclasses.replace(make_record("key-b"), sealed=other))
+    await store.create_key(make_record("key-c", destroyed=True))
+    # Every record here is MACed under kek-20261128-0a0b0c0d (make_record): key-b needs both
+    # KEKs, the destroyed key-c only its MAC's; a version counts once per KEK.
+    assert await store.kek_usage() == {"kek-20261128-0a0b0c0d": 4, "kek-20261129-0e0e0e0e": 1}
+
+
 async def test_replace_key_changes_state_and_keeps_the_rest(store: VaultStore) -> None:
     record = await store.create_key(make_record(request_id="req-cas"))
     pending = dataclasses.replace(

@@ -22,6 +22,7 @@ from yarl import URL
 from contracts.amqp import connect, principal_of, redact_url
 from contracts.errors import ConfigurationError, ZanddError
 from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE
+from vault.kek import KekRing
 from workers.bench.progress import Progress
 from workers.config import Settings
 from workers.fleet import READY_TIMEOUT_S, Fleet, child_environment, wait_until_ready
@@ -141,13 +142,14 @@ def bench_settings(settings: Settings, *, amqp_url: str, data_dir: Path, tcti: s
 
 @asynccontextmanager
 async def running_fleet(
-    settings: Settings, tcti: str, signers: int, progress: Progress
+    settings: Settings, tcti: str, signers: int, progress: Progress, ring: KekRing
 ) -> AsyncIterator[None]:
-    """The keygen worker and ``signers`` signers as child processes, until the block ends."""
+    """The keygen worker and ``signers`` signers as child processes, until the block ends;
+    they get ``ring`` on a pipe, as under ``zandd up``."""
     env = child_environment(settings, tcti)
     # A metrics port from the environment belongs to the production fleet: do not fight it.
     env.pop("ZANDD_METRICS_PORT", None)
-    fleet = Fleet(settings, signers=signers, child_env=env)
+    fleet = Fleet(settings, signers=signers, child_env=env, ring=ring)
     progress.note(f"starting a fleet: keygen + {signers} signer{'s' if signers > 1 else ''}")
     await fleet.start()
     try:

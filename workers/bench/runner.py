@@ -13,7 +13,6 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
 from contracts.amqp import connect, redact_url
 from contracts.errors import BrokerUnavailable
-from vault.kek import KekRing
 from workers.bench.environment import (
     attached_signers,
     bench_settings,
@@ -77,17 +76,15 @@ async def _run(settings: Settings, options: BenchOptions, progress: Progress) ->
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="zandd-bench-")))
         tcti = stack.enter_context(bench_tpm(settings, workdir / "swtpm"))
         local = bench_settings(settings, amqp_url=amqp_url, data_dir=workdir, tcti=tcti)
-        ensure_kek_ring(local, tcti)
-        in_process = await measure_in_process(
-            tcti, KekRing.load(local.resolved_kek_file), options.timing, progress
-        )
+        ring = await ensure_kek_ring(local, tcti)
+        in_process = await measure_in_process(tcti, ring, options.timing, progress)
         fleets: list[FleetResults] = []
         keygen: Run | None = None
         for signers in signer_counts:
             async with AsyncExitStack() as fleet_stack:
                 if not options.attach:
                     await fleet_stack.enter_async_context(
-                        running_fleet(local, tcti, signers, progress)
+                        running_fleet(local, tcti, signers, progress, ring)
                     )
                 fleets.append(await measure_fleet(amqp_url, signers, options.timing, progress))
                 if keygen is None:

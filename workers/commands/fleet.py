@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from vault.coverage import ALLOW_UNREADABLE_FLAG
 from workers.commands.base import EXIT_FAILURE, CommandTree, positive_int
 from workers.config import Settings
 
@@ -35,6 +36,8 @@ async def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         print(result.line, flush=True)
         return 0 if result.verified == result.total else EXIT_FAILURE
 
+    if args.allow_unreadable:
+        settings = settings.model_copy(update={"allow_unreadable": True})
     return await run_up(settings, signers=args.signers, after_ready=demo if args.demo else None)
 
 
@@ -48,3 +51,9 @@ def register(tree: CommandTree) -> None:
     up = tree.add("up", _cmd_up, "run the whole fleet on this machine")
     up.add_argument("--signers", type=positive_int, default=2, help="signer processes (default 2)")
     up.add_argument("--demo", action="store_true", help="prove the fleet works, then exit")
+    up.add_argument(
+        ALLOW_UNREADABLE_FLAG,
+        action="store_true",
+        help="start (and create a ring if there is none) even though the vault holds key "
+        "versions the ring does not open; they stay unreadable and health fails",
+    )

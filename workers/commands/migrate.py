@@ -20,15 +20,16 @@ _SHOWN_NOT_COPIED = 3
 
 
 async def _cmd_vault_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from vault.kek import KekRing
     from vault.migrate import migrate_vault
     from vault.store import open_store
     from vault.urls import redact_url
 
     if args.source == args.target:
         raise ConfigurationError("--from and --to name the same vault")
+    from workers.ringsetup import load_ring
+
     harden_for_key_material(lock_memory=settings.lock_memory)
-    ring = KekRing.load(settings.resolved_kek_file)
+    ring = load_ring(settings)
     bar = ProgressBar(sys.stderr)
     async with AsyncExitStack() as stack:
         source = await open_store(args.source)

@@ -1,9 +1,13 @@
-"""The key vault: ``zandd vault init|rotate-kek|rewrap|status|mac-records``.
+"""The key vault: ``zandd vault init|rotate-kek|rewrap|status|seal-ring|export-ring|mac-records``.
 
 Retiring a KEK: ``rotate-kek`` adds a new active KEK (running workers pick it up by
-themselves), ``rewrap`` re-seals and re-MACs every key version under it — interruptible,
-re-runnable — and ``status`` shows when no version uses the old KEK any more.
-``mac-records`` is the one-time upgrade of a vault whose records predate record MACs.
+themselves; under ``zandd up`` the supervisor replaces them with ones that have it),
+``rewrap`` re-seals and re-MACs every key version under it — interruptible, re-runnable — and
+``status`` shows when no version uses the old KEK any more. ``mac-records`` is the one-time
+upgrade of a vault whose records predate record MACs.
+
+The ring file is sealed to this host's TPM when it has one; ``seal-ring`` seals a plaintext
+ring and ``export-ring`` writes a sealed one back in plaintext (for a host without a TPM).
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ import logging
 import sys
 from collections import Counter
 from contextlib import ExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from contracts.errors import ZanddError
+from contracts.errors import ConfigurationError, ZanddError
 from vault.audit import OUTCOME_OK, AuditEvent, AuditLog
 from vault.audit_chain import ChainKeys
+from vault.coverage import ALLOW_UNREADABLE_FLAG
 from vault.urls import redact_url
 from workers.audit_head import KeyedAppender
 from workers.auditing import utc_now
@@ -28,6 +34,7 @@ from workers.config import Settings
 from workers.hygiene import harden_for_key_material
 
 if TYPE_CHECKING:
+    from vault.kek import KekRing
     from workers.keygen.tpm import Tpm
 
 log = logging.getLogger("zandd.cli")
@@ -35,35 +42,51 @@ log = logging.getLogger("zandd.cli")
 
 async def _cmd_vault_init(args: argparse.Namespace, settings: Settings) -> int:
     from vault.kek import KekRing
-    from vault.store import open_store
+    from workers.ringsetup import describe, open_or_create_ring, tpm_sealer
 
     harden_for_key_material(lock_memory=settings.lock_memory)
-    path = settings.resolved_kek_file
-    if path.exists():
-        print(f"KEK ring {path} exists already; kept as it is")
-    else:
+    updates: dict[str, object] = {"allow_unreadable": True} if args.allow_unreadable else {}
+    if args.pcrs:
+        updates["kek_ring_pcrs"] = args.pcrs
+    settings = settings.model_copy(update=updates)
+    source = ""
+
+    def create(path: Path) -> KekRing:
+        nonlocal source
         with ExitStack() as stack:
             tpm = _reachable_tpm(settings)
             if tpm is None:
-                ring = KekRing.create(path)
+                if not args.plaintext:
+                    raise ConfigurationError(
+                        f"no TPM is reachable to seal the KEK ring {path} to: start one (or set "
+                        "ZANDD_TPM_TCTI), or pass --plaintext to write the ring in the clear"
+                    )
                 source = "the OS RNG (no TPM reachable)"
-            else:
-                stack.enter_context(tpm)
-                ring = KekRing.create(path, random_bytes=tpm.get_random)
-                source = "the TPM's RNG mixed with the OS RNG"
+                return KekRing.create(path)
+            stack.enter_context(tpm)
+            source = "the TPM's RNG mixed with the OS RNG"
+            sealer = None
+            if not args.plaintext:
+                sealer = tpm_sealer(settings, pcrs=settings.kek_ring_pcrs)
+            return KekRing.create(path, random_bytes=tpm.get_random, sealer=sealer)
+
+    path = settings.resolved_kek_file
+    ring, created = await open_or_create_ring(settings, create)
+    if created:
         print(f"created KEK ring {path} (active KEK {ring.active.kek_id}, from {source})")
-    store = await open_store(settings.resolved_vault_url)
-    await store.close()
+    else:
+        print(f"KEK ring {path} exists already; kept as it is")
+    print(describe(ring, settings))
     print(f"vault ready at {redact_url(settings.resolved_vault_url)}")
     return 0
 
 
 async def _cmd_vault_rotate_kek(args: argparse.Namespace, settings: Settings) -> int:
-    from vault.kek import KekRing
+    from workers.ringsetup import load_ring
 
-    harden_for_key_material(lock_memory=settings.lock_memory)
     path = settings.resolved_kek_file
-    old = KekRing.load(path)
+    harden_for_key_material(lock_memory=settings.lock_memory)
+    old = load_ring(settings)
     ring = old.rotate(path)
     async with opened_store(settings) as store:
         audit = AuditLog(KeyedAppender(store, ChainKeys(ring)))
@@ -73,12 +96,54 @@ async def _cmd_vault_rotate_kek(args: argparse.Namespace, settings: Settings) ->
     return 0
 
 
-async def _cmd_vault_rewrap(args: argparse.Namespace, settings: Settings) -> int:
-    from vault.kek import KekRing
-    from vault.rewrap import RewrapOutcome, rewrap
+async def _cmd_vault_seal_ring(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.ringsetup import describe, load_ring, tpm_sealer
 
     harden_for_key_material(lock_memory=settings.lock_memory)
-    ring = KekRing.load(settings.resolved_kek_file)
+    ring = load_ring(settings)
+    if ring.sealer is not None:
+        print(f"{describe(ring, settings)}: nothing to do")
+        return 0
+    sealer = tpm_sealer(settings, pcrs=args.pcrs or settings.kek_ring_pcrs)
+    sealed = ring.rewrite(settings.resolved_kek_file, sealer=sealer)
+    await _record_ring_event("vault.seal-ring", sealed, settings)
+    print(describe(sealed, settings))
+    print("copies of the plaintext file (backups, other hosts) still hold every KEK")
+    return 0
+
+
+async def _cmd_vault_export_ring(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.ringsetup import describe, load_ring
+
+    harden_for_key_material(lock_memory=settings.lock_memory)
+    ring = load_ring(settings)
+    if ring.sealer is None:
+        print(f"{describe(ring, settings)}: nothing to do")
+        return 0
+    plain = ring.rewrite(settings.resolved_kek_file, sealer=None)
+    await _record_ring_event("vault.export-ring", plain, settings)
+    print(
+        f"WARNING: the KEK ring {settings.resolved_kek_file} is now in PLAINTEXT: whoever "
+        "copies it and the vault has every key; keep it mode 0600, off backups, and delete "
+        "it once it reached the host that needs it",
+        file=sys.stderr,
+    )
+    print(describe(plain, settings))
+    return 0
+
+
+async def _record_ring_event(operation: str, ring: KekRing, settings: Settings) -> None:
+    async with opened_store(settings) as store:
+        audit = AuditLog(KeyedAppender(store, ChainKeys(ring)))
+        await audit.record(_vault_event(operation, key_id=ring.active.kek_id))
+
+
+async def _cmd_vault_rewrap(args: argparse.Namespace, settings: Settings) -> int:
+    from vault.rewrap import RewrapOutcome, rewrap
+    from workers.ringsetup import load_ring
+
+    harden_for_key_material(lock_memory=settings.lock_memory)
+    ring = load_ring(settings)
     outcomes: Counter[RewrapOutcome] = Counter()
     bar = ProgressBar(sys.stderr)
     async with opened_store(settings) as store:
@@ -111,10 +176,11 @@ async def _cmd_vault_rewrap(args: argparse.Namespace, settings: Settings) -> int
 
 
 async def _cmd_vault_mac_records(args: argparse.Namespace, settings: Settings) -> int:
-    from vault.kek import KekRing
     from vault.mac_upgrade import MacOutcome, count_unmaced, mac_records
+    from workers.ringsetup import load_ring
 
-    ring = KekRing.load(settings.resolved_kek_file)
+    harden_for_key_material(lock_memory=settings.lock_memory)
+    ring = load_ring(settings)
     outcomes: Counter[MacOutcome] = Counter()
     bar = ProgressBar(sys.stderr)
     async with opened_store(settings) as store:
@@ -127,7 +193,7 @@ async def _cmd_vault_mac_records(args: argparse.Namespace, settings: Settings) -
                 file=sys.stderr,
             )
             return EXIT_FAILURE
-        audit = AuditLog(store)
+        audit = AuditLog(KeyedAppender(store, ChainKeys(ring)))
         async for step in mac_records(store, ring):
             outcomes[step.outcome] += 1
             bar.show("mac-records", step.done, step.total)
@@ -157,20 +223,26 @@ async def _cmd_vault_mac_records(args: argparse.Namespace, settings: Settings) -
 
 
 async def _cmd_vault_status(args: argparse.Namespace, settings: Settings) -> int:
-    from vault.kek import KekRing
+    from vault.kek import ring_file_info
 
-    harden_for_key_material(lock_memory=settings.lock_memory)
-    ring = KekRing.load(settings.resolved_kek_file)
+    path = settings.resolved_kek_file
+    # The ids and the form are readable without opening the ring: no TPM needed.
+    ring = ring_file_info(path)
     async with opened_store(settings) as store:
         records = await store.list_versions()
     per_kek = Counter(record.kek_id for record in records)
     destroyed = per_kek.pop(None, 0)
+    print(f"vault {redact_url(settings.resolved_vault_url)}: {len(records)} key versions")
+    if ring.sealed:
+        policy = f"PCR policy {ring.pcrs}" if ring.pcrs else "no PCR policy"
+        print(f"KEK ring {path}: sealed to this host's TPM ({policy})")
+    else:
+        print(f"KEK ring {path}: PLAINTEXT, not sealed to a TPM (`zandd vault seal-ring` seals it)")
     # A KEK that only derives some record's MAC key is still in use: re-wrap moves those too.
     macs = Counter(record.mac.kek_id for record in records if record.mac is not None)
     unmaced = len(records) - macs.total()
-    print(f"vault {redact_url(settings.resolved_vault_url)}: {len(records)} key versions")
     for kek_id in ring.kek_ids:
-        active = " (active)" if kek_id == ring.active.kek_id else ""
+        active = " (active)" if kek_id == ring.active else ""
         count, mac_count = per_kek.pop(kek_id, 0), macs.pop(kek_id, 0)
         retire = "" if count or mac_count or active else " — unused: it can be retired"
         also = f" (and {mac_count} record MACs)" if mac_count > count else ""
@@ -211,10 +283,29 @@ def _reachable_tpm(settings: Settings) -> Tpm | None:
         return None
 
 
+_PCRS_HELP = (
+    "seal with a PCR policy: the ring then opens only while these PCRs (e.g. sha256:0,2,4,7) "
+    "hold the values they had at sealing (real TPMs; default: no policy, ZANDD_KEK_RING_PCRS)"
+)
+
+
 def register(tree: CommandTree) -> None:
     """Add the vault commands."""
-    tree.add(
+    init = tree.add(
         "vault init", _cmd_vault_init, "create the KEK ring (from the TPM's RNG) and the vault"
+    )
+    init.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="write the ring in the clear, not sealed to the TPM (hosts without a TPM, "
+        "compose secrets)",
+    )
+    init.add_argument("--pcrs", default=None, help=_PCRS_HELP)
+    init.add_argument(
+        ALLOW_UNREADABLE_FLAG,
+        action="store_true",
+        help="create a new ring even though the vault holds key versions it will not open "
+        "(they stay unreadable; health fails until they are gone)",
     )
     tree.add("vault rotate-kek", _cmd_vault_rotate_kek, "add a new active KEK to the ring")
     tree.add(
@@ -222,7 +313,20 @@ def register(tree: CommandTree) -> None:
         _cmd_vault_rewrap,
         "re-seal every key version under the active KEK (safe to interrupt and re-run)",
     )
-    tree.add("vault status", _cmd_vault_status, "key versions per KEK, and KEKs nothing uses")
+    tree.add(
+        "vault status",
+        _cmd_vault_status,
+        "key versions per KEK, KEKs nothing uses, and whether the ring is sealed",
+    )
+    seal = tree.add(
+        "vault seal-ring", _cmd_vault_seal_ring, "seal a plaintext KEK ring to this host's TPM"
+    )
+    seal.add_argument("--pcrs", default=None, help=_PCRS_HELP)
+    tree.add(
+        "vault export-ring",
+        _cmd_vault_export_ring,
+        "write a sealed KEK ring back in PLAINTEXT (for a host without a TPM)",
+    )
     upgrade = tree.add(
         "vault mac-records",
         _cmd_vault_mac_records,

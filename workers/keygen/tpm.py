@@ -141,8 +141,11 @@ class Tpm:
     instance and open a new one: the cached storage primary may be gone.
     """
 
-    def __init__(self, tcti: str) -> None:
+    def __init__(self, tcti: str, *, flush_leftovers: bool = True) -> None:
         """Open the ESAPI context over ``tcti`` (e.g. ``device:/dev/tpmrm0``).
+
+        ``flush_leftovers=False`` for a brief user beside a running keygen worker (unsealing
+        the KEK ring): on a TPM without a resource manager the leftovers may be the worker's.
 
         Raises:
             TpmUnavailable: the TCTI cannot be loaded or the TPM does not answer.
@@ -153,8 +156,9 @@ class Tpm:
             self._ectx: Any = ESAPI(tcti)
         except Exception as exc:
             raise TpmUnavailable(f"cannot open the TPM through TCTI {tcti!r}: {exc}") from exc
-        with _tss_errors("clearing objects a previous keygen worker left"):
-            _flush_leftovers(self._ectx)
+        if flush_leftovers:
+            with _tss_errors("clearing objects a previous keygen worker left"):
+                _flush_leftovers(self._ectx)
 
     def info(self) -> TpmInfo:
         """Manufacturer, vendor string, firmware version and spec level of the TPM."""
