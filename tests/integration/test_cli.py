@@ -260,9 +260,10 @@ def _proc(pid: int, name: str) -> bytes:
 
 
 _CREATE_RING_AS_UP_DOES = """
+import asyncio
 from workers.config import Settings
 from workers.fleet import ensure_kek_ring
-ensure_kek_ring(Settings(), sys.argv[1])
+asyncio.run(ensure_kek_ring(Settings(), sys.argv[1]))
 print(json.dumps({"seen": seen}))
 """
 

@@ -17,10 +17,12 @@ from workers.config import Settings
 
 
 async def _cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from vault.kek import KekRing
+    from workers.hygiene import harden_for_key_material
+    from workers.ringsetup import load_ring
 
     known = _known_head(args)
-    keys = ChainKeys(KekRing.load(settings.resolved_kek_file))
+    harden_for_key_material(lock_memory=settings.lock_memory)
+    keys = ChainKeys(load_ring(settings))
     async with opened_store(settings) as store:
         # A broken chain raises AuditBroken, whose one sentence names the first bad entry.
         report = await check_log(store, keys, known)

@@ -13,7 +13,7 @@ import argparse
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from contracts.errors import ConfigurationError, IntegrityError, KeyNotFound
+from contracts.errors import IntegrityError, KeyNotFound, ZanddError
 from contracts.models import DEFAULT_PENDING_DAYS, KeyState, KeyStateReply
 from workers.commands.base import Command, CommandTree
 from workers.commands.local import opened_store, printable, when
@@ -57,12 +57,14 @@ def _describe_version(record: KeyRecord, check: RecordCheck) -> str:
 
 def _record_check(settings: Settings) -> RecordCheck:
     """A suffix for each record: empty when its MAC holds, why the workers refuse it if not."""
-    from vault.kek import KekRing
     from vault.record_mac import verify_record
+    from workers.hygiene import harden_for_key_material
+    from workers.ringsetup import load_ring
 
     try:
-        ring = KekRing.load(settings.resolved_kek_file)
-    except ConfigurationError:
+        harden_for_key_material(lock_memory=settings.lock_memory)
+        ring = load_ring(settings)
+    except ZanddError:
         return lambda record: " (record MAC not checked: no KEK ring here)"
 
     def check(record: KeyRecord) -> str:
