@@ -16,14 +16,17 @@ import argparse
 import logging
 import sys
 from collections import Counter
+from collections.abc import AsyncIterator
 from contextlib import ExitStack
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from contracts.errors import ConfigurationError, ZanddError
+from contracts.errors import ConfigurationError, ErrorCode, ZanddError
 from vault.audit import OUTCOME_OK, AuditEvent, AuditLog
 from vault.audit_chain import ChainKeys
 from vault.coverage import ALLOW_UNREADABLE_FLAG
+from vault.records import KeyRecord
 from vault.urls import redact_url
 from workers.audit_head import KeyedAppender
 from workers.auditing import utc_now
@@ -38,6 +41,9 @@ if TYPE_CHECKING:
     from workers.keygen.tpm import Tpm
 
 log = logging.getLogger("zandd.cli")
+
+_Outcome_co = TypeVar("_Outcome_co", bound=StrEnum, covariant=True)
+_Outcome = TypeVar("_Outcome", bound=StrEnum)
 
 
 async def _cmd_vault_init(args: argparse.Namespace, settings: Settings) -> int:
@@ -144,24 +150,11 @@ async def _cmd_vault_rewrap(args: argparse.Namespace, settings: Settings) -> int
 
     harden_for_key_material(lock_memory=settings.lock_memory)
     ring = load_ring(settings)
-    outcomes: Counter[RewrapOutcome] = Counter()
-    bar = ProgressBar(sys.stderr)
     async with opened_store(settings) as store:
         audit = AuditLog(KeyedAppender(store, ChainKeys(ring)))
-        async for step in rewrap(store, ring):
-            outcomes[step.outcome] += 1
-            bar.show("rewrap", step.done, step.total)
-            if step.outcome in (RewrapOutcome.REWRAPPED, RewrapOutcome.UNREADABLE):
-                outcome = OUTCOME_OK if step.outcome == RewrapOutcome.REWRAPPED else step.outcome
-                await audit.record(
-                    _vault_event(
-                        "vault.rewrap",
-                        key_id=step.record.key_id,
-                        version=step.record.version,
-                        outcome=outcome,
-                    )
-                )
-    bar.finish()
+        outcomes = await _each_version(
+            "vault.rewrap", rewrap(store, ring), audit, RewrapOutcome.REWRAPPED
+        )
     summary = ", ".join(f"{count} {outcome.value}" for outcome, count in sorted(outcomes.items()))
     print(f"rewrap under {ring.active.kek_id}: {summary or 'no key versions'}")
     if outcomes[RewrapOutcome.UNREADABLE]:
@@ -181,8 +174,6 @@ async def _cmd_vault_mac_records(args: argparse.Namespace, settings: Settings) -
 
     harden_for_key_material(lock_memory=settings.lock_memory)
     ring = load_ring(settings)
-    outcomes: Counter[MacOutcome] = Counter()
-    bar = ProgressBar(sys.stderr)
     async with opened_store(settings) as store:
         maced, unmaced = await count_unmaced(store)
         if maced and unmaced and not args.again:
@@ -194,20 +185,9 @@ async def _cmd_vault_mac_records(args: argparse.Namespace, settings: Settings) -
             )
             return EXIT_FAILURE
         audit = AuditLog(KeyedAppender(store, ChainKeys(ring)))
-        async for step in mac_records(store, ring):
-            outcomes[step.outcome] += 1
-            bar.show("mac-records", step.done, step.total)
-            if step.outcome in (MacOutcome.MACED, MacOutcome.UNREADABLE):
-                outcome = OUTCOME_OK if step.outcome == MacOutcome.MACED else step.outcome
-                await audit.record(
-                    _vault_event(
-                        "vault.mac-records",
-                        key_id=step.record.key_id,
-                        version=step.record.version,
-                        outcome=outcome,
-                    )
-                )
-    bar.finish()
+        outcomes = await _each_version(
+            "vault.mac-records", mac_records(store, ring), audit, MacOutcome.MACED
+        )
     summary = ", ".join(f"{count} {outcome.value}" for outcome, count in sorted(outcomes.items()))
     print(f"record MACs under {ring.active.kek_id}: {summary or 'no key versions'}")
     if outcomes[MacOutcome.UNREADABLE]:
@@ -220,6 +200,39 @@ async def _cmd_vault_mac_records(args: argparse.Namespace, settings: Settings) -
     if outcomes[MacOutcome.CHANGED]:
         print("some versions changed meanwhile: run `zandd vault mac-records --again`")
     return 0
+
+
+class _Step(Protocol[_Outcome_co]):
+    """One key version handled by a vault-wide walk (rewrap, mac-records): ``done`` of ``total``."""
+
+    @property
+    def done(self) -> int: ...
+    @property
+    def total(self) -> int: ...
+    @property
+    def record(self) -> KeyRecord: ...
+    @property
+    def outcome(self) -> _Outcome_co: ...
+
+
+async def _each_version(
+    operation: str, steps: AsyncIterator[_Step[_Outcome]], audit: AuditLog, done: _Outcome
+) -> Counter[_Outcome]:
+    """Run a vault-wide walk with a progress bar; audit each version it changed or could not
+    open (outcome ``integrity_error``). The count of each outcome."""
+    outcomes: Counter[_Outcome] = Counter()
+    bar = ProgressBar(sys.stderr)
+    async for step in steps:
+        outcomes[step.outcome] += 1
+        bar.show(operation.removeprefix("vault."), step.done, step.total)
+        if step.outcome == done or step.outcome == ErrorCode.INTEGRITY_ERROR:
+            outcome = OUTCOME_OK if step.outcome == done else str(step.outcome)
+            event = _vault_event(
+                operation, key_id=step.record.key_id, version=step.record.version, outcome=outcome
+            )
+            await audit.record(event)
+    bar.finish()
+    return outcomes
 
 
 async def _cmd_vault_status(args: argparse.Namespace, settings: Settings) -> int:
