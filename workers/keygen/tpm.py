@@ -2,25 +2,35 @@
 
 The TPM generates each P-256 key (``TPM2_Create`` under a storage primary, the scalar never
 chosen outside the TPM) and hands the private scalar out once with ``TPM2_Duplicate`` to the
-NULL parent without inner wrapper. The key's only policy is ``PolicyCommandCode(Duplicate)``.
-After export the key is no longer bound to the TPM: the TPM contributes its RNG and key
-generation, the vault encryption protects the key at rest.
+NULL parent. The key's only policy is ``PolicyCommandCode(Duplicate)``. After export the key
+is no longer bound to the TPM: the TPM contributes its RNG and key generation, the vault
+encryption protects the key at rest.
 
-Without parameter encryption the duplicate crosses the TPM interface (bus, ``/dev/tpmrm0``,
-or the swtpm socket) in plaintext; an inner wrapper would be needed to protect it there.
+The duplicate crosses the TPM interface (bus, ``/dev/tpmrm0``, or the swtpm socket) under an
+inner wrapper (TPM 2.0 part 1, 23.3.2.3): AES-128-CFB with a one-use key this process draws
+from the OS RNG, and an integrity digest over the sensitive area and the key's name. That key
+reaches the TPM as ``encryptionKeyIn``, the first parameter of ``TPM2_Duplicate``, encrypted
+by the policy session (``decrypt`` attribute), which is salted to the storage primary: its
+session key derives from a salt only this process and the TPM know. A passive sniffer of the
+interface sees only ciphertext. The salt is encrypted to the public key ESAPI read from the
+``TPM2_CreatePrimary`` response, so an active interposer that answers in the TPM's place is
+not stopped.
 
-Wiping: the scalar is copied into a ``bytearray`` that :meth:`ExportedKey.wipe` zeroes, and the
-C buffers tpm2-pytss hands back (the duplicate and its unmarshalled form) are zeroed here.
-Python cannot wipe what it copies into immutable objects: the ``bytes`` copy that
-``TPM_OBJECT.unmarshal`` makes inside tpm2-pytss, the ``int`` passed to ``cryptography``, and
-the response buffer inside the ESAPI context, which the next larger response overwrites.
-OpenSSL clears its own copy of the private value when the key object is freed.
+Wiping: the scalar is copied into a ``bytearray`` that :meth:`ExportedKey.wipe` zeroes; the
+deciphered duplicate lives in a ``bytearray`` zeroed after the copy, and the C buffers
+tpm2-pytss hands over (the inner key, the duplicate) are zeroed here. Python cannot wipe the
+``bytes`` the OS RNG returns for the inner key (it opens only this one duplicate), the
+``int`` passed to ``cryptography``, nor the inner key ESAPI keeps among the saved inputs of
+its last ``TPM2_Duplicate``, which the next export overwrites. OpenSSL clears its own copies of the
+private value and of the AES key when the objects are freed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
+import os
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -30,7 +40,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from cryptography.hazmat.decrepit.ciphers.modes import CFB
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from tpm2_pytss import (
     ESAPI,
     ESYS_TR,
@@ -42,10 +54,11 @@ from tpm2_pytss import (
     TPM2_PT_FIRMWARE,
     TPM2_PT_VENDOR,
     TPM2_SE,
-    TPM2B_PRIVATE,
+    TPM2B_DATA,
     TPM2B_PUBLIC,
-    TPM2B_SENSITIVE,
     TPMA_OBJECT,
+    TPMA_SESSION,
+    TPMT_SYM_DEF,
     TPMT_SYM_DEF_OBJECT,
     TSS2_Exception,
 )
@@ -63,6 +76,12 @@ T = TypeVar("T")
 DUPLICATE_ONLY_POLICY = hashlib.sha256(
     bytes(32) + struct.pack(">II", TPM2_CC.PolicyCommandCode, TPM2_CC.Duplicate)
 ).digest()
+
+# The inner wrapper of the duplicate and the parameter encryption of the session carrying its
+# key: the storage primary's symmetric algorithm, which every TPM 2.0 implements.
+_AES128_CFB = "aes128cfb"
+_INNER_KEY_BYTES = 16
+_AES_BLOCK_BYTES = 16
 
 # TPM2_GetRandom returns at most the size of the TPM's largest digest per call.
 _RANDOM_CHUNK_BYTES = 64
@@ -209,10 +228,10 @@ class Tpm:
             private, public, _, _, _ = ectx.create(primary, None, _exportable_key_template())
             with (
                 _flushed(ectx, ectx.load(primary, private, public)) as key,
-                _flushed(ectx, _policy_session(ectx)) as session,
+                _flushed(ectx, _salted_policy_session(ectx, primary)) as session,
             ):
                 ectx.policy_command_code(session, TPM2_CC.Duplicate)
-                _copy_scalar(_duplicate_unwrapped(ectx, key, session), into=scalar)
+                _export_scalar(ectx, key, session, into=scalar)
             return public
 
         try:
@@ -336,52 +355,108 @@ def _exportable_key_template() -> TPM2B_PUBLIC:
     )
 
 
-def _policy_session(ectx: Any) -> Any:
-    return ectx.start_auth_session(
-        tpm_key=ESYS_TR.NONE,
+def _salted_policy_session(ectx: Any, salt_key: Any) -> Any:
+    """A policy session salted to ``salt_key`` that encrypts the command's first parameter.
+
+    The salt travels encrypted to ``salt_key`` (ECDH for the storage primary), so the session
+    key, and the ``encryptionKeyIn`` it protects, never cross the interface in the clear.
+    """
+    session = ectx.start_auth_session(
+        tpm_key=salt_key,
         bind=ESYS_TR.NONE,
         session_type=TPM2_SE.POLICY,
-        symmetric=None,
+        symmetric=TPMT_SYM_DEF.parse(_AES128_CFB),
         auth_hash=TPM2_ALG.SHA256,
     )
+    try:
+        ectx.trsess_set_attributes(session, TPMA_SESSION.DECRYPT, TPMA_SESSION.DECRYPT)
+    except BaseException:
+        ectx.flush_context(session)
+        raise
+    return session
 
 
-def _duplicate_unwrapped(ectx: Any, key: Any, session: Any) -> TPM2B_PRIVATE:
-    # ESYS_TR.NULL, not ESYS_TR.NONE: with NONE, ESAPI sends TPM_RH_NULL but puts an empty name
-    # into the cpHash, and the TPM rejects the policy session's HMAC (TPM_RC_BAD_AUTH).
-    _, duplicate, _ = ectx.duplicate(
-        key,
-        ESYS_TR.NULL,
-        None,
-        TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
-        session1=session,
-    )
-    return duplicate
+def _export_scalar(ectx: Any, key: Any, session: Any, *, into: bytearray) -> None:
+    """Duplicate ``key`` under a one-use inner wrapper, unwrap it, copy the scalar ``into``.
 
-
-def _copy_scalar(duplicate: TPM2B_PRIVATE, *, into: bytearray) -> None:
-    """Copy the ECC scalar of an unwrapped duplicate into ``into``; zero the C buffers.
-
-    With no inner and no outer wrapper the duplicate is the marshalled TPM2B_SENSITIVE.
+    The inner key comes from the OS RNG, not TPM2_GetRandom, whose response is in the clear.
     """
-    expected = len(duplicate)
+    inner_key = bytearray(os.urandom(_INNER_KEY_BYTES))
+    key_in = TPM2B_DATA(bytes(len(inner_key)))
     try:
-        sensitive, consumed = TPM2B_SENSITIVE.unmarshal(duplicate)
-    except TSS2_Exception as exc:
-        raise IntegrityError("the TPM's duplicate is not a plain sensitive area") from exc
+        key_in.buffer[:] = inner_key
+        # ESYS_TR.NULL, not ESYS_TR.NONE: with NONE, ESAPI sends TPM_RH_NULL but puts an empty
+        # name into the cpHash, and the TPM rejects the policy session's HMAC (TPM_RC_BAD_AUTH).
+        _, duplicate, _ = ectx.duplicate(
+            key,
+            ESYS_TR.NULL,
+            key_in,
+            TPMT_SYM_DEF_OBJECT.parse(_AES128_CFB),
+            session1=session,
+        )
+        try:
+            _unwrap_inner(duplicate.buffer, inner_key, bytes(ectx.tr_get_name(key)), into=into)
+        finally:
+            _zero_tpm2b(duplicate)
     finally:
-        _zero_tpm2b(duplicate)
-    area = sensitive.sensitiveArea
+        _zero_tpm2b(key_in)
+        wipe(inner_key)
+
+
+def _unwrap_inner(
+    wrapped: memoryview | bytes, inner_key: bytearray, name: bytes, *, into: bytearray
+) -> None:
+    """Decipher an inner-wrapped duplicate, check its integrity, copy the ECC scalar ``into``.
+
+    The layout (TPM 2.0 part 1, 23.3.2.3): AES-CFB with ``inner_key`` and a zero IV over
+    ``TPM2B(innerIntegrity) || TPM2B_SENSITIVE``, where ``innerIntegrity`` is
+    ``SHA-256(TPM2B_SENSITIVE || name)``.
+
+    Raises:
+        IntegrityError: the integrity digest does not match, or the area is not an ECC key.
+    """
+    plain = bytearray(len(wrapped) + _AES_BLOCK_BYTES - 1)
     try:
-        scalar = area.sensitive.ecc
-        if consumed != expected or area.sensitiveType != TPM2_ALG.ECC:
-            raise IntegrityError("the TPM's duplicate is not a plain ECC sensitive area")
-        if len(scalar) > len(into):
-            raise IntegrityError("the TPM exported an ECC scalar longer than 32 bytes")
-        into[len(into) - len(scalar) :] = scalar.buffer
+        decryptor = Cipher(algorithms.AES(inner_key), CFB(bytes(_AES_BLOCK_BYTES))).decryptor()
+        size = decryptor.update_into(wrapped, plain)
+        decryptor.finalize()
+        view = memoryview(plain)[:size]
+        integrity, sensitive = _take_tpm2b(view)
+        expected = hashlib.sha256(sensitive)
+        expected.update(name)
+        if not hmac.compare_digest(integrity, expected.digest()):
+            raise IntegrityError("the TPM's duplicate fails its inner integrity check")
+        _copy_scalar(sensitive, into=into)
     finally:
-        for part in (area.authValue, area.seedValue, area.sensitive.ecc):
-            _zero_tpm2b(part)
+        wipe(plain)
+
+
+def _copy_scalar(marshalled: memoryview, *, into: bytearray) -> None:
+    """Copy the ECC scalar of a marshalled ``TPM2B_SENSITIVE`` into ``into``.
+
+    Parsed in place, field by field, so that no immutable copy of the sensitive area exists.
+    """
+    area, rest = _take_tpm2b(marshalled)
+    if len(rest) or len(area) < 2 or int.from_bytes(area[:2], "big") != TPM2_ALG.ECC:
+        raise IntegrityError("the TPM's duplicate is not a plain ECC sensitive area")
+    _, rest = _take_tpm2b(area[2:])  # authValue
+    _, rest = _take_tpm2b(rest)  # seedValue
+    scalar, rest = _take_tpm2b(rest)
+    if len(rest):
+        raise IntegrityError("the TPM's duplicate is not a plain ECC sensitive area")
+    if len(scalar) > len(into):
+        raise IntegrityError("the TPM exported an ECC scalar longer than 32 bytes")
+    into[len(into) - len(scalar) :] = scalar
+
+
+def _take_tpm2b(data: memoryview) -> tuple[memoryview, memoryview]:
+    """Split a marshalled TPM2B (big-endian 16-bit size, then the bytes) off ``data``."""
+    if len(data) < 2:
+        raise IntegrityError("the TPM's duplicate is truncated")
+    size = int.from_bytes(data[:2], "big")
+    if len(data) < 2 + size:
+        raise IntegrityError("the TPM's duplicate is truncated")
+    return data[2 : 2 + size], data[2 + size :]
 
 
 def _public_point(public: TPM2B_PUBLIC) -> tuple[bytes, bytes]:
