@@ -176,6 +176,25 @@ async def _cmd_audit_tail(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _cmd_audit_show(args: argparse.Namespace, settings: Settings) -> int:
+    async with opened_store(settings) as store:
+        found = await store.read_audit(AuditQuery(after_seq=args.seq - 1, limit=1))
+    if not found or found[0].seq != args.seq:
+        print(f"zandd: the audit log has no entry #{args.seq}", file=sys.stderr)
+        return 1
+    entry = found[0]
+    print(format_entry(entry))
+    print(f"link {printable(entry.entry_hash)}")
+    print(f"prev {printable(entry.prev_hash)}")
+    return 0
+
+
+def _sequence_number(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{printable(text[:40])!r} is not an entry number")
+    return int(text)
+
+
 def register(tree: CommandTree) -> None:
     """Add the audit commands."""
     verify = tree.add(
@@ -211,6 +230,10 @@ def register(tree: CommandTree) -> None:
     keep.add_argument(
         "--count", type=int, default=None, help="stop after this many heads (default: Ctrl-C)"
     )
+    show = tree.add(
+        "audit show", _cmd_audit_show, "show one audit entry (a receipt's seq) and its link"
+    )
+    show.add_argument("seq", type=_sequence_number, help="the entry's sequence number")
     tail = tree.add("audit tail", _cmd_audit_tail, "show the newest audit entries")
     tail.add_argument("--key", default=None, help="only entries about this key id")
     tail.add_argument("--principal", default=None, help="only entries by this AMQP user")
