@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from contracts.errors import ConfigurationError, IntegrityError
 from contracts.models import AuditHeadEvent
@@ -15,6 +16,9 @@ from workers.commands.base import CommandTree
 from workers.commands.local import opened_store, printable, when
 from workers.config import Settings
 
+if TYPE_CHECKING:
+    from vault.store import VaultStore
+
 
 async def _cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     from vault.kek import KekRing
@@ -22,8 +26,9 @@ async def _cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int
     known = _known_head(args)
     keys = ChainKeys(KekRing.load(settings.resolved_kek_file))
     async with opened_store(settings) as store:
+        vouched, unchecked = await _vouched(args, settings, store)
         # A broken chain raises AuditBroken, whose one sentence names the first bad entry.
-        report = await check_log(store, keys, known)
+        report = await check_log(store, keys, known, vouched)
     if report.legacy_entries and not report.keyed_entries and not args.legacy:
         raise IntegrityError(
             f"no audit entry is keyed (all {report.legacy_entries} are legacy, unkeyed): either "
@@ -34,7 +39,31 @@ async def _cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int
     print(f"audit log intact: {head.seq} entries, head #{head.seq} {head.entry_hash}")
     for line in describe(report):
         print(line)
+    if unchecked:
+        print(
+            f"checkpoints: {unchecked} TPM-signed checkpoints not checked (give "
+            "--checkpoint-key FILE from zandd tpm checkpoint-key)"
+        )
     return 0
+
+
+async def _vouched(
+    args: argparse.Namespace, settings: Settings, store: VaultStore
+) -> tuple[dict[int, str] | None, int]:
+    """The links the checkpoints (stored and exported) vouch for, their signatures checked;
+    without a key, None and how many were left unchecked."""
+    from vault.audit_checkpoint import all_checkpoints, check_signatures
+    from workers.commands.checkpoints import load_checkpoint_key, read_exported
+
+    checkpoints = await all_checkpoints(store)
+    if args.checkpoints is not None:
+        checkpoints += read_exported(args.checkpoints)
+    if args.checkpoint_key is None:
+        return None, len(checkpoints)
+    key = load_checkpoint_key(args.checkpoint_key, settings)
+    # A forged (or altered) checkpoint raises CheckpointForged: refused, never skipped.
+    by_seq = check_signatures(checkpoints, key)
+    return {seq: checkpoint.link for seq, checkpoint in by_seq.items()}, 0
 
 
 def describe(report: AuditReport) -> list[str]:
@@ -49,6 +78,7 @@ def describe(report: AuditReport) -> list[str]:
         if legacy
         else "legacy unkeyed links: none",
     ]
+    lines += _describe_checkpoints(report)
     if report.known_head is None:
         lines.append(
             "head: not checked (give --head SEQ:LINK from an audit.head event on zandd.events): "
@@ -58,6 +88,23 @@ def describe(report: AuditReport) -> list[str]:
         known = report.known_head
         matches = "and matches" if known.entry_hash else "(no link given to compare)"
         lines.append(f"head: the log reaches the known head #{known.seq} {matches}")
+    return lines
+
+
+def _describe_checkpoints(report: AuditReport) -> list[str]:
+    newest = report.checkpoint
+    if newest is None:
+        return []
+    after = report.head.seq - newest.seq
+    lines = [
+        f"checkpoints: {report.checkpoints} TPM-signed checkpoints verified; the log reaches "
+        f"the newest, #{newest.seq}, and matches it"
+    ]
+    if after:
+        lines.append(
+            f"after the newest checkpoint: {after} entries (#{newest.seq + 1} to "
+            f"#{report.head.seq}) no checkpoint vouches for yet: a cut of them would not show"
+        )
     return lines
 
 
@@ -215,6 +262,22 @@ def register(tree: CommandTree) -> None:
         type=Path,
         default=None,
         help="a file of heads, one per line (SEQ:LINK or an audit.head event's JSON)",
+    )
+    verify.add_argument(
+        "--checkpoint-key",
+        default=None,
+        metavar="FILE",
+        help="the TPM's checkpoint public key (PEM, from zandd tpm checkpoint-key), or 'tpm' "
+        "to read it from the TPM: check every checkpoint's signature and that the log "
+        "reaches the newest",
+    )
+    verify.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="checkpoints kept elsewhere (zandd audit checkpoints --jsonl), checked with the "
+        "vault's own",
     )
     verify.add_argument(
         "--legacy",
