@@ -169,6 +169,9 @@ async def test_a_ring_holders_cut_past_the_last_checkpoint_is_detected(
         conn.execute("DELETE FROM audit_checkpoints")
         conn.execute("DELETE FROM audit WHERE seq >= ?", (cut_from,))
     conn.close()
+    code, out, err = await verify(fleet, "--checkpoint-key", str(key_file))
+    assert code == 0, err  # the vault alone no longer shows it, and verify says why
+    assert "checkpoints: none in the vault or given: nothing vouches against a cut" in out
     code, _, err = await verify(
         fleet, "--checkpoint-key", str(key_file), "--checkpoints", str(shipped)
     )

@@ -7,6 +7,7 @@ has the TPM's.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from contracts.errors import IntegrityError
+from contracts.errors import IntegrityError, TpmUnavailable
 from contracts.models import AuditCheckpointEvent
 from tests.unit.test_audit_chain import append_keyed, ring, store, vault_db
 from vault.audit import AuditBroken, AuditQuery, check_log
@@ -34,7 +35,9 @@ from vault.audit_checkpoint import (
 )
 from vault.kek import KekRing
 from vault.store import VaultStore
-from workers.audit_checkpoint import checkpoint_event, event_checkpoint
+from workers.audit_checkpoint import AuditCheckpointer, checkpoint_event, event_checkpoint
+from workers.keygen.session import TpmSession
+from workers.keygen.tpm import Tpm
 
 __all__ = ["ring", "store"]  # fixtures, shared with test_audit_chain
 AT = datetime(2026, 11, 29, 21, 0, 0, 123456, tzinfo=UTC)
@@ -121,3 +124,35 @@ def test_event_round_trip_keeps_what_was_signed() -> None:
     back = event_checkpoint(AuditCheckpointEvent.model_validate_json(line))
     assert back == good
     verify_checkpoint(back, TPM_KEY.public_key())
+
+
+async def test_a_keygen_worker_that_does_not_hold_the_tpm_makes_no_checkpoint(
+    store: VaultStore, ring: KekRing
+) -> None:
+    """A hot standby: its TPM session was never opened, so it neither opens it nor signs."""
+    await append_keyed(store, ring, range(1, 5))
+    published: list[AuditCheckpointEvent] = []
+
+    async def publish(event: AuditCheckpointEvent) -> None:
+        published.append(event)
+
+    opened: list[str] = []
+
+    def opener(tcti: str) -> Tpm:
+        opened.append(tcti)
+        raise TpmUnavailable("a standby must not open the TPM")
+
+    session = TpmSession("swtpm:host=127.0.0.1,port=1", opener=opener)
+    try:
+        checkpointer = AuditCheckpointer(
+            store, ChainKeys(ring), session, publish, every_entries=1, interval_s=0.01
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(checkpointer.run(stop))
+        await asyncio.sleep(0.1)  # about ten rounds, each one due
+        stop.set()
+        await running
+    finally:
+        session.close()
+    assert opened == []
+    assert (await store.read_checkpoints(), published, checkpointer.made) == ([], [], 0)

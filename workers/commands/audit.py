@@ -39,6 +39,12 @@ async def _cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int
     print(f"audit log intact: {head.seq} entries, head #{head.seq} {head.entry_hash}")
     for line in describe(report):
         print(line)
+    if vouched == {}:
+        print(
+            "checkpoints: none in the vault or given: nothing vouches against a cut (the keygen "
+            "worker makes one every ZANDD_AUDIT_CHECKPOINT_EVERY_ENTRIES entries; keep copies "
+            "elsewhere and pass --checkpoints FILE)"
+        )
     if unchecked:
         print(
             f"checkpoints: {unchecked} TPM-signed checkpoints not checked (give "
