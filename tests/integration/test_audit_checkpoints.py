@@ -220,3 +220,14 @@ async def test_a_forged_checkpoint_is_refused(fleet: RunningFleet, tmp_path: Pat
     code, _, err = await verify(fleet, "--checkpoint-key", str(key_file))
     assert code == 1
     assert f"audit checkpoint #{forged.seq} has a bad signature" in err
+
+
+@pytest.mark.fleet_settings(audit_checkpoint_every_entries=1000, audit_checkpoint_interval_s=0.3)
+async def test_a_checkpoint_comes_after_the_interval_too(
+    fleet: RunningFleet, tmp_path: Path
+) -> None:
+    key_id = await create_key(fleet)
+    await sign(fleet, key_id, 3)  # far fewer than 1000 entries
+    checkpoint = await checkpoint_at(fleet, await newest_seq(fleet))
+    _, key = await exported_key(fleet, tmp_path)
+    verify_checkpoint(checkpoint, key)
