@@ -98,7 +98,7 @@ def verify_checkpoint(checkpoint: Checkpoint, public_key: ec.EllipticCurvePublic
         raise CheckpointForged(checkpoint.seq) from None
 
 
-def newest_by_seq(checkpoints: Iterable[Checkpoint]) -> dict[int, Checkpoint]:
+def by_seq(checkpoints: Iterable[Checkpoint]) -> dict[int, Checkpoint]:
     """Checkpoints by sequence number; two different links at one number are a contradiction.
 
     Two signed checkpoints that disagree on one entry mean the log was rewritten between them
@@ -147,4 +147,4 @@ def check_signatures(
     """Verify every checkpoint's signature; the checkpoints by sequence number."""
     for checkpoint in checkpoints:
         verify_checkpoint(checkpoint, public_key)
-    return newest_by_seq(checkpoints)
+    return by_seq(checkpoints)
