@@ -197,24 +197,43 @@ class KeyCreateReply(_Reply):
     created_at: AwareDatetime
 
 
+#: An audit link: ``hmac-sha256/<kek_id>/<64 hex>`` (keyed) or 64 hex (legacy).
+AUDIT_LINK_PATTERN: Final = r"^[A-Za-z0-9._/-]+$"
+MAX_AUDIT_LINK_CHARS: Final = 160
+
+
+class Receipt(_Reply):
+    """Where a request's audit entry stands in the chain: its sequence number and its link.
+
+    Find it with ``zandd audit show SEQ``; its ``sha256`` is the request's data digest. A
+    later TPM-signed checkpoint (``audit.checkpoint``) at or after ``seq`` vouches for it.
+    """
+
+    seq: int = Field(ge=1)
+    link: str = Field(max_length=MAX_AUDIT_LINK_CHARS, pattern=AUDIT_LINK_PATTERN)
+
+
 class SignReply(_Reply):
-    """Reply to ``sign``."""
+    """Reply to ``sign``; ``receipt`` (v1.1, absent from older workers) names its audit entry."""
 
     key_id: str
     version: int
     algorithm: str
     encoding: Encoding
     signature: Base64Bytes
+    receipt: Receipt | None = None
 
 
 class SignBatchReply(_Reply):
-    """Reply to ``sign.batch``: ``signatures[i]`` signs ``items[i]``."""
+    """Reply to ``sign.batch``: ``signatures[i]`` signs ``items[i]``; ``receipt`` (v1.1) names
+    the batch's one audit entry."""
 
     key_id: str
     version: int
     algorithm: str
     encoding: Encoding
     signatures: list[Base64Bytes]
+    receipt: Receipt | None = None
 
 
 class EcPublicJwk(_Reply):
@@ -283,8 +302,22 @@ class AuditHeadEvent(_Reply):
     not. ``link`` is the entry's link (``hmac-sha256/<kek_id>/<hex>``, or 64 hex if legacy)."""
 
     seq: int = Field(ge=0)
-    link: str = Field(max_length=160, pattern=r"^[A-Za-z0-9._/-]+$")
+    link: str = Field(max_length=MAX_AUDIT_LINK_CHARS, pattern=AUDIT_LINK_PATTERN)
     published_at: AwareDatetime
+
+
+class AuditCheckpointEvent(_Reply):
+    """A TPM-signed audit checkpoint, published to ``zandd.events`` (AMQP ``type``
+    ``audit.checkpoint``) and stored in the vault: the keygen worker's TPM-resident checkpoint
+    key signed ``seq``, ``link`` and ``at`` (see ``vault/audit_checkpoint.py`` for the signed
+    bytes). ``signature`` is ECDSA P-256 over SHA-256, DER, base64; check it with the key
+    ``zandd tpm checkpoint-key`` prints. Keep these elsewhere: ``zandd audit verify
+    --checkpoints FILE`` shows a log cut back before any of them, even by a ring holder."""
+
+    seq: int = Field(ge=1)
+    link: str = Field(max_length=MAX_AUDIT_LINK_CHARS, pattern=AUDIT_LINK_PATTERN)
+    at: AwareDatetime
+    signature: Base64Bytes
 
 
 class ErrorReply(_Reply):

@@ -28,6 +28,8 @@ ERROR_REPLY_TYPE = "error"
 KEY_STATE_CHANGED_EVENT = "key.state_changed"
 #: The AMQP ``type`` of a worker's newest audit head on ``zandd.events``.
 AUDIT_HEAD_EVENT = "audit.head"
+#: The AMQP ``type`` of a TPM-signed audit checkpoint on ``zandd.events``.
+AUDIT_CHECKPOINT_EVENT = "audit.checkpoint"
 
 #: Operations served by the single active keygen worker (they touch the TPM or write keys).
 KEYGEN_OPERATIONS: tuple[Operation, ...] = (

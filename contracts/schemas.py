@@ -13,7 +13,13 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from contracts.models import SPECS, AuditHeadEvent, ErrorReply, KeyStateChangedEvent
+from contracts.models import (
+    SPECS,
+    AuditCheckpointEvent,
+    AuditHeadEvent,
+    ErrorReply,
+    KeyStateChangedEvent,
+)
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 _SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -38,6 +44,9 @@ def expected_schemas() -> dict[str, str]:
     )
     files["audit.head.event.json"] = _schema(
         AuditHeadEvent, "audit.head event (zandd.events)", "reply"
+    )
+    files["audit.checkpoint.event.json"] = _schema(
+        AuditCheckpointEvent, "audit.checkpoint event (zandd.events)", "reply"
     )
     return files
 

@@ -23,7 +23,7 @@ import asyncio
 import hashlib
 import hmac
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -270,13 +270,23 @@ class AuditReport:
     keyed_entries: int
     kek_ids: tuple[str, ...]
     known_head: ChainHead | None
+    #: The newest checkpoint the log was checked against (None when none was given), and how
+    #: many checkpoints it matched.
+    checkpoint: ChainHead | None = None
+    checkpoints: int = 0
 
 
 async def check_log(
-    reader: AuditReader, keys: ChainKeyLookup | None = None, known_head: ChainHead | None = None
+    reader: AuditReader,
+    keys: ChainKeyLookup | None = None,
+    known_head: ChainHead | None = None,
+    vouched: Mapping[int, str] | None = None,
 ) -> AuditReport:
-    """Walk the whole log, checking every link, and that it reaches ``known_head`` (a head
-    published earlier) with the same link; AuditBroken names the first bad entry."""
+    """Walk the whole log, checking every link, that it reaches ``known_head`` (a head
+    published earlier) with the same link, and that every entry ``vouched`` names (the links
+    of TPM-signed checkpoints, by sequence number; their signatures already checked) is there
+    with that link; AuditBroken names the first bad entry."""
+    vouched = vouched or {}
     verifier = ChainVerifier(keys)
     while True:
         page = await reader.read_audit(AuditQuery(after_seq=verifier.head.seq))
@@ -284,6 +294,8 @@ async def check_log(
             verifier.feed(entry)
             if known_head is not None and entry.seq == known_head.seq:
                 _check_known_head(entry, known_head)
+            if entry.seq in vouched:
+                _check_checkpoint(entry, vouched[entry.seq])
         if len(page) < READ_PAGE_ENTRIES:
             break
     head = verifier.head
@@ -293,13 +305,32 @@ async def check_log(
             f"the audit log ends at #{head.seq} but a published head is #{known_head.seq}: "
             f"its newest {known_head.seq - head.seq} entries were cut",
         )
+    newest = max(vouched, default=None)
+    if newest is not None and newest > head.seq:
+        raise AuditBroken(
+            head.seq + 1,
+            f"the audit log ends at #{head.seq} but the TPM signed a checkpoint at #{newest}: "
+            f"at least its newest {newest - head.seq} entries were cut",
+        )
     return AuditReport(
         head,
         verifier.legacy_entries,
         verifier.keyed_entries,
         tuple(verifier.kek_ids),
         known_head,
+        None if newest is None else ChainHead(newest, vouched[newest]),
+        len(vouched),
     )
+
+
+def _check_checkpoint(entry: AuditEntry, link: str) -> None:
+    if not hmac.compare_digest(entry.entry_hash, link):
+        raise AuditBroken(
+            entry.seq,
+            f"audit entry #{entry.seq} is not the entry the TPM-signed checkpoint #{entry.seq} "
+            "vouches for: the log was cut and re-linked (by a holder of the KEK ring) at or "
+            "before it",
+        )
 
 
 def _check_known_head(entry: AuditEntry, known_head: ChainHead) -> None:

@@ -46,6 +46,7 @@ from contracts.errors import (
 )
 from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, link
 from vault.audit_chain import ChainKey
+from vault.audit_checkpoint import READ_PAGE_CHECKPOINTS, Checkpoint
 from vault.records import KeyRecord, KeyState, RecordMac, check_head, check_replacement
 from vault.sealing import SealedKey
 from vault.urls import redact_url, scrub
@@ -59,6 +60,9 @@ KEYS_COLLECTION: Final = "keys"
 AUDIT_COLLECTION: Final = "audit"
 META_COLLECTION: Final = "meta"
 HEADS_COLLECTION: Final = "key_heads"
+#: TPM-signed audit checkpoints, ``_id`` the checkpointed entry's sequence number. A new
+#: collection needs no schema step: nothing reads it but the code that writes it.
+CHECKPOINTS_COLLECTION: Final = "audit_checkpoints"
 _SCHEMA_ID: Final = "schema"
 
 # Applied only where the URL does not set the option itself (PyMongo lets keyword arguments
@@ -145,6 +149,7 @@ class MongoStore:
         self._audit: AsyncCollection[Document] = database[AUDIT_COLLECTION]
         self._meta: AsyncCollection[Document] = database[META_COLLECTION]
         self._heads: AsyncCollection[Document] = database[HEADS_COLLECTION]
+        self._checkpoints: AsyncCollection[Document] = database[CHECKPOINTS_COLLECTION]
         self._closed = False
 
     @classmethod
@@ -326,6 +331,34 @@ class MongoStore:
             documents = await cursor.to_list()
         entries = [_to_audit_entry(document) for document in documents]
         return entries[::-1] if query.latest else entries
+
+    async def add_checkpoint(self, checkpoint: Checkpoint) -> bool:
+        """Store a TPM-signed checkpoint (majority); False when its number already has one."""
+        document = {
+            "_id": checkpoint.seq,
+            "link": checkpoint.link,
+            "at": checkpoint.at,
+            "signature": checkpoint.signature,
+        }
+        with self._translated():
+            try:
+                await self._checkpoints.insert_one(document)
+            except DuplicateKeyError:
+                return False
+        return True
+
+    async def read_checkpoints(
+        self, after_seq: int = 0, limit: int = READ_PAGE_CHECKPOINTS, *, latest: bool = False
+    ) -> list[Checkpoint]:
+        """Checkpoints after ``after_seq`` (the newest ``limit`` with ``latest``), oldest first."""
+        if limit < 1:
+            return []
+        order = DESCENDING if latest else ASCENDING
+        with self._translated():
+            cursor = self._checkpoints.find({"_id": {"$gt": after_seq}}, sort=[("_id", order)])
+            documents = await cursor.limit(limit).to_list()
+        found = [_to_checkpoint(document) for document in documents]
+        return found[::-1] if latest else found
 
     async def close(self) -> None:
         """Close the client's connections; closing twice is harmless."""
@@ -638,3 +671,17 @@ def _to_audit_entry(document: Mapping[str, Any]) -> AuditEntry:
         )
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise IntegrityError(f"audit entry #{seq} is malformed") from exc
+
+
+def _to_checkpoint(document: Mapping[str, Any]) -> Checkpoint:
+    seq = document.get("_id")
+    try:
+        at = document["at"]
+        return Checkpoint(
+            seq=int(seq),  # type: ignore[arg-type]
+            link=str(document["link"]),
+            at=at if at.tzinfo is not None else at.replace(tzinfo=UTC),
+            signature=bytes(document["signature"]),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise IntegrityError(f"audit checkpoint #{seq} is malformed") from exc

@@ -36,6 +36,7 @@ from contracts.errors import (
 )
 from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, link
 from vault.audit_chain import ChainKey
+from vault.audit_checkpoint import READ_PAGE_CHECKPOINTS, Checkpoint
 from vault.records import KeyRecord, KeyState, RecordMac, check_head, check_replacement
 from vault.sealing import SealedKey
 
@@ -43,7 +44,7 @@ _T = TypeVar("_T")
 
 log = logging.getLogger("zandd.vault")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BUSY_TIMEOUT_S = 10.0
 _CHECKPOINT_ATTEMPTS = 3
 _THREAD_NAME = "zandd-sqlite"
@@ -128,6 +129,18 @@ RECORD_MAC_STEP: tuple[str, ...] = (
     """,
 )
 _MIGRATIONS[5] = RECORD_MAC_STEP
+#: TPM-signed audit checkpoints (vault/audit_checkpoint.py), one row per checkpointed entry.
+CHECKPOINT_STEP: tuple[str, ...] = (
+    """
+    CREATE TABLE audit_checkpoints (
+        seq INTEGER PRIMARY KEY,
+        link TEXT NOT NULL,
+        at TEXT NOT NULL,
+        signature BLOB NOT NULL
+    )
+    """,
+)
+_MIGRATIONS[6] = CHECKPOINT_STEP
 
 _COLUMNS = (
     "key_id, version, algorithm, public_key_der, kek_id, nonce, ciphertext, state, label,"
@@ -179,6 +192,11 @@ _AUDIT_COLUMNS = (
 )
 _AUDIT_INSERT = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES ({', '.join('?' * 11)})"  # noqa: S608
 _AUDIT_HEAD = "SELECT seq, entry_hash FROM audit ORDER BY seq DESC LIMIT 1"
+_CHECKPOINT_INSERT = (
+    "INSERT INTO audit_checkpoints (seq, link, at, signature) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (seq) DO NOTHING"
+)
+_CHECKPOINTS = "SELECT seq, link, at, signature FROM audit_checkpoints WHERE seq > ? ORDER BY seq"
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +316,20 @@ class SqliteStore:
         sql = f"SELECT {_AUDIT_COLUMNS} FROM audit{conditions} ORDER BY seq {order} LIMIT ?"  # noqa: S608
         entries = await self._run(_fetch_audit, sql, (*params, query.after_seq, query.limit))
         return entries[::-1] if query.latest else entries
+
+    async def add_checkpoint(self, checkpoint: Checkpoint) -> bool:
+        """Store a TPM-signed checkpoint durably; False when its number already has one."""
+        row = (checkpoint.seq, checkpoint.link, _time_text(checkpoint.at), checkpoint.signature)
+        return await self._run(_add_checkpoint, row, lane=self._appends)
+
+    async def read_checkpoints(
+        self, after_seq: int = 0, limit: int = READ_PAGE_CHECKPOINTS, *, latest: bool = False
+    ) -> list[Checkpoint]:
+        """Checkpoints after ``after_seq`` (the newest ``limit`` with ``latest``), oldest first."""
+        order = "DESC" if latest else "ASC"
+        sql = f"{_CHECKPOINTS} {order} LIMIT ?"
+        found = await self._run(_fetch_checkpoints, sql, (after_seq, limit))
+        return found[::-1] if latest else found
 
     async def close(self) -> None:
         """Close the connections and stop the database threads; closing twice is harmless."""
@@ -513,6 +545,23 @@ def _append_audit(
         entries = link(head, events, chain_key)
         conn.executemany(_AUDIT_INSERT, [_audit_row(entry) for entry in entries])
     return entries
+
+
+def _add_checkpoint(conn: sqlite3.Connection, row: tuple[Any, ...]) -> bool:
+    with _immediate(conn):
+        return conn.execute(_CHECKPOINT_INSERT, row).rowcount == 1
+
+
+def _fetch_checkpoints(
+    conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]
+) -> list[Checkpoint]:
+    found = []
+    for seq, link_text, at, signature in conn.execute(sql, params).fetchall():
+        try:
+            found.append(Checkpoint(seq, link_text, datetime.fromisoformat(at), bytes(signature)))
+        except (TypeError, ValueError) as exc:
+            raise IntegrityError(f"audit checkpoint #{seq} is malformed") from exc
+    return found
 
 
 def _fetch_audit(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[AuditEntry]:

@@ -9,6 +9,7 @@ from typing import Protocol
 from contracts.errors import ConfigurationError
 from vault.audit import AuditEntry, AuditEvent, AuditQuery
 from vault.audit_chain import ChainKey
+from vault.audit_checkpoint import READ_PAGE_CHECKPOINTS, Checkpoint
 from vault.records import KeyRecord, KeyState
 from vault.sqlite import SqliteStore
 
@@ -98,6 +99,18 @@ class VaultStore(Protocol):
 
     async def read_audit(self, query: AuditQuery) -> list[AuditEntry]:
         """Audit entries matching ``query``, oldest first, exactly as stored."""
+        ...
+
+    async def add_checkpoint(self, checkpoint: Checkpoint) -> bool:
+        """Store a TPM-signed audit checkpoint durably; False (nothing stored) when its
+        sequence number already has one: the first checkpoint of an entry is kept."""
+        ...
+
+    async def read_checkpoints(
+        self, after_seq: int = 0, limit: int = READ_PAGE_CHECKPOINTS, *, latest: bool = False
+    ) -> list[Checkpoint]:
+        """Checkpoints after ``after_seq`` (or the newest ``limit`` with ``latest``), oldest
+        first, exactly as stored."""
         ...
 
     async def close(self) -> None:

@@ -1,7 +1,9 @@
 """The runtime's audit hook: every request served or refused becomes one audit entry.
 
 The runtime awaits the hook before it publishes the reply, so no signature leaves a worker
-before the entry that records it is durable in the vault.
+before the entry that records it is durable in the vault. The hook returns the entry the log
+stored, and a sign or sign.batch reply carries it as its receipt (``with_receipt``): no vault
+read, the group commit already hands each waiter its entry.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from datetime import UTC, datetime
 from pydantic import BaseModel
 
 from contracts.errors import VaultUnavailable, ZanddError
-from contracts.models import SignBatchRequest, SignRequest
+from contracts.models import Receipt, SignBatchReply, SignBatchRequest, SignReply, SignRequest
 from contracts.wire import Delivery
-from vault.audit import MAX_STORED_INT, OUTCOME_OK, AuditEvent, AuditLog
+from vault.audit import MAX_STORED_INT, OUTCOME_OK, AuditEntry, AuditEvent, AuditLog
 
 Clock = Callable[[], datetime]
 #: Names and ids that callers choose are kept to this length in the log.
@@ -86,6 +88,15 @@ def audit_event(
     )
 
 
+def with_receipt(reply: BaseModel, entry: AuditEntry | None) -> BaseModel:
+    """``reply`` with the receipt of its audit ``entry`` when it is a reply that carries one."""
+    if entry is None or not isinstance(reply, SignReply | SignBatchReply):
+        return reply
+    # Not validated again: the sequence number and link are the store's own, just written.
+    receipt = Receipt.model_construct(seq=entry.seq, link=entry.entry_hash)
+    return reply.model_copy(update={"receipt": receipt})
+
+
 class RequestAuditor:
     """The audit hook for ``ConsumerRuntime``: records each outcome in the audit log."""
 
@@ -98,16 +109,16 @@ class RequestAuditor:
         message: Delivery,
         request: BaseModel | None,
         result: BaseModel | ZanddError,
-    ) -> None:
+    ) -> AuditEntry:
         event = audit_event(message, request, result, self._clock())
         try:
-            await self._log.record(event)
+            return await self._log.record(event)
         except VaultUnavailable:
             raise  # the runtime waits for the vault and audits again
         except ZanddError:
             # The store refused this entry itself: record what it cannot refuse instead (who,
             # what, how it ended), so the request still has its entry.
-            await self._log.record(_minimal(event))
+            return await self._log.record(_minimal(event))
 
 
 def _minimal(event: AuditEvent) -> AuditEvent:

@@ -22,6 +22,7 @@ from contracts.models import describe_errors
 from workers.commands import (
     audit,
     bench,
+    checkpoints,
     client,
     dead,
     fleet,
@@ -46,7 +47,19 @@ from workers.telemetry import configure_tracing
 
 log = logging.getLogger("zandd.cli")
 
-COMMAND_MODULES = (fleet, client, keys, vault, audit, migrate, tpm, dead, bench, health)
+COMMAND_MODULES = (
+    fleet,
+    client,
+    keys,
+    vault,
+    audit,
+    checkpoints,
+    migrate,
+    tpm,
+    dead,
+    bench,
+    health,
+)
 
 
 def _configure_logging(level: str, log_format: LogFormat) -> None:

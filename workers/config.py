@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     #: A worker publishes its newest audit head after this many entries, or this often.
     audit_head_every_entries: int = Field(default=1000, ge=1)
     audit_head_interval_s: float = Field(default=10.0, gt=0)
+    #: The keygen worker has the TPM sign the audit head after this many entries, or this
+    #: often (when the log grew); each costs one TPM signature (~10 ms on swtpm).
+    audit_checkpoint_every_entries: int = Field(default=1000, ge=1)
+    audit_checkpoint_interval_s: float = Field(default=60.0, gt=0)
     #: Workers lock their memory (mlockall) when the process is permitted to.
     lock_memory: bool = True
     # Per-principal quotas, fleet-wide (workers/quotas.py); None (the default) is no limit.

@@ -39,8 +39,12 @@ from pydantic import ValidationError
 
 from contracts.amqp import JSON_CONTENT_TYPE, connect_plain
 from contracts.errors import BrokerUnavailable
-from contracts.models import AuditHeadEvent, KeyStateChangedEvent
-from contracts.operations import AUDIT_HEAD_EVENT, KEY_STATE_CHANGED_EVENT
+from contracts.models import AuditCheckpointEvent, AuditHeadEvent, KeyStateChangedEvent
+from contracts.operations import (
+    AUDIT_CHECKPOINT_EVENT,
+    AUDIT_HEAD_EVENT,
+    KEY_STATE_CHANGED_EVENT,
+)
 from contracts.topology import EVENTS_EXCHANGE, Topology, bind_topology, declare_topology
 from workers.backoff import retry_until_stopped
 
@@ -64,10 +68,14 @@ class EventPublisher:
         self._exchange: AbstractExchange | None = None
         self._connecting = asyncio.Lock()
 
-    async def publish(self, event: KeyStateChangedEvent | AuditHeadEvent) -> None:
+    async def publish(
+        self, event: KeyStateChangedEvent | AuditHeadEvent | AuditCheckpointEvent
+    ) -> None:
         """Publish ``event``; returns once the broker confirmed it, else BrokerUnavailable."""
         if isinstance(event, AuditHeadEvent):
             kind, at, what = AUDIT_HEAD_EVENT, event.published_at, f"audit head #{event.seq}"
+        elif isinstance(event, AuditCheckpointEvent):
+            kind, at, what = AUDIT_CHECKPOINT_EVENT, event.at, f"audit checkpoint #{event.seq}"
         else:
             kind, at = KEY_STATE_CHANGED_EVENT, event.changed_at
             what = f"the state change of key {event.key_id} v{event.version}"
@@ -170,7 +178,7 @@ class EventSubscriber:
                 await connection.close()
 
     async def _deliver(self, message: AbstractIncomingMessage) -> None:
-        if message.type == AUDIT_HEAD_EVENT:
+        if message.type in (AUDIT_HEAD_EVENT, AUDIT_CHECKPOINT_EVENT):
             return  # for whoever keeps audit heads; a signer has no use for them
         if message.type != KEY_STATE_CHANGED_EVENT:
             log.warning("%s ignored an event of type %.40r", self._name, message.type)

@@ -78,7 +78,9 @@ from contracts.text import printable
 from contracts.topology import bind_topology, declare_topology
 from contracts.tracing import mark_failed
 from contracts.wire import Delivery, Properties, Wire, WireClosed
+from vault.audit import AuditEntry
 from workers.acks import AckBatcher
+from workers.auditing import with_receipt
 from workers.backoff import retry_until_stopped
 from workers.logs import bound_request
 from workers.metrics import OUTCOME_OK, Metrics, operation_label
@@ -110,7 +112,10 @@ Handler = Callable[[Any, RequestContext], Awaitable[BaseModel]]
 #: A successful request whose audit fails is not answered with its result: a dependency error
 #: (vault down) waits like the handler's own would, and the request is served again. A refusal
 #: waits for the vault too; one whose entry cannot be written at all is dead-lettered unanswered.
-AuditHook = Callable[[Delivery, BaseModel | None, BaseModel | ZanddError], Awaitable[None]]
+#: It returns the entry written (or None): a reply that carries a receipt gets it.
+AuditHook = Callable[
+    [Delivery, BaseModel | None, BaseModel | ZanddError], Awaitable[AuditEntry | None]
+]
 #: Raises a ``ZanddError`` while a dependency is down; returns when it answers again.
 Probe = Callable[[], Awaitable[None]]
 
@@ -468,8 +473,7 @@ class ConsumerRuntime:
 
         async def audited(request: Any, context: RequestContext) -> BaseModel:
             reply = await handler(request, context)
-            await audit(message, request, reply)
-            return reply
+            return with_receipt(reply, await audit(message, request, reply))
 
         return audited
 

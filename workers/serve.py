@@ -104,6 +104,7 @@ async def keygen_worker(
     metrics: Metrics | None = None,
 ) -> Worker:
     """The keygen worker: key creation, the key lifecycle, and destruction when due."""
+    from workers.audit_checkpoint import AuditCheckpointer
     from workers.keygen.lifecycle import KeyLifecycle
     from workers.keygen.worker import Keygen
 
@@ -120,6 +121,16 @@ async def keygen_worker(
     # Stopped after the audit log is flushed (the stack closes in reverse), so the last head
     # published includes this worker's last entries.
     await _beside(stack, heads.run)
+    checkpoints = AuditCheckpointer(
+        store,
+        ChainKeys(ring),
+        tpm,
+        events.publish,
+        every_entries=settings.audit_checkpoint_every_entries,
+        interval_s=settings.audit_checkpoint_interval_s,
+    )
+    # Like the heads: stopped after the audit log is flushed, so its last round sees them.
+    await _beside(stack, checkpoints.run)
     audit_log = _keyed_audit_log(store, ring, stack, metrics)
     policy = AccessPolicy.from_settings(settings)
     keygen = Keygen(store, ring, tpm, policy, metrics=metrics)

@@ -27,6 +27,7 @@ from contracts.errors import ConfigurationError, IntegrityError, KeyNotFound, Va
 from vault import KeyRecord, KeyState, SealedKey, SqliteStore, VaultStore, open_store
 from vault.audit import GENESIS_HASH, AuditEvent, AuditQuery, ChainVerifier, verify_log
 from vault.audit_chain import ChainKeys
+from vault.audit_checkpoint import Checkpoint
 from vault.kek import Kek, KekRing
 from vault.records import RecordMac
 from vault.sqlite import _DUE
@@ -551,6 +552,39 @@ async def test_two_processes_append_to_one_chain(store: VaultStore, store_url: s
     assert (await verify_log(store)).seq == 50
     mine = await store.read_audit(AuditQuery(principal="proc-a"))
     assert [e.event.request_id for e in mine] == [f"proc-a-{i}" for i in range(25)]
+
+
+# --- TPM-signed audit checkpoints ---------------------------------------------------------------
+
+
+def checkpoint(seq: int, **changes: object) -> Checkpoint:
+    made = Checkpoint(
+        seq=seq,
+        link=f"hmac-sha256/kek-1/{seq:064x}",
+        at=T0 + timedelta(seconds=seq),
+        signature=bytes([seq % 256]) * 71,
+    )
+    return dataclasses.replace(made, **changes)  # type: ignore[arg-type]
+
+
+async def test_checkpoints_round_trip_oldest_first(store: VaultStore) -> None:
+    for seq in (30, 10, 20):
+        assert await store.add_checkpoint(checkpoint(seq))
+    assert await store.read_checkpoints() == [checkpoint(10), checkpoint(20), checkpoint(30)]
+    assert await store.read_checkpoints(after_seq=10, limit=1) == [checkpoint(20)]
+    assert await store.read_checkpoints(latest=True, limit=2) == [checkpoint(20), checkpoint(30)]
+
+
+async def test_the_first_checkpoint_of_an_entry_is_kept(store: VaultStore) -> None:
+    assert await store.add_checkpoint(checkpoint(5))
+    later = checkpoint(5, at=T0 + timedelta(hours=1), signature=b"other")
+    assert not await store.add_checkpoint(later)
+    assert await store.read_checkpoints() == [checkpoint(5)]
+
+
+async def test_no_checkpoints_is_an_empty_list(store: VaultStore) -> None:
+    assert await store.read_checkpoints() == []
+    assert await store.read_checkpoints(latest=True, limit=1) == []
 
 
 # --- URLs -------------------------------------------------------------------------------------

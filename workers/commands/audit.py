@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from contracts.errors import ConfigurationError, IntegrityError
 from contracts.models import AuditHeadEvent
@@ -14,6 +15,9 @@ from vault.audit_chain import ChainKeys, link_kek_id
 from workers.commands.base import CommandTree
 from workers.commands.local import opened_store, printable, when
 from workers.config import Settings
+
+if TYPE_CHECKING:
+    from vault.store import VaultStore
 
 
 async def _cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
@@ -24,8 +28,9 @@ async def _cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int
     harden_for_key_material(lock_memory=settings.lock_memory)
     keys = ChainKeys(load_ring(settings))
     async with opened_store(settings) as store:
+        vouched, unchecked = await _vouched(args, settings, store)
         # A broken chain raises AuditBroken, whose one sentence names the first bad entry.
-        report = await check_log(store, keys, known)
+        report = await check_log(store, keys, known, vouched)
     if report.legacy_entries and not report.keyed_entries and not args.legacy:
         raise IntegrityError(
             f"no audit entry is keyed (all {report.legacy_entries} are legacy, unkeyed): either "
@@ -36,7 +41,37 @@ async def _cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int
     print(f"audit log intact: {head.seq} entries, head #{head.seq} {head.entry_hash}")
     for line in describe(report):
         print(line)
+    if vouched == {}:
+        print(
+            "checkpoints: none in the vault or given: nothing vouches against a cut (the keygen "
+            "worker makes one every ZANDD_AUDIT_CHECKPOINT_EVERY_ENTRIES entries; keep copies "
+            "elsewhere and pass --checkpoints FILE)"
+        )
+    if unchecked:
+        print(
+            f"checkpoints: {unchecked} TPM-signed checkpoints not checked (give "
+            "--checkpoint-key FILE from zandd tpm checkpoint-key)"
+        )
     return 0
+
+
+async def _vouched(
+    args: argparse.Namespace, settings: Settings, store: VaultStore
+) -> tuple[dict[int, str] | None, int]:
+    """The links the checkpoints (stored and exported) vouch for, their signatures checked;
+    without a key, None and how many were left unchecked."""
+    from vault.audit_checkpoint import all_checkpoints, check_signatures
+    from workers.commands.checkpoints import load_checkpoint_key, read_exported
+
+    checkpoints = await all_checkpoints(store)
+    if args.checkpoints is not None:
+        checkpoints += read_exported(args.checkpoints)
+    if args.checkpoint_key is None:
+        return None, len(checkpoints)
+    key = load_checkpoint_key(args.checkpoint_key, settings)
+    # A forged (or altered) checkpoint raises CheckpointForged: refused, never skipped.
+    by_seq = check_signatures(checkpoints, key)
+    return {seq: checkpoint.link for seq, checkpoint in by_seq.items()}, 0
 
 
 def describe(report: AuditReport) -> list[str]:
@@ -51,6 +86,7 @@ def describe(report: AuditReport) -> list[str]:
         if legacy
         else "legacy unkeyed links: none",
     ]
+    lines += _describe_checkpoints(report)
     if report.known_head is None:
         lines.append(
             "head: not checked (give --head SEQ:LINK from an audit.head event on zandd.events): "
@@ -60,6 +96,23 @@ def describe(report: AuditReport) -> list[str]:
         known = report.known_head
         matches = "and matches" if known.entry_hash else "(no link given to compare)"
         lines.append(f"head: the log reaches the known head #{known.seq} {matches}")
+    return lines
+
+
+def _describe_checkpoints(report: AuditReport) -> list[str]:
+    newest = report.checkpoint
+    if newest is None:
+        return []
+    after = report.head.seq - newest.seq
+    lines = [
+        f"checkpoints: {report.checkpoints} TPM-signed checkpoints verified; the log reaches "
+        f"the newest, #{newest.seq}, and matches it"
+    ]
+    if after:
+        lines.append(
+            f"after the newest checkpoint: {after} entries (#{newest.seq + 1} to "
+            f"#{report.head.seq}) no checkpoint vouches for yet: a cut of them would not show"
+        )
     return lines
 
 
@@ -178,6 +231,25 @@ async def _cmd_audit_tail(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _cmd_audit_show(args: argparse.Namespace, settings: Settings) -> int:
+    async with opened_store(settings) as store:
+        found = await store.read_audit(AuditQuery(after_seq=args.seq - 1, limit=1))
+    if not found or found[0].seq != args.seq:
+        print(f"zandd: the audit log has no entry #{args.seq}", file=sys.stderr)
+        return 1
+    entry = found[0]
+    print(format_entry(entry))
+    print(f"link {printable(entry.entry_hash)}")
+    print(f"prev {printable(entry.prev_hash)}")
+    return 0
+
+
+def _sequence_number(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{printable(text[:40])!r} is not an entry number")
+    return int(text)
+
+
 def register(tree: CommandTree) -> None:
     """Add the audit commands."""
     verify = tree.add(
@@ -200,6 +272,22 @@ def register(tree: CommandTree) -> None:
         help="a file of heads, one per line (SEQ:LINK or an audit.head event's JSON)",
     )
     verify.add_argument(
+        "--checkpoint-key",
+        default=None,
+        metavar="FILE",
+        help="the TPM's checkpoint public key (PEM, from zandd tpm checkpoint-key), or 'tpm' "
+        "to read it from the TPM: check every checkpoint's signature and that the log "
+        "reaches the newest",
+    )
+    verify.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="checkpoints kept elsewhere (zandd audit checkpoints --jsonl), checked with the "
+        "vault's own",
+    )
+    verify.add_argument(
         "--legacy",
         action="store_true",
         help="accept a log without any keyed entry (a vault no worker of this version wrote to)",
@@ -213,6 +301,10 @@ def register(tree: CommandTree) -> None:
     keep.add_argument(
         "--count", type=int, default=None, help="stop after this many heads (default: Ctrl-C)"
     )
+    show = tree.add(
+        "audit show", _cmd_audit_show, "show one audit entry (a receipt's seq) and its link"
+    )
+    show.add_argument("seq", type=_sequence_number, help="the entry's sequence number")
     tail = tree.add("audit tail", _cmd_audit_tail, "show the newest audit entries")
     tail.add_argument("--key", default=None, help="only entries about this key id")
     tail.add_argument("--principal", default=None, help="only entries by this AMQP user")

@@ -55,6 +55,11 @@ class TpmSession:
         """Where the TPM is."""
         return self._tcti
 
+    @property
+    def opened(self) -> bool:
+        """Whether this session holds the TPM now (it served a request: not a hot standby)."""
+        return self._tpm is not None
+
     async def run(self, command: Callable[[Tpm], T]) -> T:
         """Run ``command(tpm)`` on the TPM thread, opening the TPM first if needed."""
         loop = asyncio.get_running_loop()
