@@ -187,14 +187,29 @@ class KeyDestroyRequest(KeyStateRequest):
     )
 
 
+class KeyAttestation(_Reply):
+    """The TPM's certification of a key (``TPM2_Certify`` with the fleet attestation key).
+
+    ``public_area`` is the key's ``TPMT_PUBLIC``, ``certify_info`` the ``TPMS_ATTEST`` the TPM
+    signed, ``signature`` the attestation key's ECDSA P-256/SHA-256 signature over it (DER).
+    Check it with ``contracts.attestation.verify_attestation`` and an attestation key pinned
+    out of band (``zandd tpm attestation-key``), never one the fleet hands over.
+    """
+
+    public_area: Base64Bytes
+    certify_info: Base64Bytes
+    signature: Base64Bytes
+
+
 class KeyCreateReply(_Reply):
-    """Reply to ``key.create``."""
+    """Reply to ``key.create``; ``attestation`` is absent for keys made before attestation."""
 
     key_id: str
     version: int
     algorithm: str
     public_key_pem: str
     created_at: AwareDatetime
+    attestation: KeyAttestation | None = None
 
 
 class SignReply(_Reply):
@@ -230,13 +245,14 @@ class EcPublicJwk(_Reply):
 
 
 class KeyPublicReply(_Reply):
-    """Reply to ``key.public``."""
+    """Reply to ``key.public``; ``attestation`` is absent for keys made before attestation."""
 
     key_id: str
     version: int
     algorithm: str
     public_key_pem: str
     public_key_jwk: EcPublicJwk
+    attestation: KeyAttestation | None = None
 
 
 class KeyVersionState(_Reply):

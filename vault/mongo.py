@@ -503,6 +503,8 @@ def _to_document(record: KeyRecord) -> Document:
         "destroy_after": None if record.destroy_after is None else _timestamp(record.destroy_after),
         "generation": record.generation,
         "mac": None if record.mac is None else {"kek_id": record.mac.kek_id, "tag": record.mac.tag},
+        # Absent, not null, before attestation: documents need no migration.
+        **({} if record.attestation is None else {"attestation": record.attestation}),
     }
 
 
@@ -542,9 +544,14 @@ def _to_record(document: Mapping[str, Any], heads: Mapping[tuple[str, int], int]
             destroy_after=_optional_time(document["destroy_after"]),
             generation=_generation(document),
             mac=_optional_mac(document.get("mac")),
+            attestation=_optional_bytes(document.get("attestation")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise IntegrityError(f"stored record for key {key_id} v{version} is malformed") from exc
+
+
+def _optional_bytes(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)
 
 
 def _optional_time(text: str | None) -> datetime | None:

@@ -30,7 +30,9 @@ class KeyRecord:
     ``destroy_after`` is when a scheduled destruction falls due: set while the version is
     ``pending_destruction`` and kept once it is ``destroyed``. ``generation`` counts the
     version's changes (1 when created) and ``mac`` authenticates every field
-    (``vault.record_mac``); None only in a vault not upgraded yet.
+    (``vault.record_mac``); None only in a vault not upgraded yet. ``attestation`` is the
+    TPM's certification of the key (``contracts.attestation.AttestationParts.encode``), None
+    for keys made before attestation.
     """
 
     key_id: str
@@ -47,6 +49,7 @@ class KeyRecord:
     destroy_after: datetime | None = None
     generation: int = 1
     mac: RecordMac | None = None
+    attestation: bytes | None = None
 
     def __post_init__(self) -> None:
         if self.version < 1:
@@ -85,7 +88,8 @@ class KeyRecord:
             f"allowed_signers={self.allowed_signers!r}, "
             f"created_at={self.created_at.isoformat()!r}, created_by={self.created_by!r}, "
             f"request_id={self.request_id!r}, destroy_after={destroy_after!r}, "
-            f"generation={self.generation}, mac={self.mac!r})"
+            f"generation={self.generation}, mac={self.mac!r}, "
+            f"attested={self.attestation is not None})"
         )
 
 

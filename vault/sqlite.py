@@ -43,7 +43,7 @@ _T = TypeVar("_T")
 
 log = logging.getLogger("zandd.vault")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BUSY_TIMEOUT_S = 10.0
 _CHECKPOINT_ATTEMPTS = 3
 _THREAD_NAME = "zandd-sqlite"
@@ -129,13 +129,18 @@ RECORD_MAC_STEP: tuple[str, ...] = (
 )
 _MIGRATIONS[5] = RECORD_MAC_STEP
 
+#: The TPM's attestation of each key version (contracts.attestation), covered by its MAC.
+#: NULL for versions made before attestation. A step of its own, to take the next number.
+ATTESTATION_STEP: tuple[str, ...] = ("ALTER TABLE keys ADD COLUMN attestation BLOB",)
+_MIGRATIONS[6] = ATTESTATION_STEP
+
 _COLUMNS = (
     "key_id, version, algorithm, public_key_der, kek_id, nonce, ciphertext, state, label,"
     " allowed_signers, created_at, created_by, request_id, destroy_after, generation,"
-    " mac_kek_id, mac"
+    " mac_kek_id, mac, attestation"
 )
 # The f-strings below join module constants only; every value is a bound parameter.
-_INSERT = f"INSERT INTO keys ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"  # noqa: S608
+_INSERT = f"INSERT INTO keys ({_COLUMNS}) VALUES ({', '.join('?' * 18)})"  # noqa: S608
 _HEAD = (
     "(SELECT h.generation FROM key_heads AS h WHERE h.key_id = k.key_id AND h.version = k.version)"
 )
@@ -579,13 +584,14 @@ def _to_row(record: KeyRecord) -> tuple[Any, ...]:
         record.generation,
         None if record.mac is None else record.mac.kek_id,
         None if record.mac is None else record.mac.tag,
+        record.attestation,
     )
 
 
 def _to_record(row: tuple[Any, ...]) -> KeyRecord:
     (key_id, version, algorithm, public_key_der, kek_id, nonce, ciphertext) = row[:7]
     (state, label, allowed_signers, created_at, created_by, request_id, destroy_after) = row[7:14]
-    (generation, mac_kek_id, mac, head) = row[14:]
+    (generation, mac_kek_id, mac, attestation, head) = row[14:]
     check_head(key_id, version, generation, head)
     try:
         sealed = None if kek_id is None else SealedKey(kek_id, bytes(nonce), bytes(ciphertext))
@@ -604,6 +610,7 @@ def _to_record(row: tuple[Any, ...]) -> KeyRecord:
             destroy_after=None if destroy_after is None else datetime.fromisoformat(destroy_after),
             generation=generation,
             mac=None if mac_kek_id is None or mac is None else RecordMac(mac_kek_id, bytes(mac)),
+            attestation=None if attestation is None else bytes(attestation),
         )
     except (TypeError, ValueError) as exc:
         raise IntegrityError(f"stored record for key {key_id} v{version} is malformed") from exc

@@ -99,7 +99,26 @@ CHANGES: dict[str, Callable[[KeyRecord], KeyRecord]] = {
     "destroy_after": lambda r: dataclasses.replace(
         r, state=KeyState.PENDING_DESTRUCTION, destroy_after=T0
     ),
+    "attestation added": lambda r: dataclasses.replace(r, attestation=b"\x00\x01a\x00\x00\x00\x00"),
 }
+
+
+@pytest.mark.parametrize("attestation", [b"", b"\x00\x02ab\x00\x01c\x00\x01d"])
+def test_an_attestation_is_covered(attestation: bytes) -> None:
+    record = authenticated(
+        dataclasses.replace(unsigned(), attestation=attestation), RING, generation=1
+    )
+    verify_record(record, RING)
+    for changed in (None, attestation + b"x", b"\x00" + attestation):
+        with pytest.raises(IntegrityError, match="failed its record MAC"):
+            verify_record(dataclasses.replace(record, attestation=changed), RING)
+
+
+def test_a_record_without_attestation_keeps_the_encoding_it_had() -> None:
+    # MACs written before attestation existed must still verify.
+    encoded = record_fields(unsigned(), KEK.kek_id)
+    tail = KEK.kek_id.encode()
+    assert encoded.endswith(len(tail).to_bytes(4, "big") + tail)
 
 
 def test_an_authenticated_record_verifies() -> None:

@@ -9,7 +9,9 @@ import logging
 import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
+from contracts.attestation import AttestationParts, attestation_reply, qualifying_data
 from contracts.crypto import load_public_key, public_key_der, public_key_pem
 from contracts.errors import InvalidRequest
 from contracts.models import KeyCreateReply, KeyCreateRequest
@@ -19,6 +21,7 @@ from vault.record_mac import authenticated, verify_record
 from vault.records import KeyRecord, KeyState
 from vault.sealing import RecordBinding, seal
 from vault.store import VaultStore
+from workers.keygen.attest import certify
 from workers.keygen.session import TpmSession
 from workers.metrics import Metrics
 from workers.policy import AccessPolicy
@@ -95,10 +98,16 @@ class Keygen:
     async def _generate(self, request: KeyCreateRequest, owner: str, request_id: str) -> KeyRecord:
         # After a `zandd vault rotate-kek` new keys go under the new active KEK at once.
         self._ring.refresh()
+        key_id = new_key_id()
+        qualifying = qualifying_data(key_id, 1)
+        attested: list[AttestationParts] = []
+
+        def certify_new_key(ectx: Any, key: Any, public: Any) -> None:
+            attested.append(certify(ectx, key, public, qualifying))
+
         with stage(Stage.TPM, self._metrics):
-            exported = await self._tpm.run(lambda tpm: tpm.create_exportable_p256())
+            exported = await self._tpm.run(lambda tpm: tpm.create_exportable_p256(certify_new_key))
         with exported:
-            key_id = new_key_id()
             binding = RecordBinding(key_id=key_id, version=1, algorithm=request.algorithm)
             sealed = seal(exported.private_scalar, binding, self._ring.active)
             public_der = public_key_der(exported.public_key())
@@ -115,6 +124,7 @@ class Keygen:
             created_at=datetime.now(UTC),
             created_by=owner,
             request_id=request_id,
+            attestation=attested[0].encode(),
         )
         return authenticated(record, self._ring, generation=1)
 
@@ -126,4 +136,5 @@ def _reply(record: KeyRecord) -> KeyCreateReply:
         algorithm=record.algorithm,
         public_key_pem=public_key_pem(load_public_key(record.public_key_der)),
         created_at=record.created_at,
+        attestation=attestation_reply(record.attestation),
     )

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
+from contracts.attestation import attestation_reply
 from contracts.crypto import public_key_jwk, public_key_pem
 from contracts.errors import KeyDisabled
 from contracts.models import (
@@ -148,6 +149,7 @@ class Signer:
             algorithm=record.algorithm,
             public_key_pem=public_key_pem(key),
             public_key_jwk=public_key_jwk(key, kid=f"{record.key_id}.v{record.version}"),
+            attestation=attestation_reply(record.attestation),
         )
 
     async def _fetch(self, key_id: str, version: int | None) -> CachedKey:

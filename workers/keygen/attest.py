@@ -1,0 +1,151 @@
+"""The fleet attestation key and the TPM-bound ("tpm" protection) keys, in the TPM.
+
+The attestation key is a primary key of the endorsement hierarchy, re-created from a fixed
+template whenever it is needed: the same template and the same hierarchy seed give the same
+key, so it needs no persistent handle (no NV slot to manage or leak) and it is the same after
+a keygen restart, a swtpm restart (its state persists) or a ``TPM2_Clear`` (which changes only
+the owner seed, not the endorsement seed). It is restricted, so it signs only structures the
+TPM made itself (``TPMS_ATTEST``), never a digest a caller chose.
+
+TPM-bound keys are ordinary children of the storage primary with ``fixedTPM|fixedParent`` and
+no policy: their ``TPM2B_PRIVATE`` is wrapped by the storage primary, which only this TPM (with
+the same owner seed) can re-derive, and they are loaded for every signature and flushed after.
+
+Every function here takes an ESAPI context and the storage primary (``Tpm.under_storage_primary``)
+and flushes every object it loads: swtpm has three transient object slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from tpm2_pytss import (
+    ESYS_TR,
+    TPM2_ALG,
+    TPM2B_PRIVATE,
+    TPM2B_PUBLIC,
+    TPMA_OBJECT,
+    TPMT_SIG_SCHEME,
+    TSS2_Exception,
+)
+
+from contracts.attestation import AttestationParts
+from contracts.errors import IntegrityError
+from workers.keygen.tpm import _flushed, _public_point
+
+#: The attestation key's template: the TPM derives the same key from it every time.
+ATTESTATION_KEY_ATTRIBUTES = (
+    TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+    | TPMA_OBJECT.USERWITHAUTH
+    | TPMA_OBJECT.RESTRICTED
+    | TPMA_OBJECT.SIGN_ENCRYPT
+)
+# The unique field seeds the derivation: ours, so the key is not shared with another program
+# that creates a primary from the default ECC signing template.
+_ATTESTATION_KEY_UNIQUE = b"zandd-attestation-key/1"
+
+#: A TPM-bound key: generated in the TPM, never duplicable, usable with its (empty) authValue.
+TPM_BOUND_KEY_ATTRIBUTES = (
+    TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+    | TPMA_OBJECT.USERWITHAUTH
+    | TPMA_OBJECT.SIGN_ENCRYPT
+)
+
+
+def _ecdsa_sha256() -> TPMT_SIG_SCHEME:
+    scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
+    scheme.details.any.hashAlg = TPM2_ALG.SHA256
+    return scheme
+
+
+def attestation_key_template() -> TPM2B_PUBLIC:
+    """The fixed template of the fleet attestation key (ECDSA P-256/SHA-256, restricted)."""
+    template = TPM2B_PUBLIC.parse(
+        "ecc256:ecdsa-sha256:null", objectAttributes=ATTESTATION_KEY_ATTRIBUTES
+    )
+    template.publicArea.unique.ecc.x = _ATTESTATION_KEY_UNIQUE
+    return template
+
+
+def _point_key(public: TPM2B_PUBLIC) -> ec.EllipticCurvePublicKey:
+    x, y = _public_point(public)
+    return ec.EllipticCurvePublicNumbers(
+        int.from_bytes(x, "big"), int.from_bytes(y, "big"), ec.SECP256R1()
+    ).public_key()
+
+
+def attestation_public_key(ectx: Any) -> ec.EllipticCurvePublicKey:
+    """The fleet attestation key's public half (the key is re-derived, then flushed)."""
+    handle, public, _, _, _ = ectx.create_primary(
+        None, attestation_key_template(), ESYS_TR.ENDORSEMENT
+    )
+    with _flushed(ectx, handle):
+        return _point_key(public)
+
+
+def certify(ectx: Any, key: Any, public: TPM2B_PUBLIC, qualifying: bytes) -> AttestationParts:
+    """TPM2_Certify the loaded object ``key`` with the attestation key (loaded, then flushed).
+
+    The caller has the key loaded; with the storage primary that makes three objects, swtpm's
+    limit, until the attestation key is flushed again here.
+    """
+    handle, _, _, _, _ = ectx.create_primary(None, attestation_key_template(), ESYS_TR.ENDORSEMENT)
+    with _flushed(ectx, handle):
+        certify_info, signature = ectx.certify(key, handle, qualifying, _ecdsa_sha256())
+    return AttestationParts(
+        public_area=public.publicArea.marshal(),
+        certify_info=bytes(certify_info),
+        signature=bytes(signature),
+    )
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class TpmBoundKey:
+    """A TPM-bound key as the vault keeps it: the TPM-wrapped private part and the public one.
+
+    ``private_blob`` is a marshalled ``TPM2B_PRIVATE``: encrypted and integrity-protected under
+    the storage primary's seed, so only this TPM can load it. ``public_blob`` is the
+    marshalled ``TPM2B_PUBLIC``.
+    """
+
+    private_blob: bytes
+    public_blob: bytes
+
+    def __repr__(self) -> str:
+        return f"TpmBoundKey(<{len(self.private_blob)}-byte TPM-wrapped private part>)"
+
+
+def create_tpm_bound(
+    ectx: Any, primary: Any, qualifying: bytes
+) -> tuple[TpmBoundKey, ec.EllipticCurvePublicKey, AttestationParts]:
+    """Create a ``fixedTPM|fixedParent`` P-256 key under ``primary`` and certify it."""
+    template = TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256", objectAttributes=TPM_BOUND_KEY_ATTRIBUTES)
+    private, public, _, _, _ = ectx.create(primary, None, template)
+    with _flushed(ectx, ectx.load(primary, private, public)) as key:
+        attestation = certify(ectx, key, public, qualifying)
+    blob = TpmBoundKey(private_blob=private.marshal(), public_blob=public.marshal())
+    return blob, _point_key(public), attestation
+
+
+def sign_tpm_bound(ectx: Any, primary: Any, key: TpmBoundKey, digest: bytes) -> bytes:
+    """Sign a SHA-256 ``digest`` with a TPM-bound key inside the TPM; the DER signature.
+
+    Raises:
+        IntegrityError: the stored blobs do not parse (the TPM checks their integrity itself
+            and refuses a changed private part with a TSS error).
+    """
+    try:
+        private, _ = TPM2B_PRIVATE.unmarshal(key.private_blob)
+        public, _ = TPM2B_PUBLIC.unmarshal(key.public_blob)
+    except TSS2_Exception as exc:
+        raise IntegrityError("the stored TPM-bound key does not parse") from exc
+    with _flushed(ectx, ectx.load(primary, private, public)) as handle:
+        # An unrestricted key takes the NULL ticket ESAPI sends by default.
+        signature = ectx.sign(handle, digest, _ecdsa_sha256())
+    return bytes(signature)
