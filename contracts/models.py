@@ -82,6 +82,9 @@ MAX_VERSION = 2**31 - 1
 Version = Annotated[int, Field(ge=1, le=MAX_VERSION, strict=True)]
 Principal = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{1,128}$")]
 Encoding = Literal["der", "raw"]
+#: ``exportable``: generated in the TPM, exported once, sealed in the vault, signed with by the
+#: signers. ``tpm``: never leaves the TPM (``fixedTPM|fixedParent``); ``sign.tpm`` signs in it.
+Protection = Literal["exportable", "tpm"]
 Algorithm = Literal["ecdsa-p256-sha256"]
 
 
@@ -109,6 +112,7 @@ class KeyCreateRequest(_Request):
     label: Annotated[str, StringConstraints(max_length=256)] | None = None
     algorithm: Algorithm = ALGORITHM_ECDSA_P256_SHA256
     allowed_signers: Annotated[list[Principal], Field(max_length=256)] | None = None
+    protection: Protection = "exportable"
 
 
 class SignPayload(_Request):
@@ -138,7 +142,8 @@ class SignPayload(_Request):
 
 
 class SignRequest(SignPayload):
-    """``sign``: one signature over a message or a digest."""
+    """``sign``: one signature over a message or a digest (also ``sign.tpm``, for a key with
+    protection ``tpm``, served by the keygen worker)."""
 
     key_id: KeyId
     version: Version | None = None
@@ -210,16 +215,18 @@ class KeyCreateReply(_Reply):
     public_key_pem: str
     created_at: AwareDatetime
     attestation: KeyAttestation | None = None
+    protection: Protection = "exportable"
 
 
 class SignReply(_Reply):
-    """Reply to ``sign``."""
+    """Reply to ``sign`` and ``sign.tpm``."""
 
     key_id: str
     version: int
     algorithm: str
     encoding: Encoding
     signature: Base64Bytes
+    protection: Protection = "exportable"
 
 
 class SignBatchReply(_Reply):
@@ -253,6 +260,7 @@ class KeyPublicReply(_Reply):
     public_key_pem: str
     public_key_jwk: EcPublicJwk
     attestation: KeyAttestation | None = None
+    protection: Protection = "exportable"
 
 
 class KeyVersionState(_Reply):
@@ -336,6 +344,7 @@ SPECS: dict[Operation, OperationSpec] = {
         OperationSpec(Operation.KEY_ENABLE, KeyStateRequest, KeyStateReply),
         OperationSpec(Operation.KEY_DESTROY, KeyDestroyRequest, KeyStateReply),
         OperationSpec(Operation.KEY_CANCEL_DESTROY, KeyStateRequest, KeyStateReply),
+        OperationSpec(Operation.SIGN_TPM, SignRequest, SignReply),
     )
 }
 

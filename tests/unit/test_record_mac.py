@@ -319,3 +319,24 @@ def _consistent(key_id: str) -> KeyRecord:
         public_key_der=public_key_der(private_key.public_key()),
     )
     return dataclasses.replace(record, sealed=seal(scalar, record.binding, KEK))
+
+
+def test_a_tpm_bound_key_is_covered() -> None:
+    bound = dataclasses.replace(unsigned(), sealed=None, tpm_blob=b"wrapped", attestation=b"att")
+    record = authenticated(bound, RING, generation=1)
+    assert record.protection == "tpm"
+    verify_record(record, RING)
+    for changed in (
+        dataclasses.replace(record, tpm_blob=b"wrapped!"),
+        dataclasses.replace(record, tpm_blob=b"att", attestation=b"wrapped"),
+        dataclasses.replace(record, attestation=None),
+    ):
+        with pytest.raises(IntegrityError, match="failed its record MAC"):
+            verify_record(changed, RING)
+
+
+def test_a_record_holds_sealed_material_or_a_tpm_key_not_both() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        dataclasses.replace(unsigned(), tpm_blob=b"wrapped")
+    with pytest.raises(ValueError, match="key material exactly when"):
+        dataclasses.replace(unsigned(), sealed=None, tpm_blob=b"x", state=KeyState.DESTROYED)

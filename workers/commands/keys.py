@@ -49,6 +49,8 @@ RecordCheck = Callable[["KeyRecord"], str]
 def _describe_version(record: KeyRecord, check: RecordCheck) -> str:
     if record.state == KeyState.DESTROYED:
         line = f"v{record.version}: destroyed (due {when(record.destroy_after)})"
+    elif record.tpm_blob is not None:
+        line = f"v{record.version}: {record.state.value}, protection tpm (held by the TPM)"
     else:
         line = f"v{record.version}: {record.state.value}, sealed with KEK {record.kek_id}"
     if record.state == KeyState.PENDING_DESTRUCTION:

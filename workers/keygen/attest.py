@@ -17,6 +17,7 @@ and flushes every object it loads: swtpm has three transient object slots.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tpm2_pytss import (
     ESYS_TR,
     TPM2_ALG,
+    TPM2_RC,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPMA_OBJECT,
@@ -120,6 +122,27 @@ class TpmBoundKey:
     def __repr__(self) -> str:
         return f"TpmBoundKey(<{len(self.private_blob)}-byte TPM-wrapped private part>)"
 
+    def encode(self) -> bytes:
+        """Both parts length-prefixed, how the vault keeps them (``KeyRecord.tpm_blob``)."""
+        return b"".join(
+            struct.pack(">I", len(part)) + part for part in (self.private_blob, self.public_blob)
+        )
+
+    @classmethod
+    def decode(cls, blob: bytes) -> TpmBoundKey:
+        """The parts of an :meth:`encode` blob; IntegrityError if it is not one."""
+        parts: list[bytes] = []
+        at = 0
+        for _ in range(2):
+            if at + 4 > len(blob):
+                raise IntegrityError("the stored TPM-bound key is truncated")
+            (size,) = struct.unpack_from(">I", blob, at)
+            parts.append(blob[at + 4 : at + 4 + size])
+            at += 4 + size
+        if at != len(blob):
+            raise IntegrityError("the stored TPM-bound key is malformed")
+        return cls(*parts)
+
 
 def create_tpm_bound(
     ectx: Any, primary: Any, qualifying: bytes
@@ -137,15 +160,26 @@ def sign_tpm_bound(ectx: Any, primary: Any, key: TpmBoundKey, digest: bytes) -> 
     """Sign a SHA-256 ``digest`` with a TPM-bound key inside the TPM; the DER signature.
 
     Raises:
-        IntegrityError: the stored blobs do not parse (the TPM checks their integrity itself
-            and refuses a changed private part with a TSS error).
+        IntegrityError: the stored blobs do not parse, or the TPM refuses them (its integrity
+            check of the private part fails).
     """
     try:
         private, _ = TPM2B_PRIVATE.unmarshal(key.private_blob)
         public, _ = TPM2B_PUBLIC.unmarshal(key.public_blob)
     except TSS2_Exception as exc:
         raise IntegrityError("the stored TPM-bound key does not parse") from exc
-    with _flushed(ectx, ectx.load(primary, private, public)) as handle:
+    try:
+        loaded = ectx.load(primary, private, public)
+    except TSS2_Exception as exc:
+        if exc.error != TPM2_RC.INTEGRITY:
+            raise  # the TPM failed, not the blob: retryable
+        # The storage primary cannot open the private part: another TPM made it, this TPM's
+        # owner hierarchy was cleared, or the blob was altered. Retrying changes nothing.
+        raise IntegrityError(
+            "the TPM refuses the stored TPM-bound key: it was made by another TPM (or this "
+            "TPM's owner hierarchy was cleared), or it was altered"
+        ) from exc
+    with _flushed(ectx, loaded) as handle:
         # An unrestricted key takes the NULL ticket ESAPI sends by default.
         signature = ectx.sign(handle, digest, _ecdsa_sha256())
     return bytes(signature)
