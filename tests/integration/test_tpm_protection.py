@@ -9,6 +9,7 @@ signatures; the key still signs after the keygen worker restarts and after swtpm
 from __future__ import annotations
 
 import dataclasses
+import signal
 import subprocess
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -17,12 +18,15 @@ from pathlib import Path
 import pytest
 
 from contracts.attestation import parts_of, verify_attestation
+from contracts.client import SigningClient
 from contracts.crypto import load_public_key
 from contracts.errors import IntegrityError, InvalidRequest, KeyDisabled
 from contracts.models import KeyCreateRequest, SignRequest
 from contracts.operations import Operation
 from tests.conftest import RunningFleet
 from tests.integration.test_attestation import fleet_attestation_key
+from tests.integration.test_cli import free_port_pair
+from tests.integration.test_faults import ProcessFleet, started
 from vault.kek import KekRing
 from vault.lifecycle import destroyed
 from vault.record_mac import authenticated, verify_record
@@ -205,3 +209,37 @@ async def test_destroying_a_tpm_key_erases_its_wrapped_blob(
     assert stored.state == KeyState.DESTROYED
     assert stored.tpm_blob is None
     assert stored.attestation == record.attestation  # what the key was stays provable
+
+
+@pytest.mark.rabbitmq
+async def test_a_tpm_key_signs_after_keygen_and_swtpm_restarts_in_a_process_fleet(
+    empty_amqp_url: str, tmp_path: Path
+) -> None:
+    port = free_port_pair()
+    state = tmp_path / "swtpm"
+    swtpm = start_swtpm(state, port=port)
+    KekRing.create(tmp_path / "kek-ring.json")
+    fleet = ProcessFleet(empty_amqp_url, tmp_path, swtpm.tcti)
+    try:
+        await started(fleet, signers=1)
+        async with await SigningClient.connect(empty_amqp_url, timeout_s=60) as client:
+            created = await client.create_key(label="bound", protection="tpm")
+            first = await client.sign_in_tpm(created.key_id, MESSAGE)
+
+            fleet.signal("keygen-1", signal.SIGKILL)
+            await fleet.exit_code("keygen-1")
+            await fleet.start("keygen-2")
+            await fleet.wait_for_consumers(signers=1, keygens=1)
+            after_keygen_restart = await client.sign_in_tpm(created.key_id, MESSAGE)
+
+            swtpm.stop()
+            swtpm = start_swtpm(state, port=port)
+            # The keygen worker's TPM connection broke: it reopens it and serves the request.
+            after_swtpm_restart = await client.sign_in_tpm(created.key_id, MESSAGE)
+    finally:
+        await fleet.stop_all()
+        swtpm.stop()
+    for number, signature in enumerate((first, after_keygen_restart, after_swtpm_restart)):
+        directory = tmp_path / f"check-{number}"
+        directory.mkdir()
+        assert openssl_verifies(directory, created.public_key_pem, signature.signature)
