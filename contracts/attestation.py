@@ -30,7 +30,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from contracts.errors import IntegrityError
+from contracts.crypto import load_public_key, public_key_pem
+from contracts.errors import IntegrityError, InvalidRequest
 from contracts.models import KeyAttestation
 
 TPM_GENERATED_VALUE: Final = 0xFF544347
@@ -82,24 +83,29 @@ def qualifying_data(key_id: str, version: int) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class AttestationParts:
-    """The three parts of a key attestation, as stored in the vault and sent on the wire."""
+    """The parts of a key attestation, as stored in the vault and sent on the wire.
+
+    ``signer`` is the SubjectPublicKeyInfo DER of the attestation key that signed, as the
+    keygen worker saw it: it tells which key to look for, and is never what a verifier trusts.
+    """
 
     public_area: bytes
     certify_info: bytes
     signature: bytes
+    signer: bytes = b""
 
     def encode(self) -> bytes:
         """One length-prefixed blob, how the vault keeps it."""
         return b"".join(
             struct.pack(">H", len(part)) + part
-            for part in (self.public_area, self.certify_info, self.signature)
+            for part in (self.public_area, self.certify_info, self.signature, self.signer)
         )
 
     @classmethod
     def decode(cls, blob: bytes) -> AttestationParts:
         """The parts of an :meth:`encode` blob; IntegrityError if it is not one."""
         reader = _Reader(blob, "stored attestation")
-        parts = [reader.sized() for _ in range(3)]
+        parts = [reader.sized() for _ in range(4)]
         reader.end()
         return cls(*parts)
 
@@ -306,11 +312,21 @@ def attestation_reply(blob: bytes | None) -> KeyAttestation | None:
     if blob is None:
         return None
     parts = AttestationParts.decode(blob)
+    signer = None
+    if parts.signer:
+        try:
+            signer = public_key_pem(load_public_key(parts.signer))
+        except (InvalidRequest, ValueError) as exc:
+            raise IntegrityError("the stored attestation names a malformed signing key") from exc
     return KeyAttestation(
-        public_area=parts.public_area, certify_info=parts.certify_info, signature=parts.signature
+        public_area=parts.public_area,
+        certify_info=parts.certify_info,
+        signature=parts.signature,
+        attestation_key_pem=signer,
     )
 
 
 def parts_of(reply: KeyAttestation) -> AttestationParts:
-    """The parts of a ``key.create``/``key.public`` reply's attestation."""
+    """The parts of a ``key.create``/``key.public`` reply's attestation (the key it names as
+    its signer left out: only a pinned attestation key is checked against)."""
     return AttestationParts(reply.public_area, reply.certify_info, reply.signature)

@@ -198,12 +198,15 @@ class KeyAttestation(_Reply):
     ``public_area`` is the key's ``TPMT_PUBLIC``, ``certify_info`` the ``TPMS_ATTEST`` the TPM
     signed, ``signature`` the attestation key's ECDSA P-256/SHA-256 signature over it (DER).
     Check it with ``contracts.attestation.verify_attestation`` and an attestation key pinned
-    out of band (``zandd tpm attestation-key``), never one the fleet hands over.
+    out of band (``zandd tpm attestation-key``), never one the fleet hands over:
+    ``attestation_key_pem`` only names the key that signed (to see which TPM made the key, or
+    to pin it on first use), as the vault says.
     """
 
     public_area: Base64Bytes
     certify_info: Base64Bytes
     signature: Base64Bytes
+    attestation_key_pem: str | None = None
 
 
 class KeyCreateReply(_Reply):

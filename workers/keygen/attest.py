@@ -34,6 +34,7 @@ from tpm2_pytss import (
 )
 
 from contracts.attestation import AttestationParts
+from contracts.crypto import public_key_der
 from contracts.errors import IntegrityError
 from workers.keygen.tpm import _flushed, _public_point
 
@@ -97,13 +98,16 @@ def certify(ectx: Any, key: Any, public: TPM2B_PUBLIC, qualifying: bytes) -> Att
     The caller has the key loaded; with the storage primary that makes three objects, swtpm's
     limit, until the attestation key is flushed again here.
     """
-    handle, _, _, _, _ = ectx.create_primary(None, attestation_key_template(), ESYS_TR.ENDORSEMENT)
+    handle, signer, _, _, _ = ectx.create_primary(
+        None, attestation_key_template(), ESYS_TR.ENDORSEMENT
+    )
     with _flushed(ectx, handle):
         certify_info, signature = ectx.certify(key, handle, qualifying, _ecdsa_sha256())
     return AttestationParts(
         public_area=public.publicArea.marshal(),
         certify_info=bytes(certify_info),
         signature=bytes(signature),
+        signer=public_key_der(_point_key(signer)),
     )
 
 
