@@ -31,6 +31,7 @@ from vault.kek import KekRing
 from vault.lifecycle import destroyed
 from vault.record_mac import authenticated, verify_record
 from vault.records import KeyState
+from vault.rewrap import RewrapOutcome, rewrap
 from vault.store import VaultStore, open_store
 from workers.keygen.session import TpmSession
 from workers.keygen.swtpm import start_swtpm
@@ -243,3 +244,31 @@ async def test_a_tpm_key_signs_after_keygen_and_swtpm_restarts_in_a_process_flee
         directory = tmp_path / f"check-{number}"
         directory.mkdir()
         assert openssl_verifies(directory, created.public_key_pem, signature.signature)
+
+
+async def test_a_rewrap_after_a_kek_rotation_re_macs_a_tpm_key_and_it_still_signs(
+    store: VaultStore, swtpm_tcti: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "kek.json"
+    ring = KekRing.create(path)
+    session = TpmSession(swtpm_tcti)
+    try:
+        created = await Keygen(store, ring, session).create_key(
+            KeyCreateRequest(protection="tpm"),
+            RequestContext(Operation.KEY_CREATE, "req-1", "alice"),
+        )
+        rotated = ring.rotate(path)
+        steps = [step async for step in rewrap(store, rotated)]
+        assert [step.outcome for step in steps] == [RewrapOutcome.REWRAPPED]
+        again = [step async for step in rewrap(store, rotated)]
+        assert [step.outcome for step in again] == [RewrapOutcome.CURRENT]
+        record = verify_record(await store.get_key(created.key_id), rotated)
+        assert record.mac is not None
+        assert record.mac.kek_id == rotated.active.kek_id
+        reply = await Keygen(store, rotated, session).sign_in_tpm(
+            SignRequest(key_id=created.key_id, message=MESSAGE),
+            RequestContext(Operation.SIGN_TPM, None, "alice"),
+        )
+    finally:
+        session.close()
+    assert openssl_verifies(tmp_path, created.public_key_pem, reply.signature)

@@ -78,7 +78,8 @@ class Keygen:
     async def create_key(
         self, request: KeyCreateRequest, context: RequestContext
     ) -> KeyCreateReply:
-        """Create, export, flush, seal and store a new key; idempotent on the request id.
+        """Create, certify, export, flush, seal and store a new key (with protection ``tpm``:
+        create, certify and store it TPM-wrapped, never exported); idempotent on the request id.
 
         The caller becomes the key's owner and, unless ``allowed_signers`` says otherwise,
         its only signer. Request ids are the caller's own: another principal's request with
@@ -150,11 +151,12 @@ class Keygen:
         # After a `zandd vault rotate-kek` new keys go under the new active KEK at once.
         self._ring.refresh()
         key_id = new_key_id()
+        sealed: SealedKey | None = None
+        tpm_blob: bytes | None = None
         if request.protection == "tpm":
-            public_der, sealed, tpm_blob, attested = await self._tpm_bound(key_id)
+            public_der, tpm_blob, attested = await self._tpm_bound(key_id)
         else:
             public_der, sealed, attested = await self._exportable(key_id, request.algorithm)
-            tpm_blob = None
         signers = request.allowed_signers if request.allowed_signers is not None else [owner]
         record = KeyRecord(
             key_id=key_id,
@@ -190,7 +192,7 @@ class Keygen:
             public_der = public_key_der(exported.public_key())
         return public_der, sealed, attested[0]
 
-    async def _tpm_bound(self, key_id: str) -> tuple[bytes, None, bytes, AttestationParts]:
+    async def _tpm_bound(self, key_id: str) -> tuple[bytes, bytes, AttestationParts]:
         qualifying = qualifying_data(key_id, 1)
         with stage(Stage.TPM, self._metrics):
             key, public_key, attested = await self._tpm.run(
@@ -199,7 +201,7 @@ class Keygen:
                     lambda ectx, primary: create_tpm_bound(ectx, primary, qualifying),
                 )
             )
-        return public_key_der(public_key), None, key.encode(), attested
+        return public_key_der(public_key), key.encode(), attested
 
 
 def _reply(record: KeyRecord) -> KeyCreateReply:
