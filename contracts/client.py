@@ -68,6 +68,7 @@ from contracts.models import (
     KeyPublicRequest,
     KeyStateReply,
     KeyStateRequest,
+    Protection,
     SignBatchReply,
     SignBatchRequest,
     SignPayload,
@@ -223,12 +224,17 @@ class SigningClient:
         allowed_signers: Sequence[str] | None = None,
         request_id: str | None = None,
         timeout_s: float | None = None,
+        protection: Protection = "exportable",
     ) -> KeyCreateReply:
-        """Create a key. Sending the same ``request_id`` again returns the same key."""
+        """Create a key. Sending the same ``request_id`` again returns the same key.
+
+        ``protection="tpm"`` makes a key that never leaves the TPM (sign it with
+        ``sign_in_tpm``)."""
         request = _request(
             KeyCreateRequest,
             label=label,
             allowed_signers=list(allowed_signers) if allowed_signers is not None else None,
+            protection=protection,
         )
         return await self.call(
             Operation.KEY_CREATE,
@@ -258,6 +264,27 @@ class SigningClient:
             encoding=encoding,
         )
         return await self.call(Operation.SIGN, request, SignReply, timeout_s=timeout_s)
+
+    async def sign_in_tpm(
+        self,
+        key_id: str,
+        message: bytes | None = None,
+        *,
+        digest: bytes | None = None,
+        encoding: Encoding = "der",
+        version: int | None = None,
+        timeout_s: float | None = None,
+    ) -> SignReply:
+        """``sign.tpm``: sign with a key of protection ``tpm``, inside the TPM (keygen worker)."""
+        request = _request(
+            SignRequest,
+            key_id=key_id,
+            version=version,
+            message=message,
+            digest=digest,
+            encoding=encoding,
+        )
+        return await self.call(Operation.SIGN_TPM, request, SignReply, timeout_s=timeout_s)
 
     async def sign_batch(
         self,

@@ -82,6 +82,9 @@ MAX_VERSION = 2**31 - 1
 Version = Annotated[int, Field(ge=1, le=MAX_VERSION, strict=True)]
 Principal = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{1,128}$")]
 Encoding = Literal["der", "raw"]
+#: ``exportable``: generated in the TPM, exported once, sealed in the vault, signed with by the
+#: signers. ``tpm``: never leaves the TPM (``fixedTPM|fixedParent``); ``sign.tpm`` signs in it.
+Protection = Literal["exportable", "tpm"]
 Algorithm = Literal["ecdsa-p256-sha256"]
 
 
@@ -109,6 +112,7 @@ class KeyCreateRequest(_Request):
     label: Annotated[str, StringConstraints(max_length=256)] | None = None
     algorithm: Algorithm = ALGORITHM_ECDSA_P256_SHA256
     allowed_signers: Annotated[list[Principal], Field(max_length=256)] | None = None
+    protection: Protection = "exportable"
 
 
 class SignPayload(_Request):
@@ -138,7 +142,8 @@ class SignPayload(_Request):
 
 
 class SignRequest(SignPayload):
-    """``sign``: one signature over a message or a digest."""
+    """``sign``: one signature over a message or a digest (also ``sign.tpm``, for a key with
+    protection ``tpm``, served by the keygen worker)."""
 
     key_id: KeyId
     version: Version | None = None
@@ -187,14 +192,33 @@ class KeyDestroyRequest(KeyStateRequest):
     )
 
 
+class KeyAttestation(_Reply):
+    """The TPM's certification of a key (``TPM2_Certify`` with the fleet attestation key).
+
+    ``public_area`` is the key's ``TPMT_PUBLIC``, ``certify_info`` the ``TPMS_ATTEST`` the TPM
+    signed, ``signature`` the attestation key's ECDSA P-256/SHA-256 signature over it (DER).
+    Check it with ``contracts.attestation.verify_attestation`` and an attestation key pinned
+    out of band (``zandd tpm attestation-key``), never one the fleet hands over:
+    ``attestation_key_pem`` only names the key that signed (to see which TPM made the key, or
+    to pin it on first use), as the vault says.
+    """
+
+    public_area: Base64Bytes
+    certify_info: Base64Bytes
+    signature: Base64Bytes
+    attestation_key_pem: str | None = None
+
+
 class KeyCreateReply(_Reply):
-    """Reply to ``key.create``."""
+    """Reply to ``key.create``; ``attestation`` is absent for keys made before attestation."""
 
     key_id: str
     version: int
     algorithm: str
     public_key_pem: str
     created_at: AwareDatetime
+    attestation: KeyAttestation | None = None
+    protection: Protection = "exportable"
 
 
 #: An audit link: ``hmac-sha256/<kek_id>/<64 hex>`` (keyed) or 64 hex (legacy).
@@ -214,7 +238,8 @@ class Receipt(_Reply):
 
 
 class SignReply(_Reply):
-    """Reply to ``sign``; ``receipt`` (v1.1, absent from older workers) names its audit entry."""
+    """Reply to ``sign`` and ``sign.tpm``; ``receipt`` (v1.1, absent from older workers) names
+    its audit entry."""
 
     key_id: str
     version: int
@@ -222,6 +247,7 @@ class SignReply(_Reply):
     encoding: Encoding
     signature: Base64Bytes
     receipt: Receipt | None = None
+    protection: Protection = "exportable"
 
 
 class SignBatchReply(_Reply):
@@ -249,13 +275,15 @@ class EcPublicJwk(_Reply):
 
 
 class KeyPublicReply(_Reply):
-    """Reply to ``key.public``."""
+    """Reply to ``key.public``; ``attestation`` is absent for keys made before attestation."""
 
     key_id: str
     version: int
     algorithm: str
     public_key_pem: str
     public_key_jwk: EcPublicJwk
+    attestation: KeyAttestation | None = None
+    protection: Protection = "exportable"
 
 
 class KeyVersionState(_Reply):
@@ -353,6 +381,7 @@ SPECS: dict[Operation, OperationSpec] = {
         OperationSpec(Operation.KEY_ENABLE, KeyStateRequest, KeyStateReply),
         OperationSpec(Operation.KEY_DESTROY, KeyDestroyRequest, KeyStateReply),
         OperationSpec(Operation.KEY_CANCEL_DESTROY, KeyStateRequest, KeyStateReply),
+        OperationSpec(Operation.SIGN_TPM, SignRequest, SignReply),
     )
 }
 

@@ -16,6 +16,8 @@ class Operation(StrEnum):
     KEY_ENABLE = "key.enable"
     KEY_DESTROY = "key.destroy"
     KEY_CANCEL_DESTROY = "key.cancel_destroy"
+    #: ``sign`` for a key with protection ``tpm``: the keygen worker signs inside the TPM.
+    SIGN_TPM = "sign.tpm"
 
     @property
     def reply_type(self) -> str:
@@ -38,6 +40,7 @@ KEYGEN_OPERATIONS: tuple[Operation, ...] = (
     Operation.KEY_ENABLE,
     Operation.KEY_DESTROY,
     Operation.KEY_CANCEL_DESTROY,
+    Operation.SIGN_TPM,
 )
 #: Operations served by the scaled signer workers.
 SIGN_OPERATIONS: tuple[Operation, ...] = (

@@ -72,4 +72,4 @@ def destroyed(record: KeyRecord) -> KeyRecord:
     """The version with its sealed material gone; public key, owner and dates kept."""
     if record.state != _PENDING:
         raise ValueError("only a version pending destruction can be destroyed")
-    return dataclasses.replace(record, state=_DESTROYED, sealed=None)
+    return dataclasses.replace(record, state=_DESTROYED, sealed=None, tpm_blob=None)

@@ -271,7 +271,7 @@ class MongoStore:
         return {str(document["_id"]): int(document["count"]) for document in documents}
 
     async def replace_key(self, record: KeyRecord, expected: KeyRecord) -> bool:
-        """Compare-and-set state, destroy_after and sealed material in one document update.
+        """Compare-and-set state, destroy_after and key material in one document update.
 
         Erasing: the update removes the ciphertext from the document. Older copies that
         MongoDB keeps for a while (the oplog entry of the insert until the oplog rolls over,
@@ -294,7 +294,7 @@ class MongoStore:
             query["sealed.kek_id"] = expected.sealed.kek_id
             query["sealed.nonce"] = expected.sealed.nonce
         document = _to_document(record)
-        changed = ("state", "destroy_after", "sealed", "generation", "mac")
+        changed = ("state", "destroy_after", "sealed", "tpm_blob", "generation", "mac")
         update = {"$set": {name: document[name] for name in changed}}
         with self._translated():
             result = await self._keys.update_one(query, update)
@@ -536,6 +536,9 @@ def _to_document(record: KeyRecord) -> Document:
         "destroy_after": None if record.destroy_after is None else _timestamp(record.destroy_after),
         "generation": record.generation,
         "mac": None if record.mac is None else {"kek_id": record.mac.kek_id, "tag": record.mac.tag},
+        "tpm_blob": record.tpm_blob,
+        # Absent, not null, before attestation: documents need no migration.
+        **({} if record.attestation is None else {"attestation": record.attestation}),
     }
 
 
@@ -575,9 +578,15 @@ def _to_record(document: Mapping[str, Any], heads: Mapping[tuple[str, int], int]
             destroy_after=_optional_time(document["destroy_after"]),
             generation=_generation(document),
             mac=_optional_mac(document.get("mac")),
+            attestation=_optional_bytes(document.get("attestation")),
+            tpm_blob=_optional_bytes(document.get("tpm_blob")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise IntegrityError(f"stored record for key {key_id} v{version} is malformed") from exc
+
+
+def _optional_bytes(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)
 
 
 def _optional_time(text: str | None) -> datetime | None:

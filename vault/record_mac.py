@@ -32,6 +32,8 @@ from vault.records import KeyRecord, RecordMac
 MAC_KEY_INFO = b"zandd-record-mac/1"
 _DOMAIN_TAG = b"zandd-record/1"
 _MAC_KEY_BYTES = 32
+_ATTESTATION_TAG = b"attestation"
+_TPM_BLOB_TAG = b"tpm-blob"
 _ABSENT = b"\x00"
 _PRESENT = b"\x01"
 
@@ -73,7 +75,7 @@ def record_fields(record: KeyRecord, mac_kek_id: str) -> bytes:
 
     Everything but the MAC itself: identity, generation, algorithm, public key, sealed
     material (KEK id, nonce, ciphertext), state, label, allowed signers (in order), creation
-    time and principal, request id, ``destroy_after``, and the KEK the MAC key comes from.
+    time and principal, request id, ``destroy_after``, the KEK the MAC key comes from, the TPM attestation and the TPM-bound key.
     """
     sealed = record.sealed
     return b"".join(
@@ -95,8 +97,17 @@ def record_fields(record: KeyRecord, mac_kek_id: str) -> bytes:
             _optional(None if record.request_id is None else record.request_id.encode("utf-8")),
             _optional(_moment(record.destroy_after)),
             _text(mac_kek_id),
+            _tagged(_ATTESTATION_TAG, record.attestation),
+            _tagged(_TPM_BLOB_TAG, record.tpm_blob),
         )
     )
+
+
+def _tagged(tag: bytes, value: bytes | None) -> bytes:
+    # Appended only when present, after a tag of their own: records made before these fields
+    # keep the MAC they have, and since every field is length-prefixed and tagged, no record
+    # with them encodes like one without them, or like one with the other.
+    return b"" if value is None else _field(tag) + _field(value)
 
 
 @lru_cache(maxsize=64)

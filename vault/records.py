@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from contracts.errors import IntegrityError
-from contracts.models import KeyState
+from contracts.models import KeyState, Protection
 from vault.sealing import RecordBinding, SealedKey
 
 __all__ = ["KeyRecord", "KeyState", "RecordMac", "check_head", "check_replacement"]
@@ -30,7 +30,11 @@ class KeyRecord:
     ``destroy_after`` is when a scheduled destruction falls due: set while the version is
     ``pending_destruction`` and kept once it is ``destroyed``. ``generation`` counts the
     version's changes (1 when created) and ``mac`` authenticates every field
-    (``vault.record_mac``); None only in a vault not upgraded yet.
+    (``vault.record_mac``); None only in a vault not upgraded yet. ``attestation`` is the
+    TPM's certification of the key (``contracts.attestation.AttestationParts.encode``), None
+    for keys made before attestation. ``tpm_blob`` holds a key of protection ``tpm`` instead of
+    ``sealed``: its TPM-wrapped private part and its public part, which only the TPM that made
+    it can load (``workers.keygen.attest.TpmBoundKey.encode``).
     """
 
     key_id: str
@@ -47,6 +51,8 @@ class KeyRecord:
     destroy_after: datetime | None = None
     generation: int = 1
     mac: RecordMac | None = None
+    attestation: bytes | None = None
+    tpm_blob: bytes | None = None
 
     def __post_init__(self) -> None:
         if self.version < 1:
@@ -56,8 +62,11 @@ class KeyRecord:
         for moment in (self.created_at, self.destroy_after):
             if moment is not None and moment.tzinfo is None:
                 raise ValueError("record times must be timezone-aware")
-        if (self.sealed is None) != (self.state == KeyState.DESTROYED):
-            raise ValueError("a record has sealed material exactly when it is not destroyed")
+        if self.sealed is not None and self.tpm_blob is not None:
+            raise ValueError("a record holds sealed material or a TPM-bound key, not both")
+        held = self.sealed is not None or self.tpm_blob is not None
+        if held == (self.state == KeyState.DESTROYED):
+            raise ValueError("a record has key material exactly when it is not destroyed")
         if self.state == KeyState.PENDING_DESTRUCTION and self.destroy_after is None:
             raise ValueError("a version pending destruction needs its destroy_after time")
 
@@ -65,6 +74,11 @@ class KeyRecord:
     def binding(self) -> RecordBinding:
         """What this record's sealed key is bound to."""
         return RecordBinding(key_id=self.key_id, version=self.version, algorithm=self.algorithm)
+
+    @property
+    def protection(self) -> Protection:
+        """``tpm`` for a key that never leaves its TPM, else ``exportable``."""
+        return "tpm" if self.tpm_blob is not None else "exportable"
 
     @property
     def kek_id(self) -> str | None:
@@ -85,7 +99,8 @@ class KeyRecord:
             f"allowed_signers={self.allowed_signers!r}, "
             f"created_at={self.created_at.isoformat()!r}, created_by={self.created_by!r}, "
             f"request_id={self.request_id!r}, destroy_after={destroy_after!r}, "
-            f"generation={self.generation}, mac={self.mac!r})"
+            f"generation={self.generation}, mac={self.mac!r}, "
+            f"attested={self.attestation is not None}, protection={self.protection!r})"
         )
 
 

@@ -78,7 +78,8 @@ async def _rewrap_one(store: VaultStore, ring: KekRing, record: KeyRecord) -> Re
     active = ring.active.kek_id
     if record.mac is not None and record.mac.kek_id == active:
         if record.sealed is None:
-            return RewrapOutcome.DESTROYED
+            # A key of protection "tpm" has nothing sealed either; its MAC is current.
+            return RewrapOutcome.DESTROYED if record.tpm_blob is None else RewrapOutcome.CURRENT
         if record.sealed.kek_id == active:
             return RewrapOutcome.CURRENT
     try:

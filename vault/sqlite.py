@@ -44,7 +44,7 @@ _T = TypeVar("_T")
 
 log = logging.getLogger("zandd.vault")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 BUSY_TIMEOUT_S = 10.0
 _CHECKPOINT_ATTEMPTS = 3
 _THREAD_NAME = "zandd-sqlite"
@@ -142,13 +142,22 @@ CHECKPOINT_STEP: tuple[str, ...] = (
 )
 _MIGRATIONS[6] = CHECKPOINT_STEP
 
+#: The TPM's attestation of each key version (contracts.attestation), NULL for versions made
+#: before attestation, and the TPM-wrapped key of a version of protection "tpm" (NULL for
+#: exportable ones), both covered by the MAC. A step of its own, to take the next number.
+ATTESTATION_STEP: tuple[str, ...] = (
+    "ALTER TABLE keys ADD COLUMN attestation BLOB",
+    "ALTER TABLE keys ADD COLUMN tpm_blob BLOB",
+)
+_MIGRATIONS[7] = ATTESTATION_STEP
+
 _COLUMNS = (
     "key_id, version, algorithm, public_key_der, kek_id, nonce, ciphertext, state, label,"
     " allowed_signers, created_at, created_by, request_id, destroy_after, generation,"
-    " mac_kek_id, mac"
+    " mac_kek_id, mac, attestation, tpm_blob"
 )
 # The f-strings below join module constants only; every value is a bound parameter.
-_INSERT = f"INSERT INTO keys ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"  # noqa: S608
+_INSERT = f"INSERT INTO keys ({_COLUMNS}) VALUES ({', '.join('?' * 19)})"  # noqa: S608
 _HEAD = (
     "(SELECT h.generation FROM key_heads AS h WHERE h.key_id = k.key_id AND h.version = k.version)"
 )
@@ -182,7 +191,7 @@ _KEK_USAGE = (
 )
 _REPLACE = (
     "UPDATE keys SET state = ?, destroy_after = ?, kek_id = ?, nonce = ?, ciphertext = ?,"
-    " generation = ?, mac_kek_id = ?, mac = ?"
+    " tpm_blob = ?, generation = ?, mac_kek_id = ?, mac = ?"
     " WHERE key_id = ? AND version = ? AND generation = ? AND state = ? AND kek_id IS ?"
     " AND nonce IS ?"
 )
@@ -288,6 +297,7 @@ class SqliteStore:
             None if sealed is None else sealed.kek_id,
             None if sealed is None else sealed.nonce,
             None if sealed is None else sealed.ciphertext,
+            record.tpm_blob,
             record.generation,
             None if mac is None else mac.kek_id,
             None if mac is None else mac.tag,
@@ -298,7 +308,7 @@ class SqliteStore:
             expected.kek_id,
             None if expected.sealed is None else expected.sealed.nonce,
         )
-        erase = record.sealed is None and expected.sealed is not None
+        erase = record.state == KeyState.DESTROYED and expected.state != KeyState.DESTROYED
         return await self._run(_replace, params, erase)
 
     async def append_audit(
@@ -514,7 +524,7 @@ def _where(**equal: str | None) -> tuple[str, tuple[str, ...]]:
 
 
 def _replace(conn: sqlite3.Connection, params: tuple[Any, ...], erase: bool) -> bool:
-    key_id, version, generation = params[8], params[9], params[5]
+    key_id, version, generation = params[9], params[10], params[6]
     with _immediate(conn):
         replaced = conn.execute(_REPLACE, params).rowcount == 1
         if replaced:
@@ -628,13 +638,15 @@ def _to_row(record: KeyRecord) -> tuple[Any, ...]:
         record.generation,
         None if record.mac is None else record.mac.kek_id,
         None if record.mac is None else record.mac.tag,
+        record.attestation,
+        record.tpm_blob,
     )
 
 
 def _to_record(row: tuple[Any, ...]) -> KeyRecord:
     (key_id, version, algorithm, public_key_der, kek_id, nonce, ciphertext) = row[:7]
     (state, label, allowed_signers, created_at, created_by, request_id, destroy_after) = row[7:14]
-    (generation, mac_kek_id, mac, head) = row[14:]
+    (generation, mac_kek_id, mac, attestation, tpm_blob, head) = row[14:]
     check_head(key_id, version, generation, head)
     try:
         sealed = None if kek_id is None else SealedKey(kek_id, bytes(nonce), bytes(ciphertext))
@@ -653,6 +665,8 @@ def _to_record(row: tuple[Any, ...]) -> KeyRecord:
             destroy_after=None if destroy_after is None else datetime.fromisoformat(destroy_after),
             generation=generation,
             mac=None if mac_kek_id is None or mac is None else RecordMac(mac_kek_id, bytes(mac)),
+            attestation=None if attestation is None else bytes(attestation),
+            tpm_blob=None if tpm_blob is None else bytes(tpm_blob),
         )
     except (TypeError, ValueError) as exc:
         raise IntegrityError(f"stored record for key {key_id} v{version} is malformed") from exc

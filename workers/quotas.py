@@ -65,7 +65,7 @@ MAX_TRACKED_PRINCIPALS = 10_000
 CONSUMER_POLL_S = 2.0
 #: At most one "is being throttled" log line per principal in this many seconds.
 _LOG_EVERY_S = 60.0
-_SIGNING = frozenset({Operation.SIGN, Operation.SIGN_BATCH})
+_SIGNING = frozenset({Operation.SIGN, Operation.SIGN_BATCH, Operation.SIGN_TPM})
 QUOTA_REQUESTS = "requests"
 QUOTA_SIGNATURES = "signatures"
 

@@ -6,9 +6,12 @@
 // Usage: node producer.mjs AMQP_URL OUT_DIR
 //   e.g. node producer.mjs amqp://guest:guest@localhost:5672/ ./out
 // Environment: ZANDD_TIMEOUT_MS (default 30000): per-request deadline, sent as `expiration`.
+//   ZANDD_ATTESTATION_KEY: a PEM file holding the fleet attestation key, pinned beforehand
+//   (`zandd tpm attestation-key`); when set, the key's TPM attestation from key.public is
+//   checked against it before the key is used.
 
-import { randomBytes, randomUUID, verify } from 'node:crypto';
-import { mkdir, writeFile } from 'node:fs/promises';
+import { createHash, createPublicKey, randomBytes, randomUUID, verify } from 'node:crypto';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import amqp from 'amqplib';
 
@@ -61,6 +64,118 @@ function requireFields(body, fields, what) {
     const ok = type === 'integer' ? Number.isInteger(body[name]) : typeof body[name] === type;
     if (!ok) throw new ProducerError(`${what} lacks a ${type} "${name}"`);
   }
+}
+
+// Key attestation (docs/design.md, "Key attestation"): TPMS_ATTEST and TPMT_PUBLIC, big-endian.
+const TPM_GENERATED_VALUE = 0xff544347;
+const TPM_ST_ATTEST_CERTIFY = 0x8017;
+const TPM_ALG_SHA256 = 0x000b;
+const TPM_ALG_ECC = 0x0023;
+const TPM_ALG_NULL = 0x0010;
+const FIXED_TPM = 1 << 1;
+const FIXED_PARENT = 1 << 4;
+const SENSITIVE_DATA_ORIGIN = 1 << 5;
+
+class TpmReader {
+  constructor(buffer, what) {
+    this.buffer = buffer;
+    this.at = 0;
+    this.what = what;
+  }
+
+  take(count) {
+    if (this.at + count > this.buffer.length) throw new ProducerError(`the ${this.what} is truncated`);
+    const chunk = this.buffer.subarray(this.at, this.at + count);
+    this.at += count;
+    return chunk;
+  }
+
+  u16() {
+    return this.take(2).readUInt16BE(0);
+  }
+
+  u32() {
+    return this.take(4).readUInt32BE(0);
+  }
+
+  sized() {
+    return this.take(this.u16());
+  }
+
+  end() {
+    if (this.at !== this.buffer.length) throw new ProducerError(`the ${this.what} has trailing bytes`);
+  }
+}
+
+function parseCertifyInfo(buffer) {
+  const r = new TpmReader(buffer, 'TPMS_ATTEST');
+  if (r.u32() !== TPM_GENERATED_VALUE) throw new ProducerError('the TPMS_ATTEST was not made by a TPM');
+  if (r.u16() !== TPM_ST_ATTEST_CERTIFY) throw new ProducerError('the TPMS_ATTEST is not a certification');
+  r.sized(); // qualifiedSigner
+  const extraData = r.sized();
+  r.take(17 + 8); // clockInfo, firmwareVersion
+  const name = r.sized();
+  r.sized(); // qualifiedName
+  r.end();
+  return { extraData, name };
+}
+
+function parsePublicArea(buffer) {
+  const r = new TpmReader(buffer, 'TPMT_PUBLIC');
+  if (r.u16() !== TPM_ALG_ECC) throw new ProducerError('the attested key is not an ECC key');
+  r.u16(); // nameAlg (the name check below pins SHA-256)
+  const attributes = r.u32();
+  const policy = r.sized();
+  if (r.u16() !== TPM_ALG_NULL) throw new ProducerError('the attested key is not a signing key');
+  if (r.u16() !== TPM_ALG_NULL) r.u16(); // scheme and its hash
+  r.u16(); // curve
+  if (r.u16() !== TPM_ALG_NULL) r.u16(); // kdf
+  const x = r.sized();
+  const y = r.sized();
+  r.end();
+  return { attributes, policy, x, y };
+}
+
+function qualifyingData(keyId, version) {
+  const id = Buffer.from(keyId, 'utf8');
+  const length = Buffer.alloc(4);
+  length.writeUInt32BE(id.length);
+  const number = Buffer.alloc(8);
+  number.writeBigUInt64BE(BigInt(version));
+  return createHash('sha256').update(Buffer.concat([Buffer.from('zandd-attest/1'), length, id, number])).digest();
+}
+
+// Checks a key.public reply's attestation with the pinned attestation key; returns what it says.
+function verifyAttestation(reply, attestationKeyPem) {
+  const attestation = reply.attestation;
+  if (attestation === null || typeof attestation !== 'object') {
+    throw new ProducerError(`key ${reply.key_id} comes without an attestation`);
+  }
+  const publicArea = b64decode(attestation.public_area, 'attestation "public_area"');
+  const certifyInfo = b64decode(attestation.certify_info, 'attestation "certify_info"');
+  const signature = b64decode(attestation.signature, 'attestation "signature"');
+  if (!verify('sha256', certifyInfo, { key: attestationKeyPem, dsaEncoding: 'der' }, signature)) {
+    throw new ProducerError('the attestation signature does not verify with the pinned attestation key');
+  }
+  const info = parseCertifyInfo(certifyInfo);
+  const area = parsePublicArea(publicArea);
+  const prefix = Buffer.alloc(2);
+  prefix.writeUInt16BE(TPM_ALG_SHA256);
+  const name = Buffer.concat([prefix, createHash('sha256').update(publicArea).digest()]);
+  if (!info.name.equals(name)) throw new ProducerError('the certified name is not the attested public area');
+  const jwk = createPublicKey(reply.public_key_pem).export({ format: 'jwk' });
+  const pad = (b) => Buffer.concat([Buffer.alloc(Math.max(0, 32 - b.length)), b]);
+  if (!pad(area.x).equals(Buffer.from(jwk.x, 'base64url')) || !pad(area.y).equals(Buffer.from(jwk.y, 'base64url'))) {
+    throw new ProducerError('the attested public area holds another public key');
+  }
+  if (!info.extraData.equals(qualifyingData(reply.key_id, reply.version))) {
+    throw new ProducerError(`the attestation was made for another key than ${reply.key_id}`);
+  }
+  if (!(area.attributes & SENSITIVE_DATA_ORIGIN)) {
+    throw new ProducerError('the key was not generated inside the TPM');
+  }
+  const tpmBound = Boolean(area.attributes & FIXED_TPM) && Boolean(area.attributes & FIXED_PARENT);
+  return { tpm_bound: tpmBound, policy: area.policy.toString('hex') };
 }
 
 // One connection, one confirm channel, one exclusive reply queue; requests matched by correlation_id.
@@ -199,6 +314,16 @@ async function main() {
       'key.create reply',
     );
 
+    let attested = null;
+    if (process.env.ZANDD_ATTESTATION_KEY) {
+      const pinned = await readFile(process.env.ZANDD_ATTESTATION_KEY, 'utf8');
+      const served = await rpc.call('key.public', { key_id: created.key_id });
+      if (served.public_key_pem !== created.public_key_pem) {
+        throw new ProducerError('key.public serves another public key than key.create returned');
+      }
+      attested = verifyAttestation(served, pinned);
+    }
+
     const message = Buffer.from(`hello from node ${Date.now()}`, 'utf8');
     const signed = await rpc.call('sign', {
       key_id: created.key_id,
@@ -225,7 +350,7 @@ async function main() {
     await writeFile(join(outDir, 'public.pem'), created.public_key_pem);
     await writeFile(join(outDir, 'message.bin'), message);
     await writeFile(join(outDir, 'signature.der'), signature);
-    process.stdout.write(`${JSON.stringify({ key_id: created.key_id, signature_bytes: signature.length })}\n`);
+    process.stdout.write(`${JSON.stringify({ key_id: created.key_id, signature_bytes: signature.length, attestation: attested })}\n`);
   } finally {
     await rpc.close();
   }

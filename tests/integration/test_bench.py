@@ -36,6 +36,7 @@ FIELDS = {
     **FLEET_FIELDS,
     "tpm_only": {"ops_per_s", "p50_ms"},
     "hybrid": {"p50_ms"},
+    "tpm_protection": {"ops_per_s", "p50_ms"},
     "keygen": {"p50_ms", "p99_ms"},
     "crypto_limit": {"signatures_per_s"},
 }
@@ -139,7 +140,10 @@ def test_targets_compare_the_right_ratios() -> None:
         batch=run_of(90, 100),
     )
     local = InProcessResults(
-        crypto_limit=run_of(10_000, 0.1), hybrid=run_of(6000, 0.15), tpm_only=run_of(300, 3.0)
+        crypto_limit=run_of(10_000, 0.1),
+        hybrid=run_of(6000, 0.15),
+        tpm_only=run_of(300, 3.0),
+        tpm_protection=run_of(200, 5.0),
     )
     report = BenchReport(
         where="test",
@@ -157,7 +161,15 @@ def test_targets_compare_the_right_ratios() -> None:
         (pytest.approx(45), False),
     ]
     table = render_table(report)
-    for scenario in ("echo", "echo_serial", "sign", "sign_serial", "batch", "keygen"):
+    for scenario in (
+        "echo",
+        "echo_serial",
+        "sign",
+        "sign_serial",
+        "batch",
+        "keygen",
+        "tpm_protection",
+    ):
         assert f"\n{scenario} " in table
     assert table.count("  pass  ") == 2
     assert table.count("  FAIL  ") == 3

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from contracts.attestation import DUPLICATE_ONLY_POLICY
+from contracts.crypto import public_key_pem
 from tests.conftest import RunningFleet
+from tests.integration.test_attestation import fleet_attestation_key
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm, pytest.mark.interop]
 
@@ -55,15 +60,18 @@ def node() -> str:
 
 
 async def test_node_producer_signs_and_openssl_verifies(
-    node: str, fleet: RunningFleet, tmp_path: Path
+    node: str, fleet: RunningFleet, tmp_path: Path, swtpm_tcti: str
 ) -> None:
     # The fleet keeps its vault in tmp_path: give the producer a directory of its own.
     out_dir = tmp_path / "node-producer"
+    pinned = tmp_path / "attestation.pem"
+    pinned.write_text(public_key_pem(fleet_attestation_key(swtpm_tcti)))
     # The producer blocks on the broker while the fleet answers from this event loop.
     result = await asyncio.to_thread(
         subprocess.run,
         [node, "producer.mjs", fleet.amqp_url, str(out_dir)],
         cwd=NODE_PRODUCER,
+        env={**os.environ, "ZANDD_ATTESTATION_KEY": str(pinned)},
         capture_output=True,
         text=True,
         timeout=60,
@@ -74,6 +82,11 @@ async def test_node_producer_signs_and_openssl_verifies(
     key_id = summary["key_id"]
     assert isinstance(key_id, str)
     assert summary["signature_bytes"] == (out_dir / "signature.der").stat().st_size
+    # The producer checked the key's TPM attestation against the pinned attestation key.
+    assert summary["attestation"] == {
+        "tpm_bound": False,
+        "policy": DUPLICATE_ONLY_POLICY.hex(),
+    }
 
     verified = openssl_verify(out_dir)
     assert verified.returncode == 0, verified.stderr
@@ -92,3 +105,23 @@ async def test_node_producer_signs_and_openssl_verifies(
     assert record.public_key_der == public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+
+
+async def test_node_producer_refuses_a_key_another_attestation_key_vouches_for(
+    node: str, fleet: RunningFleet, tmp_path: Path
+) -> None:
+    impostor = tmp_path / "impostor.pem"
+    impostor.write_text(public_key_pem(ec.generate_private_key(ec.SECP256R1()).public_key()))
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [node, "producer.mjs", fleet.amqp_url, str(tmp_path / "out")],
+        cwd=NODE_PRODUCER,
+        env={**os.environ, "ZANDD_ATTESTATION_KEY": str(impostor)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "attestation signature does not verify" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -230,8 +230,10 @@ def through_bson(document: Mapping[str, Any]) -> dict[str, Any]:
         record(state=KeyState.PENDING_DESTRUCTION, destroy_after=T0 + timedelta(days=7)),
         record(sealed=None, state=KeyState.DESTROYED, destroy_after=T0),
         record(generation=9, mac=RecordMac("kek-20261128-0a0b0c0d", bytes(range(32)))),
+        record(attestation=bytes(range(200))),
+        record(sealed=None, tpm_blob=bytes(range(250)), attestation=b"\x00\x01a"),
     ],
-    ids=["enabled", "empty-optionals", "pending", "destroyed", "maced"],
+    ids=["enabled", "empty-optionals", "pending", "destroyed", "maced", "attested", "tpm"],
 )
 def test_records_survive_bson_exactly(original: KeyRecord) -> None:
     document = through_bson(_to_document(original))

@@ -99,7 +99,26 @@ CHANGES: dict[str, Callable[[KeyRecord], KeyRecord]] = {
     "destroy_after": lambda r: dataclasses.replace(
         r, state=KeyState.PENDING_DESTRUCTION, destroy_after=T0
     ),
+    "attestation added": lambda r: dataclasses.replace(r, attestation=b"\x00\x01a\x00\x00\x00\x00"),
 }
+
+
+@pytest.mark.parametrize("attestation", [b"", b"\x00\x02ab\x00\x01c\x00\x01d"])
+def test_an_attestation_is_covered(attestation: bytes) -> None:
+    record = authenticated(
+        dataclasses.replace(unsigned(), attestation=attestation), RING, generation=1
+    )
+    verify_record(record, RING)
+    for changed in (None, attestation + b"x", b"\x00" + attestation):
+        with pytest.raises(IntegrityError, match="failed its record MAC"):
+            verify_record(dataclasses.replace(record, attestation=changed), RING)
+
+
+def test_a_record_without_attestation_keeps_the_encoding_it_had() -> None:
+    # MACs written before attestation existed must still verify.
+    encoded = record_fields(unsigned(), KEK.kek_id)
+    tail = KEK.kek_id.encode()
+    assert encoded.endswith(len(tail).to_bytes(4, "big") + tail)
 
 
 def test_an_authenticated_record_verifies() -> None:
@@ -300,3 +319,24 @@ def _consistent(key_id: str) -> KeyRecord:
         public_key_der=public_key_der(private_key.public_key()),
     )
     return dataclasses.replace(record, sealed=seal(scalar, record.binding, KEK))
+
+
+def test_a_tpm_bound_key_is_covered() -> None:
+    bound = dataclasses.replace(unsigned(), sealed=None, tpm_blob=b"wrapped", attestation=b"att")
+    record = authenticated(bound, RING, generation=1)
+    assert record.protection == "tpm"
+    verify_record(record, RING)
+    for changed in (
+        dataclasses.replace(record, tpm_blob=b"wrapped!"),
+        dataclasses.replace(record, tpm_blob=b"att", attestation=b"wrapped"),
+        dataclasses.replace(record, attestation=None),
+    ):
+        with pytest.raises(IntegrityError, match="failed its record MAC"):
+            verify_record(changed, RING)
+
+
+def test_a_record_holds_sealed_material_or_a_tpm_key_not_both() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        dataclasses.replace(unsigned(), tpm_blob=b"wrapped")
+    with pytest.raises(ValueError, match="key material exactly when"):
+        dataclasses.replace(unsigned(), sealed=None, tpm_blob=b"x", state=KeyState.DESTROYED)

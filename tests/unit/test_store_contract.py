@@ -97,6 +97,33 @@ async def test_create_get_round_trip_keeps_every_field(store: VaultStore, destro
     assert isinstance(fetched.allowed_signers, tuple)
 
 
+async def test_round_trip_of_an_attested_tpm_bound_key(store: VaultStore) -> None:
+    record = dataclasses.replace(
+        make_record(), sealed=None, tpm_blob=os.urandom(300), attestation=os.urandom(400)
+    )
+    await store.create_key(record)
+    assert await store.get_key(record.key_id) == record
+    assert (await store.kek_usage()).get("kek-20261128-0a0b0c0d") == 1  # its MAC's KEK only
+
+
+async def test_replace_key_erases_a_tpm_bound_key(store: VaultStore) -> None:
+    pending = dataclasses.replace(
+        make_record(),
+        sealed=None,
+        tpm_blob=os.urandom(300),
+        attestation=os.urandom(40),
+        state=KeyState.PENDING_DESTRUCTION,
+        destroy_after=T0,
+    )
+    await store.create_key(pending)
+    gone = dataclasses.replace(pending, state=KeyState.DESTROYED, tpm_blob=None, generation=2)
+    assert await store.replace_key(gone, pending)
+    fetched = await store.get_key(pending.key_id)
+    assert fetched == gone
+    assert fetched.tpm_blob is None
+    assert fetched.attestation == pending.attestation
+
+
 async def test_round_trip_of_empty_optional_fields(store: VaultStore) -> None:
     record = dataclasses.replace(make_record(), label=None, allowed_signers=())
     await store.create_key(record)

@@ -1,4 +1,5 @@
-"""The in-process scenarios: ``crypto_limit``, ``hybrid`` and ``tpm_only``, on this thread.
+"""The in-process scenarios: ``crypto_limit``, ``hybrid``, ``tpm_only`` and ``tpm_protection``,
+on this thread.
 
 They run before any fleet starts (or beside an attached one), one after the other, so each
 has one core to itself as far as this process is concerned.
@@ -32,11 +33,14 @@ _BENCH_PRINCIPAL = "zandd-bench"
 
 @dataclass(frozen=True, slots=True)
 class InProcessResults:
-    """The three in-process measurements."""
+    """The in-process measurements."""
 
     crypto_limit: Run
     hybrid: Run
     tpm_only: Run
+    #: A key of protection "tpm": load its wrapped blob, TPM2_Sign, flush, verify in software
+    #: (what ``sign.tpm`` does in the keygen worker, vault read and queues aside).
+    tpm_protection: Run
 
 
 async def measure_in_process(
@@ -60,7 +64,34 @@ async def measure_in_process(
     with Tpm(tcti) as tpm:
         tpm_only = await _measured("tpm_only", lambda: sign_in_tpm(tpm, digest), timing, progress)
     progress.end(f"p50 {tpm_only.p50_ms:.2f} ms ({tpm_only.per_s:,.0f} ops/s)")
-    return InProcessResults(crypto_limit=crypto_limit, hybrid=hybrid, tpm_only=tpm_only)
+    tpm_protection = await _measure_tpm_protection(tcti, digest, timing, progress)
+    progress.end(f"p50 {tpm_protection.p50_ms:.2f} ms ({tpm_protection.per_s:,.0f} ops/s)")
+    return InProcessResults(
+        crypto_limit=crypto_limit,
+        hybrid=hybrid,
+        tpm_only=tpm_only,
+        tpm_protection=tpm_protection,
+    )
+
+
+async def _measure_tpm_protection(
+    tcti: str, digest: bytes, timing: Timing, progress: Progress
+) -> Run:
+    from workers.keygen.attest import create_tpm_bound, sign_tpm_bound
+    from workers.keygen.tpm import Tpm
+
+    with Tpm(tcti) as tpm:
+        key, public_key, _ = tpm.under_storage_primary(
+            "bench key", lambda ectx, primary: create_tpm_bound(ectx, primary, bytes(32))
+        )
+
+        def sign_once() -> None:
+            signature = tpm.under_storage_primary(
+                "bench sign", lambda ectx, primary: sign_tpm_bound(ectx, primary, key, digest)
+            )
+            public_key.verify(signature, digest, _ECDSA_PREHASHED)
+
+        return await _measured("tpm_protection", sign_once, timing, progress)
 
 
 async def _measured(

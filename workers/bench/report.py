@@ -55,6 +55,10 @@ class BenchReport:
                 "p50_ms": _ms(local.tpm_only.p50_ms),
             },
             "hybrid": {"p50_ms": _ms(local.hybrid.p50_ms)},
+            "tpm_protection": {
+                "ops_per_s": _rate(local.tpm_protection.per_s),
+                "p50_ms": _ms(local.tpm_protection.p50_ms),
+            },
             "keygen": {"p50_ms": _ms(self.keygen.p50_ms), "p99_ms": _ms(self.keygen.p99_ms)},
             "crypto_limit": {"signatures_per_s": _rate(local.crypto_limit.per_s)},
             "signers": self.first.signers,
@@ -135,7 +139,7 @@ def targets(report: BenchReport) -> list[Target]:
 def _row(name: str, where: str, rate: str, run: Run | None) -> str:
     p50 = f"{run.p50_ms:9.3f}" if run else f"{'':9}"
     p99 = f"{run.p99_ms:9.3f}" if run else f"{'':9}"
-    return f"{name:<13} {where:<14} {rate:>24} {p50} {p99}"
+    return f"{name:<15} {where:<14} {rate:>24} {p50} {p99}"
 
 
 def _plural(count: int, noun: str) -> str:
@@ -162,12 +166,18 @@ def render_table(report: BenchReport) -> str:
         f"zandd bench: {report.where}; {report.duration_s:g} s per scenario "
         f"after {report.warmup_s:g} s of warm-up",
         "",
-        f"{'scenario':<13} {'where':<14} {'rate':>24} {'p50 ms':>9} {'p99 ms':>9}",
+        f"{'scenario':<15} {'where':<14} {'rate':>24} {'p50 ms':>9} {'p99 ms':>9}",
         *_fleet_rows(report.first),
         _row("keygen", "keygen worker", f"{report.keygen.per_s:,.1f} keys/s", report.keygen),
         _row("crypto_limit", "in process", f"{local.crypto_limit.per_s:,.0f} sign+verify/s", None),
         _row("hybrid", "in process", f"{local.hybrid.per_s:,.0f} ops/s", local.hybrid),
         _row("tpm_only", "in process", f"{local.tpm_only.per_s:,.0f} ops/s", local.tpm_only),
+        _row(
+            "tpm_protection",
+            "in process",
+            f"{local.tpm_protection.per_s:,.0f} ops/s",
+            local.tpm_protection,
+        ),
         "",
         f"batch: {ITEMS_PER_MESSAGE} items per message, latencies per message; "
         "rates are completed operations per second of wall time",

@@ -18,7 +18,10 @@ async def _cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
 
     async with await SigningClient.connect(settings.amqp_url, timeout_s=args.timeout) as client:
         reply = await client.create_key(
-            label=args.label, allowed_signers=args.allowed_signer, request_id=args.request_id
+            label=args.label,
+            allowed_signers=args.allowed_signer,
+            request_id=args.request_id,
+            protection=args.protection,
         )
     print(reply.key_id)
     print(reply.public_key_pem, end="")
@@ -47,7 +50,8 @@ async def _cmd_sign(args: argparse.Namespace, settings: Settings) -> int:
 
     message, digest = _payload(args.file, args.digest)
     async with await SigningClient.connect(settings.amqp_url, timeout_s=args.timeout) as client:
-        reply = await client.sign(args.key, message, digest=digest, encoding=args.encoding)
+        sign = client.sign_in_tpm if args.tpm else client.sign
+        reply = await sign(args.key, message, digest=digest, encoding=args.encoding)
     if args.out:
         args.out.write_bytes(reply.signature)
         print(f"wrote {len(reply.signature)}-byte {reply.encoding} signature to {args.out}")
@@ -106,6 +110,12 @@ def register(tree: CommandTree) -> None:
     create.add_argument(
         "--request-id", default=None, help="idempotency key (a retry returns the same key)"
     )
+    create.add_argument(
+        "--protection",
+        choices=("exportable", "tpm"),
+        default="exportable",
+        help="tpm: the key never leaves the TPM and is signed with by the keygen worker (slow)",
+    )
     public = tree.add("keys public", _cmd_keys_public, "print a key's public key", client=True)
     public.add_argument("key_id")
     public.add_argument("--version", type=int, default=None)
@@ -113,6 +123,9 @@ def register(tree: CommandTree) -> None:
 
     sign = tree.add("sign", _cmd_sign, "sign a file", client=True)
     sign.add_argument("--key", required=True, help="key id")
+    sign.add_argument(
+        "--tpm", action="store_true", help="the key has protection tpm: sign in the TPM (sign.tpm)"
+    )
     verify = tree.add(
         "verify",
         _cmd_verify,

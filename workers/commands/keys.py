@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from contracts.errors import IntegrityError, KeyNotFound, ZanddError
@@ -48,6 +49,8 @@ RecordCheck = Callable[["KeyRecord"], str]
 def _describe_version(record: KeyRecord, check: RecordCheck) -> str:
     if record.state == KeyState.DESTROYED:
         line = f"v{record.version}: destroyed (due {when(record.destroy_after)})"
+    elif record.tpm_blob is not None:
+        line = f"v{record.version}: {record.state.value}, protection tpm (held by the TPM)"
     else:
         line = f"v{record.version}: {record.state.value}, sealed with KEK {record.kek_id}"
     if record.state == KeyState.PENDING_DESTRUCTION:
@@ -108,6 +111,36 @@ async def _cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _cmd_keys_attest(args: argparse.Namespace, settings: Settings) -> int:
+    """Check the TPM's attestation of a key's public key, as the fleet serves it."""
+    import sys
+
+    from contracts.attestation import parts_of, verify_attestation
+    from contracts.client import SigningClient
+    from contracts.crypto import load_public_key
+
+    attestation_key = load_public_key(args.attestation_key.read_bytes())
+    async with await SigningClient.connect(settings.amqp_url, timeout_s=args.timeout) as client:
+        reply = await client.public_key(args.key_id, args.version)
+    name = f"{reply.key_id} v{reply.version}"
+    if reply.attestation is None:
+        print(f"{name}: attestation FAILED: the fleet has no attestation for it", file=sys.stderr)
+        return 1
+    try:
+        report = verify_attestation(
+            parts_of(reply.attestation),
+            load_public_key(reply.public_key_pem),
+            attestation_key,
+            key_id=reply.key_id,
+            version=reply.version,
+        )
+    except IntegrityError as exc:
+        print(f"{name}: attestation FAILED: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"{name}: {report.describe()}")
+    return 0
+
+
 def register(tree: CommandTree) -> None:
     """Add the key lifecycle commands (``keys create``/``public`` live with the client)."""
     lifecycle: list[tuple[str, LifecycleCall, str]] = [
@@ -144,3 +177,18 @@ def register(tree: CommandTree) -> None:
     show = tree.add("keys show", _cmd_keys_show, "show a key's owner, signers and versions")
     show.add_argument("key_id")
     tree.add("keys list", _cmd_keys_list, "list every key with its latest version's state")
+    attest = tree.add(
+        "keys attest",
+        _cmd_keys_attest,
+        "check the TPM's attestation of the key the fleet serves, with a pinned attestation key",
+        client=True,
+    )
+    attest.add_argument("key_id")
+    attest.add_argument("--version", type=int, default=None)
+    attest.add_argument(
+        "--attestation-key",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the fleet attestation key (PEM), pinned from `zandd tpm attestation-key`",
+    )

@@ -30,6 +30,24 @@ async def _cmd_tpm_check(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _cmd_tpm_attestation_key(args: argparse.Namespace, settings: Settings) -> int:
+    from contracts.crypto import public_key_pem
+    from workers.keygen.attest import attestation_public_key
+    from workers.keygen.tpm import Tpm
+    from workers.serve import resolve_tcti
+
+    # Beside a running keygen worker: its objects are not leftovers to flush.
+    with Tpm(resolve_tcti(settings), flush_leftovers=False) as tpm:
+        key = tpm.with_context("deriving the attestation key", attestation_public_key)
+    print(public_key_pem(key), end="")
+    return 0
+
+
 def register(tree: CommandTree) -> None:
     """Add the TPM commands."""
+    tree.add(
+        "tpm attestation-key",
+        _cmd_tpm_attestation_key,
+        "print the fleet attestation public key (PEM): pin it to check key attestations",
+    )
     tree.add("tpm check", _cmd_tpm_check, "show the TPM and do one create-export-flush round trip")

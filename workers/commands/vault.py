@@ -243,7 +243,9 @@ async def _cmd_vault_status(args: argparse.Namespace, settings: Settings) -> int
     ring = ring_file_info(path)
     async with opened_store(settings) as store:
         records = await store.list_versions()
-    per_kek = Counter(record.kek_id for record in records)
+    # A key of protection "tpm" has nothing sealed: the TPM holds it, no KEK.
+    tpm_bound = sum(1 for record in records if record.tpm_blob is not None)
+    per_kek = Counter(record.kek_id for record in records if record.tpm_blob is None)
     destroyed = per_kek.pop(None, 0)
     print(f"vault {redact_url(settings.resolved_vault_url)}: {len(records)} key versions")
     if ring.sealed:
@@ -263,6 +265,8 @@ async def _cmd_vault_status(args: argparse.Namespace, settings: Settings) -> int
     for unknown, count in (per_kek + macs).items():
         print(f"  KEK {unknown} (NOT IN THE RING): {count} key versions cannot be opened")
     print(f"  destroyed (nothing sealed): {destroyed} key versions")
+    if tpm_bound:
+        print(f"  held by the TPM (protection tpm, no KEK): {tpm_bound} key versions")
     if unmaced:
         print(f"  without a record MAC (refused): {unmaced} key versions")
     return EXIT_FAILURE if per_kek or macs else 0

@@ -70,6 +70,8 @@ logger = logging.getLogger(__name__)
 
 P256_BYTES = 32
 T = TypeVar("T")
+#: Called with (ESAPI context, loaded key handle, its TPM2B_PUBLIC) while a new key is loaded.
+LoadedHook = Callable[[Any, Any, TPM2B_PUBLIC], None]
 
 # Policy digest of TPM2_PolicyCommandCode(TPM2_CC_Duplicate) from a fresh SHA-256 session:
 # SHA256(zeros32 || TPM_CC_PolicyCommandCode || TPM_CC_Duplicate).
@@ -215,8 +217,11 @@ class Tpm:
         finally:
             wipe(out)
 
-    def create_exportable_p256(self) -> ExportedKey:
+    def create_exportable_p256(self, while_loaded: LoadedHook | None = None) -> ExportedKey:
         """Generate a P-256 key in the TPM, export it, flush it, and check it.
+
+        ``while_loaded(esapi_context, key_handle, public)`` runs while the new key is loaded,
+        before the export (to certify it); it must flush whatever it loads.
 
         Raises:
             TpmUnavailable: a TPM command failed.
@@ -230,6 +235,8 @@ class Tpm:
                 _flushed(ectx, ectx.load(primary, private, public)) as key,
                 _flushed(ectx, _salted_policy_session(ectx, primary)) as session,
             ):
+                if while_loaded is not None:
+                    while_loaded(ectx, key, public)
                 ectx.policy_command_code(session, TPM2_CC.Duplicate)
                 _export_scalar(ectx, key, session, into=scalar)
             return public
@@ -252,6 +259,12 @@ class Tpm:
         with self._lock, _tss_errors(action):
             ectx = self._context()
             return command(ectx, self._storage_primary(ectx))
+
+    def with_context(self, action: str, command: Callable[[Any], T]) -> T:
+        """Run ``command(esapi_context)`` with the TPM to ourselves, without the storage primary
+        (one object slot fewer, for a brief user beside a running keygen worker)."""
+        with self._lock, _tss_errors(action):
+            return command(self._context())
 
     def close(self) -> None:
         """Flush the storage primary and close the ESAPI context; idempotent."""

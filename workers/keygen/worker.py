@@ -1,4 +1,5 @@
-"""The keygen worker: ``key.create`` on ``zandd.keygen``, the only process using the TPM.
+"""The keygen worker: ``key.create`` and ``sign.tpm`` on ``zandd.keygen``, the only process
+using the TPM.
 
 The lifecycle operations served on the same queue live in ``workers.keygen.lifecycle``.
 """
@@ -9,16 +10,24 @@ import logging
 import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
-from contracts.crypto import load_public_key, public_key_der, public_key_pem
-from contracts.errors import InvalidRequest
-from contracts.models import KeyCreateReply, KeyCreateRequest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+from contracts.attestation import AttestationParts, attestation_reply, qualifying_data
+from contracts.crypto import der_to_raw, load_public_key, public_key_der, public_key_pem
+from contracts.errors import IntegrityError, InvalidRequest, KeyDisabled
+from contracts.models import KeyCreateReply, KeyCreateRequest, SignReply, SignRequest
 from contracts.operations import Operation
 from vault.kek import KekRing
 from vault.record_mac import authenticated, verify_record
 from vault.records import KeyRecord, KeyState
-from vault.sealing import RecordBinding, seal
+from vault.sealing import RecordBinding, SealedKey, seal
 from vault.store import VaultStore
+from workers.keygen.attest import TpmBoundKey, certify, create_tpm_bound, sign_tpm_bound
 from workers.keygen.session import TpmSession
 from workers.metrics import Metrics
 from workers.policy import AccessPolicy
@@ -59,7 +68,7 @@ class Keygen:
     @property
     def handlers(self) -> Mapping[Operation, Handler]:
         """Operation → handler, for the consumer runtime."""
-        return {Operation.KEY_CREATE: self.create_key}
+        return {Operation.KEY_CREATE: self.create_key, Operation.SIGN_TPM: self.sign_in_tpm}
 
     async def probe(self) -> None:
         """The runtime's dependency probe: the vault and the TPM both answer."""
@@ -69,7 +78,8 @@ class Keygen:
     async def create_key(
         self, request: KeyCreateRequest, context: RequestContext
     ) -> KeyCreateReply:
-        """Create, export, flush, seal and store a new key; idempotent on the request id.
+        """Create, certify, export, flush, seal and store a new key (with protection ``tpm``:
+        create, certify and store it TPM-wrapped, never exported); idempotent on the request id.
 
         The caller becomes the key's owner and, unless ``allowed_signers`` says otherwise,
         its only signer. Request ids are the caller's own: another principal's request with
@@ -92,16 +102,61 @@ class Keygen:
             log.info("created key %s for %s", stored.key_id, stored.created_by)
         return _reply(stored)
 
+    async def sign_in_tpm(self, request: SignRequest, context: RequestContext) -> SignReply:
+        """``sign.tpm``: sign with a key of protection ``tpm`` inside the TPM.
+
+        The record is read from the vault for every request (no cache: the vault's state is
+        the truth) and checked like a signer checks it: MAC, allowed signers, then state.
+        The TPM's signature is verified against the stored public key before it is returned.
+        """
+        principal = self._policy.principal(context)
+        record = verify_record(
+            await self._store.get_key(request.key_id, request.version), self._ring
+        )
+        self._policy.check_sign(record, principal)
+        if record.state is not KeyState.ENABLED:
+            raise KeyDisabled(f"key {record.key_id} v{record.version} is {record.state.value}")
+        if record.tpm_blob is None:
+            raise InvalidRequest(
+                f'key {record.key_id} has protection "exportable": send sign, not sign.tpm'
+            )
+        key = TpmBoundKey.decode(record.tpm_blob)
+        digest = request.sha256_digest()
+        with stage(Stage.TPM, self._metrics):
+            signature = await self._tpm.run(
+                lambda tpm: tpm.under_storage_primary(
+                    "signing in the TPM",
+                    lambda ectx, primary: sign_tpm_bound(ectx, primary, key, digest),
+                )
+            )
+        try:
+            load_public_key(record.public_key_der).verify(
+                signature, digest, ec.ECDSA(Prehashed(hashes.SHA256()))
+            )
+        except InvalidSignature:
+            raise IntegrityError(
+                f"the TPM's signature by key {record.key_id} v{record.version} does not verify "
+                "against its stored public key; nothing was returned"
+            ) from None
+        return SignReply(
+            key_id=record.key_id,
+            version=record.version,
+            algorithm=record.algorithm,
+            encoding=request.encoding,
+            signature=der_to_raw(signature) if request.encoding == "raw" else signature,
+            protection="tpm",
+        )
+
     async def _generate(self, request: KeyCreateRequest, owner: str, request_id: str) -> KeyRecord:
         # After a `zandd vault rotate-kek` new keys go under the new active KEK at once.
         self._ring.refresh()
-        with stage(Stage.TPM, self._metrics):
-            exported = await self._tpm.run(lambda tpm: tpm.create_exportable_p256())
-        with exported:
-            key_id = new_key_id()
-            binding = RecordBinding(key_id=key_id, version=1, algorithm=request.algorithm)
-            sealed = seal(exported.private_scalar, binding, self._ring.active)
-            public_der = public_key_der(exported.public_key())
+        key_id = new_key_id()
+        sealed: SealedKey | None = None
+        tpm_blob: bytes | None = None
+        if request.protection == "tpm":
+            public_der, tpm_blob, attested = await self._tpm_bound(key_id)
+        else:
+            public_der, sealed, attested = await self._exportable(key_id, request.algorithm)
         signers = request.allowed_signers if request.allowed_signers is not None else [owner]
         record = KeyRecord(
             key_id=key_id,
@@ -115,8 +170,38 @@ class Keygen:
             created_at=datetime.now(UTC),
             created_by=owner,
             request_id=request_id,
+            attestation=attested.encode(),
+            tpm_blob=tpm_blob,
         )
         return authenticated(record, self._ring, generation=1)
+
+    async def _exportable(
+        self, key_id: str, algorithm: str
+    ) -> tuple[bytes, SealedKey, AttestationParts]:
+        qualifying = qualifying_data(key_id, 1)
+        attested: list[AttestationParts] = []
+
+        def certify_new_key(ectx: Any, key: Any, public: Any) -> None:
+            attested.append(certify(ectx, key, public, qualifying))
+
+        with stage(Stage.TPM, self._metrics):
+            exported = await self._tpm.run(lambda tpm: tpm.create_exportable_p256(certify_new_key))
+        with exported:
+            binding = RecordBinding(key_id=key_id, version=1, algorithm=algorithm)
+            sealed = seal(exported.private_scalar, binding, self._ring.active)
+            public_der = public_key_der(exported.public_key())
+        return public_der, sealed, attested[0]
+
+    async def _tpm_bound(self, key_id: str) -> tuple[bytes, bytes, AttestationParts]:
+        qualifying = qualifying_data(key_id, 1)
+        with stage(Stage.TPM, self._metrics):
+            key, public_key, attested = await self._tpm.run(
+                lambda tpm: tpm.under_storage_primary(
+                    "TPM-bound key generation",
+                    lambda ectx, primary: create_tpm_bound(ectx, primary, qualifying),
+                )
+            )
+        return public_key_der(public_key), key.encode(), attested
 
 
 def _reply(record: KeyRecord) -> KeyCreateReply:
@@ -126,4 +211,6 @@ def _reply(record: KeyRecord) -> KeyCreateReply:
         algorithm=record.algorithm,
         public_key_pem=public_key_pem(load_public_key(record.public_key_der)),
         created_at=record.created_at,
+        attestation=attestation_reply(record.attestation),
+        protection=record.protection,
     )

@@ -12,8 +12,9 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
+from contracts.attestation import attestation_reply
 from contracts.crypto import public_key_jwk, public_key_pem
-from contracts.errors import KeyDisabled
+from contracts.errors import InvalidRequest, KeyDisabled
 from contracts.models import (
     Encoding,
     KeyPublicReply,
@@ -148,6 +149,8 @@ class Signer:
             algorithm=record.algorithm,
             public_key_pem=public_key_pem(key),
             public_key_jwk=public_key_jwk(key, kid=f"{record.key_id}.v{record.version}"),
+            attestation=attestation_reply(record.attestation),
+            protection=record.protection,
         )
 
     async def _fetch(self, key_id: str, version: int | None) -> CachedKey:
@@ -176,4 +179,10 @@ class Signer:
             raise KeyDisabled(f"key {record.key_id} v{record.version} is {announced.value}")
         # After the state check: a lagging read of a version announced disabled is that.
         self._generations.check(record)
+        if record.tpm_blob is not None:
+            # Signers have no TPM; the keygen worker signs with the keys that live in one.
+            raise InvalidRequest(
+                f'key {record.key_id} has protection "tpm": its signatures are made in the '
+                "TPM, send sign.tpm instead of sign or sign.batch"
+            )
         return cached
