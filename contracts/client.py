@@ -255,14 +255,7 @@ class SigningClient:
         timeout_s: float | None = None,
     ) -> SignReply:
         """Sign ``message`` (or a precomputed SHA-256 ``digest``) with the key."""
-        request = _request(
-            SignRequest,
-            key_id=key_id,
-            version=version,
-            message=message,
-            digest=digest,
-            encoding=encoding,
-        )
+        request = _sign_request(key_id, message, digest, encoding, version)
         return await self.call(Operation.SIGN, request, SignReply, timeout_s=timeout_s)
 
     async def sign_in_tpm(
@@ -276,14 +269,7 @@ class SigningClient:
         timeout_s: float | None = None,
     ) -> SignReply:
         """``sign.tpm``: sign with a key of protection ``tpm``, inside the TPM (keygen worker)."""
-        request = _request(
-            SignRequest,
-            key_id=key_id,
-            version=version,
-            message=message,
-            digest=digest,
-            encoding=encoding,
-        )
+        request = _sign_request(key_id, message, digest, encoding, version)
         return await self.call(Operation.SIGN_TPM, request, SignReply, timeout_s=timeout_s)
 
     async def sign_batch(
@@ -549,6 +535,24 @@ class SigningClient:
         return await self.call(
             Operation.KEY_CANCEL_DESTROY, request, KeyStateReply, timeout_s=timeout_s
         )
+
+
+def _sign_request(
+    key_id: str,
+    message: bytes | None,
+    digest: bytes | None,
+    encoding: Encoding,
+    version: int | None,
+) -> SignRequest:
+    """The body of ``sign`` and ``sign.tpm`` (the same request)."""
+    return _request(
+        SignRequest,
+        key_id=key_id,
+        version=version,
+        message=message,
+        digest=digest,
+        encoding=encoding,
+    )
 
 
 def _request(model: type[RequestT], **fields: Any) -> RequestT:

@@ -19,7 +19,6 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -28,6 +27,7 @@ from contracts.models import AuditCheckpointEvent
 from vault.audit import AuditBroken, AuditEntry, AuditQuery, AuditReader, ChainHead, ChainVerifier
 from vault.audit_chain import ChainKeys
 from vault.audit_checkpoint import Checkpoint, CheckpointStore, signed_digest
+from workers.audit_head import tick_until_stopped
 from workers.keygen.checkpoint_key import sign_checkpoint_digest
 from workers.keygen.session import TpmSession
 
@@ -88,11 +88,7 @@ class AuditCheckpointer:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Checkpoint until ``stop``, then once more if due (bounded)."""
-        while not stop.is_set():
-            with suppress(TimeoutError):
-                async with asyncio.timeout(self._poll_s):
-                    await stop.wait()
-            await self._tick(final=stop.is_set())
+        await tick_until_stopped(stop, self._poll_s, self._tick)
 
     async def _tick(self, *, final: bool) -> None:
         if not self._tpm.opened:

@@ -44,6 +44,17 @@ FINAL_PUBLISH_TIMEOUT_S = 5.0
 MAX_POLL_S = 1.0
 
 
+async def tick_until_stopped(
+    stop: asyncio.Event, poll_s: float, tick: Callable[..., Awaitable[None]]
+) -> None:
+    """Call ``tick(final=False)`` every ``poll_s`` until ``stop``, then ``tick(final=True)``."""
+    while not stop.is_set():
+        with suppress(TimeoutError):
+            async with asyncio.timeout(poll_s):
+                await stop.wait()
+        await tick(final=stop.is_set())
+
+
 class KeyedAuditStore(Protocol):
     """The part of a vault store a keyed append goes through."""
 
@@ -117,11 +128,7 @@ class AuditHeadPublisher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish until ``stop``, then publish the last head once more (bounded)."""
-        while not stop.is_set():
-            with suppress(TimeoutError):
-                async with asyncio.timeout(self._poll_s):
-                    await stop.wait()
-            await self._tick(final=stop.is_set())
+        await tick_until_stopped(stop, self._poll_s, self._tick)
 
     async def _tick(self, *, final: bool) -> None:
         try:
