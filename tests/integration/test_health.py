@@ -15,7 +15,14 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE, declare_topology
+from contracts.errors import BrokerUnavailable
+from contracts.topology import (
+    KEYGEN_QUEUE,
+    SIGN_QUEUE,
+    QueueMissing,
+    consumer_count,
+    declare_topology,
+)
 from workers.config import Settings
 from workers.health import (
     HEARTBEAT_MAX_AGE_S,
@@ -49,6 +56,25 @@ async def _attach(amqp_url: str, queue: str) -> aio_pika.abc.AbstractConnection:
     channel = await connection.channel()
     await (await channel.get_queue(queue)).consume(_never)
     return connection
+
+
+async def test_consumer_count_is_one_function_with_one_failure_behaviour(
+    empty_amqp_url: str,
+) -> None:
+    """fleet, health and bench all ask it: a missing queue is QueueMissing, then counts."""
+    connection = await aio_pika.connect(empty_amqp_url)
+    async with connection:
+        with pytest.raises(QueueMissing, match=f"queue {SIGN_QUEUE} does not exist") as missing:
+            await consumer_count(connection, SIGN_QUEUE)
+        assert isinstance(missing.value, BrokerUnavailable)
+        # The failed question closed only its own channel: the connection answers the next.
+        await declare_topology(await connection.channel())
+        assert await consumer_count(connection, SIGN_QUEUE) == 0
+        consumer = await _attach(empty_amqp_url, SIGN_QUEUE)
+        try:
+            assert await consumer_count(connection, SIGN_QUEUE) == 1
+        finally:
+            await consumer.close()
 
 
 def _zandd(*args: str, amqp_url: str | None = None) -> subprocess.CompletedProcess[str]:
