@@ -35,10 +35,10 @@ from aio_pika.abc import AbstractRobustConnection
 from contracts.amqp import connect
 from contracts.errors import ZanddError
 from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE, consumer_count
+from contracts.urls import redact_url
 from vault.coverage import coverage_of, no_ring_error, unreadable_error
 from vault.kek import ring_file_kek_ids
 from vault.store import open_store
-from vault.urls import redact_url
 from workers.config import Settings
 
 CHECK_TIMEOUT_S = 5.0

@@ -128,7 +128,7 @@ async def test_an_unreachable_broker_fails_in_one_line(tmp_path: Path) -> None:
     url = f"amqp://guest:secret-pw@127.0.0.1:{_closed_port()}/"
     result = await asyncio.to_thread(_zandd, "health", "--data-dir", str(tmp_path), amqp_url=url)
     assert result.returncode == 1
-    assert result.stderr.startswith("zandd: cannot reach the broker at amqp://guest@127.0.0.1:")
+    assert result.stderr.startswith("zandd: cannot reach the broker at amqp://guest:***@127.0.0.1:")
     assert result.stderr.count("\n") == 1
     assert "secret-pw" not in result.stderr
 
@@ -144,7 +144,7 @@ async def test_a_password_on_the_command_line_draws_a_warning(tmp_path: Path) ->
     assert "(--amqp-url=amqp://guest:***@127.0.0.1:" in warning
     assert "visible to every local user (ps)" in warning
     assert "ZANDD_AMQP_URL" in warning
-    assert error.startswith("zandd: cannot reach the broker at amqp://guest@127.0.0.1:")
+    assert error.startswith("zandd: cannot reach the broker at amqp://guest:***@127.0.0.1:")
     assert "secret-pw" not in result.stderr
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from yarl import URL
 
-from contracts.amqp import connect, principal_of, redact_url
+from contracts.amqp import connect, principal_of
 from contracts.errors import BrokerUnavailable, ConfigurationError, ZanddError
 from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE, consumer_count
+from contracts.urls import redact_url
 from vault.kek import KekRing
 from workers.bench.progress import Progress
 from workers.config import Settings
