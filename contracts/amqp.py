@@ -15,6 +15,7 @@ from aio_pika.exceptions import (
 )
 
 from contracts.errors import BrokerUnavailable, ConfigurationError
+from contracts.urls import redact_url
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 JSON_CONTENT_TYPE = "application/json"
@@ -23,19 +24,6 @@ JSON_CONTENT_TYPE = "application/json"
 DEADLINE_HEADER = "x-deadline-ms"
 
 ConnectionT = TypeVar("ConnectionT", bound=AbstractConnection)
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password, fit for a log line or an error message.
-
-    Split at the last ``@`` by hand rather than parsed: a password with an unescaped ``#``,
-    ``?`` or ``/`` would otherwise end the authority early and pass for part of the path.
-    """
-    scheme, sep, remainder = url.partition("://")
-    userinfo, at, rest = remainder.rpartition("@")
-    if not sep or not at:
-        return url
-    return f"{scheme}://{userinfo.partition(':')[0]}@{rest}"
 
 
 def principal_of(url: str) -> str:

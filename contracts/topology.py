@@ -7,14 +7,17 @@ broker rights relies on the workers having declared and on mandatory publishes f
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
+from aio_pika.exceptions import AMQPError, ChannelNotFoundEntity
 from aiormq.exceptions import ChannelPreconditionFailed
 from pamqp.common import FieldTable
 
+from contracts.errors import BrokerUnavailable
 from contracts.operations import KEYGEN_OPERATIONS, SIGN_OPERATIONS, Operation
 
 EXCHANGE = "zandd"
@@ -130,3 +133,45 @@ async def bind_topology(channel: AbstractChannel) -> Topology:
     events = await channel.get_exchange(EVENTS_EXCHANGE, ensure=True)
     queues = {name: await channel.get_queue(name, ensure=True) for name in QUEUE_OPERATIONS}
     return Topology(exchange=exchange, events=events, queues=queues)
+
+
+#: How long one consumer count may take before the broker counts as not answering.
+CONSUMER_COUNT_TIMEOUT_S = 10.0
+
+
+class QueueMissing(BrokerUnavailable):
+    """The queue is not declared (yet): no worker serving it has started."""
+
+
+async def consumer_count(
+    connection: AbstractConnection, queue: str, *, timeout_s: float = CONSUMER_COUNT_TIMEOUT_S
+) -> int:
+    """How many consumers ``queue`` has now (a single-active-consumer queue shows one).
+
+    One passive declare (it needs no broker permission) on a channel of its own, because a
+    passive declare of a missing queue closes its channel.
+
+    Raises:
+        QueueMissing: ``queue`` does not exist.
+        BrokerUnavailable: the broker did not answer within ``timeout_s`` or failed the call.
+    """
+    channel = await _channel(connection, queue, timeout_s)
+    try:
+        async with asyncio.timeout(timeout_s):
+            declared = await channel.declare_queue(queue, passive=True)
+    except ChannelNotFoundEntity:
+        raise QueueMissing(f"queue {queue} does not exist: no worker has declared it yet") from None
+    except (AMQPError, ConnectionError, TimeoutError) as exc:
+        raise BrokerUnavailable(f"the broker did not answer about {queue}: {exc!r}") from exc
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return declared.declaration_result.consumer_count or 0
+
+
+async def _channel(connection: AbstractConnection, queue: str, timeout_s: float) -> AbstractChannel:
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await connection.channel()
+    except (AMQPError, ConnectionError, TimeoutError) as exc:
+        raise BrokerUnavailable(f"the broker did not answer about {queue}: {exc!r}") from exc

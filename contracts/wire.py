@@ -42,9 +42,9 @@ from pamqp.base import Frame as MethodFrame
 from pamqp.encode import field_table as encode_table
 from yarl import URL
 
-from contracts.amqp import redact_url
 from contracts.errors import BrokerUnavailable, ConfigurationError
 from contracts.text import printable
+from contracts.urls import redact_url
 
 log = logging.getLogger("zandd.wire")
 

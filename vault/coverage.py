@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contracts.errors import ConfigurationError
-from vault.urls import redact_url
+from contracts.urls import redact_url
 
 #: The flag of ``zandd up`` and ``zandd vault init`` that accepts unreadable records.
 ALLOW_UNREADABLE_FLAG = "--allow-unreadable"

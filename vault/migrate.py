@@ -34,7 +34,7 @@ from vault.records import KeyRecord
 from vault.store import VaultStore
 
 
-class Stage(StrEnum):
+class MigrationStage(StrEnum):
     """The two parts of a migration, in the order they run."""
 
     KEYS = "keys"
@@ -42,15 +42,15 @@ class Stage(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class Progress:
+class MigrationStep:
     """``done`` of ``total`` items of ``stage`` handled."""
 
-    stage: Stage
+    stage: MigrationStage
     done: int
     total: int
 
 
-ProgressCallback = Callable[[Progress], None]
+ProgressCallback = Callable[[MigrationStep], None]
 
 
 @dataclass
@@ -125,7 +125,7 @@ async def _copy_keys(
     notify: ProgressCallback,
 ) -> None:
     records = await source.list_versions()
-    notify(Progress(Stage.KEYS, 0, len(records)))
+    notify(MigrationStep(MigrationStage.KEYS, 0, len(records)))
     for done, record in enumerate(records, start=1):
         stored = await _copy_record(record, target, ring, report)
         if stored is not None:
@@ -135,7 +135,7 @@ async def _copy_keys(
                     "different from what was written"
                 )
             check_opens(stored, ring)
-        notify(Progress(Stage.KEYS, done, len(records)))
+        notify(MigrationStep(MigrationStage.KEYS, done, len(records)))
 
 
 async def _copy_record(
@@ -183,10 +183,10 @@ async def _copy_audit(
 ) -> None:
     # A broken source chain would be re-linked into a valid-looking one: refuse it instead.
     source_head = await verify_log(source, keys)
-    notify(Progress(Stage.AUDIT, 0, source_head.seq))
+    notify(MigrationStep(MigrationStage.AUDIT, 0, source_head.seq))
     copied_up_to = await _skip_common_audit(source, target)
     report.audit_already_there = copied_up_to
-    notify(Progress(Stage.AUDIT, copied_up_to, source_head.seq))
+    notify(MigrationStep(MigrationStage.AUDIT, copied_up_to, source_head.seq))
     while True:
         page = await source.read_audit(AuditQuery(after_seq=copied_up_to))
         if not page:
@@ -199,7 +199,7 @@ async def _copy_audit(
             )
         report.audit_copied += len(page)
         copied_up_to = page[-1].seq
-        notify(Progress(Stage.AUDIT, copied_up_to, source_head.seq))
+        notify(MigrationStep(MigrationStage.AUDIT, copied_up_to, source_head.seq))
     if await verify_log(target, keys) != source_head:
         raise IntegrityError("the target's audit log does not end where the source's does")
 
@@ -240,5 +240,5 @@ def _first_mismatch(ours: list[AuditEntry], theirs: list[AuditEntry]) -> int | N
     return None
 
 
-def _ignore(progress: Progress) -> None:
+def _ignore(progress: MigrationStep) -> None:
     """The default progress callback."""

@@ -44,12 +44,12 @@ from contracts.errors import (
     VaultUnavailable,
     ZanddError,
 )
+from contracts.urls import redact_url, scrub
 from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, link
 from vault.audit_chain import ChainKey
 from vault.audit_checkpoint import READ_PAGE_CHECKPOINTS, Checkpoint
 from vault.records import KeyRecord, KeyState, RecordMac, check_head, check_replacement
 from vault.sealing import SealedKey
-from vault.urls import redact_url, scrub
 
 Document = dict[str, Any]
 

@@ -67,3 +67,35 @@ async def retry_until_stopped(
             return None
         raise
     return None
+
+
+async def serve_reconnecting(
+    connect: Callable[[], Awaitable[T]],
+    serve: Callable[[T], Awaitable[None]],
+    *,
+    stop: asyncio.Event,
+    what: str,
+    retry_on: tuple[type[BaseException], ...],
+    max_delay_s: float = 30.0,
+    on_lost: Callable[[], None] | None = None,
+) -> None:
+    """``serve`` what ``connect`` opened until ``stop``, reconnecting after every loss.
+
+    ``serve`` returns when its connection is lost or ``stop`` is set. The first ``connect`` is
+    not retried: a worker that cannot reach its broker at start says so and exits. After a
+    loss, ``on_lost`` runs (whoever keeps state the gap made stale drops it there), then
+    ``connect`` is retried with backoff (``retry_until_stopped``) until it works or ``stop``.
+    """
+    connection = await connect()
+    while True:
+        await serve(connection)
+        if stop.is_set():
+            return
+        if on_lost is not None:
+            on_lost()
+        reconnected = await retry_until_stopped(
+            connect, stop=stop, what=what, retry_on=retry_on, max_delay_s=max_delay_s
+        )
+        if reconnected is None:
+            return
+        connection = reconnected

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from contracts.amqp import DEFAULT_AMQP_URL, redact_url
+from contracts.amqp import DEFAULT_AMQP_URL
 from contracts.limits import (
     DEFAULT_MAX_BATCH_ITEMS,
     DEFAULT_MAX_BODY_BYTES,
@@ -19,7 +19,7 @@ from contracts.limits import (
     Limits,
 )
 from contracts.models import Principal
-from vault.urls import redact_url as redact_vault_url
+from contracts.urls import redact_url
 
 DEFAULT_SWTPM_PORT = 2321
 #: ``ZANDD_QUOTA_OVERRIDES`` value that exempts a principal from every quota.
@@ -143,10 +143,8 @@ class Settings(BaseSettings):
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         # URLs carry passwords: a repr (a traceback, a debug line) shows them redacted.
         for name, value in super().__repr_args__():
-            if name == "amqp_url" and isinstance(value, str):
+            if name in ("amqp_url", "vault_url") and isinstance(value, str):
                 yield name, redact_url(value)
-            elif name == "vault_url" and isinstance(value, str):
-                yield name, redact_vault_url(value)  # also MongoDB's credential options
             else:
                 yield name, value
 

@@ -46,7 +46,7 @@ from contracts.operations import (
     KEY_STATE_CHANGED_EVENT,
 )
 from contracts.topology import EVENTS_EXCHANGE, Topology, bind_topology, declare_topology
-from workers.backoff import retry_until_stopped
+from workers.backoff import serve_reconnecting
 
 log = logging.getLogger("zandd.events")
 
@@ -137,22 +137,15 @@ class EventSubscriber:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Subscribe until ``stop``; after a lost connection, reconnect and call ``on_gap``."""
-        connection = await self._connect()
-        while True:
-            await self._subscribed(connection, stop)
-            if stop.is_set():
-                return
-            self._on_gap()
-            reconnected = await retry_until_stopped(
-                self._connect,
-                stop=stop,
-                what=f"{self._name}: reconnecting to the broker",
-                retry_on=(BrokerUnavailable, *_AMQP_FAILURES),
-                max_delay_s=self._max_backoff_s,
-            )
-            if reconnected is None:
-                return
-            connection = reconnected
+        await serve_reconnecting(
+            self._connect,
+            lambda connection: self._subscribed(connection, stop),
+            stop=stop,
+            what=f"{self._name}: reconnecting to the broker",
+            retry_on=(BrokerUnavailable, *_AMQP_FAILURES),
+            max_delay_s=self._max_backoff_s,
+            on_lost=self._on_gap,
+        )
 
     async def _connect(self) -> AbstractConnection:
         return await connect_plain(self._amqp_url, connection_name=self._name)

@@ -28,11 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aio_pika.abc import AbstractRobustConnection
-from aio_pika.exceptions import AMQPError
 
 from contracts.amqp import connect
-from contracts.errors import ConfigurationError, ZanddError
-from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE
+from contracts.errors import BrokerUnavailable, ConfigurationError, ZanddError
+from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE, QueueMissing, consumer_count
 from vault.kek import KekRing, ring_file_stamp
 from workers.config import Settings
 from workers.hygiene import harden_for_key_material
@@ -242,20 +241,18 @@ async def wait_until_ready(
 
 
 async def consumer_counts(connection: AbstractRobustConnection) -> dict[str, int]:
-    """How many consumers the keygen and sign queues have (0 for a queue not declared yet)."""
-    counts = {KEYGEN_QUEUE: 0, SIGN_QUEUE: 0}
-    # A passive declare of a queue that does not exist yet closes its channel: one per poll.
-    channel = await connection.channel()
-    try:
-        for name in counts:
-            queue = await channel.declare_queue(name, passive=True)
-            result = queue.declaration_result
-            counts[name] = result.consumer_count or 0
-    except AMQPError:
-        return {KEYGEN_QUEUE: 0, SIGN_QUEUE: 0}
-    finally:
-        if not channel.is_closed:
-            await channel.close()
+    """How many consumers the keygen and sign queues have (0 for a queue not declared yet).
+
+    A broker that does not answer counts as no consumers on either queue: the caller polls.
+    """
+    counts: dict[str, int] = {}
+    for name in (KEYGEN_QUEUE, SIGN_QUEUE):
+        try:
+            counts[name] = await consumer_count(connection, name)
+        except QueueMissing:
+            counts[name] = 0
+        except BrokerUnavailable:
+            return {KEYGEN_QUEUE: 0, SIGN_QUEUE: 0}
     return counts
 
 

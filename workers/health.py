@@ -31,15 +31,14 @@ from enum import StrEnum
 from pathlib import Path
 
 from aio_pika.abc import AbstractRobustConnection
-from aio_pika.exceptions import AMQPError, ChannelNotFoundEntity
 
 from contracts.amqp import connect
 from contracts.errors import ZanddError
-from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE
+from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE, consumer_count
+from contracts.urls import redact_url
 from vault.coverage import coverage_of, no_ring_error, unreadable_error
 from vault.kek import ring_file_kek_ids
 from vault.store import open_store
-from vault.urls import redact_url
 from workers.config import Settings
 
 CHECK_TIMEOUT_S = 5.0
@@ -206,19 +205,10 @@ async def check_health(
 
 
 async def _consumer_count(connection: AbstractRobustConnection, queue: str) -> int:
-    # A passive declare of a missing queue closes its channel: one channel per question.
-    channel = await connection.channel()
     try:
-        async with asyncio.timeout(CHECK_TIMEOUT_S):
-            declared = await channel.declare_queue(queue, passive=True)
-    except ChannelNotFoundEntity:
-        raise Unhealthy(f"queue {queue} does not exist: no worker has declared it yet") from None
-    except (AMQPError, TimeoutError) as exc:
-        raise Unhealthy(f"the broker did not answer about {queue}: {exc!r}") from exc
-    finally:
-        if not channel.is_closed:
-            await channel.close()
-    consumers = declared.declaration_result.consumer_count or 0
+        consumers = await consumer_count(connection, queue, timeout_s=CHECK_TIMEOUT_S)
+    except ZanddError as exc:
+        raise Unhealthy(exc.message) from exc
     if consumers < 1:
         raise Unhealthy(f"no consumer on {queue}")
     return consumers

@@ -39,7 +39,7 @@ from prometheus_client.registry import Collector
 
 from contracts.errors import ConfigurationError
 from contracts.operations import Operation
-from workers.telemetry import Stage
+from workers.stages import Stage
 
 OUTCOME_OK = "ok"
 UNKNOWN_OPERATION_LABEL = "unknown"

@@ -50,6 +50,7 @@ from contracts.amqp import connect_plain
 from contracts.errors import Throttled, ZanddError
 from contracts.models import MAX_RETRY_AFTER_MS, SignBatchRequest, SignRequest
 from contracts.operations import Operation
+from contracts.topology import consumer_count
 from contracts.wire import Delivery
 from workers.config import QuotaOverride, Settings
 from workers.metrics import Metrics
@@ -308,7 +309,7 @@ async def follow_consumers(
             try:
                 if connection is None or connection.is_closed:
                     connection = await connect_plain(amqp_url, connection_name="zandd-quotas")
-                quotas.share_with(await _consumer_count(connection, queue))
+                quotas.share_with(await consumer_count(connection, queue))
             except (AMQPError, ConnectionError, ZanddError, TimeoutError) as exc:
                 log.debug("quotas: cannot read the consumer count of %s (%s)", queue, exc)
                 if connection is not None:
@@ -319,17 +320,6 @@ async def follow_consumers(
     finally:
         if connection is not None:
             await _close_quietly(connection)
-
-
-async def _consumer_count(connection: AbstractConnection, queue: str) -> int:
-    """How many consumers ``queue`` has now (a single-active-consumer queue shows one)."""
-    channel = await connection.channel()
-    try:
-        declared = await channel.declare_queue(queue, passive=True)
-        return declared.declaration_result.consumer_count or 0
-    finally:
-        if not channel.is_closed:
-            await channel.close()
 
 
 async def _close_quietly(connection: AbstractConnection) -> None:

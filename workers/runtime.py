@@ -81,7 +81,7 @@ from contracts.wire import Delivery, Properties, Wire, WireClosed
 from vault.audit import AuditEntry
 from workers.acks import AckBatcher
 from workers.auditing import with_receipt
-from workers.backoff import retry_until_stopped
+from workers.backoff import retry_until_stopped, serve_reconnecting
 from workers.logs import bound_request
 from workers.metrics import OUTCOME_OK, Metrics, operation_label
 from workers.telemetry import consumer_span
@@ -227,18 +227,14 @@ class ConsumerRuntime:
         so and exits); later losses are retried until ``stop``.
         """
         self._stop = stop
-        await self._serve_session(await self._open_session())
-        while not stop.is_set():
-            session = await retry_until_stopped(
-                self._open_session,
-                stop=stop,
-                what=f"{self._name}: reconnecting to the broker",
-                retry_on=(BrokerUnavailable, *_AMQP_FAILURES),
-                max_delay_s=self._max_backoff_s,
-            )
-            if session is None:
-                return
-            await self._serve_session(session)
+        await serve_reconnecting(
+            self._open_session,
+            self._serve_session,
+            stop=stop,
+            what=f"{self._name}: reconnecting to the broker",
+            retry_on=(BrokerUnavailable, *_AMQP_FAILURES),
+            max_delay_s=self._max_backoff_s,
+        )
 
     async def _open_session(self) -> _Session:
         """Declare (or look up) the topology, then connect the lean connection and set QoS."""

@@ -22,8 +22,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -47,9 +46,7 @@ from contracts.tracing import (
     failing_span,
     messaging_attributes,
 )
-
-if TYPE_CHECKING:
-    from workers.metrics import Metrics
+from workers.stages import Stage, StageTimer
 
 TracesExporter = Literal["none", "console", "otlp"]
 DEFAULT_SERVICE_NAME = "zandd"
@@ -71,15 +68,6 @@ class DeliveryLike(Protocol):
     def message_id(self) -> str | None: ...
     @property
     def correlation_id(self) -> str | None: ...
-
-
-class Stage(StrEnum):
-    """The timed steps inside a request: each gets a child span and a latency histogram."""
-
-    VAULT_FETCH = "vault_fetch"
-    UNSEAL = "unseal"
-    TPM = "tpm"
-    SIGN = "sign"
 
 
 def build_span_exporter(name: TracesExporter) -> SpanExporter | None:
@@ -212,7 +200,7 @@ def recording() -> bool:
 @contextmanager
 def stage(
     name: Stage,
-    metrics: Metrics | None = None,
+    metrics: StageTimer | None = None,
     *,
     attributes: Mapping[str, str | int] | None = None,
 ) -> Iterator[Span]:

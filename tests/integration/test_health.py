@@ -15,7 +15,14 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE, declare_topology
+from contracts.errors import BrokerUnavailable
+from contracts.topology import (
+    KEYGEN_QUEUE,
+    SIGN_QUEUE,
+    QueueMissing,
+    consumer_count,
+    declare_topology,
+)
 from workers.config import Settings
 from workers.health import (
     HEARTBEAT_MAX_AGE_S,
@@ -49,6 +56,25 @@ async def _attach(amqp_url: str, queue: str) -> aio_pika.abc.AbstractConnection:
     channel = await connection.channel()
     await (await channel.get_queue(queue)).consume(_never)
     return connection
+
+
+async def test_consumer_count_is_one_function_with_one_failure_behaviour(
+    empty_amqp_url: str,
+) -> None:
+    """fleet, health and bench all ask it: a missing queue is QueueMissing, then counts."""
+    connection = await aio_pika.connect(empty_amqp_url)
+    async with connection:
+        with pytest.raises(QueueMissing, match=f"queue {SIGN_QUEUE} does not exist") as missing:
+            await consumer_count(connection, SIGN_QUEUE)
+        assert isinstance(missing.value, BrokerUnavailable)
+        # The failed question closed only its own channel: the connection answers the next.
+        await declare_topology(await connection.channel())
+        assert await consumer_count(connection, SIGN_QUEUE) == 0
+        consumer = await _attach(empty_amqp_url, SIGN_QUEUE)
+        try:
+            assert await consumer_count(connection, SIGN_QUEUE) == 1
+        finally:
+            await consumer.close()
 
 
 def _zandd(*args: str, amqp_url: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -102,7 +128,7 @@ async def test_an_unreachable_broker_fails_in_one_line(tmp_path: Path) -> None:
     url = f"amqp://guest:secret-pw@127.0.0.1:{_closed_port()}/"
     result = await asyncio.to_thread(_zandd, "health", "--data-dir", str(tmp_path), amqp_url=url)
     assert result.returncode == 1
-    assert result.stderr.startswith("zandd: cannot reach the broker at amqp://guest@127.0.0.1:")
+    assert result.stderr.startswith("zandd: cannot reach the broker at amqp://guest:***@127.0.0.1:")
     assert result.stderr.count("\n") == 1
     assert "secret-pw" not in result.stderr
 
@@ -118,7 +144,7 @@ async def test_a_password_on_the_command_line_draws_a_warning(tmp_path: Path) ->
     assert "(--amqp-url=amqp://guest:***@127.0.0.1:" in warning
     assert "visible to every local user (ps)" in warning
     assert "ZANDD_AMQP_URL" in warning
-    assert error.startswith("zandd: cannot reach the broker at amqp://guest@127.0.0.1:")
+    assert error.startswith("zandd: cannot reach the broker at amqp://guest:***@127.0.0.1:")
     assert "secret-pw" not in result.stderr
 
 

@@ -14,7 +14,8 @@ from contracts.topology import EXCHANGE, SIGN_QUEUE, declare_topology
 from contracts.tracing import producer_span
 from tests.conftest import RunningFleet
 from tests.spans import by_name, memory_exporter
-from workers.telemetry import Stage, consumer_span, stage
+from workers.stages import Stage
+from workers.telemetry import consumer_span, stage
 
 pytestmark = pytest.mark.rabbitmq
 

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from contracts.errors import ConfigurationError
 from workers.metrics import ClientCollector, Metrics, MetricsServer, operation_label
-from workers.telemetry import Stage
+from workers.stages import Stage
 
 
 def _free_port() -> int:

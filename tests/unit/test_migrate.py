@@ -25,7 +25,13 @@ from contracts.crypto import public_key_der
 from contracts.errors import IntegrityError
 from vault.audit import AuditBroken, AuditEvent, AuditQuery, verify_log
 from vault.kek import Kek, KekRing
-from vault.migrate import MigrationReport, Progress, Stage, check_opens, migrate_vault
+from vault.migrate import (
+    MigrationReport,
+    MigrationStage,
+    MigrationStep,
+    check_opens,
+    migrate_vault,
+)
 from vault.record_mac import authenticated
 from vault.records import KeyRecord, KeyState
 from vault.sealing import RecordBinding, seal
@@ -150,8 +156,8 @@ async def test_an_interrupted_run_is_finished_by_the_next(
 ) -> None:
     records = await fill(source, ring, audit_entries=0)
 
-    def stop_after_two(progress: Progress) -> None:
-        if progress.stage is Stage.KEYS and progress.done == 2:
+    def stop_after_two(progress: MigrationStep) -> None:
+        if progress.stage is MigrationStage.KEYS and progress.done == 2:
             raise Interrupted
 
     with pytest.raises(Interrupted):
@@ -171,10 +177,10 @@ async def test_progress_counts_every_version_and_entry(
     source: VaultStore, target: VaultStore, ring: KekRing
 ) -> None:
     await fill(source, ring, audit_entries=3)
-    seen: list[Progress] = []
+    seen: list[MigrationStep] = []
     await migrate_vault(source, target, ring, on_progress=seen.append)
-    keys = [(p.done, p.total) for p in seen if p.stage is Stage.KEYS]
-    audit = [(p.done, p.total) for p in seen if p.stage is Stage.AUDIT]
+    keys = [(p.done, p.total) for p in seen if p.stage is MigrationStage.KEYS]
+    audit = [(p.done, p.total) for p in seen if p.stage is MigrationStage.AUDIT]
     assert keys == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]
     assert audit[0] == (0, 3)
     assert audit[-1] == (3, 3)
@@ -301,8 +307,8 @@ def test_progress_bar_redraws_one_line_on_a_terminal() -> None:
     terminal = Terminal()
     bar = ProgressBar(terminal)
     for done in range(3):
-        bar.update(Progress(Stage.KEYS, done, 2))
-    bar.update(Progress(Stage.AUDIT, 0, 0))
+        bar.update(MigrationStep(MigrationStage.KEYS, done, 2))
+    bar.update(MigrationStep(MigrationStage.AUDIT, 0, 0))
     bar.finish()
     lines = terminal.getvalue().split("\n")
     assert lines[0].count("\r") == 3
@@ -315,7 +321,7 @@ def test_progress_bar_writes_a_line_per_tenth_elsewhere() -> None:
     log = io.StringIO()
     bar = ProgressBar(log)
     for done in range(101):
-        bar.update(Progress(Stage.KEYS, done, 100))
+        bar.update(MigrationStep(MigrationStage.KEYS, done, 100))
     bar.finish()
     lines = log.getvalue().splitlines()
     assert len(lines) == 11

@@ -34,6 +34,7 @@ from pymongo.errors import ConfigurationError as PyMongoConfigurationError
 
 import vault.mongo
 from contracts.errors import ConfigurationError, IntegrityError, VaultUnavailable, ZanddError
+from contracts.urls import redact_url, scrub, url_secrets
 from vault.audit import AuditEntry, AuditEvent, ChainVerifier, link
 from vault.mongo import (
     MongoStore,
@@ -47,7 +48,6 @@ from vault.mongo import (
 from vault.records import KeyRecord, KeyState, RecordMac
 from vault.sealing import SealedKey
 from vault.store import open_store
-from vault.urls import redact_url, scrub, url_secrets
 
 PASSWORD = "hunter2-s3cret"
 T0 = datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=UTC)

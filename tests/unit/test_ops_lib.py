@@ -48,7 +48,7 @@ def _lib(script: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess
     ("url", "shown"),
     [
         (f"amqp://svc:{PASSWORD}@mq:5672/zandd", "amqp://svc@mq:5672/zandd"),
-        # Split at the last @, like contracts.amqp.redact_url: an @ in the password stays hidden.
+        # Split at the last @, like contracts.urls.redact_url: an @ in the password stays hidden.
         (
             f"amqps://svc:{PASSWORD}@x@mq/zandd?cafile=/ca.pem",
             "amqps://svc@mq/zandd?cafile=/ca.pem",

@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
-from aio_pika.exceptions import AMQPError, ChannelNotFoundEntity
 from yarl import URL
 
-from contracts.amqp import connect, principal_of, redact_url
-from contracts.errors import ConfigurationError, ZanddError
-from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE
+from contracts.amqp import connect, principal_of
+from contracts.errors import BrokerUnavailable, ConfigurationError, ZanddError
+from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE, consumer_count
+from contracts.urls import redact_url
 from vault.kek import KekRing
 from workers.bench.progress import Progress
 from workers.config import Settings
@@ -171,16 +171,10 @@ async def attached_signers(amqp_url: str) -> int:
     async with connection:
         counts: dict[str, int] = {}
         for name in (SIGN_QUEUE, KEYGEN_QUEUE):
-            # A passive declare of a missing queue closes its channel: one channel each.
-            channel = await connection.channel()
             try:
-                queue = await channel.declare_queue(name, passive=True)
-                counts[name] = queue.declaration_result.consumer_count or 0
-            except (ChannelNotFoundEntity, AMQPError):
+                counts[name] = await consumer_count(connection, name)
+            except BrokerUnavailable:  # QueueMissing too: no fleet has declared it
                 counts[name] = 0
-            finally:
-                if not channel.is_closed:
-                    await channel.close()
     if not counts[SIGN_QUEUE] or not counts[KEYGEN_QUEUE]:
         raise ZanddError(
             f"no running fleet at {redact_url(amqp_url)} ({counts[SIGN_QUEUE]} signers, "

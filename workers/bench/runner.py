@@ -11,8 +11,9 @@ from pathlib import Path
 
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
-from contracts.amqp import connect, redact_url
+from contracts.amqp import connect
 from contracts.errors import BrokerUnavailable
+from contracts.urls import redact_url
 from workers.bench.environment import (
     attached_signers,
     bench_settings,

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from vault.urls import redact_url, url_secrets
+from contracts.urls import redact_url, url_secrets
 from workers.config import Settings
 
 EXIT_OK = 0

@@ -20,9 +20,9 @@ _SHOWN_NOT_COPIED = 3
 
 
 async def _cmd_vault_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from contracts.urls import redact_url
     from vault.migrate import migrate_vault
     from vault.store import open_store
-    from vault.urls import redact_url
 
     if args.source == args.target:
         raise ConfigurationError("--from and --to name the same vault")

@@ -8,7 +8,7 @@ BAR_WIDTH = 30
 
 
 class Step(Protocol):
-    """What a progress callback reports (``vault.migrate.Progress`` is one)."""
+    """What a progress callback reports (``vault.migrate.MigrationStep`` is one)."""
 
     @property
     def stage(self) -> str: ...

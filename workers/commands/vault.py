@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from contracts.errors import ConfigurationError, ErrorCode, ZanddError
+from contracts.urls import redact_url
 from vault.audit import OUTCOME_OK, AuditEvent, AuditLog
 from vault.audit_chain import ChainKeys
 from vault.coverage import ALLOW_UNREADABLE_FLAG
 from vault.records import KeyRecord
-from vault.urls import redact_url
 from workers.audit_head import KeyedAppender
 from workers.auditing import utc_now
 from workers.commands.base import EXIT_FAILURE, CommandTree

@@ -33,7 +33,8 @@ from workers.metrics import Metrics
 from workers.policy import AccessPolicy
 from workers.probes import vault_answers
 from workers.runtime import Handler, RequestContext
-from workers.telemetry import Stage, stage
+from workers.stages import Stage
+from workers.telemetry import stage
 
 log = logging.getLogger("zandd.keygen")
 

@@ -27,7 +27,8 @@ from vault.kek import KekRing
 from vault.opening import private_key_of
 from vault.records import KeyRecord, KeyState
 from workers.metrics import Metrics
-from workers.telemetry import Stage, stage
+from workers.stages import Stage
+from workers.telemetry import stage
 
 _PREHASHED_ECDSA = ec.ECDSA(Prehashed(hashes.SHA256()))
 

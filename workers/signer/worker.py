@@ -35,7 +35,8 @@ from workers.policy import AccessPolicy
 from workers.runtime import Handler, RequestContext
 from workers.signer.cache import CachedKey, RecordCache
 from workers.signer.signing import sign_digests
-from workers.telemetry import Stage, stage
+from workers.stages import Stage
+from workers.telemetry import stage
 
 log = logging.getLogger("zandd.signer")
 #: Signing and verifying one digest takes ~85 us of event loop: a batch yields to the loop

@@ -1,4 +1,8 @@
-"""Vault URLs as they may be shown: in messages, logs and CLI output, never with their secrets."""
+"""URLs as they may be shown: in messages, logs and CLI output, never with their secrets.
+
+One redaction for every URL the project holds (the broker's AMQP URLs, the vault's SQLite
+and MongoDB URLs), so that a URL reads the same wherever it is shown.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +48,12 @@ def scrub(text: str, url: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password and credential options replaced by ``***``."""
+    """``url`` with its password and credential options replaced by ``***``.
+
+    ``user:***@host``: the user stays (it says who connects) and the ``***`` says that a
+    password was there. Split at the last ``@`` by hand rather than parsed: a password with an
+    unescaped ``#``, ``?``, ``/`` or ``@`` must not pass for part of the host or the path.
+    """
     if not url_secrets(url):
         return url  # unchanged: a rebuilt URL could respell it (sqlite:///path)
     credentials = _credentials(url)
