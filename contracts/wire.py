@@ -43,7 +43,12 @@ from pamqp.encode import field_table as encode_table
 from yarl import URL
 
 from contracts.amqp import redact_url
-from contracts.errors import BrokerUnavailable, ConfigurationError
+from contracts.errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    InvalidRequest,
+    TransportClosed,
+)
 from contracts.text import printable
 
 log = logging.getLogger("zandd.wire")
@@ -167,16 +172,13 @@ class Properties:
         return flags, b"".join(parts)
 
 
-class WireClosed(ConnectionError):
-    """The connection (or its one channel) is gone; ``str()`` says why, without secrets.
+class WireClosed(TransportClosed, ConnectionError):
+    """The lean connection (or its one channel) is gone; ``str()`` says why, without secrets.
 
-    ``code`` is the broker's reply code when the broker closed it (404: a missing exchange
-    or queue, 403: access refused…), else None.
+    A ``TransportClosed`` (retryable, inside the error tree), and still a ``ConnectionError``
+    for code that catches the socket's own errors with it. ``reply_code`` is the broker's
+    close code when the broker closed it, else None.
     """
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class WireRefused(WireClosed):
@@ -369,7 +371,7 @@ class Wire(asyncio.Protocol):
         except (OSError, TimeoutError, WireClosed) as exc:
             wire._abort(WireClosed(f"handshake failed ({type(exc).__name__})"))
             if isinstance(exc, WireRefused):
-                what = "our credentials" if exc.code == _ACCESS_REFUSED else "access"
+                what = "our credentials" if exc.reply_code == _ACCESS_REFUSED else "access"
                 raise ConfigurationError(
                     f"the broker at {endpoint.where} refused {what} ({exc})"
                 ) from exc
@@ -863,7 +865,7 @@ def _again(reason: WireClosed | None, otherwise: str) -> WireClosed:
     """A fresh exception saying why the connection is gone (one instance is never re-raised)."""
     if reason is None:
         return WireClosed(otherwise)
-    return type(reason)(str(reason), reason.code)
+    return type(reason)(str(reason), reason.reply_code)
 
 
 def _negotiated(server: int, client: int) -> int:
@@ -886,7 +888,10 @@ def _ack_frame(method: tuple[int, int], delivery_tag: int, flag: bool) -> bytes:
 def _shortstr(value: str) -> bytes:
     encoded = value.encode()
     if len(encoded) > 255:
-        raise ValueError("an AMQP short string holds at most 255 bytes")
+        # The caller's value (a request id, a routing key): its mistake, typed, never echoed.
+        raise InvalidRequest(
+            f"an AMQP short string holds at most 255 bytes, this one {len(encoded)}"
+        )
     return bytes((len(encoded),)) + encoded
 
 

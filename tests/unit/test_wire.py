@@ -26,7 +26,12 @@ from pamqp.encode import field_table as encode_table
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
-from contracts.errors import BrokerUnavailable, ConfigurationError
+from contracts.errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    InvalidRequest,
+    TransportClosed,
+)
 from contracts.wire import (
     Delivery,
     Endpoint,
@@ -596,3 +601,20 @@ async def test_any_bytes_end_in_deliveries_defects_or_a_protocol_error(
         assert isinstance(wire.reason, WireProtocolError | WireRefused | WireClosed)
         if type(wire.reason) is WireClosed:
             assert str(wire.reason).startswith("the broker"), repr(wire.reason)
+
+
+def test_a_short_string_over_255_bytes_is_an_invalid_request_not_a_bare_value_error() -> None:
+    # SigningClient.create_key puts the caller's request_id in message_id/correlation_id.
+    properties = Properties(message_id="r" * 256)
+    with pytest.raises(InvalidRequest, match="at most 255 bytes"):
+        properties.encode()
+
+
+def test_a_lost_connection_is_a_retryable_zandd_error() -> None:
+    closed = WireClosed("the broker closed the channel: 404 NOT_FOUND", 404)
+    assert isinstance(closed, TransportClosed)
+    assert isinstance(closed, BrokerUnavailable)
+    assert isinstance(closed, ConnectionError)
+    assert closed.retryable
+    assert closed.reply_code == 404
+    assert str(closed) == "the broker closed the channel: 404 NOT_FOUND"
