@@ -27,9 +27,11 @@ connection of its own), transactions, several channels.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import logging
 import ssl
 import struct
+from base64 import b64decode
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -100,6 +102,8 @@ _P_USER_ID = 0x0010
 _P_APP_ID = 0x0008
 _P_CLUSTER_ID = 0x0004
 _P_MORE_FLAGS = 0x0001
+#: The SASL mechanisms the URL's ``auth`` option may name (aiormq's two).
+_MECHANISMS = ("PLAIN", "EXTERNAL")
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,8 +198,10 @@ class Endpoint:
     """Where and as whom to connect, parsed from an AMQP URL (the password is never shown).
 
     The URL's query takes aiormq's TLS options, so a URL that worked with aio-pika works
-    here: ``cafile``, ``capath``, ``certfile`` and ``keyfile`` (a client certificate),
-    ``no_verify_ssl=1``; and ``heartbeat`` (seconds) overrides the caller's default.
+    here: ``cafile``, ``capath``, ``cadata`` (base64 DER), ``certfile`` and ``keyfile`` (a
+    client certificate), ``no_verify_ssl=1``, ``auth=external`` (log in as the client
+    certificate's subject, not as a user and password); and ``heartbeat`` (seconds) overrides
+    the caller's default. An option it does not know is refused, never ignored.
     """
 
     host: str
@@ -209,8 +215,11 @@ class Endpoint:
     capath: str | None = None
     certfile: str | None = None
     keyfile: str | None = None
+    cadata: bytes | None = None
     verify: bool = True
     heartbeat_s: int | None = None
+    #: The SASL mechanism: ``PLAIN`` (user and password) or ``EXTERNAL`` (the TLS certificate).
+    mechanism: str = "PLAIN"
 
     @classmethod
     def of(cls, url: str) -> Endpoint:
@@ -227,6 +236,13 @@ class Endpoint:
             raise ConfigurationError(
                 f"heartbeat must be whole seconds in {redact_url(url)}"
             ) from None
+        mechanism = query.get("auth", "plain").upper()
+        if mechanism not in _MECHANISMS:
+            raise ConfigurationError(f"auth must be plain or external in {redact_url(url)}")
+        try:
+            cadata = b64decode(query["cadata"], validate=True) if "cadata" in query else None
+        except binascii.Error:
+            raise ConfigurationError(f"cadata must be base64 in {redact_url(url)}") from None
         return cls(
             host=parsed.host or "localhost",
             port=parsed.port or (5671 if tls else 5672),
@@ -239,15 +255,19 @@ class Endpoint:
             capath=query.get("capath"),
             certfile=query.get("certfile"),
             keyfile=query.get("keyfile"),
+            cadata=cadata,
             verify=query.get("no_verify_ssl", "0") == "0",
             heartbeat_s=heartbeat_s,
+            mechanism=mechanism,
         )
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context for ``amqps://`` (None for plain ``amqp://``)."""
         if not self.tls:
             return None
-        context = ssl.create_default_context(cafile=self.cafile, capath=self.capath)
+        context = ssl.create_default_context(
+            cafile=self.cafile, capath=self.capath, cadata=self.cadata
+        )
         if self.certfile:
             context.load_cert_chain(self.certfile, self.keyfile)
         if not self.verify:
@@ -386,14 +406,18 @@ class Wire(asyncio.Protocol):
     async def _handshake(self) -> None:
         start = await self._started
         assert isinstance(start, commands.Connection.Start)
-        if b"PLAIN" not in (start.mechanisms or "").encode().split():
-            raise WireRefused("offers no PLAIN authentication")
-        response = f"\0{self._endpoint.user}\0{self._endpoint.password}"
+        mechanism = self._endpoint.mechanism
+        if mechanism.encode() not in (start.mechanisms or "").encode().split():
+            raise WireRefused(f"offers no {mechanism} authentication")
+        # EXTERNAL: the broker takes the name from the client certificate; nothing to send.
+        response = (
+            f"\0{self._endpoint.user}\0{self._endpoint.password}" if mechanism == "PLAIN" else ""
+        )
         self._send_method(
             0,
             commands.Connection.StartOk(
                 client_properties=self._client_properties(),
-                mechanism="PLAIN",
+                mechanism=mechanism,
                 response=response,
                 locale="en_US",
             ),

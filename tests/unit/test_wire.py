@@ -8,6 +8,7 @@ socket splits them, and what the connection writes is decoded by pamqp.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import struct
 from collections.abc import AsyncIterator
@@ -42,6 +43,21 @@ from contracts.wire import (
     WireRefused,
 )
 from tests.poison import POISON_HEADERS
+
+#: A throwaway self-signed CA certificate (its key was never kept): for ``cadata``.
+_A_CA_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBhjCCAS2gAwIBAgIUFQ6Dct3z1rfJucwLQESsV/uzId0wCgYIKoZIzj0EAwIw
+GDEWMBQGA1UEAwwNemFuZGQtdGVzdC1jYTAgFw0yNjExMjkyMTI3NDNaGA8yMTI2
+MTEwNTIxMjc0M1owGDEWMBQGA1UEAwwNemFuZGQtdGVzdC1jYTBZMBMGByqGSM49
+AgEGCCqGSM49AwEHA0IABDv0pild2uTkRKUomd9ifUIHST0vofyWnZUa+DLoaMuv
+qAkCb9+Ls7FJugI3rT8y5TNnpF/1mn52nXgFnA5vcH2jUzBRMB0GA1UdDgQWBBT0
+TPDf3W8cGmHZA4gRI1NbyeoQmzAfBgNVHSMEGDAWgBT0TPDf3W8cGmHZA4gRI1Nb
+yeoQmzAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0cAMEQCIDeJye+w4Tt/
+D+SlfCSTBs3f88ZAHYsp09MC67Q06KfgAiAB96KekAdzRVzzi8mkx65sV0MUzhch
+vdSkLUGbN9K2LA==
+-----END CERTIFICATE-----
+"""
 
 FRAME_MAX = 4096
 
@@ -618,3 +634,43 @@ def test_a_lost_connection_is_a_retryable_zandd_error() -> None:
     assert closed.retryable
     assert closed.reply_code == 404
     assert str(closed) == "the broker closed the channel: 404 NOT_FOUND"
+
+
+def test_the_url_s_auth_and_cadata_options_are_aiormq_s_not_ignored() -> None:
+    # Before: auth=external was ignored and the connection logged in as guest/guest.
+    der = ssl.PEM_cert_to_DER_cert(_A_CA_PEM)
+    url = "amqps://localhost/?auth=external&cadata=" + base64.b64encode(der).decode()
+    endpoint = Endpoint.of(url.replace("+", "%2B"))
+    assert endpoint.mechanism == "EXTERNAL"
+    assert endpoint.cadata == der
+    context = endpoint.ssl_context()
+    assert context is not None
+    assert context.cert_store_stats()["x509_ca"] == 1
+    assert Endpoint.of("amqp://localhost/").mechanism == "PLAIN"
+    with pytest.raises(ConfigurationError, match="auth must be plain or external"):
+        Endpoint.of("amqp://localhost/?auth=kerberos")
+    with pytest.raises(ConfigurationError, match="cadata must be base64"):
+        Endpoint.of("amqps://localhost/?cadata=%21%21")
+
+
+async def test_auth_external_logs_in_by_certificate_not_as_guest() -> None:
+    start_oks: list[commands.Connection.StartOk] = []
+
+    async def broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(8)  # the protocol header
+        start = commands.Connection.Start(mechanisms="PLAIN EXTERNAL", locales="en_US")
+        writer.write(frame.marshal(start, 0))
+        raw = await reader.readuntil(b"\xce")
+        _consumed, _channel, start_ok = frame.unmarshal(raw)
+        assert isinstance(start_ok, commands.Connection.StartOk)
+        start_oks.append(start_ok)
+        writer.close()
+
+    server = await asyncio.start_server(broker, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(BrokerUnavailable):
+            await Wire.connect(
+                f"amqp://127.0.0.1:{port}/?auth=external", connection_name="test", timeout_s=2
+            )
+    assert [(ok.mechanism, ok.response) for ok in start_oks] == [("EXTERNAL", "")]
