@@ -206,22 +206,40 @@ async def _serve(settings: Settings, worker: Worker, prefetch: int, metrics: Met
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    runtime = ConsumerRuntime(
+    runtime = build_runtime(settings, worker, prefetch=prefetch, metrics=metrics)
+    await runtime.run(stop)
+
+
+def build_runtime(
+    settings: Settings,
+    worker: Worker,
+    *,
+    prefetch: int,
+    metrics: Metrics,
+    name: str | None = None,
+    handlers: Mapping[Operation, Handler] | None = None,
+) -> ConsumerRuntime:
+    """The consumer runtime for ``worker``, wired as every worker runs it (and the test fleet).
+
+    Its probe, audit hook, admission, metrics and backoff come from ``worker`` and
+    ``settings``; ``name`` (the connection name) and ``handlers`` (wrapped, say, to count what
+    each worker served) may be overridden.
+    """
+    return ConsumerRuntime(
         amqp_url=settings.amqp_url,
         queue=worker.queue,
-        handlers=worker.handlers,
+        handlers=worker.handlers if handlers is None else handlers,
         prefetch=prefetch,
         limits=settings.limits,
         drain_timeout_s=settings.drain_timeout_s,
         max_backoff_s=settings.max_backoff_s,
-        name="zandd-" + worker.queue.removeprefix("zandd."),
+        name=name or "zandd-" + worker.queue.removeprefix("zandd."),
         probe=worker.probe,
         audit=worker.audit,
         declare=settings.declare_topology,
         metrics=metrics,
         admission=worker.admission,
     )
-    await runtime.run(stop)
 
 
 def _harden(settings: Settings) -> None:
