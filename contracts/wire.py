@@ -102,6 +102,8 @@ _P_USER_ID = 0x0010
 _P_APP_ID = 0x0008
 _P_CLUSTER_ID = 0x0004
 _P_MORE_FLAGS = 0x0001
+#: How long a connection may stay blocked by the broker before it is dropped (``WireBlocked``).
+BLOCKED_TIMEOUT_S = 30.0
 #: The SASL mechanisms the URL's ``auth`` option may name (aiormq's two).
 _MECHANISMS = ("PLAIN", "EXTERNAL")
 
@@ -182,6 +184,16 @@ class WireClosed(TransportClosed, ConnectionError):
     A ``TransportClosed`` (retryable, inside the error tree), and still a ``ConnectionError``
     for code that catches the socket's own errors with it. ``reply_code`` is the broker's
     close code when the broker closed it, else None.
+    """
+
+
+class WireBlocked(WireClosed):
+    """The broker blocked this connection (a memory or disk alarm) for too long: it is dropped.
+
+    While blocked, every write is held in order — replies, acks, publishes — since a blocked
+    connection's socket is not read by the broker; after ``blocked_timeout_s`` the connection
+    is dropped with this error: a publish waiting for its confirm fails with it (retryable),
+    and the requests a worker had not acked return to the queue.
     """
 
 
@@ -300,8 +312,11 @@ class Wire(asyncio.Protocol):
         connection_name: str,
         heartbeat_s: int,
         max_body_bytes: int | None = None,
+        blocked_timeout_s: float = BLOCKED_TIMEOUT_S,
     ) -> None:
         self._endpoint = endpoint
+        self._blocked_timeout_s = blocked_timeout_s
+        self._blocked_timer: asyncio.TimerHandle | None = None
         self._connection_name = connection_name
         self._heartbeat_s = heartbeat_s
         self._loop = asyncio.get_running_loop()
@@ -356,6 +371,7 @@ class Wire(asyncio.Protocol):
         heartbeat_s: int = 15,
         timeout_s: float = 10.0,
         max_body_bytes: int | None = None,
+        blocked_timeout_s: float = BLOCKED_TIMEOUT_S,
     ) -> Wire:
         """Connect, authenticate and open channel 1, or raise why not (typed).
 
@@ -371,6 +387,7 @@ class Wire(asyncio.Protocol):
             connection_name=connection_name,
             heartbeat_s=heartbeat_s,
             max_body_bytes=max_body_bytes,
+            blocked_timeout_s=blocked_timeout_s,
         )
         try:
             context = endpoint.ssl_context()
@@ -589,6 +606,9 @@ class Wire(asyncio.Protocol):
                 callback()
         if not self._out or self._transport is None or self.lost.is_set():
             self._out.clear()
+            return
+        if self.blocked:
+            # Held, in order (a reply stays ahead of its ack): written when unblocked.
             return
         data = b"".join(self._out)
         self._out.clear()
@@ -823,11 +843,9 @@ class Wire(asyncio.Protocol):
         elif isinstance(method, commands.Basic.Cancel):
             self._abort(WireClosed("the broker cancelled the consumer (was its queue deleted?)"))
         elif isinstance(method, commands.Connection.Blocked):
-            self.blocked = True
-            log.warning("the broker blocks publishing: %s", method.reason)
+            self._block(printable(method.reason or "no reason given"))
         elif isinstance(method, commands.Connection.Unblocked):
-            self.blocked = False
-            log.info("the broker unblocked publishing")
+            self._unblock()
         elif isinstance(method, commands.Basic.Return):
             if self._content:
                 raise WireProtocolError("a returned message began before the last one ended")
@@ -837,6 +855,29 @@ class Wire(asyncio.Protocol):
             self._send_method(channel, commands.Channel.FlowOk(active=method.active))
         else:
             log.debug("ignored %s on channel %d", method.name, channel)
+
+    def _block(self, reason: str) -> None:
+        """A resource alarm: hold every write (see ``WireBlocked``) until unblocked or too long."""
+        log.warning("the broker blocks publishing: %s", reason)
+        if self.blocked:
+            return
+        self.blocked = True
+        self._blocked_timer = self._loop.call_later(
+            self._blocked_timeout_s,
+            self._abort,
+            WireBlocked(
+                f"the broker blocked publishing for over {self._blocked_timeout_s:g} s "
+                f"(a resource alarm: {reason})"
+            ),
+        )
+
+    def _unblock(self) -> None:
+        log.info("the broker unblocked publishing")
+        self.blocked = False
+        if self._blocked_timer is not None:
+            self._blocked_timer.cancel()
+            self._blocked_timer = None
+        self._schedule_flush()
 
     def _transport_write(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -851,6 +892,8 @@ class Wire(asyncio.Protocol):
         self._out.clear()
         if self._heartbeat_timer is not None:
             self._heartbeat_timer.cancel()
+        if self._blocked_timer is not None:
+            self._blocked_timer.cancel()
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(reason)

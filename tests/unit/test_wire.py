@@ -38,6 +38,7 @@ from contracts.wire import (
     Endpoint,
     Properties,
     Wire,
+    WireBlocked,
     WireClosed,
     WireProtocolError,
     WireRefused,
@@ -91,8 +92,15 @@ class _Transport:
         return decoded
 
 
-async def _wire(*, frame_max: int = FRAME_MAX) -> tuple[Wire, _Transport, list[Delivery]]:
-    wire = Wire(Endpoint.of("amqp://u:p@localhost/v"), connection_name="test", heartbeat_s=0)
+async def _wire(
+    *, frame_max: int = FRAME_MAX, blocked_timeout_s: float = 30.0
+) -> tuple[Wire, _Transport, list[Delivery]]:
+    wire = Wire(
+        Endpoint.of("amqp://u:p@localhost/v"),
+        connection_name="test",
+        heartbeat_s=0,
+        blocked_timeout_s=blocked_timeout_s,
+    )
     transport = _Transport()
     wire.connection_made(transport)  # type: ignore[arg-type]
     # As after the handshake: nothing awaits connection.start; tune settled the frame size.
@@ -674,3 +682,32 @@ async def test_auth_external_logs_in_by_certificate_not_as_guest() -> None:
                 f"amqp://127.0.0.1:{port}/?auth=external", connection_name="test", timeout_s=2
             )
     assert [(ok.mechanism, ok.response) for ok in start_oks] == [("EXTERNAL", "")]
+
+
+async def test_a_blocked_connection_holds_its_writes_in_order_until_unblocked() -> None:
+    wire, transport, _deliveries = await _wire()
+    wire.data_received(frame.marshal(commands.Connection.Blocked(reason="low on memory"), 0))
+    wire.publish(b"{}", Properties(correlation_id="r-1"), routing_key="amq.gen-caller")
+    wire.ack(7)
+    await asyncio.sleep(0.01)
+    assert wire.blocked
+    assert transport.written == b"", "nothing written while the broker blocks the connection"
+    wire.data_received(frame.marshal(commands.Connection.Unblocked(), 0))
+    await asyncio.sleep(0.01)
+    kinds = [type(value).__name__ for _channel, value in transport.frames()]
+    assert kinds == ["Publish", "ContentHeader", "ContentBody", "Ack"]
+    assert not wire.lost.is_set()
+
+
+async def test_a_connection_blocked_too_long_is_dropped_with_a_typed_retryable_error() -> None:
+    wire, _transport, _deliveries = await _wire(blocked_timeout_s=0.05)
+    wire._confirms = {}  # as after confirm.select
+    confirmed = wire.publish(b"{}", Properties(), routing_key="sign", exchange="zandd")
+    assert confirmed is not None
+    wire.data_received(frame.marshal(commands.Connection.Blocked(reason="disk alarm"), 0))
+    with pytest.raises(WireBlocked, match=r"blocked publishing for over 0\.05 s") as raised:
+        await asyncio.wait_for(confirmed, 5)
+    assert isinstance(raised.value, TransportClosed)
+    assert raised.value.retryable
+    assert wire.lost.is_set()
+    assert isinstance(wire.reason, WireBlocked)
