@@ -63,6 +63,7 @@ from pydantic import BaseModel
 from contracts.amqp import DEADLINE_HEADER, JSON_CONTENT_TYPE, connect_plain
 from contracts.errors import (
     BrokerUnavailable,
+    ConfigurationError,
     DeadlineExceeded,
     ErrorCode,
     InternalError,
@@ -82,6 +83,7 @@ from contracts.text import printable
 from contracts.topology import bind_topology, declare_topology
 from contracts.tracing import mark_failed
 from contracts.transport import TRANSPORT_FAILURES, Connect, Delivery, Properties, Transport
+from contracts.transport_aiormq import AiormqTransport
 from contracts.wire import Wire
 from vault.audit import AuditEntry
 from workers.acks import AckBatcher
@@ -179,6 +181,21 @@ def lean_connect(amqp_url: str, *, name: str, max_body_bytes: int) -> Connect:
 
     async def connect() -> Transport:
         return await Wire.connect(amqp_url, connection_name=name, max_body_bytes=max_body_bytes)
+
+    return connect
+
+
+def transport_connect(kind: str, amqp_url: str, *, name: str, max_body_bytes: int) -> Connect:
+    """``lean_connect`` (``kind`` ``lean``), or the aiormq transport (``aiormq``)."""
+    if kind == "lean":
+        return lean_connect(amqp_url, name=name, max_body_bytes=max_body_bytes)
+    if kind != "aiormq":
+        raise ConfigurationError(f"unknown transport {kind!r}: lean or aiormq")
+
+    async def connect() -> Transport:
+        return await AiormqTransport.connect(
+            amqp_url, connection_name=name, max_body_bytes=max_body_bytes
+        )
 
     return connect
 

@@ -33,7 +33,15 @@ from workers.probes import vault_answers
 from workers.quotas import Quotas, follow_consumers
 from workers.ringsetup import accept, describe, load_ring
 from workers.ringwatch import RingWatch
-from workers.runtime import Admission, AuditHook, ConsumerRuntime, Handler, Probe
+from workers.runtime import (
+    Admission,
+    AuditHook,
+    ConsumerRuntime,
+    Handler,
+    Probe,
+    topology_queue,
+    transport_connect,
+)
 
 if TYPE_CHECKING:
     from workers.keygen.session import TpmSession
@@ -225,20 +233,28 @@ def build_runtime(
     ``settings``; ``name`` (the connection name) and ``handlers`` (wrapped, say, to count what
     each worker served) may be overridden.
     """
+    name = name or "zandd-" + worker.queue.removeprefix("zandd.")
     return ConsumerRuntime(
-        amqp_url=settings.amqp_url,
         queue=worker.queue,
         handlers=worker.handlers if handlers is None else handlers,
         prefetch=prefetch,
         limits=settings.limits,
         drain_timeout_s=settings.drain_timeout_s,
         max_backoff_s=settings.max_backoff_s,
-        name=name or "zandd-" + worker.queue.removeprefix("zandd."),
+        name=name,
         probe=worker.probe,
         audit=worker.audit,
-        declare=settings.declare_topology,
         metrics=metrics,
         admission=worker.admission,
+        connect=transport_connect(
+            settings.transport,
+            settings.amqp_url,
+            name=name,
+            max_body_bytes=settings.limits.max_body_bytes,
+        ),
+        resolve_queue=topology_queue(
+            settings.amqp_url, worker.queue, name=name, declare=settings.declare_topology
+        ),
     )
 
 
