@@ -473,7 +473,7 @@ class SigningClient:
             assert confirmed is not None  # confirms are on from _open
             accepted = await confirmed
         except WireClosed as exc:
-            if exc.code == _NOT_FOUND:  # a missing exchange closes the channel
+            if exc.reply_code == _NOT_FOUND:  # a missing exchange closes the channel
                 raise _not_routed(operation.value) from exc
             raise BrokerUnavailable(f"lost the broker while sending {operation.value}") from exc
         if not accepted:

@@ -131,6 +131,19 @@ class BrokerUnavailable(InternalError):
     """Client side: the broker could not be reached or the connection dropped mid-call."""
 
 
+class TransportClosed(BrokerUnavailable):
+    """The connection to the broker (or its channel) is gone; whatever used it may be retried.
+
+    Raised by every transport (``contracts/transport.py``); ``reply_code`` is the broker's
+    close code when the broker closed it (404: a missing exchange or queue, 403: access
+    refused…), else None.
+    """
+
+    def __init__(self, message: str, reply_code: int | None = None) -> None:
+        super().__init__(message)
+        self.reply_code = reply_code
+
+
 class NotDelivered(InternalError):
     """Client side: the broker could not route the request (no worker queue is bound)."""
 

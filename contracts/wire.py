@@ -27,9 +27,11 @@ connection of its own), transactions, several channels.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import logging
 import ssl
 import struct
+from base64 import b64decode
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,7 +44,12 @@ from pamqp.base import Frame as MethodFrame
 from pamqp.encode import field_table as encode_table
 from yarl import URL
 
-from contracts.errors import BrokerUnavailable, ConfigurationError
+from contracts.errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    InvalidRequest,
+    TransportClosed,
+)
 from contracts.text import printable
 from contracts.urls import redact_url
 
@@ -95,6 +102,10 @@ _P_USER_ID = 0x0010
 _P_APP_ID = 0x0008
 _P_CLUSTER_ID = 0x0004
 _P_MORE_FLAGS = 0x0001
+#: How long a connection may stay blocked by the broker before it is dropped (``WireBlocked``).
+BLOCKED_TIMEOUT_S = 30.0
+#: The SASL mechanisms the URL's ``auth`` option may name (aiormq's two).
+_MECHANISMS = ("PLAIN", "EXTERNAL")
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,16 +178,23 @@ class Properties:
         return flags, b"".join(parts)
 
 
-class WireClosed(ConnectionError):
-    """The connection (or its one channel) is gone; ``str()`` says why, without secrets.
+class WireClosed(TransportClosed, ConnectionError):
+    """The lean connection (or its one channel) is gone; ``str()`` says why, without secrets.
 
-    ``code`` is the broker's reply code when the broker closed it (404: a missing exchange
-    or queue, 403: access refused…), else None.
+    A ``TransportClosed`` (retryable, inside the error tree), and still a ``ConnectionError``
+    for code that catches the socket's own errors with it. ``reply_code`` is the broker's
+    close code when the broker closed it, else None.
     """
 
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
+
+class WireBlocked(WireClosed):
+    """The broker blocked this connection (a memory or disk alarm) for too long: it is dropped.
+
+    While blocked, every write is held in order — replies, acks, publishes — since a blocked
+    connection's socket is not read by the broker; after ``blocked_timeout_s`` the connection
+    is dropped with this error: a publish waiting for its confirm fails with it (retryable),
+    and the requests a worker had not acked return to the queue.
+    """
 
 
 class WireRefused(WireClosed):
@@ -192,8 +210,10 @@ class Endpoint:
     """Where and as whom to connect, parsed from an AMQP URL (the password is never shown).
 
     The URL's query takes aiormq's TLS options, so a URL that worked with aio-pika works
-    here: ``cafile``, ``capath``, ``certfile`` and ``keyfile`` (a client certificate),
-    ``no_verify_ssl=1``; and ``heartbeat`` (seconds) overrides the caller's default.
+    here: ``cafile``, ``capath``, ``cadata`` (base64 DER), ``certfile`` and ``keyfile`` (a
+    client certificate), ``no_verify_ssl=1``, ``auth=external`` (log in as the client
+    certificate's subject, not as a user and password); and ``heartbeat`` (seconds) overrides
+    the caller's default. An option it does not know is refused, never ignored.
     """
 
     host: str
@@ -207,8 +227,11 @@ class Endpoint:
     capath: str | None = None
     certfile: str | None = None
     keyfile: str | None = None
+    cadata: bytes | None = None
     verify: bool = True
     heartbeat_s: int | None = None
+    #: The SASL mechanism: ``PLAIN`` (user and password) or ``EXTERNAL`` (the TLS certificate).
+    mechanism: str = "PLAIN"
 
     @classmethod
     def of(cls, url: str) -> Endpoint:
@@ -225,6 +248,13 @@ class Endpoint:
             raise ConfigurationError(
                 f"heartbeat must be whole seconds in {redact_url(url)}"
             ) from None
+        mechanism = query.get("auth", "plain").upper()
+        if mechanism not in _MECHANISMS:
+            raise ConfigurationError(f"auth must be plain or external in {redact_url(url)}")
+        try:
+            cadata = b64decode(query["cadata"], validate=True) if "cadata" in query else None
+        except binascii.Error:
+            raise ConfigurationError(f"cadata must be base64 in {redact_url(url)}") from None
         return cls(
             host=parsed.host or "localhost",
             port=parsed.port or (5671 if tls else 5672),
@@ -237,15 +267,19 @@ class Endpoint:
             capath=query.get("capath"),
             certfile=query.get("certfile"),
             keyfile=query.get("keyfile"),
+            cadata=cadata,
             verify=query.get("no_verify_ssl", "0") == "0",
             heartbeat_s=heartbeat_s,
+            mechanism=mechanism,
         )
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context for ``amqps://`` (None for plain ``amqp://``)."""
         if not self.tls:
             return None
-        context = ssl.create_default_context(cafile=self.cafile, capath=self.capath)
+        context = ssl.create_default_context(
+            cafile=self.cafile, capath=self.capath, cadata=self.cadata
+        )
         if self.certfile:
             context.load_cert_chain(self.certfile, self.keyfile)
         if not self.verify:
@@ -278,8 +312,11 @@ class Wire(asyncio.Protocol):
         connection_name: str,
         heartbeat_s: int,
         max_body_bytes: int | None = None,
+        blocked_timeout_s: float = BLOCKED_TIMEOUT_S,
     ) -> None:
         self._endpoint = endpoint
+        self._blocked_timeout_s = blocked_timeout_s
+        self._blocked_timer: asyncio.TimerHandle | None = None
         self._connection_name = connection_name
         self._heartbeat_s = heartbeat_s
         self._loop = asyncio.get_running_loop()
@@ -334,6 +371,7 @@ class Wire(asyncio.Protocol):
         heartbeat_s: int = 15,
         timeout_s: float = 10.0,
         max_body_bytes: int | None = None,
+        blocked_timeout_s: float = BLOCKED_TIMEOUT_S,
     ) -> Wire:
         """Connect, authenticate and open channel 1, or raise why not (typed).
 
@@ -349,6 +387,7 @@ class Wire(asyncio.Protocol):
             connection_name=connection_name,
             heartbeat_s=heartbeat_s,
             max_body_bytes=max_body_bytes,
+            blocked_timeout_s=blocked_timeout_s,
         )
         try:
             context = endpoint.ssl_context()
@@ -369,7 +408,7 @@ class Wire(asyncio.Protocol):
         except (OSError, TimeoutError, WireClosed) as exc:
             wire._abort(WireClosed(f"handshake failed ({type(exc).__name__})"))
             if isinstance(exc, WireRefused):
-                what = "our credentials" if exc.code == _ACCESS_REFUSED else "access"
+                what = "our credentials" if exc.reply_code == _ACCESS_REFUSED else "access"
                 raise ConfigurationError(
                     f"the broker at {endpoint.where} refused {what} ({exc})"
                 ) from exc
@@ -384,14 +423,18 @@ class Wire(asyncio.Protocol):
     async def _handshake(self) -> None:
         start = await self._started
         assert isinstance(start, commands.Connection.Start)
-        if b"PLAIN" not in (start.mechanisms or "").encode().split():
-            raise WireRefused("offers no PLAIN authentication")
-        response = f"\0{self._endpoint.user}\0{self._endpoint.password}"
+        mechanism = self._endpoint.mechanism
+        if mechanism.encode() not in (start.mechanisms or "").encode().split():
+            raise WireRefused(f"offers no {mechanism} authentication")
+        # EXTERNAL: the broker takes the name from the client certificate; nothing to send.
+        response = (
+            f"\0{self._endpoint.user}\0{self._endpoint.password}" if mechanism == "PLAIN" else ""
+        )
         self._send_method(
             0,
             commands.Connection.StartOk(
                 client_properties=self._client_properties(),
-                mechanism="PLAIN",
+                mechanism=mechanism,
                 response=response,
                 locale="en_US",
             ),
@@ -563,6 +606,9 @@ class Wire(asyncio.Protocol):
                 callback()
         if not self._out or self._transport is None or self.lost.is_set():
             self._out.clear()
+            return
+        if self.blocked:
+            # Held, in order (a reply stays ahead of its ack): written when unblocked.
             return
         data = b"".join(self._out)
         self._out.clear()
@@ -797,11 +843,9 @@ class Wire(asyncio.Protocol):
         elif isinstance(method, commands.Basic.Cancel):
             self._abort(WireClosed("the broker cancelled the consumer (was its queue deleted?)"))
         elif isinstance(method, commands.Connection.Blocked):
-            self.blocked = True
-            log.warning("the broker blocks publishing: %s", method.reason)
+            self._block(printable(method.reason or "no reason given"))
         elif isinstance(method, commands.Connection.Unblocked):
-            self.blocked = False
-            log.info("the broker unblocked publishing")
+            self._unblock()
         elif isinstance(method, commands.Basic.Return):
             if self._content:
                 raise WireProtocolError("a returned message began before the last one ended")
@@ -811,6 +855,29 @@ class Wire(asyncio.Protocol):
             self._send_method(channel, commands.Channel.FlowOk(active=method.active))
         else:
             log.debug("ignored %s on channel %d", method.name, channel)
+
+    def _block(self, reason: str) -> None:
+        """A resource alarm: hold every write (see ``WireBlocked``) until unblocked or too long."""
+        log.warning("the broker blocks publishing: %s", reason)
+        if self.blocked:
+            return
+        self.blocked = True
+        self._blocked_timer = self._loop.call_later(
+            self._blocked_timeout_s,
+            self._abort,
+            WireBlocked(
+                f"the broker blocked publishing for over {self._blocked_timeout_s:g} s "
+                f"(a resource alarm: {reason})"
+            ),
+        )
+
+    def _unblock(self) -> None:
+        log.info("the broker unblocked publishing")
+        self.blocked = False
+        if self._blocked_timer is not None:
+            self._blocked_timer.cancel()
+            self._blocked_timer = None
+        self._schedule_flush()
 
     def _transport_write(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -825,6 +892,8 @@ class Wire(asyncio.Protocol):
         self._out.clear()
         if self._heartbeat_timer is not None:
             self._heartbeat_timer.cancel()
+        if self._blocked_timer is not None:
+            self._blocked_timer.cancel()
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(reason)
@@ -863,7 +932,7 @@ def _again(reason: WireClosed | None, otherwise: str) -> WireClosed:
     """A fresh exception saying why the connection is gone (one instance is never re-raised)."""
     if reason is None:
         return WireClosed(otherwise)
-    return type(reason)(str(reason), reason.code)
+    return type(reason)(str(reason), reason.reply_code)
 
 
 def _negotiated(server: int, client: int) -> int:
@@ -886,7 +955,10 @@ def _ack_frame(method: tuple[int, int], delivery_tag: int, flag: bool) -> bytes:
 def _shortstr(value: str) -> bytes:
     encoded = value.encode()
     if len(encoded) > 255:
-        raise ValueError("an AMQP short string holds at most 255 bytes")
+        # The caller's value (a request id, a routing key): its mistake, typed, never echoed.
+        raise InvalidRequest(
+            f"an AMQP short string holds at most 255 bytes, this one {len(encoded)}"
+        )
     return bytes((len(encoded),)) + encoded
 
 

@@ -26,6 +26,7 @@ from contracts.topology import declare_topology
 from vault.kek import KekRing
 from vault.store import VaultStore, open_store
 from workers.config import Settings
+from workers.metrics import Metrics
 from workers.runtime import ConsumerRuntime, Handler, RequestContext
 
 
@@ -236,7 +237,7 @@ async def fleet(
     await _purge_work_queues(amqp_url)
     stop = asyncio.Event()
     from workers.keygen.session import TpmSession
-    from workers.serve import keygen_worker, signer_worker
+    from workers.serve import build_runtime, keygen_worker, signer_worker
 
     tpm = TpmSession(swtpm_tcti)
     stack = AsyncExitStack()
@@ -247,16 +248,13 @@ async def fleet(
             for n in range(1, signer_count + 1)
         ]
         for name, worker in workers:
-            runtime = ConsumerRuntime(
-                amqp_url=amqp_url,
-                queue=worker.queue,
-                handlers=_counting(name, worker.handlers, running.served),
+            runtime = build_runtime(
+                settings,
+                worker,
                 prefetch=settings.signer_concurrency,
-                limits=settings.limits,
-                drain_timeout_s=settings.drain_timeout_s,
+                metrics=Metrics(),
                 name=f"test-{name}",
-                audit=worker.audit,
-                admission=worker.admission,
+                handlers=_counting(name, worker.handlers, running.served),
             )
             running.runtimes[name] = runtime
             running.tasks.append(asyncio.create_task(runtime.run(stop)))

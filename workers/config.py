@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     #: False for workers with least-privilege broker users: the topology is then only looked
     #: up (passive declares), as ops/rabbitmq/definitions.json or an admin declared it.
     declare_topology: bool = True
+    #: The connection requests travel on: the lean one (``contracts/wire.py``) or aiormq's
+    #: (``contracts/transport_aiormq.py``, for comparison: ``zandd bench`` measures both).
+    transport: Literal["lean", "aiormq"] = "lean"
     # Access and key lifecycle (the rules are in workers/policy.py). Name lists are
     # comma-separated (or a JSON list) in the environment.
     #: Accept requests without ``user_id`` as principal ``anonymous``: closed test networks only.

@@ -161,7 +161,7 @@ def _broker_errors(doing: str) -> Iterator[None]:
     except WireRefused as exc:
         raise ConfigurationError(f"the broker refused {doing} to this user") from exc
     except WireClosed as exc:
-        if exc.code == _NOT_FOUND:
+        if exc.reply_code == _NOT_FOUND:
             raise ConfigurationError(
                 "zandd.dead does not exist on this vhost: no worker has declared the topology"
             ) from exc
@@ -231,7 +231,7 @@ async def _republish(
     except (TypeError, ValueError) as exc:
         raise ZanddError(f"message {shown} cannot be copied as it is ({exc})") from exc
     except WireClosed as exc:
-        if exc.code == _PRECONDITION_FAILED:
+        if exc.reply_code == _PRECONDITION_FAILED:
             raise ZanddError(
                 f"message {shown} carries user_id {printable(letter.principal)!r}: replay it as "
                 "that user, or as a user with RabbitMQ's impersonator tag"

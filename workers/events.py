@@ -34,7 +34,6 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
 )
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
 from contracts.amqp import JSON_CONTENT_TYPE, connect_plain
@@ -46,11 +45,11 @@ from contracts.operations import (
     KEY_STATE_CHANGED_EVENT,
 )
 from contracts.topology import EVENTS_EXCHANGE, Topology, bind_topology, declare_topology
+from contracts.transport import TRANSPORT_FAILURES
 from workers.backoff import serve_reconnecting
 
 log = logging.getLogger("zandd.events")
 
-_AMQP_FAILURES = (AMQPError, ChannelInvalidStateError, ConnectionError)
 
 EventCallback = Callable[[KeyStateChangedEvent], None]
 
@@ -90,7 +89,7 @@ class EventPublisher:
             exchange = await self._ready_exchange()
             # Not mandatory: with no signer running nobody needs to hear about it.
             await exchange.publish(message, routing_key="", mandatory=False)
-        except _AMQP_FAILURES as exc:
+        except TRANSPORT_FAILURES as exc:
             await self.close()
             raise BrokerUnavailable(f"could not publish {what}: {type(exc).__name__}") from exc
 
@@ -142,7 +141,7 @@ class EventSubscriber:
             lambda connection: self._subscribed(connection, stop),
             stop=stop,
             what=f"{self._name}: reconnecting to the broker",
-            retry_on=(BrokerUnavailable, *_AMQP_FAILURES),
+            retry_on=(BrokerUnavailable, *TRANSPORT_FAILURES),
             max_delay_s=self._max_backoff_s,
             on_lost=self._on_gap,
         )
@@ -163,7 +162,7 @@ class EventSubscriber:
             self.ready.set()
             log.info("%s listening for key state changes on %s", self._name, queue.name)
             await _first_of(stop, lost)
-        except _AMQP_FAILURES as exc:
+        except TRANSPORT_FAILURES as exc:
             log.warning("%s lost the broker (%s)", self._name, type(exc).__name__)
         finally:
             self.ready.clear()

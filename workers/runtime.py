@@ -8,7 +8,11 @@ already routed the reply; the acks of requests that finish together go out as on
 
 Two connections per session: aio-pika declares (or looks up) the topology on a short-lived
 one, and the requests travel on a lean connection of our own (``contracts/wire.py``), where a
-request's frames cost a fraction of what they cost through aiormq.
+request's frames cost a fraction of what they cost through aiormq. Both are arguments: the
+runtime is given a ``Connect`` (any ``contracts.transport.Transport``) and a ``ResolveQueue``
+(the queue's name and the broker's direct reply-to node); ``lean_connect`` and
+``topology_queue`` are the ones a worker runs (``workers/serve.py``'s ``build_runtime``), and
+a test can run the runtime without a broker on an in-memory transport.
 
 A malformed request is answered with ``invalid_request`` and acked — or, with nobody to
 answer, dead-lettered — and never requeued; the worker keeps running. A message whose AMQP
@@ -54,18 +58,19 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import BaseModel
 
 from contracts.amqp import DEADLINE_HEADER, JSON_CONTENT_TYPE, connect_plain
 from contracts.errors import (
     BrokerUnavailable,
+    ConfigurationError,
     DeadlineExceeded,
     ErrorCode,
     InternalError,
     InvalidRequest,
     Throttled,
     TpmUnavailable,
+    TransportClosed,
     UnknownOperation,
     VaultUnavailable,
     ZanddError,
@@ -77,7 +82,9 @@ from contracts.replyto import ReplyToRefused, check_reply_to, learn_direct_reply
 from contracts.text import printable
 from contracts.topology import bind_topology, declare_topology
 from contracts.tracing import mark_failed
-from contracts.wire import Delivery, Properties, Wire, WireClosed
+from contracts.transport import TRANSPORT_FAILURES, Connect, Delivery, Properties, Transport
+from contracts.transport_aiormq import AiormqTransport
+from contracts.wire import Wire
 from vault.audit import AuditEntry
 from workers.acks import AckBatcher
 from workers.auditing import with_receipt
@@ -91,7 +98,6 @@ log = logging.getLogger("zandd.runtime")
 _MAX_ECHOED_NAME_CHARS = 40
 #: Errors that say a dependency is down, not that the request is wrong: the request waits.
 DEPENDENCY_ERRORS: tuple[type[ZanddError], ...] = (VaultUnavailable, TpmUnavailable)
-_AMQP_FAILURES = (AMQPError, ChannelInvalidStateError, ConnectionError)
 #: How long a throttled refusal's reply is held (see the module docstring).
 THROTTLE_HOLD_S = 1.0
 #: Beyond this many held replies (a producer that does not wait for them), reply at once.
@@ -157,10 +163,65 @@ class _Abandoned(Exception):
     """A request this worker leaves unsettled, so the broker gives it to another."""
 
 
+@dataclass(frozen=True, slots=True)
+class WorkQueue:
+    """The queue to consume, as the broker names it, and how its direct reply-to names start."""
+
+    name: str
+    #: None when the broker minted no direct reply-to name: no direct reply-to is served.
+    direct_reply_node: str | None
+
+
+#: Declares (or looks up) the work queue for a new session; a ``TRANSPORT_FAILURES`` is retried.
+ResolveQueue = Callable[[], Awaitable[WorkQueue]]
+
+
+def lean_connect(amqp_url: str, *, name: str, max_body_bytes: int) -> Connect:
+    """The lean connection (``contracts/wire.py``) to ``amqp_url``, as a runtime's transport."""
+
+    async def connect() -> Transport:
+        return await Wire.connect(amqp_url, connection_name=name, max_body_bytes=max_body_bytes)
+
+    return connect
+
+
+def transport_connect(kind: str, amqp_url: str, *, name: str, max_body_bytes: int) -> Connect:
+    """``lean_connect`` (``kind`` ``lean``), or the aiormq transport (``aiormq``)."""
+    if kind == "lean":
+        return lean_connect(amqp_url, name=name, max_body_bytes=max_body_bytes)
+    if kind != "aiormq":
+        raise ConfigurationError(f"unknown transport {kind!r}: lean or aiormq")
+
+    async def connect() -> Transport:
+        return await AiormqTransport.connect(
+            amqp_url, connection_name=name, max_body_bytes=max_body_bytes
+        )
+
+    return connect
+
+
+def topology_queue(amqp_url: str, queue: str, *, name: str, declare: bool) -> ResolveQueue:
+    """``queue`` (a ``contracts.topology`` key), its topology declared on a connection of its own.
+
+    Least-privilege deployments declare the topology once (ops/rabbitmq/definitions.json)
+    and give workers no configure rights: with ``declare=False`` they only look it up.
+    """
+
+    async def resolve() -> WorkQueue:
+        connection = await connect_plain(amqp_url, connection_name=f"{name}/topology")
+        async with connection:
+            channel = await connection.channel()
+            topology = await (declare_topology if declare else bind_topology)(channel)
+            node = await learn_direct_reply_node(connection)
+            return WorkQueue(topology.queues[queue].name, node)
+
+    return resolve
+
+
 class _Session:
     """One connection's worth of state; a reconnect makes a new one."""
 
-    def __init__(self, wire: Wire, queue: str) -> None:
+    def __init__(self, wire: Transport, queue: str) -> None:
         self.wire = wire
         self.acks = AckBatcher(wire)
         self.queue = queue
@@ -175,7 +236,6 @@ class ConsumerRuntime:
     def __init__(
         self,
         *,
-        amqp_url: str,
         queue: str,
         handlers: Mapping[Operation, Handler],
         prefetch: int,
@@ -188,8 +248,23 @@ class ConsumerRuntime:
         metrics: Metrics | None = None,
         declare: bool = True,
         admission: Admission | None = None,
+        amqp_url: str | None = None,
+        connect: Connect | None = None,
+        resolve_queue: ResolveQueue | None = None,
     ) -> None:
-        self._amqp_url = amqp_url
+        """``connect`` and ``resolve_queue`` default to ``lean_connect`` and ``topology_queue``
+        on ``amqp_url`` (give either the URL or both)."""
+        if connect is None or resolve_queue is None:
+            if amqp_url is None:
+                raise TypeError("ConsumerRuntime needs amqp_url, or connect and resolve_queue")
+            connect = connect or lean_connect(
+                amqp_url, name=name, max_body_bytes=limits.max_body_bytes
+            )
+            resolve_queue = resolve_queue or topology_queue(
+                amqp_url, queue, name=name, declare=declare
+            )
+        self._connect = connect
+        self._resolve_queue = resolve_queue
         self._queue = queue
         self._handlers = dict(handlers)
         self._prefetch = prefetch
@@ -200,7 +275,6 @@ class ConsumerRuntime:
         self._max_backoff_s = max_backoff_s
         self._audit = audit
         self._metrics = metrics if metrics is not None else Metrics()
-        self._declare = declare
         self._admission = admission
         self._in_flight: set[asyncio.Task[None]] = set()
         #: How this broker's direct reply-to names start: learned from it, never from a request.
@@ -232,44 +306,25 @@ class ConsumerRuntime:
             self._serve_session,
             stop=stop,
             what=f"{self._name}: reconnecting to the broker",
-            retry_on=(BrokerUnavailable, *_AMQP_FAILURES),
+            retry_on=(BrokerUnavailable, *TRANSPORT_FAILURES),
             max_delay_s=self._max_backoff_s,
         )
 
     async def _open_session(self) -> _Session:
-        """Declare (or look up) the topology, then connect the lean connection and set QoS."""
-        queue = await self._work_queue()
-        wire = await Wire.connect(
-            self._amqp_url,
-            connection_name=self._name,
-            max_body_bytes=self._limits.max_body_bytes,
-        )
+        """Declare (or look up) the topology, then connect the transport and set QoS."""
+        queue = await self._resolve_queue()
+        if queue.direct_reply_node is None:
+            log.warning("%s: the broker minted no direct reply-to name: none is served", self._name)
+        else:
+            self._reply_nodes.add(queue.direct_reply_node)
+        wire = await self._connect()
         try:
             # Per-consumer QoS: global QoS on a quorum queue closes the connection.
             await wire.qos(self._prefetch)
         except BaseException:
             await wire.close()
             raise
-        return _Session(wire, queue)
-
-    async def _work_queue(self) -> str:
-        """The name of the queue to consume, its topology declared on a connection of its own.
-
-        Least-privilege deployments declare the topology once (ops/rabbitmq/definitions.json)
-        and give workers no configure rights: they only look it up.
-        """
-        connection = await connect_plain(self._amqp_url, connection_name=f"{self._name}/topology")
-        async with connection:
-            channel = await connection.channel()
-            topology = await (declare_topology if self._declare else bind_topology)(channel)
-            node = await learn_direct_reply_node(connection)
-            if node is None:
-                log.warning(
-                    "%s: the broker minted no direct reply-to name: none is served", self._name
-                )
-            else:
-                self._reply_nodes.add(node)
-            return topology.queues[self._queue].name
+        return _Session(wire, queue.name)
 
     async def _serve_session(self, session: _Session) -> None:
         try:
@@ -287,7 +342,7 @@ class ConsumerRuntime:
             await self._drain()
             self._release_held()
             session.acks.flush()
-        except _AMQP_FAILURES as exc:
+        except TRANSPORT_FAILURES as exc:
             log.warning("%s lost the broker (%s)", self._name, exc)
             self._abandon_in_flight()
         finally:
@@ -358,7 +413,7 @@ class ConsumerRuntime:
                 outcome.label,
                 time.perf_counter() - started_s,
             )
-        except _AMQP_FAILURES as exc:
+        except TRANSPORT_FAILURES as exc:
             # A reply not handed to the broker is not acked: the broker redelivers the request.
             log.warning("request %s not settled (%s): left for redelivery", message.message_id, exc)
         except _Abandoned:
@@ -367,7 +422,7 @@ class ConsumerRuntime:
     async def _settle(self, session: _Session, message: Delivery, outcome: _Outcome) -> None:
         """Reply, then ack — or dead-letter what nobody can be told about."""
         if session.lost.is_set():
-            raise WireClosed("the connection that delivered this request is gone")
+            raise TransportClosed("the connection that delivered this request is gone")
         # A reply_to the producer could not read itself gets nothing (see contracts/replyto.py),
         # and nothing is answered before its audit entry is written.
         refused = isinstance(outcome.error, ReplyToRefused)
@@ -449,7 +504,7 @@ class ConsumerRuntime:
             if not session.lost.is_set():
                 try:
                     self._reply(session, reply_to, message, outcome)
-                except WireClosed:
+                except TransportClosed:
                     return  # the caller's timeout covers a refusal lost with its connection
 
         handle = asyncio.get_running_loop().call_later(outcome.hold_s, release)
@@ -569,7 +624,7 @@ class ConsumerRuntime:
         if session is not None:
             try:
                 await self._cancel_consumer(session)
-            except _AMQP_FAILURES:
+            except TRANSPORT_FAILURES:
                 session.wire.drop("cancelling the consumer failed")
         await retry_until_stopped(
             self._probe,
@@ -581,7 +636,7 @@ class ConsumerRuntime:
             return
         try:
             await self._consume(session)
-        except _AMQP_FAILURES:
+        except TRANSPORT_FAILURES:
             session.wire.drop("consuming again failed")
             return
         log.info("%s resumes consuming %s", self._name, self._queue)

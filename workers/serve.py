@@ -33,7 +33,15 @@ from workers.probes import vault_answers
 from workers.quotas import Quotas, follow_consumers
 from workers.ringsetup import accept, describe, load_ring
 from workers.ringwatch import RingWatch
-from workers.runtime import Admission, AuditHook, ConsumerRuntime, Handler, Probe
+from workers.runtime import (
+    Admission,
+    AuditHook,
+    ConsumerRuntime,
+    Handler,
+    Probe,
+    topology_queue,
+    transport_connect,
+)
 
 if TYPE_CHECKING:
     from workers.keygen.session import TpmSession
@@ -206,22 +214,48 @@ async def _serve(settings: Settings, worker: Worker, prefetch: int, metrics: Met
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    runtime = ConsumerRuntime(
-        amqp_url=settings.amqp_url,
+    runtime = build_runtime(settings, worker, prefetch=prefetch, metrics=metrics)
+    await runtime.run(stop)
+
+
+def build_runtime(
+    settings: Settings,
+    worker: Worker,
+    *,
+    prefetch: int,
+    metrics: Metrics,
+    name: str | None = None,
+    handlers: Mapping[Operation, Handler] | None = None,
+) -> ConsumerRuntime:
+    """The consumer runtime for ``worker``, wired as every worker runs it (and the test fleet).
+
+    Its probe, audit hook, admission, metrics and backoff come from ``worker`` and
+    ``settings``; ``name`` (the connection name) and ``handlers`` (wrapped, say, to count what
+    each worker served) may be overridden.
+    """
+    name = name or "zandd-" + worker.queue.removeprefix("zandd.")
+    return ConsumerRuntime(
         queue=worker.queue,
-        handlers=worker.handlers,
+        handlers=worker.handlers if handlers is None else handlers,
         prefetch=prefetch,
         limits=settings.limits,
         drain_timeout_s=settings.drain_timeout_s,
         max_backoff_s=settings.max_backoff_s,
-        name="zandd-" + worker.queue.removeprefix("zandd."),
+        name=name,
         probe=worker.probe,
         audit=worker.audit,
-        declare=settings.declare_topology,
         metrics=metrics,
         admission=worker.admission,
+        connect=transport_connect(
+            settings.transport,
+            settings.amqp_url,
+            name=name,
+            max_body_bytes=settings.limits.max_body_bytes,
+        ),
+        resolve_queue=topology_queue(
+            settings.amqp_url, worker.queue, name=name, declare=settings.declare_topology
+        ),
     )
-    await runtime.run(stop)
 
 
 def _harden(settings: Settings) -> None:

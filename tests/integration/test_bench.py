@@ -77,8 +77,11 @@ async def test_own_fleet_per_size_reports_every_field_and_scaling(amqp_url: str)
     code, out, err = await zandd_bench("--signers", "1,2", *TINY_RUN, amqp_url=amqp_url)
     assert code == 0, err
     document = json.loads(out)
-    assert set(document) == {*FIELDS, "signers", "scaling"}
+    assert set(document) == {*FIELDS, "signers", "scaling", "sign_other_transport"}
     assert_positive_fields(document, FIELDS)
+    other = document["sign_other_transport"]
+    assert other.pop("transport") == "aiormq", "the targets stay on the default (lean) transport"
+    assert_positive_fields({"sign": other}, {"sign": {"rps", "p50_ms", "p99_ms"}})
     assert document["signers"] == 1
     assert document["batch"]["items_per_message"] == 100
     assert [entry["signers"] for entry in document["scaling"]] == [1, 2]

@@ -8,6 +8,7 @@ socket splits them, and what the connection writes is decoded by pamqp.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import struct
 from collections.abc import AsyncIterator
@@ -26,17 +27,38 @@ from pamqp.encode import field_table as encode_table
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
-from contracts.errors import BrokerUnavailable, ConfigurationError
+from contracts.errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    InvalidRequest,
+    TransportClosed,
+)
 from contracts.wire import (
     Delivery,
     Endpoint,
     Properties,
     Wire,
+    WireBlocked,
     WireClosed,
     WireProtocolError,
     WireRefused,
 )
 from tests.poison import POISON_HEADERS
+
+#: A throwaway self-signed CA certificate (its key was never kept): for ``cadata``.
+_A_CA_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBhjCCAS2gAwIBAgIUFQ6Dct3z1rfJucwLQESsV/uzId0wCgYIKoZIzj0EAwIw
+GDEWMBQGA1UEAwwNemFuZGQtdGVzdC1jYTAgFw0yNjExMjkyMTI3NDNaGA8yMTI2
+MTEwNTIxMjc0M1owGDEWMBQGA1UEAwwNemFuZGQtdGVzdC1jYTBZMBMGByqGSM49
+AgEGCCqGSM49AwEHA0IABDv0pild2uTkRKUomd9ifUIHST0vofyWnZUa+DLoaMuv
+qAkCb9+Ls7FJugI3rT8y5TNnpF/1mn52nXgFnA5vcH2jUzBRMB0GA1UdDgQWBBT0
+TPDf3W8cGmHZA4gRI1NbyeoQmzAfBgNVHSMEGDAWgBT0TPDf3W8cGmHZA4gRI1Nb
+yeoQmzAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0cAMEQCIDeJye+w4Tt/
+D+SlfCSTBs3f88ZAHYsp09MC67Q06KfgAiAB96KekAdzRVzzi8mkx65sV0MUzhch
+vdSkLUGbN9K2LA==
+-----END CERTIFICATE-----
+"""
 
 FRAME_MAX = 4096
 
@@ -70,8 +92,15 @@ class _Transport:
         return decoded
 
 
-async def _wire(*, frame_max: int = FRAME_MAX) -> tuple[Wire, _Transport, list[Delivery]]:
-    wire = Wire(Endpoint.of("amqp://u:p@localhost/v"), connection_name="test", heartbeat_s=0)
+async def _wire(
+    *, frame_max: int = FRAME_MAX, blocked_timeout_s: float = 30.0
+) -> tuple[Wire, _Transport, list[Delivery]]:
+    wire = Wire(
+        Endpoint.of("amqp://u:p@localhost/v"),
+        connection_name="test",
+        heartbeat_s=0,
+        blocked_timeout_s=blocked_timeout_s,
+    )
     transport = _Transport()
     wire.connection_made(transport)  # type: ignore[arg-type]
     # As after the handshake: nothing awaits connection.start; tune settled the frame size.
@@ -596,3 +625,89 @@ async def test_any_bytes_end_in_deliveries_defects_or_a_protocol_error(
         assert isinstance(wire.reason, WireProtocolError | WireRefused | WireClosed)
         if type(wire.reason) is WireClosed:
             assert str(wire.reason).startswith("the broker"), repr(wire.reason)
+
+
+def test_a_short_string_over_255_bytes_is_an_invalid_request_not_a_bare_value_error() -> None:
+    # SigningClient.create_key puts the caller's request_id in message_id/correlation_id.
+    properties = Properties(message_id="r" * 256)
+    with pytest.raises(InvalidRequest, match="at most 255 bytes"):
+        properties.encode()
+
+
+def test_a_lost_connection_is_a_retryable_zandd_error() -> None:
+    closed = WireClosed("the broker closed the channel: 404 NOT_FOUND", 404)
+    assert isinstance(closed, TransportClosed)
+    assert isinstance(closed, BrokerUnavailable)
+    assert isinstance(closed, ConnectionError)
+    assert closed.retryable
+    assert closed.reply_code == 404
+    assert str(closed) == "the broker closed the channel: 404 NOT_FOUND"
+
+
+def test_the_url_s_auth_and_cadata_options_are_aiormq_s_not_ignored() -> None:
+    # Before: auth=external was ignored and the connection logged in as guest/guest.
+    der = ssl.PEM_cert_to_DER_cert(_A_CA_PEM)
+    url = "amqps://localhost/?auth=external&cadata=" + base64.b64encode(der).decode()
+    endpoint = Endpoint.of(url.replace("+", "%2B"))
+    assert endpoint.mechanism == "EXTERNAL"
+    assert endpoint.cadata == der
+    context = endpoint.ssl_context()
+    assert context is not None
+    assert context.cert_store_stats()["x509_ca"] == 1
+    assert Endpoint.of("amqp://localhost/").mechanism == "PLAIN"
+    with pytest.raises(ConfigurationError, match="auth must be plain or external"):
+        Endpoint.of("amqp://localhost/?auth=kerberos")
+    with pytest.raises(ConfigurationError, match="cadata must be base64"):
+        Endpoint.of("amqps://localhost/?cadata=%21%21")
+
+
+async def test_auth_external_logs_in_by_certificate_not_as_guest() -> None:
+    start_oks: list[commands.Connection.StartOk] = []
+
+    async def broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(8)  # the protocol header
+        start = commands.Connection.Start(mechanisms="PLAIN EXTERNAL", locales="en_US")
+        writer.write(frame.marshal(start, 0))
+        raw = await reader.readuntil(b"\xce")
+        _consumed, _channel, start_ok = frame.unmarshal(raw)
+        assert isinstance(start_ok, commands.Connection.StartOk)
+        start_oks.append(start_ok)
+        writer.close()
+
+    server = await asyncio.start_server(broker, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(BrokerUnavailable):
+            await Wire.connect(
+                f"amqp://127.0.0.1:{port}/?auth=external", connection_name="test", timeout_s=2
+            )
+    assert [(ok.mechanism, ok.response) for ok in start_oks] == [("EXTERNAL", "")]
+
+
+async def test_a_blocked_connection_holds_its_writes_in_order_until_unblocked() -> None:
+    wire, transport, _deliveries = await _wire()
+    wire.data_received(frame.marshal(commands.Connection.Blocked(reason="low on memory"), 0))
+    wire.publish(b"{}", Properties(correlation_id="r-1"), routing_key="amq.gen-caller")
+    wire.ack(7)
+    await asyncio.sleep(0.01)
+    assert wire.blocked
+    assert transport.written == b"", "nothing written while the broker blocks the connection"
+    wire.data_received(frame.marshal(commands.Connection.Unblocked(), 0))
+    await asyncio.sleep(0.01)
+    kinds = [type(value).__name__ for _channel, value in transport.frames()]
+    assert kinds == ["Publish", "ContentHeader", "ContentBody", "Ack"]
+    assert not wire.lost.is_set()
+
+
+async def test_a_connection_blocked_too_long_is_dropped_with_a_typed_retryable_error() -> None:
+    wire, _transport, _deliveries = await _wire(blocked_timeout_s=0.05)
+    wire._confirms = {}  # as after confirm.select
+    confirmed = wire.publish(b"{}", Properties(), routing_key="sign", exchange="zandd")
+    assert confirmed is not None
+    wire.data_received(frame.marshal(commands.Connection.Blocked(reason="disk alarm"), 0))
+    with pytest.raises(WireBlocked, match=r"blocked publishing for over 0\.05 s") as raised:
+        await asyncio.wait_for(confirmed, 5)
+    assert isinstance(raised.value, TransportClosed)
+    assert raised.value.retryable
+    assert wire.lost.is_set()
+    assert isinstance(wire.reason, WireBlocked)

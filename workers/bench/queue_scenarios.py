@@ -113,6 +113,28 @@ async def measure_fleet(
     return FleetResults(signers, echo_run, echo_serial, sign_run, sign_serial, batch)
 
 
+async def measure_sign(
+    amqp_url: str, signers: int, timing: Timing, progress: Progress, name: str
+) -> Run:
+    """``sign`` alone, at the same concurrency as in :func:`measure_fleet` (``name`` labels it)."""
+    digest = os.urandom(32)
+    async with await SigningClient.connect(amqp_url) as client:
+        key = await client.create_key(label=_BENCH_LABEL)
+
+        async def sign() -> object:
+            return await client.sign(key.key_id, digest=digest)
+
+        run = await measured(
+            f"{name} [{signers} signer{'s' if signers > 1 else ''}]",
+            sign,
+            timing.load(CONCURRENCY),
+            timing.warmup(CONCURRENCY),
+            progress,
+        )
+    progress.end(f"{_throughput(run, 'req/s')}")
+    return run
+
+
 async def measure_keygen(amqp_url: str, max_keys: int, timing: Timing, progress: Progress) -> Run:
     """``key.create`` one after the other, at most ``max_keys`` of them (they stay in the vault)."""
     async with await SigningClient.connect(amqp_url) as client:

@@ -39,6 +39,9 @@ class BenchReport:
     fleets: tuple[FleetResults, ...]
     keygen: Run
     in_process: InProcessResults
+    #: ``sign`` again with the workers on the other transport (``ZANDD_TRANSPORT``): its name
+    #: and run; None with ``--attach`` (the running fleet's transport is what it is).
+    other_transport: tuple[str, Run] | None = None
 
     @property
     def first(self) -> FleetResults:
@@ -63,6 +66,9 @@ class BenchReport:
             "crypto_limit": {"signatures_per_s": _rate(local.crypto_limit.per_s)},
             "signers": self.first.signers,
         }
+        if self.other_transport is not None:
+            name, run = self.other_transport
+            document["sign_other_transport"] = {"transport": name, **_throughput_json(run)}
         if len(self.fleets) > 1:
             document["scaling"] = [
                 {"signers": fleet.signers, **_fleet_json(fleet)} for fleet in self.fleets
@@ -159,6 +165,20 @@ def _fleet_rows(fleet: FleetResults) -> list[str]:
     ]
 
 
+def _other_transport_rows(report: BenchReport) -> list[str]:
+    if report.other_transport is None:
+        return []
+    name, run = report.other_transport
+    return [
+        _row(
+            f"sign ({name})",
+            _plural(report.first.signers, "signer"),
+            f"{run.per_s:,.0f} req/s",
+            run,
+        )
+    ]
+
+
 def render_table(report: BenchReport) -> str:
     """The human-readable report: scenarios, scaling, targets."""
     local = report.in_process
@@ -168,6 +188,7 @@ def render_table(report: BenchReport) -> str:
         "",
         f"{'scenario':<15} {'where':<14} {'rate':>24} {'p50 ms':>9} {'p99 ms':>9}",
         *_fleet_rows(report.first),
+        *_other_transport_rows(report),
         _row("keygen", "keygen worker", f"{report.keygen.per_s:,.1f} keys/s", report.keygen),
         _row("crypto_limit", "in process", f"{local.crypto_limit.per_s:,.0f} sign+verify/s", None),
         _row("hybrid", "in process", f"{local.hybrid.per_s:,.0f} ops/s", local.hybrid),

@@ -14,6 +14,7 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from contracts.amqp import connect
 from contracts.errors import BrokerUnavailable
 from contracts.urls import redact_url
+from vault.kek import KekRing
 from workers.bench.environment import (
     attached_signers,
     bench_settings,
@@ -25,7 +26,12 @@ from workers.bench.environment import (
 from workers.bench.in_process import measure_in_process
 from workers.bench.measure import Run, Timing
 from workers.bench.progress import Progress
-from workers.bench.queue_scenarios import FleetResults, measure_fleet, measure_keygen
+from workers.bench.queue_scenarios import (
+    FleetResults,
+    measure_fleet,
+    measure_keygen,
+    measure_sign,
+)
 from workers.bench.report import BenchReport
 from workers.config import Settings
 from workers.fleet import ensure_kek_ring
@@ -92,6 +98,11 @@ async def _run(settings: Settings, options: BenchOptions, progress: Progress) ->
                     keygen = await measure_keygen(
                         amqp_url, options.max_keys, options.timing, progress
                     )
+        other = None
+        if not options.attach:
+            other = await _sign_on_other_transport(
+                local, tcti, signer_counts[0], options, progress, ring
+            )
         progress.note("done; cleaning up")
     assert keygen is not None  # signer_counts is never empty
     return BenchReport(
@@ -101,4 +112,23 @@ async def _run(settings: Settings, options: BenchOptions, progress: Progress) ->
         fleets=tuple(fleets),
         keygen=keygen,
         in_process=in_process,
+        other_transport=other,
     )
+
+
+async def _sign_on_other_transport(
+    local: Settings,
+    tcti: str,
+    signers: int,
+    options: BenchOptions,
+    progress: Progress,
+    ring: KekRing,
+) -> tuple[str, Run]:
+    """``sign`` once more, the workers on the transport the targets are not measured on."""
+    other = "aiormq" if local.transport == "lean" else "lean"
+    settings = local.model_copy(update={"transport": other})
+    async with running_fleet(settings, tcti, signers, progress, ring):
+        run = await measure_sign(
+            local.amqp_url, signers, options.timing, progress, f"sign ({other})"
+        )
+    return other, run

@@ -1,0 +1,195 @@
+"""An in-memory ``contracts.transport.Transport``: the consumer runtime without a broker.
+
+It keeps what a test needs to see: the frames the runtime wrote, in the order the broker
+would read them (queued writes go out together at the end of the event loop's turn, the
+before-flush callbacks' frames — the coalesced acks — first queued after the turn's replies,
+as on the lean connection), and whether the runtime consumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from contracts.errors import TransportClosed
+from contracts.transport import Delivery, DeliveryCallback, Properties, Transport
+from workers.runtime import WorkQueue
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One write: ``publish`` (to ``routing_key``), ``ack`` or ``reject`` (of ``tag``)."""
+
+    kind: str
+    tag: int = 0
+    flag: bool = False
+    routing_key: str = ""
+    body: bytes = b""
+    properties: Properties | None = None
+
+
+class MemoryTransport:
+    """One connection of a ``MemoryBroker``."""
+
+    def __init__(self, changed: asyncio.Event) -> None:
+        #: Set on every write the broker reads and every change of consumer or connection.
+        self.changed = changed
+        self._lost = asyncio.Event()
+        self._reason: TransportClosed | None = None
+        self.frames: list[Frame] = []
+        #: Every write as the runtime made it (``frames`` has them as the broker reads them).
+        self.calls: list[str] = []
+        self.prefetch: int | None = None
+        self.consuming: str | None = None
+        self.closed = False
+        self._on_delivery: DeliveryCallback | None = None
+        self._out: list[Frame] = []
+        self._before_flush: list[Callable[[], None]] = []
+        self._flush_scheduled = False
+        self._tags = itertools.count(1)
+
+    @property
+    def lost(self) -> asyncio.Event:
+        """Set when the connection is gone."""
+        return self._lost
+
+    @property
+    def reason(self) -> TransportClosed | None:
+        """Why it is gone."""
+        return self._reason
+
+    # -- what the test does -----------------------------------------------------------------
+
+    def deliver(self, delivery: Delivery) -> None:
+        """The broker hands the consumer a message."""
+        assert self._on_delivery is not None, "nobody consumes"
+        assert self.consuming, "the consumer was cancelled"
+        self._on_delivery(delivery)
+
+    def settled(self, tag: int) -> Frame | None:
+        """The ack (possibly ``multiple``) or reject that settled ``tag``, if any."""
+        for written in self.frames:
+            if written.kind == "reject" and written.tag == tag:
+                return written
+            if written.kind == "ack" and (
+                written.tag == tag or (written.flag and written.tag > tag)
+            ):
+                return written
+        return None
+
+    # -- the Transport ------------------------------------------------------------------
+
+    async def qos(self, prefetch_count: int) -> None:
+        self._check_open()
+        self.prefetch = prefetch_count
+
+    async def consume(self, queue: str, on_delivery: DeliveryCallback) -> str:
+        self._check_open()
+        self._on_delivery = on_delivery
+        self.consuming = f"ctag-{next(self._tags)}"
+        self.changed.set()
+        return self.consuming
+
+    async def cancel(self, consumer_tag: str) -> None:
+        self._check_open()
+        assert consumer_tag == self.consuming
+        self.consuming = None
+        self.changed.set()
+
+    def publish(
+        self,
+        body: bytes,
+        properties: Properties,
+        *,
+        routing_key: str,
+        exchange: str = "",
+        mandatory: bool = False,
+    ) -> asyncio.Future[bool] | None:
+        self._queue(Frame("publish", routing_key=routing_key, body=body, properties=properties))
+        return None
+
+    def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
+        self._queue(Frame("ack", delivery_tag, multiple))
+
+    def reject(self, delivery_tag: int, *, requeue: bool) -> None:
+        self._queue(Frame("reject", delivery_tag, requeue))
+
+    def before_flush(self, callback: Callable[[], None]) -> None:
+        self._before_flush.append(callback)
+        self._schedule_flush()
+
+    def drop(self, reason: str) -> None:
+        if self._lost.is_set():
+            return
+        self._reason = TransportClosed(reason)
+        self._out.clear()
+        self.consuming = None
+        self._lost.set()
+        self.changed.set()
+
+    async def close(self) -> None:
+        if not self._lost.is_set():
+            self._flush()
+        self.closed = True
+        self.drop("closed by the worker")
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._lost.is_set():
+            raise TransportClosed("the connection is gone")
+
+    def _queue(self, written: Frame) -> None:
+        self._check_open()
+        self.calls.append(written.kind)
+        self._out.append(written)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        while self._before_flush:
+            self._before_flush.pop(0)()
+        if not self._lost.is_set():
+            self.frames.extend(self._out)
+        self._out.clear()
+        self.changed.set()
+
+
+@dataclass
+class MemoryBroker:
+    """Hands out ``MemoryTransport``s: the runtime's ``connect``; ``queue`` its resolution."""
+
+    queue: str = "zandd.sign"
+    connections: list[MemoryTransport] = field(default_factory=list)
+    #: Set whenever any of its connections changes (or a new one is made).
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def connect(self) -> Transport:
+        transport = MemoryTransport(self.changed)
+        self.connections.append(transport)
+        self.changed.set()
+        return transport
+
+    async def until(self, condition: Callable[[], bool], what: str) -> None:
+        """Wait until ``condition()`` holds (re-checked on every change), at most 10 s."""
+        # A generous bound: it only keeps a broken runtime from hanging the test.
+        async with asyncio.timeout(10):
+            while not condition():
+                self.changed.clear()
+                await self.changed.wait()
+        assert condition(), what
+
+    async def resolve_queue(self) -> WorkQueue:
+        return WorkQueue(self.queue, direct_reply_node=None)
+
+    @property
+    def current(self) -> MemoryTransport:
+        """The latest connection."""
+        return self.connections[-1]
