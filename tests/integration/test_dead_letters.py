@@ -21,7 +21,7 @@ from contracts.topology import (
     declare_topology,
 )
 from tests.conftest import RunningFleet
-from tests.poison import POISON_HEADERS, publish_poison
+from tests.support.poison import POISON_HEADERS, publish_poison
 from workers.dead import DeadLetterQueue
 
 pytestmark = pytest.mark.rabbitmq

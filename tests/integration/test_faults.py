@@ -39,8 +39,8 @@ from contracts.models import ErrorReply, SignReply
 from contracts.topology import DEAD_LETTER_QUEUE, EXCHANGE, KEYGEN_QUEUE, SIGN_QUEUE
 from contracts.wire import Delivery, Properties, Wire
 from tests.conftest import RunningFleet
-from tests.poison import POISON_HEADERS, publish_poison
-from tests.producers import producer_users, rabbitmqctl
+from tests.support.poison import POISON_HEADERS, publish_poison
+from tests.support.producers import producer_users, rabbitmqctl
 from vault.kek import KekRing
 from vault.store import open_store
 from workers.dead import DeadLetterQueue

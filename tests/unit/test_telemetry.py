@@ -19,7 +19,7 @@ from pamqp import commands, frame, header
 
 from contracts.errors import ConfigurationError, KeyNotFound, VaultUnavailable
 from contracts.tracing import extract, mark_failed, producer_destination, producer_span
-from tests.spans import by_name, memory_exporter
+from tests.support.spans import by_name, memory_exporter
 from workers.logs import current_trace_id
 from workers.metrics import Metrics
 from workers.telemetry import (

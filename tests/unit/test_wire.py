@@ -36,7 +36,7 @@ from contracts.wire import (
     WireProtocolError,
     WireRefused,
 )
-from tests.poison import POISON_HEADERS
+from tests.support.poison import POISON_HEADERS
 
 FRAME_MAX = 4096
 
