@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import shutil
-import subprocess
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
-from contextlib import AsyncExitStack, contextmanager
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,11 +16,11 @@ from typing import Any
 
 import aio_pika
 import pytest
-from yarl import URL
 
 from contracts.client import SigningClient
 from contracts.operations import Operation
 from contracts.topology import declare_topology
+from tests.support.broker import private_vhost
 from vault.kek import KekRing
 from vault.store import VaultStore, open_store
 from workers.config import Settings
@@ -40,30 +38,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # -- RabbitMQ: a private vhost per test module -----------------------------------------------
-
-BASE_AMQP_URL = os.environ.get("ZANDD_TEST_AMQP_URL", "amqp://guest:guest@localhost:5672/")
-
-
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
-@contextmanager
-def private_vhost() -> Iterator[str]:
-    """A vhost of our own on the test broker, removed afterwards; yields its AMQP URL."""
-    if shutil.which("rabbitmqctl") is None:
-        pytest.fail("rabbitmqctl is needed to create a test vhost (run the tests through ops/test)")
-    vhost = f"zandd-test-{uuid.uuid4().hex[:12]}"
-    user = URL(BASE_AMQP_URL).user or "guest"
-    try:
-        _rabbitmqctl("add_vhost", vhost)
-        _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-    except subprocess.CalledProcessError as exc:
-        pytest.fail(f"cannot create a test vhost: {exc.stderr.decode(errors='replace').strip()}")
-    try:
-        yield str(URL(BASE_AMQP_URL).with_path("/" + vhost))
-    finally:
-        _rabbitmqctl("delete_vhost", vhost)
 
 
 @pytest.fixture(scope="module")

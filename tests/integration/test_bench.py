@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import RunningFleet
+from tests.support.broker import rabbitmqctl
 from workers.bench.in_process import InProcessResults
 from workers.bench.measure import Run
 from workers.bench.queue_scenarios import FleetResults
@@ -63,13 +64,6 @@ def assert_positive_fields(document: dict[str, Any], fields: dict[str, set[str]]
             assert value > 0, f"{scenario}.{name} = {value}"
 
 
-def rabbitmqctl_lines(*args: str) -> list[str]:
-    result = subprocess.run(
-        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60
-    )
-    return result.stdout.split()
-
-
 @pytest.mark.rabbitmq
 @pytest.mark.tpm
 @pytest.mark.timeout(300)
@@ -89,7 +83,7 @@ async def test_own_fleet_per_size_reports_every_field_and_scaling(amqp_url: str)
 
     created = re.search(r"created the vhost (zandd-bench-[0-9a-f]+)", err)
     assert created is not None, err
-    assert created.group(1) not in rabbitmqctl_lines("list_vhosts", "name")
+    assert created.group(1) not in rabbitmqctl("list_vhosts", "name").split()
     assert "Traceback" not in err
 
 
@@ -105,7 +99,7 @@ async def test_attach_measures_the_running_fleet(fleet: RunningFleet) -> None:
     assert document["signers"] == len([name for name in fleet.runtimes if name != "keygen"])
     assert fleet.served.get("signer-1", 0) + fleet.served.get("signer-2", 0) > 0
     vhost = fleet.amqp_url.rsplit("/", 1)[1]
-    queues = rabbitmqctl_lines("list_queues", "-p", vhost, "name")
+    queues = rabbitmqctl("list_queues", "-p", vhost, "name").split()
     assert not [name for name in queues if name.startswith("zandd-bench")]
 
 

@@ -20,6 +20,7 @@ import pytest
 from yarl import URL
 
 from tests.conftest import RunningFleet
+from tests.support.broker import broker_users, full_permissions
 
 ZANDD = [sys.executable, "-m", "workers.cli"]
 
@@ -295,19 +296,9 @@ async def test_up_hardens_itself_before_it_creates_the_kek_ring(
 @pytest.fixture
 def passworded_url(empty_amqp_url: str) -> Iterator[str]:
     """A URL of a broker user of its own with a random password (unlike guest's, findable)."""
-    user, password = f"zt-up-{secrets.token_hex(4)}", secrets.token_hex(16)
-    vhost = URL(empty_amqp_url).path.removeprefix("/")
-    rabbitmqctl = ["rabbitmqctl", "-q"]
-    subprocess.run([*rabbitmqctl, "add_user", user, password], check=True, capture_output=True)
-    try:
-        subprocess.run(
-            [*rabbitmqctl, "set_permissions", "-p", vhost, user, ".*", ".*", ".*"],
-            check=True,
-            capture_output=True,
-        )
-        yield str(URL(empty_amqp_url).with_user(user).with_password(password))
-    finally:
-        subprocess.run([*rabbitmqctl, "delete_user", user], check=True, capture_output=True)
+    user = f"zt-up-{secrets.token_hex(4)}"
+    with broker_users(empty_amqp_url, [user], full_permissions) as urls:
+        yield urls[user]
 
 
 @pytest.mark.rabbitmq

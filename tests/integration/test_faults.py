@@ -39,8 +39,8 @@ from contracts.models import ErrorReply, SignReply
 from contracts.topology import DEAD_LETTER_QUEUE, EXCHANGE, KEYGEN_QUEUE, SIGN_QUEUE
 from contracts.wire import Delivery, Properties, Wire
 from tests.conftest import RunningFleet
+from tests.support.broker import producer_users, rabbitmqctl
 from tests.support.poison import POISON_HEADERS, publish_poison
-from tests.support.producers import producer_users, rabbitmqctl
 from vault.kek import KekRing
 from vault.store import open_store
 from workers.dead import DeadLetterQueue
@@ -224,13 +224,7 @@ def keygen_subscribers(amqp_url: str) -> int:
     """Active and waiting consumers of zandd.keygen (the queue's consumer count shows only the
     single active one)."""
     vhost = amqp_url.rsplit("/", 1)[-1]
-    listing = subprocess.run(
-        ["rabbitmqctl", "-q", "list_consumers", "-p", vhost, "queue_name"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
+    listing = rabbitmqctl("list_consumers", "-p", vhost, "queue_name")
     return sum(line.strip() == KEYGEN_QUEUE for line in listing.splitlines())
 
 

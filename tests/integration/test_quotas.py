@@ -17,7 +17,7 @@ import pytest
 from contracts.client import SigningClient
 from contracts.errors import Throttled, ZanddError
 from tests.conftest import RunningFleet
-from tests.support.producers import producer_users
+from tests.support.broker import producer_users
 from vault.audit import AuditQuery
 
 REQUESTS_PER_S = 10

@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import secrets
 import struct
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -21,13 +19,13 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
-from yarl import URL
 
 from contracts.client import SigningClient
-from contracts.replyto import DIRECT_REPLY_TO, producer_permissions
+from contracts.replyto import DIRECT_REPLY_TO
 from contracts.topology import DEAD_LETTER_QUEUE, EXCHANGE, KEYGEN_QUEUE, SIGN_QUEUE
 from tests.conftest import RunningFleet
 from tests.integration.test_security import audit_outcomes
+from tests.support.broker import broker_users
 from workers.dead import DeadLetterQueue
 
 SUFFIX = uuid.uuid4().hex[:8]
@@ -37,26 +35,11 @@ OTHER_APP_QUEUE = "billing.invoices"
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm]
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def users(amqp_url: str) -> Iterator[dict[str, str]]:
     """Alice and Bob, each with the documented producer permissions: name → AMQP URL."""
-    base = URL(amqp_url)
-    vhost = base.path.removeprefix("/")
-    urls: dict[str, str] = {}
-    try:
-        for name in (ALICE, BOB):
-            password = secrets.token_hex(16)
-            _rabbitmqctl("add_user", name, password)
-            urls[name] = str(base.with_user(name).with_password(password))
-            _rabbitmqctl("set_permissions", "-p", vhost, name, *producer_permissions(name))
+    with broker_users(amqp_url, (ALICE, BOB)) as urls:
         yield urls
-    finally:
-        for name in urls:
-            _rabbitmqctl("delete_user", name)
 
 
 class Producer:

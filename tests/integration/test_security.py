@@ -10,7 +10,6 @@ import asyncio
 import base64
 import hashlib
 import json
-import secrets
 import sqlite3
 import subprocess
 import sys
@@ -42,10 +41,10 @@ from contracts.models import (
     SignRequest,
 )
 from contracts.operations import Operation
-from contracts.replyto import producer_permissions
 from contracts.topology import EXCHANGE
 from tests.conftest import RunningFleet
 from tests.integration.test_cli import environment, zandd
+from tests.support.broker import broker_users
 from vault.audit import AuditQuery, verify_log
 from vault.audit_chain import ChainKeys
 from vault.rewrap import RewrapOutcome, rewrap
@@ -64,10 +63,6 @@ pytestmark = [
 ]
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def users(amqp_url: str) -> Iterator[dict[str, str]]:
     """Broker users with a producer's rights only, in this module's vhost: name → AMQP URL.
@@ -76,20 +71,8 @@ def users(amqp_url: str) -> Iterator[dict[str, str]]:
     documented ``producer_permissions``); it cannot read the work queues, bind to
     ``zandd.events`` or touch anything else.
     """
-    base = URL(amqp_url)
-    vhost = base.path.removeprefix("/")
-    urls: dict[str, str] = {}
-    try:
-        for name in (ALICE, BOB, CAROL, ADMIN):
-            # Hex: rabbitmqctl takes a password that starts with "-" for an option (exit 64).
-            password = secrets.token_hex(16)
-            _rabbitmqctl("add_user", name, password)
-            urls[name] = str(base.with_user(name).with_password(password))
-            _rabbitmqctl("set_permissions", "-p", vhost, name, *producer_permissions(name))
+    with broker_users(amqp_url, (ALICE, BOB, CAROL, ADMIN)) as urls:
         yield urls
-    finally:
-        for name in urls:
-            _rabbitmqctl("delete_user", name)
 
 
 @pytest.fixture
