@@ -23,8 +23,8 @@ from contracts.attestation import (
 )
 from contracts.crypto import load_public_key, public_key_pem
 from contracts.errors import IntegrityError
-from tests.conftest import RunningFleet
 from tests.integration.test_cli import environment, zandd
+from tests.support.fleet import RunningFleet
 from vault.record_mac import verify_record
 from workers.keygen import tpm as tpm_module
 from workers.keygen.attest import attestation_public_key

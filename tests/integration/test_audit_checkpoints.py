@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from contracts.models import AuditCheckpointEvent
 from contracts.operations import AUDIT_CHECKPOINT_EVENT
 from contracts.topology import EVENTS_EXCHANGE
-from tests.conftest import RunningFleet
 from tests.integration.test_cli import environment, zandd
+from tests.support.fleet import RunningFleet
 from tests.unit.test_audit_chain import event
 from vault.audit import AuditQuery
 from vault.audit_chain import ChainKeys

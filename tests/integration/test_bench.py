@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RunningFleet
 from tests.support.broker import rabbitmqctl
+from tests.support.fleet import RunningFleet
 from workers.bench.in_process import InProcessResults
 from workers.bench.measure import Run
 from workers.bench.queue_scenarios import FleetResults

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from yarl import URL
 
-from tests.conftest import RunningFleet
 from tests.support.broker import broker_users, full_permissions
+from tests.support.fleet import RunningFleet
 
 ZANDD = [sys.executable, "-m", "workers.cli"]
 

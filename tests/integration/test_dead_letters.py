@@ -20,7 +20,7 @@ from contracts.topology import (
     SIGN_QUEUE,
     declare_topology,
 )
-from tests.conftest import RunningFleet
+from tests.support.fleet import RunningFleet
 from tests.support.poison import POISON_HEADERS, publish_poison
 from workers.dead import DeadLetterQueue
 

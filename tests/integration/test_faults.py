@@ -38,8 +38,8 @@ from contracts.errors import ZanddError
 from contracts.models import ErrorReply, SignReply
 from contracts.topology import DEAD_LETTER_QUEUE, EXCHANGE, KEYGEN_QUEUE, SIGN_QUEUE
 from contracts.wire import Delivery, Properties, Wire
-from tests.conftest import RunningFleet
 from tests.support.broker import producer_users, rabbitmqctl
+from tests.support.fleet import RunningFleet
 from tests.support.poison import POISON_HEADERS, publish_poison
 from vault.kek import KekRing
 from vault.store import open_store

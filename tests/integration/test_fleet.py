@@ -19,7 +19,7 @@ from contracts.crypto import load_public_key, raw_to_der, verify_signature
 from contracts.errors import KeyNotFound
 from contracts.models import ErrorReply
 from contracts.topology import EXCHANGE
-from tests.conftest import RunningFleet
+from tests.support.fleet import RunningFleet
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm]
 

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from contracts.attestation import DUPLICATE_ONLY_POLICY
 from contracts.crypto import public_key_pem
-from tests.conftest import RunningFleet
 from tests.integration.test_attestation import fleet_attestation_key
+from tests.support.fleet import RunningFleet
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm, pytest.mark.interop]
 

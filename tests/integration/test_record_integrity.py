@@ -25,10 +25,10 @@ from contracts.crypto import public_key_der
 from contracts.errors import IntegrityError
 from contracts.models import SPECS, KeyPublicRequest, KeyState, KeyStateRequest, SignRequest
 from contracts.operations import Operation
-from tests.conftest import RunningFleet
 from tests.integration import test_security as security
 from tests.integration.test_cli import environment, zandd
 from tests.integration.test_security import ALICE, BOB, audit_outcomes, vault_file
+from tests.support.fleet import RunningFleet
 from vault.record_mac import verify_record
 from workers.runtime import ConsumerRuntime
 from workers.serve import signer_worker

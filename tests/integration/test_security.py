@@ -42,9 +42,9 @@ from contracts.models import (
 )
 from contracts.operations import Operation
 from contracts.topology import EXCHANGE
-from tests.conftest import RunningFleet
 from tests.integration.test_cli import environment, zandd
 from tests.support.broker import broker_users
+from tests.support.fleet import RunningFleet
 from vault.audit import AuditQuery, verify_log
 from vault.audit_chain import ChainKeys
 from vault.rewrap import RewrapOutcome, rewrap

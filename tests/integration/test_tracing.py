@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from contracts.topology import EXCHANGE, SIGN_QUEUE, declare_topology
 from contracts.tracing import producer_span
-from tests.conftest import RunningFleet
+from tests.support.fleet import RunningFleet
 from tests.support.spans import by_name, memory_exporter
 from workers.telemetry import Stage, consumer_span, stage
 
