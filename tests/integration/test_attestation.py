@@ -23,7 +23,7 @@ from contracts.attestation import (
 )
 from contracts.crypto import load_public_key, public_key_pem
 from contracts.errors import IntegrityError
-from tests.integration.test_cli import environment, zandd
+from tests.support.cli import environment, zandd
 from tests.support.fleet import RunningFleet
 from vault.record_mac import verify_record
 from workers.keygen import tpm as tpm_module

@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from contracts.models import AuditHeadEvent
 from contracts.operations import AUDIT_HEAD_EVENT
 from contracts.topology import EVENTS_EXCHANGE
-from tests.integration.test_cli import ZANDD, environment, zandd
+from tests.support.cli import ZANDD, environment, zandd
 from tests.support.fleet import RunningFleet
 from tests.unit.test_audit_chain import event
 from vault.audit import GENESIS, AuditQuery, link

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from contracts.models import AuditCheckpointEvent
 from contracts.operations import AUDIT_CHECKPOINT_EVENT
 from contracts.topology import EVENTS_EXCHANGE
-from tests.integration.test_cli import environment, zandd
+from tests.support.cli import environment, zandd
 from tests.support.fleet import RunningFleet
 from tests.unit.test_audit_chain import event
 from vault.audit import AuditQuery

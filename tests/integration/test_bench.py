@@ -6,24 +6,20 @@ number, and that the run leaves no vhost, queue or process behind.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import re
-import subprocess
-import sys
 from typing import Any
 
 import pytest
 
 from tests.support.broker import rabbitmqctl
+from tests.support.cli import environment, zandd
 from tests.support.fleet import RunningFleet
 from workers.bench.in_process import InProcessResults
 from workers.bench.measure import Run
 from workers.bench.queue_scenarios import FleetResults
 from workers.bench.report import BenchReport, render_table, targets
 
-ZANDD = [sys.executable, "-m", "workers.cli"]
 TINY_RUN = ("--json", "--duration-s", "0.3", "--warmup-s", "0.05", "--max-keys", "3")
 
 FLEET_FIELDS = {
@@ -45,14 +41,7 @@ FIELDS = {
 
 async def zandd_bench(*args: str, amqp_url: str) -> tuple[int, str, str]:
     """Run ``zandd bench`` without blocking the event loop (an in-process fleet may serve it)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZANDD_")}
-    env["ZANDD_AMQP_URL"] = amqp_url
-    process = await asyncio.create_subprocess_exec(
-        *ZANDD, "bench", *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 240)
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
+    return await zandd("bench", *args, env=environment(ZANDD_AMQP_URL=amqp_url), timeout_s=240)
 
 
 def assert_positive_fields(document: dict[str, Any], fields: dict[str, set[str]]) -> None:

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import secrets
 import signal
-import socket
 import stat
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,40 +17,9 @@ import pytest
 from yarl import URL
 
 from tests.support.broker import broker_users, full_permissions
+from tests.support.cli import ZANDD, environment, zandd
 from tests.support.fleet import RunningFleet
-
-ZANDD = [sys.executable, "-m", "workers.cli"]
-
-
-async def zandd(*args: str, env: dict[str, str], timeout_s: float = 60.0) -> tuple[int, str, str]:
-    """Run ``zandd`` without blocking the event loop (the in-process fleet must keep serving)."""
-    process = await asyncio.create_subprocess_exec(
-        *ZANDD, *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout_s)
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
-
-
-def environment(**values: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZANDD_")}
-    env.update(values)
-    return env
-
-
-def free_port_pair() -> int:
-    """A port P with P+1 free too (swtpm's server and control ports)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        with socket.socket() as second:
-            try:
-                second.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return int(port)
-    raise RuntimeError("no free port pair")
+from tests.support.net import free_port, free_port_pair, scrape
 
 
 @pytest.mark.rabbitmq
@@ -187,12 +153,6 @@ async def test_up_demo_proves_the_fleet_and_exits(empty_amqp_url: str, tmp_path:
     assert (tmp_path / "fleet" / "vault.db").exists()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.mark.rabbitmq
 @pytest.mark.tpm
 async def test_up_exports_traces_to_the_console_and_metrics_per_worker(
@@ -234,11 +194,6 @@ async def test_up_exports_traces_to_the_console_and_metrics_per_worker(
     assert '"name": "process zandd:sign:zandd.sign"' in err
     assert '"name": "zandd.sign"' in err
     assert up.returncode == 0
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return str(response.read().decode())
 
 
 def _children(pid: int) -> list[int]:

@@ -39,6 +39,7 @@ from contracts.models import ErrorReply, SignReply
 from contracts.topology import DEAD_LETTER_QUEUE, EXCHANGE, KEYGEN_QUEUE, SIGN_QUEUE
 from contracts.wire import Delivery, Properties, Wire
 from tests.support.broker import producer_users, rabbitmqctl
+from tests.support.cli import ZANDD, environment
 from tests.support.fleet import RunningFleet
 from tests.support.poison import POISON_HEADERS, publish_poison
 from vault.kek import KekRing
@@ -71,8 +72,7 @@ class ProcessFleet:
 
     @property
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ZANDD_")}
-        env.update(
+        env = environment(
             ZANDD_AMQP_URL=self.amqp_url,
             ZANDD_DATA_DIR=str(self.data_dir),
             ZANDD_TPM_TCTI=self.tcti,
@@ -85,9 +85,7 @@ class ProcessFleet:
 
     async def start(self, name: str) -> Worker:
         role = "keygen-worker" if name.startswith("keygen") else "signer"
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "workers.cli", role, env=self.env
-        )
+        process = await asyncio.create_subprocess_exec(*ZANDD, role, env=self.env)
         worker = Worker(name, process)
         self.workers[name] = worker
         return worker

@@ -11,7 +11,7 @@ import hashlib
 
 import pytest
 
-from tests.integration.test_cli import environment, zandd
+from tests.support.cli import environment, zandd
 from tests.support.fleet import RunningFleet
 from vault.audit import AuditQuery
 

@@ -26,8 +26,8 @@ from contracts.errors import IntegrityError
 from contracts.models import SPECS, KeyPublicRequest, KeyState, KeyStateRequest, SignRequest
 from contracts.operations import Operation
 from tests.integration import test_security as security
-from tests.integration.test_cli import environment, zandd
 from tests.integration.test_security import ALICE, BOB, audit_outcomes, vault_file
+from tests.support.cli import environment, zandd
 from tests.support.fleet import RunningFleet
 from vault.record_mac import verify_record
 from workers.runtime import ConsumerRuntime

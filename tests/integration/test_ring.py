@@ -25,7 +25,8 @@ import pytest
 
 from contracts.errors import ConfigurationError
 from contracts.topology import SIGN_QUEUE, declare_topology
-from tests.integration.test_cli import ZANDD, environment, free_port_pair, zandd
+from tests.support.cli import ZANDD, environment, zandd
+from tests.support.net import free_port, free_port_pair, scrape
 from vault import KeyRecord, KeyState, SealedKey, open_into, open_store, seal
 from vault.kek import KekRing, ring_file_info
 from workers.keygen.swtpm import start_swtpm
@@ -448,8 +449,6 @@ async def test_a_copy_of_the_data_dir_of_zandd_up_opens_no_key_elsewhere(
 async def test_a_worker_allowed_to_start_on_the_wrong_ring_counts_what_it_cannot_open(
     populated: tuple[Path, KekRing], tmp_path: Path, empty_amqp_url: str
 ) -> None:
-    from tests.integration.test_cli import free_port, scrape
-
     data, ring = populated
     other = tmp_path / "other" / "kek-ring.json"
     KekRing.create(other)

@@ -12,7 +12,6 @@ import hashlib
 import json
 import sqlite3
 import subprocess
-import sys
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -42,8 +41,8 @@ from contracts.models import (
 )
 from contracts.operations import Operation
 from contracts.topology import EXCHANGE
-from tests.integration.test_cli import environment, zandd
 from tests.support.broker import broker_users
+from tests.support.cli import ZANDD, environment, zandd
 from tests.support.fleet import RunningFleet
 from vault.audit import AuditQuery, verify_log
 from vault.audit_chain import ChainKeys
@@ -775,7 +774,8 @@ async def test_a_debug_log_of_a_full_run_holds_no_key_material(
     await run("vault", "init")
     workers = [
         await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "workers.cli", role),
+            *ZANDD,
+            role,
             env=worker_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

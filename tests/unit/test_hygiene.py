@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.cli import environment
+from tests.support.net import free_port
 from tests.unit.test_migrate import sealed_record
 from vault.kek import KekRing
 from vault.store import open_store
@@ -110,13 +110,6 @@ print(json.dumps({"code": code, "seen": seen}))
 )
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
 @pytest.fixture
 def vault_dir(tmp_path: Path) -> Path:
     """A data dir with a KEK ring and one key sealed under its previous KEK (rewrap has work)."""
@@ -154,11 +147,10 @@ def vault_dir(tmp_path: Path) -> Path:
 def test_vault_commands_harden_before_they_hold_a_kek(
     vault_dir: Path, tmp_path: Path, command: list[str], holds: set[str]
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZANDD_")}
-    env.update(
+    env = environment(
         ZANDD_DATA_DIR=str(vault_dir),
         # No TPM: `vault init` falls back to the OS RNG at once.
-        ZANDD_TPM_TCTI=f"swtpm:host=127.0.0.1,port={_closed_port()}",
+        ZANDD_TPM_TCTI=f"swtpm:host=127.0.0.1,port={free_port()}",
         TSS2_LOG="all+none",
     )
     if command[:2] == ["vault", "init"]:

@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
-import os
 import sqlite3
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -23,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from contracts.crypto import public_key_der
 from contracts.errors import IntegrityError
+from tests.support.cli import environment, run_zandd
 from vault.audit import AuditBroken, AuditEvent, AuditQuery, verify_log
 from vault.kek import Kek, KekRing
 from vault.migrate import MigrationReport, Progress, Stage, check_opens, migrate_vault
@@ -329,15 +328,7 @@ def test_progress_bar_writes_a_line_per_tenth_elsewhere() -> None:
 
 
 def zandd(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZANDD_")}
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_zandd(*args, env=environment())
 
 
 async def test_the_command_migrates_and_says_so(tmp_path: Path) -> None:
