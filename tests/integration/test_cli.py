@@ -20,6 +20,7 @@ from tests.support.broker import broker_users, full_permissions
 from tests.support.cli import ZANDD, environment, zandd
 from tests.support.fleet import RunningFleet
 from tests.support.net import free_port, free_port_pair, scrape
+from tests.support.openssl import verify_files
 
 
 @pytest.mark.rabbitmq
@@ -38,13 +39,10 @@ async def test_keys_sign_and_verify_from_the_shell(fleet: RunningFleet, tmp_path
         "sign", "--key", key_id, str(document), "--out", str(tmp_path / "sig.der"), env=env
     )
     assert code == 0, err
-    openssl = await asyncio.create_subprocess_exec(
-        *("openssl", "dgst", "-sha256", "-verify", "public.pem", "-signature", "sig.der"),
-        "document.txt",
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
+    openssl = await asyncio.to_thread(
+        verify_files, tmp_path, signature_der="sig.der", message="document.txt"
     )
-    assert (await openssl.communicate())[0].decode().strip() == "Verified OK"
+    assert openssl.stdout.strip() == "Verified OK"
 
     code, out, _ = await zandd(
         "verify", "--key", key_id, str(document), str(tmp_path / "sig.der"), env=env
