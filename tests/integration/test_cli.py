@@ -19,6 +19,7 @@ from yarl import URL
 from tests.support.broker import broker_users, full_permissions
 from tests.support.cli import ZANDD, environment, zandd
 from tests.support.fleet import RunningFleet
+from tests.support.hygiene import WATCH_KEY_MATERIAL
 from tests.support.net import free_port, free_port_pair, scrape
 from tests.support.openssl import verify_files
 
@@ -226,8 +227,6 @@ print(json.dumps({"seen": seen}))
 async def test_up_hardens_itself_before_it_creates_the_kek_ring(
     swtpm_tcti: str, tmp_path: Path
 ) -> None:
-    from tests.unit.test_hygiene import WATCH_KEY_MATERIAL
-
     env = environment(ZANDD_DATA_DIR=str(tmp_path / "fleet"))
     process = await asyncio.create_subprocess_exec(
         sys.executable,

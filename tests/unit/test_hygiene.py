@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import environment
+from tests.support.hygiene import WATCH_KEY_MATERIAL
 from tests.support.net import free_port
-from tests.unit.test_migrate import sealed_record
+from tests.support.records import sealed_record
 from vault.kek import KekRing
 from vault.store import open_store
 
@@ -78,27 +79,6 @@ def test_locking_can_be_switched_off() -> None:
     assert "switched off (ZANDD_LOCK_MEMORY=false)" in str(probe["line"])
 
 
-# Notes, each time KEK material enters the process (a ring is loaded or created) and each time
-# a key is opened, whether the process could then be dumped; ``seen`` holds the notes.
-WATCH_KEY_MATERIAL = """
-import ctypes, json, resource, sys
-import vault.kek, vault.opening, vault.rewrap
-
-libc = ctypes.CDLL(None)
-seen = []
-
-def watched(name, fn):
-    def call(*args, **kwargs):
-        seen.append([name, libc.prctl(3, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE)])
-        return fn(*args, **kwargs)
-    return call
-
-for name in ("load", "create"):
-    method = getattr(vault.kek.KekRing, name).__func__
-    setattr(vault.kek.KekRing, name, classmethod(watched(name, method)))
-for module in (vault.opening, vault.rewrap):
-    module.open_into = watched("open", module.open_into)
-"""
 # Runs one ``zandd`` command so watched.
 _WATCHED_COMMAND = (
     WATCH_KEY_MATERIAL
