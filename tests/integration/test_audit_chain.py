@@ -23,9 +23,9 @@ from aio_pika.abc import AbstractIncomingMessage
 from contracts.models import AuditHeadEvent
 from contracts.operations import AUDIT_HEAD_EVENT
 from contracts.topology import EVENTS_EXCHANGE
+from tests.support.audit import event
 from tests.support.cli import ZANDD, environment, zandd
 from tests.support.fleet import RunningFleet
-from tests.unit.test_audit_chain import event
 from vault.audit import GENESIS, AuditQuery, link
 from vault.kek import KekRing
 from vault.store import open_store

@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from contracts.models import AuditCheckpointEvent
 from contracts.operations import AUDIT_CHECKPOINT_EVENT
 from contracts.topology import EVENTS_EXCHANGE
+from tests.support.audit import event
 from tests.support.cli import environment, zandd
 from tests.support.fleet import RunningFleet
-from tests.unit.test_audit_chain import event
 from vault.audit import AuditQuery
 from vault.audit_chain import ChainKeys
 from vault.audit_checkpoint import Checkpoint, signed_digest, verify_checkpoint
