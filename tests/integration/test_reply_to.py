@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from contracts.client import SigningClient
 from contracts.replyto import DIRECT_REPLY_TO
 from contracts.topology import DEAD_LETTER_QUEUE, EXCHANGE, KEYGEN_QUEUE, SIGN_QUEUE
-from tests.integration.test_security import audit_outcomes
+from tests.support.audit import audit_outcomes
 from tests.support.broker import broker_users
 from tests.support.fleet import RunningFleet
 from workers.dead import DeadLetterQueue

@@ -14,7 +14,7 @@ import sqlite3
 import subprocess
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -41,9 +41,10 @@ from contracts.models import (
 )
 from contracts.operations import Operation
 from contracts.topology import EXCHANGE
-from tests.support.broker import broker_users
+from tests.support.audit import audit_outcomes, vault_file
 from tests.support.cli import ZANDD, environment, zandd
 from tests.support.fleet import RunningFleet
+from tests.support.principals import ADMIN, ALICE, BOB, CAROL
 from vault.audit import AuditQuery, verify_log
 from vault.audit_chain import ChainKeys
 from vault.rewrap import RewrapOutcome, rewrap
@@ -52,39 +53,11 @@ from workers.events import EventSubscriber
 from workers.runtime import RequestContext
 from workers.signer.worker import Signer
 
-SUFFIX = uuid.uuid4().hex[:8]
-ALICE, BOB, CAROL, ADMIN = (f"zt-{role}-{SUFFIX}" for role in ("alice", "bob", "carol", "admin"))
-
 pytestmark = [
     pytest.mark.rabbitmq,
     pytest.mark.tpm,
     pytest.mark.fleet_settings(admins=[ADMIN]),
 ]
-
-
-@pytest.fixture(scope="module")
-def users(amqp_url: str) -> Iterator[dict[str, str]]:
-    """Broker users with a producer's rights only, in this module's vhost: name → AMQP URL.
-
-    A producer may publish to ``zandd`` and declare and read its own reply queues (the
-    documented ``producer_permissions``); it cannot read the work queues, bind to
-    ``zandd.events`` or touch anything else.
-    """
-    with broker_users(amqp_url, (ALICE, BOB, CAROL, ADMIN)) as urls:
-        yield urls
-
-
-@pytest.fixture
-async def clients(
-    users: dict[str, str], fleet: RunningFleet
-) -> AsyncIterator[dict[str, SigningClient]]:
-    """One connected client per user (the fleet is up, so the exchange exists)."""
-    connected = {name: await SigningClient.connect(url) for name, url in users.items()}
-    try:
-        yield connected
-    finally:
-        for client in connected.values():
-            await client.close()
 
 
 @pytest.fixture
@@ -147,18 +120,6 @@ class RawProducer:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-async def audit_outcomes(fleet: RunningFleet) -> dict[str, list[str]]:
-    """request id → outcomes the audit log recorded for it."""
-    outcomes: dict[str, list[str]] = {}
-    after = 0
-    while page := await fleet.store.read_audit(AuditQuery(after_seq=after)):
-        for entry in page:
-            if entry.event.request_id is not None:
-                outcomes.setdefault(entry.event.request_id, []).append(entry.event.outcome)
-        after = page[-1].seq
-    return outcomes
 
 
 def outcome_of(error: BaseException | None) -> str:
@@ -379,10 +340,6 @@ async def test_a_signer_with_a_stale_vault_read_refuses_once_the_event_arrives(
         stop.set()
         await task
     assert subscriber.received == 3
-
-
-def vault_file(fleet: RunningFleet) -> Path:
-    return fleet.settings.data_dir / "vault.db"
 
 
 def vault_bytes(fleet: RunningFleet) -> bytes:
