@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from contracts.attestation import DUPLICATE_ONLY_POLICY
 from contracts.crypto import public_key_pem
-from tests.integration.test_attestation import fleet_attestation_key
 from tests.support.fleet import RunningFleet
 from tests.support.openssl import verify_files
+from tests.support.tpm import fleet_attestation_key
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm, pytest.mark.interop]
 

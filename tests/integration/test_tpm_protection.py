@@ -22,11 +22,11 @@ from contracts.crypto import load_public_key
 from contracts.errors import IntegrityError, InvalidRequest, KeyDisabled
 from contracts.models import KeyCreateRequest, SignRequest
 from contracts.operations import Operation
-from tests.integration.test_attestation import fleet_attestation_key
-from tests.integration.test_faults import ProcessFleet, started
 from tests.support.fleet import RunningFleet
 from tests.support.net import free_port_pair
 from tests.support.openssl import verify_files
+from tests.support.processes import ProcessFleet, started
+from tests.support.tpm import fleet_attestation_key
 from vault.kek import KekRing
 from vault.lifecycle import destroyed
 from vault.record_mac import authenticated, verify_record
