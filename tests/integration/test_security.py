@@ -60,18 +60,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def report(request: pytest.FixtureRequest) -> Callable[[str], None]:
-    """Print one line of figures in pytest's output, captured or not."""
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-
-    def write(line: str) -> None:
-        if reporter is not None:
-            reporter.write_line(line)
-
-    return write
-
-
 class RawProducer:
     """Publishes hand-made requests (with any ``user_id``, or none) and collects replies."""
 
