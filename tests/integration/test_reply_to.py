@@ -13,7 +13,7 @@ import base64
 import json
 import struct
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
@@ -24,22 +24,13 @@ from contracts.client import SigningClient
 from contracts.replyto import DIRECT_REPLY_TO
 from contracts.topology import DEAD_LETTER_QUEUE, EXCHANGE, KEYGEN_QUEUE, SIGN_QUEUE
 from tests.support.audit import audit_outcomes
-from tests.support.broker import broker_users
 from tests.support.fleet import RunningFleet
+from tests.support.principals import ALICE, BOB, SUFFIX
 from workers.dead import DeadLetterQueue
 
-SUFFIX = uuid.uuid4().hex[:8]
-ALICE, BOB = f"zt-alice-{SUFFIX}", f"zt-bob-{SUFFIX}"
 OTHER_APP_QUEUE = "billing.invoices"
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm]
-
-
-@pytest.fixture(scope="module")
-def users(amqp_url: str) -> Iterator[dict[str, str]]:
-    """Alice and Bob, each with the documented producer permissions: name → AMQP URL."""
-    with broker_users(amqp_url, (ALICE, BOB)) as urls:
-        yield urls
 
 
 class Producer:
