@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import subprocess
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +26,8 @@ from contracts.errors import ConfigurationError
 from contracts.topology import SIGN_QUEUE, declare_topology
 from tests.support.cli import ZANDD, environment, zandd
 from tests.support.net import free_port, free_port_pair, scrape
-from vault import KeyRecord, KeyState, SealedKey, open_into, open_store, seal
+from tests.support.records import record_under
+from vault import KeyRecord, KeyState, open_into, open_store, seal
 from vault.kek import KekRing, ring_file_info
 from workers.keygen.swtpm import start_swtpm
 
@@ -37,21 +37,7 @@ async def _vault_with_keys(data: Path, kek_id: str, count: int) -> None:
     store = await open_store(f"sqlite:///{data / 'vault.db'}")
     try:
         for _ in range(count):
-            await store.create_key(
-                KeyRecord(
-                    key_id=f"zk-{uuid.uuid4().hex}",
-                    version=1,
-                    algorithm="ecdsa-p256-sha256",
-                    public_key_der=os.urandom(91),
-                    sealed=SealedKey(kek_id, os.urandom(12), os.urandom(48)),
-                    state=KeyState.ENABLED,
-                    label=None,
-                    allowed_signers=(),
-                    created_at=datetime.now(UTC),
-                    created_by="test",
-                    request_id=None,
-                )
-            )
+            await store.create_key(record_under(kek_id))
     finally:
         await store.close()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from datetime import UTC, datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -10,7 +12,7 @@ from contracts.crypto import public_key_der
 from vault.kek import KekRing
 from vault.record_mac import authenticated
 from vault.records import KeyRecord, KeyState
-from vault.sealing import RecordBinding, seal
+from vault.sealing import RecordBinding, SealedKey, seal
 
 T0 = datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=UTC)
 """The records' clock: creation times count from here."""
@@ -46,3 +48,23 @@ def sealed_record(
         destroy_after=T0 if destroyed else destroy_after,
     )
     return authenticated(unsigned, ring, generation=1)
+
+
+def record_under(kek_id: str) -> KeyRecord:
+    """A record naming ``kek_id``, with random bytes for its public key and sealed scalar.
+
+    Nothing opens it: it is for tests that count which KEKs a vault needs, not for signing.
+    """
+    return KeyRecord(
+        key_id=f"zk-{uuid.uuid4().hex}",
+        version=1,
+        algorithm="ecdsa-p256-sha256",
+        public_key_der=os.urandom(91),
+        sealed=SealedKey(kek_id, os.urandom(12), os.urandom(48)),
+        state=KeyState.ENABLED,
+        label=None,
+        allowed_signers=(),
+        created_at=datetime.now(UTC),
+        created_by="test",
+        request_id=None,
+    )
