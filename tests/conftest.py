@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.support.broker import private_vhost
 from tests.support.fleet import RunningFleet
@@ -19,6 +20,7 @@ from tests.support.fleet import fleet_vault_url as _fleet_vault_url
 from tests.support.fleet import purge_work_queues as _purge_work_queues
 from tests.support.mongo import MONGO_IMAGE, mongo_database_url
 from tests.support.mongo import docker_unavailable as _docker_unavailable
+from tests.support.spans import memory_exporter
 from vault.kek import KekRing
 from vault.store import open_store
 from workers.config import Settings
@@ -50,6 +52,18 @@ def empty_amqp_url() -> Iterator[str]:
     """A private vhost for one test, with nothing declared in it."""
     with private_vhost() as url:
         yield url
+
+
+# -- spans: the process-wide in-memory exporter ----------------------------------------------
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """The finished spans of this test alone (the exporter is cleared before and after)."""
+    exporter = memory_exporter()
+    exporter.clear()
+    yield exporter
+    exporter.clear()
 
 
 # -- MongoDB: ZANDD_TEST_MONGO_URL, else a testcontainers server, else skip -------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import aio_pika
 import pytest
@@ -13,18 +12,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from contracts.topology import EXCHANGE, SIGN_QUEUE, declare_topology
 from contracts.tracing import producer_span
 from tests.support.fleet import RunningFleet
-from tests.support.spans import by_name, memory_exporter
+from tests.support.spans import by_name
 from workers.telemetry import Stage, consumer_span, stage
 
 pytestmark = pytest.mark.rabbitmq
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = memory_exporter()
-    exporter.clear()
-    yield exporter
-    exporter.clear()
 
 
 async def test_the_worker_span_continues_the_producer_trace_across_the_broker(
