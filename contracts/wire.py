@@ -420,6 +420,42 @@ class Wire(asyncio.Protocol):
             raise
         return wire
 
+    @classmethod
+    def for_testing(
+        cls,
+        transport: asyncio.BaseTransport,
+        *,
+        frame_max: int = _FRAME_MAX,
+        heartbeat_s: int = 0,
+        max_body_bytes: int | None = None,
+        on_delivery: DeliveryCallback | None = None,
+        confirms: bool = False,
+        blocked_timeout_s: float = BLOCKED_TIMEOUT_S,
+    ) -> Wire:
+        """A connection as after the handshake, over a test's ``transport``: no socket, no broker.
+
+        ``frame_max`` and ``heartbeat_s`` count as negotiated (no heartbeat timer runs),
+        deliveries go to ``on_delivery``, and with ``confirms`` publishing awaits the broker's
+        verdict as after :meth:`confirm_select`. The protocol header is written to
+        ``transport``; nothing waits for an answer. Tests only: :meth:`connect` is the way in.
+        """
+        wire = cls(
+            Endpoint.of("amqp://localhost/"),
+            connection_name="test",
+            heartbeat_s=heartbeat_s,
+            max_body_bytes=max_body_bytes,
+            blocked_timeout_s=blocked_timeout_s,
+        )
+        wire.connection_made(transport)
+        # No broker answers the header: the handshake's first wait is abandoned, not awaited.
+        wire._started.cancel()
+        wire._waiter = None
+        wire._frame_max = frame_max
+        wire._on_delivery = on_delivery
+        if confirms:
+            wire._confirms = {}
+        return wire
+
     async def _handshake(self) -> None:
         start = await self._started
         assert isinstance(start, commands.Connection.Start)

@@ -3,31 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
-import shutil
-import subprocess
 import uuid
-import warnings
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
-from contextlib import AsyncExitStack, contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import pytest
-from yarl import URL
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from contracts.client import SigningClient
-from contracts.operations import Operation
-from contracts.topology import declare_topology
+from tests.support.broker import private_vhost
+from tests.support.fleet import RunningFleet
+from tests.support.fleet import counting as _counting
+from tests.support.fleet import fleet_vault_url as _fleet_vault_url
+from tests.support.fleet import purge_work_queues as _purge_work_queues
+from tests.support.mongo import MONGO_IMAGE, mongo_database_url
+from tests.support.mongo import docker_unavailable as _docker_unavailable
+from tests.support.spans import memory_exporter
 from vault.kek import KekRing
-from vault.store import VaultStore, open_store
+from vault.store import open_store
 from workers.config import Settings
 from workers.metrics import Metrics
-from workers.runtime import ConsumerRuntime, Handler, RequestContext
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -41,30 +38,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # -- RabbitMQ: a private vhost per test module -----------------------------------------------
-
-BASE_AMQP_URL = os.environ.get("ZANDD_TEST_AMQP_URL", "amqp://guest:guest@localhost:5672/")
-
-
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
-@contextmanager
-def private_vhost() -> Iterator[str]:
-    """A vhost of our own on the test broker, removed afterwards; yields its AMQP URL."""
-    if shutil.which("rabbitmqctl") is None:
-        pytest.fail("rabbitmqctl is needed to create a test vhost (run the tests through ops/test)")
-    vhost = f"zandd-test-{uuid.uuid4().hex[:12]}"
-    user = URL(BASE_AMQP_URL).user or "guest"
-    try:
-        _rabbitmqctl("add_vhost", vhost)
-        _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-    except subprocess.CalledProcessError as exc:
-        pytest.fail(f"cannot create a test vhost: {exc.stderr.decode(errors='replace').strip()}")
-    try:
-        yield str(URL(BASE_AMQP_URL).with_path("/" + vhost))
-    finally:
-        _rabbitmqctl("delete_vhost", vhost)
 
 
 @pytest.fixture(scope="module")
@@ -81,33 +54,19 @@ def empty_amqp_url() -> Iterator[str]:
         yield url
 
 
+# -- spans: the process-wide in-memory exporter ----------------------------------------------
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """The finished spans of this test alone (the exporter is cleared before and after)."""
+    exporter = memory_exporter()
+    exporter.clear()
+    yield exporter
+    exporter.clear()
+
+
 # -- MongoDB: ZANDD_TEST_MONGO_URL, else a testcontainers server, else skip -------------------
-
-MONGO_IMAGE = os.environ.get("ZANDD_TEST_MONGO_IMAGE", "mongo:7.0")
-
-
-def _docker_unavailable() -> str | None:
-    """Why no Docker engine can start a MongoDB container here; None when one answers."""
-    try:
-        import docker
-        import requests
-        from testcontainers.community.mongodb import MongoDbContainer  # noqa: F401
-    except ImportError as exc:
-        return f"testcontainers >= 4.15 is not installed ({exc.name}): pip install 'zandd-hsm[dev]'"
-    # docker-py leaves the socket of a failed probe to the garbage collector.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        try:
-            client = docker.from_env(timeout=10)
-            try:
-                client.ping()
-            finally:
-                client.close()
-        except (docker.errors.DockerException, requests.RequestException) as exc:
-            return f"no Docker engine answers ({exc})"
-        finally:
-            gc.collect()
-    return None
 
 
 @pytest.fixture(scope="session")
@@ -136,19 +95,6 @@ def mongo_url() -> Iterator[str]:
         yield url
 
 
-def mongo_database_url(server_url: str, database: str) -> str:
-    """``server_url`` naming ``database``, still authenticating where ``server_url`` did."""
-    base, _, query = server_url.partition("?")
-    scheme, _, rest = base.partition("://")
-    hosts, _, auth_database = rest.partition("/")
-    options = [option for option in query.split("&") if option]
-    has_auth_source = any(o.lower().startswith("authsource=") for o in options)
-    if "@" in hosts and not has_auth_source:
-        # Credentials are checked against the URL's database unless authSource says otherwise.
-        options.append(f"authSource={auth_database or 'admin'}")
-    return f"{scheme}://{hosts}/{database}" + ("?" + "&".join(options) if options else "")
-
-
 @pytest.fixture
 def mongo_vault_url(mongo_url: str) -> Iterator[str]:
     """A vault URL naming a fresh database of its own on the test MongoDB, dropped afterwards."""
@@ -163,52 +109,6 @@ def mongo_vault_url(mongo_url: str) -> Iterator[str]:
 
 
 # -- a fleet of in-process workers on real RabbitMQ, swtpm and a vault -------------------------
-
-
-@dataclass
-class ShiftedClock:
-    """The real time plus an offset a test moves forward (the fleet keygen's clock)."""
-
-    offset: timedelta = timedelta(0)
-
-    def __call__(self) -> datetime:
-        return datetime.now(UTC) + self.offset
-
-    def advance(self, delta: timedelta) -> None:
-        self.offset += delta
-
-
-@dataclass
-class RunningFleet:
-    """Workers running as tasks in the test's event loop."""
-
-    amqp_url: str
-    settings: Settings
-    store: VaultStore
-    ring: KekRing
-    clock: ShiftedClock = field(default_factory=ShiftedClock)
-    runtimes: dict[str, ConsumerRuntime] = field(default_factory=dict)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    served: dict[str, int] = field(default_factory=dict)
-
-    def client(self, **kwargs: Any) -> Awaitable[SigningClient]:
-        """A connected client for this fleet (close it, or use it as ``async with``)."""
-        return SigningClient.connect(self.amqp_url, **kwargs)
-
-
-def _counting(
-    name: str, handlers: Mapping[Operation, Handler], served: dict[str, int]
-) -> dict[Operation, Handler]:
-    """Wrap handlers so a test can see which worker served how many requests."""
-
-    def wrap(handler: Handler) -> Handler:
-        async def counted(request: Any, context: RequestContext) -> Any:
-            served[name] = served.get(name, 0) + 1
-            return await handler(request, context)
-
-        return counted
-
-    return {operation: wrap(handler) for operation, handler in handlers.items()}
 
 
 @pytest.fixture
@@ -268,22 +168,3 @@ async def fleet(
         await stack.aclose()
         tpm.close()
         await store.close()
-
-
-def _fleet_vault_url(request: pytest.FixtureRequest) -> str | None:
-    marker = request.node.get_closest_marker("vault")
-    backend = marker.args[0] if marker else "sqlite"
-    if backend == "sqlite":
-        return None  # the default: a file in the data dir
-    if backend == "mongodb":
-        return str(request.getfixturevalue("mongo_vault_url"))
-    raise pytest.UsageError(f"unknown vault backend {backend!r} in @pytest.mark.vault")
-
-
-async def _purge_work_queues(amqp_url: str) -> None:
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        topology = await declare_topology(channel)
-        for queue in topology.queues.values():
-            await queue.purge()

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
+from contracts.client import SigningClient
+from tests.support.broker import broker_users
+from tests.support.fleet import RunningFleet
+from tests.support.principals import ADMIN, ALICE, BOB, CAROL
 from workers.keygen.swtpm import start_swtpm
 
 
@@ -25,3 +29,46 @@ def swtpm_tcti(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield swtpm.tcti
     finally:
         swtpm.stop()
+
+
+@pytest.fixture(scope="module")
+def users(amqp_url: str) -> Iterator[dict[str, str]]:
+    """Broker users with a producer's rights only, in this module's vhost: name → AMQP URL.
+
+    A producer may publish to ``zandd`` and declare and read its own reply queues (the
+    documented ``producer_permissions``); it cannot read the work queues, bind to
+    ``zandd.events`` or touch anything else.
+    """
+    with broker_users(amqp_url, (ALICE, BOB, CAROL, ADMIN)) as urls:
+        yield urls
+
+
+@pytest.fixture
+async def clients(
+    users: dict[str, str], fleet: RunningFleet
+) -> AsyncIterator[dict[str, SigningClient]]:
+    """One connected client per user (the fleet is up, so the exchange exists)."""
+    connected = {name: await SigningClient.connect(url) for name, url in users.items()}
+    try:
+        yield connected
+    finally:
+        for client in connected.values():
+            await client.close()
+
+
+@pytest.fixture
+def report(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Print one line of figures in pytest's output, even while output is captured."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+
+    def write(line: str) -> None:
+        if reporter is None:
+            return
+        if capture is None:
+            reporter.write_line(line)
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
+
+    return write

@@ -23,20 +23,13 @@ from contracts.attestation import (
 )
 from contracts.crypto import load_public_key, public_key_pem
 from contracts.errors import IntegrityError
-from tests.conftest import RunningFleet
-from tests.integration.test_cli import environment, zandd
+from tests.support.cli import environment, zandd
+from tests.support.fleet import RunningFleet
+from tests.support.tpm import fleet_attestation_key
 from vault.record_mac import verify_record
 from workers.keygen import tpm as tpm_module
-from workers.keygen.attest import attestation_public_key
-from workers.keygen.tpm import Tpm
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm]
-
-
-def fleet_attestation_key(tcti: str) -> ec.EllipticCurvePublicKey:
-    """The attestation key as an operator reads it from the TPM beside the running worker."""
-    with Tpm(tcti, flush_leftovers=False) as tpm:
-        return tpm.with_context("reading the attestation key", attestation_public_key)
 
 
 def flip(data: bytes, at: int) -> bytes:

@@ -23,9 +23,9 @@ from aio_pika.abc import AbstractIncomingMessage
 from contracts.models import AuditHeadEvent
 from contracts.operations import AUDIT_HEAD_EVENT
 from contracts.topology import EVENTS_EXCHANGE
-from tests.conftest import RunningFleet
-from tests.integration.test_cli import ZANDD, environment, zandd
-from tests.unit.test_audit_chain import event
+from tests.support.audit import event, vault_file
+from tests.support.cli import ZANDD, environment, zandd
+from tests.support.fleet import RunningFleet
 from vault.audit import GENESIS, AuditQuery, link
 from vault.kek import KekRing
 from vault.store import open_store
@@ -92,10 +92,6 @@ async def sign_many(fleet: RunningFleet, count: int) -> None:
         await asyncio.gather(*(client.sign(key.key_id, f"m{i}".encode()) for i in range(count)))
 
 
-def vault_db(fleet: RunningFleet) -> Path:
-    return fleet.settings.data_dir / "vault.db"
-
-
 async def test_cutting_the_newest_entries_is_detected_against_the_published_head(
     fleet: RunningFleet, heads: Heads, tmp_path: Path
 ) -> None:
@@ -111,7 +107,7 @@ async def test_cutting_the_newest_entries_is_detected_against_the_published_head
     assert "legacy unkeyed links: none" in out
     assert f"head: the log reaches the known head #{head.seq} and matches" in out
 
-    with sqlite3.connect(vault_db(fleet), timeout=10) as conn:
+    with sqlite3.connect(vault_file(fleet), timeout=10) as conn:
         conn.execute("DELETE FROM audit WHERE seq > ?", (head.seq - CUT,))
     conn.close()
     # On its own the shortened chain is intact, and verify says it did not check a head...
@@ -144,7 +140,7 @@ async def test_rewriting_and_rechaining_without_the_ring_fails_audit_verify(
         unkeyed hash, which anyone can compute."""
         head = GENESIS if first == 1 else entries[first - 2].head
         edited = [dataclasses.replace(e.event, principal="mallory") for e in entries[first - 1 :]]
-        with sqlite3.connect(vault_db(fleet), timeout=10) as conn:
+        with sqlite3.connect(vault_file(fleet), timeout=10) as conn:
             for forged in link(head, edited):
                 conn.execute(
                     "UPDATE audit SET principal = ?, prev_hash = ?, entry_hash = ? WHERE seq = ?",
@@ -227,7 +223,7 @@ async def test_zandd_audit_keep_heads_keeps_what_audit_verify_checks(
     )
     assert code == 0, err_text
     assert f"head: the log reaches the known head #{newest.seq} and matches" in out_text
-    with sqlite3.connect(vault_db(fleet), timeout=10) as conn:
+    with sqlite3.connect(vault_file(fleet), timeout=10) as conn:
         conn.execute("DELETE FROM audit WHERE seq >= ?", (newest.seq,))
     conn.close()
     code, _, err_text = await zandd("audit", "verify", "--head-file", str(head_file), env=env)

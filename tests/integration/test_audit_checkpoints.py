@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from contracts.models import AuditCheckpointEvent
 from contracts.operations import AUDIT_CHECKPOINT_EVENT
 from contracts.topology import EVENTS_EXCHANGE
-from tests.conftest import RunningFleet
-from tests.integration.test_cli import environment, zandd
-from tests.unit.test_audit_chain import event
+from tests.support.audit import event, vault_file
+from tests.support.cli import environment, zandd
+from tests.support.fleet import RunningFleet
 from vault.audit import AuditQuery
 from vault.audit_chain import ChainKeys
 from vault.audit_checkpoint import Checkpoint, signed_digest, verify_checkpoint
@@ -45,10 +45,6 @@ def env_of(fleet: RunningFleet) -> dict[str, str]:
     return environment(
         ZANDD_DATA_DIR=str(fleet.settings.data_dir), ZANDD_TPM_TCTI=fleet.settings.tpm_tcti or ""
     )
-
-
-def vault_db(fleet: RunningFleet) -> Path:
-    return fleet.settings.data_dir / "vault.db"
 
 
 async def sign(fleet: RunningFleet, key_id: str, count: int) -> None:
@@ -150,7 +146,7 @@ async def test_a_ring_holders_cut_past_the_last_checkpoint_is_detected(
 
     # The writer holds the ring: cuts the newest entries and links new ones in their place.
     cut_from = checkpoint.seq - 5
-    with sqlite3.connect(vault_db(fleet), timeout=10) as conn:
+    with sqlite3.connect(vault_file(fleet), timeout=10) as conn:
         conn.execute("DELETE FROM audit WHERE seq >= ?", (cut_from,))
     conn.close()
     keyed = ChainKeys(fleet.ring).active()
@@ -165,7 +161,7 @@ async def test_a_ring_holders_cut_past_the_last_checkpoint_is_detected(
         f"#{checkpoint.seq} vouches for" in err
     )
     # The writer also removes the checkpoints from the vault: the shipped copy still has them.
-    with sqlite3.connect(vault_db(fleet), timeout=10) as conn:
+    with sqlite3.connect(vault_file(fleet), timeout=10) as conn:
         conn.execute("DELETE FROM audit_checkpoints")
         conn.execute("DELETE FROM audit WHERE seq >= ?", (cut_from,))
     conn.close()
@@ -193,7 +189,7 @@ async def test_a_cut_that_keeps_every_checkpointed_entry_is_reported_as_such(
         f"after the newest checkpoint: 3 entries (#{checkpoint.seq + 1} to "
         f"#{checkpoint.seq + 3}) no checkpoint vouches for yet: a cut of them would not show" in out
     )
-    with sqlite3.connect(vault_db(fleet), timeout=10) as conn:
+    with sqlite3.connect(vault_file(fleet), timeout=10) as conn:
         conn.execute("DELETE FROM audit WHERE seq > ?", (checkpoint.seq,))
     conn.close()
     code, out, err = await verify(fleet, "--checkpoint-key", str(key_file))

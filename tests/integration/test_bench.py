@@ -6,23 +6,20 @@ number, and that the run leaves no vhost, queue or process behind.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import re
-import subprocess
-import sys
 from typing import Any
 
 import pytest
 
-from tests.conftest import RunningFleet
+from tests.support.broker import rabbitmqctl
+from tests.support.cli import environment, zandd
+from tests.support.fleet import RunningFleet
 from workers.bench.in_process import InProcessResults
 from workers.bench.measure import Run
 from workers.bench.queue_scenarios import FleetResults
 from workers.bench.report import BenchReport, render_table, targets
 
-ZANDD = [sys.executable, "-m", "workers.cli"]
 TINY_RUN = ("--json", "--duration-s", "0.3", "--warmup-s", "0.05", "--max-keys", "3")
 
 FLEET_FIELDS = {
@@ -44,14 +41,7 @@ FIELDS = {
 
 async def zandd_bench(*args: str, amqp_url: str) -> tuple[int, str, str]:
     """Run ``zandd bench`` without blocking the event loop (an in-process fleet may serve it)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZANDD_")}
-    env["ZANDD_AMQP_URL"] = amqp_url
-    process = await asyncio.create_subprocess_exec(
-        *ZANDD, "bench", *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 240)
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
+    return await zandd("bench", *args, env=environment(ZANDD_AMQP_URL=amqp_url), timeout_s=240)
 
 
 def assert_positive_fields(document: dict[str, Any], fields: dict[str, set[str]]) -> None:
@@ -61,13 +51,6 @@ def assert_positive_fields(document: dict[str, Any], fields: dict[str, set[str]]
             value = document[scenario][name]
             assert isinstance(value, int | float), f"{scenario}.{name}"
             assert value > 0, f"{scenario}.{name} = {value}"
-
-
-def rabbitmqctl_lines(*args: str) -> list[str]:
-    result = subprocess.run(
-        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60
-    )
-    return result.stdout.split()
 
 
 @pytest.mark.rabbitmq
@@ -92,7 +75,7 @@ async def test_own_fleet_per_size_reports_every_field_and_scaling(amqp_url: str)
 
     created = re.search(r"created the vhost (zandd-bench-[0-9a-f]+)", err)
     assert created is not None, err
-    assert created.group(1) not in rabbitmqctl_lines("list_vhosts", "name")
+    assert created.group(1) not in rabbitmqctl("list_vhosts", "name").split()
     assert "Traceback" not in err
 
 
@@ -108,7 +91,7 @@ async def test_attach_measures_the_running_fleet(fleet: RunningFleet) -> None:
     assert document["signers"] == len([name for name in fleet.runtimes if name != "keygen"])
     assert fleet.served.get("signer-1", 0) + fleet.served.get("signer-2", 0) > 0
     vhost = fleet.amqp_url.rsplit("/", 1)[1]
-    queues = rabbitmqctl_lines("list_queues", "-p", vhost, "name")
+    queues = rabbitmqctl("list_queues", "-p", vhost, "name").split()
     assert not [name for name in queues if name.startswith("zandd-bench")]
 
 

@@ -4,55 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import secrets
 import signal
-import socket
 import stat
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from yarl import URL
 
-from tests.conftest import RunningFleet
-
-ZANDD = [sys.executable, "-m", "workers.cli"]
-
-
-async def zandd(*args: str, env: dict[str, str], timeout_s: float = 60.0) -> tuple[int, str, str]:
-    """Run ``zandd`` without blocking the event loop (the in-process fleet must keep serving)."""
-    process = await asyncio.create_subprocess_exec(
-        *ZANDD, *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout_s)
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
-
-
-def environment(**values: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZANDD_")}
-    env.update(values)
-    return env
-
-
-def free_port_pair() -> int:
-    """A port P with P+1 free too (swtpm's server and control ports)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        with socket.socket() as second:
-            try:
-                second.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return int(port)
-    raise RuntimeError("no free port pair")
+from tests.support.broker import broker_users, full_permissions
+from tests.support.cli import ZANDD, environment, zandd
+from tests.support.fleet import RunningFleet
+from tests.support.hygiene import WATCH_KEY_MATERIAL
+from tests.support.net import free_port, free_port_pair, scrape
+from tests.support.openssl import verify_files
 
 
 @pytest.mark.rabbitmq
@@ -71,13 +40,10 @@ async def test_keys_sign_and_verify_from_the_shell(fleet: RunningFleet, tmp_path
         "sign", "--key", key_id, str(document), "--out", str(tmp_path / "sig.der"), env=env
     )
     assert code == 0, err
-    openssl = await asyncio.create_subprocess_exec(
-        *("openssl", "dgst", "-sha256", "-verify", "public.pem", "-signature", "sig.der"),
-        "document.txt",
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
+    openssl = await asyncio.to_thread(
+        verify_files, tmp_path, signature_der="sig.der", message="document.txt"
     )
-    assert (await openssl.communicate())[0].decode().strip() == "Verified OK"
+    assert openssl.stdout.strip() == "Verified OK"
 
     code, out, _ = await zandd(
         "verify", "--key", key_id, str(document), str(tmp_path / "sig.der"), env=env
@@ -186,12 +152,6 @@ async def test_up_demo_proves_the_fleet_and_exits(empty_amqp_url: str, tmp_path:
     assert (tmp_path / "fleet" / "vault.db").exists()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.mark.rabbitmq
 @pytest.mark.tpm
 async def test_up_exports_traces_to_the_console_and_metrics_per_worker(
@@ -235,11 +195,6 @@ async def test_up_exports_traces_to_the_console_and_metrics_per_worker(
     assert up.returncode == 0
 
 
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return str(response.read().decode())
-
-
 def _children(pid: int) -> list[int]:
     """The processes whose parent is ``pid``."""
     found = []
@@ -272,8 +227,6 @@ print(json.dumps({"seen": seen}))
 async def test_up_hardens_itself_before_it_creates_the_kek_ring(
     swtpm_tcti: str, tmp_path: Path
 ) -> None:
-    from tests.unit.test_hygiene import WATCH_KEY_MATERIAL
-
     env = environment(ZANDD_DATA_DIR=str(tmp_path / "fleet"))
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -295,19 +248,9 @@ async def test_up_hardens_itself_before_it_creates_the_kek_ring(
 @pytest.fixture
 def passworded_url(empty_amqp_url: str) -> Iterator[str]:
     """A URL of a broker user of its own with a random password (unlike guest's, findable)."""
-    user, password = f"zt-up-{secrets.token_hex(4)}", secrets.token_hex(16)
-    vhost = URL(empty_amqp_url).path.removeprefix("/")
-    rabbitmqctl = ["rabbitmqctl", "-q"]
-    subprocess.run([*rabbitmqctl, "add_user", user, password], check=True, capture_output=True)
-    try:
-        subprocess.run(
-            [*rabbitmqctl, "set_permissions", "-p", vhost, user, ".*", ".*", ".*"],
-            check=True,
-            capture_output=True,
-        )
-        yield str(URL(empty_amqp_url).with_user(user).with_password(password))
-    finally:
-        subprocess.run([*rabbitmqctl, "delete_user", user], check=True, capture_output=True)
+    user = f"zt-up-{secrets.token_hex(4)}"
+    with broker_users(empty_amqp_url, [user], full_permissions) as urls:
+        yield urls[user]
 
 
 @pytest.mark.rabbitmq

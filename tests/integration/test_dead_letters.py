@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import subprocess
-import sys
 
 import aio_pika
 import pytest
@@ -20,28 +17,17 @@ from contracts.topology import (
     SIGN_QUEUE,
     declare_topology,
 )
-from tests.conftest import RunningFleet
-from tests.poison import POISON_HEADERS, publish_poison
+from tests.support import cli
+from tests.support.cli import environment
+from tests.support.fleet import RunningFleet
+from tests.support.poison import POISON_HEADERS, publish_poison
 from workers.dead import DeadLetterQueue
 
 pytestmark = pytest.mark.rabbitmq
 
 
 async def zandd(amqp_url: str, *args: str) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZANDD_")}
-    env["ZANDD_AMQP_URL"] = amqp_url
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "workers.cli",
-        *args,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await cli.zandd(*args, env=environment(ZANDD_AMQP_URL=amqp_url))
 
 
 async def wait_for_dead(channel: aio_pika.abc.AbstractChannel, count: int) -> None:

@@ -36,92 +36,20 @@ from contracts.client import SigningClient
 from contracts.crypto import load_public_key, verify_signature
 from contracts.errors import ZanddError
 from contracts.models import ErrorReply, SignReply
-from contracts.topology import DEAD_LETTER_QUEUE, EXCHANGE, KEYGEN_QUEUE, SIGN_QUEUE
+from contracts.topology import DEAD_LETTER_QUEUE, EXCHANGE
 from contracts.wire import Delivery, Properties, Wire
-from tests.conftest import RunningFleet
-from tests.poison import POISON_HEADERS, publish_poison
-from tests.producers import producer_users, rabbitmqctl
+from tests.support.broker import producer_users, rabbitmqctl
+from tests.support.fleet import RunningFleet
+from tests.support.poison import POISON_HEADERS, publish_poison
+from tests.support.processes import ProcessFleet, started
 from vault.kek import KekRing
 from vault.store import open_store
 from workers.dead import DeadLetterQueue
-from workers.fleet import consumer_counts
 from workers.runtime import ConsumerRuntime
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm, pytest.mark.faults]
 
 LOAD_TIMEOUT_S = 90.0
-
-
-@dataclass
-class Worker:
-    name: str
-    process: asyncio.subprocess.Process
-
-
-@dataclass
-class ProcessFleet:
-    """Worker processes started and killed by hand."""
-
-    amqp_url: str
-    data_dir: Path
-    tcti: str
-    workers: dict[str, Worker] = field(default_factory=dict)
-    #: More ``ZANDD_*`` settings for the workers started from now on.
-    settings: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ZANDD_")}
-        env.update(
-            ZANDD_AMQP_URL=self.amqp_url,
-            ZANDD_DATA_DIR=str(self.data_dir),
-            ZANDD_TPM_TCTI=self.tcti,
-            ZANDD_MAX_BACKOFF_S="1",
-            ZANDD_DRAIN_TIMEOUT_S="20",
-            ZANDD_LOG_LEVEL="WARNING",
-        )
-        env.update(self.settings)
-        return env
-
-    async def start(self, name: str) -> Worker:
-        role = "keygen-worker" if name.startswith("keygen") else "signer"
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "workers.cli", role, env=self.env
-        )
-        worker = Worker(name, process)
-        self.workers[name] = worker
-        return worker
-
-    def signal(self, name: str, signum: signal.Signals) -> None:
-        self.workers[name].process.send_signal(signum)
-
-    async def exit_code(self, name: str) -> int:
-        return await asyncio.wait_for(self.workers[name].process.wait(), 60)
-
-    async def wait_for_consumers(self, *, signers: int, keygens: int) -> None:
-        """Wait until the queues have exactly these consumer counts (zandd.keygen counts only
-        its single active consumer)."""
-        connection = await aio_pika.connect_robust(self.amqp_url)
-        async with connection, asyncio.timeout(60):
-            while True:
-                counts = await consumer_counts(connection)
-                if counts == {SIGN_QUEUE: signers, KEYGEN_QUEUE: keygens}:
-                    return
-                await asyncio.sleep(0.1)
-
-    async def stop_all(self) -> None:
-        for worker in self.workers.values():
-            if worker.process.returncode is None:
-                worker.process.send_signal(signal.SIGTERM)
-        for worker in self.workers.values():
-            try:
-                await asyncio.wait_for(worker.process.wait(), 30)
-            except TimeoutError:
-                worker.process.kill()
-                await worker.process.wait()
-
-    def alive(self) -> list[str]:
-        return sorted(n for n, w in self.workers.items() if w.process.returncode is None)
 
 
 @pytest.fixture
@@ -134,24 +62,6 @@ async def processes(
         yield fleet
     finally:
         await fleet.stop_all()
-
-
-@pytest.fixture
-def report(request: pytest.FixtureRequest) -> Callable[[str], None]:
-    """Print one line of figures in pytest's output, even while output is captured."""
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-
-    def write(line: str) -> None:
-        if reporter is None:
-            return
-        if capture is None:
-            reporter.write_line(line)
-            return
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(line)
-
-    return write
 
 
 @dataclass
@@ -218,36 +128,6 @@ async def dead_letters(amqp_url: str) -> int:
         channel = await connection.channel()
         queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
         return queue.declaration_result.message_count or 0
-
-
-def keygen_subscribers(amqp_url: str) -> int:
-    """Active and waiting consumers of zandd.keygen (the queue's consumer count shows only the
-    single active one)."""
-    vhost = amqp_url.rsplit("/", 1)[-1]
-    listing = subprocess.run(
-        ["rabbitmqctl", "-q", "list_consumers", "-p", vhost, "queue_name"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    return sum(line.strip() == KEYGEN_QUEUE for line in listing.splitlines())
-
-
-async def started(fleet: ProcessFleet, *, signers: int, keygens: int = 1) -> None:
-    for n in range(1, keygens + 1):
-        await fleet.start(f"keygen-{n}")
-        # One at a time: the first keygen worker to subscribe is the active one. The broker
-        # offers no event for a new subscriber: poll its consumer list.
-        for _ in range(300):
-            if await asyncio.to_thread(keygen_subscribers, fleet.amqp_url) >= n:
-                break
-            await asyncio.sleep(0.2)
-        else:
-            raise TimeoutError(f"keygen-{n} did not subscribe to {KEYGEN_QUEUE}")
-    for n in range(1, signers + 1):
-        await fleet.start(f"signer-{n}")
-    await fleet.wait_for_consumers(signers=signers, keygens=min(keygens, 1))
 
 
 async def test_sigkill_one_of_two_signers_under_load(

@@ -19,34 +19,10 @@ from contracts.crypto import load_public_key, raw_to_der, verify_signature
 from contracts.errors import KeyNotFound
 from contracts.models import ErrorReply
 from contracts.topology import EXCHANGE
-from tests.conftest import RunningFleet
+from tests.support.fleet import RunningFleet
+from tests.support.openssl import openssl_verify
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm]
-
-
-def openssl_verify(tmp_path: Path, public_pem: str, message: bytes, signature_der: bytes) -> str:
-    """Run ``openssl dgst -sha256 -verify``; returns its output (``Verified OK`` on success)."""
-    name = uuid.uuid4().hex
-    (tmp_path / f"{name}.pem").write_text(public_pem)
-    (tmp_path / f"{name}.msg").write_bytes(message)
-    (tmp_path / f"{name}.sig").write_bytes(signature_der)
-    result = subprocess.run(
-        [
-            "openssl",
-            "dgst",
-            "-sha256",
-            "-verify",
-            f"{name}.pem",
-            "-signature",
-            f"{name}.sig",
-            f"{name}.msg",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return (result.stdout + result.stderr).strip()
 
 
 async def test_create_sign_and_openssl_verifies_der(fleet: RunningFleet, tmp_path: Path) -> None:

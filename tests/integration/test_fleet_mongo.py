@@ -14,8 +14,8 @@ import pytest
 
 from contracts.amqp import principal_of
 from contracts.crypto import load_public_key, verify_signature
-from tests.conftest import RunningFleet
-from tests.integration.test_fleet import openssl_verify
+from tests.support.fleet import RunningFleet
+from tests.support.openssl import openssl_verify
 from vault.audit import AuditQuery, verify_log
 from vault.audit_chain import ChainKeys
 from vault.mongo import MongoStore

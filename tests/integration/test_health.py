@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +20,8 @@ from contracts.topology import (
     consumer_count,
     declare_topology,
 )
+from tests.support.cli import environment, run_zandd
+from tests.support.net import free_port
 from workers.config import Settings
 from workers.health import (
     HEARTBEAT_MAX_AGE_S,
@@ -80,23 +79,8 @@ async def test_consumer_count_is_one_function_with_one_failure_behaviour(
 def _zandd(*args: str, amqp_url: str | None = None) -> subprocess.CompletedProcess[str]:
     # The URL in the environment, as operators are told to: on the command line it draws a
     # warning (a password there is visible in ps).
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZANDD_")}
-    if amqp_url is not None:
-        env["ZANDD_AMQP_URL"] = amqp_url
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
-
-
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
+    urls = {} if amqp_url is None else {"ZANDD_AMQP_URL": amqp_url}
+    return run_zandd(*args, env=environment(**urls))
 
 
 async def test_a_signer_with_broker_consumer_and_vault_is_healthy(
@@ -125,7 +109,7 @@ async def test_without_a_consumer_one_line_says_so_and_the_exit_code_is_1(
 
 
 async def test_an_unreachable_broker_fails_in_one_line(tmp_path: Path) -> None:
-    url = f"amqp://guest:secret-pw@127.0.0.1:{_closed_port()}/"
+    url = f"amqp://guest:secret-pw@127.0.0.1:{free_port()}/"
     result = await asyncio.to_thread(_zandd, "health", "--data-dir", str(tmp_path), amqp_url=url)
     assert result.returncode == 1
     assert result.stderr.startswith("zandd: cannot reach the broker at amqp://guest:***@127.0.0.1:")
@@ -134,7 +118,7 @@ async def test_an_unreachable_broker_fails_in_one_line(tmp_path: Path) -> None:
 
 
 async def test_a_password_on_the_command_line_draws_a_warning(tmp_path: Path) -> None:
-    url = f"amqp://guest:secret-pw@127.0.0.1:{_closed_port()}/"
+    url = f"amqp://guest:secret-pw@127.0.0.1:{free_port()}/"
     result = await asyncio.to_thread(
         _zandd, "health", f"--amqp-url={url}", "--data-dir", str(tmp_path)
     )

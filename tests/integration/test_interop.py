@@ -19,32 +19,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from contracts.attestation import DUPLICATE_ONLY_POLICY
 from contracts.crypto import public_key_pem
-from tests.conftest import RunningFleet
-from tests.integration.test_attestation import fleet_attestation_key
+from tests.support.fleet import RunningFleet
+from tests.support.openssl import verify_files
+from tests.support.tpm import fleet_attestation_key
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm, pytest.mark.interop]
 
 NODE_PRODUCER = Path(__file__).resolve().parents[2] / "examples" / "node-producer"
-
-
-def openssl_verify(out_dir: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            "openssl",
-            "dgst",
-            "-sha256",
-            "-verify",
-            "public.pem",
-            "-signature",
-            "signature.der",
-            "message.bin",
-        ],
-        cwd=out_dir,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 @pytest.fixture
@@ -88,14 +69,14 @@ async def test_node_producer_signs_and_openssl_verifies(
         "policy": DUPLICATE_ONLY_POLICY.hex(),
     }
 
-    verified = openssl_verify(out_dir)
+    verified = verify_files(out_dir)
     assert verified.returncode == 0, verified.stderr
     assert "Verified OK" in verified.stdout
 
     message = bytearray((out_dir / "message.bin").read_bytes())
     message[0] ^= 0x01
     (out_dir / "message.bin").write_bytes(bytes(message))
-    tampered = openssl_verify(out_dir)
+    tampered = verify_files(out_dir)
     assert tampered.returncode != 0
     assert "Verified OK" not in tampered.stdout
 

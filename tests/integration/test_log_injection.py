@@ -16,7 +16,7 @@ import aio_pika
 import pytest
 
 from contracts.topology import EXCHANGE
-from tests.conftest import RunningFleet
+from tests.support.fleet import RunningFleet
 from workers.logs import RequestContextFilter, TextFormatter
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm]

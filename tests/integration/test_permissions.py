@@ -43,7 +43,7 @@ from contracts.topology import (
     SIGN_QUEUE,
     declare_topology,
 )
-from tests.conftest import BASE_AMQP_URL
+from tests.support.broker import BASE_AMQP_URL, rabbitmqctl
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -71,10 +71,6 @@ class Broker:
         return str(URL(BASE_AMQP_URL).with_path("/" + self.vhost))
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
 def _import(definitions: dict[str, Any]) -> None:
     # Debian's rabbitmqctl runs as the rabbitmq user and 3.10 reads no definitions from stdin:
     # the file must be world-readable (it holds only hashes of the documented dev passwords).
@@ -84,7 +80,7 @@ def _import(definitions: dict[str, Any]) -> None:
         with os.fdopen(descriptor, "w") as file:
             json.dump(definitions, file)
         path.chmod(0o644)
-        _rabbitmqctl("import_definitions", str(path))
+        rabbitmqctl("import_definitions", str(path))
     finally:
         path.unlink()
 
@@ -123,7 +119,7 @@ def broker() -> Iterator[Broker]:
     admin = URL(BASE_AMQP_URL).user or "guest"
     try:
         _import(_private_copy(definitions, vhost, users))
-        _rabbitmqctl("set_permissions", "-p", vhost, admin, ".*", ".*", ".*")
+        rabbitmqctl("set_permissions", "-p", vhost, admin, ".*", ".*", ".*")
         yield Broker(vhost, users)
     finally:
         _remove([("delete_user", user) for user in users.values()] + [("delete_vhost", vhost)])

@@ -22,8 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from contracts.crypto import load_public_key, public_key_jwk
 from contracts.errors import InvalidRequest
 from contracts.pinning import PinnedKey
-from tests.conftest import RunningFleet
-from tests.integration.test_cli import environment, free_port_pair, zandd
+from tests.support.cli import environment, zandd
+from tests.support.fleet import RunningFleet
+from tests.support.net import free_port_pair
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm]
 

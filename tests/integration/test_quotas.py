@@ -16,8 +16,8 @@ import pytest
 
 from contracts.client import SigningClient
 from contracts.errors import Throttled, ZanddError
-from tests.conftest import RunningFleet
-from tests.producers import producer_users
+from tests.support.broker import producer_users
+from tests.support.fleet import RunningFleet
 from vault.audit import AuditQuery
 
 REQUESTS_PER_S = 10

@@ -11,8 +11,8 @@ import hashlib
 
 import pytest
 
-from tests.conftest import RunningFleet
-from tests.integration.test_cli import environment, zandd
+from tests.support.cli import environment, zandd
+from tests.support.fleet import RunningFleet
 from vault.audit import AuditQuery
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm]

@@ -25,19 +25,15 @@ from contracts.crypto import public_key_der
 from contracts.errors import IntegrityError
 from contracts.models import SPECS, KeyPublicRequest, KeyState, KeyStateRequest, SignRequest
 from contracts.operations import Operation
-from tests.conftest import RunningFleet
-from tests.integration import test_security as security
-from tests.integration.test_cli import environment, zandd
-from tests.integration.test_security import ALICE, BOB, audit_outcomes, vault_file
+from tests.support.audit import audit_outcomes, vault_file
+from tests.support.cli import environment, zandd
+from tests.support.fleet import RunningFleet
+from tests.support.principals import ALICE, BOB
 from vault.record_mac import verify_record
 from workers.runtime import ConsumerRuntime
 from workers.serve import signer_worker
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm]
-
-# The broker users and their clients, as test_security makes them (fixtures by assignment).
-users = security.users
-clients = security.clients
 
 
 def write_row(fleet: RunningFleet, sql: str, *params: object) -> None:

@@ -11,52 +11,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import secrets
 import struct
-import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
-from yarl import URL
 
 from contracts.client import SigningClient
-from contracts.replyto import DIRECT_REPLY_TO, producer_permissions
+from contracts.replyto import DIRECT_REPLY_TO
 from contracts.topology import DEAD_LETTER_QUEUE, EXCHANGE, KEYGEN_QUEUE, SIGN_QUEUE
-from tests.conftest import RunningFleet
-from tests.integration.test_security import audit_outcomes
+from tests.support.audit import audit_outcomes
+from tests.support.fleet import RunningFleet
+from tests.support.principals import ALICE, BOB, SUFFIX
 from workers.dead import DeadLetterQueue
 
-SUFFIX = uuid.uuid4().hex[:8]
-ALICE, BOB = f"zt-alice-{SUFFIX}", f"zt-bob-{SUFFIX}"
 OTHER_APP_QUEUE = "billing.invoices"
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm]
-
-
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def users(amqp_url: str) -> Iterator[dict[str, str]]:
-    """Alice and Bob, each with the documented producer permissions: name → AMQP URL."""
-    base = URL(amqp_url)
-    vhost = base.path.removeprefix("/")
-    urls: dict[str, str] = {}
-    try:
-        for name in (ALICE, BOB):
-            password = secrets.token_hex(16)
-            _rabbitmqctl("add_user", name, password)
-            urls[name] = str(base.with_user(name).with_password(password))
-            _rabbitmqctl("set_permissions", "-p", vhost, name, *producer_permissions(name))
-        yield urls
-    finally:
-        for name in urls:
-            _rabbitmqctl("delete_user", name)
 
 
 class Producer:

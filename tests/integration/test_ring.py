@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import subprocess
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,8 +24,10 @@ import pytest
 
 from contracts.errors import ConfigurationError
 from contracts.topology import SIGN_QUEUE, declare_topology
-from tests.integration.test_cli import ZANDD, environment, free_port_pair, zandd
-from vault import KeyRecord, KeyState, SealedKey, open_into, open_store, seal
+from tests.support.cli import ZANDD, environment, zandd
+from tests.support.net import free_port, free_port_pair, scrape
+from tests.support.records import record_under
+from vault import KeyRecord, KeyState, open_into, open_store, seal
 from vault.kek import KekRing, ring_file_info
 from workers.keygen.swtpm import start_swtpm
 
@@ -36,21 +37,7 @@ async def _vault_with_keys(data: Path, kek_id: str, count: int) -> None:
     store = await open_store(f"sqlite:///{data / 'vault.db'}")
     try:
         for _ in range(count):
-            await store.create_key(
-                KeyRecord(
-                    key_id=f"zk-{uuid.uuid4().hex}",
-                    version=1,
-                    algorithm="ecdsa-p256-sha256",
-                    public_key_der=os.urandom(91),
-                    sealed=SealedKey(kek_id, os.urandom(12), os.urandom(48)),
-                    state=KeyState.ENABLED,
-                    label=None,
-                    allowed_signers=(),
-                    created_at=datetime.now(UTC),
-                    created_by="test",
-                    request_id=None,
-                )
-            )
+            await store.create_key(record_under(kek_id))
     finally:
         await store.close()
 
@@ -448,8 +435,6 @@ async def test_a_copy_of_the_data_dir_of_zandd_up_opens_no_key_elsewhere(
 async def test_a_worker_allowed_to_start_on_the_wrong_ring_counts_what_it_cannot_open(
     populated: tuple[Path, KekRing], tmp_path: Path, empty_amqp_url: str
 ) -> None:
-    from tests.integration.test_cli import free_port, scrape
-
     data, ring = populated
     other = tmp_path / "other" / "kek-ring.json"
     KekRing.create(other)

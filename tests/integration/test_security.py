@@ -10,13 +10,11 @@ import asyncio
 import base64
 import hashlib
 import json
-import secrets
 import sqlite3
 import subprocess
-import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -42,10 +40,11 @@ from contracts.models import (
     SignRequest,
 )
 from contracts.operations import Operation
-from contracts.replyto import producer_permissions
 from contracts.topology import EXCHANGE
-from tests.conftest import RunningFleet
-from tests.integration.test_cli import environment, zandd
+from tests.support.audit import audit_outcomes, vault_file
+from tests.support.cli import ZANDD, environment, zandd
+from tests.support.fleet import RunningFleet
+from tests.support.principals import ADMIN, ALICE, BOB, CAROL
 from vault.audit import AuditQuery, verify_log
 from vault.audit_chain import ChainKeys
 from vault.rewrap import RewrapOutcome, rewrap
@@ -54,67 +53,11 @@ from workers.events import EventSubscriber
 from workers.runtime import RequestContext
 from workers.signer.worker import Signer
 
-SUFFIX = uuid.uuid4().hex[:8]
-ALICE, BOB, CAROL, ADMIN = (f"zt-{role}-{SUFFIX}" for role in ("alice", "bob", "carol", "admin"))
-
 pytestmark = [
     pytest.mark.rabbitmq,
     pytest.mark.tpm,
     pytest.mark.fleet_settings(admins=[ADMIN]),
 ]
-
-
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def users(amqp_url: str) -> Iterator[dict[str, str]]:
-    """Broker users with a producer's rights only, in this module's vhost: name → AMQP URL.
-
-    A producer may publish to ``zandd`` and declare and read its own reply queues (the
-    documented ``producer_permissions``); it cannot read the work queues, bind to
-    ``zandd.events`` or touch anything else.
-    """
-    base = URL(amqp_url)
-    vhost = base.path.removeprefix("/")
-    urls: dict[str, str] = {}
-    try:
-        for name in (ALICE, BOB, CAROL, ADMIN):
-            # Hex: rabbitmqctl takes a password that starts with "-" for an option (exit 64).
-            password = secrets.token_hex(16)
-            _rabbitmqctl("add_user", name, password)
-            urls[name] = str(base.with_user(name).with_password(password))
-            _rabbitmqctl("set_permissions", "-p", vhost, name, *producer_permissions(name))
-        yield urls
-    finally:
-        for name in urls:
-            _rabbitmqctl("delete_user", name)
-
-
-@pytest.fixture
-async def clients(
-    users: dict[str, str], fleet: RunningFleet
-) -> AsyncIterator[dict[str, SigningClient]]:
-    """One connected client per user (the fleet is up, so the exchange exists)."""
-    connected = {name: await SigningClient.connect(url) for name, url in users.items()}
-    try:
-        yield connected
-    finally:
-        for client in connected.values():
-            await client.close()
-
-
-@pytest.fixture
-def report(request: pytest.FixtureRequest) -> Callable[[str], None]:
-    """Print one line of figures in pytest's output, captured or not."""
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-
-    def write(line: str) -> None:
-        if reporter is not None:
-            reporter.write_line(line)
-
-    return write
 
 
 class RawProducer:
@@ -165,18 +108,6 @@ class RawProducer:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-async def audit_outcomes(fleet: RunningFleet) -> dict[str, list[str]]:
-    """request id → outcomes the audit log recorded for it."""
-    outcomes: dict[str, list[str]] = {}
-    after = 0
-    while page := await fleet.store.read_audit(AuditQuery(after_seq=after)):
-        for entry in page:
-            if entry.event.request_id is not None:
-                outcomes.setdefault(entry.event.request_id, []).append(entry.event.outcome)
-        after = page[-1].seq
-    return outcomes
 
 
 def outcome_of(error: BaseException | None) -> str:
@@ -397,10 +328,6 @@ async def test_a_signer_with_a_stale_vault_read_refuses_once_the_event_arrives(
         stop.set()
         await task
     assert subscriber.received == 3
-
-
-def vault_file(fleet: RunningFleet) -> Path:
-    return fleet.settings.data_dir / "vault.db"
 
 
 def vault_bytes(fleet: RunningFleet) -> bytes:
@@ -792,7 +719,8 @@ async def test_a_debug_log_of_a_full_run_holds_no_key_material(
     await run("vault", "init")
     workers = [
         await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "workers.cli", role),
+            *ZANDD,
+            role,
             env=worker_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

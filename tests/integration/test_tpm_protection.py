@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import subprocess
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,10 +22,11 @@ from contracts.crypto import load_public_key
 from contracts.errors import IntegrityError, InvalidRequest, KeyDisabled
 from contracts.models import KeyCreateRequest, SignRequest
 from contracts.operations import Operation
-from tests.conftest import RunningFleet
-from tests.integration.test_attestation import fleet_attestation_key
-from tests.integration.test_cli import free_port_pair
-from tests.integration.test_faults import ProcessFleet, started
+from tests.support.fleet import RunningFleet
+from tests.support.net import free_port_pair
+from tests.support.openssl import verify_files
+from tests.support.processes import ProcessFleet, started
+from tests.support.tpm import fleet_attestation_key
 from vault.kek import KekRing
 from vault.lifecycle import destroyed
 from vault.record_mac import authenticated, verify_record
@@ -47,23 +47,7 @@ def openssl_verifies(directory: Path, public_key_pem: str, signature_der: bytes)
     (directory / "public.pem").write_text(public_key_pem)
     (directory / "message.bin").write_bytes(MESSAGE)
     (directory / "signature.der").write_bytes(signature_der)
-    result = subprocess.run(
-        [
-            "openssl",
-            "dgst",
-            "-sha256",
-            "-verify",
-            "public.pem",
-            "-signature",
-            "signature.der",
-            "message.bin",
-        ],
-        cwd=directory,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = verify_files(directory)
     return result.returncode == 0 and "Verified OK" in result.stdout
 
 

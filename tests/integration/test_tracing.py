@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import aio_pika
 import pytest
@@ -12,20 +11,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from contracts.topology import EXCHANGE, SIGN_QUEUE, declare_topology
 from contracts.tracing import producer_span
-from tests.conftest import RunningFleet
-from tests.spans import by_name, memory_exporter
+from tests.support.fleet import RunningFleet
+from tests.support.spans import by_name
 from workers.stages import Stage
 from workers.telemetry import consumer_span, stage
 
 pytestmark = pytest.mark.rabbitmq
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = memory_exporter()
-    exporter.clear()
-    yield exporter
-    exporter.clear()
 
 
 async def test_the_worker_span_continues_the_producer_trace_across_the_broker(

@@ -21,7 +21,7 @@ from yarl import URL
 
 from contracts.errors import BrokerUnavailable, ConfigurationError
 from contracts.wire import Delivery, Properties, Wire
-from tests.conftest import BASE_AMQP_URL
+from tests.support.broker import BASE_AMQP_URL
 
 pytestmark = pytest.mark.rabbitmq
 

@@ -8,8 +8,6 @@ import dataclasses
 import hashlib
 import hmac
 import sqlite3
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -18,10 +16,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from contracts.errors import BrokerUnavailable, ConfigurationError
 from contracts.models import AuditHeadEvent
+from tests.support.audit import T0, append_keyed, event, vault_db
 from vault.audit import (
     GENESIS,
     AuditBroken,
-    AuditEvent,
     AuditQuery,
     ChainHead,
     canonical_bytes,
@@ -33,44 +31,9 @@ from vault.audit_chain import AUDIT_KEY_INFO, ChainKey, ChainKeys, derive_chain_
 from vault.kek import Kek, KekRing
 from vault.migrate import migrate_vault
 from vault.store import VaultStore, open_store
-from workers.audit_head import MAX_POLL_S, AuditHeadPublisher, KeyedAppender
+from workers.audit_head import MAX_POLL_S, AuditHeadPublisher
 from workers.commands.audit import parse_head
 from workers.metrics import Metrics
-
-T0 = datetime(2026, 11, 29, 20, 0, 0, tzinfo=UTC)
-
-
-def event(n: int, principal: str = "svc-a") -> AuditEvent:
-    return AuditEvent(
-        at=T0 + timedelta(seconds=n),
-        principal=principal,
-        operation="sign",
-        outcome="ok",
-        key_id="zk-1",
-        version=1,
-        request_id=f"req-{n}",
-        data_sha256=hashlib.sha256(bytes([n % 256])).hexdigest(),
-    )
-
-
-@pytest.fixture
-def ring(tmp_path: Path) -> KekRing:
-    return KekRing.create(tmp_path / "ring" / "kek-ring.json")
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[VaultStore]:
-    opened = await open_store(f"sqlite://{tmp_path / 'vault' / 'vault.db'}")
-    yield opened
-    await opened.close()
-
-
-def vault_db(tmp_path: Path) -> Path:
-    return tmp_path / "vault" / "vault.db"
-
-
-async def append_keyed(store: VaultStore, ring: KekRing, numbers: range) -> None:
-    await KeyedAppender(store, ChainKeys(ring)).append_audit([event(n) for n in numbers])
 
 
 def test_the_audit_key_is_hkdf_of_the_kek_under_its_own_label() -> None:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from contracts.errors import IntegrityError, TpmUnavailable
 from contracts.models import AuditCheckpointEvent
-from tests.unit.test_audit_chain import append_keyed, ring, store, vault_db
+from tests.support.audit import append_keyed, vault_db
 from vault.audit import AuditBroken, AuditQuery, check_log
 from vault.audit_chain import ChainKeys
 from vault.audit_checkpoint import (
@@ -39,7 +39,6 @@ from workers.audit_checkpoint import AuditCheckpointer, checkpoint_event, event_
 from workers.keygen.session import TpmSession
 from workers.keygen.tpm import Tpm
 
-__all__ = ["ring", "store"]  # fixtures, shared with test_audit_chain
 AT = datetime(2026, 11, 29, 21, 0, 0, 123456, tzinfo=UTC)
 TPM_KEY = ec.generate_private_key(ec.SECP256R1())
 

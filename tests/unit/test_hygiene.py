@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.unit.test_migrate import sealed_record
+from tests.support.cli import environment
+from tests.support.hygiene import WATCH_KEY_MATERIAL
+from tests.support.net import free_port
+from tests.support.records import sealed_record
 from vault.kek import KekRing
 from vault.store import open_store
 
@@ -78,27 +79,6 @@ def test_locking_can_be_switched_off() -> None:
     assert "switched off (ZANDD_LOCK_MEMORY=false)" in str(probe["line"])
 
 
-# Notes, each time KEK material enters the process (a ring is loaded or created) and each time
-# a key is opened, whether the process could then be dumped; ``seen`` holds the notes.
-WATCH_KEY_MATERIAL = """
-import ctypes, json, resource, sys
-import vault.kek, vault.opening, vault.rewrap
-
-libc = ctypes.CDLL(None)
-seen = []
-
-def watched(name, fn):
-    def call(*args, **kwargs):
-        seen.append([name, libc.prctl(3, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE)])
-        return fn(*args, **kwargs)
-    return call
-
-for name in ("load", "create"):
-    method = getattr(vault.kek.KekRing, name).__func__
-    setattr(vault.kek.KekRing, name, classmethod(watched(name, method)))
-for module in (vault.opening, vault.rewrap):
-    module.open_into = watched("open", module.open_into)
-"""
 # Runs one ``zandd`` command so watched.
 _WATCHED_COMMAND = (
     WATCH_KEY_MATERIAL
@@ -108,13 +88,6 @@ code = main(sys.argv[1:])
 print(json.dumps({"code": code, "seen": seen}))
 """
 )
-
-
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 @pytest.fixture
@@ -154,11 +127,10 @@ def vault_dir(tmp_path: Path) -> Path:
 def test_vault_commands_harden_before_they_hold_a_kek(
     vault_dir: Path, tmp_path: Path, command: list[str], holds: set[str]
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZANDD_")}
-    env.update(
+    env = environment(
         ZANDD_DATA_DIR=str(vault_dir),
         # No TPM: `vault init` falls back to the OS RNG at once.
-        ZANDD_TPM_TCTI=f"swtpm:host=127.0.0.1,port={_closed_port()}",
+        ZANDD_TPM_TCTI=f"swtpm:host=127.0.0.1,port={free_port()}",
         TSS2_LOG="all+none",
     )
     if command[:2] == ["vault", "init"]:

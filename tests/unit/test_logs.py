@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from contracts.tracing import producer_span
-from tests.spans import memory_exporter
+from tests.support.spans import memory_exporter
 from workers.logs import (
     JsonFormatter,
     RequestContextFilter,

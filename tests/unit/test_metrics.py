@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 from collections.abc import Iterator
 
@@ -11,21 +10,15 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from contracts.errors import ConfigurationError
+from tests.support.net import free_port
 from workers.metrics import ClientCollector, Metrics, MetricsServer, operation_label
 from workers.stages import Stage
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @pytest.fixture
 def metrics() -> Iterator[tuple[Metrics, MetricsServer]]:
     metrics = Metrics()
-    server = metrics.serve(_free_port())
+    server = metrics.serve(free_port())
     try:
         yield metrics, server
     finally:

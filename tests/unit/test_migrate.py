@@ -9,20 +9,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
-import os
 import sqlite3
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from contracts.crypto import public_key_der
 from contracts.errors import IntegrityError
+from tests.support.cli import environment, run_zandd
+from tests.support.records import T0, sealed_record
 from vault.audit import AuditBroken, AuditEvent, AuditQuery, verify_log
 from vault.kek import Kek, KekRing
 from vault.migrate import (
@@ -34,43 +33,8 @@ from vault.migrate import (
 )
 from vault.record_mac import authenticated
 from vault.records import KeyRecord, KeyState
-from vault.sealing import RecordBinding, seal
 from vault.store import VaultStore, open_store
 from workers.commands.progress import ProgressBar
-
-T0 = datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=UTC)
-
-
-def sealed_record(
-    ring: KekRing,
-    key_id: str,
-    version: int = 1,
-    *,
-    state: KeyState = KeyState.ENABLED,
-    scalar_of: ec.EllipticCurvePrivateKey | None = None,
-) -> KeyRecord:
-    """A record sealing a fresh P-256 key (or, with ``scalar_of``, another key's scalar)."""
-    private_key = ec.generate_private_key(ec.SECP256R1())
-    sealed_key = scalar_of or private_key
-    scalar = sealed_key.private_numbers().private_value.to_bytes(32, "big")
-    binding = RecordBinding(key_id=key_id, version=version, algorithm="ecdsa-p256-sha256")
-    destroyed = state is KeyState.DESTROYED
-    destroy_after = T0 + timedelta(days=30) if state is KeyState.PENDING_DESTRUCTION else None
-    unsigned = KeyRecord(
-        key_id=key_id,
-        version=version,
-        algorithm="ecdsa-p256-sha256",
-        public_key_der=public_key_der(private_key.public_key()),
-        sealed=None if destroyed else seal(scalar, binding, ring.active),
-        state=state,
-        label=f"{key_id} v{version}",
-        allowed_signers=("svc-a",),
-        created_at=T0 + timedelta(seconds=version),
-        created_by="keygen-user",
-        request_id=f"req-{key_id}-{version}",
-        destroy_after=T0 if destroyed else destroy_after,
-    )
-    return authenticated(unsigned, ring, generation=1)
 
 
 def audit_event(n: int) -> AuditEvent:
@@ -335,15 +299,7 @@ def test_progress_bar_writes_a_line_per_tenth_elsewhere() -> None:
 
 
 def zandd(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZANDD_")}
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_zandd(*args, env=environment())
 
 
 async def test_the_command_migrates_and_says_so(tmp_path: Path) -> None:

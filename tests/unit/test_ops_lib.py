@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.net import free_port
+
 LIB = Path(__file__).resolve().parents[2] / "ops" / "lib.sh"
 PASSWORD = "s3cret-pw"
-
-
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def _lib(script: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -74,7 +68,7 @@ def test_an_unreachable_broker_is_named_without_password_and_checked_via_the_env
         f'#!/bin/sh\nprintf "%s\\n" "$0" "$@" >>"{argv_log}"\nexec "{sys.executable}" "$@"\n'
     )
     python.chmod(0o755)
-    url = f"amqp://svc:{PASSWORD}@127.0.0.1:{_closed_port()}/"
+    url = f"amqp://svc:{PASSWORD}@127.0.0.1:{free_port()}/"
     result = _lib(
         "ensure_rabbitmq",
         tmp_path,

@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
-from vault import KeyRecord, KeyState, SealedKey, SqliteStore
+from tests.support.records import record_under
+from vault import SqliteStore
 from vault.kek import KekRing
 from workers.metrics import Metrics
 from workers.ringwatch import RingWatch
-
-
-def _record(kek_id: str) -> KeyRecord:
-    return KeyRecord(
-        key_id=f"zk-{uuid.uuid4().hex}",
-        version=1,
-        algorithm="ecdsa-p256-sha256",
-        public_key_der=os.urandom(91),
-        sealed=SealedKey(kek_id, os.urandom(12), os.urandom(48)),
-        state=KeyState.ENABLED,
-        label=None,
-        allowed_signers=(),
-        created_at=datetime.now(UTC),
-        created_by="test",
-        request_id=None,
-    )
 
 
 async def test_the_metric_counts_versions_the_ring_cannot_open(tmp_path: Path) -> None:
@@ -35,11 +17,11 @@ async def test_the_metric_counts_versions_the_ring_cannot_open(tmp_path: Path) -
     metrics = Metrics()
     watch = RingWatch(store, ring, metrics)
     try:
-        await store.create_key(_record(ring.active.kek_id))
+        await store.create_key(record_under(ring.active.kek_id))
         assert (await watch.check()).complete
         assert metrics.registry.get_sample_value("zandd_vault_records_unreadable") == 0
         for _ in range(3):
-            await store.create_key(_record("kek-20200101-deadbeef"))
+            await store.create_key(record_under("kek-20200101-deadbeef"))
         coverage = await watch.check()
         assert coverage.missing == {"kek-20200101-deadbeef": 3}
         assert metrics.registry.get_sample_value("zandd_vault_records_unreadable") == 3
@@ -54,7 +36,7 @@ async def test_a_kek_rotated_in_by_another_process_is_not_missing(tmp_path: Path
     store = await SqliteStore.open(str(tmp_path / "vault.db"))
     metrics = Metrics()
     try:
-        await store.create_key(_record(rotated.active.kek_id))
+        await store.create_key(record_under(rotated.active.kek_id))
         assert (await RingWatch(store, ring, metrics).check()).complete
         assert metrics.registry.get_sample_value("zandd_vault_records_unreadable") == 0
     finally:

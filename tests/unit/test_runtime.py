@@ -20,7 +20,7 @@ from contracts.errors import InternalError, VaultUnavailable, ZanddError
 from contracts.limits import Limits
 from contracts.operations import Operation
 from contracts.transport import Delivery
-from tests.memory_transport import MemoryBroker
+from tests.support.memory_transport import MemoryBroker
 from workers.runtime import AuditHook, ConsumerRuntime, Handler, Probe, RequestContext
 
 REPLY_TO = "zandd.reply.svc-a.r1"

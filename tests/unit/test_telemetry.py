@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import aio_pika
@@ -19,7 +18,7 @@ from pamqp import commands, frame, header
 
 from contracts.errors import ConfigurationError, KeyNotFound, VaultUnavailable
 from contracts.tracing import extract, mark_failed, producer_destination, producer_span
-from tests.spans import by_name, memory_exporter
+from tests.support.spans import by_name
 from workers.logs import current_trace_id
 from workers.metrics import Metrics
 from workers.telemetry import (
@@ -30,14 +29,6 @@ from workers.telemetry import (
     consumer_span,
     stage,
 )
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = memory_exporter()
-    exporter.clear()
-    yield exporter
-    exporter.clear()
 
 
 def _delivered(

@@ -43,7 +43,7 @@ from contracts.wire import (
     WireProtocolError,
     WireRefused,
 )
-from tests.poison import POISON_HEADERS
+from tests.support.poison import POISON_HEADERS
 
 #: A throwaway self-signed CA certificate (its key was never kept): for ``cadata``.
 _A_CA_PEM = """\
@@ -93,23 +93,26 @@ class _Transport:
 
 
 async def _wire(
-    *, frame_max: int = FRAME_MAX, blocked_timeout_s: float = 30.0
+    *,
+    frame_max: int = FRAME_MAX,
+    heartbeat_s: int = 0,
+    max_body_bytes: int | None = None,
+    confirms: bool = False,
+    blocked_timeout_s: float = 30.0,
 ) -> tuple[Wire, _Transport, list[Delivery]]:
-    wire = Wire(
-        Endpoint.of("amqp://u:p@localhost/v"),
-        connection_name="test",
-        heartbeat_s=0,
+    """A connection as after the handshake over a recording transport, its deliveries listed."""
+    transport = _Transport()
+    deliveries: list[Delivery] = []
+    wire = Wire.for_testing(
+        transport,  # type: ignore[arg-type]
+        frame_max=frame_max,
+        heartbeat_s=heartbeat_s,
+        max_body_bytes=max_body_bytes,
+        on_delivery=deliveries.append,
+        confirms=confirms,
         blocked_timeout_s=blocked_timeout_s,
     )
-    transport = _Transport()
-    wire.connection_made(transport)  # type: ignore[arg-type]
-    # As after the handshake: nothing awaits connection.start; tune settled the frame size.
-    wire._started.cancel()
-    wire._waiter = None
-    wire._frame_max = frame_max
     transport.written.clear()
-    deliveries: list[Delivery] = []
-    wire._on_delivery = deliveries.append
     return wire, transport, deliveries
 
 
@@ -245,8 +248,7 @@ async def test_a_request_carries_every_property_as_pamqp_reads_it() -> None:
 
 
 async def test_confirms_settle_in_order_single_or_multiple_and_a_nack_says_no() -> None:
-    wire, _transport, _ = await _wire()
-    wire._confirms = {}  # as after confirm.select
+    wire, _transport, _ = await _wire(confirms=True)
     confirms = [wire.publish(b"{}", Properties(), routing_key="r") for _ in range(5)]
     assert all(confirm is not None and not confirm.done() for confirm in confirms)
     wire.data_received(frame.marshal(commands.Basic.Ack(delivery_tag=3, multiple=True), 1))
@@ -365,8 +367,7 @@ async def test_an_unreadable_frame_ends_the_connection(garbage: bytes) -> None:
 
 
 async def test_silence_from_the_broker_for_two_heartbeats_ends_the_connection() -> None:
-    wire, transport, _ = await _wire()
-    wire._heartbeat_s = 1
+    wire, transport, _ = await _wire(heartbeat_s=1)
     wire._beat()  # just heard from, just wrote: nothing to do
     assert transport.written == b""
     wire._last_write_s -= 0.5
@@ -494,8 +495,7 @@ async def test_an_undecodable_header_is_one_defective_delivery_and_the_next_is_i
 
 
 async def test_a_body_over_the_limit_is_counted_not_buffered_and_delivered_with_a_defect() -> None:
-    wire, _transport, deliveries = await _wire()
-    wire._max_body_bytes = 1000
+    wire, _transport, deliveries = await _wire(max_body_bytes=1000)
     big = _delivery_bytes(b"x" * 10_000, commands.Basic.Properties(message_id="big"), tag=1)
     frames = []
     rest = big
@@ -607,9 +607,7 @@ FRAME_STREAMS = st.one_of(
 async def test_any_bytes_end_in_deliveries_defects_or_a_protocol_error(
     data: bytes, splits: list[int]
 ) -> None:
-    wire, _transport, deliveries = await _wire(frame_max=131072)
-    wire._max_body_bytes = 4000
-    wire._confirms = {}
+    wire, _transport, deliveries = await _wire(frame_max=131072, max_body_bytes=4000, confirms=True)
     offset = 0
     for size in splits * (len(data) // sum(splits) + 1):
         if offset >= len(data):

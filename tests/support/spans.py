@@ -1,7 +1,7 @@
 """Finished spans in memory, for tests: one SDK tracer provider per test process.
 
 OpenTelemetry lets a process set its global tracer provider once, so every test that looks
-at spans shares this one exporter (cleared around each test by the ``spans`` fixtures).
+at spans shares this one exporter (cleared around each test by the ``spans`` fixture).
 """
 
 from __future__ import annotations
