@@ -23,8 +23,8 @@ from tests.support.mongo import docker_unavailable as _docker_unavailable
 from tests.support.spans import memory_exporter
 from vault.kek import KekRing
 from vault.store import open_store
-from workers.config import Settings
-from workers.metrics import Metrics
+from workers.observability.metrics import Metrics
+from workers.service.config import Settings
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -137,7 +137,7 @@ async def fleet(
     await _purge_work_queues(amqp_url)
     stop = asyncio.Event()
     from workers.keygen.session import TpmSession
-    from workers.serve import build_runtime, keygen_worker, signer_worker
+    from workers.service.serve import build_runtime, keygen_worker, signer_worker
 
     tpm = TpmSession(swtpm_tcti)
     stack = AsyncExitStack()

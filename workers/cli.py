@@ -41,9 +41,9 @@ from workers.commands.base import (
     secrets_in,
     settings_from,
 )
-from workers.logs import LogFormat
-from workers.logs import install as install_log_handler
-from workers.telemetry import configure_tracing
+from workers.observability.logs import LogFormat
+from workers.observability.logs import install as install_log_handler
+from workers.observability.telemetry import configure_tracing
 
 log = logging.getLogger("zandd.cli")
 

@@ -28,7 +28,7 @@ from tests.support.fleet import RunningFleet
 from vault.audit import AuditQuery
 from vault.audit_chain import ChainKeys
 from vault.audit_checkpoint import Checkpoint, signed_digest, verify_checkpoint
-from workers.audit_checkpoint import event_checkpoint
+from workers.audit.audit_checkpoint import event_checkpoint
 
 EVERY = 10
 pytestmark = [

@@ -158,7 +158,7 @@ async def test_up_exports_traces_to_the_console_and_metrics_per_worker(
     empty_amqp_url: str, tmp_path: Path
 ) -> None:
     from contracts.client import SigningClient
-    from workers.fleet import wait_until_ready
+    from workers.operator.fleet import wait_until_ready
 
     metrics_port = free_port()
     env = environment(
@@ -216,8 +216,8 @@ def _proc(pid: int, name: str) -> bytes:
 
 _CREATE_RING_AS_UP_DOES = """
 import asyncio
-from workers.config import Settings
-from workers.fleet import ensure_kek_ring
+from workers.service.config import Settings
+from workers.operator.fleet import ensure_kek_ring
 asyncio.run(ensure_kek_ring(Settings(), sys.argv[1]))
 print(json.dumps({"seen": seen}))
 """
@@ -258,7 +258,7 @@ def passworded_url(empty_amqp_url: str) -> Iterator[str]:
 async def test_up_keeps_the_broker_password_off_command_lines_and_out_of_swtpm(
     passworded_url: str, tmp_path: Path
 ) -> None:
-    from workers.fleet import wait_until_ready
+    from workers.operator.fleet import wait_until_ready
 
     url, password = passworded_url, URL(passworded_url).password
     assert password

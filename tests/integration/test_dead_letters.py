@@ -21,7 +21,7 @@ from tests.support import cli
 from tests.support.cli import environment
 from tests.support.fleet import RunningFleet
 from tests.support.poison import POISON_HEADERS, publish_poison
-from workers.dead import DeadLetterQueue
+from workers.operator.dead import DeadLetterQueue
 
 pytestmark = pytest.mark.rabbitmq
 

@@ -44,8 +44,8 @@ from tests.support.poison import POISON_HEADERS, publish_poison
 from tests.support.processes import ProcessFleet, started
 from vault.kek import KekRing
 from vault.store import open_store
-from workers.dead import DeadLetterQueue
-from workers.runtime import ConsumerRuntime
+from workers.consumer.runtime import ConsumerRuntime
+from workers.operator.dead import DeadLetterQueue
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm, pytest.mark.faults]
 

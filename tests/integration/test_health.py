@@ -22,8 +22,7 @@ from contracts.topology import (
 )
 from tests.support.cli import environment, run_zandd
 from tests.support.net import free_port
-from workers.config import Settings
-from workers.health import (
+from workers.operator.health import (
     HEARTBEAT_MAX_AGE_S,
     Role,
     TpmCheck,
@@ -33,6 +32,7 @@ from workers.health import (
     heartbeat_path,
     read_tpm_check,
 )
+from workers.service.config import Settings
 
 pytestmark = pytest.mark.rabbitmq
 

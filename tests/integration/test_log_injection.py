@@ -17,7 +17,7 @@ import pytest
 
 from contracts.topology import EXCHANGE
 from tests.support.fleet import RunningFleet
-from workers.logs import RequestContextFilter, TextFormatter
+from workers.observability.logs import RequestContextFilter, TextFormatter
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm]
 

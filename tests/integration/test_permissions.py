@@ -276,7 +276,7 @@ async def test_a_keygen_worker_serves_its_queue_and_publishes_events_signers_hea
     broker: Broker, connections: Callable[[str], Awaitable[AbstractChannel]]
 ) -> None:
     signer, keygen = await connections("signer"), await connections("keygen")
-    # A signer's event queue, named as workers.events names it.
+    # A signer's event queue, named as workers.service.events names it.
     events_queue = await signer.declare_queue(
         f"{EVENTS_EXCHANGE}.test.{uuid.uuid4().hex[:8]}", exclusive=True, auto_delete=True
     )

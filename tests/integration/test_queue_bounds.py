@@ -20,7 +20,7 @@ from contracts.models import KeyCreateRequest
 from contracts.operations import Operation
 from contracts.topology import EXCHANGE, KEYGEN_QUEUE, SIGN_QUEUE, declare_topology
 from contracts.wire import Properties, Wire
-from workers.runtime import ConsumerRuntime, RequestContext
+from workers.consumer.runtime import ConsumerRuntime, RequestContext
 
 pytestmark = pytest.mark.rabbitmq
 

@@ -30,8 +30,8 @@ from tests.support.cli import environment, zandd
 from tests.support.fleet import RunningFleet
 from tests.support.principals import ALICE, BOB
 from vault.record_mac import verify_record
-from workers.runtime import ConsumerRuntime
-from workers.serve import signer_worker
+from workers.consumer.runtime import ConsumerRuntime
+from workers.service.serve import signer_worker
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm]
 

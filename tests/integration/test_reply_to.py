@@ -26,7 +26,7 @@ from contracts.topology import DEAD_LETTER_QUEUE, EXCHANGE, KEYGEN_QUEUE, SIGN_Q
 from tests.support.audit import audit_outcomes
 from tests.support.fleet import RunningFleet
 from tests.support.principals import ALICE, BOB, SUFFIX
-from workers.dead import DeadLetterQueue
+from workers.operator.dead import DeadLetterQueue
 
 OTHER_APP_QUEUE = "billing.invoices"
 

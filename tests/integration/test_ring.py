@@ -354,8 +354,8 @@ async def test_up_hands_the_sealed_ring_over_a_pipe_and_a_rotation_replaces_the_
     empty_amqp_url: str, swtpm_tcti: str, tmp_path: Path
 ) -> None:
     from contracts.client import SigningClient
-    from workers.fleet import wait_until_ready
     from workers.keygen.ringseal import TpmRingSealer
+    from workers.operator.fleet import wait_until_ready
 
     data = tmp_path / "fleet"
     env = environment(

@@ -49,8 +49,8 @@ from vault.audit import AuditQuery, verify_log
 from vault.audit_chain import ChainKeys
 from vault.rewrap import RewrapOutcome, rewrap
 from vault.sealing import open_into
-from workers.events import EventSubscriber
-from workers.runtime import RequestContext
+from workers.consumer.runtime import RequestContext
+from workers.service.events import EventSubscriber
 from workers.signer.worker import Signer
 
 pytestmark = [
@@ -695,7 +695,7 @@ def secret_forms(secret: bytes) -> list[str]:
 async def test_a_debug_log_of_a_full_run_holds_no_key_material(
     users: dict[str, str], swtpm_tcti: str, tmp_path: Path, amqp_url: str
 ) -> None:
-    from workers.fleet import wait_until_ready
+    from workers.operator.fleet import wait_until_ready
 
     data = tmp_path / "debug-run"
     producer = users[ALICE]

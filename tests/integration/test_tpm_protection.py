@@ -33,10 +33,10 @@ from vault.record_mac import authenticated, verify_record
 from vault.records import KeyState
 from vault.rewrap import RewrapOutcome, rewrap
 from vault.store import VaultStore, open_store
+from workers.consumer.runtime import RequestContext
 from workers.keygen.session import TpmSession
 from workers.keygen.swtpm import start_swtpm
 from workers.keygen.worker import Keygen
-from workers.runtime import RequestContext
 
 pytestmark = pytest.mark.tpm
 

@@ -13,8 +13,8 @@ from contracts.topology import EXCHANGE, SIGN_QUEUE, declare_topology
 from contracts.tracing import producer_span
 from tests.support.fleet import RunningFleet
 from tests.support.spans import by_name
-from workers.stages import Stage
-from workers.telemetry import consumer_span, stage
+from workers.observability.stages import Stage
+from workers.observability.telemetry import consumer_span, stage
 
 pytestmark = pytest.mark.rabbitmq
 

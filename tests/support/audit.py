@@ -11,7 +11,7 @@ from vault.audit import AuditEvent, AuditQuery
 from vault.audit_chain import ChainKeys
 from vault.kek import KekRing
 from vault.store import VaultStore
-from workers.audit_head import KeyedAppender
+from workers.audit.audit_head import KeyedAppender
 
 T0 = datetime(2026, 11, 29, 20, 0, 0, tzinfo=UTC)
 """The events' clock: event ``n`` happens ``n`` seconds after it."""

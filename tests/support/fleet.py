@@ -16,8 +16,8 @@ from contracts.operations import Operation
 from contracts.topology import declare_topology
 from vault.kek import KekRing
 from vault.store import VaultStore
-from workers.config import Settings
-from workers.runtime import ConsumerRuntime, Handler, RequestContext
+from workers.consumer.runtime import ConsumerRuntime, Handler, RequestContext
+from workers.service.config import Settings
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from contracts.errors import TransportClosed
 from contracts.transport import Delivery, DeliveryCallback, Properties, Transport
-from workers.runtime import WorkQueue
+from workers.consumer.runtime import WorkQueue
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ import aio_pika
 from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE
 from tests.support.broker import rabbitmqctl
 from tests.support.cli import ZANDD, environment
-from workers.fleet import consumer_counts
+from workers.operator.fleet import consumer_counts
 
 
 @dataclass

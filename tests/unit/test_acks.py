@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from contracts.wire import WireClosed
-from workers.acks import AckBatcher
+from workers.consumer.acks import AckBatcher
 
 
 class _RecordingChannel:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workers.metrics import ClientCollector, Metrics
+from workers.observability.metrics import ClientCollector, Metrics
 
 ALERTS = Path(__file__).parents[2] / "ops" / "alerts"
 RUNBOOK = Path(__file__).parents[2] / "docs" / "operations.md"

@@ -31,9 +31,9 @@ from vault.audit_chain import AUDIT_KEY_INFO, ChainKey, ChainKeys, derive_chain_
 from vault.kek import Kek, KekRing
 from vault.migrate import migrate_vault
 from vault.store import VaultStore, open_store
-from workers.audit_head import MAX_POLL_S, AuditHeadPublisher
+from workers.audit.audit_head import MAX_POLL_S, AuditHeadPublisher
 from workers.commands.audit import parse_head
-from workers.metrics import Metrics
+from workers.observability.metrics import Metrics
 
 
 def test_the_audit_key_is_hkdf_of_the_kek_under_its_own_label() -> None:

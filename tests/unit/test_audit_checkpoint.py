@@ -35,7 +35,7 @@ from vault.audit_checkpoint import (
 )
 from vault.kek import KekRing
 from vault.store import VaultStore
-from workers.audit_checkpoint import AuditCheckpointer, checkpoint_event, event_checkpoint
+from workers.audit.audit_checkpoint import AuditCheckpointer, checkpoint_event, event_checkpoint
 from workers.keygen.session import TpmSession
 from workers.keygen.tpm import Tpm
 

@@ -17,7 +17,7 @@ from contracts.models import (
     SignRequest,
 )
 from vault.audit import AuditEvent, AuditLog, canonical_bytes
-from workers.auditing import MAX_RECORDED_CHARS, RequestAuditor, audit_event, data_digest
+from workers.audit.auditing import MAX_RECORDED_CHARS, RequestAuditor, audit_event, data_digest
 
 AT = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from contracts.errors import BrokerUnavailable
-from workers.backoff import serve_reconnecting
+from workers.consumer.backoff import serve_reconnecting
 
 
 class _Broker:

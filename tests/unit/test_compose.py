@@ -16,7 +16,7 @@ import yaml
 from yarl import URL
 
 from workers.cli import build_parser
-from workers.config import Settings
+from workers.service.config import Settings
 
 ROOT = Path(__file__).parents[2]
 COMPOSE = ROOT / "compose" / "compose.yaml"

@@ -21,7 +21,7 @@ from vault.store import open_store
 
 _PROBE = """
 import ctypes, ctypes.util, json, resource
-from workers.hygiene import harden_process
+from workers.service.hygiene import harden_process
 protections = harden_process(lock_memory=%s)
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 status = dict(

@@ -24,9 +24,9 @@ from vault import Kek, KekRing, KeyRecord, RecordBinding, SealedKey, seal
 from vault.audit import AuditLog, AuditQuery
 from vault.record_mac import authenticated
 from vault.store import VaultStore, open_store
+from workers.consumer.runtime import RequestContext
 from workers.keygen.lifecycle import KeyLifecycle
-from workers.policy import AccessPolicy
-from workers.runtime import RequestContext
+from workers.service.policy import AccessPolicy
 
 T0 = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
 KEK = Kek.generate()

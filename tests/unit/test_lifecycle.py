@@ -17,8 +17,8 @@ from vault.lifecycle import destroyed, is_due, transition
 from vault.record_mac import authenticated, verify_record
 from vault.rewrap import RewrapOutcome, resealed, rewrap
 from vault.store import VaultStore, open_store
-from workers.policy import ANONYMOUS_PRINCIPAL, AccessPolicy
-from workers.runtime import RequestContext
+from workers.consumer.runtime import RequestContext
+from workers.service.policy import ANONYMOUS_PRINCIPAL, AccessPolicy
 
 NOW = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
 OLD = Kek.generate()

@@ -12,7 +12,7 @@ import pytest
 
 from contracts.tracing import producer_span
 from tests.support.spans import memory_exporter
-from workers.logs import (
+from workers.observability.logs import (
     JsonFormatter,
     RequestContextFilter,
     TextFormatter,

@@ -11,8 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from contracts.errors import ConfigurationError
 from tests.support.net import free_port
-from workers.metrics import ClientCollector, Metrics, MetricsServer, operation_label
-from workers.stages import Stage
+from workers.observability.metrics import ClientCollector, Metrics, MetricsServer, operation_label
+from workers.observability.stages import Stage
 
 
 @pytest.fixture

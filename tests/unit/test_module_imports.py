@@ -32,5 +32,5 @@ def _imports() -> dict[str, set[str]]:
 
 def test_metrics_and_telemetry_do_not_import_each_other() -> None:
     graph = _imports()
-    assert "workers.telemetry" not in graph["workers.metrics"]
-    assert "workers.metrics" not in graph["workers.telemetry"]
+    assert "workers.observability.telemetry" not in graph["workers.observability.metrics"]
+    assert "workers.observability.metrics" not in graph["workers.observability.telemetry"]

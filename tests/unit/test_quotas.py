@@ -17,11 +17,11 @@ from contracts.limits import Limits
 from contracts.operations import ERROR_REPLY_TYPE, Operation
 from contracts.wire import Delivery
 from workers.bench.environment import bench_settings
-from workers.config import Settings
-from workers.fleet import child_environment
-from workers.metrics import Metrics
-from workers.quotas import Quotas, Rates, TokenBucket, rates_from
-from workers.runtime import ConsumerRuntime, RequestContext
+from workers.consumer.runtime import ConsumerRuntime, RequestContext
+from workers.observability.metrics import Metrics
+from workers.operator.fleet import child_environment
+from workers.service.config import Settings
+from workers.service.quotas import Quotas, Rates, TokenBucket, rates_from
 
 
 @dataclass

@@ -29,7 +29,7 @@ from vault.record_mac import (
 )
 from vault.records import RecordMac
 from vault.store import VaultStore, open_store
-from workers.runtime import RequestContext
+from workers.consumer.runtime import RequestContext
 from workers.signer.cache import RecordCache
 from workers.signer.worker import Signer
 

@@ -13,7 +13,7 @@ from contracts.amqp import connect_plain
 from contracts.errors import BrokerUnavailable
 from contracts.urls import redact_url
 from vault import Kek, KekRing, KeyRecord, KeyState, RecordBinding, seal
-from workers.config import Settings
+from workers.service.config import Settings
 
 
 def test_settings_show_urls_without_their_passwords() -> None:

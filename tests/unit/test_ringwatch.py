@@ -7,8 +7,8 @@ from pathlib import Path
 from tests.support.records import record_under
 from vault import SqliteStore
 from vault.kek import KekRing
-from workers.metrics import Metrics
-from workers.ringwatch import RingWatch
+from workers.observability.metrics import Metrics
+from workers.service.ringwatch import RingWatch
 
 
 async def test_the_metric_counts_versions_the_ring_cannot_open(tmp_path: Path) -> None:

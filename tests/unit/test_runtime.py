@@ -21,7 +21,7 @@ from contracts.limits import Limits
 from contracts.operations import Operation
 from contracts.transport import Delivery
 from tests.support.memory_transport import MemoryBroker
-from workers.runtime import AuditHook, ConsumerRuntime, Handler, Probe, RequestContext
+from workers.consumer.runtime import AuditHook, ConsumerRuntime, Handler, Probe, RequestContext
 
 REPLY_TO = "zandd.reply.svc-a.r1"
 SIGN_BODY = b'{"key_id":"k","digest":"' + b"A" * 43 + b'="}'

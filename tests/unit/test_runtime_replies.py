@@ -23,7 +23,7 @@ from contracts.errors import (
 from contracts.limits import Limits
 from contracts.operations import Operation
 from contracts.wire import Delivery
-from workers.runtime import ConsumerRuntime, _error_outcome
+from workers.consumer.runtime import ConsumerRuntime, _error_outcome
 
 
 def reply_of(error: ZanddError) -> dict[str, object]:

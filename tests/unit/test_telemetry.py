@@ -19,9 +19,9 @@ from pamqp import commands, frame, header
 from contracts.errors import ConfigurationError, KeyNotFound, VaultUnavailable
 from contracts.tracing import extract, mark_failed, producer_destination, producer_span
 from tests.support.spans import by_name
-from workers.logs import current_trace_id
-from workers.metrics import Metrics
-from workers.telemetry import (
+from workers.observability.logs import current_trace_id
+from workers.observability.metrics import Metrics
+from workers.observability.telemetry import (
     Stage,
     build_span_exporter,
     build_tracer_provider,
@@ -274,7 +274,7 @@ def test_without_an_exporter_nothing_is_recorded_but_trace_ids_still_flow() -> N
 def test_with_tracing_off_the_consumer_span_carries_the_producer_trace_id_and_records_nothing(
     spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("workers.telemetry.recording", lambda: False)
+    monkeypatch.setattr("workers.observability.telemetry.recording", lambda: False)
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     with consumer_span(_delivered({"traceparent": traceparent}), queue="zandd.sign") as span:
         assert not span.is_recording()

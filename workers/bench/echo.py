@@ -125,7 +125,7 @@ class EchoClient:
 
 
 async def _main(queue_name: str) -> int:
-    from workers.config import Settings
+    from workers.service.config import Settings
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

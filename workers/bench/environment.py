@@ -24,8 +24,8 @@ from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE, consumer_count
 from contracts.urls import redact_url
 from vault.kek import KekRing
 from workers.bench.progress import Progress
-from workers.config import Settings
-from workers.fleet import READY_TIMEOUT_S, Fleet, child_environment, wait_until_ready
+from workers.operator.fleet import READY_TIMEOUT_S, Fleet, child_environment, wait_until_ready
+from workers.service.config import Settings
 
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _RABBITMQCTL_TIMEOUT_S = 60.0

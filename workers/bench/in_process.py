@@ -24,7 +24,7 @@ from vault.store import open_store
 from workers.bench.measure import Run, Timing, drive_blocking
 from workers.bench.progress import Progress
 from workers.bench.tpm_path import sign_in_tpm
-from workers.runtime import RequestContext
+from workers.consumer.runtime import RequestContext
 from workers.signer.signing import sign_digests
 
 _ECDSA_PREHASHED = ec.ECDSA(Prehashed(hashes.SHA256()))

@@ -33,8 +33,8 @@ from workers.bench.queue_scenarios import (
     measure_sign,
 )
 from workers.bench.report import BenchReport
-from workers.config import Settings
-from workers.fleet import ensure_kek_ring
+from workers.operator.fleet import ensure_kek_ring
+from workers.service.config import Settings
 
 
 @dataclass(frozen=True, slots=True)

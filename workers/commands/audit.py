@@ -14,15 +14,15 @@ from vault.audit import AuditEntry, AuditQuery, AuditReport, ChainHead, check_lo
 from vault.audit_chain import ChainKeys, link_kek_id
 from workers.commands.base import CommandTree
 from workers.commands.local import opened_store, printable, when
-from workers.config import Settings
+from workers.service.config import Settings
 
 if TYPE_CHECKING:
     from vault.store import VaultStore
 
 
 async def _cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.hygiene import harden_for_key_material
-    from workers.ringsetup import load_ring
+    from workers.service.hygiene import harden_for_key_material
+    from workers.service.ringsetup import load_ring
 
     known = _known_head(args)
     harden_for_key_material(lock_memory=settings.lock_memory)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from contracts.urls import redact_url, url_secrets
-from workers.config import Settings
+from workers.service.config import Settings
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -9,7 +9,7 @@ import sys
 
 from contracts.errors import ConfigurationError
 from workers.commands.base import CommandTree
-from workers.config import Settings
+from workers.service.config import Settings
 
 DEFAULT_SIGNERS = (2,)
 DEFAULT_DURATION_S = 5.0

@@ -13,10 +13,10 @@ from pydantic import ValidationError
 from contracts.errors import ConfigurationError
 from contracts.models import AuditCheckpointEvent
 from vault.audit_checkpoint import Checkpoint, all_checkpoints
-from workers.audit_checkpoint import checkpoint_event, event_checkpoint
+from workers.audit.audit_checkpoint import checkpoint_event, event_checkpoint
 from workers.commands.base import CommandTree
 from workers.commands.local import opened_store, printable, when
-from workers.config import Settings
+from workers.service.config import Settings
 
 #: ``--checkpoint-key tpm``: read the key from the TPM (not beside a running keygen worker on
 #: a TPM that serves one client, such as swtpm).
@@ -41,7 +41,7 @@ def load_checkpoint_key(source: str, settings: Settings) -> ec.EllipticCurvePubl
 def _key_from_tpm(settings: Settings) -> ec.EllipticCurvePublicKey:
     from workers.keygen.checkpoint_key import checkpoint_public_key
     from workers.keygen.tpm import Tpm
-    from workers.serve import resolve_tcti
+    from workers.service.serve import resolve_tcti
 
     # flush_leftovers=False: the objects a TPM without a resource manager holds may be a
     # running keygen worker's.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from contracts.errors import ZanddError
 from workers.commands.base import EXIT_FAILURE, CommandTree
-from workers.config import Settings
+from workers.service.config import Settings
 
 
 async def _cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:

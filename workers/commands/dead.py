@@ -9,8 +9,8 @@ from contracts.errors import ConfigurationError
 from contracts.text import printable
 from workers.commands.base import CommandTree
 from workers.commands.progress import ProgressBar
-from workers.config import Settings
-from workers.dead import DeadLetter, DeadLetterQueue
+from workers.operator.dead import DeadLetter, DeadLetterQueue
+from workers.service.config import Settings
 
 
 async def _cmd_list(args: argparse.Namespace, settings: Settings) -> int:

@@ -6,12 +6,12 @@ import argparse
 
 from vault.coverage import ALLOW_UNREADABLE_FLAG
 from workers.commands.base import EXIT_FAILURE, CommandTree, positive_int
-from workers.config import Settings
+from workers.service.config import Settings
 
 
 async def _cmd_signer(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.fleet import die_with_supervisor
-    from workers.serve import serve_signer
+    from workers.operator.fleet import die_with_supervisor
+    from workers.service.serve import serve_signer
 
     die_with_supervisor()
     await serve_signer(settings, concurrency=args.concurrency)
@@ -19,8 +19,8 @@ async def _cmd_signer(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _cmd_keygen(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.fleet import die_with_supervisor
-    from workers.serve import serve_keygen
+    from workers.operator.fleet import die_with_supervisor
+    from workers.service.serve import serve_keygen
 
     die_with_supervisor()
     await serve_keygen(settings)
@@ -28,8 +28,8 @@ async def _cmd_keygen(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.demo import run_demo
-    from workers.fleet import run_up
+    from workers.operator.demo import run_demo
+    from workers.operator.fleet import run_up
 
     async def demo() -> int:
         result = await run_demo(settings.amqp_url)

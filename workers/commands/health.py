@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 
 from workers.commands.base import CommandTree
-from workers.config import Settings
+from workers.service.config import Settings
 
 
 async def _cmd_health(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.health import Role, check_health
+    from workers.operator.health import Role, check_health
 
     report = await check_health(settings, Role(args.role) if args.role else None)
     print(report.line)

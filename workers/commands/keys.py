@@ -18,7 +18,7 @@ from contracts.errors import IntegrityError, KeyNotFound, ZanddError
 from contracts.models import DEFAULT_PENDING_DAYS, KeyState, KeyStateReply
 from workers.commands.base import Command, CommandTree
 from workers.commands.local import opened_store, printable, when
-from workers.config import Settings
+from workers.service.config import Settings
 
 if TYPE_CHECKING:
     from contracts.client import SigningClient
@@ -61,8 +61,8 @@ def _describe_version(record: KeyRecord, check: RecordCheck) -> str:
 def _record_check(settings: Settings) -> RecordCheck:
     """A suffix for each record: empty when its MAC holds, why the workers refuse it if not."""
     from vault.record_mac import verify_record
-    from workers.hygiene import harden_for_key_material
-    from workers.ringsetup import load_ring
+    from workers.service.hygiene import harden_for_key_material
+    from workers.service.ringsetup import load_ring
 
     try:
         harden_for_key_material(lock_memory=settings.lock_memory)

@@ -2,7 +2,7 @@
 
 They run on a host that can open the vault and the KEK ring, as an operator; what they change
 is audited under the principal ``local:<OS user>``. Those that hold KEKs or open keys first
-harden their process as the workers do (``workers.hygiene.harden_for_key_material``).
+harden their process as the workers do (``workers.service.hygiene.harden_for_key_material``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 from contracts.text import escape_unprintable
 from vault.store import VaultStore, open_store
-from workers.config import Settings
+from workers.service.config import Settings
 
 
 @asynccontextmanager

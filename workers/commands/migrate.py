@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 from contracts.errors import ConfigurationError, IntegrityError
 from workers.commands.base import EXIT_OK, CommandTree
 from workers.commands.progress import ProgressBar
-from workers.config import Settings
-from workers.hygiene import harden_for_key_material
+from workers.service.config import Settings
+from workers.service.hygiene import harden_for_key_material
 
 if TYPE_CHECKING:
     from vault.migrate import MigrationReport
@@ -26,7 +26,7 @@ async def _cmd_vault_migrate(args: argparse.Namespace, settings: Settings) -> in
 
     if args.source == args.target:
         raise ConfigurationError("--from and --to name the same vault")
-    from workers.ringsetup import load_ring
+    from workers.service.ringsetup import load_ring
 
     harden_for_key_material(lock_memory=settings.lock_memory)
     ring = load_ring(settings)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 
 from workers.commands.base import CommandTree
-from workers.config import Settings
+from workers.service.config import Settings
 
 
 async def _cmd_tpm_check(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
     from workers.keygen.tpm import Tpm
-    from workers.serve import resolve_tcti
+    from workers.service.serve import resolve_tcti
 
     tcti = resolve_tcti(settings)
     with Tpm(tcti) as tpm:
@@ -34,7 +34,7 @@ async def _cmd_tpm_attestation_key(args: argparse.Namespace, settings: Settings)
     from contracts.crypto import public_key_pem
     from workers.keygen.attest import attestation_public_key
     from workers.keygen.tpm import Tpm
-    from workers.serve import resolve_tcti
+    from workers.service.serve import resolve_tcti
 
     # Beside a running keygen worker: its objects are not leftovers to flush.
     with Tpm(resolve_tcti(settings), flush_leftovers=False) as tpm:

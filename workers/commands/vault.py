@@ -28,13 +28,13 @@ from vault.audit import OUTCOME_OK, AuditEvent, AuditLog
 from vault.audit_chain import ChainKeys
 from vault.coverage import ALLOW_UNREADABLE_FLAG
 from vault.records import KeyRecord
-from workers.audit_head import KeyedAppender
-from workers.auditing import utc_now
+from workers.audit.audit_head import KeyedAppender
+from workers.audit.auditing import utc_now
 from workers.commands.base import EXIT_FAILURE, CommandTree
 from workers.commands.local import local_principal, opened_store
 from workers.commands.progress import ProgressBar
-from workers.config import Settings
-from workers.hygiene import harden_for_key_material
+from workers.service.config import Settings
+from workers.service.hygiene import harden_for_key_material
 
 if TYPE_CHECKING:
     from vault.kek import KekRing
@@ -48,7 +48,7 @@ _Outcome = TypeVar("_Outcome", bound=StrEnum)
 
 async def _cmd_vault_init(args: argparse.Namespace, settings: Settings) -> int:
     from vault.kek import KekRing
-    from workers.ringsetup import describe, open_or_create_ring, tpm_sealer
+    from workers.service.ringsetup import describe, open_or_create_ring, tpm_sealer
 
     harden_for_key_material(lock_memory=settings.lock_memory)
     updates: dict[str, object] = {"allow_unreadable": True} if args.allow_unreadable else {}
@@ -88,7 +88,7 @@ async def _cmd_vault_init(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _cmd_vault_rotate_kek(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.ringsetup import load_ring
+    from workers.service.ringsetup import load_ring
 
     path = settings.resolved_kek_file
     harden_for_key_material(lock_memory=settings.lock_memory)
@@ -103,7 +103,7 @@ async def _cmd_vault_rotate_kek(args: argparse.Namespace, settings: Settings) ->
 
 
 async def _cmd_vault_seal_ring(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.ringsetup import describe, load_ring, tpm_sealer
+    from workers.service.ringsetup import describe, load_ring, tpm_sealer
 
     harden_for_key_material(lock_memory=settings.lock_memory)
     ring = load_ring(settings)
@@ -119,7 +119,7 @@ async def _cmd_vault_seal_ring(args: argparse.Namespace, settings: Settings) -> 
 
 
 async def _cmd_vault_export_ring(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.ringsetup import describe, load_ring
+    from workers.service.ringsetup import describe, load_ring
 
     harden_for_key_material(lock_memory=settings.lock_memory)
     ring = load_ring(settings)
@@ -146,7 +146,7 @@ async def _record_ring_event(operation: str, ring: KekRing, settings: Settings) 
 
 async def _cmd_vault_rewrap(args: argparse.Namespace, settings: Settings) -> int:
     from vault.rewrap import RewrapOutcome, rewrap
-    from workers.ringsetup import load_ring
+    from workers.service.ringsetup import load_ring
 
     harden_for_key_material(lock_memory=settings.lock_memory)
     ring = load_ring(settings)
@@ -170,7 +170,7 @@ async def _cmd_vault_rewrap(args: argparse.Namespace, settings: Settings) -> int
 
 async def _cmd_vault_mac_records(args: argparse.Namespace, settings: Settings) -> int:
     from vault.mac_upgrade import MacOutcome, count_unmaced, mac_records
-    from workers.ringsetup import load_ring
+    from workers.service.ringsetup import load_ring
 
     harden_for_key_material(lock_memory=settings.lock_memory)
     ring = load_ring(settings)
@@ -292,7 +292,7 @@ def _vault_event(
 def _reachable_tpm(settings: Settings) -> Tpm | None:
     try:
         from workers.keygen.tpm import Tpm
-        from workers.serve import resolve_tcti
+        from workers.service.serve import resolve_tcti
 
         return Tpm(resolve_tcti(settings))
     except (ImportError, ZanddError) as exc:

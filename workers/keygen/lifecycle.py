@@ -38,11 +38,11 @@ from vault.lifecycle import destroyed, transition
 from vault.record_mac import GenerationWatermark, authenticated, verify_record
 from vault.records import KeyRecord
 from vault.store import VaultStore
-from workers.auditing import Clock, utc_now
-from workers.backoff import sleep_unless
-from workers.events import EventPublisher
-from workers.policy import AccessPolicy
-from workers.runtime import Handler, RequestContext
+from workers.audit.auditing import Clock, utc_now
+from workers.consumer.backoff import sleep_unless
+from workers.consumer.runtime import Handler, RequestContext
+from workers.service.events import EventPublisher
+from workers.service.policy import AccessPolicy
 
 log = logging.getLogger("zandd.keygen")
 

@@ -27,14 +27,14 @@ from vault.record_mac import authenticated, verify_record
 from vault.records import KeyRecord, KeyState
 from vault.sealing import RecordBinding, SealedKey, seal
 from vault.store import VaultStore
+from workers.consumer.probes import vault_answers
+from workers.consumer.runtime import Handler, RequestContext
 from workers.keygen.attest import TpmBoundKey, certify, create_tpm_bound, sign_tpm_bound
 from workers.keygen.session import TpmSession
-from workers.metrics import Metrics
-from workers.policy import AccessPolicy
-from workers.probes import vault_answers
-from workers.runtime import Handler, RequestContext
-from workers.stages import Stage
-from workers.telemetry import stage
+from workers.observability.metrics import Metrics
+from workers.observability.stages import Stage
+from workers.observability.telemetry import stage
+from workers.service.policy import AccessPolicy
 
 log = logging.getLogger("zandd.keygen")
 

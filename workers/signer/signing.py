@@ -26,9 +26,9 @@ from contracts.models import Encoding
 from vault.kek import KekRing
 from vault.opening import private_key_of
 from vault.records import KeyRecord, KeyState
-from workers.metrics import Metrics
-from workers.stages import Stage
-from workers.telemetry import stage
+from workers.observability.metrics import Metrics
+from workers.observability.stages import Stage
+from workers.observability.telemetry import stage
 
 _PREHASHED_ECDSA = ec.ECDSA(Prehashed(hashes.SHA256()))
 

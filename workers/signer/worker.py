@@ -30,13 +30,13 @@ from contracts.operations import Operation
 from vault.kek import KekRing
 from vault.record_mac import GenerationWatermark
 from vault.store import VaultStore
-from workers.metrics import Metrics
-from workers.policy import AccessPolicy
-from workers.runtime import Handler, RequestContext
+from workers.consumer.runtime import Handler, RequestContext
+from workers.observability.metrics import Metrics
+from workers.observability.stages import Stage
+from workers.observability.telemetry import stage
+from workers.service.policy import AccessPolicy
 from workers.signer.cache import CachedKey, RecordCache
 from workers.signer.signing import sign_digests
-from workers.stages import Stage
-from workers.telemetry import stage
 
 log = logging.getLogger("zandd.signer")
 #: Signing and verifying one digest takes ~85 us of event loop: a batch yields to the loop

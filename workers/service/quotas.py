@@ -11,7 +11,7 @@ dictionary lookup, an audit entry and a reply — not its batch's validation or 
   once parsed; a principal in debt is refused, before parsing, until the debt is paid back.
 
 A refusal carries the time until the bucket would admit the request again (``retry_after_ms``);
-the runtime holds the reply 1 s and shortens the hint by that (``workers/runtime.py``).
+the runtime holds the reply 1 s and shortens the hint by that (``workers/consumer/runtime.py``).
 
 **Shared across the workers, approximately.** The fleet has no shared counter (that would be
 a round trip per request); instead each of the N workers consuming a queue enforces 1/N of
@@ -52,9 +52,9 @@ from contracts.models import MAX_RETRY_AFTER_MS, SignBatchRequest, SignRequest
 from contracts.operations import Operation
 from contracts.topology import consumer_count
 from contracts.wire import Delivery
-from workers.config import QuotaOverride, Settings
-from workers.metrics import Metrics
-from workers.policy import ANONYMOUS_PRINCIPAL
+from workers.observability.metrics import Metrics
+from workers.service.config import QuotaOverride, Settings
+from workers.service.policy import ANONYMOUS_PRINCIPAL
 
 log = logging.getLogger("zandd.quotas")
 

@@ -46,7 +46,7 @@ from contracts.operations import (
 )
 from contracts.topology import EVENTS_EXCHANGE, Topology, bind_topology, declare_topology
 from contracts.transport import TRANSPORT_FAILURES
-from workers.backoff import serve_reconnecting
+from workers.consumer.backoff import serve_reconnecting
 
 log = logging.getLogger("zandd.events")
 

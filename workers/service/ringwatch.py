@@ -17,7 +17,7 @@ from contracts.errors import ZanddError
 from vault.coverage import RingCoverage, coverage_of
 from vault.kek import KekRing
 from vault.store import VaultStore
-from workers.metrics import Metrics
+from workers.observability.metrics import Metrics
 
 log = logging.getLogger("zandd.ring")
 

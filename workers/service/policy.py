@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from contracts.errors import Forbidden
 from vault.records import KeyRecord
-from workers.config import Settings
-from workers.runtime import RequestContext
+from workers.consumer.runtime import RequestContext
+from workers.service.config import Settings
 
 #: In ``allowed_signers`` and ``key_creators``: any authenticated principal.
 ANYONE = "*"

@@ -17,7 +17,7 @@ from pathlib import Path
 from vault.coverage import RingCoverage, coverage_of, no_ring_error, unreadable_error
 from vault.kek import KekRing, RingSealer, ring_file_info
 from vault.store import open_store
-from workers.config import Settings
+from workers.service.config import Settings
 
 log = logging.getLogger("zandd.ring")
 
@@ -49,7 +49,7 @@ def accept(coverage: RingCoverage, settings: Settings, *, created: bool = False)
 def tpm_sealer(settings: Settings, tcti: str | None = None, *, pcrs: str | None) -> RingSealer:
     """A sealer on this host's TPM (``tcti``, else the configured or local one)."""
     from workers.keygen.ringseal import TpmRingSealer
-    from workers.serve import resolve_tcti
+    from workers.service.serve import resolve_tcti
 
     return TpmRingSealer(tcti or resolve_tcti(settings), pcrs=pcrs)
 

@@ -46,7 +46,7 @@ from contracts.tracing import (
     failing_span,
     messaging_attributes,
 )
-from workers.stages import Stage, StageTimer
+from workers.observability.stages import Stage, StageTimer
 
 TracesExporter = Literal["none", "console", "otlp"]
 DEFAULT_SERVICE_NAME = "zandd"

@@ -39,7 +39,7 @@ from prometheus_client.registry import Collector
 
 from contracts.errors import ConfigurationError
 from contracts.operations import Operation
-from workers.stages import Stage
+from workers.observability.stages import Stage
 
 OUTCOME_OK = "ok"
 UNKNOWN_OPERATION_LABEL = "unknown"
@@ -193,7 +193,7 @@ class Metrics:
             self._in_flight.dec()
 
     def observe_stage(self, stage: Stage, seconds: float) -> None:
-        """Record the duration of one stage (``workers.telemetry.stage`` does this for you)."""
+        """Record the duration of one stage (``workers.observability.telemetry.stage`` does this for you)."""
         self._stage_series[stage].observe(seconds)
 
     def cache_lookup(self, cache: str, *, hit: bool) -> None:

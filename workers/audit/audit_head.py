@@ -34,7 +34,7 @@ from vault.audit import (
     ChainVerifier,
 )
 from vault.audit_chain import ChainKey, ChainKeys
-from workers.metrics import Metrics
+from workers.observability.metrics import Metrics
 
 log = logging.getLogger("zandd.audit")
 

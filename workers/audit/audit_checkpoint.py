@@ -27,7 +27,7 @@ from contracts.models import AuditCheckpointEvent
 from vault.audit import AuditBroken, AuditEntry, AuditQuery, AuditReader, ChainHead, ChainVerifier
 from vault.audit_chain import ChainKeys
 from vault.audit_checkpoint import Checkpoint, CheckpointStore, signed_digest
-from workers.audit_head import tick_until_stopped
+from workers.audit.audit_head import tick_until_stopped
 from workers.keygen.checkpoint_key import sign_checkpoint_digest
 from workers.keygen.session import TpmSession
 

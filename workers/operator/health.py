@@ -39,7 +39,7 @@ from contracts.urls import redact_url
 from vault.coverage import coverage_of, no_ring_error, unreadable_error
 from vault.kek import ring_file_kek_ids
 from vault.store import open_store
-from workers.config import Settings
+from workers.service.config import Settings
 
 CHECK_TIMEOUT_S = 5.0
 HEARTBEAT_INTERVAL_S = 10.0

@@ -1,7 +1,7 @@
 """Acks for one channel, coalesced: one ``basic.ack multiple`` for a run of finished requests.
 
 A request is acked once its reply has been handed to the connection (see
-``workers/runtime.py``). Requests that finish in the same turn of the event loop — a group
+``workers/consumer/runtime.py``). Requests that finish in the same turn of the event loop — a group
 commit of the audit log releases dozens at once — are acked with one frame, written just after
 their replies in the connection's one write of that turn: ``basic.ack`` with ``multiple=True``
 and the highest tag of a run acks every delivery up to it. That is one frame for the worker to

@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     #: The connection requests travel on: the lean one (``contracts/wire.py``) or aiormq's
     #: (``contracts/transport_aiormq.py``, for comparison: ``zandd bench`` measures both).
     transport: Literal["lean", "aiormq"] = "lean"
-    # Access and key lifecycle (the rules are in workers/policy.py). Name lists are
+    # Access and key lifecycle (the rules are in workers/service/policy.py). Name lists are
     # comma-separated (or a JSON list) in the environment.
     #: Accept requests without ``user_id`` as principal ``anonymous``: closed test networks only.
     allow_anonymous: bool = False
@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     audit_checkpoint_interval_s: float = Field(default=60.0, gt=0)
     #: Workers lock their memory (mlockall) when the process is permitted to.
     lock_memory: bool = True
-    # Per-principal quotas, fleet-wide (workers/quotas.py); None (the default) is no limit.
+    # Per-principal quotas, fleet-wide (workers/service/quotas.py); None (the default) is no limit.
     quota_requests_per_s: RequestRate | None = None
     quota_signatures_per_s: SignatureRate | None = None
     #: JSON: principal -> {"requests_per_s": ..., "signatures_per_s": ...} or "unlimited".

@@ -4,14 +4,14 @@ Where is a request acked? In ``ConsumerRuntime._settle`` and nowhere else: after
 (a result or a typed error) has been published on the channel that delivered the request. A
 channel's frames are processed by the broker in order, so when the broker has the ack it has
 already routed the reply; the acks of requests that finish together go out as one
-``multiple`` ack (``workers/acks.py``), in the same write as their replies.
+``multiple`` ack (``workers/consumer/acks.py``), in the same write as their replies.
 
 Two connections per session: aio-pika declares (or looks up) the topology on a short-lived
 one, and the requests travel on a lean connection of our own (``contracts/wire.py``), where a
 request's frames cost a fraction of what they cost through aiormq. Both are arguments: the
 runtime is given a ``Connect`` (any ``contracts.transport.Transport``) and a ``ResolveQueue``
 (the queue's name and the broker's direct reply-to node); ``lean_connect`` and
-``topology_queue`` are the ones a worker runs (``workers/serve.py``'s ``build_runtime``), and
+``topology_queue`` are the ones a worker runs (``workers/service/serve.py``'s ``build_runtime``), and
 a test can run the runtime without a broker on an in-memory transport.
 
 A malformed request is answered with ``invalid_request`` and acked — or, with nobody to
@@ -86,12 +86,12 @@ from contracts.transport import TRANSPORT_FAILURES, Connect, Delivery, Propertie
 from contracts.transport_aiormq import AiormqTransport
 from contracts.wire import Wire
 from vault.audit import AuditEntry
-from workers.acks import AckBatcher
-from workers.auditing import with_receipt
-from workers.backoff import retry_until_stopped, serve_reconnecting
-from workers.logs import bound_request
-from workers.metrics import OUTCOME_OK, Metrics, operation_label
-from workers.telemetry import consumer_span
+from workers.audit.auditing import with_receipt
+from workers.consumer.acks import AckBatcher
+from workers.consumer.backoff import retry_until_stopped, serve_reconnecting
+from workers.observability.logs import bound_request
+from workers.observability.metrics import OUTCOME_OK, Metrics, operation_label
+from workers.observability.telemetry import consumer_span
 
 log = logging.getLogger("zandd.runtime")
 
@@ -127,7 +127,7 @@ Probe = Callable[[], Awaitable[None]]
 
 
 class Admission(Protocol):
-    """Who may be served now (per-principal quotas, ``workers/quotas.py``).
+    """Who may be served now (per-principal quotas, ``workers/service/quotas.py``).
 
     ``admit`` runs before the body is parsed, ``charge`` after; either refuses by raising.
     """

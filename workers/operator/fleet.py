@@ -33,9 +33,9 @@ from contracts.amqp import connect
 from contracts.errors import BrokerUnavailable, ConfigurationError, ZanddError
 from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE, QueueMissing, consumer_count
 from vault.kek import KekRing, ring_file_stamp
-from workers.config import Settings
-from workers.hygiene import harden_for_key_material
-from workers.ringsetup import describe, file_sealer, open_or_create_ring, tpm_sealer
+from workers.service.config import Settings
+from workers.service.hygiene import harden_for_key_material
+from workers.service.ringsetup import describe, file_sealer, open_or_create_ring, tpm_sealer
 
 log = logging.getLogger("zandd.up")
 

@@ -17,7 +17,7 @@ class Stage(StrEnum):
 
 
 class StageTimer(Protocol):
-    """Where a stage's duration is recorded (``workers.metrics.Metrics`` is one)."""
+    """Where a stage's duration is recorded (``workers.observability.metrics.Metrics`` is one)."""
 
     def observe_stage(self, stage: Stage, seconds: float) -> None:
         """Record that ``stage`` took ``seconds``."""

@@ -21,19 +21,10 @@ from vault.audit import AuditLog
 from vault.audit_chain import ChainKeys
 from vault.kek import KekRing
 from vault.store import VaultStore, open_store
-from workers.audit_head import AuditHeadPublisher, KeyedAppender
-from workers.auditing import Clock, RequestAuditor, utc_now
-from workers.config import Settings
-from workers.events import EventPublisher, EventSubscriber
-from workers.health import TpmHeartbeat, heartbeat_path
-from workers.hygiene import harden_process
-from workers.metrics import Metrics
-from workers.policy import AccessPolicy
-from workers.probes import vault_answers
-from workers.quotas import Quotas, follow_consumers
-from workers.ringsetup import accept, describe, load_ring
-from workers.ringwatch import RingWatch
-from workers.runtime import (
+from workers.audit.audit_head import AuditHeadPublisher, KeyedAppender
+from workers.audit.auditing import Clock, RequestAuditor, utc_now
+from workers.consumer.probes import vault_answers
+from workers.consumer.runtime import (
     Admission,
     AuditHook,
     ConsumerRuntime,
@@ -42,6 +33,15 @@ from workers.runtime import (
     topology_queue,
     transport_connect,
 )
+from workers.observability.metrics import Metrics
+from workers.operator.health import TpmHeartbeat, heartbeat_path
+from workers.service.config import Settings
+from workers.service.events import EventPublisher, EventSubscriber
+from workers.service.hygiene import harden_process
+from workers.service.policy import AccessPolicy
+from workers.service.quotas import Quotas, follow_consumers
+from workers.service.ringsetup import accept, describe, load_ring
+from workers.service.ringwatch import RingWatch
 
 if TYPE_CHECKING:
     from workers.keygen.session import TpmSession
@@ -112,7 +112,7 @@ async def keygen_worker(
     metrics: Metrics | None = None,
 ) -> Worker:
     """The keygen worker: key creation, the key lifecycle, and destruction when due."""
-    from workers.audit_checkpoint import AuditCheckpointer
+    from workers.audit.audit_checkpoint import AuditCheckpointer
     from workers.keygen.lifecycle import KeyLifecycle
     from workers.keygen.worker import Keygen
 

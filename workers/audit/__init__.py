@@ -1,0 +1,1 @@
+"""Audit entries of requests, keyed appends, the published head and TPM-signed checkpoints."""

@@ -1,0 +1,1 @@
+"""What an operator runs besides the CLI commands: the fleet supervisor, the demo, dead letters, health."""
