@@ -569,6 +569,9 @@ async def test_a_full_batch_yields_the_loop_while_it_signs(
 # -- poison messages amid load (issue 12) --------------------------------------------------
 
 
+# The lean connection's guarantee (its total decoder): pinned to it when the suite runs with
+# ZANDD_TRANSPORT=aiormq, whose reader ends the connection instead (docs/design.md).
+@pytest.mark.fleet_settings(transport="lean")
 async def test_one_poison_message_of_each_kind_amid_load_harms_no_one_else(
     fleet: RunningFleet, report: Callable[[str], None]
 ) -> None:
