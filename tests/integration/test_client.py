@@ -13,6 +13,7 @@ from yarl import URL
 from contracts.client import SigningClient
 from contracts.errors import BrokerUnavailable, ConfigurationError, NotDelivered, RequestTimeout
 from contracts.topology import SIGN_QUEUE
+from tests.support.broker import close_connections_in
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -64,23 +65,6 @@ async def test_closing_the_client_fails_waiting_calls(empty_amqp_url: str) -> No
         await call
 
 
-async def _close_connections_in(vhost: str) -> int:
-    """Close every client connection to ``vhost`` from the broker's side; how many."""
-    listing = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", "list_connections", "-q", "--no-table-headers", "pid", "vhost",
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, _ = await listing.communicate()
-    pids = [line.split("\t")[0] for line in out.decode().splitlines() if line.endswith(vhost)]
-    for pid in pids:
-        closing = await asyncio.create_subprocess_exec(
-            "rabbitmqctl", "close_connection", pid, "test: connection lost",
-            stdout=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        await closing.wait()
-    return len(pids)
-
-
 async def test_a_lost_connection_fails_calls_in_flight_and_comes_back(empty_amqp_url: str) -> None:
     vhost = URL(empty_amqp_url).path.lstrip("/")
     async with await SigningClient.connect(empty_amqp_url, declare=True) as client:
@@ -90,7 +74,7 @@ async def test_a_lost_connection_fails_calls_in_flight_and_comes_back(empty_amqp
         assert first_reply_queue.startswith("amq.gen-")
         call = asyncio.create_task(client.sign("zk-1", b"m", timeout_s=30))  # no worker: waits
         await asyncio.sleep(0.2)
-        assert await _close_connections_in(vhost) == 1
+        assert await close_connections_in(vhost) == 1
         with pytest.raises(BrokerUnavailable, match="connection closed"):
             await call
         # Reconnected in the background: a call is confirmed by the broker again, and with no

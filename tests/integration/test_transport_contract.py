@@ -17,6 +17,7 @@ from contracts.errors import TransportClosed
 from contracts.transport import Delivery, Properties, Transport
 from contracts.transport_aiormq import AiormqTransport
 from contracts.wire import DeclaredQueue, Wire
+from tests.support.broker import close_connections_in
 
 
 class _Full(Transport, Protocol):
@@ -157,27 +158,10 @@ async def test_a_connection_the_broker_ends_is_lost_and_writes_raise(
 ) -> None:
     transport = await _open(connect, empty_amqp_url)
     await transport.declare_queue("contract.lost")
-    assert await _close_connections_in(URL(empty_amqp_url).path.lstrip("/")) >= 1
+    assert await close_connections_in(URL(empty_amqp_url).path.lstrip("/")) >= 1
     await asyncio.wait_for(transport.lost.wait(), 15)
     assert isinstance(transport.reason, TransportClosed)
     assert transport.reason.retryable
     with pytest.raises(TransportClosed):
         transport.ack(1)
     await transport.close()
-
-
-async def _close_connections_in(vhost: str) -> int:
-    """Close every client connection to ``vhost`` from the broker's side; how many."""
-    listing = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", "list_connections", "-q", "--no-table-headers", "pid", "vhost",
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, _ = await listing.communicate()
-    pids = [line.split("\t")[0] for line in out.decode().splitlines() if line.endswith(vhost)]
-    for pid in pids:
-        closing = await asyncio.create_subprocess_exec(
-            "rabbitmqctl", "close_connection", pid, "test: connection lost",
-            stdout=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        await closing.wait()
-    return len(pids)

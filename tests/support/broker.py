@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
@@ -87,3 +88,20 @@ def producer_users(amqp_url: str, *roles: str) -> Iterator[dict[str, str]]:
     names = {f"zt-{role}-{uuid.uuid4().hex[:8]}": role for role in roles}
     with broker_users(amqp_url, names) as urls:
         yield {names[name]: url for name, url in urls.items()}
+
+
+async def close_connections_in(vhost: str) -> int:
+    """Close every client connection to ``vhost`` from the broker's side; how many."""
+    listing = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "list_connections", "-q", "--no-table-headers", "pid", "vhost",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await listing.communicate()
+    pids = [line.split("\t")[0] for line in out.decode().splitlines() if line.endswith(vhost)]
+    for pid in pids:
+        closing = await asyncio.create_subprocess_exec(
+            "rabbitmqctl", "close_connection", pid, "test: connection lost",
+            stdout=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        await closing.wait()
+    return len(pids)
