@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import random
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -39,6 +41,8 @@ from tpm2_pytss import (
 from contracts.errors import ConfigurationError, TpmUnavailable
 from workers.keygen.tpm import Tpm
 
+#: How long opening the ring at start-up retries a TPM that fails (not one that refuses it).
+UNSEAL_RETRY_S = 10.0
 SEALED_KIND = "tpm2-sealed-data/owner-ecc256-storage-primary"
 
 # fixedTPM and fixedParent: the object can never be duplicated out of this TPM. No
@@ -101,6 +105,21 @@ class TpmRingSealer:
             TpmUnavailable: the TPM cannot be reached.
         """
         public, private, pcrs = _parse_sealed(sealed)
+        deadline_s = time.monotonic() + UNSEAL_RETRY_S
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self._unseal_once(public, private, pcrs)
+            except TpmUnavailable:
+                # The TPM failed, not the object: a swtpm has no resource manager, so workers
+                # starting together (each loading the primary and the ring's object) can run
+                # out of its three object slots for a moment. Try again, briefly.
+                if time.monotonic() >= deadline_s:
+                    raise
+                time.sleep(random.uniform(0.05, min(1.0, 0.1 * attempt)))  # noqa: S311 - jitter
+
+    def _unseal_once(self, public: TPM2B_PUBLIC, private: TPM2B_PRIVATE, pcrs: str | None) -> bytes:
         with Tpm(self._tcti, flush_leftovers=False) as tpm:
             try:
                 key: bytes = tpm.under_storage_primary(
