@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
+import signal
 import sqlite3
 import subprocess
 import uuid
@@ -754,10 +756,14 @@ async def test_a_debug_log_of_a_full_run_holds_no_key_material(
         await run("audit", "tail", "-n", "100")
     finally:
         for worker in workers:
-            worker.terminate()
+            if worker.returncode is None:
+                with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
+                    worker.terminate()
         for worker in workers:
             out_bytes, err_bytes = await asyncio.wait_for(worker.communicate(), 60)
             logs.extend((out_bytes.decode(errors="replace"), err_bytes.decode(errors="replace")))
+            # A worker that ended by itself failed: its stderr says why.
+            assert worker.returncode in (0, -signal.SIGTERM), err_bytes.decode(errors="replace")
     text = "\n".join(logs)
     assert "DEBUG" in text
     assert "memory protections: memory locked:" in text
