@@ -31,7 +31,7 @@ from vault.audit_chain import AUDIT_KEY_INFO, ChainKey, ChainKeys, derive_chain_
 from vault.kek import Kek, KekRing
 from vault.migrate import migrate_vault
 from vault.store import VaultStore, open_store
-from workers.audit.audit_head import MAX_POLL_S, AuditHeadPublisher
+from workers.audit.audit_head import AuditHeadPublisher
 from workers.commands.audit import parse_head
 from workers.observability.metrics import Metrics
 
@@ -188,6 +188,14 @@ class Published:
         return self.events[-1]
 
 
+async def rounds_after(heads: AuditHeadPublisher, count: int) -> None:
+    """Wait until ``heads`` has finished ``count`` more rounds than it had."""
+    target = heads.rounds + count
+    async with asyncio.timeout(30):
+        while heads.rounds < target:  # noqa: ASYNC110 - rounds count up on the loop
+            await asyncio.sleep(0.01)
+
+
 async def test_the_keygen_publishes_the_vaults_head_every_n_entries_and_on_stop(
     store: VaultStore, ring: KekRing
 ) -> None:
@@ -201,13 +209,13 @@ async def test_the_keygen_publishes_the_vaults_head_every_n_entries_and_on_stop(
     (newest,) = await store.read_audit(AuditQuery(latest=True, limit=1))
     assert (first.seq, first.link) == (5, newest.entry_hash)
     await append_keyed(store, ring, range(6, 15))  # 9 more: not yet
-    await asyncio.sleep(MAX_POLL_S * 1.5)  # at least one round
+    await rounds_after(heads, 2)  # one round that saw them, whichever was under way
     assert [e.seq for e in published.events] == [5]
     await append_keyed(store, ring, range(15, 16))  # the 10th
     assert (await published.next()).seq == 15
     published.fail = True  # a lost broker: the head waits for the next round
     await append_keyed(store, ring, range(16, 30))
-    await asyncio.sleep(MAX_POLL_S * 1.5)
+    await rounds_after(heads, 2)
     published.fail = False
     assert (await published.next()).seq == 29
     await append_keyed(store, ring, range(30, 31))
@@ -231,7 +239,7 @@ async def test_a_head_that_went_back_or_fails_its_check_is_not_published(
     with sqlite3.connect(vault_db(tmp_path)) as conn:
         conn.execute("DELETE FROM audit WHERE seq > 10")
     conn.close()
-    await asyncio.sleep(0.3)  # several rounds
+    await rounds_after(heads, 4)  # several rounds
     assert heads.regressions == 1  # told once, not once per round
     assert metrics.registry.get_sample_value("zandd_audit_head_regressions_total") == 1
     assert metrics.registry.get_sample_value("zandd_audit_head_seq") == 20
@@ -240,7 +248,7 @@ async def test_a_head_that_went_back_or_fails_its_check_is_not_published(
     await store.append_audit([event(n, principal="mallory") for n in range(11, 26)])
     forger = ChainKey(ring.active.kek_id, b"\x02" * 32)
     await store.append_audit([event(26, principal="mallory")], forger)
-    await asyncio.sleep(0.3)
+    await rounds_after(heads, 4)
     stop.set()
     await runner
     assert [e.seq for e in published.events] == [20]

@@ -125,6 +125,8 @@ class AuditHeadPublisher:
         #: Heads published, and times the vault's head went back below a published one.
         self.published = 0
         self.regressions = 0
+        #: Rounds finished (read, check, publish if due), so a caller can wait for one.
+        self.rounds = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish until ``stop``, then publish the last head once more (bounded)."""
@@ -138,6 +140,8 @@ class AuditHeadPublisher:
                     await self._publish_checked(newest[0])
         except (ZanddError, TimeoutError) as exc:
             log.warning("audit head not published (tried again later): %s", _reason(exc))
+        finally:
+            self.rounds += 1
 
     def _due(self, entry: AuditEntry, *, final: bool) -> bool:
         if entry.seq < self._published.seq:
