@@ -171,7 +171,7 @@ def test_every_broker_node_is_configured_as_a_cluster_member() -> None:
         assert "/etc/rabbitmq/conf.d/30-zandd-cluster.conf" in targets, name
         assert "/etc/rabbitmq/advanced.config" in targets, name
         assert "${RABBITMQ_COOKIE" in json.dumps(_cluster_services()[name].get("environment", {}))
-    assert re.search(r"^cluster_partition_handling = pause_minority$", conf, re.MULTILINE)
+    assert re.search(r"^cluster_partition_handling = autoheal$", conf, re.MULTILINE)
     assert "{net_ticktime, 10}" in ADVANCED_CONFIG.read_text()
 
 
