@@ -12,6 +12,7 @@ from contracts.client import SigningClient
 from tests.support.broker import broker_users
 from tests.support.fleet import RunningFleet
 from tests.support.principals import ADMIN, ALICE, BOB, CAROL
+from tests.support.rabbit_cluster import Cluster, available, start_cluster
 from workers.keygen.swtpm import start_swtpm
 
 
@@ -29,6 +30,29 @@ def swtpm_tcti(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield swtpm.tcti
     finally:
         swtpm.stop()
+
+
+@pytest.fixture(scope="module")
+def rabbit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A private 3-node RabbitMQ cluster on free local ports (the default node untouched)."""
+    yield from _private_nodes(tmp_path_factory, 3)
+
+
+@pytest.fixture(scope="module")
+def rabbit_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One private RabbitMQ node (a cluster of one), for tests that reconfigure their broker."""
+    yield from _private_nodes(tmp_path_factory, 1)
+
+
+def _private_nodes(factory: pytest.TempPathFactory, size: int) -> Iterator[Cluster]:
+    reason = available()
+    if reason is not None:
+        pytest.skip(reason)
+    cluster = start_cluster(size, root=factory.mktemp("rabbit"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="module")
