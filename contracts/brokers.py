@@ -109,7 +109,6 @@ async def connect_any(
     attempt: Callable[[str, float], Awaitable[T]],
     *,
     timeout_s: float,
-    what: str = "the broker",
 ) -> T:
     """``await attempt(url, timeout_s)`` on each broker in shuffled order until one connects.
 
@@ -147,12 +146,12 @@ async def connect_any(
         if deadline - loop.time() <= 0:
             break
     if last is None:  # no time at all to try
-        raise BrokerUnavailable(f"no time left to connect to {what} at {shown(urls)}")
+        raise BrokerUnavailable(f"no time left to connect to {shown(urls)}")
     if len(candidates) == 1:
         raise last
     tried = "; ".join(f"{address} ({why})" for address, why in failures.items())
     raise BrokerUnavailable(
-        f"cannot reach any of the {len(candidates)} brokers for {what} ({shown(urls)}): {tried}"
+        f"cannot reach any of the {len(candidates)} brokers ({shown(urls)}): {tried}"
     ) from last
 
 
