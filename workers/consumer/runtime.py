@@ -284,7 +284,7 @@ class ConsumerRuntime:
         self._admission = admission
         self._in_flight: set[asyncio.Task[None]] = set()
         #: How this broker's direct reply-to names start: learned from it, never from a request.
-        self._reply_nodes: set[str] = set()
+        self._reply_nodes: frozenset[str] = frozenset()
         #: Held throttled replies: their timers and what sends each now.
         self._held: dict[asyncio.TimerHandle, Callable[[], None]] = {}
         self._session: _Session | None = None
@@ -319,9 +319,12 @@ class ConsumerRuntime:
     async def _open_session(self) -> _Session:
         """Declare (or look up) the topology, then connect the transport and set QoS."""
         queue = await self._resolve_queue()
-        if not queue.direct_reply_nodes and not self._reply_nodes:
+        if not queue.direct_reply_nodes:
             log.warning("%s: the broker minted no direct reply-to name: none is served", self._name)
-        self._reply_nodes.update(queue.direct_reply_nodes)
+        # Replaced, never added to: on RabbitMQ 3.10 a reply to a name minted by a node that is
+        # down closes this connection (541 INTERNAL_ERROR); after that reconnect the dead node,
+        # which no longer answers the probe, is no longer accepted.
+        self._reply_nodes = frozenset(queue.direct_reply_nodes)
         wire = await self._connect()
         try:
             # Per-consumer QoS: global QoS on a quorum queue closes the connection.
