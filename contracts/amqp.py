@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 from typing import TypeVar
-from urllib.parse import unquote
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractRobustConnection
@@ -14,6 +13,7 @@ from aio_pika.exceptions import (
     ProbableAuthenticationError,
 )
 
+from contracts.brokers import BrokerURLs, connect_any, principal_of
 from contracts.errors import BrokerUnavailable, ConfigurationError
 from contracts.urls import redact_url
 
@@ -24,40 +24,89 @@ JSON_CONTENT_TYPE = "application/json"
 DEADLINE_HEADER = "x-deadline-ms"
 
 ConnectionT = TypeVar("ConnectionT", bound=AbstractConnection)
+#: Seconds between heartbeats asked of the broker on aio-pika's connections (topology, events,
+#: quotas, the CLI): aiormq counts the broker gone after 3 x (heartbeat + 1) s of silence
+#: (18 s), and the broker counts us gone after about 2 x heartbeat (10 s). A URL's
+#: ``heartbeat=`` overrides it. The hot paths run on ``contracts.wire`` (see its default).
+DEFAULT_HEARTBEAT_S = 5
 
-
-def principal_of(url: str) -> str:
-    """The AMQP user a connection to ``url`` authenticates as (RabbitMQ's default: guest)."""
-    _scheme, _sep, remainder = url.partition("://")
-    userinfo, at, _rest = remainder.rpartition("@")
-    return unquote(userinfo.partition(":")[0]) if at and userinfo else "guest"
+__all__ = [
+    "DEADLINE_HEADER",
+    "DEFAULT_AMQP_URL",
+    "DEFAULT_HEARTBEAT_S",
+    "JSON_CONTENT_TYPE",
+    "BrokerURLs",
+    "connect",
+    "connect_plain",
+    "principal_of",
+    "with_heartbeat",
+]
 
 
 async def connect(
-    url: str, *, connection_name: str, timeout_s: float = 10.0
+    url: BrokerURLs, *, connection_name: str, timeout_s: float = 10.0
 ) -> AbstractRobustConnection:
-    """A robust (self-reconnecting) connection, or a ``BrokerUnavailable`` saying why not."""
-    return await _connected(
-        aio_pika.connect_robust(
-            url, timeout=timeout_s, client_properties={"connection_name": connection_name}
-        ),
-        url,
-    )
+    """A robust (self-reconnecting) connection, or a ``BrokerUnavailable`` saying why not.
+
+    ``url`` may name several brokers (``contracts.brokers``): the first that answers, tried
+    in shuffled order. aio-pika's own reconnects go back to that same broker.
+    """
+
+    async def attempt(one: str, attempt_timeout_s: float) -> AbstractRobustConnection:
+        return await _connected(
+            aio_pika.connect_robust(
+                with_heartbeat(one, DEFAULT_HEARTBEAT_S),
+                timeout=attempt_timeout_s,
+                client_properties={"connection_name": connection_name},
+            ),
+            one,
+        )
+
+    return await connect_any(url, attempt, timeout_s=timeout_s)
 
 
 async def connect_plain(
-    url: str, *, connection_name: str, timeout_s: float = 10.0, heartbeat_s: int = 15
+    url: BrokerURLs,
+    *,
+    connection_name: str,
+    timeout_s: float = 10.0,
+    heartbeat_s: int = DEFAULT_HEARTBEAT_S,
 ) -> AbstractConnection:
-    """A plain connection for callers that run their own reconnect loop (the workers)."""
-    return await _connected(
-        aio_pika.connect(
-            url,
-            timeout=timeout_s,
-            heartbeat=heartbeat_s,
-            client_properties={"connection_name": connection_name},
-        ),
-        url,
-    )
+    """A plain connection for callers that run their own reconnect loop (the workers).
+
+    ``url`` may name several brokers: the first that answers, tried in shuffled order. The
+    URL's ``heartbeat=`` overrides ``heartbeat_s``.
+    """
+
+    async def attempt(one: str, attempt_timeout_s: float) -> AbstractConnection:
+        return await _connected(
+            aio_pika.connect(
+                with_heartbeat(one, heartbeat_s),
+                timeout=attempt_timeout_s,
+                client_properties={"connection_name": connection_name},
+            ),
+            one,
+        )
+
+    return await connect_any(url, attempt, timeout_s=timeout_s)
+
+
+def with_heartbeat(url: str, heartbeat_s: int) -> str:
+    """``url`` with ``heartbeat=heartbeat_s`` unless it names a heartbeat of its own.
+
+    Not aio-pika's ``heartbeat`` argument: that one would override the URL's.
+    """
+    if "heartbeat" in _query_names(url):
+        return url
+    separator = "&" if "?" in url.rpartition("@")[2] else "?"
+    return f"{url}{separator}heartbeat={heartbeat_s}"
+
+
+def _query_names(url: str) -> set[str]:
+    # After the last "@": a password's "?" is not the query.
+    rest = url.rpartition("@")[2]
+    query = rest.partition("?")[2]
+    return {option.partition("=")[0] for option in query.split("&") if option}
 
 
 async def _connected(attempt: Awaitable[ConnectionT], url: str) -> ConnectionT:

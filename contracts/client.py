@@ -42,8 +42,8 @@ from contracts.amqp import (
     DEFAULT_AMQP_URL,
     JSON_CONTENT_TYPE,
     connect_plain,
-    principal_of,
 )
+from contracts.brokers import BrokerURLs, principal_of
 from contracts.crypto import load_public_key, verify_signature
 from contracts.errors import (
     BrokerUnavailable,
@@ -96,7 +96,7 @@ class SigningClient:
     """Async RPC client for ZANDD HSM. Create it with ``await SigningClient.connect(url)``."""
 
     def __init__(
-        self, url: str, *, default_timeout_s: float, retry: bool, connect_timeout_s: float
+        self, url: BrokerURLs, *, default_timeout_s: float, retry: bool, connect_timeout_s: float
     ) -> None:
         self._url = url
         #: Server-named, so a new one after each reconnect (the calls in flight were failed).
@@ -123,7 +123,7 @@ class SigningClient:
     @classmethod
     async def connect(
         cls,
-        url: str = DEFAULT_AMQP_URL,
+        url: BrokerURLs = DEFAULT_AMQP_URL,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         declare: bool = False,
@@ -131,6 +131,11 @@ class SigningClient:
         connect_timeout_s: float = 10.0,
     ) -> SigningClient:
         """Connect to the broker at ``url``; ``timeout_s`` is the default per-call timeout.
+
+        ``url`` may name a cluster's nodes (``amqp://u:p@h1,h2,h3/vhost``, several URLs, or a
+        list of them, see ``contracts.brokers``): the client connects to one that answers,
+        tried in shuffled order, and after a lost connection reconnects the same way — to
+        another node when its own hangs or is gone.
 
         ``declare=True`` declares the topology first (needs configure rights on the broker).
         ``retry=True`` resends calls interrupted by a lost connection (see ``call``) and calls
@@ -426,6 +431,7 @@ class SigningClient:
                 log.info("resending %s %s after: %s", operation.value, request_id, exc.message)
             finally:
                 self._pending.pop(correlation_id, None)
+                _settle(future)
             # A lost connection fails a publish at once: back off (jittered, so a thousand
             # waiting calls do not come back in lockstep), then wait for the connection.
             await asyncio.sleep(_backoff_s(failures, _RESEND_MAX_DELAY_S))
@@ -564,6 +570,19 @@ def _request(model: type[RequestT], **fields: Any) -> RequestT:
         raise InvalidRequest(f"invalid {model.__name__}: {describe_errors(exc)}") from None
 
 
+def _settle(future: asyncio.Future[Delivery]) -> None:
+    """A call's reply future, done with: its failure counts as seen, or it is cancelled.
+
+    A lost connection fails the publish (its confirm) and, from ``_supervise``, the waiting
+    reply futures: one whose publish failed first is never awaited, and asyncio would log its
+    exception as "never retrieved" when it is collected.
+    """
+    if not future.done():
+        future.cancel()
+    elif not future.cancelled():
+        future.exception()
+
+
 def _backoff_s(failures: int, max_delay_s: float) -> float:
     ceiling_s = min(max_delay_s, _RESEND_FIRST_DELAY_S * 2 ** (failures - 1))
     return random.uniform(ceiling_s / 2, ceiling_s)  # noqa: S311 - jitter, not a secret
@@ -576,7 +595,7 @@ def _not_routed(operation: str) -> NotDelivered:
     )
 
 
-async def _declare_topology(url: str, timeout_s: float) -> None:
+async def _declare_topology(url: BrokerURLs, timeout_s: float) -> None:
     """Declare the fleet's exchanges and queues (aio-pika, on a short connection of its own)."""
     connection = await connect_plain(url, connection_name="zandd-client", timeout_s=timeout_s)
     async with connection:

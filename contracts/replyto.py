@@ -26,12 +26,19 @@ a malformed one (a pid of another node, a pid number past the local bounds, base
 a pid) crashes the publishing channel and closes the worker's whole connection with 541
 INTERNAL_ERROR, and every unknown node name becomes a permanent atom in the broker. Hence the
 node segment must be one the broker itself minted (``learn_direct_reply_node``).
+
+In a cluster every node mints its own segment, and a producer connected to another node than
+the worker's gets that node's: a worker learns the segment of every node its URL names
+(``learn_direct_reply_nodes``), and the broker it replies through routes the reply to the
+requester's node.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import logging
 import re
 import struct
 import uuid
@@ -41,7 +48,9 @@ import aio_pika
 from aio_pika.abc import AbstractConnection
 from aio_pika.exceptions import AMQPError
 
-from contracts.errors import InvalidRequest
+from contracts.amqp import connect_plain
+from contracts.brokers import BrokerURLs, brokers
+from contracts.errors import InvalidRequest, ZanddError
 from contracts.topology import EXCHANGE, REPLY_QUEUE_PREFIX
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
@@ -50,6 +59,9 @@ SERVER_NAMED_PREFIX = "amq.gen-"
 MAX_REPLY_TO_BYTES = 255
 _MAX_SHOWN_CHARS = 80
 _PROBE_TIMEOUT_S = 10.0
+#: How long the probes of a cluster's other nodes may take together (a hung node is skipped).
+NODE_PROBES_TIMEOUT_S = 3.0
+log = logging.getLogger("zandd.replyto")
 
 _SERVER_NAMED = re.compile(r"amq\.gen-[A-Za-z0-9_-]+")
 _PRINCIPAL_SUFFIX = re.compile(r"[A-Za-z0-9_-]+")
@@ -164,6 +176,57 @@ async def learn_direct_reply_node(connection: AbstractConnection) -> str | None:
     header = getattr(returned, "header", None)
     reply_to = getattr(getattr(header, "properties", None), "reply_to", None)
     return direct_reply_node(reply_to) if isinstance(reply_to, str) else None
+
+
+async def learn_direct_reply_nodes(
+    urls: BrokerURLs,
+    connection: AbstractConnection,
+    *,
+    connection_name: str,
+    timeout_s: float = NODE_PROBES_TIMEOUT_S,
+) -> frozenset[str]:
+    """The direct reply-to node segments of ``connection``'s broker and of every other broker
+    ``urls`` names: one short probe each, on a connection of its own, all at once.
+
+    A broker that does not answer within ``timeout_s`` (down, hung) is left out: its segment
+    is learned at the next reconnect. With one broker, only ``connection`` is asked.
+    """
+    own = await learn_direct_reply_node(connection)
+    learned = {own} if own is not None else set()
+    others = brokers(urls)
+    if len(others) < 2:
+        return frozenset(learned)
+
+    async def probe(url: str) -> str | None:
+        probe_connection = await connect_plain(
+            url, connection_name=f"{connection_name}/reply-node", timeout_s=timeout_s
+        )
+        async with probe_connection:
+            return await learn_direct_reply_node(probe_connection)
+
+    tasks = [asyncio.ensure_future(probe(broker.url)) for broker in others]
+    try:
+        done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    finally:
+        for task in tasks:
+            task.cancel()  # those still probing (a hung node); no-op for the rest
+    await asyncio.gather(*pending, return_exceptions=True)
+    for broker, task in zip(others, tasks, strict=True):
+        if task in done and not task.cancelled() and task.exception() is None:
+            node = task.result()
+            if node is not None:
+                learned.add(node)
+                continue
+        why = "no answer in time" if task in pending else _failure(task)
+        log.info("no direct reply-to node learned from %s (%s)", broker.address, why)
+    return frozenset(learned)
+
+
+def _failure(task: asyncio.Future[str | None]) -> str:
+    error = task.exception()
+    if isinstance(error, ZanddError):
+        return error.message
+    return "no node named" if error is None else type(error).__name__
 
 
 async def _ignore(_message: object) -> None:

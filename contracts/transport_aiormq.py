@@ -21,6 +21,8 @@ from aiormq.abc import AbstractConnection, DeliveredMessage
 from pamqp import commands
 from pamqp.common import FieldTable
 
+from contracts.amqp import DEFAULT_HEARTBEAT_S, with_heartbeat
+from contracts.brokers import BrokerURLs, connect_any
 from contracts.errors import BrokerUnavailable, TransportClosed
 from contracts.transport import TRANSPORT_FAILURES
 from contracts.urls import redact_url
@@ -54,17 +56,32 @@ class AiormqTransport:
     @classmethod
     async def connect(
         cls,
-        url: str,
+        url: BrokerURLs,
         *,
         connection_name: str,
         timeout_s: float = 10.0,
         max_body_bytes: int | None = None,
     ) -> AiormqTransport:
-        """Connect and open one channel, or raise ``BrokerUnavailable`` saying why."""
+        """Connect and open one channel, or raise ``BrokerUnavailable`` saying why.
+
+        ``url`` may name several brokers: tried in shuffled order, the first that answers.
+        """
+
+        async def attempt(one: str, attempt_timeout_s: float) -> AiormqTransport:
+            return await cls._connect_one(one, connection_name, attempt_timeout_s, max_body_bytes)
+
+        return await connect_any(url, attempt, timeout_s=timeout_s)
+
+    @classmethod
+    async def _connect_one(
+        cls, url: str, connection_name: str, timeout_s: float, max_body_bytes: int | None
+    ) -> AiormqTransport:
         properties: FieldTable = {"connection_name": connection_name, "product": "zandd"}
         try:
             async with asyncio.timeout(timeout_s):
-                connection = await aiormq.connect(url, client_properties=properties)
+                connection = await aiormq.connect(
+                    with_heartbeat(url, DEFAULT_HEARTBEAT_S), client_properties=properties
+                )
                 channel = await connection.channel(publisher_confirms=False)
         except TRANSPORT_FAILURES as exc:
             raise BrokerUnavailable(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import logging
+import socket
 import ssl
 import struct
 from base64 import b64decode
@@ -44,6 +45,7 @@ from pamqp.base import Frame as MethodFrame
 from pamqp.encode import field_table as encode_table
 from yarl import URL
 
+from contracts.brokers import BrokerURLs, connect_any
 from contracts.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -71,6 +73,23 @@ _HEARTBEAT_FRAME = b"\x08\x00\x00\x00\x00\x00\x00\xce"
 _FRAME_MAX = 131072
 #: Heartbeats missed in a row before the broker counts as gone.
 _MISSED_HEARTBEATS = 2
+#: Seconds between heartbeats we ask for (the URL's ``heartbeat=`` overrides it). A broker
+#: that says nothing for ``_MISSED_HEARTBEATS`` x this (10 s; at most 12.5 s with the
+#: check's half-interval tick) counts as gone, and the broker counts a silent peer gone as
+#: fast: a hung node or path is noticed well inside the client's 30 s default call timeout,
+#: and the requests a hung signer held are redelivered by then. Not lower: RabbitMQ's
+#: documentation warns that below 5 s false positives become likely (a busy event loop or a
+#: GC pause reads as silence), and every one costs a reconnect and redeliveries.
+DEFAULT_HEARTBEAT_S = 5
+#: TCP keepalive on the lean connection's socket: idle seconds before the first probe, seconds
+#: between probes, unanswered probes before the kernel drops it. Matters when heartbeats are
+#: off (``heartbeat=0``): a dead peer is then found in 5 + 3 x 2 = 11 s instead of hours.
+KEEPALIVE_IDLE_S = 5
+KEEPALIVE_INTERVAL_S = 2
+KEEPALIVE_PROBES = 3
+#: TCP_USER_TIMEOUT when heartbeats are off: written data unacknowledged this long drops the
+#: connection (with heartbeats it is the heartbeats' detection time, see ``tcp_user_timeout_s``).
+_USER_TIMEOUT_WITHOUT_HEARTBEATS_S = 20
 _CLOSE_TIMEOUT_S = 2.0
 _REPLY_SUCCESS = 200
 _ACCESS_REFUSED = 403
@@ -236,7 +255,11 @@ class Endpoint:
     @classmethod
     def of(cls, url: str) -> Endpoint:
         """Parse ``amqp[s]://user:password@host:port/vhost?options`` like aiormq does."""
-        parsed = URL(url)
+        try:
+            parsed = URL(url)
+            _ = parsed.port  # yarl checks the port only when asked
+        except ValueError:
+            raise ConfigurationError(f"not a valid AMQP URL: {redact_url(url)}") from None
         if parsed.scheme not in ("amqp", "amqps"):
             raise ConfigurationError(f"not an AMQP URL: {redact_url(url)}")
         tls = parsed.scheme == "amqps"
@@ -289,6 +312,42 @@ class Endpoint:
 
     def __repr__(self) -> str:
         return f"Endpoint({self.where!r})"
+
+
+def tcp_user_timeout_s(heartbeat_s: int) -> int:
+    """TCP_USER_TIMEOUT for a connection with this (negotiated) heartbeat.
+
+    As long as the heartbeats' own detection (``_MISSED_HEARTBEATS`` intervals): data we wrote
+    — a reply, an ack, a heartbeat — that the peer's kernel has not acknowledged by then
+    means a dead path or host, and the kernel drops the connection even while a full send
+    buffer keeps our heartbeats from going out. Never shorter than it, so a slow but live path
+    is left to the heartbeats to judge.
+    """
+    return heartbeat_s * _MISSED_HEARTBEATS if heartbeat_s else _USER_TIMEOUT_WITHOUT_HEARTBEATS_S
+
+
+def tune_socket(sock: Any, heartbeat_s: int) -> None:
+    """TCP keepalive and TCP_USER_TIMEOUT on a connection's socket, where the OS has them.
+
+    ``sock`` is the transport's ``socket`` (asyncio's or uvloop's); None (no socket, a test's
+    transport) is left alone, and an option the OS lacks is skipped.
+    """
+    if sock is None:
+        return
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+        ("TCP_USER_TIMEOUT", tcp_user_timeout_s(heartbeat_s) * 1000),
+    ):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    for level, option, value in options:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError as exc:  # an OS or socket that refuses one: the heartbeats remain
+            log.debug("cannot set socket option %s: %s", option, exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,19 +424,46 @@ class Wire(asyncio.Protocol):
     @classmethod
     async def connect(
         cls,
-        url: str,
+        url: BrokerURLs,
         *,
         connection_name: str,
-        heartbeat_s: int = 15,
+        heartbeat_s: int = DEFAULT_HEARTBEAT_S,
         timeout_s: float = 10.0,
         max_body_bytes: int | None = None,
         blocked_timeout_s: float = BLOCKED_TIMEOUT_S,
     ) -> Wire:
         """Connect, authenticate and open channel 1, or raise why not (typed).
 
+        ``url`` may name several brokers (``contracts.brokers``): they are tried in shuffled
+        order within ``timeout_s``, and the first that answers is the connection's.
         A delivery whose content header announces a body over ``max_body_bytes`` is delivered
         with an empty body and a ``defect``; its body frames are never buffered.
         """
+
+        async def attempt(one: str, attempt_timeout_s: float) -> Wire:
+            return await cls._connect_one(
+                one,
+                connection_name=connection_name,
+                heartbeat_s=heartbeat_s,
+                timeout_s=attempt_timeout_s,
+                max_body_bytes=max_body_bytes,
+                blocked_timeout_s=blocked_timeout_s,
+            )
+
+        return await connect_any(url, attempt, timeout_s=timeout_s)
+
+    @classmethod
+    async def _connect_one(
+        cls,
+        url: str,
+        *,
+        connection_name: str,
+        heartbeat_s: int,
+        timeout_s: float,
+        max_body_bytes: int | None,
+        blocked_timeout_s: float,
+    ) -> Wire:
+        """``connect`` to one broker (a single-host URL)."""
         endpoint = Endpoint.of(url)
         loop = asyncio.get_running_loop()
         if endpoint.heartbeat_s is not None:
@@ -397,7 +483,7 @@ class Wire(asyncio.Protocol):
             ) from exc
         try:
             async with asyncio.timeout(timeout_s):
-                await loop.create_connection(
+                transport, _ = await loop.create_connection(
                     lambda: wire,
                     endpoint.host,
                     endpoint.port,
@@ -405,6 +491,7 @@ class Wire(asyncio.Protocol):
                     server_hostname=endpoint.host if context else None,
                 )
                 await wire._handshake()
+                tune_socket(transport.get_extra_info("socket"), wire._heartbeat_s)
         except (OSError, TimeoutError, WireClosed) as exc:
             wire._abort(WireClosed(f"handshake failed ({type(exc).__name__})"))
             if isinstance(exc, WireRefused):

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aio_pika
 import pytest
 
+from contracts.amqp import connect_plain
 from contracts.client import SigningClient
 from contracts.operations import Operation
 from contracts.topology import declare_topology
@@ -79,7 +79,7 @@ def fleet_vault_url(request: pytest.FixtureRequest) -> str | None:
 
 async def purge_work_queues(amqp_url: str) -> None:
     """Empty the work queues of the vhost of ``amqp_url`` (declaring the topology first)."""
-    connection = await aio_pika.connect(amqp_url)
+    connection = await connect_plain(amqp_url, connection_name="zandd-test-purge")
     async with connection:
         channel = await connection.channel()
         topology = await declare_topology(channel)

@@ -187,7 +187,7 @@ class MemoryBroker:
         assert condition(), what
 
     async def resolve_queue(self) -> WorkQueue:
-        return WorkQueue(self.queue, direct_reply_node=None)
+        return WorkQueue(self.queue, direct_reply_nodes=frozenset())
 
     @property
     def current(self) -> MemoryTransport:

@@ -19,6 +19,7 @@ from pathlib import Path
 from yarl import URL
 
 from contracts.amqp import connect, principal_of
+from contracts.brokers import brokers
 from contracts.errors import BrokerUnavailable, ConfigurationError, ZanddError
 from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE, consumer_count
 from contracts.urls import redact_url
@@ -27,7 +28,7 @@ from workers.bench.progress import Progress
 from workers.operator.fleet import READY_TIMEOUT_S, Fleet, child_environment, wait_until_ready
 from workers.service.config import Settings
 
-_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 _RABBITMQCTL_TIMEOUT_S = 60.0
 _DELETE_ATTEMPTS = 5
 _DELETE_RETRY_S = 3.0
@@ -62,8 +63,18 @@ async def _rabbitmqctl(*args: str) -> None:
 
 
 def require_local_broker(amqp_url: str) -> None:
-    """Refuse a broker elsewhere: the run's vhost is made with rabbitmqctl on this machine."""
-    if (URL(amqp_url).host or "localhost") not in _LOOPBACK_HOSTS:
+    """Refuse a broker elsewhere: the run's vhost is made with rabbitmqctl on this machine.
+
+    And refuse several brokers (a cluster): rabbitmqctl reaches this machine's one node.
+    """
+    found = brokers(amqp_url)
+    if len(found) > 1:
+        raise ConfigurationError(
+            f"the benchmark starts its own fleet on this machine's one broker, but "
+            f"{redact_url(amqp_url)} names {len(found)}: measure a fleet running on a cluster "
+            "with --attach"
+        )
+    if found[0].host not in _LOOPBACK_HOSTS:
         raise ConfigurationError(
             "the benchmark starts its own fleet in a vhost it creates with rabbitmqctl on this "
             f"machine, but the broker at {redact_url(amqp_url)} is not local: measure a fleet "

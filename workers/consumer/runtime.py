@@ -61,6 +61,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from contracts.amqp import DEADLINE_HEADER, JSON_CONTENT_TYPE, connect_plain
+from contracts.brokers import BrokerURLs
 from contracts.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -78,7 +79,7 @@ from contracts.errors import (
 from contracts.limits import Limits
 from contracts.models import MAX_RETRY_AFTER_MS, ErrorReply, parse_request
 from contracts.operations import ERROR_REPLY_TYPE, IDEMPOTENT_OPERATIONS, Operation
-from contracts.replyto import ReplyToRefused, check_reply_to, learn_direct_reply_node
+from contracts.replyto import ReplyToRefused, check_reply_to, learn_direct_reply_nodes
 from contracts.text import printable
 from contracts.topology import bind_topology, declare_topology
 from contracts.tracing import mark_failed
@@ -168,15 +169,16 @@ class WorkQueue:
     """The queue to consume, as the broker names it, and how its direct reply-to names start."""
 
     name: str
-    #: None when the broker minted no direct reply-to name: no direct reply-to is served.
-    direct_reply_node: str | None
+    #: The node segments the brokers minted in direct reply-to names (one per cluster node
+    #: that answered); empty: none minted one, and no direct reply-to is served yet.
+    direct_reply_nodes: frozenset[str]
 
 
 #: Declares (or looks up) the work queue for a new session; a ``TRANSPORT_FAILURES`` is retried.
 ResolveQueue = Callable[[], Awaitable[WorkQueue]]
 
 
-def lean_connect(amqp_url: str, *, name: str, max_body_bytes: int) -> Connect:
+def lean_connect(amqp_url: BrokerURLs, *, name: str, max_body_bytes: int) -> Connect:
     """The lean connection (``contracts/wire.py``) to ``amqp_url``, as a runtime's transport."""
 
     async def connect() -> Transport:
@@ -185,7 +187,9 @@ def lean_connect(amqp_url: str, *, name: str, max_body_bytes: int) -> Connect:
     return connect
 
 
-def transport_connect(kind: str, amqp_url: str, *, name: str, max_body_bytes: int) -> Connect:
+def transport_connect(
+    kind: str, amqp_url: BrokerURLs, *, name: str, max_body_bytes: int
+) -> Connect:
     """``lean_connect`` (``kind`` ``lean``), or the aiormq transport (``aiormq``)."""
     if kind == "lean":
         return lean_connect(amqp_url, name=name, max_body_bytes=max_body_bytes)
@@ -200,7 +204,7 @@ def transport_connect(kind: str, amqp_url: str, *, name: str, max_body_bytes: in
     return connect
 
 
-def topology_queue(amqp_url: str, queue: str, *, name: str, declare: bool) -> ResolveQueue:
+def topology_queue(amqp_url: BrokerURLs, queue: str, *, name: str, declare: bool) -> ResolveQueue:
     """``queue`` (a ``contracts.topology`` key), its topology declared on a connection of its own.
 
     Least-privilege deployments declare the topology once (ops/rabbitmq/definitions.json)
@@ -212,8 +216,10 @@ def topology_queue(amqp_url: str, queue: str, *, name: str, declare: bool) -> Re
         async with connection:
             channel = await connection.channel()
             topology = await (declare_topology if declare else bind_topology)(channel)
-            node = await learn_direct_reply_node(connection)
-            return WorkQueue(topology.queues[queue].name, node)
+            nodes = await learn_direct_reply_nodes(
+                amqp_url, connection, connection_name=f"{name}/topology"
+            )
+            return WorkQueue(topology.queues[queue].name, nodes)
 
     return resolve
 
@@ -248,7 +254,7 @@ class ConsumerRuntime:
         metrics: Metrics | None = None,
         declare: bool = True,
         admission: Admission | None = None,
-        amqp_url: str | None = None,
+        amqp_url: BrokerURLs | None = None,
         connect: Connect | None = None,
         resolve_queue: ResolveQueue | None = None,
     ) -> None:
@@ -278,7 +284,7 @@ class ConsumerRuntime:
         self._admission = admission
         self._in_flight: set[asyncio.Task[None]] = set()
         #: How this broker's direct reply-to names start: learned from it, never from a request.
-        self._reply_nodes: set[str] = set()
+        self._reply_nodes: frozenset[str] = frozenset()
         #: Held throttled replies: their timers and what sends each now.
         self._held: dict[asyncio.TimerHandle, Callable[[], None]] = {}
         self._session: _Session | None = None
@@ -313,10 +319,12 @@ class ConsumerRuntime:
     async def _open_session(self) -> _Session:
         """Declare (or look up) the topology, then connect the transport and set QoS."""
         queue = await self._resolve_queue()
-        if queue.direct_reply_node is None:
+        if not queue.direct_reply_nodes:
             log.warning("%s: the broker minted no direct reply-to name: none is served", self._name)
-        else:
-            self._reply_nodes.add(queue.direct_reply_node)
+        # Replaced, never added to: on RabbitMQ 3.10 a reply to a name minted by a node that is
+        # down closes this connection (541 INTERNAL_ERROR); after that reconnect the dead node,
+        # which no longer answers the probe, is no longer accepted.
+        self._reply_nodes = frozenset(queue.direct_reply_nodes)
         wire = await self._connect()
         try:
             # Per-consumer QoS: global QoS on a quorum queue closes the connection.
