@@ -10,8 +10,9 @@ A cluster is made the documented way (``stop_app``; ``join_cluster`` the first n
 ``start_app``). ``net_ticktime`` is set low (10 s by default) so that the other nodes notice a
 hung node within ~7.5-12.5 s and the queue leaders redeliver what its channels held unacked;
 with the Erlang default (60 s) a consumer on a hung node strands its prefetched requests for
-a minute. ``cluster_partition_handling`` is ``pause_minority``: a node that finds itself
-alone after a hang pauses until it sees the majority again (``docs/operations.md``).
+a minute. ``cluster_partition_handling`` is ``autoheal``, as in
+``ops/rabbitmq/cluster/cluster.conf`` (why: there): a node hung past the tick time is
+restarted by the cluster and rejoins by itself.
 """
 
 from __future__ import annotations
@@ -283,7 +284,7 @@ def _prepare(
     lines = [
         f"listeners.tcp.default = 127.0.0.1:{node.port}",
         "loopback_users = none",
-        "cluster_partition_handling = pause_minority",
+        "cluster_partition_handling = autoheal",
         "log.console = false",
         "log.file.level = info",
         *config,

@@ -132,3 +132,71 @@ def test_signers_can_be_scaled() -> None:
     # `--scale` needs containers without a fixed name or a published host port.
     assert "container_name" not in signer
     assert "ports" not in signer
+
+
+CLUSTER = ROOT / "compose" / "compose.cluster.yaml"
+CLUSTER_CONF = ROOT / "ops" / "rabbitmq" / "cluster" / "cluster.conf"
+ADVANCED_CONFIG = ROOT / "ops" / "rabbitmq" / "cluster" / "advanced.config"
+
+
+def _cluster_services() -> dict[str, dict[str, Any]]:
+    services: dict[str, dict[str, Any]] = yaml.safe_load(CLUSTER.read_text())["services"]
+    return services
+
+
+def test_docker_compose_accepts_the_cluster_profile_over_the_stack() -> None:
+    if shutil.which("docker-compose") is None:
+        pytest.skip(
+            "docker-compose is not installed (ops/lib.sh installs it: apt-get install docker-compose)"
+        )
+    result = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE), "-f", str(CLUSTER), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "RABBITMQ_COOKIE": "test-cookie"},
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_broker_node_is_configured_as_a_cluster_member() -> None:
+    services = {**_services(), **_cluster_services()}
+    nodes = [name for name in services if name.startswith("rabbitmq")]
+    assert nodes == ["rabbitmq", "rabbitmq-2", "rabbitmq-3"]
+    conf = CLUSTER_CONF.read_text()
+    for name in nodes:
+        assert f"= rabbit@{name}\n" in conf, f"{name} is not in the classic_config peer list"
+        mounts = _cluster_services()[name]["volumes"]
+        targets = {mount.split(":")[1] for mount in mounts}
+        assert "/etc/rabbitmq/conf.d/30-zandd-cluster.conf" in targets, name
+        assert "/etc/rabbitmq/advanced.config" in targets, name
+        assert "${RABBITMQ_COOKIE" in json.dumps(_cluster_services()[name].get("environment", {}))
+    assert re.search(r"^cluster_partition_handling = autoheal$", conf, re.MULTILINE)
+    assert "{net_ticktime, 10}" in ADVANCED_CONFIG.read_text()
+
+
+def test_every_cluster_client_names_all_three_brokers_as_the_same_user() -> None:
+    for name, service in _cluster_services().items():
+        url_text = service.get("environment", {}).get("ZANDD_AMQP_URL")
+        if url_text is None:
+            continue
+        single = URL(_services()[name]["environment"]["ZANDD_AMQP_URL"])
+        authority = url_text.partition("://")[2].partition("/")[0]
+        userinfo, _, hosts = authority.rpartition("@")
+        assert userinfo == f"{single.user}:{single.password}", name
+        assert hosts.split(",") == ["rabbitmq:5672", "rabbitmq-2:5672", "rabbitmq-3:5672"], name
+        assert url_text.endswith(single.path), name
+
+
+def test_the_cluster_vault_is_a_replica_set_initiated_once() -> None:
+    services = _cluster_services()
+    for name in ("keygen", "keygen-standby", "signer"):
+        vault = services[name]["environment"]["ZANDD_VAULT_URL"]
+        assert vault.startswith("mongodb://mongo:27017,mongo-2:27017,mongo-3:27017/"), name
+        assert "replicaSet=rs0" in vault, name
+    members = [name for name in services if re.fullmatch(r"mongo(-\d)?", name)]
+    assert members == ["mongo", "mongo-2", "mongo-3"]
+    init = " ".join(services["mongo-init"]["entrypoint"])
+    for member in members:
+        assert f'host: "{member}:27017"' in init
+    assert "try { rs.status() }" in init, "initiating must be a no-op on a running set"
