@@ -19,6 +19,13 @@ has a timeout that also becomes the request's AMQP ``expiration``, so the fleet 
 for a caller who stopped waiting.
 Requests are published ``mandatory``: when no worker queue is bound the call fails at once
 with ``NotDelivered`` instead of waiting for its timeout.
+
+Non-retryable is non-retryable. A request over the fleet's limits (``contracts/limits.py``,
+``limits=`` when an operator changed them) fails with ``InvalidRequest`` before anything is
+sent. One the broker refuses itself — it closes the channel over a body larger than its
+``max_message_size`` — fails alone with ``BrokerRejected`` and is never sent again (nor is
+any larger body from then on); the other calls that shared the channel fail retryable, or
+with ``retry`` are resent, once at most for a channel error the broker does not pin on a call.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -46,6 +54,7 @@ from contracts.amqp import (
 from contracts.brokers import BrokerURLs, principal_of
 from contracts.crypto import load_public_key, verify_signature
 from contracts.errors import (
+    BrokerRejected,
     BrokerUnavailable,
     InternalError,
     InvalidRequest,
@@ -56,6 +65,7 @@ from contracts.errors import (
     ZanddError,
     error_from_code,
 )
+from contracts.limits import DEFAULT_LIMITS, Limits, structure_count
 from contracts.models import (
     DEFAULT_PENDING_DAYS,
     SPECS,
@@ -80,13 +90,21 @@ from contracts.operations import ERROR_REPLY_TYPE, Operation
 from contracts.pinning import PinnedKey, PublicKeySource
 from contracts.topology import EXCHANGE, declare_topology
 from contracts.tracing import producer_span
-from contracts.wire import Delivery, Properties, Wire, WireClosed
+from contracts.wire import Delivery, Properties, Wire, WireChannelClosed, WireClosed
 
 DEFAULT_TIMEOUT_S = 30.0
 _RESEND_FIRST_DELAY_S = 0.05
 _RESEND_MAX_DELAY_S = 2.0
 _RECONNECT_MAX_DELAY_S = 5.0
 _NOT_FOUND = 404
+_ACCESS_REFUSED = 403
+#: RabbitMQ's channel.close text for a body over its ``max_message_size`` ("message size 200
+#: is larger than configured max size 100"; "max size" alone when it is the default).
+_BROKER_SIZE_LIMIT = re.compile(
+    r"message size \d{1,20} is larger than (?:configured )?max size (\d{1,20})"
+)
+#: Operations whose body grows with the data to sign: a body over a limit should go by digest.
+_SIGNING = frozenset({Operation.SIGN, Operation.SIGN_TPM, Operation.SIGN_BATCH})
 log = logging.getLogger("zandd.client")
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
 RequestT = TypeVar("RequestT", bound=BaseModel)
@@ -96,9 +114,19 @@ class SigningClient:
     """Async RPC client for ZANDD HSM. Create it with ``await SigningClient.connect(url)``."""
 
     def __init__(
-        self, url: BrokerURLs, *, default_timeout_s: float, retry: bool, connect_timeout_s: float
+        self,
+        url: BrokerURLs,
+        *,
+        default_timeout_s: float,
+        retry: bool,
+        connect_timeout_s: float,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self._url = url
+        self._limits = limits
+        #: The broker's ``max_message_size``, once a channel close has named it: a larger
+        #: body is refused here from then on, never sent.
+        self._broker_max_body_bytes: int | None = None
         #: Server-named, so a new one after each reconnect (the calls in flight were failed).
         self._reply_queue = ""
         self._principal = principal_of(url)
@@ -129,6 +157,7 @@ class SigningClient:
         declare: bool = False,
         retry: bool = False,
         connect_timeout_s: float = 10.0,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> SigningClient:
         """Connect to the broker at ``url``; ``timeout_s`` is the default per-call timeout.
 
@@ -142,11 +171,19 @@ class SigningClient:
         answered ``throttled`` (after the reply's retry-after); without it they fail at once
         with the retryable ``BrokerUnavailable`` or ``Throttled``. A lost connection is
         reconnected in the background either way.
+
+        ``limits`` are the fleet's request limits (``ZANDD_MAX_MESSAGE_BYTES``,
+        ``_MAX_BATCH_ITEMS``, ``_MAX_BODY_BYTES``; the defaults unless an operator changed
+        them): a request over one fails at once with ``InvalidRequest``, and nothing is sent.
         """
         if declare:
             await _declare_topology(url, connect_timeout_s)
         client = cls(
-            url, default_timeout_s=timeout_s, retry=retry, connect_timeout_s=connect_timeout_s
+            url,
+            default_timeout_s=timeout_s,
+            retry=retry,
+            connect_timeout_s=connect_timeout_s,
+            limits=limits,
         )
         await client._open()
         client._supervisor = asyncio.get_running_loop().create_task(client._supervise())
@@ -235,7 +272,7 @@ class SigningClient:
 
         ``protection="tpm"`` makes a key that never leaves the TPM (sign it with
         ``sign_in_tpm``)."""
-        request = _request(
+        request = self._request(
             KeyCreateRequest,
             label=label,
             allowed_signers=list(allowed_signers) if allowed_signers is not None else None,
@@ -260,7 +297,7 @@ class SigningClient:
         timeout_s: float | None = None,
     ) -> SignReply:
         """Sign ``message`` (or a precomputed SHA-256 ``digest``) with the key."""
-        request = _sign_request(key_id, message, digest, encoding, version)
+        request = self._sign_request(key_id, message, digest, encoding, version)
         return await self.call(Operation.SIGN, request, SignReply, timeout_s=timeout_s)
 
     async def sign_in_tpm(
@@ -274,7 +311,7 @@ class SigningClient:
         timeout_s: float | None = None,
     ) -> SignReply:
         """``sign.tpm``: sign with a key of protection ``tpm``, inside the TPM (keygen worker)."""
-        request = _sign_request(key_id, message, digest, encoding, version)
+        request = self._sign_request(key_id, message, digest, encoding, version)
         return await self.call(Operation.SIGN_TPM, request, SignReply, timeout_s=timeout_s)
 
     async def sign_batch(
@@ -288,10 +325,10 @@ class SigningClient:
         timeout_s: float | None = None,
     ) -> SignBatchReply:
         """Sign many messages (then many digests) with one key; signatures come in that order."""
-        items = [_request(SignPayload, message=m) for m in messages] + [
-            _request(SignPayload, digest=d) for d in digests
+        items = [self._request(SignPayload, message=m) for m in messages] + [
+            self._request(SignPayload, digest=d) for d in digests
         ]
-        request = _request(
+        request = self._request(
             SignBatchRequest, key_id=key_id, version=version, items=items, encoding=encoding
         )
         return await self.call(Operation.SIGN_BATCH, request, SignBatchReply, timeout_s=timeout_s)
@@ -300,7 +337,7 @@ class SigningClient:
         self, key_id: str, version: int | None = None, *, timeout_s: float | None = None
     ) -> KeyPublicReply:
         """The key's public half (PEM and JWK)."""
-        request = _request(KeyPublicRequest, key_id=key_id, version=version)
+        request = self._request(KeyPublicRequest, key_id=key_id, version=version)
         return await self.call(Operation.KEY_PUBLIC, request, KeyPublicReply, timeout_s=timeout_s)
 
     async def verify(
@@ -364,6 +401,10 @@ class SigningClient:
         back, and a call answered ``throttled`` is sent again after the reply's retry-after,
         until its timeout: every v1 operation is idempotent on its message id. A retry-after
         that ends beyond the timeout raises ``Throttled`` at once rather than waiting for it.
+
+        A request over the client's ``limits`` raises ``InvalidRequest`` unsent, and one the
+        broker refuses (its ``channel.close`` names this call) raises ``BrokerRejected``, sent
+        once; neither is retried.
         """
         if SPECS[operation].reply is not reply_model:
             raise TypeError(f"{operation.value} replies with {SPECS[operation].reply.__name__}")
@@ -374,6 +415,7 @@ class SigningClient:
         request_id = message_id or correlation_id
         deadline_ms = int((time.time() + timeout) * 1000)
         body = request.model_dump_json(exclude_none=True).encode()
+        self._check_size(operation, body)
         ends_at = asyncio.get_running_loop().time() + timeout
         try:
             async with asyncio.timeout_at(ends_at):
@@ -418,6 +460,7 @@ class SigningClient:
         deadline_ms: int,
     ) -> Delivery:
         failures = 0
+        channel_errors = 0
         while True:
             future: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
             self._pending[correlation_id] = future
@@ -425,6 +468,16 @@ class SigningClient:
                 await self._publish(operation, body, request_id, correlation_id, deadline_ms)
                 return await future
             except BrokerUnavailable as exc:  # Refused (a nack) included
+                if isinstance(exc, _ChannelError):
+                    # A channel the broker closed while this call was being sent: another
+                    # call's fault, or one the broker did not name. Resent once at most, so
+                    # no request the broker refuses can go round in a loop.
+                    channel_errors += 1
+                    if channel_errors > 1:
+                        raise BrokerUnavailable(
+                            f"{exc.message}; it closed the channel while {operation.value} "
+                            "was being sent twice: not sent again"
+                        ) from exc
                 if not self._retry or self._closing:
                     raise
                 failures += 1
@@ -470,7 +523,7 @@ class SigningClient:
     async def _send(self, body: bytes, properties: Properties, operation: Operation) -> None:
         """Publish (mandatory) and wait for the broker's confirm: it has the request, or why not."""
         wire = self._wire
-        if wire is None or not self._connected.is_set():
+        if wire is None or not self._connected.is_set() or wire.lost.is_set():
             raise BrokerUnavailable(f"not connected to the broker; {operation.value} was not sent")
         try:
             confirmed = wire.publish(
@@ -479,11 +532,45 @@ class SigningClient:
             assert confirmed is not None  # confirms are on from _open
             accepted = await confirmed
         except WireClosed as exc:
-            if exc.reply_code == _NOT_FOUND:  # a missing exchange closes the channel
-                raise _not_routed(operation.value) from exc
-            raise BrokerUnavailable(f"lost the broker while sending {operation.value}") from exc
+            raise self._send_failed(exc, operation, len(body)) from exc
         if not accepted:
             raise Refused(f"the broker refused {operation.value} (queue full?)")
+
+    def _send_failed(self, exc: WireClosed, operation: Operation, size: int) -> ZanddError:
+        """Why a publish failed when its connection ended: whose fault, and may it be resent.
+
+        The lean connection has one channel, so a publish the broker refuses ends every call
+        on it. The broker's ``channel.close`` says why: a missing exchange (404) or no right
+        to publish (403) fails every call alike and resending cannot help; a body over the
+        broker's ``max_message_size`` (406, with the limit in its text) is the fault of the
+        calls whose bodies are larger, which fail with ``BrokerRejected`` and are never sent
+        again — the others were only on the same channel and may be resent (``retry``).
+        """
+        if exc.reply_code == _NOT_FOUND:  # a missing exchange closes the channel
+            return _not_routed(operation.value)
+        if exc.reply_code == _ACCESS_REFUSED:
+            return BrokerRejected(
+                f"the broker refused {operation.value}: {exc} (this user may not publish to "
+                f"{EXCHANGE!r}?)",
+                exc.reply_code,
+            )
+        if not isinstance(exc, WireChannelClosed):
+            return BrokerUnavailable(f"lost the broker while sending {operation.value}")
+        limit = _BROKER_SIZE_LIMIT.search(str(exc))
+        if limit is not None:
+            max_bytes = int(limit.group(1))
+            self._broker_max_body_bytes = max_bytes
+            if size > max_bytes:
+                hint = _BY_DIGEST if operation in _SIGNING else ""
+                return BrokerRejected(
+                    f"the broker refused {operation.value}: its body is {size} bytes, over the "
+                    f"broker's max_message_size of {max_bytes}; not sent again{hint}",
+                    exc.reply_code,
+                )
+        return _ChannelError(
+            f"the broker closed the channel while {operation.value} was being sent ({exc})",
+            exc.reply_code,
+        )
 
     def _on_return(self, _code: int, _text: str, message: Delivery) -> None:
         """A mandatory request no queue was bound for: its call fails now, not at its timeout."""
@@ -503,20 +590,78 @@ class SigningClient:
             if not future.done():
                 future.set_exception(error)
 
+    def _sign_request(
+        self,
+        key_id: str,
+        message: bytes | None,
+        digest: bytes | None,
+        encoding: Encoding,
+        version: int | None,
+    ) -> SignRequest:
+        """The body of ``sign`` and ``sign.tpm`` (the same request)."""
+        return self._request(
+            SignRequest,
+            key_id=key_id,
+            version=version,
+            message=message,
+            digest=digest,
+            encoding=encoding,
+        )
+
+    def _request(self, model: type[RequestT], **fields: Any) -> RequestT:
+        """Build a request model within the client's limits; a bad argument is
+        ``InvalidRequest`` naming the field, never quoting the value (it may be the data to
+        sign)."""
+        try:
+            return model.model_validate(fields, context=self._limits.as_context())
+        except ValidationError as exc:
+            described = describe_errors(exc)
+            hint = _BY_DIGEST if "'message' is larger than the limit" in described else ""
+            raise InvalidRequest(f"invalid {model.__name__}: {described}{hint}") from None
+
+    def _check_size(self, operation: Operation, body: bytes) -> None:
+        """Refuse a body the fleet (``Limits``) or the broker would refuse, before it is sent.
+
+        A worker refuses a body over ``max_body_bytes`` or with more JSON values than
+        ``max_structure`` without reading it; sending one only makes it cross the broker (and
+        its replicas) first. A body over the broker's ``max_message_size`` would close the
+        channel (see ``_send``).
+        """
+        limits, size = self._limits, len(body)
+        hint = _BY_DIGEST if operation in _SIGNING else ""
+        if size > limits.max_body_bytes:
+            raise InvalidRequest(
+                f"{operation.value} was not sent: its body is {size} bytes, over the limit of "
+                f"{limits.max_body_bytes} (Limits.max_body_bytes; the fleet's "
+                f"ZANDD_MAX_BODY_BYTES){hint}"
+            )
+        if structure_count(body) > limits.max_structure:
+            raise InvalidRequest(
+                f"{operation.value} was not sent: its body holds more than "
+                f"{limits.max_structure} JSON values (Limits.max_structure)"
+            )
+        broker_max = self._broker_max_body_bytes
+        if broker_max is not None and size > broker_max:
+            raise BrokerRejected(
+                f"{operation.value} was not sent: its body is {size} bytes, over the broker's "
+                f"max_message_size of {broker_max} (it closed the channel over a larger one)"
+                f"{hint}"
+            )
+
     # -- key lifecycle (owner and admins only); without ``version``: every live version ------
 
     async def disable_key(
         self, key_id: str, version: int | None = None, *, timeout_s: float | None = None
     ) -> KeyStateReply:
         """Refuse all signing with the key until ``enable_key``; signers hear of it at once."""
-        request = _request(KeyStateRequest, key_id=key_id, version=version)
+        request = self._request(KeyStateRequest, key_id=key_id, version=version)
         return await self.call(Operation.KEY_DISABLE, request, KeyStateReply, timeout_s=timeout_s)
 
     async def enable_key(
         self, key_id: str, version: int | None = None, *, timeout_s: float | None = None
     ) -> KeyStateReply:
         """Allow signing with a disabled key again."""
-        request = _request(KeyStateRequest, key_id=key_id, version=version)
+        request = self._request(KeyStateRequest, key_id=key_id, version=version)
         return await self.call(Operation.KEY_ENABLE, request, KeyStateReply, timeout_s=timeout_s)
 
     async def destroy_key(
@@ -528,7 +673,7 @@ class SigningClient:
         timeout_s: float | None = None,
     ) -> KeyStateReply:
         """Stop signing now; erase the sealed key after ``pending_days`` unless cancelled."""
-        request = _request(
+        request = self._request(
             KeyDestroyRequest, key_id=key_id, version=version, pending_days=pending_days
         )
         return await self.call(Operation.KEY_DESTROY, request, KeyStateReply, timeout_s=timeout_s)
@@ -537,37 +682,24 @@ class SigningClient:
         self, key_id: str, version: int | None = None, *, timeout_s: float | None = None
     ) -> KeyStateReply:
         """Call off a scheduled destruction; the key comes back disabled."""
-        request = _request(KeyStateRequest, key_id=key_id, version=version)
+        request = self._request(KeyStateRequest, key_id=key_id, version=version)
         return await self.call(
             Operation.KEY_CANCEL_DESTROY, request, KeyStateReply, timeout_s=timeout_s
         )
 
 
-def _sign_request(
-    key_id: str,
-    message: bytes | None,
-    digest: bytes | None,
-    encoding: Encoding,
-    version: int | None,
-) -> SignRequest:
-    """The body of ``sign`` and ``sign.tpm`` (the same request)."""
-    return _request(
-        SignRequest,
-        key_id=key_id,
-        version=version,
-        message=message,
-        digest=digest,
-        encoding=encoding,
-    )
+_BY_DIGEST = (
+    "; sign large data by its SHA-256 instead (digest= for sign, digests= for sign_batch), "
+    "or split the batch"
+)
 
 
-def _request(model: type[RequestT], **fields: Any) -> RequestT:
-    """Build a request model; a bad argument is ``InvalidRequest`` naming the field, never
-    quoting the value (it may be the data to sign)."""
-    try:
-        return model(**fields)
-    except ValidationError as exc:
-        raise InvalidRequest(f"invalid {model.__name__}: {describe_errors(exc)}") from None
+class _ChannelError(BrokerUnavailable):
+    """A publish ended by a ``channel.close`` that names no fault of its own (see ``_attempts``)."""
+
+    def __init__(self, message: str, reply_code: int | None) -> None:
+        super().__init__(message)
+        self.reply_code = reply_code
 
 
 def _settle(future: asyncio.Future[Delivery]) -> None:

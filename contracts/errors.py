@@ -152,6 +152,16 @@ class Refused(BrokerUnavailable):
     """Client side: the broker did not take the request (a publisher nack, e.g. queue full)."""
 
 
+class BrokerRejected(InvalidRequest):
+    """Client side: the broker refused this request itself by closing the channel it was
+    published on (a body over the broker's ``max_message_size``, no right to publish): sending
+    it again would do the same, so it was not resent. ``reply_code`` is the broker's code."""
+
+    def __init__(self, message: str, reply_code: int | None = None) -> None:
+        super().__init__(message)
+        self.reply_code = reply_code
+
+
 class RequestTimeout(DeadlineExceeded):
     """Client side: no reply arrived within the call's timeout."""
 

@@ -50,6 +50,12 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+def structure_count(body: bytes) -> int:
+    """The ``,``, ``{`` and ``[`` bytes of a request body, counted at memory speed (compared
+    with ``Limits.max_structure``)."""
+    return body.count(b",") + body.count(b"{") + body.count(b"[")
+
+
 def limits_from(info: ValidationInfo) -> Limits:
     """The limits in force for one validation: the context's, else the defaults."""
     context = info.context

@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from contracts.errors import ErrorCode, InvalidRequest
-from contracts.limits import DEFAULT_LIMITS, Limits, limits_from
+from contracts.limits import DEFAULT_LIMITS, Limits, limits_from, structure_count
 from contracts.operations import Operation
 
 ALGORITHM_ECDSA_P256_SHA256: Final = "ecdsa-p256-sha256"
@@ -403,10 +403,6 @@ def describe_errors(exc: ValidationError, limit: int = 5) -> str:
     return f"{described}; and {more} more" if more > 0 else described
 
 
-def _structure_count(body: bytes) -> int:
-    return body.count(b",") + body.count(b"{") + body.count(b"[")
-
-
 def parse_request(operation: Operation, body: bytes, limits: Limits = DEFAULT_LIMITS) -> BaseModel:
     """Validate an AMQP body as ``operation``'s request, or raise ``InvalidRequest``.
 
@@ -419,7 +415,7 @@ def parse_request(operation: Operation, body: bytes, limits: Limits = DEFAULT_LI
         raise InvalidRequest(
             f"request body is larger than the limit of {limits.max_body_bytes} bytes"
         )
-    if _structure_count(body) > limits.max_structure:
+    if structure_count(body) > limits.max_structure:
         raise InvalidRequest(
             f"request body holds more than {limits.max_structure} JSON values "
             "(',', '{' and '[' counted)"

@@ -17,7 +17,8 @@ heartbeats both ways, one channel with per-consumer QoS, ``basic.consume``/``can
 and a clean close. Anything the broker ends — ``connection.close``, ``channel.close``, a
 consumer cancelled because its queue went away, missed heartbeats, a dropped socket — ends the
 whole connection: ``lost`` is set with the reason, waiting confirms fail, and the owner
-reconnects. Rare frames (the handshake, closes, ``connection.blocked``) go through pamqp, as
+reconnects. A ``channel.close`` is a ``WireChannelClosed`` carrying the broker's text, so the
+owner can tell which publish the broker refused (``contracts/client.py``). Rare frames (the handshake, closes, ``connection.blocked``) go through pamqp, as
 in aiormq.
 
 What it does not do, on purpose: declare exchanges and bindings (aio-pika does that, on a
@@ -214,6 +215,12 @@ class WireBlocked(WireClosed):
     is dropped with this error: a publish waiting for its confirm fails with it (retryable),
     and the requests a worker had not acked return to the queue.
     """
+
+
+class WireChannelClosed(WireClosed):
+    """The broker closed the channel over something sent on it (a publish it refuses: a body
+    over its ``max_message_size``, an exchange that does not exist…); the connection ends with
+    it. ``str()`` holds the broker's reply text, which names the reason."""
 
 
 class WireRefused(WireClosed):
@@ -1048,6 +1055,8 @@ def _closed_by_broker(
     code, text = close.reply_code or 0, close.reply_text or ""
     if code in (_ACCESS_REFUSED, _NOT_ALLOWED):
         return WireRefused(f"{code} {text}", code)
+    if isinstance(close, commands.Channel.Close):
+        return WireChannelClosed(f"the broker closed the {what}: {code} {text}", code)
     return WireClosed(f"the broker closed the {what}: {code} {text}", code)
 
 

@@ -148,11 +148,12 @@ async def fleet(
             for n in range(1, signer_count + 1)
         ]
         for name, worker in workers:
+            running.metrics[name] = Metrics()
             runtime = build_runtime(
                 settings,
                 worker,
                 prefetch=settings.signer_concurrency,
-                metrics=Metrics(),
+                metrics=running.metrics[name],
                 name=f"test-{name}",
                 handlers=_counting(name, worker.handlers, running.served),
             )

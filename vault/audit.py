@@ -12,7 +12,11 @@ precision, so every backend (BSON dates included) stores it exactly. The first e
 
 Workers link with a key (``vault/audit_chain.py``): the "hash" is then an HMAC-SHA256 under a
 key derived from the KEK ring, over the same document with format ``zandd-audit/2`` and the
-KEK's id. Unkeyed entries are legacy: accepted only before the first keyed one. What no chain
+KEK's id. Unkeyed entries are legacy: accepted only before the first keyed one. The entry of
+a request the broker had delivered before (``redelivered``: a worker lost its connection before
+it acked) is format ``zandd-audit/3``: the same document plus ``"redelivered": true``; every
+other entry keeps the bytes it always had, so entries written before the field verify as
+they did. What no chain
 shows on its own is the loss of the newest entries: :func:`check_log` compares the log with a
 head published elsewhere (workers publish theirs on ``zandd.events``).
 """
@@ -39,6 +43,8 @@ from vault.audit_chain import ChainKey, ChainKeyLookup, link_kek_id
 
 AUDIT_FORMAT = "zandd-audit/1"
 KEYED_AUDIT_FORMAT = "zandd-audit/2"
+#: The document of a redelivered request's entry: format 1 or 2 plus ``"redelivered": true``.
+REDELIVERED_AUDIT_FORMAT = "zandd-audit/3"
 GENESIS_HASH = "0" * 64
 OUTCOME_OK = "ok"
 READ_PAGE_ENTRIES = 1000
@@ -58,7 +64,10 @@ class AuditEvent:
     """What happened, before it takes its place in the chain.
 
     ``outcome`` is ``ok`` or the wire error code of the refusal; ``data_sha256`` is the hex
-    SHA-256 of the signed data, never the data.
+    SHA-256 of the signed data, never the data. ``redelivered``: the broker had delivered the
+    request before (to this worker or another, which lost its connection before acking it), so
+    an earlier entry may record the same request (same ``request_id``); an ``ok`` one may have
+    signed it already, though only the answer that reached the caller was used.
     """
 
     at: datetime
@@ -69,11 +78,14 @@ class AuditEvent:
     version: int | None = None
     request_id: str | None = None
     data_sha256: str | None = None
+    redelivered: bool = False
 
     def __post_init__(self) -> None:
         # Refused here, not by the store inside a group commit it would fail as a whole.
         if self.version is not None and not 0 <= self.version <= MAX_STORED_INT:
             raise ValueError("an audit version must fit a signed 64-bit integer")
+        if not isinstance(self.redelivered, bool):
+            raise ValueError("an audit entry's redelivered flag must be a boolean")
         object.__setattr__(self, "at", _audit_time(self.at))
 
 
@@ -121,8 +133,12 @@ class AuditQuery:
 def canonical_bytes(
     seq: int, event: AuditEvent, prev_hash: str, kek_id: str | None = None
 ) -> bytes:
-    """The bytes an entry's link is taken over; for a keyed link they name the KEK of its key."""
-    document = {
+    """The bytes an entry's link is taken over; for a keyed link they name the KEK of its key.
+
+    ``redelivered`` is in the document only when true (format ``zandd-audit/3``), so every
+    entry without it has the bytes it had before the field existed.
+    """
+    document: dict[str, object] = {
         "format": AUDIT_FORMAT if kek_id is None else KEYED_AUDIT_FORMAT,
         "seq": seq,
         "at": event.at.isoformat(timespec="milliseconds"),
@@ -137,6 +153,9 @@ def canonical_bytes(
     }
     if kek_id is not None:
         document["kek_id"] = kek_id
+    if event.redelivered:
+        document["format"] = REDELIVERED_AUDIT_FORMAT
+        document["redelivered"] = True
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -185,6 +204,8 @@ class ChainVerifier:
     legacy_entries: int = 0
     keyed_entries: int = 0
     kek_ids: list[str] = field(default_factory=list)
+    #: Entries of requests the broker had delivered before (``AuditEvent.redelivered``).
+    redelivered_entries: int = 0
 
     def feed(self, entry: AuditEntry) -> None:
         """Check one entry against the chain so far and make it the head."""
@@ -210,6 +231,7 @@ class ChainVerifier:
                 f"audit entry #{entry.seq} was altered: its hash does not match its content",
             )
         self.head = entry.head
+        self.redelivered_entries += entry.event.redelivered
 
     def _key_of(self, entry: AuditEntry) -> ChainKey | None:
         try:
@@ -274,6 +296,8 @@ class AuditReport:
     #: many checkpoints it matched.
     checkpoint: ChainHead | None = None
     checkpoints: int = 0
+    #: Entries of requests the broker had delivered before (``AuditEvent.redelivered``).
+    redelivered_entries: int = 0
 
 
 async def check_log(
@@ -320,6 +344,7 @@ async def check_log(
         known_head,
         None if newest is None else ChainHead(newest, vouched[newest]),
         len(vouched),
+        verifier.redelivered_entries,
     )
 
 

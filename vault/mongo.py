@@ -55,7 +55,9 @@ Document = dict[str, Any]
 
 DEFAULT_DATABASE: Final = "zandd"
 #: 2: request ids are unique per owner (index ``owner_request_id``), no longer vault-wide.
-SCHEMA_VERSION: Final = 2
+#: 3: audit entries may say ``redelivered`` (absent: not), which older software would not put
+#: into an entry's link: it must not read (or verify) such a log.
+SCHEMA_VERSION: Final = 3
 KEYS_COLLECTION: Final = "keys"
 AUDIT_COLLECTION: Final = "audit"
 META_COLLECTION: Final = "meta"
@@ -390,6 +392,8 @@ class MongoStore:
                 await self._upgrade()
 
     async def _upgrade(self) -> None:
+        # Schema 2 → 3 needs no change to the data (``redelivered`` is absent from older
+        # entries, which reads as not redelivered): only the version, set last.
         # Schema 1 → 2. The per-owner index exists by now (a schema-1 vault satisfies it: its
         # request ids were unique vault-wide), so dropping the old one leaves no moment
         # without a unique request id index. Concurrent openers may both drop: one finds it gone.
@@ -613,7 +617,7 @@ def _audit_document(entries: Sequence[AuditEntry]) -> Document:
 
 def _audit_entry_document(entry: AuditEntry) -> Document:
     event = entry.event
-    return {
+    document: Document = {
         "seq": entry.seq,
         # A BSON date: audit times have millisecond precision, which BSON keeps exactly.
         "at": event.at,
@@ -627,6 +631,10 @@ def _audit_entry_document(entry: AuditEntry) -> Document:
         "prev_hash": entry.prev_hash,
         "entry_hash": entry.entry_hash,
     }
+    if event.redelivered:
+        # Absent, not false, otherwise: the documents of older entries need no migration.
+        document["redelivered"] = True
+    return document
 
 
 def _audit_pipeline(query: AuditQuery) -> list[Document]:
@@ -671,6 +679,8 @@ def _to_audit_entry(document: Mapping[str, Any]) -> AuditEntry:
             version=document["version"],
             request_id=document["request_id"],
             data_sha256=document["data_sha256"],
+            # Anything but an absent flag or a boolean is malformed (AuditEvent refuses it).
+            redelivered=document.get("redelivered", False),
         )
         return AuditEntry(
             seq=document["seq"],

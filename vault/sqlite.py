@@ -44,7 +44,7 @@ _T = TypeVar("_T")
 
 log = logging.getLogger("zandd.vault")
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 BUSY_TIMEOUT_S = 10.0
 _CHECKPOINT_ATTEMPTS = 3
 _THREAD_NAME = "zandd-sqlite"
@@ -150,6 +150,12 @@ ATTESTATION_STEP: tuple[str, ...] = (
     "ALTER TABLE keys ADD COLUMN tpm_blob BLOB",
 )
 _MIGRATIONS[7] = ATTESTATION_STEP
+#: Whether an audit entry's request had been delivered before (``AuditEvent.redelivered``);
+#: entries from before are not (0). A step of its own, to take the next number.
+AUDIT_REDELIVERED_STEP: tuple[str, ...] = (
+    "ALTER TABLE audit ADD COLUMN redelivered INTEGER NOT NULL DEFAULT 0",
+)
+_MIGRATIONS[8] = AUDIT_REDELIVERED_STEP
 
 _COLUMNS = (
     "key_id, version, algorithm, public_key_der, kek_id, nonce, ciphertext, state, label,"
@@ -197,9 +203,9 @@ _REPLACE = (
 )
 _AUDIT_COLUMNS = (
     "seq, at, principal, operation, outcome, key_id, version, request_id, data_sha256,"
-    " prev_hash, entry_hash"
+    " prev_hash, entry_hash, redelivered"
 )
-_AUDIT_INSERT = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES ({', '.join('?' * 11)})"  # noqa: S608
+_AUDIT_INSERT = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES ({', '.join('?' * 12)})"  # noqa: S608
 _AUDIT_HEAD = "SELECT seq, entry_hash FROM audit ORDER BY seq DESC LIMIT 1"
 _CHECKPOINT_INSERT = (
     "INSERT INTO audit_checkpoints (seq, link, at, signature) VALUES (?, ?, ?, ?)"
@@ -592,12 +598,15 @@ def _audit_row(entry: AuditEntry) -> tuple[Any, ...]:
         event.data_sha256,
         entry.prev_hash,
         entry.entry_hash,
+        int(event.redelivered),
     )
 
 
 def _to_audit_entry(row: tuple[Any, ...]) -> AuditEntry:
     (seq, at, principal, operation, outcome, key_id, version, request_id, data_sha256) = row[:9]
     try:
+        if row[11] not in (0, 1):
+            raise ValueError("redelivered is neither 0 nor 1")
         event = AuditEvent(
             at=datetime.fromisoformat(at),
             principal=principal,
@@ -607,6 +616,7 @@ def _to_audit_entry(row: tuple[Any, ...]) -> AuditEntry:
             version=version,
             request_id=request_id,
             data_sha256=data_sha256,
+            redelivered=row[11] == 1,
         )
     except (TypeError, ValueError) as exc:
         raise IntegrityError(f"audit entry #{seq} is malformed") from exc

@@ -90,14 +90,20 @@ def producer_users(amqp_url: str, *roles: str) -> Iterator[dict[str, str]]:
         yield {names[name]: url for name, url in urls.items()}
 
 
-async def close_connections_in(vhost: str) -> int:
-    """Close every client connection to ``vhost`` from the broker's side; how many."""
+async def close_connections_in(vhost: str, *, user: str | None = None) -> int:
+    """Close every client connection to ``vhost`` (of ``user`` only, when given) from the
+    broker's side; how many."""
     listing = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", "list_connections", "-q", "--no-table-headers", "pid", "vhost",
+        "rabbitmqctl", "list_connections", "-q", "--no-table-headers", "pid", "vhost", "user",
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, _ = await listing.communicate()
-    pids = [line.split("\t")[0] for line in out.decode().splitlines() if line.endswith(vhost)]
+    rows = [line.split("\t") for line in out.decode().splitlines()]
+    pids = [
+        row[0]
+        for row in rows
+        if len(row) == 3 and row[1] == vhost and (user is None or row[2] == user)
+    ]
     for pid in pids:
         closing = await asyncio.create_subprocess_exec(
             "rabbitmqctl", "close_connection", pid, "test: connection lost",

@@ -17,6 +17,7 @@ from contracts.topology import declare_topology
 from vault.kek import KekRing
 from vault.store import VaultStore
 from workers.consumer.runtime import ConsumerRuntime, Handler, RequestContext
+from workers.observability.metrics import Metrics
 from workers.service.config import Settings
 
 
@@ -45,6 +46,8 @@ class RunningFleet:
     runtimes: dict[str, ConsumerRuntime] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     served: dict[str, int] = field(default_factory=dict)
+    #: Each worker's metrics, by the same names as ``runtimes``.
+    metrics: dict[str, Metrics] = field(default_factory=dict)
 
     def client(self, **kwargs: Any) -> Awaitable[SigningClient]:
         """A connected client for this fleet (close it, or use it as ``async with``)."""

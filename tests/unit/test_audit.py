@@ -29,6 +29,7 @@ from vault.audit import (
     link,
     verify_log,
 )
+from vault.audit_chain import ChainKey
 from vault.sqlite import SqliteStore
 
 T0 = datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=UTC)
@@ -91,15 +92,58 @@ def test_an_empty_log_verifies() -> None:
     assert verify([]) == GENESIS
 
 
+#: Links the code made before ``redelivered`` existed, for ``event(1)`` after the genesis: unkeyed,
+#: and keyed under ``ChainKey("kek-1", b"k" * 32)``. Entries without the flag keep their bytes.
+LINKS_BEFORE_REDELIVERED = (
+    "eaa4963dd5666ea9ceaa10449ab3891eb05b1623ad2f5f8a077c63cdf51a447f",
+    "hmac-sha256/kek-1/e662920c2b61cf9e38aaf756c3037c5ef2fe2100e7e98b8745f80590bfe01dce",
+)
+
+
+def test_entries_not_redelivered_keep_the_links_they_always_had() -> None:
+    key = ChainKey("kek-1", b"k" * 32)
+    assert entry_hash(1, event(1), GENESIS_HASH) == LINKS_BEFORE_REDELIVERED[0]
+    assert entry_hash(1, event(1), GENESIS_HASH, key) == LINKS_BEFORE_REDELIVERED[1]
+    assert "redelivered" not in json.loads(canonical_bytes(1, event(1), GENESIS_HASH, "kek-1"))
+
+
+def test_a_redelivered_entry_is_format_3_and_says_so() -> None:
+    again = dataclasses.replace(event(1), redelivered=True)
+    document = json.loads(canonical_bytes(1, again, GENESIS_HASH, "kek-1"))
+    assert document["format"] == "zandd-audit/3"
+    assert document["redelivered"] is True
+    assert document["kek_id"] == "kek-1"
+    key = ChainKey("kek-1", b"k" * 32)
+    assert entry_hash(1, again, GENESIS_HASH, key) != LINKS_BEFORE_REDELIVERED[1]
+    with pytest.raises(ValueError, match="boolean"):
+        dataclasses.replace(event(1), redelivered=1)
+    chain = link(GENESIS, [event(1), again, event(3)], key)
+    verifier = ChainVerifier(keys={"kek-1": key})  # type: ignore[arg-type]
+    for entry in chain:
+        verifier.feed(entry)
+    assert verifier.redelivered_entries == 1
+
+
 @pytest.mark.parametrize(
     "field",
-    ["at", "principal", "operation", "outcome", "key_id", "version", "request_id", "data_sha256"],
+    [
+        "at",
+        "principal",
+        "operation",
+        "outcome",
+        "key_id",
+        "version",
+        "request_id",
+        "data_sha256",
+        "redelivered",
+    ],
 )
 def test_editing_any_field_names_the_entry(field: str) -> None:
     original = getattr(CHAIN[3].event, field)
     forged_value: object = {
         "at": T0,
         "version": 2,
+        "redelivered": True,
     }.get(field, f"{original}-forged")
     forged = dataclasses.replace(
         CHAIN[3], event=dataclasses.replace(CHAIN[3].event, **{field: forged_value})

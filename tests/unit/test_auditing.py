@@ -23,7 +23,13 @@ AT = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
 
 
 def delivery(**properties: Any) -> Any:
-    base = {"user_id": "svc-a", "type": "sign", "routing_key": "sign", "message_id": "req-1"}
+    base = {
+        "user_id": "svc-a",
+        "type": "sign",
+        "routing_key": "sign",
+        "message_id": "req-1",
+        "redelivered": False,
+    }
     return SimpleNamespace(**{**base, **properties})
 
 
@@ -53,6 +59,16 @@ def test_a_signature_is_recorded_with_the_version_used() -> None:
     event = audit_event(delivery(), request, reply, AT)
     assert (event.principal, event.operation, event.outcome) == ("svc-a", "sign", "ok")
     assert (event.key_id, event.version, event.request_id) == ("zk-1", 3, "req-1")
+
+
+def test_a_redelivered_request_is_recorded_as_such() -> None:
+    request = SignRequest(key_id="zk-1", message=b"m")
+    reply = SignReply(
+        key_id="zk-1", version=1, algorithm="ecdsa-p256-sha256", encoding="der", signature=b"s"
+    )
+    assert not audit_event(delivery(), request, reply, AT).redelivered
+    event = audit_event(delivery(redelivered=True), request, reply, AT)
+    assert (event.outcome, event.request_id, event.redelivered) == ("ok", "req-1", True)
 
 
 def test_a_refusal_records_its_code_and_what_was_asked() -> None:

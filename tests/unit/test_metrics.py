@@ -42,6 +42,7 @@ def test_recorded_values_are_scraped_over_http(metrics: tuple[Metrics, MetricsSe
     recorder.observe_request("sign", "ok", 0.004)
     recorder.observe_request("sign", "forbidden", 0.001)
     recorder.observe_request("key.create", "ok", 0.3)
+    recorder.observe_request("sign", "ok", 0.003, redelivered=True)
     recorder.observe_stage(Stage.VAULT_FETCH, 0.0007)
     recorder.observe_stage(Stage.TPM, 0.25)
     recorder.cache_lookup("keys", hit=True)
@@ -57,9 +58,12 @@ def test_recorded_values_are_scraped_over_http(metrics: tuple[Metrics, MetricsSe
     assert after[("zandd_requests_in_flight", ())] == 0
     assert after[("zandd_requests_total", (("operation", "sign"), ("outcome", "ok")))] == 2
     assert after[("zandd_requests_total", (("operation", "sign"), ("outcome", "forbidden")))] == 1
-    assert after[("zandd_request_duration_seconds_count", (("operation", "sign"),))] == 3
+    # A redelivered request is counted apart, never twice in zandd_requests_total.
+    redelivered = ("zandd_requests_redelivered_total", (("operation", "sign"), ("outcome", "ok")))
+    assert after[redelivered] == 1
+    assert after[("zandd_request_duration_seconds_count", (("operation", "sign"),))] == 4
     assert after[("zandd_request_duration_seconds_sum", (("operation", "sign"),))] == pytest.approx(
-        0.007
+        0.010
     )
     assert after[("zandd_request_duration_seconds_count", (("operation", "key.create"),))] == 1
     # 0.3 s lands above the 0.25 s bucket and within the 0.5 s one.

@@ -25,7 +25,7 @@ import pytest
 
 from contracts.errors import ConfigurationError, IntegrityError, KeyNotFound, VaultUnavailable
 from vault import KeyRecord, KeyState, SealedKey, SqliteStore, VaultStore, open_store
-from vault.audit import GENESIS_HASH, AuditEvent, AuditQuery, ChainVerifier, verify_log
+from vault.audit import GENESIS_HASH, AuditBroken, AuditEvent, AuditQuery, ChainVerifier, verify_log
 from vault.audit_chain import ChainKeys
 from vault.audit_checkpoint import Checkpoint
 from vault.kek import Kek, KekRing
@@ -506,8 +506,10 @@ async def test_append_audit_links_under_a_chain_key_when_given(store: VaultStore
 async def test_audit_entries_come_back_exactly(store: VaultStore) -> None:
     sparse = AuditEvent(at=T0, principal=None, operation="x" * 128, outcome="invalid_request")
     unicode = audit_event(7, principal="svc-ünïcødé ✓", at=T0 + timedelta(microseconds=500))
-    stored = await store.append_audit([sparse, unicode])
-    assert [e.event for e in await store.read_audit(AuditQuery())] == [sparse, unicode]
+    again = audit_event(7, redelivered=True)
+    stored = await store.append_audit([sparse, unicode, again])
+    assert [e.event for e in await store.read_audit(AuditQuery())] == [sparse, unicode, again]
+    assert [e.event.redelivered for e in stored] == [False, False, True]
     assert stored[1].event.at == T0.replace(microsecond=123000)  # kept to the millisecond
     assert stored[1].event.at.utcoffset() == timedelta(0)
 
@@ -788,6 +790,37 @@ async def test_sqlite_upgrades_a_version_1_vault(tmp_path: Path) -> None:
         assert await store.create_key(other) == other
         assert await store.create_key(make_record(request_id="r-1", created_by="svc")) == old
         assert await store.list_due(T0) == []
+    finally:
+        await store.close()
+
+
+async def test_sqlite_upgrade_to_8_keeps_the_keyed_audit_verifying(tmp_path: Path) -> None:
+    # A schema-7 vault: written by this code, then the redelivered column taken away again.
+    db = tmp_path / "vault.db"
+    keys = ChainKeys(KekRing(Kek.generate()))
+    store = await SqliteStore.open(str(db))
+    old = await store.append_audit([audit_event(n) for n in range(1, 4)], keys.active())
+    await store.close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("ALTER TABLE audit DROP COLUMN redelivered")
+        conn.execute("PRAGMA user_version = 7")
+    conn.close()
+    store = await SqliteStore.open(str(db))
+    try:
+        assert await store.read_audit(AuditQuery()) == old
+        new = await store.append_audit([audit_event(4, redelivered=True)], keys.active())
+        assert await verify_log(store, keys) == new[-1].head
+        # The flag is in the link: setting it on an old entry (or clearing it) is an edit.
+        await store._run(
+            lambda conn: conn.execute("UPDATE audit SET redelivered = 1 WHERE seq = 2")
+        )
+        with pytest.raises(AuditBroken, match="#2 was altered"):
+            await verify_log(store, keys)
+        await store._run(
+            lambda conn: conn.execute("UPDATE audit SET redelivered = 7 WHERE seq = 2")
+        )
+        with pytest.raises(IntegrityError, match="#2 is malformed"):
+            await store.read_audit(AuditQuery())
     finally:
         await store.close()
 

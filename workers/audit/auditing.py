@@ -68,7 +68,9 @@ def audit_event(
     result: BaseModel | ZanddError,
     at: datetime,
 ) -> AuditEvent:
-    """The audit event of one request: who, what, which key version, how it ended.
+    """The audit event of one request: who, what, which key version, how it ended, and whether
+    the broker had delivered it before (``redelivered``: an earlier entry may be the same
+    request's, from a worker that lost its connection before it acked).
 
     Every field is bounded here (texts cut and escaped, numbers range-checked), so the event
     is storable whatever the request carried.
@@ -85,6 +87,7 @@ def audit_event(
         version=_number(version),
         request_id=_text(message.message_id),
         data_sha256=data_digest(request),
+        redelivered=message.redelivered is True,
     )
 
 
@@ -130,4 +133,5 @@ def _minimal(event: AuditEvent) -> AuditEvent:
         principal=ascii_text(event.principal),
         operation=ascii_text(event.operation) or "",
         outcome=event.outcome,
+        redelivered=event.redelivered,
     )

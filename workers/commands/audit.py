@@ -39,6 +39,12 @@ async def _cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int
         )
     head = report.head
     print(f"audit log intact: {head.seq} entries, head #{head.seq} {head.entry_hash}")
+    if report.redelivered_entries:
+        print(
+            f"redelivered: {report.redelivered_entries} entries are of requests the broker had "
+            "delivered before (a worker lost its connection before acking): an earlier entry "
+            "with the same request id may be the same request, so count requests by request id"
+        )
     for line in describe(report):
         print(line)
     if vouched == {}:
@@ -219,7 +225,10 @@ def format_entry(entry: AuditEntry) -> str:
         f"{printable(event.operation)} {key} {printable(event.outcome)} "
         f"request={printable(event.request_id)}"
     )
-    return line + (f" sha256={printable(event.data_sha256)}" if event.data_sha256 else "")
+    if event.data_sha256:
+        line += f" sha256={printable(event.data_sha256)}"
+    # The broker had delivered the request before: an earlier entry may be the same request's.
+    return line + (" redelivered" if event.redelivered else "")
 
 
 async def _cmd_audit_tail(args: argparse.Namespace, settings: Settings) -> int:

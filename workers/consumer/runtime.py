@@ -420,6 +420,7 @@ class ConsumerRuntime:
                 operation_label(message.type or message.routing_key),
                 outcome.label,
                 time.perf_counter() - started_s,
+                redelivered=message.redelivered,
             )
         except TRANSPORT_FAILURES as exc:
             # A reply not handed to the broker is not acked: the broker redelivers the request.

@@ -3,8 +3,15 @@
 Each worker process has its own endpoint (``zandd up`` gives each child its own port; in
 compose every container listens on the same port at its own address). Metric names:
 
-- ``zandd_requests_total{operation, outcome}`` — requests finished; ``outcome`` is ``ok`` or
-  the error reply's code (``forbidden``, ``vault_unavailable``…).
+- ``zandd_requests_total{operation, outcome}`` — requests finished on their first delivery;
+  ``outcome`` is ``ok`` or the error reply's code (``forbidden``, ``vault_unavailable``…).
+  Never counts a request twice: summed over the fleet it counts signatures once.
+- ``zandd_requests_redelivered_total{operation, outcome}`` — requests finished that the broker
+  had delivered before (a worker lost its connection before acking them). Counted apart, since
+  the first delivery may have been answered and counted already (its ack was lost) or not
+  (its worker lost the connection mid-request: the common case, which leaves an audit entry
+  but no reply). Requests served = the sum of both; distinct requests lie between the first
+  and that sum.
 - ``zandd_request_duration_seconds{operation}`` — end to end inside the worker, delivery to
   acknowledged reply.
 - ``zandd_requests_in_flight`` — deliveries being served now.
@@ -107,6 +114,13 @@ class Metrics:
             ("operation", "outcome"),
             registry=self.registry,
         )
+        self._redelivered = Counter(
+            "zandd_requests_redelivered",
+            "Requests finished that the broker had delivered before, by operation and outcome "
+            "(not in zandd_requests_total, which counts each request once).",
+            ("operation", "outcome"),
+            registry=self.registry,
+        )
         self._request_seconds = Histogram(
             "zandd_request_duration_seconds",
             "Time from delivery to acknowledged reply inside the worker.",
@@ -164,21 +178,25 @@ class Metrics:
         )
         # Per-request series resolved once: a ``labels()`` lookup costs three times the update.
         self._stage_series = {name: self._stage_seconds.labels(stage=name.value) for name in Stage}
-        self._request_series: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        self._request_series: dict[tuple[str, str, bool], tuple[Counter, Histogram]] = {}
 
-    def observe_request(self, operation: str, outcome: str, seconds: float) -> None:
+    def observe_request(
+        self, operation: str, outcome: str, seconds: float, *, redelivered: bool = False
+    ) -> None:
         """Count a finished request and its end-to-end duration.
 
         ``operation`` should come from :func:`operation_label`; ``outcome`` is ``ok`` or the
-        error code of the reply.
+        error code of the reply. A ``redelivered`` request is counted in
+        ``zandd_requests_redelivered_total`` instead of ``zandd_requests_total``.
         """
-        series = self._request_series.get((operation, outcome))
+        series = self._request_series.get((operation, outcome, redelivered))
         if series is None:
+            counter = self._redelivered if redelivered else self._requests
             series = (
-                self._requests.labels(operation=operation, outcome=outcome),
+                counter.labels(operation=operation, outcome=outcome),
                 self._request_seconds.labels(operation=operation),
             )
-            self._request_series[operation, outcome] = series
+            self._request_series[operation, outcome, redelivered] = series
         count, duration = series
         count.inc()
         duration.observe(seconds)
