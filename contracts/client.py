@@ -26,6 +26,14 @@ sent. One the broker refuses itself — it closes the channel over a body larger
 ``max_message_size`` — fails alone with ``BrokerRejected`` and is never sent again (nor is
 any larger body from then on); the other calls that shared the channel fail retryable, or
 with ``retry`` are resent, once at most for a channel error the broker does not pin on a call.
+
+While the broker blocks the connection (a memory or disk alarm on the broker; RabbitMQ says so
+once the client publishes during one), a new call fails at once with the retryable
+``BrokerBlocked`` and is not sent — with ``retry`` it waits for the alarm to clear, within its
+timeout. A call whose request was sent but not yet confirmed when the block began fails the
+same way (``retry``: it waits), its message saying the broker may still deliver it when the
+alarm clears; a call already waiting for its reply keeps waiting, and its ``RequestTimeout``
+says the connection was blocked.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ from contracts.amqp import (
 from contracts.brokers import BrokerURLs, principal_of
 from contracts.crypto import load_public_key, verify_signature
 from contracts.errors import (
+    BrokerBlocked,
     BrokerRejected,
     BrokerUnavailable,
     InternalError,
@@ -147,6 +156,15 @@ class SigningClient:
         self.resent_requests = 0
         #: Requests sent again after a ``throttled`` reply's retry-after (``retry=True``).
         self.throttled_retries = 0
+        #: While the broker blocks the connection: since when (loop time) and why.
+        self._blocked_since: float | None = None
+        self._blocked_reason = ""
+        #: The last block that ended, (start, end) in loop time: a timeout message names it.
+        self._last_block: tuple[float, float] | None = None
+        self._unblocked = asyncio.Event()
+        self._unblocked.set()
+        #: Confirms awaited without ``retry``: a block fails them with ``BrokerBlocked``.
+        self._unconfirmed: set[asyncio.Future[bool]] = set()
 
     @classmethod
     async def connect(
@@ -205,6 +223,8 @@ class SigningClient:
             wire.drop("setting up the client was interrupted")
             raise
         wire.on_return = self._on_return
+        wire.on_blocked(lambda reason: self._on_blocked(wire, reason))
+        self._end_block()  # a new connection is not blocked until the broker says so
         self._reply_queue = reply_queue
         self._wire = wire
         self._connected.set()
@@ -428,6 +448,7 @@ class SigningClient:
         except TimeoutError:
             raise RequestTimeout(
                 f"no reply to {operation.value} within {timeout:g} s (request {request_id})"
+                f"{self._blocked_note(ends_at - timeout)}"
             ) from None
         return _decode_reply(reply, reply_model)
 
@@ -525,12 +546,23 @@ class SigningClient:
         wire = self._wire
         if wire is None or not self._connected.is_set() or wire.lost.is_set():
             raise BrokerUnavailable(f"not connected to the broker; {operation.value} was not sent")
+        if self._blocked_since is not None:
+            if not self._retry:
+                raise BrokerBlocked(self._blocked_message(f"{operation.value} was not sent"))
+            await self._until_unblocked(wire, operation.value)
         try:
             confirmed = wire.publish(
                 body, properties, exchange=EXCHANGE, routing_key=operation.value, mandatory=True
             )
             assert confirmed is not None  # confirms are on from _open
-            accepted = await confirmed
+            if self._retry:
+                accepted = await confirmed
+            else:
+                self._unconfirmed.add(confirmed)
+                try:
+                    accepted = await confirmed
+                finally:
+                    self._unconfirmed.discard(confirmed)
         except WireClosed as exc:
             raise self._send_failed(exc, operation, len(body)) from exc
         if not accepted:
@@ -571,6 +603,85 @@ class SigningClient:
             f"the broker closed the channel while {operation.value} was being sent ({exc})",
             exc.reply_code,
         )
+
+    # -- the broker's back-pressure ------------------------------------------------------------
+
+    def _on_blocked(self, wire: Wire, reason: str | None) -> None:
+        """The broker blocked (``reason``) or unblocked (None) ``wire``."""
+        if wire is not self._wire:
+            return
+        if reason is None:
+            self._end_block()
+            log.info("the broker unblocked this client's connection")
+            return
+        if self._blocked_since is not None:
+            return
+        self._blocked_since = asyncio.get_running_loop().time()
+        self._blocked_reason = reason
+        self._unblocked.clear()
+        log.warning(
+            "the broker blocks this client's connection (%s: a memory or disk alarm on the "
+            "broker); new calls %s until it clears",
+            reason,
+            "wait" if self._retry else "fail with BrokerBlocked",
+        )
+        # Sent, not yet taken: the caller is told now rather than at its timeout. (The Wire
+        # settles only confirms that are not done yet.)
+        for confirmed in self._unconfirmed:
+            if not confirmed.done():
+                confirmed.set_exception(
+                    BrokerBlocked(
+                        self._blocked_message(
+                            "the request was sent but not yet taken: the broker may still "
+                            "deliver it when the alarm clears"
+                        )
+                    )
+                )
+
+    def _end_block(self) -> None:
+        since, self._blocked_since = self._blocked_since, None
+        self._unblocked.set()
+        if since is not None:
+            self._last_block = (since, asyncio.get_running_loop().time())
+
+    async def _until_unblocked(self, wire: Wire, operation: str) -> None:
+        """Wait (``retry``) until the broker unblocks ``wire``; raise if the connection goes."""
+        waits = [
+            asyncio.ensure_future(self._unblocked.wait()),
+            asyncio.ensure_future(wire.lost.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        if wire.lost.is_set() or wire is not self._wire:
+            raise BrokerUnavailable(f"lost the broker while it blocked {operation}")
+
+    def _blocked_message(self, what: str) -> str:
+        since = self._blocked_since
+        blocked_s = 0.0 if since is None else asyncio.get_running_loop().time() - since
+        return (
+            f"the broker is refusing new messages ({self._blocked_reason}: a memory or disk "
+            f"alarm on the broker, {blocked_s:.1f} s so far) — retry later; {what}"
+        )
+
+    def _blocked_note(self, started: float) -> str:
+        """For a timeout message: whether the broker blocked the connection during the call."""
+        now = asyncio.get_running_loop().time()
+        if self._blocked_since is not None:
+            return (
+                f": the broker has blocked this client's connection for the last "
+                f"{now - self._blocked_since:.1f} s ({self._blocked_reason}: a memory or disk "
+                "alarm on the broker)"
+            )
+        if self._last_block is not None and self._last_block[1] > started:
+            start, end = self._last_block
+            return (
+                f": the broker blocked this client's connection for {end - max(start, started):.1f}"
+                " s of it (a memory or disk alarm on the broker)"
+            )
+        return ""
 
     def _on_return(self, _code: int, _text: str, message: Delivery) -> None:
         """A mandatory request no queue was bound for: its call fails now, not at its timeout."""

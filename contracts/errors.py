@@ -144,6 +144,11 @@ class TransportClosed(BrokerUnavailable):
         self.reply_code = reply_code
 
 
+class BrokerBlocked(BrokerUnavailable):
+    """Client side: the broker refuses new messages for now (a memory or disk alarm on the
+    broker); retry later. The message says whether the request was sent at all."""
+
+
 class NotDelivered(InternalError):
     """Client side: the broker could not route the request (no worker queue is bound)."""
 

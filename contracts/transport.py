@@ -57,6 +57,19 @@ class Transport(Protocol):
     def reason(self) -> TransportClosed | None:
         """Why it is gone (None while it is open)."""
 
+    @property
+    def blocked(self) -> bool:
+        """Whether the broker blocks this connection now (a memory or disk alarm).
+
+        A blocked connection's writes are held (a blocked socket is not read by the broker)
+        until it is unblocked or dropped. RabbitMQ tells a connection only once it publishes
+        during an alarm: a consumer that has sent nothing yet is not told.
+        """
+
+    def on_blocked(self, callback: Callable[[str | None], None]) -> None:
+        """Call ``callback(reason)`` when the broker blocks this connection and
+        ``callback(None)`` when it unblocks it (its held writes are then on their way)."""
+
     async def qos(self, prefetch_count: int) -> None:
         """Per-consumer prefetch."""
 

@@ -6,6 +6,10 @@ them, one after another, in the order they were queued (aiormq's own calls are c
 and two of them started as separate tasks could interleave). With ``confirm_select`` the
 channel has publisher confirms and each publish waits for its confirm before the next write:
 slower than the lean connection, which pipelines them, and only clients use confirms.
+
+aiormq keeps ``connection.blocked`` to itself (a private event its writer waits on at start):
+``blocked`` and ``on_blocked`` wrap its two private handlers on the connection object
+(aiormq 7; with another layout they say never blocked, and the log says why).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pamqp.common import FieldTable
 from contracts.amqp import DEFAULT_HEARTBEAT_S, with_heartbeat
 from contracts.brokers import BrokerURLs, connect_any
 from contracts.errors import BrokerUnavailable, TransportClosed
+from contracts.text import printable
 from contracts.transport import TRANSPORT_FAILURES
 from contracts.urls import redact_url
 from contracts.wire import DeclaredQueue, Delivery, DeliveryCallback, Properties
@@ -31,6 +36,9 @@ from contracts.wire import DeclaredQueue, Delivery, DeliveryCallback, Properties
 log = logging.getLogger("zandd.transport")
 
 _Write = Callable[[], Awaitable[Any]]
+#: aiormq 7's handlers of connection.blocked / unblocked (name-mangled private methods).
+_BLOCKED_HANDLER = "_Connection__handle_connection_blocked"
+_UNBLOCKED_HANDLER = "_Connection__handle_connection_unblocked"
 
 
 class AiormqTransport:
@@ -47,9 +55,12 @@ class AiormqTransport:
         self._writes: asyncio.Queue[tuple[_Write, asyncio.Future[Any] | None]] = asyncio.Queue()
         self._writer = asyncio.create_task(self._write_in_order())
         self._confirms = False
+        self._blocked = False
+        self._blocked_watchers: list[Callable[[str | None], None]] = []
         #: Called with (reply code, text, message) for each mandatory message the broker returns.
         self.on_return: Callable[[int, str, Delivery], None] | None = None
         channel.on_return_callbacks.add(self._returned)
+        self._watch_blocked(connection)
         connection.closing.add_done_callback(self._closed)
         channel.closing.add_done_callback(partial(self._channel_closed, channel))
 
@@ -102,6 +113,15 @@ class AiormqTransport:
     def reason(self) -> TransportClosed | None:
         """Why it is gone (None while it is open)."""
         return self._reason
+
+    @property
+    def blocked(self) -> bool:
+        """Whether the broker blocks this connection now (aiormq holds its writes meanwhile)."""
+        return self._blocked
+
+    def on_blocked(self, callback: Callable[[str | None], None]) -> None:
+        """``callback(reason)`` when the broker blocks this connection, ``callback(None)`` after."""
+        self._blocked_watchers.append(callback)
 
     # -- synchronous methods -----------------------------------------------------------------
 
@@ -215,6 +235,34 @@ class AiormqTransport:
         await self._connection.close()
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _watch_blocked(self, connection: AbstractConnection) -> None:
+        blocked_handler = getattr(connection, _BLOCKED_HANDLER, None)
+        unblocked_handler = getattr(connection, _UNBLOCKED_HANDLER, None)
+        if blocked_handler is None or unblocked_handler is None:
+            log.debug("this aiormq does not have the handlers of connection.blocked: not watched")
+            return
+
+        async def blocked(frame: commands.Connection.Blocked) -> None:
+            await blocked_handler(frame)
+            self._set_blocked(printable(frame.reason or "no reason given"))
+
+        async def unblocked(frame: commands.Connection.Unblocked) -> None:
+            await unblocked_handler(frame)
+            self._set_blocked(None)
+
+        setattr(connection, _BLOCKED_HANDLER, blocked)
+        setattr(connection, _UNBLOCKED_HANDLER, unblocked)
+
+    def _set_blocked(self, reason: str | None) -> None:
+        if self._blocked == (reason is not None):
+            return
+        self._blocked = reason is not None
+        for watcher in list(self._blocked_watchers):
+            try:
+                watcher(reason)
+            except Exception:  # a watcher's bug must not end the connection it watches
+                log.exception("a connection.blocked watcher failed")
 
     def _queue(self, write: _Write, result: asyncio.Future[Any] | None) -> None:
         if self._lost.is_set():

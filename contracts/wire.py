@@ -425,6 +425,7 @@ class Wire(asyncio.Protocol):
         self.reason: WireClosed | None = None
         #: Whether the broker has blocked publishing (a resource alarm).
         self.blocked = False
+        self._blocked_watchers: list[Callable[[str | None], None]] = []
 
     # -- connecting -----------------------------------------------------------------------
 
@@ -694,6 +695,12 @@ class Wire(asyncio.Protocol):
         """Call ``callback`` once, just before this turn's frames are written (acks go last)."""
         self._before_flush.append(callback)
         self._schedule_flush()
+
+    def on_blocked(self, callback: Callable[[str | None], None]) -> None:
+        """Call ``callback(reason)`` each time the broker blocks this connection (a resource
+        alarm; RabbitMQ says so once the connection publishes during one) and
+        ``callback(None)`` when it unblocks it — after the writes it held are scheduled."""
+        self._blocked_watchers.append(callback)
 
     def drop(self, reason: str) -> None:
         """End the connection now (the runtime reconnects); unacked deliveries are redelivered."""
@@ -1000,14 +1007,24 @@ class Wire(asyncio.Protocol):
                 f"(a resource alarm: {reason})"
             ),
         )
+        self._tell_blocked(reason)
 
     def _unblock(self) -> None:
         log.info("the broker unblocked publishing")
-        self.blocked = False
+        was_blocked, self.blocked = self.blocked, False
         if self._blocked_timer is not None:
             self._blocked_timer.cancel()
             self._blocked_timer = None
         self._schedule_flush()
+        if was_blocked:
+            self._tell_blocked(None)
+
+    def _tell_blocked(self, reason: str | None) -> None:
+        for watcher in list(self._blocked_watchers):
+            try:
+                watcher(reason)
+            except Exception:  # a watcher's bug must not end the connection it watches
+                log.exception("a connection.blocked watcher failed")
 
     def _transport_write(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():

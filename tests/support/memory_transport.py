@@ -3,7 +3,8 @@
 It keeps what a test needs to see: the frames the runtime wrote, in the order the broker
 would read them (queued writes go out together at the end of the event loop's turn, the
 before-flush callbacks' frames — the coalesced acks — first queued after the turn's replies,
-as on the lean connection), and whether the runtime consumes.
+as on the lean connection), and whether the runtime consumes. ``block``/``unblock`` play a
+broker's resource alarm: writes are held, in order, until it clears (as on the lean connection).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class MemoryTransport:
         self._before_flush: list[Callable[[], None]] = []
         self._flush_scheduled = False
         self._tags = itertools.count(1)
+        self._blocked = False
+        self._blocked_watchers: list[Callable[[str | None], None]] = []
 
     @property
     def lost(self) -> asyncio.Event:
@@ -60,6 +63,14 @@ class MemoryTransport:
         """Why it is gone."""
         return self._reason
 
+    @property
+    def blocked(self) -> bool:
+        """Whether the test has blocked this connection (``block``)."""
+        return self._blocked
+
+    def on_blocked(self, callback: Callable[[str | None], None]) -> None:
+        self._blocked_watchers.append(callback)
+
     # -- what the test does -----------------------------------------------------------------
 
     def deliver(self, delivery: Delivery) -> None:
@@ -67,6 +78,26 @@ class MemoryTransport:
         assert self._on_delivery is not None, "nobody consumes"
         assert self.consuming, "the consumer was cancelled"
         self._on_delivery(delivery)
+
+    def block(self, reason: str = "low on memory") -> None:
+        """The broker blocks this connection: writes are held until ``unblock``."""
+        self._blocked = True
+        for watcher in list(self._blocked_watchers):
+            watcher(reason)
+        self.changed.set()
+
+    def unblock(self) -> None:
+        """The alarm clears: the held writes go out (in order), then the watchers hear of it."""
+        self._blocked = False
+        self._schedule_flush()
+        for watcher in list(self._blocked_watchers):
+            watcher(None)
+        self.changed.set()
+
+    @property
+    def held(self) -> int:
+        """Writes queued but not yet read by the broker (held while blocked)."""
+        return len(self._out)
 
     def settled(self, tag: int) -> Frame | None:
         """The ack (possibly ``multiple``) or reject that settled ``tag``, if any."""
@@ -156,6 +187,9 @@ class MemoryTransport:
         self._flush_scheduled = False
         while self._before_flush:
             self._before_flush.pop(0)()
+        if self._blocked and not self._lost.is_set():
+            self.changed.set()
+            return  # held, in order, until unblocked
         if not self._lost.is_set():
             self.frames.extend(self._out)
         self._out.clear()

@@ -697,6 +697,23 @@ async def test_a_blocked_connection_holds_its_writes_in_order_until_unblocked() 
     assert not wire.lost.is_set()
 
 
+async def test_watchers_hear_of_a_block_and_of_its_end_after_the_held_writes_are_due() -> None:
+    wire, transport, _deliveries = await _wire()
+    heard: list[tuple[str | None, bool]] = []
+    wire.on_blocked(lambda reason: heard.append((reason, wire.blocked)))
+    wire.data_received(frame.marshal(commands.Connection.Blocked(reason="low on memory"), 0))
+    wire.data_received(frame.marshal(commands.Connection.Blocked(reason="low on memory"), 0))
+    wire.publish(b"{}", Properties(correlation_id="r-1"), routing_key="amq.gen-caller")
+    await asyncio.sleep(0.01)
+    assert heard == [("low on memory", True)], "told once per block"
+    wire.data_received(frame.marshal(commands.Connection.Unblocked(), 0))
+    assert heard == [("low on memory", True), (None, False)]
+    await asyncio.sleep(0.01)
+    assert next(type(value).__name__ for _channel, value in transport.frames()) == "Publish"
+    wire.data_received(frame.marshal(commands.Connection.Unblocked(), 0))
+    assert len(heard) == 2, "an unblock without a block is not news"
+
+
 async def test_a_connection_blocked_too_long_is_dropped_with_a_typed_retryable_error() -> None:
     wire, _transport, _deliveries = await _wire(blocked_timeout_s=0.05)
     wire._confirms = {}  # as after confirm.select

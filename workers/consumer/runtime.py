@@ -45,7 +45,23 @@ What the runtime does when things break:
   with jittered backoff, and resumes when the probe passes; the requests that hit the outage
   wait for it in the worker and are then served — no delivery is spent on them;
 - SIGTERM: stop consuming, let in-flight requests finish within the drain bound, then close;
-  whatever is unacked returns to the queue.
+  whatever is unacked returns to the queue;
+- the broker blocks the connection (a memory or disk alarm; see "Back-pressure" below).
+
+Back-pressure. A broker in a resource alarm stops reading the socket of every connection that
+publishes, and RabbitMQ tells a connection so (``connection.blocked``) once it publishes — for
+a worker, its first reply during the alarm. From then until ``connection.unblocked`` the
+transport holds every write, in order, and the runtime starts no new request: a delivery that
+arrives meanwhile is kept unstarted (unsigned, unacked) and a request that has not reached its
+handler yet waits (``zandd_broker_blocked`` is 1). Requests already past that point finish and
+their replies wait with the transport. When the alarm clears, the held writes go out and the
+held requests start at once, the usual deadline check first: one whose caller gave up is
+answered ``deadline_exceeded``, not signed. A connection blocked for longer than the
+transport's bound (``contracts.wire.BLOCKED_TIMEOUT_S``) is dropped, and the broker redelivers
+what it held. Nothing is cancelled or rejected while blocked: those frames would wait behind
+the held ones in the socket the broker does not read, a requeued request would come back to
+the same prefetch slot, and the alarm blocks every other worker's replies too (an alarm is
+cluster-wide), so the requests are best kept where they are, at most the prefetch per worker.
 """
 
 from __future__ import annotations
@@ -234,6 +250,13 @@ class _Session:
         self.consumer_tag: str | None = None
         #: Set when the connection is gone, whatever ended it.
         self.lost = wire.lost
+        #: Clear while the broker blocks the connection: nothing new starts.
+        self.unblocked = asyncio.Event()
+        self.unblocked.set()
+        #: When the current block began (``time.monotonic()``), None while unblocked.
+        self.blocked_since: float | None = None
+        #: Deliveries that arrived while blocked, unstarted, in arrival order.
+        self.held: list[Delivery] = []
 
 
 class ConsumerRuntime:
@@ -332,7 +355,9 @@ class ConsumerRuntime:
         except BaseException:
             await wire.close()
             raise
-        return _Session(wire, queue.name)
+        session = _Session(wire, queue.name)
+        wire.on_blocked(lambda reason: self._blocked_changed(session, reason))
+        return session
 
     async def _serve_session(self, session: _Session) -> None:
         try:
@@ -346,7 +371,10 @@ class ConsumerRuntime:
                 self._abandon_in_flight()
                 return
             log.info("%s stopping: no new requests, draining %d", self._name, len(self._in_flight))
-            await self._cancel_consumer(session)
+            if session.blocked_since is None:
+                await self._cancel_consumer(session)
+            # else: a cancel would wait behind the held writes; nothing new starts while
+            # blocked, and what is held returns to the queue when the connection closes.
             await self._drain()
             self._release_held()
             session.acks.flush()
@@ -356,6 +384,7 @@ class ConsumerRuntime:
         finally:
             self.ready.clear()
             self._session = None
+            self._end_block(session)
             # Closing the connection returns prefetched, unacked messages to the queue.
             await session.wire.close()
 
@@ -394,11 +423,79 @@ class ConsumerRuntime:
                 task.cancel()
             await asyncio.wait(pending)
 
+    # -- the broker's back-pressure ---------------------------------------------------------
+
+    def _blocked_changed(self, session: _Session, reason: str | None) -> None:
+        """The transport says the broker blocked (``reason``) or unblocked (None) the session."""
+        if reason is not None:
+            if session.blocked_since is not None or session.lost.is_set():
+                return
+            session.blocked_since = time.monotonic()
+            session.unblocked.clear()
+            self._metrics.broker_blocked()
+            log.warning(
+                "%s: the broker blocks this worker's connection (%s: a memory or disk alarm on "
+                "the broker); no new request starts until it clears (%d in flight finish, "
+                "their replies wait)",
+                self._name,
+                reason,
+                len(self._in_flight),
+            )
+            return
+        blocked_s = self._end_block(session)
+        if blocked_s is None:
+            return
+        held, session.held = session.held, []
+        if self._stop.is_set() or session.lost.is_set():
+            log.info("%s: the broker unblocked the connection after %.1f s", self._name, blocked_s)
+            return  # stopping: the held requests return to the queue with the connection
+        log.info(
+            "%s: the broker unblocked the connection after %.1f s; starting %d held requests",
+            self._name,
+            blocked_s,
+            len(held),
+        )
+        for message in held:
+            self._start(session, message)
+
+    def _end_block(self, session: _Session) -> float | None:
+        """Close the session's block, if any: how long it lasted (the metrics count it)."""
+        since, session.blocked_since = session.blocked_since, None
+        session.unblocked.set()
+        if since is None:
+            return None
+        blocked_s = time.monotonic() - since
+        self._metrics.broker_unblocked(blocked_s)
+        return blocked_s
+
+    async def _wait_unblocked(
+        self, session: _Session, deadline: float | None, context: RequestContext
+    ) -> None:
+        """Hold a request that has not reached its handler while the broker blocks the session."""
+        remaining_s = None if deadline is None else max(0.0, deadline - time.time())
+        try:
+            async with asyncio.timeout(remaining_s):
+                await _first_of(session.unblocked.wait(), self._stop.wait())
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"{context.operation.value} {context.request_id}: the caller's deadline passed "
+                "while the broker blocked this worker (a memory or disk alarm)"
+            ) from None
+        if not session.unblocked.is_set():
+            raise _Abandoned  # stopping mid-alarm: the request returns to the queue
+
     # -- one delivery ----------------------------------------------------------------------
 
     def _on_delivery(self, session: _Session, message: Delivery) -> None:
-        """A request arrived: register its tag (acks rely on the order) and serve it in a task."""
+        """A request arrived: register its tag (acks rely on the order) and serve it in a task,
+        or hold it unstarted while the broker blocks the connection."""
         session.acks.delivered(message.delivery_tag)
+        if session.blocked_since is not None:
+            session.held.append(message)
+            return
+        self._start(session, message)
+
+    def _start(self, session: _Session, message: Delivery) -> None:
         task = asyncio.get_running_loop().create_task(self._on_message(session, message))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
@@ -412,7 +509,7 @@ class ConsumerRuntime:
                 bound_request(message.message_id),
                 consumer_span(message, queue=self._queue) as span,
             ):
-                outcome = await self._serve(message)
+                outcome = await self._serve(message, session)
                 if outcome.error is not None:
                     mark_failed(span, outcome.error)
                 await self._settle(session, message, outcome)
@@ -448,7 +545,10 @@ class ConsumerRuntime:
         else:
             session.acks.ack(message.delivery_tag)
 
-    async def _serve(self, message: Delivery) -> _Outcome:
+    async def _serve(self, message: Delivery, session: _Session | None = None) -> _Outcome:
+        """Serve one request: its outcome (a reply or a typed error), nothing sent yet.
+
+        With ``session``, a request waits before its handler while the broker blocks it."""
         request: BaseModel | None = None
         try:
             # First: whatever follows (an error reply included) may go to reply_to.
@@ -466,7 +566,7 @@ class ConsumerRuntime:
                 self._admission.charge(message, request)
             context = RequestContext(operation, message.message_id, message.user_id)
             handler = self._audited(handler, message)
-            reply = await self._call(handler, request, context, _deadline_of(message))
+            reply = await self._call(handler, request, context, _deadline_of(message), session)
         except (InvalidRequest, UnknownOperation) as exc:
             log.warning(
                 "request %s refused: %s %s", message.message_id, exc.code.value, exc.message
@@ -580,11 +680,20 @@ class ConsumerRuntime:
         return operation, handler
 
     async def _call(
-        self, handler: Handler, request: Any, context: RequestContext, deadline: float | None
+        self,
+        handler: Handler,
+        request: Any,
+        context: RequestContext,
+        deadline: float | None,
+        session: _Session | None = None,
     ) -> BaseModel:
-        """Run the handler; while a dependency is down, wait for it (up to the deadline)."""
+        """Run the handler; while a dependency is down, or the broker blocks the session, wait
+        for it (up to the deadline)."""
         while True:
             _check_deadline(deadline, context)
+            if session is not None and session.blocked_since is not None:
+                await self._wait_unblocked(session, deadline, context)
+                continue  # the deadline again: the wait may have outlasted it
             try:
                 return await handler(request, context)
             except DEPENDENCY_ERRORS as exc:

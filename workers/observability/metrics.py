@@ -23,6 +23,10 @@ compose every container listens on the same port at its own address). Metric nam
   or ``signatures`` (which per-second quota the principal was over; the log names who).
 - ``zandd_vault_records_unreadable`` — key versions of the vault sealed with a KEK this
   worker's ring lacks (checked at start-up, where it refuses to start, and every minute).
+- ``zandd_broker_blocked`` — 1 while the broker blocks this worker's request connection (a
+  memory or disk alarm; RabbitMQ says so once the worker publishes during one): no new request
+  starts. ``zandd_broker_blocks_total`` counts such blocks and
+  ``zandd_broker_blocked_seconds_total`` their length (added as each ends).
 - ``zandd_client_unmatched_replies_total`` — client side: replies no call was waiting for
   (duplicates after a redelivery, late replies after a timeout); see :class:`ClientCollector`.
 
@@ -176,6 +180,21 @@ class Metrics:
             "Key versions of the vault sealed with a KEK that this worker's ring lacks.",
             registry=self.registry,
         )
+        self._broker_blocked = Gauge(
+            "zandd_broker_blocked",
+            "1 while the broker blocks this worker's request connection (a resource alarm).",
+            registry=self.registry,
+        )
+        self._broker_blocks = Counter(
+            "zandd_broker_blocks",
+            "Times the broker blocked this worker's request connection (a resource alarm).",
+            registry=self.registry,
+        )
+        self._broker_blocked_seconds = Counter(
+            "zandd_broker_blocked_seconds",
+            "Seconds this worker's request connection was blocked (added as each block ends).",
+            registry=self.registry,
+        )
         # Per-request series resolved once: a ``labels()`` lookup costs three times the update.
         self._stage_series = {name: self._stage_seconds.labels(stage=name.value) for name in Stage}
         self._request_series: dict[tuple[str, str, bool], tuple[Counter, Histogram]] = {}
@@ -241,6 +260,16 @@ class Metrics:
     def vault_records_unreadable(self, count: int) -> None:
         """Set how many key versions the ring cannot open (0 when it opens them all)."""
         self._unreadable.set(count)
+
+    def broker_blocked(self) -> None:
+        """The broker blocked the worker's request connection."""
+        self._broker_blocked.set(1)
+        self._broker_blocks.inc()
+
+    def broker_unblocked(self, seconds: float) -> None:
+        """The block ended (unblocked, or the connection went) after ``seconds``."""
+        self._broker_blocked.set(0)
+        self._broker_blocked_seconds.inc(max(0.0, seconds))
 
     def serve(self, port: int, host: str = "127.0.0.1") -> MetricsServer:
         """Serve ``/metrics`` on ``host:port`` from a daemon thread.

@@ -2,7 +2,12 @@
 
 Checked in order, stopping at the first failure (which :class:`Unhealthy` names in one line):
 
-1. the broker accepts our connection;
+1. the broker accepts our connection and takes a message: a probe published (with a
+   publisher confirm) to the default exchange, routed to no queue, so the broker drops it.
+   A broker in a memory or disk alarm blocks every publisher — workers' replies and
+   producers' requests alike — and tells a connection so only once it publishes: the probe is
+   how a fresh process learns of the alarm (``connection.blocked``), and health fails naming
+   it;
 2. the role's queue has at least one consumer (both queues without ``--role``). A fresh
    process cannot know the consumer tag of the worker it checks on, so this asks the broker
    for the queue's consumer count (a passive declare, which needs no permission). On
@@ -29,6 +34,7 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
 
@@ -36,6 +42,7 @@ from contracts.amqp import connect
 from contracts.errors import ZanddError
 from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE, consumer_count
 from contracts.urls import redact_url
+from contracts.wire import Properties, Wire, WireClosed
 from vault.coverage import coverage_of, no_ring_error, unreadable_error
 from vault.kek import ring_file_kek_ids
 from vault.store import open_store
@@ -46,6 +53,8 @@ HEARTBEAT_INTERVAL_S = 10.0
 HEARTBEAT_MAX_AGE_S = 3 * HEARTBEAT_INTERVAL_S
 HEARTBEAT_FILE = "keygen-tpm.json"
 _PROBE_REQUEST_ID = "zandd-health-probe"
+#: Where the publishing probe goes: the default exchange, no queue of that name (dropped).
+PROBE_ROUTING_KEY = "zandd.health.probe"
 
 
 class Role(StrEnum):
@@ -191,6 +200,7 @@ async def check_health(
     except ZanddError as exc:
         raise Unhealthy(exc.message) from exc
     try:
+        await check_publishing(settings.amqp_url)
         queues = [ROLE_QUEUES[role]] if role is not None else list(ROLE_QUEUES.values())
         for queue in queues:
             consumers = await _consumer_count(connection, queue)
@@ -202,6 +212,51 @@ async def check_health(
     if role is Role.KEYGEN:
         passed.append(read_tpm_check(heartbeat_path(settings), now=now()))
     return HealthReport(tuple(passed))
+
+
+async def check_publishing(url: str, *, timeout_s: float = CHECK_TIMEOUT_S) -> None:
+    """Publish a probe the broker drops; ``Unhealthy`` when it is refused or blocked.
+
+    A connection of its own (the lean one, which hears ``connection.blocked``): closed
+    politely, or dropped when blocked (a blocked connection's close would not be read).
+    """
+    try:
+        wire = await Wire.connect(url, connection_name="zandd-health", timeout_s=timeout_s)
+    except ZanddError as exc:
+        raise Unhealthy(exc.message) from exc
+    blocked: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def heard(reason: str | None) -> None:
+        if reason is not None and not blocked.done():
+            blocked.set_result(reason)
+
+    wire.on_blocked(heard)
+    try:
+        await wire.confirm_select()
+        confirmed = wire.publish(b"", Properties(), routing_key=PROBE_ROUTING_KEY)
+        assert confirmed is not None  # confirms are on
+        waits: set[asyncio.Future[Any]] = {confirmed, blocked}
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    except WireClosed as exc:
+        raise Unhealthy(f"the broker did not take a probe message: {exc}") from exc
+    finally:
+        if wire.blocked:
+            wire.drop("health check done")
+        else:
+            await wire.close()
+    if blocked.done():
+        raise Unhealthy(
+            f"the broker is refusing new messages ({blocked.result()}: a memory or disk alarm "
+            "on the broker); workers start no new request and callers get BrokerBlocked "
+            "until it clears"
+        )
+    if not confirmed.done():
+        raise Unhealthy(f"the broker did not confirm a probe message within {timeout_s:.0f} s")
+    failure = confirmed.exception()
+    if failure is not None:
+        raise Unhealthy(f"the broker did not take a probe message: {failure}")
+    if not confirmed.result():
+        raise Unhealthy("the broker refused a probe message (a publisher nack)")
 
 
 async def _consumer_count(connection: AbstractRobustConnection, queue: str) -> int:
