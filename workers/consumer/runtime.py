@@ -54,10 +54,12 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from aio_pika.abc import AbstractChannel
 from pydantic import BaseModel
 
 from contracts.amqp import DEADLINE_HEADER, JSON_CONTENT_TYPE, connect_plain
@@ -80,7 +82,7 @@ from contracts.models import MAX_RETRY_AFTER_MS, ErrorReply, parse_request
 from contracts.operations import ERROR_REPLY_TYPE, IDEMPOTENT_OPERATIONS, Operation
 from contracts.replyto import ReplyToRefused, check_reply_to, learn_direct_reply_node
 from contracts.text import printable
-from contracts.topology import bind_topology, declare_topology
+from contracts.topology import bind_topology, declare_topology, is_sign_queue
 from contracts.tracing import mark_failed
 from contracts.transport import TRANSPORT_FAILURES, Connect, Delivery, Properties, Transport
 from contracts.transport_aiormq import AiormqTransport
@@ -170,6 +172,13 @@ class WorkQueue:
     name: str
     #: None when the broker minted no direct reply-to name: no direct reply-to is served.
     direct_reply_node: str | None
+    #: More queues consumed beside ``name`` on the same channel: the sign shards.
+    more: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every queue this session consumes."""
+        return (self.name, *self.more)
 
 
 #: Declares (or looks up) the work queue for a new session; a ``TRANSPORT_FAILURES`` is retried.
@@ -200,20 +209,46 @@ def transport_connect(kind: str, amqp_url: str, *, name: str, max_body_bytes: in
     return connect
 
 
-def topology_queue(amqp_url: str, queue: str, *, name: str, declare: bool) -> ResolveQueue:
+def topology_queue(
+    amqp_url: str,
+    queue: str,
+    *,
+    name: str,
+    declare: bool,
+    sign_shards: int | None = None,
+    node_urls: Sequence[str] = (),
+) -> ResolveQueue:
     """``queue`` (a ``contracts.topology`` key), its topology declared on a connection of its own.
 
     Least-privilege deployments declare the topology once (ops/rabbitmq/definitions.json)
     and give workers no configure rights: with ``declare=False`` they only look it up.
+    ``sign_shards`` (signers): the sign route to declare (or expect); the sign queues that
+    exist are all consumed. ``node_urls``: one URL per broker node; a shard not declared yet
+    is declared through node ``index % len``, where its leader then lives.
     """
 
     async def resolve() -> WorkQueue:
         connection = await connect_plain(amqp_url, connection_name=f"{name}/topology")
-        async with connection:
+        async with connection, AsyncExitStack() as placing:
+
+            async def place(index: int) -> AbstractChannel:
+                url = node_urls[index % len(node_urls)]
+                node = await connect_plain(url, connection_name=f"{name}/topology")
+                await placing.enter_async_context(node)
+                return await node.channel()
+
             channel = await connection.channel()
-            topology = await (declare_topology if declare else bind_topology)(channel)
+            if declare:
+                topology = await declare_topology(
+                    channel, sign_shards=sign_shards, place=place if node_urls else None
+                )
+            else:
+                topology = await bind_topology(channel, sign_shards=sign_shards)
             node = await learn_direct_reply_node(connection)
-            return WorkQueue(topology.queues[queue].name, node)
+            first = topology.queues[queue].name
+            if not is_sign_queue(first):
+                return WorkQueue(first, node)
+            return WorkQueue(first, node, tuple(q for q in topology.sign_queues if q != first))
 
     return resolve
 
@@ -221,11 +256,12 @@ def topology_queue(amqp_url: str, queue: str, *, name: str, declare: bool) -> Re
 class _Session:
     """One connection's worth of state; a reconnect makes a new one."""
 
-    def __init__(self, wire: Transport, queue: str) -> None:
+    def __init__(self, wire: Transport, queues: tuple[str, ...]) -> None:
         self.wire = wire
         self.acks = AckBatcher(wire)
-        self.queue = queue
-        self.consumer_tag: str | None = None
+        #: Consumed on the one channel (a signer's: ``zandd.sign`` and its shards).
+        self.queues = queues
+        self.consumer_tags: list[str] = []
         #: Set when the connection is gone, whatever ended it.
         self.lost = wire.lost
 
@@ -319,19 +355,26 @@ class ConsumerRuntime:
             self._reply_nodes.add(queue.direct_reply_node)
         wire = await self._connect()
         try:
-            # Per-consumer QoS: global QoS on a quorum queue closes the connection.
-            await wire.qos(self._prefetch)
+            # Per-consumer QoS: global QoS on a quorum queue closes the connection. Several
+            # queues (sign shards) share the prefetch, so a signer holds about as many
+            # requests as with one (a drained queue's share idles).
+            await wire.qos(-(-self._prefetch // len(queue.names)))
         except BaseException:
             await wire.close()
             raise
-        return _Session(wire, queue.name)
+        return _Session(wire, queue.names)
 
     async def _serve_session(self, session: _Session) -> None:
         try:
             self._session = session
             await self._consume(session)
             self.ready.set()
-            log.info("%s consuming %s (prefetch %d)", self._name, self._queue, self._prefetch)
+            log.info(
+                "%s consuming %s (prefetch %d)",
+                self._name,
+                ", ".join(session.queues),
+                self._prefetch,
+            )
             await _first_of(self._stop.wait(), session.lost.wait())
             if session.lost.is_set() and not self._stop.is_set():
                 log.warning("%s lost the broker: %s", self._name, session.wire.reason)
@@ -352,14 +395,18 @@ class ConsumerRuntime:
             await session.wire.close()
 
     async def _consume(self, session: _Session) -> None:
-        session.consumer_tag = await session.wire.consume(
-            session.queue, lambda delivery: self._on_delivery(session, delivery)
-        )
+        # One consumer per queue on the one channel; the prefetch is per consumer, so a
+        # signer of N shards may hold N x prefetch requests (each shard's share of them).
+        for queue in session.queues:
+            session.consumer_tags.append(
+                await session.wire.consume(
+                    queue, lambda delivery: self._on_delivery(session, delivery)
+                )
+            )
 
     async def _cancel_consumer(self, session: _Session) -> None:
-        if session.consumer_tag is not None and not session.lost.is_set():
-            tag, session.consumer_tag = session.consumer_tag, None
-            await session.wire.cancel(tag)
+        while session.consumer_tags and not session.lost.is_set():
+            await session.wire.cancel(session.consumer_tags.pop())
 
     def _abandon_in_flight(self) -> None:
         if self._in_flight:

@@ -218,6 +218,12 @@ async def _serve(settings: Settings, worker: Worker, prefetch: int, metrics: Met
     await runtime.run(stop)
 
 
+def node_urls(settings: Settings) -> tuple[str, ...]:
+    """One URL per broker node, where new sign shards are declared in turn (their leaders
+    live where they were declared): the broker URL's nodes."""
+    return (settings.amqp_url,)
+
+
 def build_runtime(
     settings: Settings,
     worker: Worker,
@@ -253,7 +259,12 @@ def build_runtime(
             max_body_bytes=settings.limits.max_body_bytes,
         ),
         resolve_queue=topology_queue(
-            settings.amqp_url, worker.queue, name=name, declare=settings.declare_topology
+            settings.amqp_url,
+            worker.queue,
+            name=name,
+            declare=settings.declare_topology,
+            sign_shards=settings.sign_shards if worker.queue == SIGN_QUEUE else None,
+            node_urls=node_urls(settings),
         ),
     )
 
