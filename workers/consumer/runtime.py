@@ -355,10 +355,10 @@ class ConsumerRuntime:
             self._reply_nodes.add(queue.direct_reply_node)
         wire = await self._connect()
         try:
-            # Per-consumer QoS: global QoS on a quorum queue closes the connection. Several
-            # queues (sign shards) share the prefetch, so a signer holds about as many
-            # requests as with one (a drained queue's share idles).
-            await wire.qos(-(-self._prefetch // len(queue.names)))
+            # Per-consumer QoS: global QoS on a quorum queue closes the connection. With
+            # several queues (sign shards) each consumer has its own ``prefetch``: a signer
+            # holds up to that many of each queue's requests (a drained queue holds none).
+            await wire.qos(self._prefetch)
         except BaseException:
             await wire.close()
             raise
@@ -395,8 +395,7 @@ class ConsumerRuntime:
             await session.wire.close()
 
     async def _consume(self, session: _Session) -> None:
-        # One consumer per queue on the one channel; the prefetch is per consumer, so a
-        # signer of N shards may hold N x prefetch requests (each shard's share of them).
+        # One consumer per queue on the one channel; the prefetch is per consumer.
         for queue in session.queues:
             session.consumer_tags.append(
                 await session.wire.consume(
