@@ -7,6 +7,7 @@ machine's default node, which lacks the plugin, shows the configuration error.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import uuid
 from collections import Counter
@@ -28,6 +29,9 @@ from contracts.topology import (
 )
 from tests.support.fleet import RunningFleet
 from tests.support.rabbit_cluster import Cluster
+from workers.bench.measure import Timing
+from workers.bench.progress import Progress
+from workers.bench.shards import measure_route, plugin_missing
 
 
 async def test_without_the_plugin_more_than_one_shard_says_which_plugin(
@@ -163,6 +167,20 @@ async def test_changing_shards_under_load_loses_and_duplicates_nothing(node_vhos
     assert [mid for mid, copies in seen.items() if copies > 1] == []
     assert sorted(seen) == sorted(published)
     assert len(published) >= 500
+
+
+@pytest.mark.cluster
+async def test_the_bench_route_pair_runs_where_the_plugin_is_and_cleans_up(
+    node_vhost: str, rabbit_node: Cluster
+) -> None:
+    assert await plugin_missing(node_vhost) is None
+    timing = Timing(duration_s=0.5, warmup_s=0.1)
+    one, sharded = await measure_route(node_vhost, timing, Progress(io.StringIO()))
+    assert one.operations > 0
+    assert sharded.operations > 0
+    vhost = node_vhost.rsplit("/", 1)[1]
+    queues = rabbit_node.ctl("list_queues", "-p", vhost, "name", "--no-table-headers").split()
+    assert [name for name in queues if name.startswith("zandd-bench")] == []
 
 
 # -- a sharded fleet on a 3-node cluster --------------------------------------------------------
