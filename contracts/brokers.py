@@ -19,6 +19,11 @@ all land on the first one), each try bounded by a share of the connect timeout (
 which accepts TCP but never answers, costs that share, not the whole timeout), with a
 jittered back-off between rounds, until one answers or the timeout is spent. When none
 answers, the error names every host tried and why (no credentials: only ``host:port``).
+A broker that failed lately — a try that did not answer, or a connection lost without our
+closing it (``suspect``: the lean connection calls it) — is tried after the others for
+``SUSPECT_S``: a worker whose node hung must not spend its reconnect on that node again
+(measured on a 3-node cluster: a signer that picked the hung node again answered its
+stranded requests after their 30 s deadline).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -49,6 +55,22 @@ MIN_ATTEMPT_S = 2.0
 MAX_ROUNDS = 3
 _FIRST_BACKOFF_S = 0.1
 _MAX_BACKOFF_S = 1.0
+#: How long a broker that failed is tried after the others.
+SUSPECT_S = 60.0
+#: ``host:port`` -> when it last failed (``time.monotonic``), for this process.
+_suspects: dict[str, float] = {}
+
+
+def suspect(url: str) -> None:
+    """Every broker ``url`` names failed just now: try it after the others for a while."""
+    now = time.monotonic()
+    for broker in brokers(url):
+        _suspects[broker.address] = now
+
+
+def _suspected(broker: Broker) -> bool:
+    failed_at = _suspects.get(broker.address)
+    return failed_at is not None and time.monotonic() - failed_at < SUSPECT_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,15 +156,21 @@ async def connect_any(
             if deadline - loop.time() <= pause_s:
                 break
             await asyncio.sleep(pause_s)
-        for broker in random.sample(candidates, len(candidates)):
+        # Shuffled, then the brokers that failed lately last (a stable sort keeps the shuffle).
+        order = sorted(random.sample(candidates, len(candidates)), key=_suspected)
+        for broker in order:
             left_s = deadline - loop.time()
             if left_s <= 0:
                 break
             try:
-                return await attempt(broker.url, min(left_s, share_s))
+                connected = await attempt(broker.url, min(left_s, share_s))
             except BrokerUnavailable as exc:
                 last = exc
                 failures[broker.address] = _why(exc)
+                _suspects[broker.address] = time.monotonic()
+                continue
+            _suspects.pop(broker.address, None)
+            return connected
         if deadline - loop.time() <= 0:
             break
     if last is None:  # no time at all to try

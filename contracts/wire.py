@@ -46,7 +46,7 @@ from pamqp.base import Frame as MethodFrame
 from pamqp.encode import field_table as encode_table
 from yarl import URL
 
-from contracts.brokers import BrokerURLs, connect_any
+from contracts.brokers import BrokerURLs, connect_any, suspect
 from contracts.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -420,6 +420,8 @@ class Wire(asyncio.Protocol):
         self._heartbeat_timer: asyncio.TimerHandle | None = None
         self._started: asyncio.Future[MethodFrame] = self._loop.create_future()
         self._closing = False
+        #: Whether the connection was ever open (a loss after that makes its broker suspect).
+        self._handshake_done = False
         #: Set when the connection is gone, for whatever reason; ``reason`` says which.
         self.lost = asyncio.Event()
         self.reason: WireClosed | None = None
@@ -584,6 +586,7 @@ class Wire(asyncio.Protocol):
         self._heartbeat_s = heartbeat_s
         await self._call(0, commands.Connection.Open(virtual_host=self._endpoint.vhost))
         await self._call(_CHANNEL, commands.Channel.Open())
+        self._handshake_done = True
         if heartbeat_s:
             self._heartbeat_timer = self._loop.call_later(heartbeat_s / 2, self._beat)
 
@@ -1053,6 +1056,9 @@ class Wire(asyncio.Protocol):
             self._transport.close()
         if not self._closing:
             log.debug("AMQP connection to %s lost: %s", self._endpoint.where, reason)
+            if self._handshake_done:
+                # Lost, not closed by us: reconnect to the cluster's other nodes first.
+                suspect(self._endpoint.where)
 
 
 def _unmarshal(raw: bytes) -> MethodFrame:

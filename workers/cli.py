@@ -29,6 +29,7 @@ from workers.commands import (
     health,
     keys,
     migrate,
+    topology,
     tpm,
     vault,
 )
@@ -59,6 +60,7 @@ COMMAND_MODULES = (
     dead,
     bench,
     health,
+    topology,
 )
 
 

@@ -60,7 +60,9 @@ async def test_own_fleet_per_size_reports_every_field_and_scaling(amqp_url: str)
     code, out, err = await zandd_bench("--signers", "1,2", *TINY_RUN, amqp_url=amqp_url)
     assert code == 0, err
     document = json.loads(out)
-    assert set(document) == {*FIELDS, "signers", "scaling", "sign_other_transport"}
+    assert set(document) == {*FIELDS, "signers", "scaling", "sign_other_transport", "shards"}
+    # The test broker has no consistent-hash exchange: the sharded option says why it skipped.
+    assert "rabbitmq_consistent_hash_exchange" in document["shards"]["skipped"]
     assert_positive_fields(document, FIELDS)
     other = document["sign_other_transport"]
     assert other.pop("transport") == "aiormq", "the targets stay on the default (lean) transport"
@@ -86,7 +88,8 @@ async def test_attach_measures_the_running_fleet(fleet: RunningFleet) -> None:
     code, out, err = await zandd_bench("--attach", *TINY_RUN, amqp_url=fleet.amqp_url)
     assert code == 0, err
     document = json.loads(out)
-    assert set(document) == {*FIELDS, "signers"}
+    assert set(document) == {*FIELDS, "signers", "shards"}
+    assert "rabbitmq_consistent_hash_exchange" in document["shards"]["skipped"]
     assert_positive_fields(document, FIELDS)
     assert document["signers"] == len([name for name in fleet.runtimes if name != "keygen"])
     assert fleet.served.get("signer-1", 0) + fleet.served.get("signer-2", 0) > 0

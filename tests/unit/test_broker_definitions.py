@@ -14,10 +14,12 @@ from contracts.topology import (
     DEAD_LETTER_QUEUE,
     EVENTS_EXCHANGE,
     EXCHANGE,
+    MAX_SIGN_SHARDS,
     QUEUE_BOUNDS,
     QUEUE_OPERATIONS,
     REPLY_QUEUE_PREFIX,
     queue_arguments,
+    sign_shard,
 )
 
 ROOT = Path(__file__).parents[2]
@@ -113,6 +115,12 @@ def test_workers_read_only_their_queue_and_configure_no_shared_entity() -> None:
         assert not any(_allowed(rights["configure"], name) for name in shared), user
         others = [q for q in (*QUEUE_OPERATIONS, DEAD_LETTER_QUEUE) if q != own_queue]
         assert not any(_allowed(rights["read"], q) for q in others), user
+    # Sign shards (ZANDD_SIGN_SHARDS): a signer reads every one, the keygen worker none.
+    for shard in (sign_shard(0), sign_shard(MAX_SIGN_SHARDS - 1)):
+        assert _allowed(_rights("signer")["read"], shard)
+        assert not _allowed(_rights("keygen")["read"], shard)
+        assert not _allowed(_rights("producer")["read"], shard)
+    assert not _allowed(_rights("signer")["read"], "zandd.sign.hash")
     assert _allowed(_rights("keygen")["write"], EVENTS_EXCHANGE)
     assert not _allowed(_rights("signer")["write"], EVENTS_EXCHANGE)
     # A signer follows key state changes through an exclusive queue of its own.

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
+import contracts.brokers as brokers_module
 from contracts.amqp import principal_of, with_heartbeat
 from contracts.brokers import (
     MIN_ATTEMPT_S,
@@ -16,6 +17,7 @@ from contracts.brokers import (
     connect_any,
     shown,
     single_urls,
+    suspect,
 )
 from contracts.errors import BrokerUnavailable, ConfigurationError
 from contracts.urls import redact_url, scrub, split_urls, url_secrets
@@ -27,6 +29,13 @@ from contracts.wire import (
     tcp_user_timeout_s,
     tune_socket,
 )
+
+
+@pytest.fixture(autouse=True)
+def _no_suspects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no broker suspected of failing (the module keeps them)."""
+    monkeypatch.setattr(brokers_module, "_suspects", {})
+
 
 SECRET = "s3cr%23t-pw"  # percent-encoded "#", so the unquoted form differs too
 SECRET_FORMS = ("s3cr%23t-pw", "s3cr#t-pw")
@@ -259,3 +268,68 @@ def test_detection_stays_well_inside_the_default_call_timeout() -> None:
     # Detection, then a reconnect and a resend, inside the caller's patience.
     assert worst_heartbeat_detection_s <= DEFAULT_TIMEOUT_S / 2
     assert tcp_user_timeout_s(0) > 0  # heartbeats off: the kernel still gives up
+
+
+async def test_a_broker_that_failed_lately_is_tried_after_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    urls = "amqp://u:p@bad:5672,good1:5672,good2:5672/"
+    tried: list[str] = []
+
+    async def attempt(url: str, _timeout_s: float) -> str:
+        tried.append(url)
+        raise BrokerUnavailable("down")
+
+    firsts = set()
+    for _ in range(20):
+        monkeypatch.setattr(brokers_module, "_suspects", {})
+        suspect("amqp://u:p@bad:5672/")
+        tried.clear()
+        with pytest.raises(BrokerUnavailable):
+            await connect_any(urls, attempt, timeout_s=0.01)
+        assert tried[2] == "amqp://u:p@bad:5672/", tried
+        firsts.add(tried[0])
+    assert len(firsts) == 2, "the others are still tried in shuffled order"
+
+
+async def test_a_broker_that_answers_is_no_longer_suspect(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(brokers_module, "_suspects", {})
+    suspect("amqp://u:p@only-one:5672,other:5672/")
+    tried: list[str] = []
+
+    async def attempt(url: str, _timeout_s: float) -> str:
+        tried.append(url)
+        return url
+
+    await connect_any("amqp://u:p@only-one:5672/", attempt, timeout_s=1)
+    tried.clear()
+    for _ in range(30):
+        await connect_any("amqp://u:p@only-one:5672,other:5672/", attempt, timeout_s=1)
+    # "other" is still suspect, so it is never first; "only-one" answered and is not.
+    assert tried == ["amqp://u:p@only-one:5672/"] * 30
+
+
+def test_a_lost_lean_connection_makes_its_broker_suspect(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(brokers_module, "_suspects", {})
+
+    class Transport(asyncio.Transport):
+        def write(self, data: bytes | bytearray | memoryview) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    async def lose(*, ours: bool) -> None:
+        wire = Wire.for_testing(Transport())
+        wire._handshake_done = True
+        wire._closing = ours
+        wire.connection_lost(None if ours else ConnectionResetError())
+
+    asyncio.run(lose(ours=True))
+    assert brokers_module._suspects == {}, "a connection we closed says nothing of its broker"
+    asyncio.run(lose(ours=False))
+    assert set(brokers_module._suspects) == {"localhost:5672"}

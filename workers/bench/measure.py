@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from workers.bench.progress import Progress
@@ -164,15 +164,20 @@ async def interleaved(
     progress: Progress,
     *,
     slices: int,
+    before: Mapping[str, Callable[[], Awaitable[object]]] | None = None,
 ) -> list[Run]:
     """Measure scenarios that are to be compared in alternating slices, one ``Run`` each.
 
     This machine's speed drifts by a fifth over a minute; measured one after the other, two
     scenarios would compare two moments as much as two systems. Each gets ``slices`` slices of
     ``load.duration_s / slices``, in A B B A … order so neither always goes first, and its
-    slices are merged.
+    slices are merged. ``before[label]``, when given, runs untimed before each of that
+    scenario's warm-up and slices (e.g. moving a route).
     """
+    before = before or {}
     for label, operation in scenarios:
+        if label in before:
+            await before[label]()
         progress.begin(f"{label} (warm-up)")
         await drive(operation, warmup, progress)
     slice_load = replace(load, duration_s=load.duration_s / slices)
@@ -180,6 +185,8 @@ async def interleaved(
     for number in range(slices):
         order = scenarios if number % 2 == 0 else scenarios[::-1]
         for label, operation in order:
+            if label in before:
+                await before[label]()
             progress.begin(f"{label} (slice {number + 1}/{slices})")
             parts[label].append(await drive(operation, slice_load, progress))
     return [Run.merged(parts[label]) for label, _ in scenarios]

@@ -16,6 +16,7 @@ from typing import Any
 from workers.bench.in_process import InProcessResults
 from workers.bench.measure import Run
 from workers.bench.queue_scenarios import ITEMS_PER_MESSAGE, FleetResults
+from workers.bench.shards import ShardResults
 
 _MS_DIGITS = 4
 _RATE_DIGITS = 1
@@ -42,6 +43,9 @@ class BenchReport:
     #: ``sign`` again with the workers on the other transport (``ZANDD_TRANSPORT``): its name
     #: and run; None with ``--attach`` (the running fleet's transport is what it is).
     other_transport: tuple[str, Run] | None = None
+    #: The sharded option (``ZANDD_SIGN_SHARDS``) beside the targets, never one of them:
+    #: its results, or why it was skipped (a broker without the plugin).
+    shards: ShardResults | str | None = None
 
     @property
     def first(self) -> FleetResults:
@@ -69,11 +73,54 @@ class BenchReport:
         if self.other_transport is not None:
             name, run = self.other_transport
             document["sign_other_transport"] = {"transport": name, **_throughput_json(run)}
+        if isinstance(self.shards, str):
+            document["shards"] = {"skipped": self.shards}
+        elif self.shards is not None:
+            document["shards"] = _shards_json(self.shards)
         if len(self.fleets) > 1:
             document["scaling"] = [
                 {"signers": fleet.signers, **_fleet_json(fleet)} for fleet in self.fleets
             ]
         return document
+
+
+def _shards_json(shards: ShardResults) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "shards": shards.shards,
+        "route_one_queue": _throughput_json(shards.route_one),
+        "route_sharded": _throughput_json(shards.route_sharded),
+    }
+    if shards.sign_one is not None and shards.sign_sharded is not None:
+        document["sign_one_queue"] = _throughput_json(shards.sign_one)
+        document["sign_sharded"] = _throughput_json(shards.sign_sharded)
+    return document
+
+
+def _shard_rows(report: BenchReport) -> list[str]:
+    shards = report.shards
+    if shards is None:
+        return []
+    if isinstance(shards, str):
+        return [f"{'sharded':<15} skipped: {shards}"]
+    n = shards.shards
+    rows = [
+        _row("route", "1 queue", f"{shards.route_one.per_s:,.0f} msg/s", shards.route_one),
+        _row(
+            "route", f"{n} queues", f"{shards.route_sharded.per_s:,.0f} msg/s", shards.route_sharded
+        ),
+    ]
+    if shards.sign_one is not None and shards.sign_sharded is not None:
+        signers = _plural(report.first.signers, "signer")
+        rows += [
+            _row("sign (1 queue)", signers, f"{shards.sign_one.per_s:,.0f} req/s", shards.sign_one),
+            _row(
+                f"sign ({n} shards)",
+                signers,
+                f"{shards.sign_sharded.per_s:,.0f} req/s",
+                shards.sign_sharded,
+            ),
+        ]
+    return rows
 
 
 def _fleet_json(fleet: FleetResults) -> dict[str, Any]:
@@ -199,6 +246,8 @@ def render_table(report: BenchReport) -> str:
             f"{local.tpm_protection.per_s:,.0f} ops/s",
             local.tpm_protection,
         ),
+        *(["", "sharded sign path (ZANDD_SIGN_SHARDS; not a target):"] if report.shards else []),
+        *_shard_rows(report),
         "",
         f"batch: {ITEMS_PER_MESSAGE} items per message, latencies per message; "
         "rates are completed operations per second of wall time",

@@ -27,12 +27,20 @@ from workers.bench.in_process import measure_in_process
 from workers.bench.measure import Run, Timing
 from workers.bench.progress import Progress
 from workers.bench.queue_scenarios import (
+    CONCURRENCY,
     FleetResults,
     measure_fleet,
     measure_keygen,
     measure_sign,
 )
 from workers.bench.report import BenchReport
+from workers.bench.shards import (
+    SHARDS,
+    ShardResults,
+    measure_route,
+    measure_sign_shards,
+    plugin_missing,
+)
 from workers.operator.fleet import ensure_kek_ring
 from workers.service.config import Settings
 
@@ -103,6 +111,7 @@ async def _run(settings: Settings, options: BenchOptions, progress: Progress) ->
             other = await _sign_on_other_transport(
                 local, tcti, signer_counts[0], options, progress, ring
             )
+        shards = await _sharded(local, tcti, signer_counts[0], options, progress, ring)
         progress.note("done; cleaning up")
     assert keygen is not None  # signer_counts is never empty
     return BenchReport(
@@ -113,7 +122,35 @@ async def _run(settings: Settings, options: BenchOptions, progress: Progress) ->
         keygen=keygen,
         in_process=in_process,
         other_transport=other,
+        shards=shards,
     )
+
+
+async def _sharded(
+    local: Settings,
+    tcti: str,
+    signers: int,
+    options: BenchOptions,
+    progress: Progress,
+    ring: KekRing,
+) -> ShardResults | str:
+    """The sharded option beside the targets: its results, or why it was skipped.
+
+    With ``attach`` only the broker pair runs: the bench does not move a running fleet's route.
+    """
+    missing = await plugin_missing(local.amqp_url)
+    if missing is not None:
+        progress.note(f"sharded sign path skipped: {missing}")
+        return missing
+    route_one, route_sharded = await measure_route(local.amqp_url, options.timing, progress)
+    sign_one = sign_sharded = None
+    if not options.attach:
+        settings = local.model_copy(update={"sign_shards": SHARDS})
+        async with running_fleet(settings, tcti, signers, progress, ring):
+            sign_one, sign_sharded = await measure_sign_shards(
+                local.amqp_url, signers, options.timing, progress, CONCURRENCY
+            )
+    return ShardResults(SHARDS, route_one, route_sharded, sign_one, sign_sharded)
 
 
 async def _sign_on_other_transport(

@@ -27,6 +27,8 @@ SETTING_FLAGS = {
     "metrics_port": "serve Prometheus metrics on this port (default: none)",
     "metrics_host": "address the metrics endpoint binds (default 127.0.0.1)",
     "traces_exporter": "none (default), console (stderr) or otlp (OTEL_EXPORTER_OTLP_*)",
+    "sign_shards": "quorum queues sign requests spread over (default 1; > 1 needs the "
+    "rabbitmq_consistent_hash_exchange plugin)",
     "quota_requests_per_s": "requests/s each principal may send, fleet-wide (default: no limit)",
     "quota_signatures_per_s": "signatures/s each principal may ask for (default: no limit)",
     "quota_overrides": 'per-principal quotas, JSON: {"alice": {"requests_per_s": 100}, '

@@ -70,10 +70,12 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from aio_pika.abc import AbstractChannel
 from pydantic import BaseModel
 
 from contracts.amqp import DEADLINE_HEADER, JSON_CONTENT_TYPE, connect_plain
@@ -97,7 +99,7 @@ from contracts.models import MAX_RETRY_AFTER_MS, ErrorReply, parse_request
 from contracts.operations import ERROR_REPLY_TYPE, IDEMPOTENT_OPERATIONS, Operation
 from contracts.replyto import ReplyToRefused, check_reply_to, learn_direct_reply_nodes
 from contracts.text import printable
-from contracts.topology import bind_topology, declare_topology
+from contracts.topology import bind_topology, declare_topology, is_sign_queue
 from contracts.tracing import mark_failed
 from contracts.transport import TRANSPORT_FAILURES, Connect, Delivery, Properties, Transport
 from contracts.transport_aiormq import AiormqTransport
@@ -115,6 +117,8 @@ log = logging.getLogger("zandd.runtime")
 _MAX_ECHOED_NAME_CHARS = 40
 #: Errors that say a dependency is down, not that the request is wrong: the request waits.
 DEPENDENCY_ERRORS: tuple[type[ZanddError], ...] = (VaultUnavailable, TpmUnavailable)
+#: How long declaring a new sign shard waits for the node meant to lead it.
+_PLACE_TIMEOUT_S = 3.0
 #: How long a throttled refusal's reply is held (see the module docstring).
 THROTTLE_HOLD_S = 1.0
 #: Beyond this many held replies (a producer that does not wait for them), reply at once.
@@ -188,6 +192,13 @@ class WorkQueue:
     #: The node segments the brokers minted in direct reply-to names (one per cluster node
     #: that answered); empty: none minted one, and no direct reply-to is served yet.
     direct_reply_nodes: frozenset[str]
+    #: More queues consumed beside ``name`` on the same channel: the sign shards.
+    more: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every queue this session consumes."""
+        return (self.name, *self.more)
 
 
 #: Declares (or looks up) the work queue for a new session; a ``TRANSPORT_FAILURES`` is retried.
@@ -220,22 +231,55 @@ def transport_connect(
     return connect
 
 
-def topology_queue(amqp_url: BrokerURLs, queue: str, *, name: str, declare: bool) -> ResolveQueue:
+def topology_queue(
+    amqp_url: BrokerURLs,
+    queue: str,
+    *,
+    name: str,
+    declare: bool,
+    sign_shards: int | None = None,
+    node_urls: Sequence[str] = (),
+) -> ResolveQueue:
     """``queue`` (a ``contracts.topology`` key), its topology declared on a connection of its own.
 
     Least-privilege deployments declare the topology once (ops/rabbitmq/definitions.json)
     and give workers no configure rights: with ``declare=False`` they only look it up.
+    ``sign_shards`` (signers): the sign route to declare (or expect); the sign queues that
+    exist are all consumed. ``node_urls``: one URL per broker node; a shard not declared yet
+    is declared through node ``index % len``, where its leader then lives.
     """
 
     async def resolve() -> WorkQueue:
         connection = await connect_plain(amqp_url, connection_name=f"{name}/topology")
-        async with connection:
+        async with connection, AsyncExitStack() as placing:
+
+            async def place(index: int) -> AbstractChannel:
+                url = node_urls[index % len(node_urls)]
+                try:
+                    node = await connect_plain(
+                        url, connection_name=f"{name}/topology", timeout_s=_PLACE_TIMEOUT_S
+                    )
+                except BrokerUnavailable as exc:
+                    # A node down now: the shard's leader goes where this connection is.
+                    log.warning("declaring shard %d on another node: %s", index, exc.message)
+                    return channel
+                await placing.enter_async_context(node)
+                return await node.channel()
+
             channel = await connection.channel()
-            topology = await (declare_topology if declare else bind_topology)(channel)
+            if declare:
+                topology = await declare_topology(
+                    channel, sign_shards=sign_shards, place=place if node_urls else None
+                )
+            else:
+                topology = await bind_topology(channel, sign_shards=sign_shards)
             nodes = await learn_direct_reply_nodes(
                 amqp_url, connection, connection_name=f"{name}/topology"
             )
-            return WorkQueue(topology.queues[queue].name, nodes)
+            first = topology.queues[queue].name
+            if not is_sign_queue(first):
+                return WorkQueue(first, nodes)
+            return WorkQueue(first, nodes, tuple(q for q in topology.sign_queues if q != first))
 
     return resolve
 
@@ -243,11 +287,12 @@ def topology_queue(amqp_url: BrokerURLs, queue: str, *, name: str, declare: bool
 class _Session:
     """One connection's worth of state; a reconnect makes a new one."""
 
-    def __init__(self, wire: Transport, queue: str) -> None:
+    def __init__(self, wire: Transport, queues: tuple[str, ...]) -> None:
         self.wire = wire
         self.acks = AckBatcher(wire)
-        self.queue = queue
-        self.consumer_tag: str | None = None
+        #: Consumed on the one channel (a signer's: ``zandd.sign`` and its shards).
+        self.queues = queues
+        self.consumer_tags: list[str] = []
         #: Set when the connection is gone, whatever ended it.
         self.lost = wire.lost
         #: Clear while the broker blocks the connection: nothing new starts.
@@ -350,12 +395,14 @@ class ConsumerRuntime:
         self._reply_nodes = frozenset(queue.direct_reply_nodes)
         wire = await self._connect()
         try:
-            # Per-consumer QoS: global QoS on a quorum queue closes the connection.
+            # Per-consumer QoS: global QoS on a quorum queue closes the connection. With
+            # several queues (sign shards) each consumer has its own ``prefetch``: a signer
+            # holds up to that many of each queue's requests (a drained queue holds none).
             await wire.qos(self._prefetch)
         except BaseException:
             await wire.close()
             raise
-        session = _Session(wire, queue.name)
+        session = _Session(wire, queue.names)
         wire.on_blocked(lambda reason: self._blocked_changed(session, reason))
         return session
 
@@ -364,7 +411,12 @@ class ConsumerRuntime:
             self._session = session
             await self._consume(session)
             self.ready.set()
-            log.info("%s consuming %s (prefetch %d)", self._name, self._queue, self._prefetch)
+            log.info(
+                "%s consuming %s (prefetch %d)",
+                self._name,
+                ", ".join(session.queues),
+                self._prefetch,
+            )
             await _first_of(self._stop.wait(), session.lost.wait())
             if session.lost.is_set() and not self._stop.is_set():
                 log.warning("%s lost the broker: %s", self._name, session.wire.reason)
@@ -389,14 +441,17 @@ class ConsumerRuntime:
             await session.wire.close()
 
     async def _consume(self, session: _Session) -> None:
-        session.consumer_tag = await session.wire.consume(
-            session.queue, lambda delivery: self._on_delivery(session, delivery)
-        )
+        # One consumer per queue on the one channel; the prefetch is per consumer.
+        for queue in session.queues:
+            session.consumer_tags.append(
+                await session.wire.consume(
+                    queue, lambda delivery: self._on_delivery(session, delivery)
+                )
+            )
 
     async def _cancel_consumer(self, session: _Session) -> None:
-        if session.consumer_tag is not None and not session.lost.is_set():
-            tag, session.consumer_tag = session.consumer_tag, None
-            await session.wire.cancel(tag)
+        while session.consumer_tags and not session.lost.is_set():
+            await session.wire.cancel(session.consumer_tags.pop())
 
     def _abandon_in_flight(self) -> None:
         if self._in_flight:

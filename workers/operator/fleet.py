@@ -270,6 +270,7 @@ def child_environment(settings: Settings, tcti: str) -> dict[str, str]:
         ZANDD_LOG_FORMAT=settings.log_format,
         ZANDD_TRACES_EXPORTER=settings.traces_exporter,
         ZANDD_DECLARE_TOPOLOGY=str(settings.declare_topology).lower(),
+        ZANDD_SIGN_SHARDS=str(settings.sign_shards),
         ZANDD_TRANSPORT=settings.transport,
         ZANDD_ALLOW_UNREADABLE=str(settings.allow_unreadable).lower(),
     )

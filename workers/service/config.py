@@ -19,6 +19,7 @@ from contracts.limits import (
     Limits,
 )
 from contracts.models import Principal
+from contracts.topology import MAX_SIGN_SHARDS
 from contracts.urls import redact_url
 
 DEFAULT_SWTPM_PORT = 2321
@@ -75,6 +76,11 @@ class Settings(BaseSettings):
     #: False for workers with least-privilege broker users: the topology is then only looked
     #: up (passive declares), as ops/rabbitmq/definitions.json or an admin declared it.
     declare_topology: bool = True
+    #: Sign requests spread over this many quorum queues (``zandd.sign.0`` …) behind a
+    #: consistent-hash exchange, so their leaders (and the load) sit on several nodes; 1 (the
+    #: default) is the one queue ``zandd.sign``. Needs the broker plugin
+    #: rabbitmq_consistent_hash_exchange when > 1. docs/operations.md, "Sign shards".
+    sign_shards: int = Field(default=1, ge=1, le=MAX_SIGN_SHARDS)
     #: The connection requests travel on: the lean one (``contracts/wire.py``) or aiormq's
     #: (``contracts/transport_aiormq.py``, for comparison: ``zandd bench`` measures both).
     transport: Literal["lean", "aiormq"] = "lean"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from contracts.brokers import single_urls
 from contracts.operations import Operation
 from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE
 from vault.audit import AuditLog
@@ -218,6 +219,12 @@ async def _serve(settings: Settings, worker: Worker, prefetch: int, metrics: Met
     await runtime.run(stop)
 
 
+def node_urls(settings: Settings) -> tuple[str, ...]:
+    """One URL per broker node, where new sign shards are declared in turn (their leaders
+    live where they were declared): the broker URL's nodes."""
+    return single_urls(settings.amqp_url)
+
+
 def build_runtime(
     settings: Settings,
     worker: Worker,
@@ -253,7 +260,12 @@ def build_runtime(
             max_body_bytes=settings.limits.max_body_bytes,
         ),
         resolve_queue=topology_queue(
-            settings.amqp_url, worker.queue, name=name, declare=settings.declare_topology
+            settings.amqp_url,
+            worker.queue,
+            name=name,
+            declare=settings.declare_topology,
+            sign_shards=settings.sign_shards if worker.queue == SIGN_QUEUE else None,
+            node_urls=node_urls(settings),
         ),
     )
 
