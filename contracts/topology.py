@@ -34,7 +34,7 @@ import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
 import aio_pika
@@ -332,6 +332,10 @@ async def _exchange_exists(channel: AbstractChannel, name: str) -> bool:
     return True
 
 
+#: Releasing the lock failed because the connection is gone (which released it).
+_LOCK_RELEASE_FAILURES: tuple[type[BaseException], ...] = (AMQPError, ConnectionError)
+
+
 @asynccontextmanager
 async def _topology_lock(channel: AbstractChannel) -> AsyncIterator[None]:
     """Hold the exclusive ``zandd.topology.lock`` queue: one declarer at a time moves routes.
@@ -343,9 +347,7 @@ async def _topology_lock(channel: AbstractChannel) -> AsyncIterator[None]:
     delay_s = 0.05
     while True:
         try:
-            lock = await channel.declare_queue(
-                TOPOLOGY_LOCK_QUEUE, exclusive=True, auto_delete=True
-            )
+            await channel.declare_queue(TOPOLOGY_LOCK_QUEUE, exclusive=True, auto_delete=True)
             break
         except ChannelLockedResource:
             await channel.reopen()
@@ -359,8 +361,13 @@ async def _topology_lock(channel: AbstractChannel) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        if not channel.is_closed:
-            await lock.delete(if_unused=False, if_empty=False)
+        # Released whatever happened in between: the queue is the connection's, and a
+        # long-lived connection (an event subscriber's) that kept it would hold every other
+        # declarer off until it closed. A connection already gone has released it.
+        with suppress(*_LOCK_RELEASE_FAILURES):
+            if channel.is_closed:
+                await channel.reopen()
+            await channel.queue_delete(TOPOLOGY_LOCK_QUEUE)
 
 
 async def _declare_work_queue(channel: AbstractChannel, name: str) -> AbstractQueue:

@@ -153,16 +153,23 @@ class EventSubscriber:
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
         try:
+            # The topology on a channel of its own: looking shards up passively closes the
+            # channel it runs on each time one is missing (and reopens it), which must not
+            # pass for the subscription's channel being lost.
+            setup = await connection.channel()
+            exchange = (await _topology(setup, self._declare)).events.name
+            await setup.close()
             channel = await connection.channel()
             channel.close_callbacks.add(lambda *_: lost.set())
-            exchange = (await _topology(channel, self._declare)).events
             queue = await channel.declare_queue(self._queue_name, exclusive=True, auto_delete=True)
             await queue.bind(exchange)
             await queue.consume(self._deliver, no_ack=True)
             self.ready.set()
             log.info("%s listening for key state changes on %s", self._name, queue.name)
             await _first_of(stop, lost)
-        except TRANSPORT_FAILURES as exc:
+        except (BrokerUnavailable, *TRANSPORT_FAILURES) as exc:
+            # BrokerUnavailable: the topology could not be set up now (another declarer held
+            # its lock too long, a node went away mid-way): reconnect, as after a loss.
             log.warning("%s lost the broker (%s)", self._name, type(exc).__name__)
         finally:
             self.ready.clear()
