@@ -167,7 +167,7 @@ class EventSubscriber:
             self.ready.set()
             log.info("%s listening for key state changes on %s", self._name, queue.name)
             await _first_of(stop, lost)
-        except (BrokerUnavailable, *TRANSPORT_FAILURES) as exc:
+        except _SETUP_FAILURES as exc:
             # BrokerUnavailable: the topology could not be set up now (another declarer held
             # its lock too long, a node went away mid-way): reconnect, as after a loss.
             log.warning("%s lost the broker (%s)", self._name, type(exc).__name__)
@@ -189,6 +189,11 @@ class EventSubscriber:
             return
         self.received += 1
         self._on_event(event)
+
+
+#: What ends a subscription and makes it reconnect: a lost broker, or a topology that could
+#: not be set up now.
+_SETUP_FAILURES: tuple[type[BaseException], ...] = (BrokerUnavailable, *TRANSPORT_FAILURES)
 
 
 async def _topology(channel: AbstractChannel, declare: bool) -> Topology:
