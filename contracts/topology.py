@@ -332,8 +332,10 @@ async def _exchange_exists(channel: AbstractChannel, name: str) -> bool:
     return True
 
 
-#: Releasing the lock failed because the connection is gone (which released it).
-_LOCK_RELEASE_FAILURES: tuple[type[BaseException], ...] = (AMQPError, ConnectionError)
+#: Releasing the lock failed because the connection is gone (which released it); aiormq
+#: raises RuntimeError when asked for a channel on a closed connection (a connection error,
+#: e.g. 503 for an unknown exchange type, closes the whole connection).
+_LOCK_RELEASE_FAILURES: tuple[type[BaseException], ...] = (AMQPError, ConnectionError, RuntimeError)
 
 
 @asynccontextmanager
