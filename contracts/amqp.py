@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import aio_pika
@@ -51,18 +51,9 @@ async def connect(
     ``url`` may name several brokers (``contracts.brokers``): the first that answers, tried
     in shuffled order. aio-pika's own reconnects go back to that same broker.
     """
-
-    async def attempt(one: str, attempt_timeout_s: float) -> AbstractRobustConnection:
-        return await _connected(
-            aio_pika.connect_robust(
-                with_heartbeat(one, DEFAULT_HEARTBEAT_S),
-                timeout=attempt_timeout_s,
-                client_properties={"connection_name": connection_name},
-            ),
-            one,
-        )
-
-    return await connect_any(url, attempt, timeout_s=timeout_s)
+    return await _connect_any(
+        aio_pika.connect_robust, url, connection_name, timeout_s, DEFAULT_HEARTBEAT_S
+    )
 
 
 async def connect_plain(
@@ -77,10 +68,22 @@ async def connect_plain(
     ``url`` may name several brokers: the first that answers, tried in shuffled order. The
     URL's ``heartbeat=`` overrides ``heartbeat_s``.
     """
+    return await _connect_any(aio_pika.connect, url, connection_name, timeout_s, heartbeat_s)
 
-    async def attempt(one: str, attempt_timeout_s: float) -> AbstractConnection:
+
+async def _connect_any(
+    factory: Callable[..., Awaitable[ConnectionT]],
+    url: BrokerURLs,
+    connection_name: str,
+    timeout_s: float,
+    heartbeat_s: int,
+) -> ConnectionT:
+    """``factory`` (aio-pika's ``connect`` or ``connect_robust``) on the first broker of
+    ``url`` that answers (``contracts.brokers.connect_any``), errors typed."""
+
+    async def attempt(one: str, attempt_timeout_s: float) -> ConnectionT:
         return await _connected(
-            aio_pika.connect(
+            factory(
                 with_heartbeat(one, heartbeat_s),
                 timeout=attempt_timeout_s,
                 client_properties={"connection_name": connection_name},

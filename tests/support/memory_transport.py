@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from contracts.errors import TransportClosed
+from contracts.limits import Limits
+from contracts.operations import Operation
 from contracts.transport import Delivery, DeliveryCallback, Properties, Transport
-from workers.consumer.runtime import WorkQueue
+from workers.consumer.runtime import ConsumerRuntime, Handler, WorkQueue
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,3 +231,37 @@ class MemoryBroker:
     def current(self) -> MemoryTransport:
         """The latest connection."""
         return self.connections[-1]
+
+
+@asynccontextmanager
+async def running_runtime(
+    broker: MemoryBroker, handlers: Mapping[Operation, Handler], **options: Any
+) -> AsyncIterator[tuple[ConsumerRuntime, asyncio.Event, asyncio.Task[None]]]:
+    """A ``ConsumerRuntime`` on ``broker`` serving ``handlers``, running until the block ends.
+
+    Yields the runtime, the event that stops it and its task; ``options`` go to the runtime
+    (``probe``, ``audit``, ``metrics``…) over test defaults (prefetch 8, fast backoff).
+    """
+    settings: dict[str, Any] = {
+        "prefetch": 8,
+        "limits": Limits(),
+        "drain_timeout_s": 5.0,
+        "name": "test",
+        "max_backoff_s": 0.01,
+        **options,
+    }
+    runtime = ConsumerRuntime(
+        queue=broker.queue,
+        handlers=handlers,
+        connect=broker.connect,
+        resolve_queue=broker.resolve_queue,
+        **settings,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run(stop))
+    await asyncio.wait_for(runtime.ready.wait(), 10)
+    try:
+        yield runtime, stop, task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)

@@ -17,10 +17,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from contracts.errors import InternalError, VaultUnavailable, ZanddError
-from contracts.limits import Limits
 from contracts.operations import Operation
 from contracts.transport import Delivery
-from tests.support.memory_transport import MemoryBroker
+from tests.support.memory_transport import MemoryBroker, running_runtime
 from workers.consumer.runtime import AuditHook, ConsumerRuntime, Handler, Probe, RequestContext
 
 REPLY_TO = "zandd.reply.svc-a.r1"
@@ -66,27 +65,10 @@ async def _running(
     probe: Probe | None = None,
     audit: AuditHook | None = None,
 ) -> AsyncIterator[tuple[ConsumerRuntime, asyncio.Event, asyncio.Task[None]]]:
-    runtime = ConsumerRuntime(
-        queue=broker.queue,
-        handlers={Operation.SIGN: handler},
-        prefetch=8,
-        limits=Limits(),
-        drain_timeout_s=5.0,
-        name="test",
-        probe=probe,
-        max_backoff_s=0.01,
-        audit=audit,
-        connect=broker.connect,
-        resolve_queue=broker.resolve_queue,
-    )
-    stop = asyncio.Event()
-    task = asyncio.create_task(runtime.run(stop))
-    await asyncio.wait_for(runtime.ready.wait(), 10)
-    try:
-        yield runtime, stop, task
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
+    async with running_runtime(
+        broker, {Operation.SIGN: handler}, probe=probe, audit=audit
+    ) as running:
+        yield running
 
 
 def _shape(broker: MemoryBroker, index: int = -1) -> list[tuple[str, object]]:

@@ -18,10 +18,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from contracts.amqp import DEADLINE_HEADER
-from contracts.limits import Limits
 from contracts.operations import ERROR_REPLY_TYPE, Operation
 from contracts.transport import Delivery
-from tests.support.memory_transport import MemoryBroker
+from tests.support.memory_transport import MemoryBroker, running_runtime
 from workers.consumer.runtime import ConsumerRuntime, Handler, RequestContext
 from workers.observability.metrics import Metrics
 
@@ -70,26 +69,8 @@ class _Signer:
 async def _running(
     broker: MemoryBroker, handler: Handler, metrics: Metrics
 ) -> AsyncIterator[tuple[ConsumerRuntime, asyncio.Event, asyncio.Task[None]]]:
-    runtime = ConsumerRuntime(
-        queue=broker.queue,
-        handlers={Operation.SIGN: handler},
-        prefetch=8,
-        limits=Limits(),
-        drain_timeout_s=5.0,
-        name="test",
-        max_backoff_s=0.01,
-        metrics=metrics,
-        connect=broker.connect,
-        resolve_queue=broker.resolve_queue,
-    )
-    stop = asyncio.Event()
-    task = asyncio.create_task(runtime.run(stop))
-    await asyncio.wait_for(runtime.ready.wait(), 10)
-    try:
-        yield runtime, stop, task
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
+    async with running_runtime(broker, {Operation.SIGN: handler}, metrics=metrics) as running:
+        yield running
 
 
 def _shape(broker: MemoryBroker) -> list[tuple[str, object]]:
