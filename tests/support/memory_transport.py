@@ -265,3 +265,33 @@ async def running_runtime(
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+#: A producer's reply queue the reply_to rule accepts (principal ``svc-a``).
+REPLY_TO = "zandd.reply.svc-a.r1"
+#: A valid ``sign`` body (a digest of 32 bytes).
+SIGN_BODY = b'{"key_id":"k","digest":"' + b"A" * 43 + b'="}'
+
+
+def sign_delivery(
+    tag: int,
+    body: bytes = SIGN_BODY,
+    *,
+    reply_to: str | None = REPLY_TO,
+    headers: dict[str, Any] | None = None,
+) -> Delivery:
+    """A ``sign`` request from ``svc-a`` as the broker would deliver it (message id ``req-N``)."""
+    return Delivery(
+        body=body,
+        delivery_tag=tag,
+        exchange="zandd",
+        routing_key="sign",
+        redelivered=False,
+        headers=headers or {},
+        message_id=f"req-{tag}",
+        correlation_id=f"req-{tag}",
+        type="sign",
+        reply_to=reply_to,
+        user_id="svc-a",
+        content_type="application/json",
+    )

@@ -12,45 +12,23 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from pydantic import BaseModel
 
 from contracts.errors import InternalError, VaultUnavailable, ZanddError
 from contracts.operations import Operation
 from contracts.transport import Delivery
-from tests.support.memory_transport import MemoryBroker, running_runtime
+from tests.support.memory_transport import (
+    REPLY_TO,
+    MemoryBroker,
+    running_runtime,
+    sign_delivery,
+)
 from workers.consumer.runtime import AuditHook, ConsumerRuntime, Handler, Probe, RequestContext
-
-REPLY_TO = "zandd.reply.svc-a.r1"
-SIGN_BODY = b'{"key_id":"k","digest":"' + b"A" * 43 + b'="}'
 
 
 class _Signed(BaseModel):
     signature: str = "sig"
-
-
-def _request(
-    tag: int,
-    body: bytes = SIGN_BODY,
-    *,
-    reply_to: str | None = REPLY_TO,
-    headers: dict[str, Any] | None = None,
-) -> Delivery:
-    return Delivery(
-        body=body,
-        delivery_tag=tag,
-        exchange="zandd",
-        routing_key="sign",
-        redelivered=False,
-        headers=headers or {},
-        message_id=f"req-{tag}",
-        correlation_id=f"req-{tag}",
-        type="sign",
-        reply_to=reply_to,
-        user_id="svc-a",
-        content_type="application/json",
-    )
 
 
 async def _signed(request: object, context: RequestContext) -> BaseModel:
@@ -82,7 +60,7 @@ def _shape(broker: MemoryBroker, index: int = -1) -> list[tuple[str, object]]:
 async def test_the_reply_goes_out_before_the_ack() -> None:
     broker = MemoryBroker()
     async with _running(broker):
-        broker.current.deliver(_request(1))
+        broker.current.deliver(sign_delivery(1))
         await broker.until(lambda: broker.current.settled(1) is not None, "request 1 settled")
         assert _shape(broker) == [("publish", REPLY_TO), ("ack", 1)]
         reply = broker.current.frames[0]
@@ -93,7 +71,7 @@ async def test_the_reply_goes_out_before_the_ack() -> None:
 async def test_a_malformed_request_without_reply_to_is_dead_lettered() -> None:
     broker = MemoryBroker()
     async with _running(broker):
-        broker.current.deliver(_request(1, b"{}", reply_to=None))
+        broker.current.deliver(sign_delivery(1, b"{}", reply_to=None))
         await broker.until(lambda: broker.current.settled(1) is not None, "request 1 settled")
         assert _shape(broker) == [("reject", 1)]
         assert broker.current.frames[0].flag is False, "not requeued: dead-lettered"
@@ -113,7 +91,7 @@ async def test_a_lost_connection_abandons_in_flight_requests_unacked_and_reconne
 
     async with _running(broker, stuck) as (runtime, _stop, _task):
         first = broker.current
-        first.deliver(_request(1))
+        first.deliver(sign_delivery(1))
         await asyncio.wait_for(started.wait(), 10)
         first.drop("the broker went away")
         await asyncio.wait_for(cancelled.wait(), 10)
@@ -139,7 +117,7 @@ async def test_a_request_waits_for_its_dependency_and_is_then_served() -> None:
             raise VaultUnavailable("still down")
 
     async with _running(broker, flaky, probe=probe):
-        broker.current.deliver(_request(1))
+        broker.current.deliver(sign_delivery(1))
         await broker.until(lambda: broker.current.settled(1) is not None, "request 1 settled")
         assert _shape(broker) == [("publish", REPLY_TO), ("ack", 1)]
         assert broker.current.frames[0].properties is not None
@@ -159,7 +137,7 @@ async def test_a_request_waits_for_its_dependency_only_until_its_deadline() -> N
 
     async with _running(broker, down, probe=probe):
         deadline_ms = int((time.time() + 0.3) * 1000)
-        broker.current.deliver(_request(1, headers={"x-deadline-ms": deadline_ms}))
+        broker.current.deliver(sign_delivery(1, headers={"x-deadline-ms": deadline_ms}))
         await broker.until(lambda: broker.current.settled(1) is not None, "request 1 settled")
         assert _shape(broker) == [("publish", REPLY_TO), ("ack", 1)]
         error = json.loads(broker.current.frames[0].body)
@@ -178,7 +156,7 @@ async def test_stopping_drains_in_flight_requests_then_closes() -> None:
         return _Signed()
 
     async with _running(broker, slow) as (_runtime, stop, task):
-        broker.current.deliver(_request(1))
+        broker.current.deliver(sign_delivery(1))
         await asyncio.wait_for(started.wait(), 10)
         stop.set()
         await broker.until(lambda: broker.current.consuming is None, "no new requests")
@@ -211,7 +189,7 @@ async def test_the_audit_entry_is_written_before_the_reply() -> None:
     broker = MemoryBroker()
     audit = _Audit(broker)
     async with _running(broker, audit=audit):
-        broker.current.deliver(_request(1))
+        broker.current.deliver(sign_delivery(1))
         await broker.until(lambda: broker.current.settled(1) is not None, "request 1 settled")
         assert audit.written_before == [[]]
         assert broker.current.calls == ["publish", "ack"]
@@ -221,7 +199,7 @@ async def test_a_refusal_whose_audit_fails_is_dead_lettered_unanswered() -> None
     broker = MemoryBroker()
     audit = _Audit(broker, fail_refusals=True)
     async with _running(broker, audit=audit):
-        broker.current.deliver(_request(1, b"{}"))
+        broker.current.deliver(sign_delivery(1, b"{}"))
         await broker.until(lambda: broker.current.settled(1) is not None, "request 1 settled")
         assert audit.written_before == [[]]
         assert _shape(broker) == [("reject", 1)], "never answered unaudited"
@@ -236,7 +214,7 @@ async def test_a_reply_to_the_producer_cannot_read_is_rejected_unanswered() -> N
         return _Signed()
 
     async with _running(broker, handler):
-        broker.current.deliver(_request(1, reply_to="zandd.reply.svc-b.r1"))
+        broker.current.deliver(sign_delivery(1, reply_to="zandd.reply.svc-b.r1"))
         await broker.until(lambda: broker.current.settled(1) is not None, "request 1 settled")
         assert _shape(broker) == [("reject", 1)]
         assert called == []

@@ -13,40 +13,23 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from pydantic import BaseModel
 
 from contracts.amqp import DEADLINE_HEADER
 from contracts.operations import ERROR_REPLY_TYPE, Operation
-from contracts.transport import Delivery
-from tests.support.memory_transport import MemoryBroker, running_runtime
+from tests.support.memory_transport import (
+    REPLY_TO,
+    MemoryBroker,
+    running_runtime,
+    sign_delivery,
+)
 from workers.consumer.runtime import ConsumerRuntime, Handler, RequestContext
 from workers.observability.metrics import Metrics
-
-REPLY_TO = "zandd.reply.svc-a.r1"
-SIGN_BODY = b'{"key_id":"k","digest":"' + b"A" * 43 + b'="}'
 
 
 class _Signed(BaseModel):
     signature: str = "sig"
-
-
-def _request(tag: int, *, headers: dict[str, Any] | None = None) -> Delivery:
-    return Delivery(
-        body=SIGN_BODY,
-        delivery_tag=tag,
-        exchange="zandd",
-        routing_key="sign",
-        redelivered=False,
-        headers=headers or {},
-        message_id=f"req-{tag}",
-        correlation_id=f"req-{tag}",
-        type="sign",
-        reply_to=REPLY_TO,
-        user_id="svc-a",
-        content_type="application/json",
-    )
 
 
 class _Signer:
@@ -96,7 +79,7 @@ async def test_a_delivery_while_blocked_is_held_unstarted_and_served_when_unbloc
     async with _running(broker, signer, metrics):
         broker.current.block()
         assert _sample(metrics, "zandd_broker_blocked") == 1
-        broker.current.deliver(_request(1))
+        broker.current.deliver(sign_delivery(1))
         await _turns()
         assert signer.signed == [], "started while the broker blocks the connection"
         assert broker.current.frames == []
@@ -113,7 +96,7 @@ async def test_a_request_not_yet_at_its_handler_waits_while_blocked() -> None:
     broker, signer, metrics = MemoryBroker(), _Signer(), Metrics()
     async with _running(broker, signer, metrics):
         # Delivered, then blocked in the same turn: its task exists but has not run yet.
-        broker.current.deliver(_request(1))
+        broker.current.deliver(sign_delivery(1))
         broker.current.block()
         await _turns()
         assert not signer.entered.is_set(), "the handler ran while blocked"
@@ -126,7 +109,7 @@ async def test_replies_of_requests_already_running_wait_with_the_transport() -> 
     broker, signer, metrics = MemoryBroker(), _Signer(), Metrics()
     signer.gate = asyncio.Event()
     async with _running(broker, signer, metrics):
-        broker.current.deliver(_request(1))
+        broker.current.deliver(sign_delivery(1))
         await asyncio.wait_for(signer.entered.wait(), 10)
         broker.current.block()
         signer.gate.set()  # it finishes while blocked: its reply and ack are held, in order
@@ -142,7 +125,7 @@ async def test_a_held_request_whose_deadline_passed_is_answered_not_signed() -> 
     async with _running(broker, signer, metrics):
         broker.current.block()
         deadline_ms = int(time.time() * 1000) + 5
-        broker.current.deliver(_request(1, headers={DEADLINE_HEADER: deadline_ms}))
+        broker.current.deliver(sign_delivery(1, headers={DEADLINE_HEADER: deadline_ms}))
         # The alarm outlasts the caller's deadline.
         await asyncio.sleep(max(0.0, (deadline_ms + 1) / 1000 - time.time()) + 0.005)
         assert time.time() * 1000 > deadline_ms
@@ -159,7 +142,7 @@ async def test_a_waiting_request_whose_deadline_passes_while_blocked_is_refused(
     broker, signer, metrics = MemoryBroker(), _Signer(), Metrics()
     async with _running(broker, signer, metrics):
         deadline_ms = int(time.time() * 1000) + 50
-        broker.current.deliver(_request(1, headers={DEADLINE_HEADER: deadline_ms}))
+        broker.current.deliver(sign_delivery(1, headers={DEADLINE_HEADER: deadline_ms}))
         broker.current.block()
         # The refusal is settled while still blocked: held with the transport, not signed.
         await broker.until(lambda: broker.current.held == 2, "refusal and ack queued")
@@ -176,7 +159,7 @@ async def test_stopping_while_blocked_leaves_held_requests_to_the_queue() -> Non
     async with _running(broker, signer, metrics) as (_runtime, stop, task):
         first = broker.current
         first.block()
-        first.deliver(_request(1))
+        first.deliver(sign_delivery(1))
         stop.set()
         await asyncio.wait_for(task, 10)
         assert signer.signed == []
@@ -190,13 +173,13 @@ async def test_a_connection_lost_while_blocked_ends_the_block_and_reconnects_unb
     async with _running(broker, signer, metrics) as (runtime, _stop, _task):
         first = broker.current
         first.block()
-        first.deliver(_request(1))
+        first.deliver(sign_delivery(1))
         first.drop("blocked for too long")  # as the lean connection does after its bound
         await broker.until(lambda: len(broker.connections) == 2, "reconnected")
         await asyncio.wait_for(runtime.ready.wait(), 10)
         assert _sample(metrics, "zandd_broker_blocked") == 0
         assert signer.signed == []
         assert first.frames == []
-        broker.current.deliver(_request(1))  # the broker's redelivery
+        broker.current.deliver(sign_delivery(1))  # the broker's redelivery
         await broker.until(lambda: broker.current.settled(1) is not None, "request 1 settled")
         assert signer.signed == ["req-1"]
