@@ -27,7 +27,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 
 from contracts.crypto import public_key_pem, verify_signature
-from contracts.errors import InvalidRequest
+from contracts.errors import InvalidRequest, KeyNotFound
 from contracts.models import (
     KeyDescribeReply,
     KeyDescribeRequest,
@@ -186,8 +186,7 @@ class KeyReads:
         principal = self._policy.principal(context)
         records = await self._store.list_versions(request.key_id)
         if not records:
-            # The store's own wording and error (key_not_found).
-            await self._store.get_key(request.key_id)
+            raise KeyNotFound(f"key {request.key_id} not found")
         for record in records:
             verify_record(record, self._ring)
             self._generations.check(record)
