@@ -331,6 +331,17 @@ async def test_cli_lists_shows_and_verifies_over_the_wire(
     code, out, err = await zandd("keys", "list", "--via-broker", "--scope", "all", env=env)
     assert code != 0
     assert "scope 'all' is for admins" in err
+    # An operator on the vault's host: every key, filtered here by label and state.
+    operator = environment(ZANDD_DATA_DIR=str(fleet.settings.data_dir))
+    code, out, err = await zandd("keys", "list", "--label", "bobs", env=operator)
+    assert code == 0, err
+    assert shared.key_id in out
+    assert mine.key_id not in out
+    code, out, _ = await zandd("keys", "list", "--state", "disabled", env=operator)
+    assert mine.key_id not in out
+    code, _, err = await zandd("keys", "list", "--scope", "owned", env=operator)
+    assert code != 0
+    assert "--scope needs --via-broker" in err
 
     code, out, err = await zandd(
         "keys", "show", "--via-broker", "--public-keys", mine.key_id, env=env
