@@ -44,7 +44,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 from types import TracebackType
 from typing import Any, TypeVar
@@ -76,23 +76,36 @@ from contracts.errors import (
 )
 from contracts.limits import DEFAULT_LIMITS, Limits, structure_count
 from contracts.models import (
+    DEFAULT_LIST_PAGE_SIZE,
     DEFAULT_PENDING_DAYS,
     SPECS,
     Encoding,
     ErrorReply,
     KeyCreateReply,
     KeyCreateRequest,
+    KeyDescribeReply,
+    KeyDescribeRequest,
     KeyDestroyRequest,
+    KeyListReply,
+    KeyListRequest,
     KeyPublicReply,
     KeyPublicRequest,
+    KeyState,
     KeyStateReply,
     KeyStateRequest,
+    KeySummary,
+    ListScope,
     Protection,
     SignBatchReply,
     SignBatchRequest,
     SignPayload,
     SignReply,
     SignRequest,
+    VerifyBatchReply,
+    VerifyBatchRequest,
+    VerifyItem,
+    VerifyReply,
+    VerifyRequest,
     describe_errors,
 )
 from contracts.operations import ERROR_REPLY_TYPE, Operation
@@ -797,6 +810,124 @@ class SigningClient:
         return await self.call(
             Operation.KEY_CANCEL_DESTROY, request, KeyStateReply, timeout_s=timeout_s
         )
+
+    # -- issue 15, reads: verify on the fleet, list and describe keys ---------------------
+
+    async def verify_on_fleet(
+        self,
+        key_id: str,
+        signature: bytes,
+        *,
+        message: bytes | None = None,
+        digest: bytes | None = None,
+        encoding: Encoding = "der",
+        version: int | None = None,
+        timeout_s: float | None = None,
+    ) -> VerifyReply:
+        """``verify``: the fleet checks ``signature`` over ``message`` (or its SHA-256
+        ``digest``) against the key version's public key as its vault record holds it (MAC
+        checked); ``reply.valid`` is the verdict, ``reply.version`` the version checked (the
+        current one without ``version``). For callers that cannot verify ECDSA themselves;
+        ``verify`` (a pinned key, nothing asked of the fleet) trusts less."""
+        request = self._request(
+            VerifyRequest,
+            key_id=key_id,
+            version=version,
+            message=message,
+            digest=digest,
+            signature=signature,
+            encoding=encoding,
+        )
+        return await self.call(Operation.VERIFY, request, VerifyReply, timeout_s=timeout_s)
+
+    async def verify_batch_on_fleet(
+        self,
+        key_id: str,
+        messages: Sequence[tuple[bytes, bytes]] = (),
+        *,
+        digests: Sequence[tuple[bytes, bytes]] = (),
+        encoding: Encoding = "der",
+        version: int | None = None,
+        timeout_s: float | None = None,
+    ) -> VerifyBatchReply:
+        """``verify.batch``: ``(message, signature)`` pairs, then ``(digest, signature)``
+        pairs, checked under one key version; ``reply.valid`` holds the verdicts in that
+        order."""
+        items = [
+            self._request(VerifyItem, message=data, signature=signature)
+            for data, signature in messages
+        ] + [
+            self._request(VerifyItem, digest=data, signature=signature)
+            for data, signature in digests
+        ]
+        request = self._request(
+            VerifyBatchRequest, key_id=key_id, version=version, items=items, encoding=encoding
+        )
+        return await self.call(
+            Operation.VERIFY_BATCH, request, VerifyBatchReply, timeout_s=timeout_s
+        )
+
+    async def list_keys(
+        self,
+        scope: ListScope = "owned",
+        *,
+        label: str | None = None,
+        state: KeyState | str | None = None,
+        page_size: int = DEFAULT_LIST_PAGE_SIZE,
+        cursor: str | None = None,
+        timeout_s: float | None = None,
+    ) -> KeyListReply:
+        """``key.list``: one page of keys — the caller's (``owned``), those it may sign with
+        (``signable``) or, for admins, every key (``all``) — by key id; pass
+        ``reply.next_cursor`` back as ``cursor`` for the next (a short page may still have
+        one). ``iter_keys`` follows the cursors."""
+        request = self._request(
+            KeyListRequest,
+            scope=scope,
+            label=label,
+            state=None if state is None else KeyState(state),
+            page_size=page_size,
+            cursor=cursor,
+        )
+        return await self.call(Operation.KEY_LIST, request, KeyListReply, timeout_s=timeout_s)
+
+    async def iter_keys(
+        self,
+        scope: ListScope = "owned",
+        *,
+        label: str | None = None,
+        state: KeyState | str | None = None,
+        page_size: int = DEFAULT_LIST_PAGE_SIZE,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[KeySummary]:
+        """Every key ``list_keys`` would page through, one page requested at a time."""
+        cursor: str | None = None
+        while True:
+            page = await self.list_keys(
+                scope,
+                label=label,
+                state=state,
+                page_size=page_size,
+                cursor=cursor,
+                timeout_s=timeout_s,
+            )
+            for key in page.keys:
+                yield key
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def describe_key(
+        self, key_id: str, *, timeout_s: float | None = None
+    ) -> KeyDescribeReply:
+        """``key.describe``: every version of the key (state, times, protection, public key
+        PEM), no key material; for its signers, owner and admins."""
+        request = self._request(KeyDescribeRequest, key_id=key_id)
+        return await self.call(
+            Operation.KEY_DESCRIBE, request, KeyDescribeReply, timeout_s=timeout_s
+        )
+
+    # -- end issue 15, reads ----------------------------------------------------------------
 
 
 _BY_DIGEST = (

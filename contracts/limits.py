@@ -14,8 +14,10 @@ DEFAULT_MAX_BATCH_ITEMS = 1000
 #: core, and still carries one 1 MiB message (1.4 MB as base64) or 1,000 digests (57 kB).
 #: Batches of larger messages send digests.
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
-#: JSON structure a request may carry on top of two per batch item (an item's ``{`` and the
-#: ``,`` before it): a ``key.create``'s 256 allowed signers, commas inside labels and names.
+#: JSON structure a request may carry on top of three per batch item (an item's ``{``, the
+#: ``,`` before it and, for ``verify.batch``, the ``,`` between its payload and its
+#: signature): a ``key.create``'s 256 allowed signers, commas inside labels and names.
+STRUCTURE_PER_ITEM = 3
 STRUCTURE_SLACK = 1024
 
 
@@ -40,7 +42,7 @@ class Limits:
         so a body of many small values is refused before it costs anything. Every valid
         request fits: items are the only list that grows with a limit.
         """
-        return 2 * self.max_batch_items + STRUCTURE_SLACK
+        return STRUCTURE_PER_ITEM * self.max_batch_items + STRUCTURE_SLACK
 
     def as_context(self) -> dict[str, Any]:
         """The pydantic validation context that carries these limits."""

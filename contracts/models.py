@@ -361,6 +361,184 @@ class ErrorReply(_Reply):
     retry_after_ms: Annotated[int, Field(ge=0, le=MAX_RETRY_AFTER_MS)] | None = None
 
 
+# -- issue 15, reads: verify, verify.batch, key.list, key.describe -------------------------
+
+#: The longest signature ``verify`` takes: an RSA-4096 signature is 512 bytes, a DER ECDSA
+#: P-521 one 139; anything longer signs nothing and is refused unread.
+MAX_SIGNATURE_BYTES = 1024
+#: ``key.list`` pages: at most this many keys per reply (``page_size``), 100 by default.
+MAX_LIST_PAGE_SIZE = 1000
+DEFAULT_LIST_PAGE_SIZE = 100
+#: An opaque ``key.list`` cursor: base64url text, as the service hands it out.
+MAX_CURSOR_CHARS = 256
+Signature = Annotated[
+    bytes,
+    PlainValidator(_decode_base64),
+    PlainSerializer(_encode_base64, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "contentEncoding": "base64", "maxLength": 1368}),
+]
+#: ``owned``: keys the caller created; ``signable``: keys whose ``allowed_signers`` name the
+#: caller (or ``*``); ``all``: every key (admins only).
+ListScope = Literal["owned", "signable", "all"]
+Label = Annotated[str, StringConstraints(max_length=256), Field(strict=True)]
+Cursor = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,256}$"), Field(strict=True)]
+
+
+def _check_signature(signature: bytes) -> None:
+    if not signature:
+        raise ValueError("'signature' is empty")
+    if len(signature) > MAX_SIGNATURE_BYTES:
+        raise ValueError(f"'signature' is longer than {MAX_SIGNATURE_BYTES} bytes")
+
+
+class VerifyItem(SignPayload):
+    """One ``verify.batch`` item: the message (or its digest) and the signature over it."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        frozen=True,
+        json_schema_extra={"oneOf": [{"required": ["message"]}, {"required": ["digest"]}]},
+    )
+
+    signature: Signature
+
+    @model_validator(mode="after")
+    def _bounded_signature(self) -> VerifyItem:
+        _check_signature(self.signature)
+        return self
+
+
+class VerifyRequest(VerifyItem):
+    """``verify``: is ``signature`` a signature by the key over the message (or digest)?
+
+    Checked against the public key of the vault record (its MAC checked), never a private
+    key. ``version`` omitted: the key's current version (a DER or raw signature does not
+    name the version that made it). An invalid signature is a reply with ``valid: false``.
+    """
+
+    key_id: KeyId
+    version: Version | None = None
+    encoding: Encoding = "der"
+
+
+class VerifyBatchRequest(_Request):
+    """``verify.batch``: several signatures under one key version, answered in item order."""
+
+    key_id: KeyId
+    version: Version | None = None
+    items: Annotated[list[VerifyItem], Field(min_length=1)]
+    encoding: Encoding = "der"
+
+    @model_validator(mode="after")
+    def _batch_size(self, info: ValidationInfo) -> VerifyBatchRequest:
+        limit = limits_from(info).max_batch_items
+        if len(self.items) > limit:
+            raise ValueError(f"'items' has more than the limit of {limit} entries")
+        return self
+
+
+class VerifyReply(_Reply):
+    """Reply to ``verify``: ``valid`` says whether the signature holds for that version."""
+
+    key_id: str
+    version: int
+    algorithm: str
+    encoding: Encoding
+    valid: bool
+
+
+class VerifyBatchReply(_Reply):
+    """Reply to ``verify.batch``: ``valid[i]`` is the verdict on ``items[i]``."""
+
+    key_id: str
+    version: int
+    algorithm: str
+    encoding: Encoding
+    valid: list[bool]
+
+
+class KeyListRequest(_Request):
+    """``key.list``: one page of keys, ordered by key id; follow ``next_cursor`` for more.
+
+    A page may hold fewer than ``page_size`` keys while more follow: only a reply without
+    ``next_cursor`` is the last. ``label`` matches exactly; ``state`` is the current
+    version's.
+    """
+
+    scope: ListScope = "owned"
+    label: Label | None = None
+    state: KeyState | None = None
+    page_size: Annotated[int, Field(ge=1, le=MAX_LIST_PAGE_SIZE, strict=True)] = (
+        DEFAULT_LIST_PAGE_SIZE
+    )
+    cursor: Cursor | None = None
+
+
+class KeySummary(_Reply):
+    """A key in a ``key.list`` page: its current version's metadata, never key material.
+
+    ``owner`` and ``allowed_signers`` are shown to the key's owner and admins only (absent
+    for a caller who may only sign with the key).
+    """
+
+    key_id: str
+    version: int
+    algorithm: str
+    state: KeyState
+    protection: Protection = "exportable"
+    label: str | None = None
+    created_at: AwareDatetime
+    destroy_after: AwareDatetime | None = None
+    owner: str | None = None
+    allowed_signers: list[str] | None = None
+
+
+class KeyListReply(_Reply):
+    """Reply to ``key.list``: one page; ``next_cursor`` (absent on the last page) asks for
+    the next with the same scope and filters."""
+
+    keys: list[KeySummary]
+    next_cursor: str | None = None
+
+
+class KeyDescribeRequest(_Request):
+    """``key.describe``: the metadata of every version of one key."""
+
+    key_id: KeyId
+
+
+class KeyVersionInfo(_Reply):
+    """One version in a ``key.describe`` reply: no sealed material, ever."""
+
+    version: int
+    algorithm: str
+    state: KeyState
+    protection: Protection = "exportable"
+    label: str | None = None
+    created_at: AwareDatetime
+    destroy_after: AwareDatetime | None = None
+    public_key_pem: str
+    attested: bool = False
+
+
+class KeyDescribeReply(_Reply):
+    """Reply to ``key.describe``: the key, its current version and every version in order.
+
+    ``owner`` and ``allowed_signers`` (the current version's) are shown to the owner and
+    admins only, as in ``key.list``.
+    """
+
+    key_id: str
+    current_version: int
+    owner: str | None = None
+    allowed_signers: list[str] | None = None
+    versions: list[KeyVersionInfo]
+
+
+# -- end issue 15, reads ---------------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class OperationSpec:
     """What travels for one operation: its request and its successful reply."""
@@ -382,6 +560,12 @@ SPECS: dict[Operation, OperationSpec] = {
         OperationSpec(Operation.KEY_DESTROY, KeyDestroyRequest, KeyStateReply),
         OperationSpec(Operation.KEY_CANCEL_DESTROY, KeyStateRequest, KeyStateReply),
         OperationSpec(Operation.SIGN_TPM, SignRequest, SignReply),
+        # -- issue 15, reads --
+        OperationSpec(Operation.VERIFY, VerifyRequest, VerifyReply),
+        OperationSpec(Operation.VERIFY_BATCH, VerifyBatchRequest, VerifyBatchReply),
+        OperationSpec(Operation.KEY_LIST, KeyListRequest, KeyListReply),
+        OperationSpec(Operation.KEY_DESCRIBE, KeyDescribeRequest, KeyDescribeReply),
+        # -- end issue 15, reads --
     )
 }
 

@@ -18,6 +18,15 @@ class Operation(StrEnum):
     KEY_CANCEL_DESTROY = "key.cancel_destroy"
     #: ``sign`` for a key with protection ``tpm``: the keygen worker signs inside the TPM.
     SIGN_TPM = "sign.tpm"
+    # -- issue 15, reads (served by the signers) --
+    #: Server-side verification against the record's authenticated public key.
+    VERIFY = "verify"
+    VERIFY_BATCH = "verify.batch"
+    #: The caller's keys (or those it may sign with), paged.
+    KEY_LIST = "key.list"
+    #: Every version of one key: metadata and public keys, no sealed material.
+    KEY_DESCRIBE = "key.describe"
+    # -- end issue 15, reads --
 
     @property
     def reply_type(self) -> str:
@@ -47,6 +56,12 @@ SIGN_OPERATIONS: tuple[Operation, ...] = (
     Operation.SIGN,
     Operation.SIGN_BATCH,
     Operation.KEY_PUBLIC,
+    # -- issue 15, reads --
+    Operation.VERIFY,
+    Operation.VERIFY_BATCH,
+    Operation.KEY_LIST,
+    Operation.KEY_DESCRIBE,
+    # -- end issue 15, reads --
 )
 #: Operations that must carry a ``message_id`` (it is their idempotency key).
 IDEMPOTENT_OPERATIONS: frozenset[Operation] = frozenset({Operation.KEY_CREATE})

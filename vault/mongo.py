@@ -48,6 +48,7 @@ from contracts.urls import redact_url, scrub
 from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, link
 from vault.audit_chain import ChainKey
 from vault.audit_checkpoint import READ_PAGE_CHECKPOINTS, Checkpoint
+from vault.listing import MAX_EXAMINED, KeyListQuery, KeyPage
 from vault.records import KeyRecord, KeyState, RecordMac, check_head, check_replacement
 from vault.sealing import SealedKey
 
@@ -110,6 +111,16 @@ _KEY_INDEXES: Final = (
         name="pending_destruction",
         partialFilterExpression={"state": KeyState.PENDING_DESTRUCTION.value},
     ),
+    # key.list (vault.listing): an owner's keys and a signer's (multikey on allowed_signers)
+    # in key id order, highest version first. Created on open, like the others.
+    IndexModel(
+        [("created_by", ASCENDING), ("key_id", ASCENDING), ("version", DESCENDING)],
+        name="owner_keys",
+    ),
+    IndexModel(
+        [("allowed_signers", ASCENDING), ("key_id", ASCENDING), ("version", DESCENDING)],
+        name="signer_keys",
+    ),
 )
 # One audit document holds one appended batch, ``_id`` its first sequence number and ``last``
 # its last: the unique _id is what makes two appenders that read the same head collide
@@ -121,6 +132,7 @@ _AUDIT_INDEXES: Final = (
 )
 _NO_ID: Final = {"_id": False}
 _BY_KEY_VERSION: Final = [("key_id", ASCENDING), ("version", ASCENDING)]
+_BY_KEY_NEWEST_FIRST: Final = [("key_id", ASCENDING), ("version", DESCENDING)]
 _LATEST_PER_KEY: Final[list[Document]] = [
     {"$sort": {"key_id": ASCENDING, "version": DESCENDING}},
     {"$group": {"_id": "$key_id", "latest": {"$first": "$$ROOT"}}},
@@ -248,6 +260,62 @@ class MongoStore:
             heads = await self._heads_of({} if key_id is None else {"_id.key_id": key_id})
             documents = await self._keys.find(query, _NO_ID, sort=_BY_KEY_VERSION).to_list()
         return [_to_record(document, heads) for document in documents]
+
+    async def list_key_page(self, query: KeyListQuery) -> KeyPage:
+        """One page of current versions by key id (``vault.listing``), through the indexes
+        ``owner_keys``, ``signer_keys`` or ``key_version``.
+
+        The matching versions are read in key id order, newest first, a batch at a time: the
+        first of each key is its newest match, kept when it is the key's current version.
+        After ``MAX_EXAMINED`` versions the page is returned as it is, with a cursor.
+        """
+        found: list[KeyRecord] = []
+        after, examined = query.after or "", 0
+        batch = min(query.limit + 1, MAX_EXAMINED)
+        with self._translated():
+            while True:
+                documents = await self._keys.find(
+                    _page_filter(query, after),
+                    {"_id": False, "key_id": True, "version": True},
+                    sort=_BY_KEY_NEWEST_FIRST,
+                    limit=batch,
+                ).to_list()
+                examined += len(documents)
+                newest: dict[str, int] = {}
+                for document in documents:
+                    newest.setdefault(str(document.get("key_id")), int(document.get("version", 0)))
+                found += await self._current_of(newest, query)
+                if len(found) > query.limit:
+                    page = found[: query.limit]
+                    return KeyPage(page, page[-1].key_id)
+                if len(documents) < batch:
+                    return KeyPage(found, None)
+                after = str(documents[-1].get("key_id"))
+                if examined >= MAX_EXAMINED:
+                    return KeyPage(found, after)
+
+    async def _current_of(self, newest: dict[str, int], query: KeyListQuery) -> list[KeyRecord]:
+        """The records of ``newest`` (key id → a version) that are their key's current
+        version and still match ``query``, by key id."""
+        if not newest:
+            return []
+        cursor = await self._keys.aggregate(
+            [
+                {"$match": {"key_id": {"$in": list(newest)}}},
+                {"$group": {"_id": "$key_id", "current": {"$max": "$version"}}},
+            ]
+        )
+        current = {str(d.get("_id")): d.get("current") for d in await cursor.to_list()}
+        chosen = [(key_id, v) for key_id, v in newest.items() if current.get(key_id) == v]
+        if not chosen:
+            return []
+        # As in list_due: the heads are a floor for a second read of the records.
+        heads = await self._heads_of({"_id.key_id": {"$in": [key_id for key_id, _ in chosen]}})
+        documents = await self._keys.find(
+            {"$or": [{"key_id": key_id, "version": v} for key_id, v in chosen]}, _NO_ID
+        ).to_list()
+        records = [_to_record(document, heads) for document in documents]
+        return sorted((r for r in records if query.matches(r)), key=lambda r: r.key_id)
 
     async def list_due(self, now: datetime) -> list[KeyRecord]:
         """Versions pending destruction due at ``now`` (index pending_destruction)."""
@@ -548,6 +616,20 @@ def _to_document(record: KeyRecord) -> Document:
 
 def _timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _page_filter(query: KeyListQuery, after: str) -> Document:
+    """The versions that may be a page's keys: any version of the query's (newest first)."""
+    found: Document = {"key_id": {"$gt": after}}
+    if query.owner is not None:
+        found["created_by"] = query.owner
+    if query.signer is not None:
+        found["allowed_signers"] = {"$in": sorted({query.signer, "*"})}
+    if query.label is not None:
+        found["label"] = query.label
+    if query.state is not None:
+        found["state"] = query.state.value
+    return found
 
 
 def _head_id(key_id: str, version: int) -> Document:

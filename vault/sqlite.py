@@ -37,6 +37,7 @@ from contracts.errors import (
 from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, link
 from vault.audit_chain import ChainKey
 from vault.audit_checkpoint import READ_PAGE_CHECKPOINTS, Checkpoint
+from vault.listing import KeyListQuery, KeyPage
 from vault.records import KeyRecord, KeyState, RecordMac, check_head, check_replacement
 from vault.sealing import SealedKey
 
@@ -44,7 +45,7 @@ _T = TypeVar("_T")
 
 log = logging.getLogger("zandd.vault")
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 BUSY_TIMEOUT_S = 10.0
 _CHECKPOINT_ATTEMPTS = 3
 _THREAD_NAME = "zandd-sqlite"
@@ -156,6 +157,44 @@ AUDIT_REDELIVERED_STEP: tuple[str, ...] = (
     "ALTER TABLE audit ADD COLUMN redelivered INTEGER NOT NULL DEFAULT 0",
 )
 _MIGRATIONS[8] = AUDIT_REDELIVERED_STEP
+#: ``key.list`` (vault.listing): who may sign with which version, one row per name in a
+#: version's ``allowed_signers``, kept by triggers whatever writes the row (so no writer can
+#: forget it), and the owner's keys in key id order. A step of its own, to take the next
+#: number; idempotent (IF NOT EXISTS), so it may run again under another number.
+KEY_LISTING_STEP: tuple[str, ...] = (
+    """
+    CREATE TABLE IF NOT EXISTS key_signers (
+        principal TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        PRIMARY KEY (principal, key_id, version)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX IF NOT EXISTS key_signers_version ON key_signers (key_id, version)",
+    "INSERT OR IGNORE INTO key_signers (principal, key_id, version)"
+    " SELECT j.value, k.key_id, k.version FROM keys AS k, json_each(k.allowed_signers) AS j",
+    """
+    CREATE TRIGGER IF NOT EXISTS key_signers_on_insert AFTER INSERT ON keys BEGIN
+        INSERT OR IGNORE INTO key_signers (principal, key_id, version)
+        SELECT value, NEW.key_id, NEW.version FROM json_each(NEW.allowed_signers);
+    END
+    """,
+    """
+    CREATE TRIGGER IF NOT EXISTS key_signers_on_update AFTER UPDATE OF key_id, version, allowed_signers
+    ON keys BEGIN
+        DELETE FROM key_signers WHERE key_id = OLD.key_id AND version = OLD.version;
+        INSERT OR IGNORE INTO key_signers (principal, key_id, version)
+        SELECT value, NEW.key_id, NEW.version FROM json_each(NEW.allowed_signers);
+    END
+    """,
+    """
+    CREATE TRIGGER IF NOT EXISTS key_signers_on_delete AFTER DELETE ON keys BEGIN
+        DELETE FROM key_signers WHERE key_id = OLD.key_id AND version = OLD.version;
+    END
+    """,
+    "CREATE INDEX IF NOT EXISTS keys_owner ON keys (created_by, key_id, version)",
+)
+_MIGRATIONS[9] = KEY_LISTING_STEP
 
 _COLUMNS = (
     "key_id, version, algorithm, public_key_der, kek_id, nonce, ciphertext, state, label,"
@@ -174,6 +213,14 @@ _BY_VERSION = f"{_SELECT} WHERE key_id = ? AND version = ?"
 _LIST_LATEST = (
     f"{_SELECT} WHERE version = (SELECT MAX(version) FROM keys WHERE key_id = k.key_id)"  # noqa: S608
     " ORDER BY created_at, key_id"
+)
+# key.list: the current version of each key, by key id (vault.listing).
+_QUALIFIED = ", ".join(f"k.{column.strip()}" for column in _COLUMNS.split(","))
+_CURRENT = "k.version = (SELECT MAX(m.version) FROM keys AS m WHERE m.key_id = k.key_id)"
+# Driven by the signer's rows of key_signers (its primary key is in key id order).
+_SIGNABLE = (
+    f"SELECT {_QUALIFIED}, {_HEAD} FROM key_signers AS s CROSS JOIN keys AS k"  # noqa: S608
+    " ON k.key_id = s.key_id AND k.version = s.version WHERE s.principal = ? AND s.key_id > ?"
 )
 # The state is a literal, not a parameter: SQLite uses a partial index only for a query
 # whose WHERE names the index's own condition. INDEXED BY: without statistics the planner
@@ -281,6 +328,37 @@ class SqliteStore:
         conditions, params = _where(key_id=key_id, state=None if state is None else state.value)
         sql = f"{_SELECT}{conditions} ORDER BY key_id, version"
         return await self._run(_fetch_all, sql, params)
+
+    async def list_key_page(self, query: KeyListQuery) -> KeyPage:
+        """One page of current versions by key id (``vault.listing``): the owner's through
+        index ``keys_owner``, a signer's through ``key_signers`` (its name's rows and
+        ``*``'s, merged), everyone's through the primary key."""
+        # Column names are ours; every value is a bound parameter.
+        equal = {
+            "k.created_by": query.owner,
+            "k.state": None if query.state is None else query.state.value,
+            "k.label": query.label,
+        }
+        given = {column: value for column, value in equal.items() if value is not None}
+        filters = "".join(f" AND {column} = ?" for column in given)
+        after, fetch = query.after or "", query.limit + 1
+        if query.signer is None:
+            sql = (
+                f"SELECT {_QUALIFIED}, {_HEAD} FROM keys AS k WHERE k.key_id > ?"  # noqa: S608
+                f"{filters} AND {_CURRENT} ORDER BY k.key_id LIMIT ?"
+            )
+            found = await self._run(_fetch_all, sql, (after, *given.values(), fetch))
+        else:
+            sql = f"{_SIGNABLE}{filters} AND {_CURRENT} ORDER BY s.key_id LIMIT ?"
+            by_id: dict[str, KeyRecord] = {}
+            for name in dict.fromkeys((query.signer, "*")):
+                rows = await self._run(_fetch_all, sql, (name, after, *given.values(), fetch))
+                by_id.update((record.key_id, record) for record in rows)
+            found = [by_id[key_id] for key_id in sorted(by_id)]
+        if len(found) <= query.limit:
+            return KeyPage(found, None)
+        page = found[: query.limit]
+        return KeyPage(page, page[-1].key_id)
 
     async def list_due(self, now: datetime) -> list[KeyRecord]:
         """Versions pending destruction due at ``now`` (index keys_pending_destruction)."""

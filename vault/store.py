@@ -10,6 +10,7 @@ from contracts.errors import ConfigurationError
 from vault.audit import AuditEntry, AuditEvent, AuditQuery
 from vault.audit_chain import ChainKey
 from vault.audit_checkpoint import READ_PAGE_CHECKPOINTS, Checkpoint
+from vault.listing import KeyListQuery, KeyPage
 from vault.records import KeyRecord, KeyState
 from vault.sqlite import SqliteStore
 
@@ -53,6 +54,15 @@ class VaultStore(Protocol):
         """Every version of one key (or of all keys), optionally only those in ``state``.
 
         Ordered by key id, then version. An unknown ``key_id`` gives an empty list.
+        """
+        ...
+
+    async def list_key_page(self, query: KeyListQuery) -> KeyPage:
+        """One page of keys' current versions matching ``query``, by key id after
+        ``query.after`` (``vault.listing``: the semantics every backend shares).
+
+        Indexed: a page costs what it holds and what it skips within the owner's, the
+        signer's (and ``*``'s) or everyone's keys, never the whole vault's versions.
         """
         ...
 

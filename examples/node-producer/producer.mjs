@@ -2,6 +2,8 @@
 // A ZANDD HSM producer written from the wire contract v1 (docs/design.md, "Wire contract v1")
 // and the JSON Schemas in contracts/schemas/ alone: create a key, sign a message, and leave
 // public.pem, message.bin and signature.der in OUT_DIR for `openssl dgst -sha256 -verify`.
+// Then the reads: the fleet verifies the signature (and refuses a tampered message), key.list
+// pages through the producer's keys with a cursor, key.describe shows the key's versions.
 //
 // Usage: node producer.mjs AMQP_URL OUT_DIR
 //   e.g. node producer.mjs amqp://guest:guest@localhost:5672/ ./out
@@ -298,6 +300,59 @@ class Rpc {
   }
 }
 
+// -- issue 15, reads: verify on the fleet, key.list (paged), key.describe ----------------------
+
+// Every page of key.list, following next_cursor; page_size 1 so the cursor is exercised.
+async function listAllKeys(rpc, scope) {
+  const keyIds = [];
+  let cursor;
+  for (let pages = 0; pages < 10000; pages += 1) {
+    const page = await rpc.call('key.list', { scope, page_size: 1, ...(cursor ? { cursor } : {}) });
+    if (!Array.isArray(page.keys)) throw new ProducerError('key.list reply lacks an array "keys"');
+    for (const key of page.keys) {
+      requireFields(key, { key_id: 'string', version: 'integer', state: 'string' }, 'key.list entry');
+      keyIds.push(key.key_id);
+    }
+    if (page.next_cursor === undefined || page.next_cursor === null) return keyIds;
+    if (typeof page.next_cursor !== 'string') throw new ProducerError('key.list next_cursor is not a string');
+    cursor = page.next_cursor;
+  }
+  throw new ProducerError('key.list did not end within 10000 pages');
+}
+
+async function reads(rpc, created, message, signature) {
+  const asked = { key_id: created.key_id, signature: signature.toString('base64') };
+  const verified = await rpc.call('verify', { ...asked, message: message.toString('base64') });
+  requireFields(verified, { key_id: 'string', version: 'integer', valid: 'boolean' }, 'verify reply');
+  const tampered = Buffer.concat([message, Buffer.from('!')]);
+  const refused = await rpc.call('verify', { ...asked, message: tampered.toString('base64') });
+  requireFields(refused, { valid: 'boolean' }, 'verify reply');
+  const digest = createHash('sha256').update(message).digest('base64');
+  const batch = await rpc.call('verify.batch', {
+    key_id: created.key_id,
+    items: [
+      { digest, signature: asked.signature },
+      { message: tampered.toString('base64'), signature: asked.signature },
+    ],
+  });
+  if (!Array.isArray(batch.valid)) throw new ProducerError('verify.batch reply lacks an array "valid"');
+
+  const listed = await listAllKeys(rpc, 'owned');
+  const described = await rpc.call('key.describe', { key_id: created.key_id });
+  if (!Array.isArray(described.versions)) throw new ProducerError('key.describe reply lacks "versions"');
+  const current = described.versions.find((v) => v.version === described.current_version);
+  if (!current || current.public_key_pem !== created.public_key_pem) {
+    throw new ProducerError('key.describe shows another public key than key.create returned');
+  }
+  return {
+    fleet_verify: { valid: verified.valid, tampered: refused.valid, batch: batch.valid },
+    listed,
+    described_versions: described.versions.map((v) => v.version),
+  };
+}
+
+// -- end issue 15, reads --------------------------------------------------------------------
+
 async function main() {
   const { amqpUrl, outDir, user } = parseArgs(process.argv.slice(2));
   let rpc;
@@ -346,11 +401,15 @@ async function main() {
     const good = verify('sha256', message, { key: created.public_key_pem, dsaEncoding: 'der' }, signature);
     if (!good) throw new ProducerError('the signature does not verify against the key.create public key');
 
+    const read = await reads(rpc, created, message, signature);
+
     await mkdir(outDir, { recursive: true });
     await writeFile(join(outDir, 'public.pem'), created.public_key_pem);
     await writeFile(join(outDir, 'message.bin'), message);
     await writeFile(join(outDir, 'signature.der'), signature);
-    process.stdout.write(`${JSON.stringify({ key_id: created.key_id, signature_bytes: signature.length, attestation: attested })}\n`);
+    process.stdout.write(
+      `${JSON.stringify({ key_id: created.key_id, signature_bytes: signature.length, attestation: attested, ...read })}\n`,
+    );
   } finally {
     await rpc.close();
   }

@@ -2,6 +2,8 @@
 
 ``examples/node-producer/producer.mjs`` (Node.js, amqplib) creates a key and signs a message;
 OpenSSL then verifies the DER signature with the PEM public key from the ``key.create`` reply.
+It also has the fleet verify (``verify``, ``verify.batch``), lists its keys page by page
+(``key.list``) and describes the key (``key.describe``).
 """
 
 from __future__ import annotations
@@ -68,6 +70,12 @@ async def test_node_producer_signs_and_openssl_verifies(
         "tpm_bound": False,
         "policy": DUPLICATE_ONLY_POLICY.hex(),
     }
+
+    # The reads (issue 15): the fleet verified the signature and refused a tampered message;
+    # key.list, a page of one key at a time, found the producer's key; key.describe its v1.
+    assert summary["fleet_verify"] == {"valid": True, "tampered": False, "batch": [True, False]}
+    assert summary["listed"] == [key_id]
+    assert summary["described_versions"] == [1]
 
     verified = verify_files(out_dir)
     assert verified.returncode == 0, verified.stderr

@@ -193,7 +193,7 @@ PARSE_BOMBS = {
 def test_parse_bombs_are_refused_before_any_value_is_validated(bomb: str) -> None:
     operation, raw = PARSE_BOMBS[bomb]
     assert len(raw) < 2 * 1024 * 1024, "within the body limit: the count is what refuses it"
-    with pytest.raises(InvalidRequest, match="holds more than 3024 JSON values"):
+    with pytest.raises(InvalidRequest, match="holds more than 4024 JSON values"):
         parse_request(operation, raw)
 
 
@@ -202,6 +202,10 @@ def test_the_largest_valid_batch_fits_the_structure_bound() -> None:
     items = [{"digest": b64(DIGEST)}] * 1000
     raw = body(key_id="k", version=1, encoding="raw", items=items)
     assert parse_request(Operation.SIGN_BATCH, raw)
+    # A verify.batch item carries two fields: three structure bytes per item.
+    pairs = [{"digest": b64(DIGEST), "signature": b64(b"s" * 72)}] * 1000
+    raw = body(key_id="k", version=1, encoding="der", items=pairs)
+    assert parse_request(Operation.VERIFY_BATCH, raw)
     signers = [f"team-{i},{{[" for i in range(256)]
     assert parse_request(Operation.KEY_CREATE, body(label="a,b" * 80, allowed_signers=signers))
 

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -29,6 +30,7 @@ from vault.audit import GENESIS_HASH, AuditBroken, AuditEvent, AuditQuery, Chain
 from vault.audit_chain import ChainKeys
 from vault.audit_checkpoint import Checkpoint
 from vault.kek import Kek, KekRing
+from vault.listing import KeyListQuery
 from vault.records import RecordMac
 from vault.sqlite import _DUE
 from vault.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
@@ -616,6 +618,106 @@ async def test_no_checkpoints_is_an_empty_list(store: VaultStore) -> None:
     assert await store.read_checkpoints(latest=True, limit=1) == []
 
 
+# --- key.list pages (vault.listing) -----------------------------------------------------------
+
+
+def _keyed(key_id: str, owner: str, signers: tuple[str, ...], **changes: object) -> KeyRecord:
+    record = dataclasses.replace(
+        make_record(key_id, created_by=owner), allowed_signers=signers, label=f"label-{owner}"
+    )
+    return dataclasses.replace(record, **changes)  # type: ignore[arg-type]
+
+
+async def _all_pages(store: VaultStore, query: KeyListQuery) -> list[list[str]]:
+    pages: list[list[str]] = []
+    while True:
+        page = await store.list_key_page(query)
+        pages.append([record.key_id for record in page.records])
+        if page.next_after is None:
+            return pages
+        assert page.records, "a page without keys must not be the first of a loop"
+        query = dataclasses.replace(query, after=page.next_after)
+
+
+async def test_list_key_page_of_an_owner_pages_in_key_id_order(store: VaultStore) -> None:
+    mine = [f"key-{n:02d}" for n in (7, 1, 5, 3, 9)]
+    for key_id in mine:
+        await store.create_key(_keyed(key_id, "alice", ("alice",)))
+    for key_id in ("key-02", "key-04"):
+        await store.create_key(_keyed(key_id, "bob", ("bob", "alice")))
+    pages = await _all_pages(store, KeyListQuery(limit=2, owner="alice"))
+    assert pages == [["key-01", "key-03"], ["key-05", "key-07"], ["key-09"]]
+    whole = await store.list_key_page(KeyListQuery(limit=5, owner="alice"))
+    assert [r.key_id for r in whole.records] == sorted(mine)
+    assert whole.next_after is None
+    assert (await store.list_key_page(KeyListQuery(limit=5, owner="nobody"))).records == []
+
+
+async def test_list_key_page_gives_the_current_version_only(store: VaultStore) -> None:
+    v1 = _keyed("key-a", "alice", ("alice",))
+    v2 = _keyed("key-a", "alice", ("alice",), version=2, state=KeyState.DISABLED)
+    for record in (v2, v1):
+        await store.create_key(record)
+    page = await store.list_key_page(KeyListQuery(limit=10))
+    assert page.records == [v2]
+    # The state filter is the current version's: key-a is disabled, whatever v1 is.
+    assert (await store.list_key_page(KeyListQuery(limit=10, state=KeyState.ENABLED))).records == []
+    disabled = await store.list_key_page(KeyListQuery(limit=10, state=KeyState.DISABLED))
+    assert disabled.records == [v2]
+
+
+async def test_list_key_page_of_a_signer_counts_star_and_the_current_signers(
+    store: VaultStore,
+) -> None:
+    records = [
+        _keyed("key-1", "bob", ("bob", "carol")),
+        _keyed("key-2", "bob", ("*",)),
+        _keyed("key-3", "bob", ("bob",)),
+        _keyed("key-4", "dave", ("carol", "*")),  # named twice: listed once
+        # carol could sign with v1, not with the current v2.
+        _keyed("key-5", "dave", ("carol",)),
+        _keyed("key-5", "dave", ("dave",), version=2),
+        _keyed("key-6", "carol", ("erin",)),  # her own key, which she may not sign with
+    ]
+    for record in records:
+        await store.create_key(record)
+    pages = await _all_pages(store, KeyListQuery(limit=1, signer="carol"))
+    assert pages == [["key-1"], ["key-2"], ["key-4"]]
+    page = await store.list_key_page(KeyListQuery(limit=10, signer="carol"))
+    assert [r.key_id for r in page.records] == ["key-1", "key-2", "key-4"]
+    assert [
+        r.key_id for r in (await store.list_key_page(KeyListQuery(limit=10, signer="erin"))).records
+    ] == ["key-2", "key-4", "key-6"]
+    both = KeyListQuery(limit=10, signer="carol", owner="dave")
+    assert [r.key_id for r in (await store.list_key_page(both)).records] == ["key-4"]
+
+
+async def test_list_key_page_filters_by_exact_label_and_state(store: VaultStore) -> None:
+    plain = _keyed("key-1", "alice", ("alice",), label="invoices")
+    other = _keyed("key-2", "alice", ("alice",), label="invoices-2024")
+    off = _keyed("key-3", "alice", ("alice",), label="invoices", state=KeyState.DISABLED)
+    for record in (plain, other, off):
+        await store.create_key(record)
+    by_label = await store.list_key_page(KeyListQuery(limit=10, owner="alice", label="invoices"))
+    assert by_label.records == [plain, off]
+    both = KeyListQuery(limit=10, owner="alice", label="invoices", state=KeyState.DISABLED)
+    assert (await store.list_key_page(both)).records == [off]
+    assert (await store.list_key_page(KeyListQuery(limit=10, label="INVOICES"))).records == []
+
+
+async def test_list_key_page_after_a_cursor_skips_nothing_created_meanwhile(
+    store: VaultStore,
+) -> None:
+    for key_id in ("key-b", "key-d"):
+        await store.create_key(_keyed(key_id, "alice", ("alice",)))
+    first = await store.list_key_page(KeyListQuery(limit=1, owner="alice"))
+    assert [r.key_id for r in first.records] == ["key-b"]
+    await store.create_key(_keyed("key-a", "alice", ("alice",)))  # before the cursor
+    await store.create_key(_keyed("key-c", "alice", ("alice",)))  # after it
+    rest = await _all_pages(store, KeyListQuery(limit=1, owner="alice", after=first.next_after))
+    assert rest == [["key-c"], ["key-d"]]
+
+
 # --- URLs -------------------------------------------------------------------------------------
 
 
@@ -709,6 +811,57 @@ async def test_sqlite_finds_due_versions_through_an_index(tmp_path: Path) -> Non
     assert "USING INDEX keys_pending_destruction" in details, details
 
 
+async def test_sqlite_pages_keys_through_indexes(tmp_path: Path) -> None:
+    # key.list must cost a page, not the vault: no scan of keys and no sort of what matched.
+    store = await SqliteStore.open(str(tmp_path / "vault.db"))
+    plans: list[str] = []
+
+    def explain(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> list[KeyRecord]:
+        plans.extend(str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+        return []
+
+    try:
+        for query in (
+            KeyListQuery(limit=10, owner="alice", state=KeyState.ENABLED),
+            KeyListQuery(limit=10, signer="alice", label="x"),
+            KeyListQuery(limit=10),
+        ):
+            plans.clear()
+            with mock.patch("vault.sqlite._fetch_all", explain):
+                await store.list_key_page(query)
+            details = " | ".join(plans)
+            assert "SEARCH k" in details, details
+            assert "SCAN" not in details, details
+            assert "TEMP B-TREE" not in details, details
+    finally:
+        await store.close()
+
+
+async def test_sqlite_key_signers_follow_every_write_of_allowed_signers(tmp_path: Path) -> None:
+    # A writer that changes allowed_signers by any path (key.update, a restore) keeps the
+    # signer index true: triggers keep it, not the writers.
+    store = await SqliteStore.open(str(tmp_path / "vault.db"))
+    try:
+        await store.create_key(_keyed("key-1", "bob", ("bob", "carol")))
+        carol = KeyListQuery(limit=10, signer="carol")
+        assert [r.key_id for r in (await store.list_key_page(carol)).records] == ["key-1"]
+        await store._run(
+            lambda conn: conn.execute(
+                "UPDATE keys SET allowed_signers = ? WHERE key_id = 'key-1'", ('["dave"]',)
+            )
+        )
+        assert (await store.list_key_page(carol)).records == []
+        dave = KeyListQuery(limit=10, signer="dave")
+        assert [r.key_id for r in (await store.list_key_page(dave)).records] == ["key-1"]
+        await store._run(lambda conn: conn.execute("DELETE FROM keys"))
+        rows = await store._run(
+            lambda conn: conn.execute("SELECT COUNT(*) FROM key_signers").fetchone()[0]
+        )
+        assert rows == 0
+    finally:
+        await store.close()
+
+
 async def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
     db = tmp_path / "vault.db"
     with sqlite3.connect(db) as conn:
@@ -790,6 +943,9 @@ async def test_sqlite_upgrades_a_version_1_vault(tmp_path: Path) -> None:
         assert await store.create_key(other) == other
         assert await store.create_key(make_record(request_id="r-1", created_by="svc")) == old
         assert await store.list_due(T0) == []
+        # The signer index is filled from the rows already there.
+        signable = await store.list_key_page(KeyListQuery(limit=5, signer="svc"))
+        assert [r.key_id for r in signable.records] == ["key-old"]
     finally:
         await store.close()
 

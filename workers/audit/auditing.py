@@ -15,7 +15,17 @@ from datetime import UTC, datetime
 from pydantic import BaseModel
 
 from contracts.errors import VaultUnavailable, ZanddError
-from contracts.models import Receipt, SignBatchReply, SignBatchRequest, SignReply, SignRequest
+from contracts.models import (
+    Receipt,
+    SignBatchReply,
+    SignBatchRequest,
+    SignReply,
+    SignRequest,
+    VerifyBatchReply,
+    VerifyBatchRequest,
+    VerifyReply,
+    VerifyRequest,
+)
 from contracts.wire import Delivery
 from vault.audit import MAX_STORED_INT, OUTCOME_OK, AuditEntry, AuditEvent, AuditLog
 
@@ -36,16 +46,35 @@ def data_digest(request: BaseModel | None) -> str | None:
     """The hex SHA-256 of what a request asks to have signed, never the data itself.
 
     For ``sign`` that is the SHA-256 digest the signature is made over (a holder of the
-    message can find its entry); for ``sign.batch`` the SHA-256 of the item digests in order.
+    message can find its entry); for ``sign.batch`` the SHA-256 of the item digests in order;
+    ``verify`` and ``verify.batch`` likewise, for the digests whose signatures were checked.
     """
-    if isinstance(request, SignRequest):
+    if isinstance(request, SignRequest | VerifyRequest):
         return request.sha256_digest().hex()
-    if isinstance(request, SignBatchRequest):
+    if isinstance(request, SignBatchRequest | VerifyBatchRequest):
         batch = hashlib.sha256()
         for item in request.items:
             batch.update(item.sha256_digest())
         return batch.hexdigest()
     return None
+
+
+#: The outcome of a served ``verify``: ok, and the verdict (``verify.batch``: ``ok:valid``
+#: when every signature held, ``ok:invalid`` when one did not).
+OUTCOME_VALID = f"{OUTCOME_OK}:valid"
+OUTCOME_INVALID = f"{OUTCOME_OK}:invalid"
+
+
+def outcome_of(result: BaseModel | ZanddError) -> str:
+    """How a request ended, for its audit entry: the error code, ``ok``, or for a verify
+    ``ok:valid``/``ok:invalid`` — served either way, the verdict kept in the log."""
+    if isinstance(result, ZanddError):
+        return result.code.value
+    if isinstance(result, VerifyReply):
+        return OUTCOME_VALID if result.valid else OUTCOME_INVALID
+    if isinstance(result, VerifyBatchReply):
+        return OUTCOME_VALID if all(result.valid) else OUTCOME_INVALID
+    return OUTCOME_OK
 
 
 def _text(value: object, limit: int = MAX_RECORDED_CHARS) -> str | None:
@@ -82,7 +111,7 @@ def audit_event(
         at=at,
         principal=_text(message.user_id, MAX_RECORDED_PRINCIPAL_CHARS),
         operation=_text(message.type or message.routing_key) or "",
-        outcome=result.code.value if isinstance(result, ZanddError) else OUTCOME_OK,
+        outcome=outcome_of(result),
         key_id=_text(key_id),
         version=_number(version),
         request_id=_text(message.message_id),

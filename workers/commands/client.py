@@ -78,6 +78,10 @@ def _read_signature(value: str) -> bytes:
 async def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     message, digest = _payload(args.file, args.digest)
     signature = _read_signature(args.signature)
+    if args.on_fleet:
+        return await _verify_on_fleet(args, settings, signature, message, digest)
+    if args.version is not None:
+        raise ZanddError("--version needs --on-fleet")
     if args.public_key is not None:
         from contracts.pinning import PinnedKey
 
@@ -98,6 +102,41 @@ async def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         )
     print("signature OK" if valid else "signature INVALID")
     return 0 if valid else EXIT_FAILURE
+
+
+# -- issue 15, reads: zandd verify --key K --on-fleet (the fleet's verify) -------------------
+
+
+async def _verify_on_fleet(
+    args: argparse.Namespace,
+    settings: Settings,
+    signature: bytes,
+    message: bytes | None,
+    digest: bytes | None,
+) -> int:
+    from contracts.client import SigningClient
+
+    if args.key is None:
+        raise ZanddError("--on-fleet needs --key KEY_ID (the fleet checks with that key)")
+    async with await SigningClient.connect(settings.amqp_url, timeout_s=args.timeout) as client:
+        reply = await client.verify_on_fleet(
+            args.key,
+            signature,
+            message=message,
+            digest=digest,
+            encoding=args.encoding,
+            version=args.version,
+        )
+    print(
+        f"zandd: the fleet checked it with {reply.key_id} v{reply.version} (its vault record's "
+        "public key); pin the key with --public-key FILE to trust no one",
+        file=sys.stderr,
+    )
+    print("signature OK" if reply.valid else "signature INVALID")
+    return 0 if reply.valid else EXIT_FAILURE
+
+
+# -- end issue 15, reads --------------------------------------------------------------------
 
 
 def register(tree: CommandTree) -> None:
@@ -156,3 +195,14 @@ def register(tree: CommandTree) -> None:
         "--out", type=Path, default=None, help="write the binary signature here (default: base64)"
     )
     verify.add_argument("signature", help="signature file (binary or base64) or base64 text")
+    verify.add_argument(
+        "--on-fleet",
+        action="store_true",
+        help="with --key: have the fleet verify (verify), for hosts that cannot do ECDSA",
+    )
+    verify.add_argument(
+        "--version",
+        type=int,
+        default=None,
+        help="with --on-fleet: the key version (default: the current one)",
+    )

@@ -4,7 +4,10 @@ The lifecycle commands go through the fleet like any producer (the keygen worker
 the caller owns the key or is an admin, and audits it). ``show`` and ``list`` read the vault
 directly: they are for an operator on a host that can open it, and show no key material. With
 the KEK ring at hand they check each record's MAC and mark the ones the workers refuse: what
-the vault says of an owner or a signer means nothing when its MAC fails.
+the vault says of an owner or a signer means nothing when its MAC fails. With
+``--via-broker`` they ask the fleet instead (``key.describe``, ``key.list``), as a producer
+with no access to the vault does: the signers check the MACs and show only what the caller
+may see.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ def _record_check(settings: Settings) -> RecordCheck:
 
 
 async def _cmd_keys_show(args: argparse.Namespace, settings: Settings) -> int:
+    if args.via_broker:
+        return await _show_via_broker(args, settings)
     async with opened_store(settings) as store:
         versions = await store.list_versions(args.key_id)
     if not versions:
@@ -99,8 +104,18 @@ async def _cmd_keys_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
+    if args.via_broker:
+        return await _list_via_broker(args, settings)
+    if args.scope is not None:
+        raise ZanddError("--scope needs --via-broker (the vault lists every key)")
     async with opened_store(settings) as store:
         records = await store.list_keys()
+    records = [
+        r
+        for r in records
+        if (args.label is None or r.label == args.label)
+        and (args.state is None or r.state.value == args.state)
+    ]
     check = _record_check(settings)
     print(f"{'KEY':<24} {'VERSION':>7}  {'STATE':<20} {'OWNER':<20} LABEL")
     for record in records:
@@ -109,6 +124,98 @@ async def _cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
             f"{printable(record.owner):<20} {printable(record.label)}{check(record)}"
         )
     return 0
+
+
+# -- issue 15, reads: keys show / keys list over the wire (key.describe, key.list) ----------
+
+
+async def _show_via_broker(args: argparse.Namespace, settings: Settings) -> int:
+    from contracts.client import SigningClient
+
+    async with await SigningClient.connect(settings.amqp_url, timeout_s=args.timeout) as client:
+        reply = await client.describe_key(args.key_id)
+    current = reply.versions[-1]
+    print(f"key {reply.key_id} (current version {reply.current_version})")
+    print(f"  label:           {printable(current.label)}")
+    print(f"  algorithm:       {current.algorithm}")
+    print(f"  owner:           {_shown(reply.owner)}")
+    signers = (
+        None if reply.allowed_signers is None else ", ".join(map(printable, reply.allowed_signers))
+    )
+    print(f"  allowed signers: {_shown(signers)}")
+    print(f"  created:         {when(reply.versions[0].created_at)}")
+    for version in reply.versions:
+        line = f"v{version.version}: {version.state.value}, protection {version.protection}"
+        if version.destroy_after is not None:
+            line += f", destroyed after {when(version.destroy_after)}"
+        print(f"  {line}")
+        if args.public_keys:
+            print(version.public_key_pem, end="")
+    return 0
+
+
+async def _list_via_broker(args: argparse.Namespace, settings: Settings) -> int:
+    from contracts.client import SigningClient
+
+    async with await SigningClient.connect(settings.amqp_url, timeout_s=args.timeout) as client:
+        keys = [
+            key
+            async for key in client.iter_keys(
+                args.scope or "owned",
+                label=args.label,
+                state=args.state,
+                page_size=args.page_size,
+            )
+        ]
+    print(f"{'KEY':<24} {'VERSION':>7}  {'STATE':<20} {'OWNER':<20} LABEL")
+    for key in keys:
+        print(
+            f"{key.key_id:<24} {key.version:>7}  {key.state.value:<20} "
+            f"{_shown(key.owner):<20} {printable(key.label)}"
+        )
+    return 0
+
+
+def _shown(value: str | None) -> str:
+    """What the fleet showed, or a dash where it shows it only to the owner and admins."""
+    return "-" if value is None else printable(value)
+
+
+def _add_read_arguments(show: argparse.ArgumentParser, listing: argparse.ArgumentParser) -> None:
+    from contracts.models import DEFAULT_LIST_PAGE_SIZE, MAX_LIST_PAGE_SIZE
+
+    for parser in (show, listing):
+        parser.add_argument(
+            "--via-broker",
+            action="store_true",
+            help="ask the fleet (key.describe / key.list) instead of reading the vault: for "
+            "producers with no vault access; shows only what the caller may see",
+        )
+    show.add_argument(
+        "--public-keys", action="store_true", help="with --via-broker: print each version's PEM"
+    )
+    listing.add_argument(
+        "--scope",
+        choices=("owned", "signable", "all"),
+        default=None,
+        help="with --via-broker: your keys (default), those you may sign with, or all (admins)",
+    )
+    listing.add_argument("--label", default=None, help="only keys with exactly this label")
+    listing.add_argument(
+        "--state",
+        choices=[state.value for state in KeyState],
+        default=None,
+        help="only keys whose current version is in this state",
+    )
+    listing.add_argument(
+        "--page-size",
+        type=int,
+        default=DEFAULT_LIST_PAGE_SIZE,
+        help=f"with --via-broker: keys per request (1-{MAX_LIST_PAGE_SIZE})",
+    )
+
+
+# -- end issue 15, reads --------------------------------------------------------------------
 
 
 async def _cmd_keys_attest(args: argparse.Namespace, settings: Settings) -> int:
@@ -174,9 +281,17 @@ def register(tree: CommandTree) -> None:
                 default=DEFAULT_PENDING_DAYS,
                 help=f"waiting period before the key is erased (default {DEFAULT_PENDING_DAYS})",
             )
-    show = tree.add("keys show", _cmd_keys_show, "show a key's owner, signers and versions")
+    show = tree.add(
+        "keys show", _cmd_keys_show, "show a key's owner, signers and versions", client=True
+    )
     show.add_argument("key_id")
-    tree.add("keys list", _cmd_keys_list, "list every key with its latest version's state")
+    listing = tree.add(
+        "keys list",
+        _cmd_keys_list,
+        "list every key with its latest version's state (--via-broker: your keys, by the fleet)",
+        client=True,
+    )
+    _add_read_arguments(show, listing)
     attest = tree.add(
         "keys attest",
         _cmd_keys_attest,

@@ -81,3 +81,33 @@ class AccessPolicy:
         """Whether ``principal`` may change the key's state: its owner and the admins."""
         if principal != record.owner and principal not in self.admins:
             raise Forbidden(f"{principal!r} may not change the state of key {record.key_id}")
+
+    # -- issue 15, reads: verify, verify.batch, key.list, key.describe ---------------------
+
+    def may_read(self, record: KeyRecord, principal: str) -> bool:
+        """Whether ``principal`` may verify with the key and describe it: whoever may sign
+        with it (its ``allowed_signers``, ``*`` meaning anyone authenticated), its owner and
+        the admins. ``key.public`` stays open to anyone authenticated (the public key is
+        public); these serve the key's own users, and ``key.describe`` shows its metadata."""
+        return (
+            ANYONE in record.allowed_signers
+            or principal in record.allowed_signers
+            or principal == record.owner
+            or principal in self.admins
+        )
+
+    def check_read(self, record: KeyRecord, principal: str, what: str) -> None:
+        """``Forbidden`` unless ``principal`` may read the key (``may_read``); ``what`` names
+        the operation. Access before state: a refused caller learns nothing of the key."""
+        if not self.may_read(record, principal):
+            raise Forbidden(f"{principal!r} may not {what} key {record.key_id}")
+
+    def sees_access(self, record: KeyRecord, principal: str) -> bool:
+        """Whether ``principal`` sees who owns the key and who may sign with it (the owner
+        and the admins; a mere signer does not learn the other signers' names)."""
+        return principal == record.owner or principal in self.admins
+
+    def check_list_all(self, principal: str) -> None:
+        """Listing every key (``key.list`` with scope ``all``) is for the admins."""
+        if principal not in self.admins:
+            raise Forbidden(f"{principal!r} may not list every key (scope 'all' is for admins)")

@@ -1,4 +1,6 @@
-"""The signer worker: ``sign``, ``sign.batch`` and ``key.public`` on ``zandd.sign``.
+"""The signer worker: ``sign``, ``sign.batch`` and ``key.public`` on ``zandd.sign`` (and the
+reads of ``workers/signer/reads.py``: ``verify``, ``verify.batch``, ``key.list``,
+``key.describe``).
 
 Per request: who is asking (the AMQP ``user_id``), the key version from the vault (its MAC
 checked when it was loaded), may this principal sign with it, is it enabled — by the vault's
@@ -36,6 +38,7 @@ from workers.observability.stages import Stage
 from workers.observability.telemetry import stage
 from workers.service.policy import AccessPolicy
 from workers.signer.cache import CachedKey, RecordCache
+from workers.signer.reads import KeyReads
 from workers.signer.signing import sign_digests
 
 log = logging.getLogger("zandd.signer")
@@ -70,6 +73,8 @@ class Signer:
         self._cache = cache if cache is not None else RecordCache(store, ring)
         self._not_enabled: dict[tuple[str, int], KeyState] = {}
         self._generations = GenerationWatermark()
+        # issue 15, reads: verify, verify.batch, key.list, key.describe (no private key).
+        self._reads = KeyReads(store, ring, self._policy, self._fetch, self._generations)
 
     @property
     def handlers(self) -> Mapping[Operation, Handler]:
@@ -78,6 +83,7 @@ class Signer:
             Operation.SIGN: self.sign,
             Operation.SIGN_BATCH: self.sign_batch,
             Operation.KEY_PUBLIC: self.public_key,
+            **self._reads.handlers,
         }
 
     def on_event(self, event: KeyStateChangedEvent) -> None:
