@@ -18,6 +18,12 @@ class Operation(StrEnum):
     KEY_CANCEL_DESTROY = "key.cancel_destroy"
     #: ``sign`` for a key with protection ``tpm``: the keygen worker signs inside the TPM.
     SIGN_TPM = "sign.tpm"
+    # --- issue 15, key writes (rotation, update) ---
+    #: A new TPM-born version of a key, made its primary (the version ``sign`` uses).
+    KEY_ROTATE = "key.rotate"
+    #: Change a key's label, allowed signers or rotation period.
+    KEY_UPDATE = "key.update"
+    # --- end issue 15, key writes ---
 
     @property
     def reply_type(self) -> str:
@@ -41,6 +47,10 @@ KEYGEN_OPERATIONS: tuple[Operation, ...] = (
     Operation.KEY_DESTROY,
     Operation.KEY_CANCEL_DESTROY,
     Operation.SIGN_TPM,
+    # --- issue 15, key writes ---
+    Operation.KEY_ROTATE,
+    Operation.KEY_UPDATE,
+    # --- end issue 15, key writes ---
 )
 #: Operations served by the scaled signer workers.
 SIGN_OPERATIONS: tuple[Operation, ...] = (
@@ -49,4 +59,11 @@ SIGN_OPERATIONS: tuple[Operation, ...] = (
     Operation.KEY_PUBLIC,
 )
 #: Operations that must carry a ``message_id`` (it is their idempotency key).
-IDEMPOTENT_OPERATIONS: frozenset[Operation] = frozenset({Operation.KEY_CREATE})
+IDEMPOTENT_OPERATIONS: frozenset[Operation] = frozenset(
+    {
+        Operation.KEY_CREATE,
+        # --- issue 15, key writes ---
+        Operation.KEY_ROTATE,
+        # --- end issue 15, key writes ---
+    }
+)
