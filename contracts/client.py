@@ -76,7 +76,7 @@ from contracts.errors import (
     error_from_code,
 )
 from contracts.limits import DEFAULT_LIMITS, Limits, structure_count
-from contracts.models import (
+from contracts.models import (  # issue 15, key writes
     DEFAULT_PENDING_DAYS,
     SPECS,
     Encoding,
@@ -86,8 +86,12 @@ from contracts.models import (
     KeyDestroyRequest,
     KeyPublicReply,
     KeyPublicRequest,
+    KeyRotateReply,
+    KeyRotateRequest,
     KeyStateReply,
     KeyStateRequest,
+    KeyUpdateReply,
+    KeyUpdateRequest,
     Protection,
     SignBatchReply,
     SignBatchRequest,
@@ -95,12 +99,6 @@ from contracts.models import (
     SignReply,
     SignRequest,
     describe_errors,
-)
-from contracts.models import (  # issue 15, key writes
-    KeyRotateReply,
-    KeyRotateRequest,
-    KeyUpdateReply,
-    KeyUpdateRequest,
 )
 from contracts.operations import ERROR_REPLY_TYPE, Operation
 from contracts.pinning import PinnedKey, PublicKeySource
@@ -850,9 +848,9 @@ class SigningClient:
         self,
         key_id: str,
         *,
-        label: str | None | _Unchanged = UNCHANGED,
-        allowed_signers: Sequence[str] | None | _Unchanged = UNCHANGED,
-        rotation_period: timedelta | int | None | _Unchanged = UNCHANGED,
+        label: str | _Unchanged | None = UNCHANGED,
+        allowed_signers: Sequence[str] | _Unchanged | None = UNCHANGED,
+        rotation_period: timedelta | int | _Unchanged | None = UNCHANGED,
         timeout_s: float | None = None,
     ) -> KeyUpdateReply:
         """Change the key's label, allowed signers or rotation period (owner or admin).

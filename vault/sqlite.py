@@ -163,8 +163,7 @@ _MIGRATIONS[8] = AUDIT_REDELIVERED_STEP
 ROTATION_STEP: tuple[str, ...] = (
     "ALTER TABLE keys ADD COLUMN rotation_period_s INTEGER",
     "ALTER TABLE keys ADD COLUMN next_rotation_at TEXT",
-    "CREATE INDEX keys_rotation_due ON keys (next_rotation_at)"
-    " WHERE next_rotation_at IS NOT NULL",
+    "CREATE INDEX keys_rotation_due ON keys (next_rotation_at) WHERE next_rotation_at IS NOT NULL",
 )
 _MIGRATIONS[9] = ROTATION_STEP
 
