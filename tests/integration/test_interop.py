@@ -2,6 +2,7 @@
 
 ``examples/node-producer/producer.mjs`` (Node.js, amqplib) creates a key and signs a message;
 OpenSSL then verifies the DER signature with the PEM public key from the ``key.create`` reply.
+It then rotates the key and signs with the new version, which OpenSSL verifies too.
 """
 
 from __future__ import annotations
@@ -72,6 +73,25 @@ async def test_node_producer_signs_and_openssl_verifies(
     verified = verify_files(out_dir)
     assert verified.returncode == 0, verified.stderr
     assert "Verified OK" in verified.stdout
+
+    # issue 15, key writes: it rotated the key, signed with the new version, listed both.
+    assert summary["rotation"] == {
+        "version": 2,
+        "signed_version": 2,
+        "kids": [f"{key_id}.v1", f"{key_id}.v2"],
+    }
+    rotated = verify_files(
+        out_dir,
+        public_pem="public-v2.pem",
+        signature_der="signature-v2.der",
+        message="message-v2.bin",
+    )
+    assert rotated.returncode == 0, rotated.stderr
+    assert "Verified OK" in rotated.stdout
+    crossed = verify_files(
+        out_dir, public_pem="public.pem", signature_der="signature-v2.der", message="message-v2.bin"
+    )
+    assert "Verified OK" not in crossed.stdout
 
     message = bytearray((out_dir / "message.bin").read_bytes())
     message[0] ^= 0x01

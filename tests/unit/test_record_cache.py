@@ -168,8 +168,20 @@ async def test_a_read_overtaken_by_an_invalidation_is_used_once_not_cached(how: 
     vault.records["k1", 2] = record("k1", 2)  # the rotation commits...
     cache.invalidate("k1") if how == "invalidate" else cache.clear()  # ...and is announced
     vault.release.set()
-    assert (await pending).record.version == 1  # the request that read it uses it
-    assert (await cache.get("k1", None)).record.version == 2
+    # The request that read the old primary asks again (once): it gets the new one.
+    assert (await pending).record.version == 2
     assert vault.reads == 2
     assert (await cache.get("k1", None)).record.version == 2
-    assert vault.reads == 2  # the fresh read was cached
+    assert vault.reads == 2  # the second read was cached
+
+
+async def test_a_read_of_one_version_overtaken_by_an_invalidation_is_not_cached() -> None:
+    vault = _SlowVault(record("k1"))
+    cache = cache_over(vault)
+    pending = asyncio.create_task(cache.get("k1", 1))
+    await vault.reading.wait()
+    cache.invalidate("k1")  # e.g. an update of the allowed signers
+    vault.release.set()
+    assert (await pending).record.version == 1  # used once, as read
+    await cache.get("k1", 1)
+    assert vault.reads == 2  # not cached: read again

@@ -80,12 +80,20 @@ class RecordCache:
                 self.hits += 1
                 return cached
         self.misses += 1
-        before = (self._invalidations.get(key_id, 0), self._clears)
+        before = self._invalidation_count(key_id)
         record = await self._store.get_key(key_id, version)
-        if (self._invalidations.get(key_id, 0), self._clears) != before:
-            verify_record(record, self._ring)
-            return CachedKey(record, stored_public_key(record), now)
+        if self._invalidation_count(key_id) != before:
+            if version is None:
+                # The primary may have changed (a rotation): ask again, once.
+                before = self._invalidation_count(key_id)
+                record = await self._store.get_key(key_id, version)
+            if self._invalidation_count(key_id) != before:
+                verify_record(record, self._ring)
+                return CachedKey(record, stored_public_key(record), now)
         return self._put(record, latest=version is None, now=now)
+
+    def _invalidation_count(self, key_id: str) -> tuple[int, int]:
+        return self._invalidations.get(key_id, 0), self._clears
 
     def _latest_version(self, key_id: str, now: float) -> int | None:
         latest = self._latest.get(key_id)
