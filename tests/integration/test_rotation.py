@@ -8,7 +8,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from tests.support.fleet import RunningFleet
 from tests.support.openssl import openssl_verify
 from tests.support.principals import ADMIN, ALICE, BOB, CAROL
 from vault.audit import AuditQuery
+from vault.records import KeyRecord
 from workers.keygen.lifecycle import SYSTEM_PRINCIPAL
 from workers.keygen.versions import ROTATED_OPERATION
 
@@ -251,10 +252,13 @@ async def test_a_rotation_period_is_honoured_by_the_keygen_worker(
     assert (await fleet.store.get_key(plain.key_id)).version == 1
 
     # A disabled key is not given a fresh enabled version: its next check moves a period on.
+    idle_first = (await fleet.store.get_key(idle.key_id)).next_rotation_at
+    assert idle_first is not None
     fleet.clock.advance(DAY)
     await _primary_after(alice, key.key_id, 3)
-    idle_record = await fleet.store.get_key(idle.key_id)
+    idle_record = await _rescheduled(fleet, idle.key_id, idle_first)
     assert idle_record.version == 1
+    assert idle_record.state == KeyState.DISABLED
     assert idle_record.next_rotation_at is not None
     assert idle_record.next_rotation_at > fleet.clock()
 
@@ -271,6 +275,17 @@ async def test_a_rotation_period_is_honoured_by_the_keygen_worker(
         (SYSTEM_PRINCIPAL, "ok", 2),
         (SYSTEM_PRINCIPAL, "ok", 3),
     ]
+
+
+async def _rescheduled(fleet: RunningFleet, key_id: str, before: datetime) -> KeyRecord:
+    """The key's primary once its next rotation is no longer ``before`` (the due check moved
+    it; it runs every 0.2 s)."""
+    async with asyncio.timeout(30):
+        while True:
+            record = await fleet.store.get_key(key_id)
+            if record.next_rotation_at != before:
+                return record
+            await asyncio.sleep(0.1)
 
 
 async def _audited(
