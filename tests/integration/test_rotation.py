@@ -330,6 +330,12 @@ async def test_rotate_and_update_from_the_shell(fleet: RunningFleet, tmp_path: P
     assert "label:           shell" in out
     assert "allowed signers: *" in out
     assert "rotation period: none" in out
+    local = environment(ZANDD_DATA_DIR=str(fleet.settings.data_dir))
+    code, out, err = await zandd("keys", "show", key_id, env=local)
+    assert code == 0, err
+    assert "primary version: v2" in out
+    assert "rotation period: none" in out
+    assert "REFUSED" not in out  # the updated records' MACs hold
     code, out, err = await zandd("keys", "public", key_id, "--all-versions", "--jwk", env=env)
     assert code == 0, err
     assert [jwk["kid"] for jwk in json.loads(out)["keys"]] == [f"{key_id}.v1", f"{key_id}.v2"]
