@@ -130,52 +130,74 @@ async def test_rotation_under_load_loses_nothing_and_never_signs_with_a_disabled
     key = await alice.create_key()
     v1 = load_public_key(key.public_key_pem.encode())
     await asyncio.gather(*(alice.sign(key.key_id, b"warm") for _ in range(8)))  # cached
-    results: list[tuple[float, SignReply, bytes]] = []
-    under_way = asyncio.Event()
+    #: (sent at, answered at, reply, message) of every sign of the load.
+    results: list[tuple[float, float, SignReply, bytes]] = []
+    sent = 0
+    stop = asyncio.Event()
+    progress = asyncio.Condition()
 
-    async def one(i: int) -> None:
-        message = f"load {i}".encode()
+    async def one() -> None:
+        nonlocal sent
+        sent += 1
+        message = f"load {sent}".encode()
+        sent_at = time.monotonic()
         reply = await alice.sign(key.key_id, message)
-        results.append((time.monotonic(), reply, message))
-        if len(results) >= 150:
-            under_way.set()
+        results.append((sent_at, time.monotonic(), reply, message))
+        async with progress:
+            progress.notify_all()
 
-    async def waves(start: int, count: int) -> None:
-        for wave in range(start, start + count, 50):
-            await asyncio.gather(*(one(i) for i in range(wave, wave + 50)))
+    async def loader() -> None:
+        # Overlapping waves of 25: some signs are in flight at every moment.
+        while not stop.is_set():
+            await asyncio.gather(*(one() for _ in range(25)))
 
-    load = asyncio.create_task(waves(0, 600))
-    await under_way.wait()  # the load is well under way
+    async def answered(count: int, after: float = 0.0) -> None:
+        async with progress:
+            await progress.wait_for(lambda: sum(r[0] > after for r in results) >= count)
+
+    loaders = [asyncio.create_task(loader()) for _ in range(3)]
+    await answered(150)  # the load is well under way
+    rotate_sent_at = time.monotonic()
+    in_flight_at_rotate = sent - len(results)
     rotated = await alice.rotate_key(key.key_id)
     rotated_at = time.monotonic()
     disabled = await alice.disable_key(key.key_id, 1)
     disabled_at = time.monotonic()
     assert disabled.versions[0].state == KeyState.DISABLED
-    await load
-    await waves(600, 200)  # all sent after the disable reply
+    await answered(200, after=disabled_at)  # 200 more signs, all sent after the disable reply
+    stop.set()
+    await asyncio.gather(*loaders)  # a refused or lost sign would raise here
 
-    assert len(results) == 800  # nothing lost: every request answered, none refused
-    versions = Counter(reply.version for _, reply, _ in results)
+    assert len(results) == sent  # nothing lost: every request answered, none refused
+    versions = Counter(reply.version for _, _, reply, _ in results)
     assert set(versions) == {1, 2}, versions
     v2 = load_public_key(rotated.public_key_pem.encode())
-    for _, reply, message in results:
+    for _, _, reply, message in results:
         assert await alice.verify(
             v1 if reply.version == 1 else v2, reply.signature, message=message
         )
-    late = [reply for at, reply, _ in results if at > disabled_at]
-    assert late
-    assert all(reply.version == 2 for reply in late)
-    # The signers switched as the rotate reply came back: nothing answered after it by v1.
-    v1_after_rotate = sum(1 for at, reply, _ in results if at > rotated_at and reply.version == 1)
-    first_v2 = min(at for at, reply, _ in results if reply.version == 2)
+    # Sent after the rotate reply: the new primary, every one (the event came first).
+    after_rotate = [reply for at, _, reply, _ in results if at > rotated_at]
+    assert after_rotate
+    assert {reply.version for reply in after_rotate} == {2}
+    # Sent after the disable reply: never signed by the disabled version (nor refused).
+    after_disable = [reply.version for at, _, reply, _ in results if at > disabled_at]
+    assert len(after_disable) >= 200
+    assert set(after_disable) == {2}
+    # Signs in flight across the rotation, answered by either version.
+    across = [reply.version for at, done, reply, _ in results if at < rotate_sent_at < done]
+    first_v2 = min(done for _, done, reply, _ in results if reply.version == 2)
     # openssl agrees for one signature of each version.
     for version, pem in ((1, key.public_key_pem), (2, rotated.public_key_pem)):
-        _, reply, message = next(r for r in results if r[1].version == version)
+        _, _, reply, message = next(r for r in results if r[2].version == version)
         assert openssl_verify(tmp_path, pem, message, reply.signature) == "Verified OK"
     report(
-        f"rotation under load: 800 signs, {versions[1]} by v1 / {versions[2]} by v2, "
-        f"{v1_after_rotate} answered by v1 after the rotate reply, first v2 answer "
-        f"{(first_v2 - rotated_at) * 1000:+.1f} ms from the rotate reply"
+        f"rotation under load: {len(results)} signs ({versions[1]} by v1, {versions[2]} by v2), "
+        f"{in_flight_at_rotate} in flight when key.rotate was sent, of which answered by "
+        f"v1/v2: {across.count(1)}/{across.count(2)}; rotate round trip "
+        f"{(rotated_at - rotate_sent_at) * 1000:.0f} ms; first v2 answer "
+        f"{(first_v2 - rotated_at) * 1000:+.1f} ms from the rotate reply; sent after the "
+        f"reply: {len(after_rotate)}, all by v2"
     )
 
 
