@@ -100,12 +100,13 @@ async def test_node_producer_signs_and_openssl_verifies(
     assert tampered.returncode != 0
     assert "Verified OK" not in tampered.stdout
 
-    record = await fleet.store.get_key(key_id)
-    assert record.key_id == key_id
-    public_key = serialization.load_pem_public_key((out_dir / "public.pem").read_bytes())
-    assert record.public_key_der == public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    for version, pem in ((1, "public.pem"), (2, "public-v2.pem")):  # v2: it rotated the key
+        record = await fleet.store.get_key(key_id, version)
+        assert record.key_id == key_id
+        public_key = serialization.load_pem_public_key((out_dir / pem).read_bytes())
+        assert record.public_key_der == public_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
 
 
 async def test_node_producer_refuses_a_key_another_attestation_key_vouches_for(
