@@ -94,6 +94,21 @@ async def test_rotation_makes_a_new_primary_and_every_version_keeps_verifying(
     assert (await alice.sign(key.key_id, b"named", version=2)).version == 2
 
 
+async def test_a_key_that_lives_in_the_tpm_rotates_in_it(
+    fleet: RunningFleet, clients: dict[str, SigningClient]
+) -> None:
+    alice = clients[ALICE]
+    key = await alice.create_key(protection="tpm")
+    rotated = await alice.rotate_key(key.key_id)
+    assert (rotated.version, rotated.protection) == (2, "tpm")
+    signed = await alice.sign_in_tpm(key.key_id, b"in the TPM, by v2")
+    assert signed.version == 2
+    assert await alice.verify(rotated, signed.signature, message=b"in the TPM, by v2")
+    assert not await alice.verify(key, signed.signature, message=b"in the TPM, by v2")
+    old = await alice.sign_in_tpm(key.key_id, b"by v1", version=1)
+    assert await alice.verify(key, old.signature, message=b"by v1")
+
+
 async def test_who_may_rotate_and_the_audit_of_it(
     fleet: RunningFleet, clients: dict[str, SigningClient]
 ) -> None:

@@ -161,8 +161,8 @@ class KeyVersions:
         """Rotate every key whose ``next_rotation_at`` has come; the versions made.
 
         Nothing happens in a worker that does not hold the TPM (a hot standby)."""
-        if not self._tpm.opened:
-            return []
+        if not self._tpm.opened or not await self._store.list_rotation_due(self._clock()):
+            return []  # the usual answer, without taking the lock
         made: list[KeyRecord] = []
         changed: list[KeyRecord] = []
         async with self._lifecycle.lock:
