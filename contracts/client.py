@@ -46,6 +46,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -90,10 +91,14 @@ from contracts.models import (
     KeyListRequest,
     KeyPublicReply,
     KeyPublicRequest,
+    KeyRotateReply,
+    KeyRotateRequest,
     KeyState,
     KeyStateReply,
     KeyStateRequest,
     KeySummary,
+    KeyUpdateReply,
+    KeyUpdateRequest,
     ListScope,
     Protection,
     SignBatchReply,
@@ -130,6 +135,17 @@ _SIGNING = frozenset({Operation.SIGN, Operation.SIGN_TPM, Operation.SIGN_BATCH})
 log = logging.getLogger("zandd.client")
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
 RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+class _Unchanged:
+    """The type of ``UNCHANGED``: an ``update_key`` argument that was not given."""
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+#: ``update_key``'s default: leave the field as it is (``None`` resets it).
+UNCHANGED = _Unchanged()
 
 
 class SigningClient:
@@ -300,16 +316,19 @@ class SigningClient:
         request_id: str | None = None,
         timeout_s: float | None = None,
         protection: Protection = "exportable",
+        rotation_period: timedelta | int | None = None,
     ) -> KeyCreateReply:
         """Create a key. Sending the same ``request_id`` again returns the same key.
 
         ``protection="tpm"`` makes a key that never leaves the TPM (sign it with
-        ``sign_in_tpm``)."""
+        ``sign_in_tpm``). ``rotation_period`` (a timedelta or seconds, 1 day to 10 years)
+        has the fleet rotate the key on its own that often."""
         request = self._request(
             KeyCreateRequest,
             label=label,
             allowed_signers=list(allowed_signers) if allowed_signers is not None else None,
             protection=protection,
+            rotation_period=_seconds(rotation_period),
         )
         return await self.call(
             Operation.KEY_CREATE,
@@ -367,10 +386,18 @@ class SigningClient:
         return await self.call(Operation.SIGN_BATCH, request, SignBatchReply, timeout_s=timeout_s)
 
     async def public_key(
-        self, key_id: str, version: int | None = None, *, timeout_s: float | None = None
+        self,
+        key_id: str,
+        version: int | None = None,
+        *,
+        timeout_s: float | None = None,
+        all_versions: bool = False,
     ) -> KeyPublicReply:
-        """The key's public half (PEM and JWK)."""
-        request = self._request(KeyPublicRequest, key_id=key_id, version=version)
+        """The key's public half (PEM and JWK): of ``version``, else of its primary version;
+        ``all_versions=True`` adds every version's (``reply.versions``)."""
+        request = self._request(
+            KeyPublicRequest, key_id=key_id, version=version, all_versions=all_versions
+        )
         return await self.call(Operation.KEY_PUBLIC, request, KeyPublicReply, timeout_s=timeout_s)
 
     async def verify(
@@ -447,7 +474,9 @@ class SigningClient:
         correlation_id = uuid.uuid4().hex
         request_id = message_id or correlation_id
         deadline_ms = int((time.time() + timeout) * 1000)
-        body = request.model_dump_json(exclude_none=True).encode()
+        # A key.update's null resets a field, unlike one left out: only unset fields go.
+        updating = isinstance(request, KeyUpdateRequest)
+        body = request.model_dump_json(exclude_none=not updating, exclude_unset=updating).encode()
         self._check_size(operation, body)
         ends_at = asyncio.get_running_loop().time() + timeout
         try:
@@ -928,6 +957,54 @@ class SigningClient:
         )
 
     # -- end issue 15, reads ----------------------------------------------------------------
+    # --- issue 15, key writes ---
+
+    async def rotate_key(
+        self, key_id: str, *, request_id: str | None = None, timeout_s: float | None = None
+    ) -> KeyRotateReply:
+        """Make a new version of the key in the TPM and make it the primary one: ``sign``
+        without a version uses it from the reply on; older versions keep verifying (and
+        signing when named). Sending the same ``request_id`` again returns the same version."""
+        request = self._request(KeyRotateRequest, key_id=key_id)
+        return await self.call(
+            Operation.KEY_ROTATE,
+            request,
+            KeyRotateReply,
+            message_id=request_id or uuid.uuid4().hex,
+            timeout_s=timeout_s,
+        )
+
+    async def update_key(
+        self,
+        key_id: str,
+        *,
+        label: str | _Unchanged | None = UNCHANGED,
+        allowed_signers: Sequence[str] | _Unchanged | None = UNCHANGED,
+        rotation_period: timedelta | int | _Unchanged | None = UNCHANGED,
+        timeout_s: float | None = None,
+    ) -> KeyUpdateReply:
+        """Change the key's label, allowed signers or rotation period (owner or admin).
+
+        An argument left out stays as it is; ``None`` resets it (no label, only the owner
+        signs, no automatic rotation). Signers apply it before the reply comes back."""
+        fields: dict[str, Any] = {"key_id": key_id}
+        if not isinstance(label, _Unchanged):
+            fields["label"] = label
+        if not isinstance(allowed_signers, _Unchanged):
+            fields["allowed_signers"] = None if allowed_signers is None else list(allowed_signers)
+        if not isinstance(rotation_period, _Unchanged):
+            fields["rotation_period"] = _seconds(rotation_period)
+        request = self._request(KeyUpdateRequest, **fields)
+        return await self.call(Operation.KEY_UPDATE, request, KeyUpdateReply, timeout_s=timeout_s)
+
+    # --- end issue 15, key writes ---
+
+
+def _seconds(period: timedelta | int | None) -> int | None:
+    """A rotation period in whole seconds, as the wire takes it."""
+    if isinstance(period, timedelta):
+        return int(period.total_seconds())
+    return period
 
 
 _BY_DIGEST = (

@@ -36,6 +36,15 @@ ALGORITHM_ECDSA_P256_SHA256: Final = "ecdsa-p256-sha256"
 DIGEST_SIZE_BYTES = 32
 DEFAULT_PENDING_DAYS = 7
 MAX_PENDING_DAYS = 365
+# --- issue 15, key writes: rotation periods ---
+#: Bounds of a key's ``rotation_period`` in seconds: a day (as Cloud KMS) to ten years.
+MIN_ROTATION_PERIOD_S: Final = 86_400
+MAX_ROTATION_PERIOD_S: Final = 3650 * 86_400
+#: A key's automatic rotation period in seconds (``null``/absent: never rotated on its own).
+RotationPeriod = Annotated[
+    int, Field(ge=MIN_ROTATION_PERIOD_S, le=MAX_ROTATION_PERIOD_S, strict=True)
+]
+# --- end issue 15, key writes ---
 
 
 class KeyState(StrEnum):
@@ -113,6 +122,8 @@ class KeyCreateRequest(_Request):
     algorithm: Algorithm = ALGORITHM_ECDSA_P256_SHA256
     allowed_signers: Annotated[list[Principal], Field(max_length=256)] | None = None
     protection: Protection = "exportable"
+    # issue 15, key writes: rotated automatically every this many seconds (none when absent).
+    rotation_period: RotationPeriod | None = None
 
 
 class SignPayload(_Request):
@@ -167,10 +178,21 @@ class SignBatchRequest(_Request):
 
 
 class KeyPublicRequest(_Request):
-    """``key.public``: the public half of a key, as PEM and JWK."""
+    """``key.public``: the public half of a key, as PEM and JWK.
+
+    ``all_versions`` (issue 15) adds every version's public key to the reply (``versions``);
+    the top-level fields stay those of the primary version, so it goes without ``version``.
+    """
 
     key_id: KeyId
     version: Version | None = None
+    all_versions: Annotated[bool, Field(strict=True)] = False
+
+    @model_validator(mode="after")
+    def _one_version_or_all(self) -> KeyPublicRequest:
+        if self.all_versions and self.version is not None:
+            raise ValueError("'version' and 'all_versions' exclude each other")
+        return self
 
 
 class KeyStateRequest(_Request):
@@ -219,6 +241,9 @@ class KeyCreateReply(_Reply):
     created_at: AwareDatetime
     attestation: KeyAttestation | None = None
     protection: Protection = "exportable"
+    # issue 15, key writes (absent from older servers: no automatic rotation).
+    rotation_period: int | None = None
+    next_rotation_at: AwareDatetime | None = None
 
 
 #: An audit link: ``hmac-sha256/<kek_id>/<64 hex>`` (keyed) or 64 hex (legacy).
@@ -274,8 +299,23 @@ class EcPublicJwk(_Reply):
     kid: str
 
 
+class KeyPublicVersion(_Reply):
+    """One version's public key in a ``key.public`` reply asked with ``all_versions``."""
+
+    version: int
+    algorithm: str
+    public_key_pem: str
+    public_key_jwk: EcPublicJwk
+    attestation: KeyAttestation | None = None
+    protection: Protection = "exportable"
+
+
 class KeyPublicReply(_Reply):
-    """Reply to ``key.public``; ``attestation`` is absent for keys made before attestation."""
+    """Reply to ``key.public``; ``attestation`` is absent for keys made before attestation.
+
+    ``versions`` (issue 15) comes only when the request asked for ``all_versions``: every
+    version of the key by version number, destroyed ones too (their public keys stay).
+    """
 
     key_id: str
     version: int
@@ -284,6 +324,7 @@ class KeyPublicReply(_Reply):
     public_key_jwk: EcPublicJwk
     attestation: KeyAttestation | None = None
     protection: Protection = "exportable"
+    versions: list[KeyPublicVersion] | None = None
 
 
 class KeyVersionState(_Reply):
@@ -318,6 +359,83 @@ class KeyStateChangedEvent(_Reply):
     changed_at: AwareDatetime
     generation: Annotated[int, Field(ge=1, lt=2**63, strict=True)] | None = None
 
+
+# --- issue 15, key writes: key.rotate, key.update ---
+
+
+class KeyRotateRequest(_Request):
+    """``key.rotate``: a new TPM-born version of the key (same algorithm, protection, owner,
+    label, allowed signers and rotation period), made its primary: ``sign`` without a
+    ``version`` uses it from the reply on. Older versions keep their state: they still sign
+    when asked by number and verify. Idempotent on the request's ``message_id`` (required),
+    for the key's owner and the admins."""
+
+    key_id: KeyId
+
+
+class KeyRotateReply(_Reply):
+    """Reply to ``key.rotate``: the new primary version; ``public_key_jwk.kid`` names it."""
+
+    key_id: str
+    version: int
+    algorithm: str
+    public_key_pem: str
+    public_key_jwk: EcPublicJwk
+    created_at: AwareDatetime
+    attestation: KeyAttestation | None = None
+    protection: Protection = "exportable"
+    rotation_period: int | None = None
+    next_rotation_at: AwareDatetime | None = None
+
+
+_UPDATABLE = ("label", "allowed_signers", "rotation_period")
+
+
+class KeyUpdateRequest(_Request):
+    """``key.update``: change what a key's owner or an admin may change, on every version.
+
+    A field left out stays as it is; ``null`` resets it: no label, the owner as the only
+    signer, no automatic rotation. At least one field must be given. A new
+    ``rotation_period`` counts from the update (the next rotation is then + period).
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        frozen=True,
+        json_schema_extra={"anyOf": [{"required": [name]} for name in _UPDATABLE]},
+    )
+
+    key_id: KeyId
+    label: Annotated[str, StringConstraints(max_length=256)] | None = None
+    allowed_signers: Annotated[list[Principal], Field(max_length=256)] | None = None
+    rotation_period: RotationPeriod | None = None
+
+    @model_validator(mode="after")
+    def _something_to_change(self) -> KeyUpdateRequest:
+        if not self.changes:
+            raise ValueError(f"give at least one of {', '.join(map(repr, _UPDATABLE))}")
+        return self
+
+    @property
+    def changes(self) -> frozenset[str]:
+        """The fields the request sets (to a value or to ``null``)."""
+        return frozenset(self.model_fields_set & set(_UPDATABLE))
+
+
+class KeyUpdateReply(_Reply):
+    """Reply to ``key.update``: the key's settings after it, and its versions' states."""
+
+    key_id: str
+    primary_version: int
+    label: str | None = None
+    allowed_signers: list[str]
+    rotation_period: int | None = None
+    next_rotation_at: AwareDatetime | None = None
+    versions: list[KeyVersionState]
+
+
+# --- end issue 15, key writes ---
 
 #: The longest retry-after hint a reply may carry; a client waits no longer than this.
 MAX_RETRY_AFTER_MS = 3_600_000
@@ -566,6 +684,10 @@ SPECS: dict[Operation, OperationSpec] = {
         OperationSpec(Operation.KEY_LIST, KeyListRequest, KeyListReply),
         OperationSpec(Operation.KEY_DESCRIBE, KeyDescribeRequest, KeyDescribeReply),
         # -- end issue 15, reads --
+        # --- issue 15, key writes ---
+        OperationSpec(Operation.KEY_ROTATE, KeyRotateRequest, KeyRotateReply),
+        OperationSpec(Operation.KEY_UPDATE, KeyUpdateRequest, KeyUpdateReply),
+        # --- end issue 15, key writes ---
     )
 }
 

@@ -27,6 +27,12 @@ class Operation(StrEnum):
     #: Every version of one key: metadata and public keys, no sealed material.
     KEY_DESCRIBE = "key.describe"
     # -- end issue 15, reads --
+    # --- issue 15, key writes (rotation, update) ---
+    #: A new TPM-born version of a key, made its primary (the version ``sign`` uses).
+    KEY_ROTATE = "key.rotate"
+    #: Change a key's label, allowed signers or rotation period.
+    KEY_UPDATE = "key.update"
+    # --- end issue 15, key writes ---
 
     @property
     def reply_type(self) -> str:
@@ -50,6 +56,10 @@ KEYGEN_OPERATIONS: tuple[Operation, ...] = (
     Operation.KEY_DESTROY,
     Operation.KEY_CANCEL_DESTROY,
     Operation.SIGN_TPM,
+    # --- issue 15, key writes ---
+    Operation.KEY_ROTATE,
+    Operation.KEY_UPDATE,
+    # --- end issue 15, key writes ---
 )
 #: Operations served by the scaled signer workers.
 SIGN_OPERATIONS: tuple[Operation, ...] = (
@@ -64,4 +74,11 @@ SIGN_OPERATIONS: tuple[Operation, ...] = (
     # -- end issue 15, reads --
 )
 #: Operations that must carry a ``message_id`` (it is their idempotency key).
-IDEMPOTENT_OPERATIONS: frozenset[Operation] = frozenset({Operation.KEY_CREATE})
+IDEMPOTENT_OPERATIONS: frozenset[Operation] = frozenset(
+    {
+        Operation.KEY_CREATE,
+        # --- issue 15, key writes ---
+        Operation.KEY_ROTATE,
+        # --- end issue 15, key writes ---
+    }
+)

@@ -27,7 +27,7 @@ from contracts.crypto import (
     verify_signature,
 )
 from contracts.errors import InvalidRequest
-from contracts.models import EcPublicJwk, Encoding, KeyCreateReply, KeyPublicReply
+from contracts.models import EcPublicJwk, Encoding, KeyCreateReply, KeyPublicReply, KeyRotateReply
 
 #: A pinned key file is a PEM or a JWK, a few hundred bytes; anything far larger is not one.
 MAX_PUBLIC_KEY_FILE_BYTES = 64 * 1024
@@ -46,14 +46,14 @@ class PinnedKey:
     @classmethod
     def of(cls, source: PublicKeySource) -> PinnedKey:
         """A pinned key from any of: a ``PinnedKey``; a ``cryptography`` P-256 public key; the
-        ``key.create`` (or a saved ``key.public``) reply; a JWK (``EcPublicJwk``, a dict, or its
+        ``key.create`` or ``key.rotate`` (or a saved ``key.public``) reply; a JWK (``EcPublicJwk``, a dict, or its
         JSON text); PEM or DER bytes; PEM text. A key id is not a public key: pinning needs the
         key itself."""
         if isinstance(source, PinnedKey):
             return source
         if isinstance(source, ec.EllipticCurvePublicKey):
             return cls(_p256(source))
-        if isinstance(source, KeyCreateReply | KeyPublicReply):
+        if isinstance(source, KeyCreateReply | KeyPublicReply | KeyRotateReply):
             return cls(load_public_key(source.public_key_pem), source.key_id, source.version)
         if isinstance(source, EcPublicJwk | Mapping):
             return cls.from_jwk(source)
@@ -140,6 +140,7 @@ PublicKeySource: TypeAlias = (
     | ec.EllipticCurvePublicKey
     | KeyCreateReply
     | KeyPublicReply
+    | KeyRotateReply
     | EcPublicJwk
     | Mapping[str, Any]
     | bytes

@@ -58,7 +58,9 @@ DEFAULT_DATABASE: Final = "zandd"
 #: 2: request ids are unique per owner (index ``owner_request_id``), no longer vault-wide.
 #: 3: audit entries may say ``redelivered`` (absent: not), which older software would not put
 #: into an entry's link: it must not read (or verify) such a log.
-SCHEMA_VERSION: Final = 3
+#: 4 (issue 15): key versions may carry ``rotation_period_s`` and ``next_rotation_at``, which
+#: their MACs cover and older software would not: it must not read such a vault.
+SCHEMA_VERSION: Final = 4
 KEYS_COLLECTION: Final = "keys"
 AUDIT_COLLECTION: Final = "audit"
 META_COLLECTION: Final = "meta"
@@ -120,6 +122,13 @@ _KEY_INDEXES: Final = (
     IndexModel(
         [("allowed_signers", ASCENDING), ("key_id", ASCENDING), ("version", DESCENDING)],
         name="signer_keys",
+    ),
+    # issue 15: partial, only the primary versions of keys with a rotation scheduled, which
+    # the keygen worker's due check asks for (list_rotation_due).
+    IndexModel(
+        [("next_rotation_at", ASCENDING)],
+        name="rotation_due",
+        partialFilterExpression={"next_rotation_at": {"$type": "string"}},
     ),
 )
 # One audit document holds one appended batch, ``_id`` its first sequence number and ``last``
@@ -333,6 +342,19 @@ class MongoStore:
             documents = await self._keys.find(query, _NO_ID, sort=_BY_KEY_VERSION).to_list()
         return [_to_record(document, heads) for document in documents]
 
+    async def list_rotation_due(self, now: datetime) -> list[KeyRecord]:
+        """Versions whose ``next_rotation_at`` is at or before ``now`` (index rotation_due)."""
+        query = {"next_rotation_at": {"$type": "string", "$lte": _timestamp(now)}}
+        with self._translated():
+            due = await self._keys.find(query, {"key_id": 1}).to_list()
+            if not due:
+                return []
+            # As in list_due: the heads are a floor for a second read of the records.
+            key_ids = sorted({str(document.get("key_id")) for document in due})
+            heads = await self._heads_of({"_id.key_id": {"$in": key_ids}})
+            documents = await self._keys.find(query, _NO_ID, sort=_BY_KEY_VERSION).to_list()
+        return [_to_record(document, heads) for document in documents]
+
     async def kek_usage(self) -> dict[str, int]:
         """Key versions per KEK id they need: to open their sealed key or check their MAC."""
         with self._translated():
@@ -341,7 +363,8 @@ class MongoStore:
         return {str(document["_id"]): int(document["count"]) for document in documents}
 
     async def replace_key(self, record: KeyRecord, expected: KeyRecord) -> bool:
-        """Compare-and-set state, destroy_after and key material in one document update.
+        """Compare-and-set state, destroy_after, key material, generation, MAC, label, allowed
+        signers and rotation schedule in one document update.
 
         Erasing: the update removes the ciphertext from the document. Older copies that
         MongoDB keeps for a while (the oplog entry of the insert until the oplog rolls over,
@@ -364,8 +387,19 @@ class MongoStore:
             query["sealed.kek_id"] = expected.sealed.kek_id
             query["sealed.nonce"] = expected.sealed.nonce
         document = _to_document(record)
-        changed = ("state", "destroy_after", "sealed", "tpm_blob", "generation", "mac")
-        update = {"$set": {name: document[name] for name in changed}}
+        changed = (
+            "state",
+            "destroy_after",
+            "sealed",
+            "tpm_blob",
+            "generation",
+            "mac",
+            "label",
+            "allowed_signers",
+            "rotation_period_s",
+            "next_rotation_at",
+        )
+        update = {"$set": {name: document.get(name) for name in changed}}
         with self._translated():
             result = await self._keys.update_one(query, update)
             if result.matched_count != 1:
@@ -460,6 +494,8 @@ class MongoStore:
                 await self._upgrade()
 
     async def _upgrade(self) -> None:
+        # Schema 3 → 4 (issue 15) needs no change to the data either (the rotation fields are
+        # absent from older versions: none) and its index is created above.
         # Schema 2 → 3 needs no change to the data (``redelivered`` is absent from older
         # entries, which reads as not redelivered): only the version, set last.
         # Schema 1 → 2. The per-owner index exists by now (a schema-1 vault satisfies it: its
@@ -611,6 +647,17 @@ def _to_document(record: KeyRecord) -> Document:
         "tpm_blob": record.tpm_blob,
         # Absent, not null, before attestation: documents need no migration.
         **({} if record.attestation is None else {"attestation": record.attestation}),
+        # Absent before a rotation period is set (issue 15), likewise.
+        **(
+            {}
+            if record.rotation_period_s is None
+            else {"rotation_period_s": record.rotation_period_s}
+        ),
+        **(
+            {}
+            if record.next_rotation_at is None
+            else {"next_rotation_at": _timestamp(record.next_rotation_at)}
+        ),
     }
 
 
@@ -666,6 +713,8 @@ def _to_record(document: Mapping[str, Any], heads: Mapping[tuple[str, int], int]
             mac=_optional_mac(document.get("mac")),
             attestation=_optional_bytes(document.get("attestation")),
             tpm_blob=_optional_bytes(document.get("tpm_blob")),
+            rotation_period_s=document.get("rotation_period_s"),
+            next_rotation_at=_optional_time(document.get("next_rotation_at")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise IntegrityError(f"stored record for key {key_id} v{version} is malformed") from exc

@@ -34,6 +34,8 @@ _DOMAIN_TAG = b"zandd-record/1"
 _MAC_KEY_BYTES = 32
 _ATTESTATION_TAG = b"attestation"
 _TPM_BLOB_TAG = b"tpm-blob"
+_ROTATION_PERIOD_TAG = b"rotation-period"
+_NEXT_ROTATION_TAG = b"next-rotation"
 _ABSENT = b"\x00"
 _PRESENT = b"\x01"
 
@@ -75,7 +77,9 @@ def record_fields(record: KeyRecord, mac_kek_id: str) -> bytes:
 
     Everything but the MAC itself: identity, generation, algorithm, public key, sealed
     material (KEK id, nonce, ciphertext), state, label, allowed signers (in order), creation
-    time and principal, request id, ``destroy_after``, the KEK the MAC key comes from, the TPM attestation and the TPM-bound key.
+    time and principal, request id, ``destroy_after``, the KEK the MAC key comes from, the TPM
+    attestation and the TPM-bound key, the rotation period and the next rotation time (each
+    of the last four tagged and appended only when present).
     """
     sealed = record.sealed
     return b"".join(
@@ -99,8 +103,14 @@ def record_fields(record: KeyRecord, mac_kek_id: str) -> bytes:
             _text(mac_kek_id),
             _tagged(_ATTESTATION_TAG, record.attestation),
             _tagged(_TPM_BLOB_TAG, record.tpm_blob),
+            _tagged(_ROTATION_PERIOD_TAG, _optional_number(record.rotation_period_s)),
+            _tagged(_NEXT_ROTATION_TAG, _moment(record.next_rotation_at)),
         )
     )
+
+
+def _optional_number(value: int | None) -> bytes | None:
+    return None if value is None else _number(value)
 
 
 def _tagged(tag: bytes, value: bytes | None) -> bytes:

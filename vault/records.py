@@ -53,13 +53,17 @@ class KeyRecord:
     mac: RecordMac | None = None
     attestation: bytes | None = None
     tpm_blob: bytes | None = None
+    rotation_period_s: int | None = None
+    next_rotation_at: datetime | None = None
 
     def __post_init__(self) -> None:
         if self.version < 1:
             raise ValueError("key versions start at 1")
         if self.generation < 1:
             raise ValueError("record generations start at 1")
-        for moment in (self.created_at, self.destroy_after):
+        if self.rotation_period_s is not None and self.rotation_period_s < 1:
+            raise ValueError("a rotation period is a positive number of seconds")
+        for moment in (self.created_at, self.destroy_after, self.next_rotation_at):
             if moment is not None and moment.tzinfo is None:
                 raise ValueError("record times must be timezone-aware")
         if self.sealed is not None and self.tpm_blob is not None:
@@ -100,8 +104,14 @@ class KeyRecord:
             f"created_at={self.created_at.isoformat()!r}, created_by={self.created_by!r}, "
             f"request_id={self.request_id!r}, destroy_after={destroy_after!r}, "
             f"generation={self.generation}, mac={self.mac!r}, "
-            f"attested={self.attestation is not None}, protection={self.protection!r})"
+            f"attested={self.attestation is not None}, protection={self.protection!r}, "
+            f"rotation_period_s={self.rotation_period_s!r}, "
+            f"next_rotation_at={_iso(self.next_rotation_at)!r})"
         )
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
 
 
 def check_replacement(record: KeyRecord, expected: KeyRecord) -> None:

@@ -45,7 +45,7 @@ _T = TypeVar("_T")
 
 log = logging.getLogger("zandd.vault")
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 BUSY_TIMEOUT_S = 10.0
 _CHECKPOINT_ATTEMPTS = 3
 _THREAD_NAME = "zandd-sqlite"
@@ -195,14 +195,24 @@ KEY_LISTING_STEP: tuple[str, ...] = (
     "CREATE INDEX IF NOT EXISTS keys_owner ON keys (created_by, key_id, version)",
 )
 _MIGRATIONS[9] = KEY_LISTING_STEP
+#: issue 15, key writes: each version's rotation period (the key's, copied like the label)
+#: and, on the primary version, when it is rotated next (both NULL before, both MACed when
+#: set). Partial index: only keys with a rotation scheduled are in it, so the keygen worker's
+#: due check (_ROTATION_DUE) costs what is due. A step of its own, to take the next number.
+ROTATION_STEP: tuple[str, ...] = (
+    "ALTER TABLE keys ADD COLUMN rotation_period_s INTEGER",
+    "ALTER TABLE keys ADD COLUMN next_rotation_at TEXT",
+    "CREATE INDEX keys_rotation_due ON keys (next_rotation_at) WHERE next_rotation_at IS NOT NULL",
+)
+_MIGRATIONS[10] = ROTATION_STEP
 
 _COLUMNS = (
     "key_id, version, algorithm, public_key_der, kek_id, nonce, ciphertext, state, label,"
     " allowed_signers, created_at, created_by, request_id, destroy_after, generation,"
-    " mac_kek_id, mac, attestation, tpm_blob"
+    " mac_kek_id, mac, attestation, tpm_blob, rotation_period_s, next_rotation_at"
 )
 # The f-strings below join module constants only; every value is a bound parameter.
-_INSERT = f"INSERT INTO keys ({_COLUMNS}) VALUES ({', '.join('?' * 19)})"  # noqa: S608
+_INSERT = f"INSERT INTO keys ({_COLUMNS}) VALUES ({', '.join('?' * 21)})"  # noqa: S608
 _HEAD = (
     "(SELECT h.generation FROM key_heads AS h WHERE h.key_id = k.key_id AND h.version = k.version)"
 )
@@ -229,6 +239,11 @@ _DUE = (
     f"SELECT {_COLUMNS}, {_HEAD} FROM keys AS k INDEXED BY keys_pending_destruction"  # noqa: S608
     " WHERE state = 'pending_destruction' AND destroy_after <= ? ORDER BY key_id, version"
 )
+# As _DUE: the index's own condition, and INDEXED BY.
+_ROTATION_DUE = (
+    f"SELECT {_COLUMNS}, {_HEAD} FROM keys AS k INDEXED BY keys_rotation_due"  # noqa: S608
+    " WHERE next_rotation_at IS NOT NULL AND next_rotation_at <= ? ORDER BY key_id, version"
+)
 _RAISE_HEAD = (
     "INSERT INTO key_heads (key_id, version, generation) VALUES (?, ?, ?)"
     " ON CONFLICT (key_id, version) DO UPDATE SET generation = MAX(generation, excluded.generation)"
@@ -244,7 +259,8 @@ _KEK_USAGE = (
 )
 _REPLACE = (
     "UPDATE keys SET state = ?, destroy_after = ?, kek_id = ?, nonce = ?, ciphertext = ?,"
-    " tpm_blob = ?, generation = ?, mac_kek_id = ?, mac = ?"
+    " tpm_blob = ?, generation = ?, mac_kek_id = ?, mac = ?, label = ?, allowed_signers = ?,"
+    " rotation_period_s = ?, next_rotation_at = ?"
     " WHERE key_id = ? AND version = ? AND generation = ? AND state = ? AND kek_id IS ?"
     " AND nonce IS ?"
 )
@@ -364,12 +380,18 @@ class SqliteStore:
         """Versions pending destruction due at ``now`` (index keys_pending_destruction)."""
         return await self._run(_fetch_all, _DUE, (_time_text(now),))
 
+    async def list_rotation_due(self, now: datetime) -> list[KeyRecord]:
+        """Versions whose ``next_rotation_at`` is at or before ``now`` (index
+        keys_rotation_due)."""
+        return await self._run(_fetch_all, _ROTATION_DUE, (_time_text(now),))
+
     async def kek_usage(self) -> dict[str, int]:
         """Key versions per KEK id they need: to open their sealed key or check their MAC."""
         return await self._run(_count_by_kek)
 
     async def replace_key(self, record: KeyRecord, expected: KeyRecord) -> bool:
-        """Compare-and-set state, destroy_after, sealed material, generation and MAC.
+        """Compare-and-set state, destroy_after, sealed material, generation, MAC, label,
+        allowed signers, rotation period and next rotation.
 
         Erases on destroy.
         """
@@ -385,6 +407,10 @@ class SqliteStore:
             record.generation,
             None if mac is None else mac.kek_id,
             None if mac is None else mac.tag,
+            record.label,
+            json.dumps(list(record.allowed_signers)),
+            record.rotation_period_s,
+            _optional_time_text(record.next_rotation_at),
             record.key_id,
             record.version,
             expected.generation,
@@ -608,7 +634,7 @@ def _where(**equal: str | None) -> tuple[str, tuple[str, ...]]:
 
 
 def _replace(conn: sqlite3.Connection, params: tuple[Any, ...], erase: bool) -> bool:
-    key_id, version, generation = params[9], params[10], params[6]
+    key_id, version, generation = params[13], params[14], params[6]
     with _immediate(conn):
         replaced = conn.execute(_REPLACE, params).rowcount == 1
         if replaced:
@@ -706,6 +732,10 @@ def _time_text(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
+def _optional_time_text(moment: datetime | None) -> str | None:
+    return None if moment is None else _time_text(moment)
+
+
 def _to_row(record: KeyRecord) -> tuple[Any, ...]:
     sealed = record.sealed
     return (
@@ -728,13 +758,16 @@ def _to_row(record: KeyRecord) -> tuple[Any, ...]:
         None if record.mac is None else record.mac.tag,
         record.attestation,
         record.tpm_blob,
+        record.rotation_period_s,
+        _optional_time_text(record.next_rotation_at),
     )
 
 
 def _to_record(row: tuple[Any, ...]) -> KeyRecord:
     (key_id, version, algorithm, public_key_der, kek_id, nonce, ciphertext) = row[:7]
     (state, label, allowed_signers, created_at, created_by, request_id, destroy_after) = row[7:14]
-    (generation, mac_kek_id, mac, attestation, tpm_blob, head) = row[14:]
+    (generation, mac_kek_id, mac, attestation, tpm_blob) = row[14:19]
+    (rotation_period_s, next_rotation_at, head) = row[19:]
     check_head(key_id, version, generation, head)
     try:
         sealed = None if kek_id is None else SealedKey(kek_id, bytes(nonce), bytes(ciphertext))
@@ -755,6 +788,10 @@ def _to_record(row: tuple[Any, ...]) -> KeyRecord:
             mac=None if mac_kek_id is None or mac is None else RecordMac(mac_kek_id, bytes(mac)),
             attestation=None if attestation is None else bytes(attestation),
             tpm_blob=None if tpm_blob is None else bytes(tpm_blob),
+            rotation_period_s=rotation_period_s,
+            next_rotation_at=None
+            if next_rotation_at is None
+            else datetime.fromisoformat(next_rotation_at),
         )
     except (TypeError, ValueError) as exc:
         raise IntegrityError(f"stored record for key {key_id} v{version} is malformed") from exc

@@ -82,9 +82,17 @@ class VaultStore(Protocol):
         """
         ...
 
+    async def list_rotation_due(self, now: datetime) -> list[KeyRecord]:
+        """The versions whose ``next_rotation_at`` is at or before ``now`` (issue 15).
+
+        Ordered by key id, then version. The keygen worker asks periodically, so backends
+        index it: the answer costs what is due, not how many keys rotate.
+        """
+        ...
+
     async def replace_key(self, record: KeyRecord, expected: KeyRecord) -> bool:
         """Compare-and-set one version's mutable fields: state, destroy_after, sealed,
-        generation and MAC.
+        generation and MAC; label, allowed signers, rotation period and next rotation.
 
         ``record.generation`` must be ``expected.generation + 1`` (else ValueError). Stores
         ``record``'s values iff the stored version (same key id and version) still has

@@ -32,6 +32,7 @@ from workers.commands import (
     topology,
     tpm,
     vault,
+    versions,
 )
 from workers.commands.base import (
     EXIT_FAILURE,
@@ -61,6 +62,7 @@ COMMAND_MODULES = (
     bench,
     health,
     topology,
+    versions,  # issue 15, key writes
 )
 
 

@@ -4,6 +4,8 @@
 // public.pem, message.bin and signature.der in OUT_DIR for `openssl dgst -sha256 -verify`.
 // Then the reads: the fleet verifies the signature (and refuses a tampered message), key.list
 // pages through the producer's keys with a cursor, key.describe shows the key's versions.
+// Then rotate the key, sign with its new version and leave public-v2.pem, message-v2.bin and
+// signature-v2.der beside them.
 //
 // Usage: node producer.mjs AMQP_URL OUT_DIR
 //   e.g. node producer.mjs amqp://guest:guest@localhost:5672/ ./out
@@ -352,6 +354,48 @@ async function reads(rpc, created, message, signature) {
 }
 
 // -- end issue 15, reads --------------------------------------------------------------------
+// --- issue 15, key writes -------------------------------------------------------------------
+// key.rotate makes a new version and makes it the primary: a sign without "version" uses it,
+// and its reply names it. Old versions keep verifying: key.public with all_versions lists
+// them all (JWK kid "<key_id>.v<version>"). Leaves public-v2.pem, message-v2.bin and
+// signature-v2.der in OUT_DIR for openssl.
+async function rotateAndSign(rpc, created, outDir) {
+  // message_id (set on every call) is key.rotate's idempotency key.
+  const rotated = await rpc.call('key.rotate', { key_id: created.key_id });
+  requireFields(
+    rotated,
+    { key_id: 'string', version: 'integer', algorithm: 'string', public_key_pem: 'string', public_key_jwk: 'object' },
+    'key.rotate reply',
+  );
+  if (rotated.key_id !== created.key_id || rotated.version <= created.version) {
+    throw new ProducerError(`key.rotate made ${rotated.key_id} v${rotated.version}, not a newer version`);
+  }
+  if (rotated.public_key_jwk.kid !== `${created.key_id}.v${rotated.version}`) {
+    throw new ProducerError(`key.rotate reply JWK kid is ${rotated.public_key_jwk.kid}`);
+  }
+  const message = Buffer.from(`hello from node after rotation ${Date.now()}`, 'utf8');
+  const signed = await rpc.call('sign', { key_id: created.key_id, message: message.toString('base64') });
+  requireFields(signed, { version: 'integer', signature: 'string' }, 'sign reply');
+  if (signed.version !== rotated.version) {
+    throw new ProducerError(`sign after key.rotate used v${signed.version}, not the new primary v${rotated.version}`);
+  }
+  const signature = b64decode(signed.signature, 'sign reply "signature"');
+  if (!verify('sha256', message, { key: rotated.public_key_pem, dsaEncoding: 'der' }, signature)) {
+    throw new ProducerError('the signature does not verify against the key.rotate public key');
+  }
+  const all = await rpc.call('key.public', { key_id: created.key_id, all_versions: true });
+  if (!Array.isArray(all.versions)) throw new ProducerError('key.public all_versions reply lacks "versions"');
+  const kids = all.versions.map((v) => v.public_key_jwk?.kid);
+  const byVersion = new Map(all.versions.map((v) => [v.version, v.public_key_pem]));
+  if (byVersion.get(created.version) !== created.public_key_pem || byVersion.get(rotated.version) !== rotated.public_key_pem) {
+    throw new ProducerError('key.public all_versions serves other public keys than key.create and key.rotate returned');
+  }
+  await writeFile(join(outDir, 'public-v2.pem'), rotated.public_key_pem);
+  await writeFile(join(outDir, 'message-v2.bin'), message);
+  await writeFile(join(outDir, 'signature-v2.der'), signature);
+  return { version: rotated.version, signed_version: signed.version, kids };
+}
+// --- end issue 15, key writes ----------------------------------------------------------------
 
 async function main() {
   const { amqpUrl, outDir, user } = parseArgs(process.argv.slice(2));
@@ -407,9 +451,13 @@ async function main() {
     await writeFile(join(outDir, 'public.pem'), created.public_key_pem);
     await writeFile(join(outDir, 'message.bin'), message);
     await writeFile(join(outDir, 'signature.der'), signature);
-    process.stdout.write(
-      `${JSON.stringify({ key_id: created.key_id, signature_bytes: signature.length, attestation: attested, ...read })}\n`,
-    );
+    const summary = { key_id: created.key_id, signature_bytes: signature.length, attestation: attested, ...read };
+
+    // --- issue 15, key writes: rotate, sign with the new primary, list every version ---
+    summary.rotation = await rotateAndSign(rpc, created, outDir);
+    // --- end issue 15, key writes ---
+
+    process.stdout.write(`${JSON.stringify(summary)}\n`);
   } finally {
     await rpc.close();
   }

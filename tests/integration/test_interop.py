@@ -3,7 +3,8 @@
 ``examples/node-producer/producer.mjs`` (Node.js, amqplib) creates a key and signs a message;
 OpenSSL then verifies the DER signature with the PEM public key from the ``key.create`` reply.
 It also has the fleet verify (``verify``, ``verify.batch``), lists its keys page by page
-(``key.list``) and describes the key (``key.describe``).
+(``key.list``) and describes the key (``key.describe``); then it rotates the key and signs
+with the new version, which OpenSSL verifies too.
 """
 
 from __future__ import annotations
@@ -81,6 +82,25 @@ async def test_node_producer_signs_and_openssl_verifies(
     assert verified.returncode == 0, verified.stderr
     assert "Verified OK" in verified.stdout
 
+    # issue 15, key writes: it rotated the key, signed with the new version, listed both.
+    assert summary["rotation"] == {
+        "version": 2,
+        "signed_version": 2,
+        "kids": [f"{key_id}.v1", f"{key_id}.v2"],
+    }
+    rotated = verify_files(
+        out_dir,
+        public_pem="public-v2.pem",
+        signature_der="signature-v2.der",
+        message="message-v2.bin",
+    )
+    assert rotated.returncode == 0, rotated.stderr
+    assert "Verified OK" in rotated.stdout
+    crossed = verify_files(
+        out_dir, public_pem="public.pem", signature_der="signature-v2.der", message="message-v2.bin"
+    )
+    assert "Verified OK" not in crossed.stdout
+
     message = bytearray((out_dir / "message.bin").read_bytes())
     message[0] ^= 0x01
     (out_dir / "message.bin").write_bytes(bytes(message))
@@ -88,12 +108,13 @@ async def test_node_producer_signs_and_openssl_verifies(
     assert tampered.returncode != 0
     assert "Verified OK" not in tampered.stdout
 
-    record = await fleet.store.get_key(key_id)
-    assert record.key_id == key_id
-    public_key = serialization.load_pem_public_key((out_dir / "public.pem").read_bytes())
-    assert record.public_key_der == public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    for version, pem in ((1, "public.pem"), (2, "public-v2.pem")):  # v2: it rotated the key
+        record = await fleet.store.get_key(key_id, version)
+        assert record.key_id == key_id
+        public_key = serialization.load_pem_public_key((out_dir / pem).read_bytes())
+        assert record.public_key_der == public_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
 
 
 async def test_node_producer_refuses_a_key_another_attestation_key_vouches_for(

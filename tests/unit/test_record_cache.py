@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from datetime import UTC, datetime
 
@@ -138,3 +139,49 @@ async def test_a_missing_key_is_not_cached() -> None:
         with pytest.raises(KeyNotFound):
             await cache.get("nope", None)
     assert vault.reads == 2
+
+
+class _SlowVault(CountingVault):
+    """A vault whose reads wait until the test lets them finish."""
+
+    def __init__(self, *records: KeyRecord) -> None:
+        super().__init__(*records)
+        self.release = asyncio.Event()
+        self.reading = asyncio.Event()
+
+    async def get_key(self, key_id: str, version: int | None = None) -> KeyRecord:
+        found = await super().get_key(key_id, version)
+        self.reading.set()
+        await self.release.wait()
+        return found
+
+
+@pytest.mark.parametrize("how", ["invalidate", "clear"])
+async def test_a_read_overtaken_by_an_invalidation_is_used_once_not_cached(how: str) -> None:
+    # A rotation (or an update of the allowed signers) committed and announced while a
+    # request's vault read was under way: that read may predate it, so it must not become
+    # what the cache answers afterwards (it would for the cache's whole TTL).
+    vault = _SlowVault(record("k1"))
+    cache = cache_over(vault)
+    pending = asyncio.create_task(cache.get("k1", None))
+    await vault.reading.wait()
+    vault.records["k1", 2] = record("k1", 2)  # the rotation commits...
+    cache.invalidate("k1") if how == "invalidate" else cache.clear()  # ...and is announced
+    vault.release.set()
+    # The request that read the old primary asks again (once): it gets the new one.
+    assert (await pending).record.version == 2
+    assert vault.reads == 2
+    assert (await cache.get("k1", None)).record.version == 2
+    assert vault.reads == 2  # the second read was cached
+
+
+async def test_a_read_of_one_version_overtaken_by_an_invalidation_is_not_cached() -> None:
+    vault = _SlowVault(record("k1"))
+    cache = cache_over(vault)
+    pending = asyncio.create_task(cache.get("k1", 1))
+    await vault.reading.wait()
+    cache.invalidate("k1")  # e.g. an update of the allowed signers
+    vault.release.set()
+    assert (await pending).record.version == 1  # used once, as read
+    await cache.get("k1", 1)
+    assert vault.reads == 2  # not cached: read again

@@ -100,7 +100,37 @@ CHANGES: dict[str, Callable[[KeyRecord], KeyRecord]] = {
         r, state=KeyState.PENDING_DESTRUCTION, destroy_after=T0
     ),
     "attestation added": lambda r: dataclasses.replace(r, attestation=b"\x00\x01a\x00\x00\x00\x00"),
+    "rotation period added": lambda r: dataclasses.replace(r, rotation_period_s=86_400),
+    "next rotation added": lambda r: dataclasses.replace(r, next_rotation_at=T0),
 }
+
+
+def test_the_rotation_fields_are_covered() -> None:
+    rotating = dataclasses.replace(
+        unsigned(), rotation_period_s=86_400, next_rotation_at=T0 + timedelta(days=1)
+    )
+    record = authenticated(rotating, RING, generation=1)
+    verify_record(record, RING)
+    for changed in (
+        dataclasses.replace(record, rotation_period_s=86_401),
+        dataclasses.replace(record, rotation_period_s=None),
+        dataclasses.replace(record, next_rotation_at=T0 + timedelta(days=2)),
+        dataclasses.replace(record, next_rotation_at=None),
+        # The two tagged fields cannot stand in for each other.
+        dataclasses.replace(record, rotation_period_s=None, next_rotation_at=None),
+    ):
+        with pytest.raises(IntegrityError, match="failed its record MAC"):
+            verify_record(changed, RING)
+
+
+def test_a_record_without_rotation_keeps_the_encoding_it_had() -> None:
+    # MACs written before rotation periods existed must still verify: nothing is appended.
+    plain = unsigned()
+    assert record_fields(plain, KEK.kek_id) == record_fields(
+        dataclasses.replace(plain, rotation_period_s=None, next_rotation_at=None), KEK.kek_id
+    )
+    rotating = dataclasses.replace(plain, rotation_period_s=86_400)
+    assert record_fields(rotating, KEK.kek_id).startswith(record_fields(plain, KEK.kek_id))
 
 
 @pytest.mark.parametrize("attestation", [b"", b"\x00\x02ab\x00\x01c\x00\x01d"])

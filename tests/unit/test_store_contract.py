@@ -32,7 +32,7 @@ from vault.audit_checkpoint import Checkpoint
 from vault.kek import Kek, KekRing
 from vault.listing import KeyListQuery
 from vault.records import RecordMac
-from vault.sqlite import _DUE
+from vault.sqlite import _DUE, _ROTATION_DUE
 from vault.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 
 BACKENDS = ["sqlite", pytest.param("mongodb", marks=pytest.mark.mongo)]
@@ -360,6 +360,93 @@ async def test_list_due_gives_only_the_pending_versions_whose_time_has_come(
     assert await store.list_due(T0) == [due_a, due_b]
     assert await store.list_due(T0 - timedelta(days=2)) == []
     assert await store.list_due(T0 + timedelta(days=1)) == [due_a, later, due_b]
+
+
+# --- issue 15, key writes: rotation fields, rotation due, replace of the metadata ----------
+
+
+async def test_round_trip_keeps_the_rotation_fields(store: VaultStore) -> None:
+    record = dataclasses.replace(
+        make_record(), rotation_period_s=86_400 * 30, next_rotation_at=T0 + timedelta(days=30)
+    )
+    await store.create_key(record)
+    fetched = await store.get_key(record.key_id)
+    assert fetched == record
+    assert fetched.next_rotation_at is not None
+    assert fetched.next_rotation_at.utcoffset() == timedelta(0)
+    plain = await store.create_key(make_record())
+    assert (await store.get_key(plain.key_id)).rotation_period_s is None
+
+
+async def test_list_rotation_due_gives_only_the_versions_whose_rotation_has_come(
+    store: VaultStore,
+) -> None:
+    def rotating(key_id: str, version: int, after: timedelta | None) -> KeyRecord:
+        return dataclasses.replace(
+            make_record(key_id, version=version),
+            rotation_period_s=86_400,
+            next_rotation_at=None if after is None else T0 + after,
+        )
+
+    due_b = rotating("key-b", 2, timedelta(days=-1))
+    due_a = rotating("key-a", 1, timedelta(0))
+    later = rotating("key-c", 1, timedelta(microseconds=1))
+    old = rotating("key-b", 1, None)  # an older version: no next rotation of its own
+    for record in (due_b, due_a, later, old, make_record("key-d")):
+        await store.create_key(record)
+    assert await store.list_rotation_due(T0) == [due_a, due_b]
+    assert await store.list_rotation_due(T0 - timedelta(days=2)) == []
+    assert await store.list_rotation_due(T0 + timedelta(days=1)) == [due_a, due_b, later]
+    # Rescheduled (or cleared) by a replace, it leaves the answer.
+    moved = dataclasses.replace(due_a, next_rotation_at=T0 + timedelta(days=1), generation=2)
+    assert await store.replace_key(moved, due_a)
+    cleared = dataclasses.replace(due_b, next_rotation_at=None, generation=2)
+    assert await store.replace_key(cleared, due_b)
+    assert await store.list_rotation_due(T0) == []
+    assert await store.list_rotation_due(T0 + timedelta(days=1)) == [moved, later]
+
+
+async def test_replace_key_changes_the_metadata_key_update_changes(store: VaultStore) -> None:
+    record = await store.create_key(make_record(request_id="req-update"))
+    updated = dataclasses.replace(
+        record,
+        label=None,
+        allowed_signers=("svc-c", "*"),
+        rotation_period_s=86_400 * 90,
+        next_rotation_at=T0 + timedelta(days=90),
+        generation=2,
+        mac=RecordMac("kek-20261128-0a0b0c0d", os.urandom(32)),
+    )
+    assert await store.replace_key(updated, record)
+    assert await store.get_key(record.key_id) == updated
+    back = dataclasses.replace(
+        updated,
+        label="again",
+        allowed_signers=(),
+        rotation_period_s=None,
+        next_rotation_at=None,
+        generation=3,
+    )
+    assert await store.replace_key(back, updated)
+    assert await store.get_key(record.key_id) == back
+    # A writer still holding generation 1 loses, and changes nothing.
+    stale = dataclasses.replace(record, label="stale", generation=2)
+    assert await store.replace_key(stale, record) is False
+    assert await store.get_key(record.key_id) == back
+
+
+async def test_get_key_without_a_version_is_the_highest_version(store: VaultStore) -> None:
+    # The primary version (issue 15): the highest, whatever the order of insertion or state.
+    key_id = f"key-{uuid.uuid4().hex}"
+    v2 = make_record(key_id, version=2, created_at=T0)
+    v1 = make_record(key_id, version=1, created_at=T0 + timedelta(days=1))
+    v3 = dataclasses.replace(make_record(key_id, version=3), state=KeyState.DISABLED)
+    for record in (v2, v1):
+        await store.create_key(record)
+    assert (await store.get_key(key_id)).version == 2
+    await store.create_key(v3)
+    assert await store.get_key(key_id) == v3
+    assert [r.version for r in await store.list_keys()] == [3]
 
 
 async def test_kek_usage_counts_versions_per_kek_they_need(store: VaultStore) -> None:
@@ -862,6 +949,40 @@ async def test_sqlite_key_signers_follow_every_write_of_allowed_signers(tmp_path
         await store.close()
 
 
+async def test_sqlite_rotation_due_uses_its_partial_index(tmp_path: Path) -> None:
+    store = await SqliteStore.open(str(tmp_path / "vault.db"))
+    try:
+        plan = await store._run(
+            lambda conn: conn.execute(f"EXPLAIN QUERY PLAN {_ROTATION_DUE}", ("now",)).fetchall()
+        )
+    finally:
+        await store.close()
+    details = " ".join(str(row[-1]) for row in plan)
+    assert "USING INDEX keys_rotation_due" in details, details
+
+
+async def test_sqlite_upgrade_to_10_keeps_old_records_and_their_macs(tmp_path: Path) -> None:
+    # A schema-9 vault: written by this code, then the rotation columns taken away again.
+    db = tmp_path / "vault.db"
+    store = await SqliteStore.open(str(db))
+    old = await store.create_key(make_record(request_id="req-8"))
+    await store.close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP INDEX keys_rotation_due")
+        conn.execute("ALTER TABLE keys DROP COLUMN next_rotation_at")
+        conn.execute("ALTER TABLE keys DROP COLUMN rotation_period_s")
+        conn.execute("PRAGMA user_version = 9")
+    conn.close()
+    store = await SqliteStore.open(str(db))
+    try:
+        assert await store.get_key(old.key_id) == old  # same fields, so the same MAC holds
+        assert await store.list_rotation_due(T0 + timedelta(days=9999)) == []
+        version = await store._run(lambda conn: conn.execute("PRAGMA user_version").fetchone()[0])
+        assert version == SQLITE_SCHEMA_VERSION == 10
+    finally:
+        await store.close()
+
+
 async def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
     db = tmp_path / "vault.db"
     with sqlite3.connect(db) as conn:
@@ -959,6 +1080,10 @@ async def test_sqlite_upgrade_to_8_keeps_the_keyed_audit_verifying(tmp_path: Pat
     await store.close()
     with sqlite3.connect(db) as conn:
         conn.execute("ALTER TABLE audit DROP COLUMN redelivered")
+        # ...and what later steps added (issue 15's rotation columns).
+        conn.execute("DROP INDEX keys_rotation_due")
+        conn.execute("ALTER TABLE keys DROP COLUMN next_rotation_at")
+        conn.execute("ALTER TABLE keys DROP COLUMN rotation_period_s")
         conn.execute("PRAGMA user_version = 7")
     conn.close()
     store = await SqliteStore.open(str(db))

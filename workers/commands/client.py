@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ async def _cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
             allowed_signers=args.allowed_signer,
             request_id=args.request_id,
             protection=args.protection,
+            rotation_period=args.rotation_period,
         )
     print(reply.key_id)
     print(reply.public_key_pem, end="")
@@ -32,8 +34,16 @@ async def _cmd_keys_public(args: argparse.Namespace, settings: Settings) -> int:
     from contracts.client import SigningClient
 
     async with await SigningClient.connect(settings.amqp_url, timeout_s=args.timeout) as client:
-        reply = await client.public_key(args.key_id, args.version)
-    if args.jwk:
+        reply = await client.public_key(args.key_id, args.version, all_versions=args.all_versions)
+    if args.all_versions:  # issue 15: every version, as a JWK set or PEMs
+        versions = reply.versions or []
+        if args.jwk:
+            keys = [version.public_key_jwk.model_dump(mode="json") for version in versions]
+            print(json.dumps({"keys": keys}, indent=2))
+        for version in [] if args.jwk else versions:
+            print(f"# {reply.key_id} v{version.version}")
+            print(version.public_key_pem, end="")
+    elif args.jwk:
         print(reply.public_key_jwk.model_dump_json(indent=2))
     else:
         print(reply.public_key_pem, end="")
@@ -155,10 +165,23 @@ def register(tree: CommandTree) -> None:
         default="exportable",
         help="tpm: the key never leaves the TPM and is signed with by the keygen worker (slow)",
     )
+    from workers.commands.versions import rotation_period  # issue 15, key writes
+
+    create.add_argument(
+        "--rotation-period",
+        type=rotation_period,
+        default=None,
+        help="rotate the key automatically this often: 90d, 12w, 1y, seconds (default: never)",
+    )
     public = tree.add("keys public", _cmd_keys_public, "print a key's public key", client=True)
     public.add_argument("key_id")
     public.add_argument("--version", type=int, default=None)
     public.add_argument("--jwk", action="store_true", help="print a JWK instead of PEM")
+    public.add_argument(
+        "--all-versions",
+        action="store_true",
+        help="every version's public key (with --jwk: a JWK set)",
+    )
 
     sign = tree.add("sign", _cmd_sign, "sign a file", client=True)
     sign.add_argument("--key", required=True, help="key id")

@@ -98,6 +98,13 @@ async def _cmd_keys_show(args: argparse.Namespace, settings: Settings) -> int:
     print(f"  owner:           {printable(first.owner)}")
     print(f"  allowed signers: {', '.join(printable(s) for s in latest.allowed_signers)}")
     print(f"  created:         {when(first.created_at)}")
+    # issue 15, key writes: the primary version (the highest) and the rotation schedule.
+    from workers.commands.versions import describe_period
+
+    print(f"  primary version: v{latest.version}")
+    print(f"  rotation period: {describe_period(latest.rotation_period_s)}")
+    if latest.next_rotation_at is not None:
+        print(f"  next rotation:   {when(latest.next_rotation_at)}")
     for record in versions:
         print(f"  {_describe_version(record, check)}")
     return 0

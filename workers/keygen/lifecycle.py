@@ -156,6 +156,23 @@ class KeyLifecycle:
             ],
         )
 
+    # --- issue 15, key writes: what workers.keygen.versions shares with the lifecycle ---
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held by every change of a key in this process (lifecycle, rotation, update)."""
+        return self._lock
+
+    def checked(self, record: KeyRecord) -> KeyRecord:
+        """``record`` if its MAC holds and it is no older than what this process saw."""
+        return self._checked(record)
+
+    async def write(self, record: KeyRecord, expected: KeyRecord) -> KeyRecord | None:
+        """Store ``record`` as the next generation of ``expected``; None if it changed first."""
+        return await self._write(record, expected)
+
+    # --- end issue 15, key writes ---
+
     def _checked(self, record: KeyRecord) -> KeyRecord:
         """``record`` if its MAC holds and it is no older than what this process saw."""
         return self._generations.check(verify_record(record, self._ring))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -159,6 +159,8 @@ class Keygen:
         else:
             public_der, sealed, attested = await self._exportable(key_id, request.algorithm)
         signers = request.allowed_signers if request.allowed_signers is not None else [owner]
+        created_at = datetime.now(UTC)
+        period = request.rotation_period
         record = KeyRecord(
             key_id=key_id,
             version=1,
@@ -168,18 +170,60 @@ class Keygen:
             state=KeyState.ENABLED,
             label=request.label,
             allowed_signers=tuple(signers),
-            created_at=datetime.now(UTC),
+            created_at=created_at,
             created_by=owner,
             request_id=request_id,
             attestation=attested.encode(),
             tpm_blob=tpm_blob,
+            rotation_period_s=period,
+            next_rotation_at=None if period is None else created_at + timedelta(seconds=period),
         )
         return authenticated(record, self._ring, generation=1)
 
+    # --- issue 15, key writes: a new version of an existing key (workers.keygen.versions) ---
+
+    async def next_version(
+        self, primary: KeyRecord, *, request_id: str | None, now: datetime
+    ) -> KeyRecord:
+        """A new TPM-born version of ``primary``'s key above it, MACed at generation 1:
+        same algorithm, protection, owner, label, allowed signers and rotation period; its
+        next rotation one period from ``now``. Not stored."""
+        self._ring.refresh()
+        version = primary.version + 1
+        sealed: SealedKey | None = None
+        tpm_blob: bytes | None = None
+        if primary.protection == "tpm":
+            public_der, tpm_blob, attested = await self._tpm_bound(primary.key_id, version)
+        else:
+            public_der, sealed, attested = await self._exportable(
+                primary.key_id, primary.algorithm, version
+            )
+        period = primary.rotation_period_s
+        record = KeyRecord(
+            key_id=primary.key_id,
+            version=version,
+            algorithm=primary.algorithm,
+            public_key_der=public_der,
+            sealed=sealed,
+            state=KeyState.ENABLED,
+            label=primary.label,
+            allowed_signers=primary.allowed_signers,
+            created_at=now,
+            created_by=primary.created_by,
+            request_id=request_id,
+            attestation=attested.encode(),
+            tpm_blob=tpm_blob,
+            rotation_period_s=period,
+            next_rotation_at=None if period is None else now + timedelta(seconds=period),
+        )
+        return authenticated(record, self._ring, generation=1)
+
+    # --- end issue 15, key writes ---
+
     async def _exportable(
-        self, key_id: str, algorithm: str
+        self, key_id: str, algorithm: str, version: int = 1
     ) -> tuple[bytes, SealedKey, AttestationParts]:
-        qualifying = qualifying_data(key_id, 1)
+        qualifying = qualifying_data(key_id, version)
         attested: list[AttestationParts] = []
 
         def certify_new_key(ectx: Any, key: Any, public: Any) -> None:
@@ -188,13 +232,15 @@ class Keygen:
         with stage(Stage.TPM, self._metrics):
             exported = await self._tpm.run(lambda tpm: tpm.create_exportable_p256(certify_new_key))
         with exported:
-            binding = RecordBinding(key_id=key_id, version=1, algorithm=algorithm)
+            binding = RecordBinding(key_id=key_id, version=version, algorithm=algorithm)
             sealed = seal(exported.private_scalar, binding, self._ring.active)
             public_der = public_key_der(exported.public_key())
         return public_der, sealed, attested[0]
 
-    async def _tpm_bound(self, key_id: str) -> tuple[bytes, bytes, AttestationParts]:
-        qualifying = qualifying_data(key_id, 1)
+    async def _tpm_bound(
+        self, key_id: str, version: int = 1
+    ) -> tuple[bytes, bytes, AttestationParts]:
+        qualifying = qualifying_data(key_id, version)
         with stage(Stage.TPM, self._metrics):
             key, public_key, attested = await self._tpm.run(
                 lambda tpm: tpm.under_storage_primary(
@@ -214,4 +260,6 @@ def _reply(record: KeyRecord) -> KeyCreateReply:
         created_at=record.created_at,
         attestation=attestation_reply(record.attestation),
         protection=record.protection,
+        rotation_period=record.rotation_period_s,
+        next_rotation_at=record.next_rotation_at,
     )

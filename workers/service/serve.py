@@ -148,8 +148,16 @@ async def keygen_worker(
     )
     interval_s = settings.destroy_check_interval_s
     await _beside(stack, partial(lifecycle.destroy_due_forever, interval_s=interval_s))
+    # issue 15, key writes: key.rotate, key.update and rotation when a key's period is over
+    # (checked as often as destruction).
+    from workers.keygen.versions import KeyVersions
+
+    versions = KeyVersions(
+        store, keygen, lifecycle, tpm, policy=policy, events=events, audit=audit_log, clock=clock
+    )
+    await _beside(stack, partial(versions.rotate_due_forever, interval_s=interval_s))
     await _beside(stack, TpmHeartbeat(heartbeat_path(settings), tpm.heartbeat).run)
-    handlers = {**keygen.handlers, **lifecycle.handlers}
+    handlers = {**keygen.handlers, **lifecycle.handlers, **versions.handlers}
     return Worker(
         KEYGEN_QUEUE,
         handlers,

@@ -58,6 +58,11 @@ class RecordCache:
         self._entries: OrderedDict[tuple[str, int], CachedKey] = OrderedDict()
         # The current version of a key, for requests that name none.
         self._latest: dict[str, tuple[int, float]] = {}
+        # issue 15: how often each key (and the whole cache) was invalidated, so a vault read
+        # that an invalidation overtook is used once but not cached: it may predate the
+        # change (a rotation, an update of the allowed signers) the event announced.
+        self._invalidations: dict[str, int] = {}
+        self._clears = 0
         self.hits = 0
         self.misses = 0
 
@@ -75,8 +80,20 @@ class RecordCache:
                 self.hits += 1
                 return cached
         self.misses += 1
+        before = self._invalidation_count(key_id)
         record = await self._store.get_key(key_id, version)
+        if self._invalidation_count(key_id) != before:
+            if version is None:
+                # The primary may have changed (a rotation): ask again, once.
+                before = self._invalidation_count(key_id)
+                record = await self._store.get_key(key_id, version)
+            if self._invalidation_count(key_id) != before:
+                verify_record(record, self._ring)
+                return CachedKey(record, stored_public_key(record), now)
         return self._put(record, latest=version is None, now=now)
+
+    def _invalidation_count(self, key_id: str) -> tuple[int, int]:
+        return self._invalidations.get(key_id, 0), self._clears
 
     def _latest_version(self, key_id: str, now: float) -> int | None:
         latest = self._latest.get(key_id)
@@ -98,11 +115,14 @@ class RecordCache:
 
     def invalidate(self, key_id: str) -> None:
         """Forget every version of ``key_id`` (a state change, a new version)."""
+        self._invalidations[key_id] = self._invalidations.get(key_id, 0) + 1
         self._latest.pop(key_id, None)
         for cached in [k for k in self._entries if k[0] == key_id]:
             del self._entries[cached]
 
     def clear(self) -> None:
         """Forget everything (the event subscription may have missed changes)."""
+        self._clears += 1
+        self._invalidations.clear()
         self._entries.clear()
         self._latest.clear()

@@ -21,6 +21,7 @@ from contracts.models import (
     Encoding,
     KeyPublicReply,
     KeyPublicRequest,
+    KeyPublicVersion,
     KeyState,
     KeyStateChangedEvent,
     SignBatchReply,
@@ -30,7 +31,7 @@ from contracts.models import (
 )
 from contracts.operations import Operation
 from vault.kek import KekRing
-from vault.record_mac import GenerationWatermark
+from vault.record_mac import GenerationWatermark, verify_record
 from vault.store import VaultStore
 from workers.consumer.runtime import Handler, RequestContext
 from workers.observability.metrics import Metrics
@@ -39,7 +40,7 @@ from workers.observability.telemetry import stage
 from workers.service.policy import AccessPolicy
 from workers.signer.cache import CachedKey, RecordCache
 from workers.signer.reads import KeyReads
-from workers.signer.signing import sign_digests
+from workers.signer.signing import sign_digests, stored_public_key
 
 log = logging.getLogger("zandd.signer")
 #: Signing and verifying one digest takes ~85 us of event loop: a batch yields to the loop
@@ -158,7 +159,29 @@ class Signer:
             public_key_jwk=public_key_jwk(key, kid=f"{record.key_id}.v{record.version}"),
             attestation=attestation_reply(record.attestation),
             protection=record.protection,
+            versions=await self._all_versions(record.key_id) if request.all_versions else None,
         )
+
+    async def _all_versions(self, key_id: str) -> list[KeyPublicVersion]:
+        """issue 15: every version's public key, each record checked (MAC) as it is read."""
+        versions = []
+        with stage(Stage.VAULT_FETCH, self._metrics, attributes={"zandd.key.id": key_id}):
+            records = await self._store.list_versions(key_id)
+        for record in records:
+            verify_record(record, self._ring)
+            self._generations.check(record)
+            key = stored_public_key(record)
+            versions.append(
+                KeyPublicVersion(
+                    version=record.version,
+                    algorithm=record.algorithm,
+                    public_key_pem=public_key_pem(key),
+                    public_key_jwk=public_key_jwk(key, kid=f"{record.key_id}.v{record.version}"),
+                    attestation=attestation_reply(record.attestation),
+                    protection=record.protection,
+                )
+            )
+        return versions
 
     async def _fetch(self, key_id: str, version: int | None) -> CachedKey:
         with stage(Stage.VAULT_FETCH, self._metrics, attributes={"zandd.key.id": key_id}):
