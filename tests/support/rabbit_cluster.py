@@ -195,8 +195,15 @@ class Cluster:
         return f"amqp://{user}:{password}@{hosts}/{path}"
 
     def ctl(self, *args: str) -> str:
-        """``rabbitmqctl`` on the first node that is running and not paused."""
-        return self.running()[0].ctl(*args)
+        """``rabbitmqctl`` on the first node that is running, not paused and answers (a node
+        the cluster is restarting after a partition refuses most commands for a while)."""
+        failure: RuntimeError | None = None
+        for node in self.running():
+            try:
+                return node.ctl(*args)
+            except RuntimeError as exc:
+                failure = exc
+        raise failure or RuntimeError("no node of the cluster is running")
 
     def running(self) -> list[Node]:
         """The nodes whose process runs and is not paused."""
