@@ -15,7 +15,14 @@ from datetime import UTC, datetime
 from pydantic import BaseModel
 
 from contracts.errors import VaultUnavailable, ZanddError
-from contracts.models import Receipt, SignBatchReply, SignBatchRequest, SignReply, SignRequest
+from contracts.models import (
+    Receipt,
+    SignBatchReply,
+    SignBatchRequest,
+    SignPayload,
+    SignReply,
+    SignRequest,
+)
 from contracts.wire import Delivery
 from vault.audit import MAX_STORED_INT, OUTCOME_OK, AuditEntry, AuditEvent, AuditLog
 
@@ -39,13 +46,20 @@ def data_digest(request: BaseModel | None) -> str | None:
     message can find its entry); for ``sign.batch`` the SHA-256 of the item digests in order.
     """
     if isinstance(request, SignRequest):
-        return request.sha256_digest().hex()
+        return _sha256_of(request).hex()
     if isinstance(request, SignBatchRequest):
         batch = hashlib.sha256()
         for item in request.items:
-            batch.update(item.sha256_digest())
+            batch.update(_sha256_of(item))
         return batch.hexdigest()
     return None
+
+
+def _sha256_of(payload: SignPayload) -> bytes:
+    """The SHA-256 of the message, or the digest sent when it is one (32 bytes); a SHA-384
+    digest (``ecdsa-p384-sha384``) is recorded by its SHA-256, so the field stays 64 hex."""
+    digest = payload.sha256_digest()
+    return digest if len(digest) == 32 else hashlib.sha256(digest).digest()
 
 
 def _text(value: object, limit: int = MAX_RECORDED_CHARS) -> str | None:
