@@ -406,9 +406,7 @@ class SigningClient:
             algorithm=algorithm,
         )
 
-    async def _cached_public_key(
-        self, key_id: str, version: int | None
-    ) -> tuple[PublicKey, str]:
+    async def _cached_public_key(self, key_id: str, version: int | None) -> tuple[PublicKey, str]:
         if version is not None and (key_id, version) in self._public_keys:
             return self._public_keys[key_id, version]
         reply = await self.public_key(key_id, version)
