@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // A ZANDD HSM producer written from the wire contract v1 (docs/design.md, "Wire contract v1")
 // and the JSON Schemas in contracts/schemas/ alone: create a key, sign a message, and leave
-// public.pem, message.bin and signature.der in OUT_DIR for `openssl dgst -sha256 -verify`.
+// public.pem, message.bin and signature.der in OUT_DIR for `openssl dgst -sha256 -verify`;
+// then one ECDSA P-384 and one RSA-PSS key, verified with node's crypto (OUT_DIR/<algorithm>/).
 //
 // Usage: node producer.mjs AMQP_URL OUT_DIR
 //   e.g. node producer.mjs amqp://guest:guest@localhost:5672/ ./out
