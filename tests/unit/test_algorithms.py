@@ -6,12 +6,14 @@ from __future__ import annotations
 import base64
 import hashlib
 from functools import cache
+from typing import get_args
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from contracts.algorithms import (
     ALGORITHMS,
+    AlgorithmName,
     AlgorithmSpec,
     PrivateKey,
     UnsupportedAlgorithm,
@@ -51,6 +53,10 @@ def private_key(algorithm: str) -> PrivateKey:
 
 def specs() -> list[AlgorithmSpec]:
     return list(ALGORITHMS.values())
+
+
+def test_the_wire_literal_lists_every_algorithm() -> None:
+    assert set(get_args(AlgorithmName)) == set(ALGORITHMS)
 
 
 def test_the_names_follow_the_first_one() -> None:
