@@ -21,6 +21,7 @@ as long as the digest, as JWS ``PS256`` requires.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Final, Literal, TypeAlias
 
 from cryptography.exceptions import InvalidSignature
@@ -110,27 +111,24 @@ class AlgorithmSpec:
             return key
         raise UnsupportedAlgorithm(f"not a public key of {self.name}")
 
-    def _padding(self) -> padding.AsymmetricPadding:
-        if self.pss:
-            return padding.PSS(mgf=padding.MGF1(self.hash()), salt_length=self.digest_bytes)
-        return padding.PKCS1v15()
-
     def sign_digest(self, private_key: PrivateKey, digest: bytes) -> bytes:
         """Sign a prehashed ``digest``: DER ``ECDSA-Sig-Value`` for ECDSA, the RSASSA bytes
         for RSA."""
         if isinstance(private_key, ec.EllipticCurvePrivateKey) and self.family == "ecdsa":
-            return private_key.sign(digest, ec.ECDSA(Prehashed(self.hash())))
+            return private_key.sign(digest, _ecdsa(self.hash_name))
         if isinstance(private_key, rsa.RSAPrivateKey) and self.family == "rsa":
-            return private_key.sign(digest, self._padding(), Prehashed(self.hash()))
+            return private_key.sign(digest, _rsa_padding(self.pss), _prehashed(self.hash_name))
         raise UnsupportedAlgorithm(f"not a private key of {self.name}")
 
     def verify_digest(self, public_key: PublicKey, signature_der: bytes, digest: bytes) -> bool:
         """True when ``signature_der`` (DER for ECDSA) signs the prehashed ``digest``."""
         try:
             if isinstance(public_key, ec.EllipticCurvePublicKey) and self.family == "ecdsa":
-                public_key.verify(signature_der, digest, ec.ECDSA(Prehashed(self.hash())))
+                public_key.verify(signature_der, digest, _ecdsa(self.hash_name))
             elif isinstance(public_key, rsa.RSAPublicKey) and self.family == "rsa":
-                public_key.verify(signature_der, digest, self._padding(), Prehashed(self.hash()))
+                public_key.verify(
+                    signature_der, digest, _rsa_padding(self.pss), _prehashed(self.hash_name)
+                )
             else:
                 return False
         except (InvalidSignature, ValueError):
@@ -155,6 +153,25 @@ class AlgorithmSpec:
         r = int.from_bytes(signature_raw[:size], "big")
         s = int.from_bytes(signature_raw[size:], "big")
         return encode_dss_signature(r, s)
+
+
+# The scheme objects are built once: a signer signs and verifies every digest with them.
+@cache
+def _prehashed(hash_name: str) -> Prehashed:
+    return Prehashed(hashes.SHA384() if hash_name == "sha384" else hashes.SHA256())
+
+
+@cache
+def _ecdsa(hash_name: str) -> ec.ECDSA:
+    return ec.ECDSA(_prehashed(hash_name))
+
+
+@cache
+def _rsa_padding(pss: bool) -> padding.AsymmetricPadding:
+    # Every RSA algorithm of the contract hashes with SHA-256: MGF1-SHA-256, a 32-byte salt.
+    if pss:
+        return padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    return padding.PKCS1v15()
 
 
 ALGORITHMS: Final[dict[str, AlgorithmSpec]] = {
