@@ -190,3 +190,13 @@ async def test_keys_of_other_algorithms_from_the_shell(fleet: RunningFleet, tmp_
     code, _, err = await zandd("sign", "--key", p384, str(document), "--digest", env=env)
     assert code == 1
     assert "'digest' must have 48 bytes" in err
+
+
+async def test_tpm_check_says_which_algorithms_the_tpm_supports(
+    swtpm_tcti: str, tmp_path: Path
+) -> None:
+    env = environment(ZANDD_TPM_TCTI=swtpm_tcti, ZANDD_DATA_DIR=str(tmp_path / "data"))
+    code, out, err = await zandd("tpm", "check", env=env)
+    assert code == 0, err
+    for algorithm in get_args(AlgorithmName):
+        assert f"  {algorithm}: supported\n" in out
