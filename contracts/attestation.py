@@ -28,8 +28,9 @@ from typing import Final
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from contracts.algorithms import RSA_PUBLIC_EXPONENT, PublicKey
 from contracts.crypto import load_public_key, public_key_pem
 from contracts.errors import IntegrityError, InvalidRequest
 from contracts.models import KeyAttestation
@@ -40,6 +41,9 @@ TPM_ALG_SHA256: Final = 0x000B
 TPM_ALG_ECC: Final = 0x0023
 TPM_ALG_NULL: Final = 0x0010
 TPM_ECC_NIST_P256: Final = 0x0003
+TPM_ECC_NIST_P384: Final = 0x0004
+TPM_ALG_RSA: Final = 0x0001
+_CURVE_IDS: Final = {"secp256r1": TPM_ECC_NIST_P256, "secp384r1": TPM_ECC_NIST_P384}
 
 # TPMA_OBJECT bits (TPM 2.0 Part 2, 8.3).
 FIXED_TPM: Final = 1 << 1
@@ -127,7 +131,9 @@ class CertifyInfo:
 
 @dataclass(frozen=True, slots=True)
 class PublicArea:
-    """The fields of an ECC ``TPMT_PUBLIC`` that attestation is about."""
+    """The fields of an ECC or RSA ``TPMT_PUBLIC`` that attestation is about: for ECC the
+    curve and point, for RSA (``key_type`` ``TPM_ALG_RSA``, ``curve_id`` 0) the modulus in
+    ``x`` and the exponent (0 meaning 65537)."""
 
     name_alg: int
     object_attributes: int
@@ -135,6 +141,8 @@ class PublicArea:
     curve_id: int
     x: bytes
     y: bytes
+    key_type: int = TPM_ALG_ECC
+    exponent: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,11 +233,24 @@ def parse_certify_info(data: bytes) -> CertifyInfo:
 
 
 def parse_public_area(data: bytes) -> PublicArea:
-    """Parse an ECC ``TPMT_PUBLIC`` (P-256, as the keygen worker makes them)."""
+    """Parse an ECC or RSA ``TPMT_PUBLIC`` (as the keygen worker makes them)."""
     reader = _Reader(data, "TPMT_PUBLIC")
-    if reader.uint(2) != TPM_ALG_ECC:
-        raise IntegrityError("the attested public area is not an ECC key")
+    key_type = reader.uint(2)
+    if key_type not in (TPM_ALG_ECC, TPM_ALG_RSA):
+        raise IntegrityError("the attested public area is neither an ECC nor an RSA key")
     name_alg, attributes, policy = reader.uint(2), reader.uint(4), reader.sized()
+    if key_type == TPM_ALG_RSA:
+        if reader.uint(2) != TPM_ALG_NULL:  # symmetric
+            raise IntegrityError("the attested key has a symmetric algorithm: not a signing key")
+        if reader.uint(2) != TPM_ALG_NULL:  # the scheme's hash follows a non-NULL scheme
+            reader.uint(2)
+        reader.uint(2)  # keyBits: the modulus below says it
+        exponent = reader.uint(4)
+        modulus = reader.sized()
+        reader.end()
+        return PublicArea(
+            name_alg, attributes, policy, 0, modulus, b"", key_type=TPM_ALG_RSA, exponent=exponent
+        )
     if reader.uint(2) != TPM_ALG_NULL:  # symmetric: a signing key has none
         raise IntegrityError("the attested key has a symmetric algorithm: not a signing key")
     if reader.uint(2) != TPM_ALG_NULL:  # the scheme's hash follows a non-NULL scheme
@@ -247,9 +268,23 @@ def tpm_name(public_area: bytes) -> bytes:
     return struct.pack(">H", TPM_ALG_SHA256) + hashlib.sha256(public_area).digest()
 
 
-def _check_point(area: PublicArea, public_key: ec.EllipticCurvePublicKey) -> None:
-    if area.curve_id != TPM_ECC_NIST_P256 or area.name_alg != TPM_ALG_SHA256:
-        raise IntegrityError("the attested key is not a P-256 key named with SHA-256")
+def _check_point(area: PublicArea, public_key: PublicKey) -> None:
+    if area.name_alg != TPM_ALG_SHA256:
+        raise IntegrityError("the attested key is not named with SHA-256")
+    if isinstance(public_key, rsa.RSAPublicKey):
+        rsa_numbers = public_key.public_numbers()
+        exponent = area.exponent or RSA_PUBLIC_EXPONENT
+        if (
+            area.key_type != TPM_ALG_RSA
+            or int.from_bytes(area.x, "big") != rsa_numbers.n
+            or exponent != rsa_numbers.e
+        ):
+            raise IntegrityError(
+                "the attested public area holds another public key than the one given"
+            )
+        return
+    if area.key_type != TPM_ALG_ECC or area.curve_id != _CURVE_IDS.get(public_key.curve.name):
+        raise IntegrityError("the attested key is not on the curve of the key given")
     numbers = public_key.public_numbers()
     if (int.from_bytes(area.x, "big"), int.from_bytes(area.y, "big")) != (numbers.x, numbers.y):
         raise IntegrityError("the attested public area holds another public key than the one given")
@@ -265,7 +300,7 @@ def _policy_name(digest: bytes) -> str:
 
 def verify_attestation(
     parts: AttestationParts,
-    public_key: ec.EllipticCurvePublicKey,
+    public_key: PublicKey,
     attestation_key: ec.EllipticCurvePublicKey,
     *,
     key_id: str,

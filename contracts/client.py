@@ -51,9 +51,9 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from aio_pika.exceptions import AMQPError
-from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ValidationError
 
+from contracts.algorithms import ALGORITHM_ECDSA_P256_SHA256, PublicKey
 from contracts.amqp import (
     DEADLINE_HEADER,
     DEFAULT_AMQP_URL,
@@ -61,7 +61,7 @@ from contracts.amqp import (
     connect_plain,
 )
 from contracts.brokers import BrokerURLs, principal_of
-from contracts.crypto import load_public_key, verify_signature
+from contracts.crypto import load_algorithm_public_key, verify_signature
 from contracts.errors import (
     BrokerBlocked,
     BrokerRejected,
@@ -80,6 +80,7 @@ from contracts.models import (
     DEFAULT_LIST_PAGE_SIZE,
     DEFAULT_PENDING_DAYS,
     SPECS,
+    Algorithm,
     Encoding,
     ErrorReply,
     KeyCreateReply,
@@ -176,7 +177,7 @@ class SigningClient:
         self._connected = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[Delivery]] = {}
-        self._public_keys: dict[tuple[str, int], ec.EllipticCurvePublicKey] = {}
+        self._public_keys: dict[tuple[str, int], tuple[PublicKey, str]] = {}
         self._closing = False
         #: Replies that arrived for no waiting call (a late reply after a timeout, or a
         #: second answer to a redelivered request); they are dropped.
@@ -317,18 +318,22 @@ class SigningClient:
         timeout_s: float | None = None,
         protection: Protection = "exportable",
         rotation_period: timedelta | int | None = None,
+        algorithm: Algorithm = ALGORITHM_ECDSA_P256_SHA256,
     ) -> KeyCreateReply:
         """Create a key. Sending the same ``request_id`` again returns the same key.
 
         ``protection="tpm"`` makes a key that never leaves the TPM (sign it with
-        ``sign_in_tpm``). ``rotation_period`` (a timedelta or seconds, 1 day to 10 years)
-        has the fleet rotate the key on its own that often."""
+        ``sign_in_tpm``; ``ecdsa-p256-sha256`` only). ``algorithm`` is one of
+        ``contracts.algorithms`` (ECDSA P-256/P-384, RSA 2048/3072 PKCS#1 v1.5 or PSS).
+        ``rotation_period`` (a timedelta or seconds, 1 day to 10 years) has the fleet rotate
+        the key on its own that often."""
         request = self._request(
             KeyCreateRequest,
             label=label,
             allowed_signers=list(allowed_signers) if allowed_signers is not None else None,
             protection=protection,
             rotation_period=_seconds(rotation_period),
+            algorithm=algorithm,
         )
         return await self.call(
             Operation.KEY_CREATE,
@@ -432,18 +437,23 @@ class SigningClient:
         The public key of a named ``version`` is fetched once and cached; without ``version``
         the key's current public key is asked for on every call (a rotation may have changed it).
         """
-        key = await self._cached_public_key(key_id, version)
-        return verify_signature(key, signature, message=message, digest=digest, encoding=encoding)
+        key, algorithm = await self._cached_public_key(key_id, version)
+        return verify_signature(
+            key,
+            signature,
+            message=message,
+            digest=digest,
+            encoding=encoding,
+            algorithm=algorithm,
+        )
 
-    async def _cached_public_key(
-        self, key_id: str, version: int | None
-    ) -> ec.EllipticCurvePublicKey:
+    async def _cached_public_key(self, key_id: str, version: int | None) -> tuple[PublicKey, str]:
         if version is not None and (key_id, version) in self._public_keys:
             return self._public_keys[key_id, version]
         reply = await self.public_key(key_id, version)
-        key = load_public_key(reply.public_key_pem)
-        self._public_keys[key_id, reply.version] = key
-        return key
+        key = load_algorithm_public_key(reply.public_key_pem, reply.algorithm)
+        self._public_keys[key_id, reply.version] = (key, reply.algorithm)
+        return key, reply.algorithm
 
     async def call(
         self,

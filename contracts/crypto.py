@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import base64
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import (
-    Prehashed,
     decode_dss_signature,
     encode_dss_signature,
 )
 
+from contracts.algorithms import (
+    AlgorithmSpec,
+    PublicKey,
+    UnsupportedAlgorithm,
+    algorithm_of_key,
+    algorithm_spec,
+)
 from contracts.errors import InvalidRequest
-from contracts.models import DIGEST_SIZE_BYTES, EcPublicJwk, Encoding
+from contracts.models import EcPublicJwk, Encoding, RsaPublicJwk
 
 P256_COORDINATE_BYTES = 32
 RAW_SIGNATURE_BYTES = 2 * P256_COORDINATE_BYTES
@@ -51,51 +56,111 @@ def load_public_key(data: bytes | str) -> ec.EllipticCurvePublicKey:
     return key
 
 
-def public_key_pem(key: ec.EllipticCurvePublicKey) -> str:
+def load_algorithm_public_key(data: bytes | str, algorithm: str) -> PublicKey:
+    """A public key of ``algorithm`` (any in ``contracts.algorithms``) from PEM or DER;
+    InvalidRequest when it is not one."""
+    raw = data.encode("ascii") if isinstance(data, str) else data
+    try:
+        spec = algorithm_spec(algorithm)
+        if raw.lstrip().startswith(b"-----BEGIN"):
+            key = serialization.load_pem_public_key(raw)
+        else:
+            key = serialization.load_der_public_key(raw)
+        return spec.check_public_key(key)
+    except UnsupportedAlgorithm as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+def public_key_pem(key: PublicKey) -> str:
     """SubjectPublicKeyInfo PEM, what ``openssl dgst -verify`` reads."""
     return key.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     ).decode("ascii")
 
 
-def public_key_der(key: ec.EllipticCurvePublicKey) -> bytes:
+def public_key_der(key: PublicKey) -> bytes:
     """SubjectPublicKeyInfo DER."""
     return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
 
-def _b64url(value: int) -> str:
-    raw = value.to_bytes(P256_COORDINATE_BYTES, "big")
+def _b64url(value: int, size: int = P256_COORDINATE_BYTES) -> str:
+    raw = value.to_bytes(size, "big")
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
-def public_key_jwk(key: ec.EllipticCurvePublicKey, kid: str) -> EcPublicJwk:
-    """The key as an RFC 7518 EC JWK with ``kid``."""
+def public_key_jwk(
+    key: PublicKey, kid: str, algorithm: str | None = None
+) -> EcPublicJwk | RsaPublicJwk:
+    """The key as an RFC 7518 JWK with ``kid``: EC (``ES256``/``ES384``) or RSA (``RS256`` /
+    ``PS256``, which needs ``algorithm``: the padding is not in the key)."""
+    spec = algorithm_of_key(key) if algorithm is None else algorithm_spec(algorithm)
+    spec.check_public_key(key)
+    if isinstance(key, rsa.RSAPublicKey):
+        rsa_numbers = key.public_numbers()
+        return RsaPublicJwk(
+            n=_b64url(rsa_numbers.n, (rsa_numbers.n.bit_length() + 7) // 8),
+            e=_b64url(rsa_numbers.e, (rsa_numbers.e.bit_length() + 7) // 8),
+            alg="PS256" if spec.pss else "RS256",
+            kid=kid,
+        )
     numbers = key.public_numbers()
-    return EcPublicJwk(x=_b64url(numbers.x), y=_b64url(numbers.y), kid=kid)
+    size = spec.coordinate_bytes
+    if spec.jwk_crv == "P-384":
+        return EcPublicJwk(
+            crv="P-384",
+            alg="ES384",
+            x=_b64url(numbers.x, size),
+            y=_b64url(numbers.y, size),
+            kid=kid,
+        )
+    return EcPublicJwk(x=_b64url(numbers.x, size), y=_b64url(numbers.y, size), kid=kid)
 
 
 def verify_signature(
-    key: ec.EllipticCurvePublicKey,
+    key: PublicKey,
     signature: bytes,
     *,
     message: bytes | None = None,
     digest: bytes | None = None,
     encoding: Encoding = "der",
+    algorithm: str | None = None,
 ) -> bool:
-    """True when ``signature`` signs ``message`` (or its SHA-256 ``digest``) under ``key``."""
+    """True when ``signature`` signs ``message`` (or its ``digest``) under ``key``.
+
+    ``algorithm`` (a ``contracts.algorithms`` name) defaults to the one an EC key's curve
+    implies; an RSA key needs it (the padding is not in the key).
+    """
     if (message is None) == (digest is None):
         raise ValueError("pass exactly one of message= or digest=")
-    if digest is not None and len(digest) != DIGEST_SIZE_BYTES:
-        raise ValueError(f"digest must have {DIGEST_SIZE_BYTES} bytes")
+    return _verify_with(_spec_for(key, algorithm), key, signature, message, digest, encoding)
+
+
+def _spec_for(key: PublicKey, algorithm: str | None) -> AlgorithmSpec:
     try:
-        der = raw_to_der(signature) if encoding == "raw" else signature
-        if digest is not None:
-            key.verify(der, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
-        else:
-            assert message is not None
-            key.verify(der, message, ec.ECDSA(hashes.SHA256()))
-    except (InvalidSignature, InvalidRequest, ValueError):
+        spec = algorithm_of_key(key) if algorithm is None else algorithm_spec(algorithm)
+        spec.check_public_key(key)
+    except UnsupportedAlgorithm as exc:
+        raise ValueError(str(exc)) from None
+    return spec
+
+
+def _verify_with(
+    spec: AlgorithmSpec,
+    key: PublicKey,
+    signature: bytes,
+    message: bytes | None,
+    digest: bytes | None,
+    encoding: Encoding,
+) -> bool:
+    if digest is None:
+        assert message is not None
+        digest = spec.digest(message)
+    elif len(digest) != spec.digest_bytes:
+        raise ValueError(f"digest must have {spec.digest_bytes} bytes for {spec.name}")
+    try:
+        der = spec.from_raw(signature) if encoding == "raw" else signature
+    except ValueError:
         return False
-    return True
+    return spec.verify_digest(key, der, digest)

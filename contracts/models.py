@@ -28,12 +28,16 @@ from pydantic import (
     model_validator,
 )
 
+from contracts.algorithms import AlgorithmName, algorithm_spec
 from contracts.errors import ErrorCode, InvalidRequest
 from contracts.limits import DEFAULT_LIMITS, Limits, limits_from, structure_count
 from contracts.operations import Operation
 
 ALGORITHM_ECDSA_P256_SHA256: Final = "ecdsa-p256-sha256"
 DIGEST_SIZE_BYTES = 32
+#: The digest sizes a request may carry: SHA-256 (32) and, for ``ecdsa-p384-sha384``, SHA-384
+#: (48). The signer checks the size against the key's algorithm.
+DIGEST_SIZES_BYTES: Final = (32, 48)
 DEFAULT_PENDING_DAYS = 7
 MAX_PENDING_DAYS = 365
 # --- issue 15, key writes: rotation periods ---
@@ -94,7 +98,7 @@ Encoding = Literal["der", "raw"]
 #: ``exportable``: generated in the TPM, exported once, sealed in the vault, signed with by the
 #: signers. ``tpm``: never leaves the TPM (``fixedTPM|fixedParent``); ``sign.tpm`` signs in it.
 Protection = Literal["exportable", "tpm"]
-Algorithm = Literal["ecdsa-p256-sha256"]
+Algorithm = AlgorithmName
 
 
 class _Request(BaseModel):
@@ -108,15 +112,18 @@ class _Reply(BaseModel):
 def _check_payload(message: bytes | None, digest: bytes | None, info: ValidationInfo) -> None:
     if (message is None) == (digest is None):
         raise ValueError("exactly one of 'message' or 'digest' is required")
-    if digest is not None and len(digest) != DIGEST_SIZE_BYTES:
-        raise ValueError(f"'digest' must be a {DIGEST_SIZE_BYTES}-byte SHA-256 digest")
+    if digest is not None and len(digest) not in DIGEST_SIZES_BYTES:
+        raise ValueError(
+            "'digest' must be a 32-byte SHA-256 digest (48-byte SHA-384 for ecdsa-p384-sha384)"
+        )
     limit = limits_from(info).max_message_bytes
     if message is not None and len(message) > limit:
         raise ValueError(f"'message' is larger than the limit of {limit} bytes")
 
 
 class KeyCreateRequest(_Request):
-    """``key.create``: make a new ECDSA P-256 key inside the TPM and store it sealed."""
+    """``key.create``: make a new key inside the TPM and store it sealed; ``algorithm`` is one
+    of ``contracts.algorithms`` (ECDSA P-256/P-384, RSA 2048/3072 PKCS#1 v1.5 or PSS)."""
 
     label: Annotated[str, StringConstraints(max_length=256)] | None = None
     algorithm: Algorithm = ALGORITHM_ECDSA_P256_SHA256
@@ -127,7 +134,8 @@ class KeyCreateRequest(_Request):
 
 
 class SignPayload(_Request):
-    """What to sign: the message itself, or the SHA-256 digest of it."""
+    """What to sign: the message itself, or its digest (SHA-256; SHA-384 for
+    ``ecdsa-p384-sha384``)."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -150,6 +158,20 @@ class SignPayload(_Request):
             return self.digest
         assert self.message is not None  # guaranteed by the validator
         return hashlib.sha256(self.message).digest()
+
+    def digest_for(self, algorithm: str) -> bytes:
+        """The digest ``algorithm`` signs: ``digest`` when sent (its size checked against the
+        algorithm's hash), else the hash of ``message``; InvalidRequest on a size mismatch."""
+        spec = algorithm_spec(algorithm)
+        if self.digest is not None:
+            if len(self.digest) != spec.digest_bytes:
+                raise InvalidRequest(
+                    f"'digest' must have {spec.digest_bytes} bytes for a key of {spec.name} "
+                    f"({spec.hash_name.upper()})"
+                )
+            return self.digest
+        assert self.message is not None  # guaranteed by the validator
+        return spec.digest(self.message)
 
 
 class SignRequest(SignPayload):
@@ -291,12 +313,28 @@ class EcPublicJwk(_Reply):
     """An EC public key as a JSON Web Key (RFC 7517/7518), coordinates base64url unpadded."""
 
     kty: Literal["EC"] = "EC"
-    crv: Literal["P-256"] = "P-256"
+    crv: Literal["P-256", "P-384"] = "P-256"
     x: str
     y: str
-    alg: Literal["ES256"] = "ES256"
+    alg: Literal["ES256", "ES384"] = "ES256"
     use: Literal["sig"] = "sig"
     kid: str
+
+
+class RsaPublicJwk(_Reply):
+    """An RSA public key as a JSON Web Key (RFC 7518 6.3), ``n`` and ``e`` base64url unpadded;
+    ``alg`` says the padding (``RS256`` PKCS#1 v1.5, ``PS256`` PSS)."""
+
+    kty: Literal["RSA"] = "RSA"
+    n: str
+    e: str
+    alg: Literal["RS256", "PS256"]
+    use: Literal["sig"] = "sig"
+    kid: str
+
+
+#: ``key.public``'s JWK, told apart by ``kty``.
+PublicJwk = Annotated[EcPublicJwk | RsaPublicJwk, Field(discriminator="kty")]
 
 
 class KeyPublicVersion(_Reply):
@@ -305,7 +343,7 @@ class KeyPublicVersion(_Reply):
     version: int
     algorithm: str
     public_key_pem: str
-    public_key_jwk: EcPublicJwk
+    public_key_jwk: PublicJwk
     attestation: KeyAttestation | None = None
     protection: Protection = "exportable"
 
@@ -321,7 +359,7 @@ class KeyPublicReply(_Reply):
     version: int
     algorithm: str
     public_key_pem: str
-    public_key_jwk: EcPublicJwk
+    public_key_jwk: PublicJwk
     attestation: KeyAttestation | None = None
     protection: Protection = "exportable"
     versions: list[KeyPublicVersion] | None = None
@@ -380,7 +418,7 @@ class KeyRotateReply(_Reply):
     version: int
     algorithm: str
     public_key_pem: str
-    public_key_jwk: EcPublicJwk
+    public_key_jwk: PublicJwk
     created_at: AwareDatetime
     attestation: KeyAttestation | None = None
     protection: Protection = "exportable"

@@ -18,16 +18,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from contracts.algorithms import (
+    ALGORITHMS,
+    PublicKey,
+    UnsupportedAlgorithm,
+    algorithm_of_key,
+    algorithm_spec,
+)
 from contracts.crypto import (
     P256_COORDINATE_BYTES,
-    load_public_key,
+    load_algorithm_public_key,
     public_key_pem,
     verify_signature,
 )
 from contracts.errors import InvalidRequest
-from contracts.models import EcPublicJwk, Encoding, KeyCreateReply, KeyPublicReply, KeyRotateReply
+from contracts.models import (
+    EcPublicJwk,
+    Encoding,
+    KeyCreateReply,
+    KeyPublicReply,
+    KeyRotateReply,
+    RsaPublicJwk,
+)
 
 #: A pinned key file is a PEM or a JWK, a few hundred bytes; anything far larger is not one.
 MAX_PUBLIC_KEY_FILE_BYTES = 64 * 1024
@@ -36,51 +50,72 @@ _DER_SEQUENCE = b"\x30"
 
 @dataclass(frozen=True, slots=True)
 class PinnedKey:
-    """An ECDSA P-256 public key the caller trusts, with the key id and version it belongs to
-    when known (from a reply, or a JWK's ``kid`` ``<key_id>.v<version>``)."""
+    """A public key the caller trusts, with the key id and version it belongs to when known
+    (from a reply, or a JWK's ``kid`` ``<key_id>.v<version>``), and its algorithm
+    (``contracts.algorithms``): an EC key's curve implies it, an RSA key needs it named (by
+    the reply, the JWK's ``alg``, or ``algorithm=``)."""
 
-    public_key: ec.EllipticCurvePublicKey
+    public_key: PublicKey
     key_id: str | None = None
     version: int | None = None
+    algorithm: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            if self.algorithm is not None:
+                algorithm_spec(self.algorithm).check_public_key(self.public_key)
+            elif isinstance(self.public_key, ec.EllipticCurvePublicKey):
+                algorithm_of_key(self.public_key)
+        except UnsupportedAlgorithm as exc:
+            raise InvalidRequest(str(exc)) from None
 
     @classmethod
-    def of(cls, source: PublicKeySource) -> PinnedKey:
-        """A pinned key from any of: a ``PinnedKey``; a ``cryptography`` P-256 public key; the
-        ``key.create`` or ``key.rotate`` (or a saved ``key.public``) reply; a JWK (``EcPublicJwk``, a dict, or its
-        JSON text); PEM or DER bytes; PEM text. A key id is not a public key: pinning needs the
-        key itself."""
+    def of(cls, source: PublicKeySource, *, algorithm: str | None = None) -> PinnedKey:
+        """A pinned key from any of: a ``PinnedKey``; a ``cryptography`` EC (P-256, P-384) or
+        RSA public key; the ``key.create`` or ``key.rotate`` (or a saved ``key.public``) reply; a JWK
+        (``EcPublicJwk``, ``RsaPublicJwk``, a dict, or its JSON text); PEM or DER bytes; PEM
+        text. A key id is not a public key: pinning needs the key itself. ``algorithm`` names
+        the algorithm of an RSA key given without one (PEM, DER, a key object)."""
         if isinstance(source, PinnedKey):
             return source
-        if isinstance(source, ec.EllipticCurvePublicKey):
-            return cls(_p256(source))
+        if isinstance(source, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+            return cls(source, algorithm=algorithm)
         if isinstance(source, KeyCreateReply | KeyPublicReply | KeyRotateReply):
-            return cls(load_public_key(source.public_key_pem), source.key_id, source.version)
-        if isinstance(source, EcPublicJwk | Mapping):
+            key = load_algorithm_public_key(source.public_key_pem, source.algorithm)
+            return cls(key, source.key_id, source.version, source.algorithm)
+        if isinstance(source, EcPublicJwk | RsaPublicJwk | Mapping):
             return cls.from_jwk(source)
         if isinstance(source, bytes | bytearray | memoryview):
-            return cls._from_bytes(bytes(source))
+            return cls._from_bytes(bytes(source), algorithm)
         if isinstance(source, str):
-            return cls._from_bytes(source.encode("utf-8"))
+            return cls._from_bytes(source.encode("utf-8"), algorithm)
         raise TypeError(f"cannot pin a public key from a {type(source).__name__}")
 
     @classmethod
-    def from_jwk(cls, jwk: EcPublicJwk | Mapping[str, Any]) -> PinnedKey:
-        """A pinned key from an RFC 7518 EC P-256 JWK; a private JWK (with ``d``) is refused."""
-        fields = jwk.model_dump() if isinstance(jwk, EcPublicJwk) else dict(jwk)
+    def from_jwk(cls, jwk: EcPublicJwk | RsaPublicJwk | Mapping[str, Any]) -> PinnedKey:
+        """A pinned key from an RFC 7518 JWK (EC P-256/P-384, or RSA with ``alg`` RS256/PS256);
+        a private JWK (with ``d``) is refused."""
+        fields = jwk.model_dump() if isinstance(jwk, EcPublicJwk | RsaPublicJwk) else dict(jwk)
         if "d" in fields:
             raise InvalidRequest("this JWK holds a private key; pin the public half only")
-        if fields.get("kty") != "EC" or fields.get("crv") != "P-256":
-            raise InvalidRequest("not an EC P-256 JWK (kty EC, crv P-256)")
-        x, y = _coordinate(fields.get("x")), _coordinate(fields.get("y"))
-        try:
-            key = ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
-        except ValueError:
-            raise InvalidRequest("the JWK's x and y are not a point on P-256") from None
         key_id, version = _parse_kid(fields.get("kid"))
-        return cls(key, key_id, version)
+        if fields.get("kty") == "RSA":
+            key, algorithm = _rsa_jwk(fields)
+            return cls(key, key_id, version, algorithm)
+        crv = fields.get("crv")
+        if fields.get("kty") != "EC" or crv not in ("P-256", "P-384"):
+            raise InvalidRequest("not an EC P-256/P-384 or RSA JWK (kty EC, crv P-256; kty RSA)")
+        size = 48 if crv == "P-384" else P256_COORDINATE_BYTES
+        curve: ec.EllipticCurve = ec.SECP384R1() if crv == "P-384" else ec.SECP256R1()
+        x, y = _coordinate(fields.get("x"), size, crv), _coordinate(fields.get("y"), size, crv)
+        try:
+            ec_key = ec.EllipticCurvePublicNumbers(x, y, curve).public_key()
+        except ValueError:
+            raise InvalidRequest(f"the JWK's x and y are not a point on {crv}") from None
+        return cls(ec_key, key_id, version)
 
     @classmethod
-    def from_file(cls, path: Path | str) -> PinnedKey:
+    def from_file(cls, path: Path | str, *, algorithm: str | None = None) -> PinnedKey:
         """A pinned key from a file holding PEM, DER or a JWK (``zandd keys public --jwk``)."""
         try:
             with Path(path).open("rb") as file:
@@ -91,10 +126,10 @@ class PinnedKey:
             ) from None
         if len(data) > MAX_PUBLIC_KEY_FILE_BYTES:
             raise InvalidRequest(f"{path} is larger than any public key file")
-        return cls._from_bytes(data)
+        return cls._from_bytes(data, algorithm)
 
     @classmethod
-    def _from_bytes(cls, data: bytes) -> PinnedKey:
+    def _from_bytes(cls, data: bytes, algorithm: str | None = None) -> PinnedKey:
         stripped = data.strip()
         if stripped.startswith((b"{", b"[")):
             try:
@@ -105,8 +140,11 @@ class PinnedKey:
                 raise InvalidRequest("a JWK is a JSON object")
             return cls.from_jwk(parsed)
         if stripped.startswith(b"-----BEGIN") or data.startswith(_DER_SEQUENCE):
+            encoded = stripped if stripped.startswith(b"-") else data
             try:
-                return cls(load_public_key(stripped if stripped.startswith(b"-") else data))
+                if algorithm is not None:
+                    return cls(load_algorithm_public_key(encoded, algorithm), algorithm=algorithm)
+                return cls(_load_any_public_key(encoded))
             except ValueError:
                 raise InvalidRequest("the public key is neither PEM nor a JWK") from None
         # Most likely a key id passed where ``verify`` used to take one: say what changed.
@@ -128,9 +166,21 @@ class PinnedKey:
         digest: bytes | None = None,
         encoding: Encoding = "der",
     ) -> bool:
-        """True when ``signature`` signs ``message`` (or its SHA-256 ``digest``) under this key."""
+        """True when ``signature`` signs ``message`` (or its ``digest``, of the algorithm's
+        hash) under this key. An RSA key pinned without its algorithm cannot say its padding:
+        InvalidRequest."""
+        if self.algorithm is None and isinstance(self.public_key, rsa.RSAPublicKey):
+            raise InvalidRequest(
+                "an RSA key pinned from PEM/DER needs its algorithm (rsa-pkcs1-… or rsa-pss-…): "
+                "pin the key.create reply or the JWK, or pass algorithm="
+            )
         return verify_signature(
-            self.public_key, signature, message=message, digest=digest, encoding=encoding
+            self.public_key,
+            signature,
+            message=message,
+            digest=digest,
+            encoding=encoding,
+            algorithm=self.algorithm,
         )
 
 
@@ -138,32 +188,70 @@ class PinnedKey:
 PublicKeySource: TypeAlias = (
     PinnedKey
     | ec.EllipticCurvePublicKey
+    | rsa.RSAPublicKey
     | KeyCreateReply
     | KeyPublicReply
     | KeyRotateReply
     | EcPublicJwk
+    | RsaPublicJwk
     | Mapping[str, Any]
     | bytes
     | str
 )
 
 
-def _p256(key: ec.EllipticCurvePublicKey) -> ec.EllipticCurvePublicKey:
-    if not isinstance(key.curve, ec.SECP256R1):
-        raise InvalidRequest("not an ECDSA P-256 public key")
-    return key
+def _load_any_public_key(encoded: bytes) -> PublicKey:
+    """An EC (P-256, P-384) or RSA public key from PEM/DER; InvalidRequest for anything else."""
+    for name in ALGORITHMS:
+        try:
+            return load_algorithm_public_key(encoded, name)
+        except InvalidRequest:
+            continue
+    raise InvalidRequest("not a public key of any algorithm of the contract")
 
 
-def _coordinate(value: object) -> int:
-    """A JWK coordinate: base64url without padding, exactly 32 bytes."""
-    if not isinstance(value, str) or len(value) > 2 * P256_COORDINATE_BYTES:
-        raise InvalidRequest("a P-256 JWK needs x and y as base64url strings")
+#: RSA 3072's modulus is 384 bytes, 512 base64url characters; nothing longer is one of ours.
+_MAX_RSA_MODULUS_CHARS = 512
+_RSA_ALGORITHM_OF_JWK = {"RS256": "rsa-pkcs1", "PS256": "rsa-pss"}
+
+
+def _rsa_jwk(fields: Mapping[str, Any]) -> tuple[rsa.RSAPublicKey, str]:
+    """An RSA JWK's key and algorithm (``alg`` names the padding, the modulus the size)."""
+    prefix = _RSA_ALGORITHM_OF_JWK.get(str(fields.get("alg")))
+    if prefix is None:
+        raise InvalidRequest("an RSA JWK needs alg RS256 or PS256 (the padding)")
+    n = _b64url_int(fields.get("n"), _MAX_RSA_MODULUS_CHARS, "n")
+    e = _b64url_int(fields.get("e"), 8, "e")
+    algorithm = f"{prefix}-{n.bit_length()}-sha256"
+    if algorithm not in ALGORITHMS:
+        raise InvalidRequest("an RSA JWK of ours has a 2048- or 3072-bit modulus")
+    try:
+        key = rsa.RSAPublicNumbers(e, n).public_key()
+    except ValueError:
+        raise InvalidRequest("the JWK's n and e are not an RSA public key") from None
+    return key, algorithm
+
+
+def _b64url_int(value: object, max_chars: int, what: str) -> int:
+    if not isinstance(value, str) or not value or len(value) > max_chars:
+        raise InvalidRequest(f"an RSA JWK needs {what} as a base64url string")
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"the JWK's {what} is not base64url") from None
+    return int.from_bytes(raw, "big")
+
+
+def _coordinate(value: object, size: int = P256_COORDINATE_BYTES, crv: str = "P-256") -> int:
+    """A JWK coordinate: base64url without padding, exactly ``size`` bytes."""
+    if not isinstance(value, str) or len(value) > 2 * size:
+        raise InvalidRequest("an EC JWK needs x and y as base64url strings")
     try:
         raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
     except (binascii.Error, ValueError):
         raise InvalidRequest("the JWK's x or y is not base64url") from None
-    if len(raw) != P256_COORDINATE_BYTES:
-        raise InvalidRequest(f"a P-256 JWK coordinate has {P256_COORDINATE_BYTES} bytes")
+    if len(raw) != size:
+        raise InvalidRequest(f"a {crv} JWK coordinate has {size} bytes")
     return int.from_bytes(raw, "big")
 
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import groupby
 
+from contracts.algorithms import ALGORITHMS
 from contracts.crypto import public_key_der
 from contracts.errors import IntegrityError, KeyNotFound
-from contracts.models import ALGORITHM_ECDSA_P256_SHA256
 from vault.audit import AuditEntry, AuditQuery, verify_log
 from vault.audit_chain import ChainKeys, link_kek_id
 from vault.kek import KekRing
@@ -103,7 +103,7 @@ def check_scalar(record: KeyRecord, ring: KekRing) -> None:
     """
     if record.sealed is None:
         return
-    if record.algorithm != ALGORITHM_ECDSA_P256_SHA256:
+    if record.algorithm not in ALGORITHMS:
         raise IntegrityError(
             f"key {record.key_id} v{record.version} has algorithm {record.algorithm!r}, "
             "which this software cannot check"

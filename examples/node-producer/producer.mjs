@@ -6,6 +6,7 @@
 // pages through the producer's keys with a cursor, key.describe shows the key's versions.
 // Then rotate the key, sign with its new version and leave public-v2.pem, message-v2.bin and
 // signature-v2.der beside them.
+// Last, one ECDSA P-384 and one RSA-PSS key, verified with node's crypto (OUT_DIR/<algorithm>/).
 //
 // Usage: node producer.mjs AMQP_URL OUT_DIR
 //   e.g. node producer.mjs amqp://guest:guest@localhost:5672/ ./out
@@ -14,7 +15,7 @@
 //   (`zandd tpm attestation-key`); when set, the key's TPM attestation from key.public is
 //   checked against it before the key is used.
 
-import { createHash, createPublicKey, randomBytes, randomUUID, verify } from 'node:crypto';
+import { constants, createHash, createPublicKey, randomBytes, randomUUID, verify } from 'node:crypto';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import amqp from 'amqplib';
@@ -457,11 +458,80 @@ async function main() {
     summary.rotation = await rotateAndSign(rpc, created, outDir);
     // --- end issue 15, key writes ---
 
+    summary.algorithms = await otherAlgorithms(rpc, outDir);
     process.stdout.write(`${JSON.stringify(summary)}\n`);
   } finally {
     await rpc.close();
   }
 }
+
+// -- algorithms (issue 15) --
+// A key's algorithm is chosen at key.create ("algorithm"; the schema lists them). One key of
+// another curve and one RSA key: each signs, and node's crypto verifies it with the JWK that
+// key.public serves (RSA: kty RSA, n/e, alg RS256 or PS256; EC P-384: ES384). ECDSA is asked
+// for in "raw" (r‖s, as JWS has it); an RSA signature has one encoding. The files land in
+// OUT_DIR/<algorithm>/ for openssl (public.pem, message.bin, signature.bin; DER for ECDSA).
+const OTHER_ALGORITHMS = [
+  { algorithm: 'ecdsa-p384-sha384', hash: 'sha384', encoding: 'raw' },
+  { algorithm: 'rsa-pss-2048-sha256', hash: 'sha256', encoding: 'der' },
+];
+
+function nodeKeyOptions(algorithm, key) {
+  if (algorithm.startsWith('rsa-pss-')) {
+    return { key, padding: constants.RSA_PKCS1_PSS_PADDING, saltLength: 32 };
+  }
+  if (algorithm.startsWith('rsa-pkcs1-')) return { key, padding: constants.RSA_PKCS1_PADDING };
+  return { key, dsaEncoding: 'ieee-p1363' };
+}
+
+async function otherAlgorithms(rpc, outDir) {
+  const results = {};
+  for (const { algorithm, hash, encoding } of OTHER_ALGORITHMS) {
+    const created = await rpc.call('key.create', { label: `node-producer ${algorithm}`, algorithm });
+    if (created.algorithm !== algorithm) {
+      throw new ProducerError(`key.create made a ${created.algorithm} key, asked for ${algorithm}`);
+    }
+    const served = await rpc.call('key.public', { key_id: created.key_id });
+    const jwk = served.public_key_jwk;
+    const key = createPublicKey({ key: jwk, format: 'jwk' });
+    const pem = createPublicKey(created.public_key_pem).export({ format: 'pem', type: 'spki' });
+    if (key.export({ format: 'pem', type: 'spki' }) !== pem) {
+      throw new ProducerError(`the ${algorithm} JWK is not the key key.create returned`);
+    }
+    const message = Buffer.from(`hello from node, ${algorithm}, ${Date.now()}`, 'utf8');
+    const signed = await rpc.call('sign', { key_id: created.key_id, message: message.toString('base64'), encoding });
+    if (signed.algorithm !== algorithm) throw new ProducerError(`sign replied ${signed.algorithm}`);
+    const signature = b64decode(signed.signature, `${algorithm} signature`);
+    if (!verify(hash, message, nodeKeyOptions(algorithm, key), signature)) {
+      throw new ProducerError(`the ${algorithm} signature does not verify with node's crypto`);
+    }
+    const dir = join(outDir, algorithm);
+    await mkdir(dir, { recursive: true });
+    await writeFile(join(dir, 'public.pem'), created.public_key_pem);
+    await writeFile(join(dir, 'message.bin'), message);
+    // openssl takes ECDSA in DER: re-encode what node verified as r‖s.
+    const forOpenssl = algorithm.startsWith('ecdsa-') ? p1363ToDer(signature) : signature;
+    await writeFile(join(dir, 'signature.bin'), forOpenssl);
+    results[algorithm] = { key_id: created.key_id, jwk_alg: jwk.alg, signature_bytes: signature.length, verified: true };
+  }
+  return results;
+}
+
+function derInteger(bytes) {
+  let i = 0;
+  while (i < bytes.length - 1 && bytes[i] === 0) i += 1;
+  let value = bytes.subarray(i);
+  if (value[0] & 0x80) value = Buffer.concat([Buffer.from([0]), value]);
+  return Buffer.concat([Buffer.from([0x02, value.length]), value]);
+}
+
+function p1363ToDer(signature) {
+  const half = signature.length / 2;
+  const body = Buffer.concat([derInteger(signature.subarray(0, half)), derInteger(signature.subarray(half))]);
+  const length = body.length < 0x80 ? Buffer.from([body.length]) : Buffer.from([0x81, body.length]);
+  return Buffer.concat([Buffer.from([0x30]), length, body]);
+}
+// -- end algorithms --
 
 main().then(
   () => process.exit(0),

@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
+from contracts.algorithms import ALGORITHMS
 from tests.support.broker import rabbitmqctl
 from tests.support.cli import environment, zandd
 from tests.support.fleet import RunningFleet
+from workers.bench.algorithms import AlgorithmRuns
 from workers.bench.in_process import InProcessResults
 from workers.bench.measure import Run
 from workers.bench.queue_scenarios import FleetResults
@@ -53,6 +55,16 @@ def assert_positive_fields(document: dict[str, Any], fields: dict[str, set[str]]
             assert value > 0, f"{scenario}.{name} = {value}"
 
 
+def assert_algorithms(document: dict[str, Any]) -> None:
+    """Every algorithm of the contract has its sign rate and keygen p50 (issue 15)."""
+    assert set(document["algorithms"]) == set(ALGORITHMS)
+    for name, runs in document["algorithms"].items():
+        assert_positive_fields(
+            runs, {"sign": {"ops_per_s", "p50_ms"}, "keygen": {"p50_ms", "p99_ms", "keys"}}
+        )
+        assert runs["keygen"]["keys"] <= 3, name  # --max-keys bounds every algorithm's keygen
+
+
 @pytest.mark.rabbitmq
 @pytest.mark.tpm
 @pytest.mark.timeout(300)
@@ -60,7 +72,15 @@ async def test_own_fleet_per_size_reports_every_field_and_scaling(amqp_url: str)
     code, out, err = await zandd_bench("--signers", "1,2", *TINY_RUN, amqp_url=amqp_url)
     assert code == 0, err
     document = json.loads(out)
-    assert set(document) == {*FIELDS, "signers", "scaling", "sign_other_transport", "shards"}
+    assert set(document) == {
+        *FIELDS,
+        "signers",
+        "scaling",
+        "sign_other_transport",
+        "shards",
+        "algorithms",
+    }
+    assert_algorithms(document)
     # The test broker has no consistent-hash exchange: the sharded option says why it skipped.
     assert "rabbitmq_consistent_hash_exchange" in document["shards"]["skipped"]
     assert_positive_fields(document, FIELDS)
@@ -88,7 +108,8 @@ async def test_attach_measures_the_running_fleet(fleet: RunningFleet) -> None:
     code, out, err = await zandd_bench("--attach", *TINY_RUN, amqp_url=fleet.amqp_url)
     assert code == 0, err
     document = json.loads(out)
-    assert set(document) == {*FIELDS, "signers", "shards"}
+    assert set(document) == {*FIELDS, "signers", "shards", "algorithms"}
+    assert_algorithms(document)
     assert "rabbitmq_consistent_hash_exchange" in document["shards"]["skipped"]
     assert_positive_fields(document, FIELDS)
     assert document["signers"] == len([name for name in fleet.runtimes if name != "keygen"])
@@ -163,3 +184,44 @@ def test_targets_compare_the_right_ratios() -> None:
     assert table.count("  pass  ") == 2
     assert table.count("  FAIL  ") == 3
     assert "scaling" not in table
+    assert "algorithms" not in report.to_json()
+
+
+def test_each_algorithm_is_reported_and_no_target_depends_on_it() -> None:
+    fleet = FleetResults(
+        signers=1,
+        echo=run_of(1000, 50),
+        echo_serial=run_of(500, 2.0),
+        sign=run_of(1500, 40),
+        sign_serial=run_of(300, 3.2),
+        batch=run_of(90, 100),
+    )
+    local = InProcessResults(
+        crypto_limit=run_of(10_000, 0.1),
+        hybrid=run_of(6000, 0.15),
+        tpm_only=run_of(300, 3.0),
+        tpm_protection=run_of(200, 5.0),
+        algorithms=tuple(
+            AlgorithmRuns(name, keygen=run_of(2, 500), sign=run_of(800, 1.25))
+            for name in ALGORITHMS
+        ),
+    )
+    report = BenchReport(
+        where="test",
+        duration_s=1,
+        warmup_s=1,
+        fleets=(fleet,),
+        keygen=run_of(20, 45),
+        in_process=local,
+    )
+    document = report.to_json()
+    assert set(document["algorithms"]) == set(ALGORITHMS)
+    assert document["algorithms"]["rsa-pss-3072-sha256"] == {
+        "sign": {"ops_per_s": 800.0, "p50_ms": 1.25},
+        "keygen": {"p50_ms": 500.0, "p99_ms": 500.0, "keys": 100},
+    }
+    assert len(targets(report)) == 5
+    table = render_table(report)
+    for name in ALGORITHMS:
+        assert f"\n  {name}\n    sign " in table
+    assert table.count("\n    keygen ") == len(ALGORITHMS)

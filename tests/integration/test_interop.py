@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from contracts.attestation import DUPLICATE_ONLY_POLICY
 from contracts.crypto import public_key_pem
 from tests.support.fleet import RunningFleet
-from tests.support.openssl import verify_files
+from tests.support.openssl import openssl_verify_algorithm, verify_files
 from tests.support.tpm import fleet_attestation_key
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm, pytest.mark.interop]
@@ -115,6 +115,28 @@ async def test_node_producer_signs_and_openssl_verifies(
         assert record.public_key_der == public_key.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
+
+    # -- algorithms (issue 15): a P-384 key (raw r‖s) and an RSA-PSS key, verified by node's
+    # crypto with the served JWK, then by OpenSSL; the vault holds them under that algorithm.
+    others = summary["algorithms"]
+    assert set(others) == {"ecdsa-p384-sha384", "rsa-pss-2048-sha256"}
+    assert others["ecdsa-p384-sha384"]["jwk_alg"] == "ES384"
+    assert others["ecdsa-p384-sha384"]["signature_bytes"] == 96
+    assert others["rsa-pss-2048-sha256"]["jwk_alg"] == "PS256"
+    assert others["rsa-pss-2048-sha256"]["signature_bytes"] == 256
+    for algorithm, produced in others.items():
+        assert produced["verified"] is True
+        directory = out_dir / algorithm
+        out = openssl_verify_algorithm(
+            tmp_path,
+            algorithm,
+            (directory / "public.pem").read_text(),
+            (directory / "message.bin").read_bytes(),
+            (directory / "signature.bin").read_bytes(),
+        )
+        assert out == "Verified OK", out
+        stored = await fleet.store.get_key(produced["key_id"])
+        assert stored.algorithm == algorithm
 
 
 async def test_node_producer_refuses_a_key_another_attestation_key_vouches_for(

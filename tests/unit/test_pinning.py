@@ -54,8 +54,11 @@ def test_a_jwk_kid_names_key_and_version_and_a_foreign_jwk_needs_none() -> None:
     ("source", "says"),
     [
         ("zk-0123456789abcdef0123", "a key id is not one"),
-        ({"kty": "EC", "crv": "P-384", "x": "AA", "y": "AA"}, "not an EC P-256 JWK"),
+        ({"kty": "EC", "crv": "P-521", "x": "AA", "y": "AA"}, "not an EC P-256/P-384 or RSA JWK"),
         ({"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"}, "coordinate has 32 bytes"),
+        ({"kty": "EC", "crv": "P-384", "x": "A" * 43, "y": "A" * 43}, "coordinate has 48 bytes"),
+        ({"kty": "RSA", "n": "AQAB", "e": "AQAB"}, "needs alg RS256 or PS256"),
+        ({"kty": "RSA", "alg": "RS256", "n": "AQAB", "e": "AQAB"}, "2048- or 3072-bit"),
         ({"kty": "EC", "crv": "P-256", "x": "A" * 43, "y": "A" * 43}, "not a point on P-256"),
         ("[1, 2]", "a JWK is a JSON object"),
         ("{not json", "neither PEM nor a JWK"),
@@ -76,13 +79,13 @@ def test_a_private_jwk_is_refused_without_quoting_it() -> None:
 
 
 def test_a_key_on_another_curve_is_refused() -> None:
-    other = ec.generate_private_key(ec.SECP384R1()).public_key()
-    with pytest.raises(InvalidRequest, match="P-256"):
+    other = ec.generate_private_key(ec.SECP521R1()).public_key()
+    with pytest.raises(InvalidRequest, match="secp521r1"):
         PinnedKey.of(other)
     pem = other.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    with pytest.raises(InvalidRequest, match="P-256"):
+    with pytest.raises(InvalidRequest, match="not a public key of any algorithm"):
         PinnedKey.of(pem)
 
 

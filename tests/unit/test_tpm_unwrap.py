@@ -98,3 +98,33 @@ def test_a_well_wrapped_but_malformed_area_is_refused(sensitive: bytes, complain
 def test_an_empty_duplicate_is_refused() -> None:
     with pytest.raises(IntegrityError, match="truncated"):
         unwrap(b"", os.urandom(16))
+
+
+# -- algorithms (issue 15): an RSA duplicate carries one prime --
+def test_an_rsa_area_gives_its_prime_and_an_ecc_one_is_refused_for_rsa() -> None:
+    key, prime = os.urandom(16), b"\xc1" + os.urandom(127)
+    into = bytearray(128)
+    _unwrap_inner(
+        wrap(sensitive_area(prime, kind=ALG_RSA), key),
+        bytearray(key),
+        NAME,
+        into=into,
+        sensitive_type=ALG_RSA,
+    )
+    assert into == prime
+    with pytest.raises(IntegrityError, match="not a plain RSA"):
+        _unwrap_inner(
+            wrap(sensitive_area(prime), key),
+            bytearray(key),
+            NAME,
+            into=bytearray(128),
+            sensitive_type=ALG_RSA,
+        )
+    with pytest.raises(IntegrityError, match="longer than 128 bytes"):
+        _unwrap_inner(
+            wrap(sensitive_area(os.urandom(129), kind=ALG_RSA), key),
+            bytearray(key),
+            NAME,
+            into=bytearray(128),
+            sensitive_type=ALG_RSA,
+        )

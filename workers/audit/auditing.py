@@ -19,6 +19,7 @@ from contracts.models import (
     Receipt,
     SignBatchReply,
     SignBatchRequest,
+    SignPayload,
     SignReply,
     SignRequest,
     VerifyBatchReply,
@@ -50,11 +51,11 @@ def data_digest(request: BaseModel | None) -> str | None:
     ``verify`` and ``verify.batch`` likewise, for the digests whose signatures were checked.
     """
     if isinstance(request, SignRequest | VerifyRequest):
-        return request.sha256_digest().hex()
+        return _sha256_of(request).hex()
     if isinstance(request, SignBatchRequest | VerifyBatchRequest):
         batch = hashlib.sha256()
         for item in request.items:
-            batch.update(item.sha256_digest())
+            batch.update(_sha256_of(item))
         return batch.hexdigest()
     return None
 
@@ -75,6 +76,13 @@ def outcome_of(result: BaseModel | ZanddError) -> str:
     if isinstance(result, VerifyBatchReply):
         return OUTCOME_VALID if all(result.valid) else OUTCOME_INVALID
     return OUTCOME_OK
+
+
+def _sha256_of(payload: SignPayload) -> bytes:
+    """The SHA-256 of the message, or the digest sent when it is one (32 bytes); a SHA-384
+    digest (``ecdsa-p384-sha384``) is recorded by its SHA-256, so the field stays 64 hex."""
+    digest = payload.sha256_digest()
+    return digest if len(digest) == 32 else hashlib.sha256(digest).digest()
 
 
 def _text(value: object, limit: int = MAX_RECORDED_CHARS) -> str | None:

@@ -21,6 +21,7 @@ from contracts.operations import Operation
 from vault.kek import KekRing
 from vault.records import KeyRecord
 from vault.store import open_store
+from workers.bench.algorithms import AlgorithmRuns, measure_algorithms
 from workers.bench.measure import Run, Timing, drive_blocking
 from workers.bench.progress import Progress
 from workers.bench.tpm_path import sign_in_tpm
@@ -41,10 +42,12 @@ class InProcessResults:
     #: A key of protection "tpm": load its wrapped blob, TPM2_Sign, flush, verify in software
     #: (what ``sign.tpm`` does in the keygen worker, vault read and queues aside).
     tpm_protection: Run
+    #: Each algorithm's keygen and sign runs (``workers.bench.algorithms``); not targets.
+    algorithms: tuple[AlgorithmRuns, ...] = ()
 
 
 async def measure_in_process(
-    tcti: str, ring: KekRing, timing: Timing, progress: Progress
+    tcti: str, ring: KekRing, timing: Timing, progress: Progress, max_keys: int = 100
 ) -> InProcessResults:
     """Measure the raw crypto, our per-request key path and the TPM-only path."""
     digest = os.urandom(32)
@@ -66,11 +69,13 @@ async def measure_in_process(
     progress.end(f"p50 {tpm_only.p50_ms:.2f} ms ({tpm_only.per_s:,.0f} ops/s)")
     tpm_protection = await _measure_tpm_protection(tcti, digest, timing, progress)
     progress.end(f"p50 {tpm_protection.p50_ms:.2f} ms ({tpm_protection.per_s:,.0f} ops/s)")
+    algorithms = await measure_algorithms(tcti, ring, timing, progress, max_keys)
     return InProcessResults(
         crypto_limit=crypto_limit,
         hybrid=hybrid,
         tpm_only=tpm_only,
         tpm_protection=tpm_protection,
+        algorithms=algorithms,
     )
 
 

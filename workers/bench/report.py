@@ -77,6 +77,18 @@ class BenchReport:
             document["shards"] = {"skipped": self.shards}
         elif self.shards is not None:
             document["shards"] = _shards_json(self.shards)
+        if local.algorithms:
+            document["algorithms"] = {
+                runs.algorithm: {
+                    "sign": {"ops_per_s": _rate(runs.sign.per_s), "p50_ms": _ms(runs.sign.p50_ms)},
+                    "keygen": {
+                        "p50_ms": _ms(runs.keygen.p50_ms),
+                        "p99_ms": _ms(runs.keygen.p99_ms),
+                        "keys": runs.keygen.operations,
+                    },
+                }
+                for runs in local.algorithms
+            }
         if len(self.fleets) > 1:
             document["scaling"] = [
                 {"signers": fleet.signers, **_fleet_json(fleet)} for fleet in self.fleets
@@ -246,6 +258,7 @@ def render_table(report: BenchReport) -> str:
             f"{local.tpm_protection.per_s:,.0f} ops/s",
             local.tpm_protection,
         ),
+        *_algorithm_rows(report),
         *(["", "sharded sign path (ZANDD_SIGN_SHARDS; not a target):"] if report.shards else []),
         *_shard_rows(report),
         "",
@@ -260,6 +273,25 @@ def render_table(report: BenchReport) -> str:
         for target in targets(report)
     ]
     return "\n".join(lines)
+
+
+def _algorithm_rows(report: BenchReport) -> list[str]:
+    """Each algorithm's sign (in process, one core) and keygen (keygen handler, TPM) rows."""
+    algorithms = report.in_process.algorithms
+    if not algorithms:
+        return []
+    rows = [
+        "",
+        "algorithms (in process, not targets; sign: open+sign+verify on one core, "
+        "keygen: TPM→certify→export→seal→store):",
+    ]
+    for runs in algorithms:
+        rows.append(f"  {runs.algorithm}")
+        rows.append(_row("    sign", "in process", f"{runs.sign.per_s:,.0f} ops/s", runs.sign))
+        rows.append(
+            _row("    keygen", "keygen handler", f"{runs.keygen.per_s:,.1f} keys/s", runs.keygen)
+        )
+    return rows
 
 
 def _scaling_lines(fleets: tuple[FleetResults, ...]) -> list[str]:

@@ -92,7 +92,9 @@ async def _run(settings: Settings, options: BenchOptions, progress: Progress) ->
         tcti = stack.enter_context(bench_tpm(settings, workdir / "swtpm"))
         local = bench_settings(settings, amqp_url=amqp_url, data_dir=workdir, tcti=tcti)
         ring = await ensure_kek_ring(local, tcti)
-        in_process = await measure_in_process(tcti, ring, options.timing, progress)
+        in_process = await measure_in_process(
+            tcti, ring, options.timing, progress, options.max_keys
+        )
         fleets: list[FleetResults] = []
         keygen: Run | None = None
         for signers in signer_counts:

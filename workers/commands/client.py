@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from contracts.algorithms import ALGORITHM_ECDSA_P256_SHA256, ALGORITHMS
 from contracts.errors import ZanddError
 from workers.commands.base import EXIT_FAILURE, CommandTree
 from workers.service.config import Settings
@@ -24,6 +25,7 @@ async def _cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
             request_id=args.request_id,
             protection=args.protection,
             rotation_period=args.rotation_period,
+            algorithm=args.algorithm,
         )
     print(reply.key_id)
     print(reply.public_key_pem, end="")
@@ -50,15 +52,17 @@ async def _cmd_keys_public(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _payload(path: Path, as_digest: bool) -> tuple[bytes | None, bytes | None]:
+def _payload(
+    path: Path, as_digest: bool, hash_name: str = "sha256"
+) -> tuple[bytes | None, bytes | None]:
     data = path.read_bytes()
-    return (None, hashlib.sha256(data).digest()) if as_digest else (data, None)
+    return (None, hashlib.new(hash_name, data).digest()) if as_digest else (data, None)
 
 
 async def _cmd_sign(args: argparse.Namespace, settings: Settings) -> int:
     from contracts.client import SigningClient
 
-    message, digest = _payload(args.file, args.digest)
+    message, digest = _payload(args.file, args.digest, args.digest_hash)
     async with await SigningClient.connect(settings.amqp_url, timeout_s=args.timeout) as client:
         sign = client.sign_in_tpm if args.tpm else client.sign
         reply = await sign(args.key, message, digest=digest, encoding=args.encoding)
@@ -86,7 +90,7 @@ def _read_signature(value: str) -> bytes:
 
 
 async def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    message, digest = _payload(args.file, args.digest)
+    message, digest = _payload(args.file, args.digest, args.digest_hash)
     signature = _read_signature(args.signature)
     if args.on_fleet:
         return await _verify_on_fleet(args, settings, signature, message, digest)
@@ -96,7 +100,7 @@ async def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         from contracts.pinning import PinnedKey
 
         # Offline: the pinned key alone decides, no broker and no vault is asked.
-        pinned = PinnedKey.from_file(args.public_key)
+        pinned = PinnedKey.from_file(args.public_key, algorithm=args.algorithm)
         valid = pinned.verify(signature, message=message, digest=digest, encoding=args.encoding)
     else:
         from contracts.client import SigningClient
@@ -173,6 +177,14 @@ def register(tree: CommandTree) -> None:
         default=None,
         help="rotate the key automatically this often: 90d, 12w, 1y, seconds (default: never)",
     )
+    # -- algorithms (issue 15) --
+    create.add_argument(
+        "--algorithm",
+        choices=tuple(ALGORITHMS),
+        default=ALGORITHM_ECDSA_P256_SHA256,
+        help="the key's signing algorithm, fixed for its life (RSA keygen takes ~0.2-0.5 s in swtpm)",
+    )
+    # -- end algorithms --
     public = tree.add("keys public", _cmd_keys_public, "print a key's public key", client=True)
     public.add_argument("key_id")
     public.add_argument("--version", type=int, default=None)
@@ -214,6 +226,20 @@ def register(tree: CommandTree) -> None:
             "--digest", action="store_true", help="send only the file's SHA-256 digest"
         )
         parser.add_argument("--encoding", choices=("der", "raw"), default="der")
+        # -- algorithms (issue 15) --
+        parser.add_argument(
+            "--digest-hash",
+            choices=("sha256", "sha384"),
+            default="sha256",
+            help="with --digest: the hash of the key's algorithm (sha384 for ecdsa-p384-sha384)",
+        )
+        # -- end algorithms --
+    verify.add_argument(
+        "--algorithm",
+        choices=tuple(ALGORITHMS),
+        default=None,
+        help="the pinned key's algorithm: needed for an RSA key given as PEM (a JWK names it)",
+    )
     sign.add_argument(
         "--out", type=Path, default=None, help="write the binary signature here (default: base64)"
     )

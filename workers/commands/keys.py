@@ -231,7 +231,7 @@ async def _cmd_keys_attest(args: argparse.Namespace, settings: Settings) -> int:
 
     from contracts.attestation import parts_of, verify_attestation
     from contracts.client import SigningClient
-    from contracts.crypto import load_public_key
+    from contracts.crypto import load_algorithm_public_key, load_public_key
 
     attestation_key = load_public_key(args.attestation_key.read_bytes())
     async with await SigningClient.connect(settings.amqp_url, timeout_s=args.timeout) as client:
@@ -243,7 +243,7 @@ async def _cmd_keys_attest(args: argparse.Namespace, settings: Settings) -> int:
     try:
         report = verify_attestation(
             parts_of(reply.attestation),
-            load_public_key(reply.public_key_pem),
+            load_algorithm_public_key(reply.public_key_pem, reply.algorithm),
             attestation_key,
             key_id=reply.key_id,
             version=reply.version,

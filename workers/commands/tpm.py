@@ -22,11 +22,12 @@ async def _cmd_tpm_check(args: argparse.Namespace, settings: Settings) -> int:
         )
         started = time.perf_counter()
         with tpm.create_exportable_p256() as exported:
-            public_key = exported.public_key()
+            algorithm = exported.algorithm.name
         elapsed_ms = (time.perf_counter() - started) * 1000
-    print(
-        f"create → export → flush round trip: OK in {elapsed_ms:.1f} ms (public key on {public_key.curve.name})"
-    )
+        supported = tpm.supported_algorithms()
+    print(f"create → export → flush round trip: OK in {elapsed_ms:.1f} ms ({algorithm})")
+    for name, ok in supported.items():
+        print(f"  {name}: {'supported' if ok else 'NOT supported by this TPM (TPM2_TestParms)'}")
     return 0
 
 

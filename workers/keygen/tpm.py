@@ -1,8 +1,10 @@
 """TPM 2.0 access for the keygen worker, through tpm2-pytss (ESAPI), synchronous.
 
-The TPM generates each P-256 key (``TPM2_Create`` under a storage primary, the scalar never
-chosen outside the TPM) and hands the private scalar out once with ``TPM2_Duplicate`` to the
-NULL parent. The key's only policy is ``PolicyCommandCode(Duplicate)``. After export the key
+The TPM generates each key (``TPM2_Create`` under a storage primary, the private value never
+chosen outside the TPM) and hands the private part out once with ``TPM2_Duplicate`` to the
+NULL parent: for ECDSA (P-256, P-384) the private scalar, for RSA (2048, 3072; e = 65537) the
+prime ``p`` its ``TPMT_SENSITIVE`` holds, from which the private key is rebuilt with the
+public modulus (``rsa_private_key``). The key's only policy is ``PolicyCommandCode(Duplicate)``. After export the key
 is no longer bound to the TPM: the TPM contributes its RNG and key generation, the vault
 encryption protects the key at rest.
 
@@ -41,7 +43,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from cryptography.hazmat.decrepit.ciphers.modes import CFB
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from tpm2_pytss import (
     ESAPI,
@@ -58,12 +60,22 @@ from tpm2_pytss import (
     TPM2B_PUBLIC,
     TPMA_OBJECT,
     TPMA_SESSION,
+    TPMT_PUBLIC_PARMS,
     TPMT_SYM_DEF,
     TPMT_SYM_DEF_OBJECT,
     TSS2_Exception,
 )
 
+from contracts.algorithms import (
+    ALGORITHM_ECDSA_P256_SHA256,
+    ALGORITHMS,
+    RSA_PUBLIC_EXPONENT,
+    AlgorithmSpec,
+    PublicKey,
+    algorithm_spec,
+)
 from contracts.errors import IntegrityError, TpmUnavailable
+from vault.opening import rsa_private_key
 from vault.sealing import wipe
 
 logger = logging.getLogger(__name__)
@@ -114,26 +126,49 @@ class TpmInfo:
 
 
 class ExportedKey:
-    """A P-256 private scalar exported from the TPM plus its public point. Caller must wipe().
+    """A private value exported from the TPM plus its public part. Caller must wipe().
 
-    Use it as a context manager to wipe on exit. Its repr never shows the scalar.
+    ``private_scalar`` is what gets sealed: the EC scalar (``public_x``/``public_y`` the
+    point), or for RSA the prime ``p`` (``modulus`` the public ``n``, e = 65537). Use it as a
+    context manager to wipe on exit. Its repr never shows the private value.
     """
 
-    __slots__ = ("private_scalar", "public_x", "public_y")
+    __slots__ = ("algorithm", "modulus", "private_scalar", "public_x", "public_y")
 
-    def __init__(self, private_scalar: bytearray, public_x: bytes, public_y: bytes) -> None:
-        if not len(private_scalar) == len(public_x) == len(public_y) == P256_BYTES:
-            raise ValueError("a P-256 key needs a 32-byte scalar and 32-byte coordinates")
+    def __init__(
+        self,
+        private_scalar: bytearray,
+        public_x: bytes = b"",
+        public_y: bytes = b"",
+        *,
+        algorithm: str = ALGORITHM_ECDSA_P256_SHA256,
+        modulus: bytes = b"",
+    ) -> None:
+        spec = algorithm_spec(algorithm)
+        if spec.family == "ecdsa":
+            size = spec.coordinate_bytes
+            if not len(private_scalar) == len(public_x) == len(public_y) == size:
+                raise ValueError(
+                    f"a {spec.name} key needs a {size}-byte scalar and {size}-byte coordinates"
+                )
+        elif len(modulus) != spec.rsa_bits // 8 or len(private_scalar) != spec.rsa_bits // 16:
+            raise ValueError(f"a {spec.name} key needs its modulus and a prime of half its size")
+        self.algorithm = spec
         self.private_scalar = private_scalar
         self.public_x = public_x
         self.public_y = public_y
+        self.modulus = modulus
 
-    def public_key(self) -> ec.EllipticCurvePublicKey:
-        """The public key, from the point the TPM reported."""
+    def public_key(self) -> PublicKey:
+        """The public key, from the point or modulus the TPM reported."""
+        if self.algorithm.family == "rsa":
+            return rsa.RSAPublicNumbers(
+                RSA_PUBLIC_EXPONENT, int.from_bytes(self.modulus, "big")
+            ).public_key()
         return ec.EllipticCurvePublicNumbers(
             int.from_bytes(self.public_x, "big"),
             int.from_bytes(self.public_y, "big"),
-            ec.SECP256R1(),
+            self.algorithm.curve(),
         ).public_key()
 
     def wipe(self) -> None:
@@ -141,7 +176,11 @@ class ExportedKey:
         wipe(self.private_scalar)
 
     def __repr__(self) -> str:
-        return f"ExportedKey(public_x={self.public_x.hex()}, private_scalar=<redacted>)"
+        public = self.modulus[:8] if self.algorithm.family == "rsa" else self.public_x
+        return (
+            f"ExportedKey(algorithm={self.algorithm.name!r}, public={public.hex()}…, "
+            "private_scalar=<redacted>)"
+        )
 
     def __enter__(self) -> ExportedKey:
         return self
@@ -218,19 +257,29 @@ class Tpm:
             wipe(out)
 
     def create_exportable_p256(self, while_loaded: LoadedHook | None = None) -> ExportedKey:
-        """Generate a P-256 key in the TPM, export it, flush it, and check it.
+        """Generate a P-256 key in the TPM, export it, flush it, and check it
+        (:meth:`create_exportable` for ``ecdsa-p256-sha256``)."""
+        return self.create_exportable(ALGORITHM_ECDSA_P256_SHA256, while_loaded)
+
+    def create_exportable(
+        self, algorithm: str, while_loaded: LoadedHook | None = None
+    ) -> ExportedKey:
+        """Generate a key of ``algorithm`` in the TPM, export it, flush it, and check it.
 
         ``while_loaded(esapi_context, key_handle, public)`` runs while the new key is loaded,
         before the export (to certify it); it must flush whatever it loads.
 
         Raises:
             TpmUnavailable: a TPM command failed.
-            IntegrityError: the exported scalar does not match the TPM's public key.
+            IntegrityError: the exported private value does not match the TPM's public key.
         """
-        scalar = bytearray(P256_BYTES)
+        spec = algorithm_spec(algorithm)
+        rsa_key = spec.family == "rsa"
+        scalar = bytearray(spec.rsa_bits // 16 if rsa_key else spec.coordinate_bytes)
+        sensitive_type = TPM2_ALG.RSA if rsa_key else TPM2_ALG.ECC
 
         def export(ectx: Any, primary: Any) -> TPM2B_PUBLIC:
-            private, public, _, _, _ = ectx.create(primary, None, _exportable_key_template())
+            private, public, _, _, _ = ectx.create(primary, None, _exportable_key_template(spec))
             with (
                 _flushed(ectx, ectx.load(primary, private, public)) as key,
                 _flushed(ectx, _salted_policy_session(ectx, primary)) as session,
@@ -238,17 +287,41 @@ class Tpm:
                 if while_loaded is not None:
                     while_loaded(ectx, key, public)
                 ectx.policy_command_code(session, TPM2_CC.Duplicate)
-                _export_scalar(ectx, key, session, into=scalar)
+                _export_scalar(ectx, key, session, into=scalar, sensitive_type=sensitive_type)
             return public
 
         try:
             public = self.under_storage_primary("key generation", export)
-            exported = ExportedKey(scalar, *_public_point(public))
+            if rsa_key:
+                exported = ExportedKey(
+                    scalar, algorithm=spec.name, modulus=_public_modulus(public, spec)
+                )
+            else:
+                exported = ExportedKey(
+                    scalar, *_public_point(public, spec.coordinate_bytes), algorithm=spec.name
+                )
             _check_pair(exported)
         except BaseException:
             wipe(scalar)
             raise
         return exported
+
+    def supported_algorithms(self) -> dict[str, bool]:
+        """Which algorithms of the contract this TPM can generate: ``TPM2_TestParms`` on each
+        key template (swtpm 0.7 with libtpms: all of them; RSA 4096 it refuses)."""
+        supported: dict[str, bool] = {}
+        with self._lock, _tss_errors("TPM2_TestParms"):
+            ectx = self._context()
+            for name, spec in ALGORITHMS.items():
+                area = _exportable_key_template(spec).publicArea
+                parms = TPMT_PUBLIC_PARMS(type=area.type, parameters=area.parameters)
+                try:
+                    ectx.test_parms(parms)
+                except TSS2_Exception:
+                    supported[name] = False
+                else:
+                    supported[name] = True
+        return supported
 
     def under_storage_primary(self, action: str, command: Callable[[Any, Any], T]) -> T:
         """Run ``command(esapi_context, storage_primary)`` with the TPM to ourselves.
@@ -360,9 +433,22 @@ def _storage_template() -> TPM2B_PUBLIC:
     return TPM2B_PUBLIC.parse("ecc256:aes128cfb", objectAttributes=_STORAGE_ATTRIBUTES)
 
 
-def _exportable_key_template() -> TPM2B_PUBLIC:
+def key_template_text(spec: AlgorithmSpec) -> str:
+    """The tpm2-pytss template of a key of ``spec``: curve or size, and the TPM's own scheme
+    (what ``TPM2_Certify`` shows; the signers apply the algorithm's scheme in software)."""
+    # The explicit ":null" symmetric part: tpm2-pytss 3.0 reads "rsapss-…" alone as asking
+    # for AES, which TPM2_Create refuses for a signing key (TPM_RC_SYMMETRIC).
+    if spec.family == "rsa":
+        return f"rsa{spec.rsa_bits}:{'rsapss' if spec.pss else 'rsassa'}-{spec.hash_name}:null"
+    return f"ecc{spec.coordinate_bytes * 8}:ecdsa-{spec.hash_name}:null"
+
+
+def _exportable_key_template(
+    spec: AlgorithmSpec | None = None,
+) -> TPM2B_PUBLIC:
+    spec = spec if spec is not None else algorithm_spec(ALGORITHM_ECDSA_P256_SHA256)
     return TPM2B_PUBLIC.parse(
-        "ecc256:ecdsa-sha256",
+        key_template_text(spec),
         objectAttributes=_EXPORTABLE_KEY_ATTRIBUTES,
         authPolicy=DUPLICATE_ONLY_POLICY,
     )
@@ -389,7 +475,9 @@ def _salted_policy_session(ectx: Any, salt_key: Any) -> Any:
     return session
 
 
-def _export_scalar(ectx: Any, key: Any, session: Any, *, into: bytearray) -> None:
+def _export_scalar(
+    ectx: Any, key: Any, session: Any, *, into: bytearray, sensitive_type: int = TPM2_ALG.ECC
+) -> None:
     """Duplicate ``key`` under a one-use inner wrapper, unwrap it, copy the scalar ``into``.
 
     The inner key comes from the OS RNG, not TPM2_GetRandom, whose response is in the clear.
@@ -408,7 +496,13 @@ def _export_scalar(ectx: Any, key: Any, session: Any, *, into: bytearray) -> Non
             session1=session,
         )
         try:
-            _unwrap_inner(duplicate.buffer, inner_key, bytes(ectx.tr_get_name(key)), into=into)
+            _unwrap_inner(
+                duplicate.buffer,
+                inner_key,
+                bytes(ectx.tr_get_name(key)),
+                into=into,
+                sensitive_type=sensitive_type,
+            )
         finally:
             _zero_tpm2b(duplicate)
     finally:
@@ -417,9 +511,15 @@ def _export_scalar(ectx: Any, key: Any, session: Any, *, into: bytearray) -> Non
 
 
 def _unwrap_inner(
-    wrapped: memoryview | bytes, inner_key: bytearray, name: bytes, *, into: bytearray
+    wrapped: memoryview | bytes,
+    inner_key: bytearray,
+    name: bytes,
+    *,
+    into: bytearray,
+    sensitive_type: int = TPM2_ALG.ECC,
 ) -> None:
-    """Decipher an inner-wrapped duplicate, check its integrity, copy the ECC scalar ``into``.
+    """Decipher an inner-wrapped duplicate, check its integrity, copy the private value
+    (the ECC scalar, or RSA's prime ``p``: ``sensitive_type``) ``into``.
 
     The layout (TPM 2.0 part 1, 23.3.2.3): AES-CFB with ``inner_key`` and a zero IV over
     ``TPM2B(innerIntegrity) || TPM2B_SENSITIVE``, where ``innerIntegrity`` is
@@ -439,26 +539,32 @@ def _unwrap_inner(
         expected.update(name)
         if not hmac.compare_digest(integrity, expected.digest()):
             raise IntegrityError("the TPM's duplicate fails its inner integrity check")
-        _copy_scalar(sensitive, into=into)
+        _copy_scalar(sensitive, into=into, sensitive_type=sensitive_type)
     finally:
         wipe(plain)
 
 
-def _copy_scalar(marshalled: memoryview, *, into: bytearray) -> None:
-    """Copy the ECC scalar of a marshalled ``TPM2B_SENSITIVE`` into ``into``.
+def _copy_scalar(
+    marshalled: memoryview, *, into: bytearray, sensitive_type: int = TPM2_ALG.ECC
+) -> None:
+    """Copy the private value of a marshalled ``TPM2B_SENSITIVE`` into ``into``: the ECC
+    scalar (``TPM2B_ECC_PARAMETER``) or the RSA prime ``p`` (``TPM2B_PRIVATE_KEY_RSA``).
 
     Parsed in place, field by field, so that no immutable copy of the sensitive area exists.
     """
+    kind = "RSA" if sensitive_type == TPM2_ALG.RSA else "ECC"
     area, rest = _take_tpm2b(marshalled)
-    if len(rest) or len(area) < 2 or int.from_bytes(area[:2], "big") != TPM2_ALG.ECC:
-        raise IntegrityError("the TPM's duplicate is not a plain ECC sensitive area")
+    if len(rest) or len(area) < 2 or int.from_bytes(area[:2], "big") != sensitive_type:
+        raise IntegrityError(f"the TPM's duplicate is not a plain {kind} sensitive area")
     _, rest = _take_tpm2b(area[2:])  # authValue
     _, rest = _take_tpm2b(rest)  # seedValue
     scalar, rest = _take_tpm2b(rest)
     if len(rest):
-        raise IntegrityError("the TPM's duplicate is not a plain ECC sensitive area")
+        raise IntegrityError(f"the TPM's duplicate is not a plain {kind} sensitive area")
     if len(scalar) > len(into):
-        raise IntegrityError("the TPM exported an ECC scalar longer than 32 bytes")
+        raise IntegrityError(
+            f"the TPM exported an {kind} private value longer than {len(into)} bytes"
+        )
     into[len(into) - len(scalar) :] = scalar
 
 
@@ -472,24 +578,41 @@ def _take_tpm2b(data: memoryview) -> tuple[memoryview, memoryview]:
     return data[2 : 2 + size], data[2 + size :]
 
 
-def _public_point(public: TPM2B_PUBLIC) -> tuple[bytes, bytes]:
+def _public_point(public: TPM2B_PUBLIC, size: int = P256_BYTES) -> tuple[bytes, bytes]:
     point = public.publicArea.unique.ecc
-    return _left_pad(bytes(point.x)), _left_pad(bytes(point.y))
+    return _left_pad(bytes(point.x), size), _left_pad(bytes(point.y), size)
 
 
-def _left_pad(coordinate: bytes) -> bytes:
-    if len(coordinate) > P256_BYTES:
-        raise IntegrityError("the TPM reported a P-256 coordinate longer than 32 bytes")
-    return coordinate.rjust(P256_BYTES, b"\0")
+def _left_pad(coordinate: bytes, size: int = P256_BYTES) -> bytes:
+    if len(coordinate) > size:
+        raise IntegrityError(f"the TPM reported an EC coordinate longer than {size} bytes")
+    return coordinate.rjust(size, b"\0")
+
+
+def _public_modulus(public: TPM2B_PUBLIC, spec: AlgorithmSpec) -> bytes:
+    """The RSA modulus the TPM reported; its exponent must be the default (0 = 65537)."""
+    area = public.publicArea
+    exponent = int(area.parameters.rsaDetail.exponent)
+    if exponent not in (0, RSA_PUBLIC_EXPONENT):
+        raise IntegrityError("the TPM made an RSA key with another exponent than 65537")
+    modulus = bytes(area.unique.rsa)
+    if len(modulus) != spec.rsa_bits // 8 or not modulus[0] & 0x80:
+        raise IntegrityError(f"the TPM reported an RSA modulus that is not {spec.rsa_bits} bits")
+    return modulus
 
 
 def _check_pair(key: ExportedKey) -> None:
-    """Derive the public point from the scalar and compare it with the TPM's."""
+    """Derive the public key from the private value and compare it with the TPM's."""
+    reported = key.public_key()
     try:
-        derived = ec.derive_private_key(int.from_bytes(key.private_scalar, "big"), ec.SECP256R1())
-        reported = key.public_key()
+        if isinstance(reported, rsa.RSAPublicKey):
+            rsa_private_key(key.private_scalar, reported, validate=True)
+            return
+        derived = ec.derive_private_key(
+            int.from_bytes(key.private_scalar, "big"), key.algorithm.curve()
+        )
     except ValueError as exc:
-        raise IntegrityError("the TPM exported an invalid P-256 key") from exc
+        raise IntegrityError(f"the TPM exported an invalid {key.algorithm.name} key") from exc
     if derived.public_key().public_numbers() != reported.public_numbers():
         raise IntegrityError("the exported private scalar does not match the TPM's public key")
 

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 
 from contracts.attestation import attestation_reply
-from contracts.crypto import load_public_key, public_key_jwk, public_key_pem
+from contracts.crypto import load_algorithm_public_key, public_key_jwk, public_key_pem
 from contracts.errors import (
     IntegrityError,
     InternalError,
@@ -323,13 +323,15 @@ def _updated(
 
 
 def _rotate_reply(record: KeyRecord) -> KeyRotateReply:
-    key = load_public_key(record.public_key_der)
+    key = load_algorithm_public_key(record.public_key_der, record.algorithm)
     return KeyRotateReply(
         key_id=record.key_id,
         version=record.version,
         algorithm=record.algorithm,
         public_key_pem=public_key_pem(key),
-        public_key_jwk=public_key_jwk(key, kid=f"{record.key_id}.v{record.version}"),
+        public_key_jwk=public_key_jwk(
+            key, kid=f"{record.key_id}.v{record.version}", algorithm=record.algorithm
+        ),
         created_at=record.created_at,
         attestation=attestation_reply(record.attestation),
         protection=record.protection,

@@ -17,8 +17,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from contracts.algorithms import ALGORITHM_ECDSA_P256_SHA256
 from contracts.attestation import AttestationParts, attestation_reply, qualifying_data
-from contracts.crypto import der_to_raw, load_public_key, public_key_der, public_key_pem
+from contracts.crypto import (
+    der_to_raw,
+    load_algorithm_public_key,
+    load_public_key,
+    public_key_der,
+    public_key_pem,
+)
 from contracts.errors import IntegrityError, InvalidRequest, KeyDisabled
 from contracts.models import KeyCreateReply, KeyCreateRequest, SignReply, SignRequest
 from contracts.operations import Operation
@@ -121,8 +128,13 @@ class Keygen:
             raise InvalidRequest(
                 f'key {record.key_id} has protection "exportable": send sign, not sign.tpm'
             )
+        if record.algorithm != ALGORITHM_ECDSA_P256_SHA256:
+            raise IntegrityError(
+                f"key {record.key_id} v{record.version} has protection tpm and algorithm "
+                f"{record.algorithm}: only ecdsa-p256-sha256 keys live in the TPM"
+            )
         key = TpmBoundKey.decode(record.tpm_blob)
-        digest = request.sha256_digest()
+        digest = request.digest_for(record.algorithm)
         with stage(Stage.TPM, self._metrics):
             signature = await self._tpm.run(
                 lambda tpm: tpm.under_storage_primary(
@@ -155,6 +167,12 @@ class Keygen:
         sealed: SealedKey | None = None
         tpm_blob: bytes | None = None
         if request.protection == "tpm":
+            if request.algorithm != ALGORITHM_ECDSA_P256_SHA256:
+                raise InvalidRequest(
+                    f'protection "tpm" supports ecdsa-p256-sha256 only (asked for '
+                    f"{request.algorithm}): create the key with protection exportable, or "
+                    "as ecdsa-p256-sha256"
+                )
             public_der, tpm_blob, attested = await self._tpm_bound(key_id)
         else:
             public_der, sealed, attested = await self._exportable(key_id, request.algorithm)
@@ -230,7 +248,9 @@ class Keygen:
             attested.append(certify(ectx, key, public, qualifying))
 
         with stage(Stage.TPM, self._metrics):
-            exported = await self._tpm.run(lambda tpm: tpm.create_exportable_p256(certify_new_key))
+            exported = await self._tpm.run(
+                lambda tpm: tpm.create_exportable(algorithm, certify_new_key)
+            )
         with exported:
             binding = RecordBinding(key_id=key_id, version=version, algorithm=algorithm)
             sealed = seal(exported.private_scalar, binding, self._ring.active)
@@ -256,7 +276,9 @@ def _reply(record: KeyRecord) -> KeyCreateReply:
         key_id=record.key_id,
         version=record.version,
         algorithm=record.algorithm,
-        public_key_pem=public_key_pem(load_public_key(record.public_key_der)),
+        public_key_pem=public_key_pem(
+            load_algorithm_public_key(record.public_key_der, record.algorithm)
+        ),
         created_at=record.created_at,
         attestation=attestation_reply(record.attestation),
         protection=record.protection,

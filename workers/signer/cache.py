@@ -17,8 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
+from contracts.algorithms import PublicKey
 from vault.kek import KekRing
 from vault.record_mac import verify_record
 from vault.records import KeyRecord
@@ -34,7 +33,7 @@ class CachedKey:
     """A sealed record and its parsed public key."""
 
     record: KeyRecord
-    public_key: ec.EllipticCurvePublicKey
+    public_key: PublicKey
     expires_at: float
 
 

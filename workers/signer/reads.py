@@ -109,13 +109,14 @@ class KeyReads:
     async def verify(self, request: VerifyRequest, context: RequestContext) -> VerifyReply:
         """Whether the signature holds under the key version's authenticated public key."""
         cached = await self._readable(request.key_id, request.version, context, "verify with")
+        record = cached.record
         valid = verify_signature(
             cached.public_key,
             request.signature,
-            digest=request.sha256_digest(),
+            digest=request.digest_for(record.algorithm),
             encoding=request.encoding,
+            algorithm=record.algorithm,
         )
-        record = cached.record
         return VerifyReply(
             key_id=record.key_id,
             version=record.version,
@@ -129,6 +130,7 @@ class KeyReads:
     ) -> VerifyBatchReply:
         """A verdict per item, in item order, under one key version."""
         cached = await self._readable(request.key_id, request.version, context, "verify with")
+        algorithm = cached.record.algorithm
         verdicts: list[bool] = []
         for start in range(0, len(request.items), VERIFY_CHUNK_ITEMS):
             if start:
@@ -138,8 +140,9 @@ class KeyReads:
                     verify_signature(
                         cached.public_key,
                         item.signature,
-                        digest=item.sha256_digest(),
+                        digest=item.digest_for(algorithm),
                         encoding=request.encoding,
+                        algorithm=algorithm,
                     )
                 )
         record = cached.record

@@ -1,4 +1,7 @@
-"""Per-request key use: open the sealed scalar into our own buffer, check, sign, verify, wipe.
+"""Per-request key use: open the sealed key into our own buffer, check, sign, verify, wipe.
+
+Each record signs with its own algorithm (``contracts.algorithms``: ECDSA P-256/P-384, RSA
+PKCS#1 v1.5 or PSS), the one sealed with it.
 
 Python cannot promise that no copy of the scalar survives: ``cryptography`` needs it as an
 ``int`` (immutable, freed but not zeroed) and OpenSSL keeps its own copy inside the key object
@@ -15,12 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-
-from contracts.crypto import der_to_raw, load_public_key
+from contracts.algorithms import AlgorithmSpec, PrivateKey, PublicKey, UnsupportedAlgorithm
+from contracts.algorithms import algorithm_spec as _algorithm_spec
+from contracts.crypto import load_algorithm_public_key
 from contracts.errors import IntegrityError, InvalidRequest, KeyDisabled
 from contracts.models import Encoding
 from vault.kek import KekRing
@@ -30,13 +30,22 @@ from workers.observability.metrics import Metrics
 from workers.observability.stages import Stage
 from workers.observability.telemetry import stage
 
-_PREHASHED_ECDSA = ec.ECDSA(Prehashed(hashes.SHA256()))
 
-
-def stored_public_key(record: KeyRecord) -> ec.EllipticCurvePublicKey:
-    """The record's public key; a stored key that does not parse is an integrity failure."""
+def algorithm_of(record: KeyRecord) -> AlgorithmSpec:
+    """The record's algorithm; one this software does not know is an integrity failure."""
     try:
-        return load_public_key(record.public_key_der)
+        return _algorithm_spec(record.algorithm)
+    except UnsupportedAlgorithm:
+        raise IntegrityError(
+            f"key {record.key_id} v{record.version} names an unknown algorithm"
+        ) from None
+
+
+def stored_public_key(record: KeyRecord) -> PublicKey:
+    """The record's public key; a stored key that does not parse, or is not a key of the
+    record's algorithm, is an integrity failure."""
+    try:
+        return load_algorithm_public_key(record.public_key_der, algorithm_of(record).name)
     except (InvalidRequest, ValueError) as exc:
         raise IntegrityError(
             f"key {record.key_id} v{record.version} has a stored public key that does not parse"
@@ -44,7 +53,7 @@ def stored_public_key(record: KeyRecord) -> ec.EllipticCurvePublicKey:
 
 
 @contextmanager
-def opened_key(record: KeyRecord, ring: KekRing) -> Iterator[ec.EllipticCurvePrivateKey]:
+def opened_key(record: KeyRecord, ring: KekRing) -> Iterator[PrivateKey]:
     """The record's private key for a ``with`` block; refuses unusable records.
 
     A scalar that does not belong to the record's public key is caught by the verification
@@ -61,10 +70,11 @@ def sign_digests(
     ring: KekRing,
     digests: Iterable[bytes],
     encoding: Encoding,
-    public_key: ec.EllipticCurvePublicKey | None = None,
+    public_key: PublicKey | None = None,
     metrics: Metrics | None = None,
 ) -> list[bytes]:
-    """Sign every SHA-256 digest with the record's key and verify each signature.
+    """Sign every digest (of the record's algorithm's hash) with the record's key and verify
+    each signature.
 
     Verification uses the public key stored in the record (``public_key`` when the caller
     parsed it already), not one derived from the opened scalar: a fault during signing, or a
@@ -73,30 +83,39 @@ def sign_digests(
     """
     if public_key is None:
         public_key = stored_public_key(record)
+    spec = algorithm_of(record)
     signatures: list[bytes] = []
     with ExitStack() as key_scope:
         with stage(Stage.UNSEAL, metrics):
             private_key = key_scope.enter_context(opened_key(record, ring))
         with stage(Stage.SIGN, metrics):
             for digest in digests:
-                signatures.append(_signed(private_key, public_key, record, digest, encoding))
+                signatures.append(_signed(spec, private_key, public_key, record, digest, encoding))
     return signatures
 
 
 def _signed(
-    private_key: ec.EllipticCurvePrivateKey,
-    public_key: ec.EllipticCurvePublicKey,
+    spec: AlgorithmSpec,
+    private_key: PrivateKey,
+    public_key: PublicKey,
     record: KeyRecord,
     digest: bytes,
     encoding: Encoding,
 ) -> bytes:
-    signature = private_key.sign(digest, _PREHASHED_ECDSA)
+    if len(digest) != spec.digest_bytes:
+        raise InvalidRequest(
+            f"a key of {spec.name} signs {spec.digest_bytes}-byte {spec.hash_name.upper()} digests"
+        )
     try:
-        public_key.verify(signature, digest, _PREHASHED_ECDSA)
-    except InvalidSignature:
+        signature = spec.sign_digest(private_key, digest)
+    except UnsupportedAlgorithm:
+        raise IntegrityError(
+            f"key {record.key_id} v{record.version} opened to a key of another algorithm"
+        ) from None
+    if not spec.verify_digest(public_key, signature, digest):
         raise IntegrityError(
             f"a signature by key {record.key_id} v{record.version} did not verify "
             "against its stored public key (a fault, or a sealed scalar that does not "
             "belong to the record); nothing was returned"
         ) from None
-    return der_to_raw(signature) if encoding == "raw" else signature
+    return spec.to_raw(signature) if encoding == "raw" else signature

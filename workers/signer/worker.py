@@ -112,7 +112,8 @@ class Signer:
         """One signature over the request's message or digest."""
         cached = await self._usable_key(request.key_id, request.version, context)
         record = cached.record
-        (signature,) = self._sign(cached, [request.sha256_digest()], request.encoding)
+        digest = request.digest_for(record.algorithm)
+        (signature,) = self._sign(cached, [digest], request.encoding)
         return SignReply(
             key_id=record.key_id,
             version=record.version,
@@ -127,7 +128,7 @@ class Signer:
         """Signatures over every item, in item order, the key opened once per chunk."""
         cached = await self._usable_key(request.key_id, request.version, context)
         record = cached.record
-        digests = [item.sha256_digest() for item in request.items]
+        digests = [item.digest_for(record.algorithm) for item in request.items]
         signatures: list[bytes] = []
         for start in range(0, len(digests), SIGN_CHUNK_ITEMS):
             if start:
@@ -156,7 +157,9 @@ class Signer:
             version=record.version,
             algorithm=record.algorithm,
             public_key_pem=public_key_pem(key),
-            public_key_jwk=public_key_jwk(key, kid=f"{record.key_id}.v{record.version}"),
+            public_key_jwk=public_key_jwk(
+                key, kid=f"{record.key_id}.v{record.version}", algorithm=record.algorithm
+            ),
             attestation=attestation_reply(record.attestation),
             protection=record.protection,
             versions=await self._all_versions(record.key_id) if request.all_versions else None,
@@ -176,7 +179,9 @@ class Signer:
                     version=record.version,
                     algorithm=record.algorithm,
                     public_key_pem=public_key_pem(key),
-                    public_key_jwk=public_key_jwk(key, kid=f"{record.key_id}.v{record.version}"),
+                    public_key_jwk=public_key_jwk(
+                        key, kid=f"{record.key_id}.v{record.version}", algorithm=record.algorithm
+                    ),
                     attestation=attestation_reply(record.attestation),
                     protection=record.protection,
                 )
