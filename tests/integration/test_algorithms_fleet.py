@@ -200,3 +200,61 @@ async def test_tpm_check_says_which_algorithms_the_tpm_supports(
     assert code == 0, err
     for algorithm in get_args(AlgorithmName):
         assert f"  {algorithm}: supported\n" in out
+
+
+@pytest.mark.parametrize("algorithm", ["ecdsa-p384-sha384", "rsa-pss-2048-sha256"])
+async def test_a_key_of_another_algorithm_rotates_and_the_fleet_verifies_each_version(
+    fleet: RunningFleet, tmp_path: Path, algorithm: AlgorithmName
+) -> None:
+    """The parts of the KMS work together: a rotated P-384 or RSA key keeps its algorithm,
+    every version's JWK says it, and ``verify`` on the fleet checks with the key's own hash."""
+    spec = algorithm_spec(algorithm)
+    async with await fleet.client() as client:
+        created = await client.create_key(algorithm=algorithm)
+        first = await client.sign(created.key_id, MESSAGE)
+        rotated = await client.rotate_key(created.key_id)
+        assert (rotated.version, rotated.algorithm) == (2, algorithm)
+        assert rotated.public_key_jwk.kid == f"{created.key_id}.v2"
+        second = await client.sign(created.key_id, MESSAGE)
+        assert (second.version, second.algorithm) == (2, algorithm)
+        out = await asyncio.to_thread(
+            openssl_verify_algorithm,
+            tmp_path,
+            algorithm,
+            rotated.public_key_pem,
+            MESSAGE,
+            second.signature,
+        )
+        assert out == "Verified OK", out
+        for version, signed in ((1, first), (2, second)):
+            verdict = await client.verify_on_fleet(
+                created.key_id, signed.signature, message=MESSAGE, version=version
+            )
+            assert (verdict.version, verdict.algorithm, verdict.valid) == (
+                version,
+                algorithm,
+                True,
+            )
+            digest = spec.digest(MESSAGE)
+            by_digest = await client.verify_on_fleet(
+                created.key_id, signed.signature, digest=digest, version=version
+            )
+            assert by_digest.valid
+        # Each version's signature holds under its own version only.
+        crossed = await client.verify_on_fleet(
+            created.key_id, first.signature, message=MESSAGE, version=2
+        )
+        assert not crossed.valid
+        public = await client.public_key(created.key_id, all_versions=True)
+        assert public.versions is not None
+        assert [(v.version, v.public_key_jwk.alg) for v in public.versions] == [
+            (1, created_jwk_alg(algorithm)),
+            (2, created_jwk_alg(algorithm)),
+        ]
+        described = await client.describe_key(created.key_id)
+        assert {v.algorithm for v in described.versions} == {algorithm}
+
+
+def created_jwk_alg(algorithm: str) -> str:
+    """The JWK ``alg`` a key of ``algorithm`` is served with."""
+    return {"ecdsa-p384-sha384": "ES384", "rsa-pss-2048-sha256": "PS256"}[algorithm]
