@@ -89,6 +89,29 @@ Base64Bytes = Annotated[
 KeyId = Annotated[
     str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"), Field(strict=True)
 ]
+# ---- issue 15, aliases ----
+#: An alias: ``alias/`` then 1 to 128 of ``[A-Za-z0-9._-]``. Never a key id: key ids cannot
+#: hold a ``/``, so no key id reads as an alias nor an alias as a key id.
+ALIAS_PREFIX: Final = "alias/"
+ALIAS_PATTERN: Final = r"^alias/[A-Za-z0-9._-]{1,128}$"
+AliasName = Annotated[str, StringConstraints(pattern=ALIAS_PATTERN), Field(strict=True)]
+#: Where a key id is on the wire of the operations in ``ALIAS_OPERATIONS``: a key id or an
+#: alias, which the serving worker resolves (replies name the real key id).
+KeyRef = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9._:-]{0,127}|alias/[A-Za-z0-9._-]{1,128})$"
+    ),
+    Field(strict=True),
+]
+
+
+def is_alias(key_ref: str) -> bool:
+    """Whether ``key_ref`` (a validated ``KeyRef``) is an alias rather than a key id."""
+    return key_ref.startswith(ALIAS_PREFIX)
+
+
+# ---- end issue 15, aliases ----
 #: Versions count from 1; the upper bound keeps every integer storable (SQLite's INTEGER is 64
 #: bits, BSON's int32/int64) and printable, whatever a caller sends.
 MAX_VERSION = 2**31 - 1
@@ -178,7 +201,7 @@ class SignRequest(SignPayload):
     """``sign``: one signature over a message or a digest (also ``sign.tpm``, for a key with
     protection ``tpm``, served by the keygen worker)."""
 
-    key_id: KeyId
+    key_id: KeyRef
     version: Version | None = None
     encoding: Encoding = "der"
 
@@ -186,7 +209,7 @@ class SignRequest(SignPayload):
 class SignBatchRequest(_Request):
     """``sign.batch``: several signatures with one key, returned in item order."""
 
-    key_id: KeyId
+    key_id: KeyRef
     version: Version | None = None
     items: Annotated[list[SignPayload], Field(min_length=1)]
     encoding: Encoding = "der"
@@ -206,7 +229,7 @@ class KeyPublicRequest(_Request):
     the top-level fields stay those of the primary version, so it goes without ``version``.
     """
 
-    key_id: KeyId
+    key_id: KeyRef
     version: Version | None = None
     all_versions: Annotated[bool, Field(strict=True)] = False
 
@@ -408,7 +431,7 @@ class KeyRotateRequest(_Request):
     when asked by number and verify. Idempotent on the request's ``message_id`` (required),
     for the key's owner and the admins."""
 
-    key_id: KeyId
+    key_id: KeyRef
 
 
 class KeyRotateReply(_Reply):
@@ -444,7 +467,7 @@ class KeyUpdateRequest(_Request):
         json_schema_extra={"anyOf": [{"required": [name]} for name in _UPDATABLE]},
     )
 
-    key_id: KeyId
+    key_id: KeyRef
     label: Annotated[str, StringConstraints(max_length=256)] | None = None
     allowed_signers: Annotated[list[Principal], Field(max_length=256)] | None = None
     rotation_period: RotationPeriod | None = None
@@ -573,7 +596,7 @@ class VerifyRequest(VerifyItem):
     name the version that made it). An invalid signature is a reply with ``valid: false``.
     """
 
-    key_id: KeyId
+    key_id: KeyRef
     version: Version | None = None
     encoding: Encoding = "der"
 
@@ -581,7 +604,7 @@ class VerifyRequest(VerifyItem):
 class VerifyBatchRequest(_Request):
     """``verify.batch``: several signatures under one key version, answered in item order."""
 
-    key_id: KeyId
+    key_id: KeyRef
     version: Version | None = None
     items: Annotated[list[VerifyItem], Field(min_length=1)]
     encoding: Encoding = "der"
@@ -661,7 +684,7 @@ class KeyListReply(_Reply):
 class KeyDescribeRequest(_Request):
     """``key.describe``: the metadata of every version of one key."""
 
-    key_id: KeyId
+    key_id: KeyRef
 
 
 class KeyVersionInfo(_Reply):
@@ -695,6 +718,51 @@ class KeyDescribeReply(_Reply):
 # -- end issue 15, reads ---------------------------------------------------------------------
 
 
+# ---- issue 15, aliases ------------------------------------------------------------------
+
+
+class KeyAliasSetRequest(_Request):
+    """``key.alias.set``: create ``alias`` pointing at ``key_id``, or point it at another key.
+
+    The caller must own ``key_id`` (or be an admin); an existing alias may be re-pointed only
+    by its owner (the principal that created it) or an admin. ``key_id`` is a key id, never
+    another alias (no chains).
+    """
+
+    alias: AliasName
+    key_id: KeyId
+
+
+class KeyAliasDeleteRequest(_Request):
+    """``key.alias.delete``: remove ``alias`` (its owner or an admin); the key stays."""
+
+    alias: AliasName
+
+
+class KeyAliasReply(_Reply):
+    """Reply to ``key.alias.set`` and ``key.alias.delete``: the alias and the key it points
+    at (``key_id`` null once deleted); ``previous_key_id`` is where it pointed before."""
+
+    alias: str
+    key_id: str | None = None
+    previous_key_id: str | None = None
+    owner: str
+    updated_at: AwareDatetime
+
+
+class KeyAliasChangedEvent(_Reply):
+    """Published to ``zandd.events`` (AMQP ``type`` ``key.alias_changed``) once an alias
+    change is committed, before the reply: signers drop their cached resolution of it.
+    ``key_id`` is where it points now (null: deleted)."""
+
+    alias: str
+    key_id: str | None = None
+    changed_at: AwareDatetime
+
+
+# ---- end issue 15, aliases --------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class OperationSpec:
     """What travels for one operation: its request and its successful reply."""
@@ -726,6 +794,10 @@ SPECS: dict[Operation, OperationSpec] = {
         OperationSpec(Operation.KEY_ROTATE, KeyRotateRequest, KeyRotateReply),
         OperationSpec(Operation.KEY_UPDATE, KeyUpdateRequest, KeyUpdateReply),
         # --- end issue 15, key writes ---
+        # ---- issue 15, aliases ----
+        OperationSpec(Operation.KEY_ALIAS_SET, KeyAliasSetRequest, KeyAliasReply),
+        OperationSpec(Operation.KEY_ALIAS_DELETE, KeyAliasDeleteRequest, KeyAliasReply),
+        # ---- end issue 15, aliases ----
     )
 }
 

@@ -33,6 +33,12 @@ class Operation(StrEnum):
     #: Change a key's label, allowed signers or rotation period.
     KEY_UPDATE = "key.update"
     # --- end issue 15, key writes ---
+    # ---- issue 15, aliases ----
+    #: Create an alias (``alias/<name>``) or point it at another key of the caller's.
+    KEY_ALIAS_SET = "key.alias.set"
+    #: Remove an alias (its owner or an admin).
+    KEY_ALIAS_DELETE = "key.alias.delete"
+    # ---- end issue 15, aliases ----
 
     @property
     def reply_type(self) -> str:
@@ -43,6 +49,9 @@ class Operation(StrEnum):
 ERROR_REPLY_TYPE = "error"
 #: The AMQP ``type`` of the event published to ``zandd.events`` after a key state change.
 KEY_STATE_CHANGED_EVENT = "key.state_changed"
+#: The AMQP ``type`` of the event published to ``zandd.events`` after an alias was set or
+#: deleted (issue 15, aliases): signers drop their cached resolution of it.
+KEY_ALIAS_CHANGED_EVENT = "key.alias_changed"
 #: The AMQP ``type`` of a worker's newest audit head on ``zandd.events``.
 AUDIT_HEAD_EVENT = "audit.head"
 #: The AMQP ``type`` of a TPM-signed audit checkpoint on ``zandd.events``.
@@ -60,6 +69,10 @@ KEYGEN_OPERATIONS: tuple[Operation, ...] = (
     Operation.KEY_ROTATE,
     Operation.KEY_UPDATE,
     # --- end issue 15, key writes ---
+    # ---- issue 15, aliases ----
+    Operation.KEY_ALIAS_SET,
+    Operation.KEY_ALIAS_DELETE,
+    # ---- end issue 15, aliases ----
 )
 #: Operations served by the scaled signer workers.
 SIGN_OPERATIONS: tuple[Operation, ...] = (
@@ -82,3 +95,22 @@ IDEMPOTENT_OPERATIONS: frozenset[Operation] = frozenset(
         # --- end issue 15, key writes ---
     }
 )
+# ---- issue 15, aliases ----
+#: Operations whose ``key_id`` may be an alias (``alias/<name>``), resolved by the worker
+#: that serves them; their replies name the real key id. The lifecycle operations
+#: (disable, enable, destroy, cancel_destroy) take key ids only: a destruction must never
+#: follow an alias that was re-pointed between the caller's look-up and its request.
+ALIAS_OPERATIONS: frozenset[Operation] = frozenset(
+    {
+        Operation.SIGN,
+        Operation.SIGN_BATCH,
+        Operation.SIGN_TPM,
+        Operation.KEY_PUBLIC,
+        Operation.VERIFY,
+        Operation.VERIFY_BATCH,
+        Operation.KEY_DESCRIBE,
+        Operation.KEY_ROTATE,
+        Operation.KEY_UPDATE,
+    }
+)
+# ---- end issue 15, aliases ----

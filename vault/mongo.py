@@ -48,6 +48,7 @@ from contracts.urls import redact_url, scrub
 from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, link
 from vault.audit_chain import ChainKey
 from vault.audit_checkpoint import READ_PAGE_CHECKPOINTS, Checkpoint
+from vault.aliases import AliasRecord, check_alias_replacement
 from vault.listing import MAX_EXAMINED, KeyListQuery, KeyPage
 from vault.records import KeyRecord, KeyState, RecordMac, check_head, check_replacement
 from vault.sealing import SealedKey
@@ -69,6 +70,14 @@ HEADS_COLLECTION: Final = "key_heads"
 #: collection needs no schema step: nothing reads it but the code that writes it.
 CHECKPOINTS_COLLECTION: Final = "audit_checkpoints"
 _SCHEMA_ID: Final = "schema"
+#: issue 15, aliases: one document per alias, ``_id`` the alias (so unique by construction).
+#: Like the checkpoints, a new collection needs no schema step: nothing reads it but the code
+#: that writes it, and older software refuses an alias on the wire (its schema has none).
+ALIASES_COLLECTION: Final = "aliases"
+_ALIAS_INDEXES: Final = (
+    IndexModel([("key_id", ASCENDING), ("_id", ASCENDING)], name="alias_key"),
+    IndexModel([("owner", ASCENDING), ("_id", ASCENDING)], name="alias_owner"),
+)
 
 # Applied only where the URL does not set the option itself (PyMongo lets keyword arguments
 # win over the URL, so they are left out rather than passed).
@@ -173,6 +182,7 @@ class MongoStore:
         self._meta: AsyncCollection[Document] = database[META_COLLECTION]
         self._heads: AsyncCollection[Document] = database[HEADS_COLLECTION]
         self._checkpoints: AsyncCollection[Document] = database[CHECKPOINTS_COLLECTION]
+        self._aliases: AsyncCollection[Document] = database[ALIASES_COLLECTION]
         self._closed = False
 
     @classmethod
@@ -464,6 +474,53 @@ class MongoStore:
         found = [_to_checkpoint(document) for document in documents]
         return found[::-1] if latest else found
 
+    # ---- issue 15, aliases ----
+
+    async def get_alias(self, alias: str) -> AliasRecord | None:
+        """The alias document, or None."""
+        with self._translated():
+            found = await self._aliases.find_one({"_id": alias})
+        return None if found is None else _to_alias(found)
+
+    async def list_aliases(
+        self, *, key_id: str | None = None, owner: str | None = None
+    ) -> list[AliasRecord]:
+        """Every alias (of one key, of one owner), by alias."""
+        query: Document = {}
+        if key_id is not None:
+            query["key_id"] = key_id
+        if owner is not None:
+            query["owner"] = owner
+        with self._translated():
+            return [_to_alias(d) async for d in self._aliases.find(query).sort("_id", ASCENDING)]
+
+    async def put_alias(self, record: AliasRecord, expected: AliasRecord | None) -> bool:
+        """Insert (``expected`` None) or compare-and-set an alias; False if it changed first."""
+        check_alias_replacement(record, expected)
+        document = _alias_document(record)
+        with self._translated():
+            if expected is None:
+                try:
+                    await self._aliases.insert_one(document)
+                except DuplicateKeyError:
+                    return False
+                return True
+            result = await self._aliases.replace_one(
+                {"_id": record.alias, "generation": expected.generation, "key_id": expected.key_id},
+                document,
+            )
+        return result.modified_count == 1
+
+    async def delete_alias(self, expected: AliasRecord) -> bool:
+        """Delete the alias iff it is still ``expected``; False if it changed first."""
+        with self._translated():
+            result = await self._aliases.delete_one(
+                {"_id": expected.alias, "generation": expected.generation, "key_id": expected.key_id}
+            )
+        return result.deleted_count == 1
+
+    # ---- end issue 15, aliases ----
+
     async def close(self) -> None:
         """Close the client's connections; closing twice is harmless."""
         if self._closed:
@@ -490,6 +547,7 @@ class MongoStore:
                 )
             await self._keys.create_indexes(list(_KEY_INDEXES))
             await self._audit.create_indexes(list(_AUDIT_INDEXES))
+            await self._aliases.create_indexes(list(_ALIAS_INDEXES))
             if version < SCHEMA_VERSION:
                 await self._upgrade()
 
@@ -659,6 +717,36 @@ def _to_document(record: KeyRecord) -> Document:
             else {"next_rotation_at": _timestamp(record.next_rotation_at)}
         ),
     }
+
+
+# ---- issue 15, aliases ----
+
+
+def _alias_document(record: AliasRecord) -> Document:
+    return {
+        "_id": record.alias,
+        "key_id": record.key_id,
+        "owner": record.owner,
+        "created_at": _timestamp(record.created_at),
+        "updated_at": _timestamp(record.updated_at),
+        "generation": record.generation,
+        "mac": None if record.mac is None else {"kek_id": record.mac.kek_id, "tag": record.mac.tag},
+    }
+
+
+def _to_alias(document: Mapping[str, Any]) -> AliasRecord:
+    return AliasRecord(
+        alias=str(document["_id"]),
+        key_id=str(document["key_id"]),
+        owner=str(document["owner"]),
+        created_at=datetime.fromisoformat(document["created_at"]),
+        updated_at=datetime.fromisoformat(document["updated_at"]),
+        generation=int(document["generation"]),
+        mac=_optional_mac(document.get("mac")),
+    )
+
+
+# ---- end issue 15, aliases ----
 
 
 def _timestamp(moment: datetime) -> str:

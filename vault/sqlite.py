@@ -37,6 +37,7 @@ from contracts.errors import (
 from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, link
 from vault.audit_chain import ChainKey
 from vault.audit_checkpoint import READ_PAGE_CHECKPOINTS, Checkpoint
+from vault.aliases import AliasRecord, check_alias_replacement
 from vault.listing import KeyListQuery, KeyPage
 from vault.records import KeyRecord, KeyState, RecordMac, check_head, check_replacement
 from vault.sealing import SealedKey
@@ -45,7 +46,7 @@ _T = TypeVar("_T")
 
 log = logging.getLogger("zandd.vault")
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 BUSY_TIMEOUT_S = 10.0
 _CHECKPOINT_ATTEMPTS = 3
 _THREAD_NAME = "zandd-sqlite"
@@ -205,6 +206,37 @@ ROTATION_STEP: tuple[str, ...] = (
     "CREATE INDEX keys_rotation_due ON keys (next_rotation_at) WHERE next_rotation_at IS NOT NULL",
 )
 _MIGRATIONS[10] = ROTATION_STEP
+# ---- issue 15, aliases ----
+#: One row per alias (vault.aliases): the key it points at, its owner, its generation and
+#: MAC. The primary key makes an alias unique; the index serves "the aliases of a key".
+ALIAS_STEP: tuple[str, ...] = (
+    """
+    CREATE TABLE IF NOT EXISTS aliases (
+        alias TEXT NOT NULL PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        mac_kek_id TEXT,
+        mac BLOB
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS aliases_key ON aliases (key_id, alias)",
+)
+_MIGRATIONS[11] = ALIAS_STEP
+_ALIAS_COLUMNS = "alias, key_id, owner, created_at, updated_at, generation, mac_kek_id, mac"
+_ALIAS_SELECT = f"SELECT {_ALIAS_COLUMNS} FROM aliases"  # noqa: S608
+_ALIAS_INSERT = (
+    f"INSERT INTO aliases ({_ALIAS_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+    " ON CONFLICT (alias) DO NOTHING"
+)
+_ALIAS_UPDATE = (
+    "UPDATE aliases SET key_id = ?, owner = ?, created_at = ?, updated_at = ?, generation = ?,"
+    " mac_kek_id = ?, mac = ? WHERE alias = ? AND generation = ? AND key_id = ?"
+)
+_ALIAS_DELETE = "DELETE FROM aliases WHERE alias = ? AND generation = ? AND key_id = ?"
+# ---- end issue 15, aliases ----
 
 _COLUMNS = (
     "key_id, version, algorithm, public_key_der, kek_id, nonce, ciphertext, state, label,"
@@ -420,6 +452,38 @@ class SqliteStore:
         )
         erase = record.state == KeyState.DESTROYED and expected.state != KeyState.DESTROYED
         return await self._run(_replace, params, erase)
+
+    # ---- issue 15, aliases ----
+
+    async def get_alias(self, alias: str) -> AliasRecord | None:
+        """The alias row, or None."""
+        rows = await self._run(_fetch_aliases, f"{_ALIAS_SELECT} WHERE alias = ?", (alias,))
+        return rows[0] if rows else None
+
+    async def list_aliases(
+        self, *, key_id: str | None = None, owner: str | None = None
+    ) -> list[AliasRecord]:
+        """Every alias (of one key, of one owner), by alias."""
+        conditions, params = _where(key_id=key_id, owner=owner)
+        return await self._run(
+            _fetch_aliases, f"{_ALIAS_SELECT}{conditions} ORDER BY alias", params
+        )
+
+    async def put_alias(self, record: AliasRecord, expected: AliasRecord | None) -> bool:
+        """Insert (``expected`` None) or compare-and-set an alias; False if it changed first."""
+        check_alias_replacement(record, expected)
+        row = _alias_row(record)
+        if expected is None:
+            return await self._run(_write_one, _ALIAS_INSERT, row)
+        where = (record.alias, expected.generation, expected.key_id)
+        return await self._run(_write_one, _ALIAS_UPDATE, (*row[1:], *where))
+
+    async def delete_alias(self, expected: AliasRecord) -> bool:
+        """Delete the alias iff it is still ``expected``; False if it changed first."""
+        params = (expected.alias, expected.generation, expected.key_id)
+        return await self._run(_write_one, _ALIAS_DELETE, params)
+
+    # ---- end issue 15, aliases ----
 
     async def append_audit(
         self, events: Sequence[AuditEvent], chain_key: ChainKey | None = None
@@ -734,6 +798,50 @@ def _time_text(moment: datetime) -> str:
 
 def _optional_time_text(moment: datetime | None) -> str | None:
     return None if moment is None else _time_text(moment)
+
+
+# ---- issue 15, aliases ----
+
+
+def _alias_row(record: AliasRecord) -> tuple[Any, ...]:
+    mac = record.mac
+    return (
+        record.alias,
+        record.key_id,
+        record.owner,
+        _time_text(record.created_at),
+        _time_text(record.updated_at),
+        record.generation,
+        None if mac is None else mac.kek_id,
+        None if mac is None else mac.tag,
+    )
+
+
+def _fetch_aliases(
+    conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]
+) -> list[AliasRecord]:
+    return [
+        AliasRecord(
+            alias=alias,
+            key_id=key_id,
+            owner=owner,
+            created_at=datetime.fromisoformat(created_at),
+            updated_at=datetime.fromisoformat(updated_at),
+            generation=int(generation),
+            mac=None if mac is None else RecordMac(mac_kek_id, bytes(mac)),
+        )
+        for alias, key_id, owner, created_at, updated_at, generation, mac_kek_id, mac in (
+            conn.execute(sql, params).fetchall()
+        )
+    ]
+
+
+def _write_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> bool:
+    with _immediate(conn):
+        return bool(conn.execute(sql, params).rowcount == 1)
+
+
+# ---- end issue 15, aliases ----
 
 
 def _to_row(record: KeyRecord) -> tuple[Any, ...]:

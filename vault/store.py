@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Protocol
 
 from contracts.errors import ConfigurationError
+from vault.aliases import AliasRecord
 from vault.audit import AuditEntry, AuditEvent, AuditQuery
 from vault.audit_chain import ChainKey
 from vault.audit_checkpoint import READ_PAGE_CHECKPOINTS, Checkpoint
@@ -102,6 +103,33 @@ class VaultStore(Protocol):
         not only from view, as far as the backend can.
         """
         ...
+
+    # ---- issue 15, aliases (vault.aliases) ----
+
+    async def get_alias(self, alias: str) -> AliasRecord | None:
+        """The alias's row exactly as stored, or None."""
+        ...
+
+    async def list_aliases(
+        self, *, key_id: str | None = None, owner: str | None = None
+    ) -> list[AliasRecord]:
+        """Every alias (pointing at ``key_id``, owned by ``owner``), ordered by alias; indexed
+        on the key id and the owner."""
+        ...
+
+    async def put_alias(self, record: AliasRecord, expected: AliasRecord | None) -> bool:
+        """Create ``record`` (``expected`` None: generation 1; False if the alias exists) or
+        replace it iff the stored row still has ``expected``'s generation and key id
+        (``record.generation`` must be one more, else ValueError); False when another writer
+        changed it first. An alias is unique vault-wide, against writers in other processes."""
+        ...
+
+    async def delete_alias(self, expected: AliasRecord) -> bool:
+        """Delete the alias iff the stored row still has ``expected``'s generation and key id;
+        False otherwise (gone, or changed first)."""
+        ...
+
+    # ---- end issue 15, aliases ----
 
     async def append_audit(
         self, events: Sequence[AuditEvent], chain_key: ChainKey | None = None

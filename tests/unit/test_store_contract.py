@@ -26,6 +26,7 @@ import pytest
 
 from contracts.errors import ConfigurationError, IntegrityError, KeyNotFound, VaultUnavailable
 from vault import KeyRecord, KeyState, SealedKey, SqliteStore, VaultStore, open_store
+from vault.aliases import AliasRecord
 from vault.audit import GENESIS_HASH, AuditBroken, AuditEvent, AuditQuery, ChainVerifier, verify_log
 from vault.audit_chain import ChainKeys
 from vault.audit_checkpoint import Checkpoint
@@ -404,6 +405,79 @@ async def test_list_rotation_due_gives_only_the_versions_whose_rotation_has_come
     assert await store.replace_key(cleared, due_b)
     assert await store.list_rotation_due(T0) == []
     assert await store.list_rotation_due(T0 + timedelta(days=1)) == [moved, later]
+
+
+# ---- issue 15, aliases ----
+
+
+def make_alias(
+    alias: str = "alias/invoices", key_id: str = "key-a", *, owner: str = OWNER, generation: int = 1
+) -> AliasRecord:
+    return AliasRecord(
+        alias=alias,
+        key_id=key_id,
+        owner=owner,
+        created_at=T0,
+        updated_at=T0 + timedelta(seconds=generation),
+        generation=generation,
+        mac=RecordMac("kek-20261128-0a0b0c0d", os.urandom(32)),
+    )
+
+
+async def test_alias_round_trip_keeps_every_field(store: VaultStore) -> None:
+    alias = make_alias()
+    assert await store.get_alias(alias.alias) is None
+    assert await store.put_alias(alias, None)
+    assert await store.get_alias(alias.alias) == alias
+
+
+async def test_an_alias_is_unique_first_writer_wins(store: VaultStore) -> None:
+    mine, theirs = make_alias(key_id="key-a"), make_alias(key_id="key-b", owner="mallory")
+    results = await asyncio.gather(store.put_alias(mine, None), store.put_alias(theirs, None))
+    assert sorted(results) == [False, True]
+    stored = await store.get_alias(mine.alias)
+    assert stored in (mine, theirs)
+
+
+async def test_alias_repoint_is_a_compare_and_set(store: VaultStore) -> None:
+    first = make_alias(key_id="key-a")
+    assert await store.put_alias(first, None)
+    moved = dataclasses.replace(make_alias(key_id="key-b", generation=2), mac=first.mac)
+    assert await store.put_alias(moved, first)
+    assert await store.get_alias(first.alias) == moved
+    # A writer that still holds generation 1 loses, whatever it wanted.
+    stale = make_alias(key_id="key-c", generation=2)
+    assert not await store.put_alias(stale, first)
+    assert await store.get_alias(first.alias) == moved
+    with pytest.raises(ValueError, match="generation"):
+        await store.put_alias(make_alias(key_id="key-c", generation=5), moved)
+
+
+async def test_alias_delete_is_a_compare_and_set(store: VaultStore) -> None:
+    first = make_alias()
+    assert await store.put_alias(first, None)
+    moved = make_alias(key_id="key-b", generation=2)
+    assert await store.put_alias(moved, first)
+    assert not await store.delete_alias(first)  # stale: it was re-pointed meanwhile
+    assert await store.delete_alias(moved)
+    assert await store.get_alias(first.alias) is None
+    assert not await store.delete_alias(moved)  # gone
+    assert await store.put_alias(make_alias(key_id="key-c"), None)  # the name is free again
+
+
+async def test_list_aliases_by_key_and_owner(store: VaultStore) -> None:
+    b = make_alias("alias/b", "key-1")
+    a = make_alias("alias/a", "key-1", owner="bob")
+    c = make_alias("alias/c", "key-2")
+    for alias in (b, a, c):
+        assert await store.put_alias(alias, None)
+    assert await store.list_aliases() == [a, b, c]
+    assert await store.list_aliases(key_id="key-1") == [a, b]
+    assert await store.list_aliases(owner=OWNER) == [b, c]
+    assert await store.list_aliases(key_id="key-2", owner="bob") == []
+
+
+# ---- end issue 15, aliases ----
 
 
 async def test_replace_key_changes_the_metadata_key_update_changes(store: VaultStore) -> None:
@@ -978,7 +1052,28 @@ async def test_sqlite_upgrade_to_10_keeps_old_records_and_their_macs(tmp_path: P
         assert await store.get_key(old.key_id) == old  # same fields, so the same MAC holds
         assert await store.list_rotation_due(T0 + timedelta(days=9999)) == []
         version = await store._run(lambda conn: conn.execute("PRAGMA user_version").fetchone()[0])
-        assert version == SQLITE_SCHEMA_VERSION == 10
+        assert version == SQLITE_SCHEMA_VERSION >= 10
+    finally:
+        await store.close()
+
+
+async def test_sqlite_upgrade_to_11_adds_aliases_and_keeps_old_records(tmp_path: Path) -> None:
+    # A schema-10 vault: written by this code, then the aliases table taken away again.
+    db = tmp_path / "vault.db"
+    store = await SqliteStore.open(str(db))
+    old = await store.create_key(make_record(request_id="req-10"))
+    await store.close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP TABLE aliases")
+        conn.execute("PRAGMA user_version = 10")
+    conn.close()
+    store = await SqliteStore.open(str(db))
+    try:
+        assert await store.get_key(old.key_id) == old
+        assert await store.get_alias("alias/x") is None
+        assert await store.put_alias(make_alias("alias/x", old.key_id), None)
+        version = await store._run(lambda conn: conn.execute("PRAGMA user_version").fetchone()[0])
+        assert version == SQLITE_SCHEMA_VERSION == 11
     finally:
         await store.close()
 
