@@ -18,6 +18,7 @@ from contracts.models import (
     AuditCheckpointEvent,
     AuditHeadEvent,
     ErrorReply,
+    KeyAliasChangedEvent,
     KeyStateChangedEvent,
 )
 
@@ -47,6 +48,10 @@ def expected_schemas() -> dict[str, str]:
     )
     files["audit.checkpoint.event.json"] = _schema(
         AuditCheckpointEvent, "audit.checkpoint event (zandd.events)", "reply"
+    )
+    # ---- issue 15, aliases ----
+    files["key.alias_changed.event.json"] = _schema(
+        KeyAliasChangedEvent, "key.alias_changed event (zandd.events)", "reply"
     )
     return files
 

@@ -48,7 +48,8 @@ def alias_fields(record: AliasRecord, mac_kek_id: str) -> bytes:
     """The canonical, length-prefixed encoding of every MACed field of an alias row."""
     created = _moment(record.created_at)
     updated = _moment(record.updated_at)
-    assert created is not None and updated is not None
+    assert created is not None
+    assert updated is not None
     return b"".join(
         (
             _text(_ALIAS_DOMAIN_TAG.decode("ascii")),

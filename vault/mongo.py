@@ -45,10 +45,10 @@ from contracts.errors import (
     ZanddError,
 )
 from contracts.urls import redact_url, scrub
+from vault.aliases import AliasRecord, check_alias_replacement
 from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, link
 from vault.audit_chain import ChainKey
 from vault.audit_checkpoint import READ_PAGE_CHECKPOINTS, Checkpoint
-from vault.aliases import AliasRecord, check_alias_replacement
 from vault.listing import MAX_EXAMINED, KeyListQuery, KeyPage
 from vault.records import KeyRecord, KeyState, RecordMac, check_head, check_replacement
 from vault.sealing import SealedKey
@@ -515,7 +515,11 @@ class MongoStore:
         """Delete the alias iff it is still ``expected``; False if it changed first."""
         with self._translated():
             result = await self._aliases.delete_one(
-                {"_id": expected.alias, "generation": expected.generation, "key_id": expected.key_id}
+                {
+                    "_id": expected.alias,
+                    "generation": expected.generation,
+                    "key_id": expected.key_id,
+                }
             )
         return result.deleted_count == 1
 

@@ -34,10 +34,10 @@ from contracts.errors import (
     VaultUnavailable,
     ZanddError,
 )
+from vault.aliases import AliasRecord, check_alias_replacement
 from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, link
 from vault.audit_chain import ChainKey
 from vault.audit_checkpoint import READ_PAGE_CHECKPOINTS, Checkpoint
-from vault.aliases import AliasRecord, check_alias_replacement
 from vault.listing import KeyListQuery, KeyPage
 from vault.records import KeyRecord, KeyState, RecordMac, check_head, check_replacement
 from vault.sealing import SealedKey

@@ -38,10 +38,16 @@ from pydantic import ValidationError
 
 from contracts.amqp import JSON_CONTENT_TYPE, connect_plain
 from contracts.errors import BrokerUnavailable
-from contracts.models import AuditCheckpointEvent, AuditHeadEvent, KeyStateChangedEvent
+from contracts.models import (
+    AuditCheckpointEvent,
+    AuditHeadEvent,
+    KeyAliasChangedEvent,
+    KeyStateChangedEvent,
+)
 from contracts.operations import (
     AUDIT_CHECKPOINT_EVENT,
     AUDIT_HEAD_EVENT,
+    KEY_ALIAS_CHANGED_EVENT,
     KEY_STATE_CHANGED_EVENT,
 )
 from contracts.topology import EVENTS_EXCHANGE, Topology, bind_topology, declare_topology
@@ -52,6 +58,8 @@ log = logging.getLogger("zandd.events")
 
 
 EventCallback = Callable[[KeyStateChangedEvent], None]
+#: issue 15, aliases: takes ``key.alias_changed`` events.
+AliasEventCallback = Callable[[KeyAliasChangedEvent], None]
 
 
 class EventPublisher:
@@ -68,13 +76,20 @@ class EventPublisher:
         self._connecting = asyncio.Lock()
 
     async def publish(
-        self, event: KeyStateChangedEvent | AuditHeadEvent | AuditCheckpointEvent
+        self,
+        event: KeyStateChangedEvent | AuditHeadEvent | AuditCheckpointEvent | KeyAliasChangedEvent,
     ) -> None:
         """Publish ``event``; returns once the broker confirmed it, else BrokerUnavailable."""
         if isinstance(event, AuditHeadEvent):
             kind, at, what = AUDIT_HEAD_EVENT, event.published_at, f"audit head #{event.seq}"
         elif isinstance(event, AuditCheckpointEvent):
             kind, at, what = AUDIT_CHECKPOINT_EVENT, event.at, f"audit checkpoint #{event.seq}"
+        elif isinstance(event, KeyAliasChangedEvent):
+            kind, at, what = (
+                KEY_ALIAS_CHANGED_EVENT,
+                event.changed_at,
+                f"the change of {event.alias}",
+            )
         else:
             kind, at = KEY_STATE_CHANGED_EVENT, event.changed_at
             what = f"the state change of key {event.key_id} v{event.version}"
@@ -120,11 +135,13 @@ class EventSubscriber:
         declare: bool = True,
         name: str = "zandd-events-subscriber",
         max_backoff_s: float = 30.0,
+        on_alias: AliasEventCallback | None = None,
     ) -> None:
         self._amqp_url = amqp_url
         self._declare = declare
         self._on_event = on_event
         self._on_gap = on_gap
+        self._on_alias = on_alias
         self._name = name
         self._max_backoff_s = max_backoff_s
         host = socket.gethostname()[:64]
@@ -179,6 +196,9 @@ class EventSubscriber:
     async def _deliver(self, message: AbstractIncomingMessage) -> None:
         if message.type in (AUDIT_HEAD_EVENT, AUDIT_CHECKPOINT_EVENT):
             return  # for whoever keeps audit heads; a signer has no use for them
+        if message.type == KEY_ALIAS_CHANGED_EVENT:
+            self._deliver_alias(message)
+            return
         if message.type != KEY_STATE_CHANGED_EVENT:
             log.warning("%s ignored an event of type %.40r", self._name, message.type)
             return
@@ -189,6 +209,17 @@ class EventSubscriber:
             return
         self.received += 1
         self._on_event(event)
+
+    def _deliver_alias(self, message: AbstractIncomingMessage) -> None:
+        if self._on_alias is None:
+            return
+        try:
+            event = KeyAliasChangedEvent.model_validate_json(message.body)
+        except ValidationError:
+            log.warning("%s ignored a malformed key.alias_changed event", self._name)
+            return
+        self.received += 1
+        self._on_alias(event)
 
 
 #: What ends a subscription and makes it reconnect: a lost broker, or a topology that could

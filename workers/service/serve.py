@@ -91,6 +91,7 @@ async def signer_worker(
         on_gap=signer.forget_events,
         declare=settings.declare_topology,
         max_backoff_s=settings.max_backoff_s,
+        on_alias=signer.on_alias_event,
     )
     await _beside(stack, subscriber.run, subscriber.ready)
     return Worker(
@@ -157,7 +158,16 @@ async def keygen_worker(
     )
     await _beside(stack, partial(versions.rotate_due_forever, interval_s=interval_s))
     await _beside(stack, TpmHeartbeat(heartbeat_path(settings), tpm.heartbeat).run)
-    handlers = {**keygen.handlers, **lifecycle.handlers, **versions.handlers}
+    # issue 15, aliases: key.alias.set/delete, and an alias where a key id may be one
+    # (resolved from the vault: the keygen worker is its writer).
+    from workers.keygen.aliases import KeyAliases
+    from workers.service.aliases import resolve_in_vault, resolving
+
+    aliases = KeyAliases(store, ring, policy=policy, events=events, clock=clock)
+    handlers = resolving(
+        {**keygen.handlers, **lifecycle.handlers, **versions.handlers, **aliases.handlers},
+        partial(resolve_in_vault, store, ring),
+    )
     return Worker(
         KEYGEN_QUEUE,
         handlers,

@@ -112,6 +112,11 @@ class RecordCache:
             self._latest.pop(old_key_id, None)
         return entry
 
+    @property
+    def ttl_s(self) -> float:
+        """How long an entry stays fresh at most (issue 15: the alias cache uses it too)."""
+        return self._ttl_s
+
     def invalidate(self, key_id: str) -> None:
         """Forget every version of ``key_id`` (a state change, a new version)."""
         self._invalidations[key_id] = self._invalidations.get(key_id, 0) + 1

@@ -19,6 +19,7 @@ from contracts.crypto import public_key_jwk, public_key_pem
 from contracts.errors import InvalidRequest, KeyDisabled
 from contracts.models import (
     Encoding,
+    KeyAliasChangedEvent,
     KeyPublicReply,
     KeyPublicRequest,
     KeyPublicVersion,
@@ -37,6 +38,7 @@ from workers.consumer.runtime import Handler, RequestContext
 from workers.observability.metrics import Metrics
 from workers.observability.stages import Stage
 from workers.observability.telemetry import stage
+from workers.service.aliases import AliasCache, resolving
 from workers.service.policy import AccessPolicy
 from workers.signer.cache import CachedKey, RecordCache
 from workers.signer.reads import KeyReads
@@ -76,16 +78,25 @@ class Signer:
         self._generations = GenerationWatermark()
         # issue 15, reads: verify, verify.batch, key.list, key.describe (no private key).
         self._reads = KeyReads(store, ring, self._policy, self._fetch, self._generations)
+        # issue 15, aliases: resolved through a cache the alias events invalidate.
+        self._aliases = AliasCache(store, ring, ttl_s=self._cache.ttl_s)
 
     @property
     def handlers(self) -> Mapping[Operation, Handler]:
         """Operation → handler, for the consumer runtime."""
-        return {
+        handlers: dict[Operation, Handler] = {
             Operation.SIGN: self.sign,
             Operation.SIGN_BATCH: self.sign_batch,
             Operation.KEY_PUBLIC: self.public_key,
             **self._reads.handlers,
         }
+        # issue 15, aliases: a key id may be an alias in the operations that allow one.
+        return resolving(handlers, self._aliases.resolve)
+
+    def on_alias_event(self, event: KeyAliasChangedEvent) -> None:
+        """issue 15, aliases: an alias was set, re-pointed or deleted: resolve it anew."""
+        self._aliases.invalidate(event.alias)
+        log.debug("%s now points at %s", event.alias, event.key_id)
 
     def on_event(self, event: KeyStateChangedEvent) -> None:
         """Note a committed state change announced on ``zandd.events``."""
@@ -107,6 +118,7 @@ class Signer:
         """
         self._not_enabled.clear()
         self._cache.clear()
+        self._aliases.clear()
 
     async def sign(self, request: SignRequest, context: RequestContext) -> SignReply:
         """One signature over the request's message or digest."""
