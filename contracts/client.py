@@ -83,6 +83,9 @@ from contracts.models import (
     Algorithm,
     Encoding,
     ErrorReply,
+    KeyAliasDeleteRequest,
+    KeyAliasReply,
+    KeyAliasSetRequest,
     KeyCreateReply,
     KeyCreateRequest,
     KeyDescribeReply,
@@ -1008,6 +1011,28 @@ class SigningClient:
         return await self.call(Operation.KEY_UPDATE, request, KeyUpdateReply, timeout_s=timeout_s)
 
     # --- end issue 15, key writes ---
+    # ---- issue 15, aliases ----
+
+    async def set_alias(
+        self, alias: str, key_id: str, *, timeout_s: float | None = None
+    ) -> KeyAliasReply:
+        """Create ``alias`` (``alias/<name>``: 1 to 128 of ``[A-Za-z0-9._-]``) pointing at
+        ``key_id``, or point an alias of yours at another key of yours (admins: any).
+
+        From the reply on every signer resolves it anew: any ``key_id`` parameter of this
+        client (sign, sign_batch, public_key, verify, describe_key, rotate_key, update_key)
+        takes the alias, and replies name the real key id."""
+        request = self._request(KeyAliasSetRequest, alias=alias, key_id=key_id)
+        return await self.call(Operation.KEY_ALIAS_SET, request, KeyAliasReply, timeout_s=timeout_s)
+
+    async def delete_alias(self, alias: str, *, timeout_s: float | None = None) -> KeyAliasReply:
+        """Remove an alias of yours (admins: any); the key it pointed at stays."""
+        request = self._request(KeyAliasDeleteRequest, alias=alias)
+        return await self.call(
+            Operation.KEY_ALIAS_DELETE, request, KeyAliasReply, timeout_s=timeout_s
+        )
+
+    # ---- end issue 15, aliases ----
 
 
 def _seconds(period: timedelta | int | None) -> int | None:
