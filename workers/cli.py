@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from contracts.errors import ZanddError
 from contracts.models import describe_errors
 from workers.commands import (
+    aliases,
     audit,
     bench,
     checkpoints,
@@ -63,6 +64,7 @@ COMMAND_MODULES = (
     health,
     topology,
     versions,  # issue 15, key writes
+    aliases,  # issue 15, aliases
 )
 
 

@@ -4,14 +4,19 @@ id may be one — against the real fleet (RabbitMQ, swtpm, SQLite, two signers).
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from contracts.client import SigningClient
+from contracts.crypto import load_public_key
 from contracts.errors import (
     Forbidden,
     IntegrityError,
@@ -20,6 +25,7 @@ from contracts.errors import (
     KeyNotFound,
 )
 from contracts.models import SignReply
+from tests.support.cli import environment, zandd
 from tests.support.fleet import RunningFleet
 from tests.support.principals import ADMIN, ALICE, BOB
 from vault.audit import AuditQuery
@@ -223,4 +229,40 @@ async def test_an_alias_repointed_under_load_switches_signers_at_the_reply(
         f"{(last_old - set_at) * 1000:+.1f} ms from the reply; in flight across the set "
         f"{len(across)} ({sum(across)} by the new key); sent after the reply: {len(after)}, "
         "all by the new key (cache bound without events: the signers' record-cache TTL)"
+    )
+
+
+async def test_aliases_from_the_shell(fleet: RunningFleet, tmp_path: Path) -> None:
+    env = environment(ZANDD_AMQP_URL=fleet.amqp_url, ZANDD_DATA_DIR=str(tmp_path / "cli"))
+    code, out, err = await zandd("keys", "create", env=env)
+    assert code == 0, err
+    first = out.split("\n", 1)[0]
+    code, out, err = await zandd("keys", "create", env=env)
+    assert code == 0, err
+    second = out.split("\n", 1)[0]
+    code, out, err = await zandd("keys", "alias-set", "alias/shell", first, env=env)
+    assert code == 0, err
+    assert out.startswith(f"alias/shell -> {first}, owner ")
+    (tmp_path / "m").write_bytes(b"from the shell")
+    code, out, err = await zandd("sign", "--key", "alias/shell", str(tmp_path / "m"), env=env)
+    assert code == 0, err
+    signature = base64.b64decode(out.strip())
+    code, out, err = await zandd("keys", "alias-set", "alias/shell", second, env=env)
+    assert code == 0, err
+    assert f"(was {first})" in out
+    local = environment(ZANDD_DATA_DIR=str(fleet.settings.data_dir))
+    code, out, err = await zandd("keys", "aliases", "--key-id", second, env=local)
+    assert code == 0, err
+    assert "alias/shell" in out
+    assert second in out
+    assert "REFUSED" not in out  # its MAC holds
+    code, out, err = await zandd("keys", "alias-delete", "alias/shell", env=env)
+    assert (code, out.strip()) == (0, f"alias/shell deleted (it pointed at {second})"), err
+    code, out, err = await zandd("keys", "alias-delete", "alias/shell", env=env)
+    assert code != 0
+    assert "alias/shell not found" in err
+    # Made by the first key, through the alias.
+    record = await fleet.store.get_key(first)
+    load_public_key(record.public_key_der).verify(
+        signature, b"from the shell", ec.ECDSA(hashes.SHA256())
     )

@@ -196,7 +196,7 @@ def register(tree: CommandTree) -> None:
     )
 
     sign = tree.add("sign", _cmd_sign, "sign a file", client=True)
-    sign.add_argument("--key", required=True, help="key id")
+    sign.add_argument("--key", required=True, help="key id, or an alias (alias/<name>)")
     sign.add_argument(
         "--tpm", action="store_true", help="the key has protection tpm: sign in the TPM (sign.tpm)"
     )
