@@ -398,6 +398,31 @@ async function rotateAndSign(rpc, created, outDir) {
 }
 // --- end issue 15, key writes ----------------------------------------------------------------
 
+// ---- issue 15, aliases ------------------------------------------------------------------------
+// key.alias.set names a key of ours "alias/<name>" (1-128 of [A-Za-z0-9._-]); sign (and every
+// operation whose key_id may be an alias) takes the alias, and the reply names the real key id.
+// The producer checks the signature against the key it meant, then deletes the alias.
+async function aliasAndSign(rpc, created) {
+  const alias = `alias/node-${randomUUID().slice(0, 8)}`;
+  const set = await rpc.call('key.alias.set', { alias, key_id: created.key_id });
+  requireFields(set, { alias: 'string', key_id: 'string', owner: 'string' }, 'key.alias.set reply');
+  if (set.alias !== alias || set.key_id !== created.key_id) {
+    throw new ProducerError(`key.alias.set pointed ${set.alias} at ${set.key_id}, not ${created.key_id}`);
+  }
+  const message = Buffer.from(`hello from node through ${alias}`, 'utf8');
+  const signed = await rpc.call('sign', { key_id: alias, message: message.toString('base64') });
+  requireFields(signed, { key_id: 'string', version: 'integer', signature: 'string' }, 'sign reply');
+  if (signed.key_id !== created.key_id) {
+    throw new ProducerError(`sign through ${alias} was made by ${signed.key_id}, not ${created.key_id}`);
+  }
+  const described = await rpc.call('key.public', { key_id: alias, version: signed.version });
+  const signature = b64decode(signed.signature, 'sign reply "signature"');
+  const verified = verify('sha256', message, { key: described.public_key_pem, dsaEncoding: 'der' }, signature);
+  const deleted = await rpc.call('key.alias.delete', { alias });
+  return { alias, key_id: signed.key_id, verified, deleted_pointed_at: deleted.previous_key_id };
+}
+// ---- end issue 15, aliases --------------------------------------------------------------------
+
 async function main() {
   const { amqpUrl, outDir, user } = parseArgs(process.argv.slice(2));
   let rpc;
@@ -457,6 +482,9 @@ async function main() {
     // --- issue 15, key writes: rotate, sign with the new primary, list every version ---
     summary.rotation = await rotateAndSign(rpc, created, outDir);
     // --- end issue 15, key writes ---
+    // ---- issue 15, aliases: name the key, sign through the name ----
+    summary.alias = await aliasAndSign(rpc, created);
+    // ---- end issue 15, aliases ----
 
     summary.algorithms = await otherAlgorithms(rpc, outDir);
     process.stdout.write(`${JSON.stringify(summary)}\n`);

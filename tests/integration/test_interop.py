@@ -101,6 +101,17 @@ async def test_node_producer_signs_and_openssl_verifies(
     )
     assert "Verified OK" not in crossed.stdout
 
+    # issue 15, aliases: it named the key, signed through the alias (the reply named the key,
+    # the signature verified with its public key), then deleted the alias.
+    alias = summary["alias"]
+    assert alias["alias"].startswith("alias/node-")
+    assert (alias["key_id"], alias["verified"], alias["deleted_pointed_at"]) == (
+        key_id,
+        True,
+        key_id,
+    )
+    assert await fleet.store.get_alias(alias["alias"]) is None
+
     message = bytearray((out_dir / "message.bin").read_bytes())
     message[0] ^= 0x01
     (out_dir / "message.bin").write_bytes(bytes(message))
