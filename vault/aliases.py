@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from hashlib import sha256
+from typing import TYPE_CHECKING
 
 from contracts.errors import IntegrityError
 from vault.kek import KekRing
 from vault.record_mac import _mac_key, _moment, _number, _text
 from vault.records import RecordMac
+
+if TYPE_CHECKING:
+    from vault.store import VaultStore
 
 _ALIAS_DOMAIN_TAG = b"zandd-alias/1"
 
@@ -88,3 +93,24 @@ def check_alias_replacement(record: AliasRecord, expected: AliasRecord | None) -
     want = 1 if expected is None else expected.generation + 1
     if record.generation != want or (expected is not None and expected.alias != record.alias):
         raise ValueError(f"alias write must be generation {want} of the same alias")
+
+
+async def rewrap_aliases(store: VaultStore, ring: KekRing) -> Counter[str]:
+    """Re-MAC every alias row not MACed under the ring's active KEK (``zandd vault rewrap``),
+    each as its next generation with the store's compare-and-set; the binding is unchanged,
+    so no signer needs telling. Counts of ``rewrapped``, ``current``, ``changed`` (another
+    writer was first: run again) and ``integrity_error`` (its MAC fails: left as it is)."""
+    ring.refresh()
+    outcomes: Counter[str] = Counter()
+    for row in await store.list_aliases():
+        if row.mac is not None and row.mac.kek_id == ring.active.kek_id:
+            outcomes["current"] += 1
+            continue
+        try:
+            verify_alias(row, ring)
+        except IntegrityError:
+            outcomes["integrity_error"] += 1
+            continue
+        moved = authenticated_alias(row, ring, generation=row.generation + 1)
+        outcomes["rewrapped" if await store.put_alias(moved, row) else "changed"] += 1
+    return outcomes

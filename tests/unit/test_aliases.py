@@ -14,7 +14,7 @@ from contracts.errors import Forbidden, IntegrityError, InvalidRequest, KeyNotFo
 from contracts.models import SignReply, parse_request
 from contracts.operations import ALIAS_OPERATIONS, KEYGEN_OPERATIONS, Operation
 from vault import SqliteStore
-from vault.aliases import AliasRecord, authenticated_alias, verify_alias
+from vault.aliases import AliasRecord, authenticated_alias, rewrap_aliases, verify_alias
 from vault.kek import Kek, KekRing
 from workers.consumer.runtime import RequestContext
 from workers.service.aliases import AliasCache, resolving
@@ -135,3 +135,25 @@ async def test_resolving_hands_the_real_key_id_on_and_hides_it_from_a_refused_ca
     # Not an alias operation: the handler is the same object.
     assert handlers[Operation.KEY_DISABLE] is sign
     assert seen == ["zk-secret", "zk-secret"]
+
+
+async def test_rewrap_moves_alias_macs_to_the_active_kek() -> None:
+    old = Kek.generate()
+    ring = KekRing(old)
+    store = await SqliteStore.open(":memory:")
+    try:
+        row = alias_row(ring, "zk-1")
+        assert await store.put_alias(row, None)
+        tampered = dataclasses.replace(alias_row(ring, "zk-2"), alias="alias/other")
+        assert await store.put_alias(tampered, None)
+        new = Kek.generate()
+        rotated = KekRing(new, others=[old])
+        outcomes = await rewrap_aliases(store, rotated)
+        assert outcomes == {"rewrapped": 1, "integrity_error": 1}
+        moved = await store.get_alias("alias/inv")
+        assert moved is not None
+        assert (moved.key_id, moved.generation, moved.mac.kek_id) == ("zk-1", 2, new.kek_id)  # type: ignore[union-attr]
+        assert verify_alias(moved, KekRing(new)) == moved  # the old KEK may now go
+        assert await rewrap_aliases(store, rotated) == {"current": 1, "integrity_error": 1}
+    finally:
+        await store.close()

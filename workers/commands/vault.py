@@ -155,8 +155,17 @@ async def _cmd_vault_rewrap(args: argparse.Namespace, settings: Settings) -> int
         outcomes = await _each_version(
             "vault.rewrap", rewrap(store, ring), audit, RewrapOutcome.REWRAPPED
         )
+        # issue 15, aliases: their MACs move to the active KEK too.
+        from vault.aliases import rewrap_aliases
+
+        aliases = await rewrap_aliases(store, ring)
     summary = ", ".join(f"{count} {outcome.value}" for outcome, count in sorted(outcomes.items()))
     print(f"rewrap under {ring.active.kek_id}: {summary or 'no key versions'}")
+    if aliases:
+        print("aliases: " + ", ".join(f"{n} {what}" for what, n in sorted(aliases.items())))
+    if aliases["integrity_error"]:
+        print("some aliases fail their MAC (integrity_error): set them again", file=sys.stderr)
+        return EXIT_FAILURE
     if outcomes[RewrapOutcome.UNREADABLE]:
         print(
             "some versions do not open (integrity_error): see `zandd audit tail`",
