@@ -918,11 +918,13 @@ class SigningClient:
         page_size: int = DEFAULT_LIST_PAGE_SIZE,
         cursor: str | None = None,
         timeout_s: float | None = None,
+        alias: str | None = None,
     ) -> KeyListReply:
         """``key.list``: one page of keys — the caller's (``owned``), those it may sign with
         (``signable``) or, for admins, every key (``all``) — by key id; pass
         ``reply.next_cursor`` back as ``cursor`` for the next (a short page may still have
-        one). ``iter_keys`` follows the cursors."""
+        one). ``iter_keys`` follows the cursors. ``alias``: only the key it points at (an
+        empty page when there is none in the scope)."""
         request = self._request(
             KeyListRequest,
             scope=scope,
@@ -930,6 +932,7 @@ class SigningClient:
             state=None if state is None else KeyState(state),
             page_size=page_size,
             cursor=cursor,
+            **({} if alias is None else {"alias": alias}),
         )
         return await self.call(Operation.KEY_LIST, request, KeyListReply, timeout_s=timeout_s)
 

@@ -648,6 +648,8 @@ class KeyListRequest(_Request):
     scope: ListScope = "owned"
     label: Label | None = None
     state: KeyState | None = None
+    # issue 15, aliases: only the key this alias points at (if it is in the scope).
+    alias: AliasName | None = None
     page_size: Annotated[int, Field(ge=1, le=MAX_LIST_PAGE_SIZE, strict=True)] = (
         DEFAULT_LIST_PAGE_SIZE
     )

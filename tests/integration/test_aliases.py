@@ -88,6 +88,14 @@ async def test_an_alias_works_wherever_a_key_id_does_and_replies_name_the_key(
         for e in entries
         if e.event.operation == "key.alias.set"
     ] == [(ALICE, "ok")]
+    # key.list's alias filter: the key it points at, if in the caller's scope; else nothing
+    # (the same for an unknown alias).
+    listed = await alice.list_keys(alias="alias/invoices")
+    assert [k.key_id for k in listed.keys] == [key.key_id]
+    assert (await alice.list_keys(alias="alias/invoices", label="other")).keys == []
+    assert (await clients[BOB].list_keys(alias="alias/invoices")).keys == []
+    assert (await clients[BOB].list_keys("signable", alias="alias/invoices")).keys == []
+    assert (await alice.list_keys(alias="alias/nothing")).keys == []
     deleted = await alice.delete_alias("alias/invoices")
     assert (deleted.key_id, deleted.previous_key_id) == (None, key.key_id)
     with pytest.raises(KeyNotFound):

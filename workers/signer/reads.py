@@ -89,7 +89,9 @@ class KeyReads:
         policy: AccessPolicy,
         fetch: Fetch,
         generations: GenerationWatermark,
+        resolve: Callable[[str], Awaitable[str]] | None = None,
     ) -> None:
+        self._resolve = resolve
         self._store = store
         self._ring = ring
         self._policy = policy
@@ -168,6 +170,8 @@ class KeyReads:
             label=request.label,
             state=request.state,
         )
+        if request.alias is not None:
+            return await self._list_alias(request.alias, query, principal)
         page = await self._store.list_key_page(query)
         keys: list[KeySummary] = []
         for n, record in enumerate(page.records):
@@ -181,6 +185,21 @@ class KeyReads:
             keys.append(self._summary(record, principal))
         next_cursor = None if page.next_after is None else encode_cursor(page.next_after)
         return KeyListReply(keys=keys, next_cursor=next_cursor)
+
+    async def _list_alias(self, alias: str, query: KeyListQuery, principal: str) -> KeyListReply:
+        """issue 15, aliases: ``key.list`` with ``alias``: the one key it points at, if it
+        belongs in the listing (scope, label, state, after the cursor); an empty page
+        otherwise — the same for an unknown alias and a key outside the caller's scope."""
+        if self._resolve is None:
+            return KeyListReply(keys=[])
+        try:
+            key_id = await self._resolve(alias)
+            record = verify_record(await self._store.get_key(key_id), self._ring)
+        except KeyNotFound:
+            return KeyListReply(keys=[])
+        if not query.matches(record) or (query.after is not None and key_id <= query.after):
+            return KeyListReply(keys=[])
+        return KeyListReply(keys=[self._summary(record, principal)])
 
     async def describe(
         self, request: KeyDescribeRequest, context: RequestContext

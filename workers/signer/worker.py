@@ -76,10 +76,12 @@ class Signer:
         self._cache = cache if cache is not None else RecordCache(store, ring)
         self._not_enabled: dict[tuple[str, int], KeyState] = {}
         self._generations = GenerationWatermark()
-        # issue 15, reads: verify, verify.batch, key.list, key.describe (no private key).
-        self._reads = KeyReads(store, ring, self._policy, self._fetch, self._generations)
         # issue 15, aliases: resolved through a cache the alias events invalidate.
         self._aliases = AliasCache(store, ring, ttl_s=self._cache.ttl_s)
+        # issue 15, reads: verify, verify.batch, key.list, key.describe (no private key).
+        self._reads = KeyReads(
+            store, ring, self._policy, self._fetch, self._generations, self._aliases.resolve
+        )
 
     @property
     def handlers(self) -> Mapping[Operation, Handler]:
