@@ -9,9 +9,9 @@ Every record is checked once, as it is loaded: its MAC (``vault.record_mac``) mu
 row changed behind the keygen worker's back is refused (``integrity_error``) and never cached;
 requests served from the cache pay nothing for the check.
 
-Sizing (issue 15, ``docs/performance.md`` "10,000 keys"): an entry is ~1.6 KB (a P-256
+Sizing (issue 15, ``docs/performance.md`` "10,000 keys"): an entry is ~1.8 KB (a P-256
 record and its parsed public key), so the default bound of 20,000 entries — twice the seed's
-10,000 keys, room for a second version of each or for the keys beside them — is ~31 MB per
+10,000 keys, room for a second version of each or for the keys beside them — is ~36 MB per
 signer at most. A hit costs ~1 µs; a miss ~110 µs (the vault read, the MAC, the parse).
 Invalidating a key costs as many steps as it has cached versions, not one per entry.
 """
