@@ -18,11 +18,17 @@ from tests.support.cli import environment, zandd
 from tests.support.fleet import RunningFleet
 from workers.bench.algorithms import AlgorithmRuns
 from workers.bench.in_process import InProcessResults
+from workers.bench.many_keys import MANY_KEYS_LABEL, KeySet
 from workers.bench.measure import Run
 from workers.bench.queue_scenarios import FleetResults
-from workers.bench.report import BenchReport, render_table, targets
+from workers.bench.report import BenchReport, many_keys_check, render_table, targets
 
-TINY_RUN = ("--json", "--duration-s", "0.3", "--warmup-s", "0.05", "--max-keys", "3")
+TINY_RUN = (
+    "--json",
+    *("--duration-s", "0.3", "--warmup-s", "0.05", "--max-keys", "3", "--many-keys", "3"),
+)
+#: issue 15: ``sign_many_keys`` beside ``sign`` (the first fleet size only).
+MANY_KEYS_FIELDS = {"keys", "created", "rps", "p50_ms", "p99_ms", "ratio_to_sign"}
 
 FLEET_FIELDS = {
     "echo": {"rps", "p50_ms", "p99_ms"},
@@ -55,6 +61,19 @@ def assert_positive_fields(document: dict[str, Any], fields: dict[str, set[str]]
             assert value > 0, f"{scenario}.{name} = {value}"
 
 
+def assert_many_keys(document: dict[str, Any], *, keys: int) -> dict[str, Any]:
+    """``sign_many_keys`` has every field, positive, over ``keys`` keys."""
+    many: dict[str, Any] = document["sign_many_keys"]
+    assert set(many) == MANY_KEYS_FIELDS
+    assert many["keys"] == keys
+    assert 0 <= many["created"] <= keys
+    for name in MANY_KEYS_FIELDS - {"created"}:
+        assert isinstance(many[name], int | float), name
+        assert many[name] > 0, f"sign_many_keys.{name} = {many[name]}"
+    assert many["ratio_to_sign"] == pytest.approx(many["rps"] / document["sign"]["rps"], abs=0.01)
+    return many
+
+
 def assert_algorithms(document: dict[str, Any]) -> None:
     """Every algorithm of the contract has its sign rate and keygen p50 (issue 15)."""
     assert set(document["algorithms"]) == set(ALGORITHMS)
@@ -79,8 +98,12 @@ async def test_own_fleet_per_size_reports_every_field_and_scaling(amqp_url: str)
         "sign_other_transport",
         "shards",
         "algorithms",
+        "sign_many_keys",
     }
     assert_algorithms(document)
+    # The bench's own fleet has a new vault: every key of the set was created for the run.
+    assert assert_many_keys(document, keys=3)["created"] == 3
+    assert "sign_many_keys" not in document["scaling"][1]
     # The test broker has no consistent-hash exchange: the sharded option says why it skipped.
     assert "rabbitmq_consistent_hash_exchange" in document["shards"]["skipped"]
     assert_positive_fields(document, FIELDS)
@@ -108,8 +131,9 @@ async def test_attach_measures_the_running_fleet(fleet: RunningFleet) -> None:
     code, out, err = await zandd_bench("--attach", *TINY_RUN, amqp_url=fleet.amqp_url)
     assert code == 0, err
     document = json.loads(out)
-    assert set(document) == {*FIELDS, "signers", "shards", "algorithms"}
+    assert set(document) == {*FIELDS, "signers", "shards", "algorithms", "sign_many_keys"}
     assert_algorithms(document)
+    assert_many_keys(document, keys=3)
     assert "rabbitmq_consistent_hash_exchange" in document["shards"]["skipped"]
     assert_positive_fields(document, FIELDS)
     assert document["signers"] == len([name for name in fleet.runtimes if name != "keygen"])
@@ -117,6 +141,37 @@ async def test_attach_measures_the_running_fleet(fleet: RunningFleet) -> None:
     vhost = fleet.amqp_url.rsplit("/", 1)[1]
     queues = rabbitmqctl("list_queues", "-p", vhost, "name").split()
     assert not [name for name in queues if name.startswith("zandd-bench")]
+
+
+async def labelled_many_keys(fleet: RunningFleet) -> set[str]:
+    """The key ids of the vault's ``sign_many_keys`` set, read from the vault itself."""
+    return {
+        record.key_id for record in await fleet.store.list_keys() if record.label == MANY_KEYS_LABEL
+    }
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.tpm
+@pytest.mark.timeout(300)
+async def test_attach_reuses_the_many_keys_set_of_an_earlier_run(fleet: RunningFleet) -> None:
+    """The first run completes the set, the second creates no key of it (issue 15)."""
+    before = await labelled_many_keys(fleet)
+    code, out, err = await zandd_bench(
+        "--attach", *TINY_RUN, "--many-keys", "5", amqp_url=fleet.amqp_url
+    )
+    assert code == 0, err
+    first = assert_many_keys(json.loads(out), keys=5)
+    assert first["created"] == 5 - min(len(before), 5)
+    after_first = await labelled_many_keys(fleet)
+    assert len(after_first) == len(before) + first["created"]
+
+    code, out, err = await zandd_bench(
+        "--attach", *TINY_RUN, "--many-keys", "5", amqp_url=fleet.amqp_url
+    )
+    assert code == 0, err
+    assert assert_many_keys(json.loads(out), keys=5)["created"] == 0
+    assert await labelled_many_keys(fleet) == after_first
+    assert "creating 0" in err
 
 
 async def test_refusals_are_one_sentence_before_anything_starts() -> None:
@@ -225,3 +280,53 @@ def test_each_algorithm_is_reported_and_no_target_depends_on_it() -> None:
     for name in ALGORITHMS:
         assert f"\n  {name}\n    sign " in table
     assert table.count("\n    keygen ") == len(ALGORITHMS)
+
+
+def test_sign_many_keys_is_reported_beside_sign_and_checked_against_0_8() -> None:
+    def report_with(many_per_s: float) -> BenchReport:
+        fleet = FleetResults(
+            signers=2,
+            echo=run_of(1000, 50),
+            echo_serial=run_of(500, 2.0),
+            sign=run_of(1500, 40),
+            sign_serial=run_of(300, 3.2),
+            batch=run_of(90, 100),
+            sign_many_keys=run_of(many_per_s, 45),
+            key_set=KeySet(tuple(f"zk-{n}" for n in range(10_000)), created=0, create_s=0.0),
+        )
+        local = InProcessResults(
+            crypto_limit=run_of(10_000, 0.1),
+            hybrid=run_of(6000, 0.15),
+            tpm_only=run_of(300, 3.0),
+            tpm_protection=run_of(200, 5.0),
+        )
+        return BenchReport(
+            where="test",
+            duration_s=1,
+            warmup_s=1,
+            fleets=(fleet,),
+            keygen=run_of(20, 45),
+            in_process=local,
+        )
+
+    passing, failing = report_with(1200), report_with(1150)
+    assert passing.to_json()["sign_many_keys"] == {
+        "keys": 10_000,
+        "created": 0,
+        "rps": 1200.0,
+        "p50_ms": 45.0,
+        "p99_ms": 45.0,
+        "ratio_to_sign": 0.8,
+    }
+    passed, failed = many_keys_check(passing), many_keys_check(failing)
+    assert passed is not None
+    assert failed is not None
+    assert passed.met
+    assert passed.value == pytest.approx(0.8)
+    assert not failed.met
+    assert failed.value == pytest.approx(1150 / 1500)
+    # Beside the five targets, never one of them.
+    assert len(targets(passing)) == 5
+    table = render_table(failing)
+    assert "\nsign_many_keys  10,000 keys" in table
+    assert "  FAIL  sign_many_keys.rps / sign.rps ≥ 0.8 (10,000 keys)" in table

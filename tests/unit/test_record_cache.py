@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import random
 from datetime import UTC, datetime
 
 import pytest
@@ -185,3 +187,59 @@ async def test_a_read_of_one_version_overtaken_by_an_invalidation_is_not_cached(
     assert (await pending).record.version == 1  # used once, as read
     await cache.get("k1", 1)
     assert vault.reads == 2  # not cached: read again
+
+
+class _IndexedVault(CountingVault):
+    """A CountingVault that finds a key without looking at every other (10,000 of them)."""
+
+    async def get_key(self, key_id: str, version: int | None = None) -> KeyRecord:
+        self.reads += 1
+        found = self.records.get((key_id, version if version is not None else 1))
+        if found is None:
+            raise KeyNotFound(f"key {key_id} not found")
+        return found
+
+
+async def test_the_default_bound_holds_10_000_keys_beside_others() -> None:
+    # issue 15: the seed's sizing is 10,000 keys, and a fleet has other keys beside them
+    # (here 100 more); a random key of them is a hit once each was loaded.
+    template = record("k0")
+    vault = _IndexedVault(
+        *(
+            authenticated(dataclasses.replace(template, key_id=f"k{n}"), RING, generation=1)
+            for n in range(10_100)
+        )
+    )
+    cache = cache_over(vault)
+    for n in range(10_100):
+        await cache.get(f"k{n}", None)
+    assert len(cache) == 10_100
+    for n in random.Random(15).sample(range(10_100), 1000):
+        assert (await cache.get(f"k{n}", None)).record.key_id == f"k{n}"
+    assert vault.reads == 10_100
+    assert (cache.hits, cache.misses) == (1000, 10_100)
+
+
+async def test_invalidating_finds_the_keys_versions_also_after_evictions() -> None:
+    vault = CountingVault(record("k0"), record("k0", 2), record("k1"), record("k2"))
+    cache = cache_over(vault, max_entries=3)
+    await cache.get("k0", 1)
+    await cache.get("k0", 2)
+    await cache.get("k1", 1)
+    await cache.get("k2", 1)  # evicts k0 v1, keeps k0 v2
+    assert len(cache) == 3
+    cache.invalidate("k0")  # forgets v2 (v1 is gone already)
+    assert len(cache) == 2
+    cache.invalidate("k0")  # nothing left of it: harmless
+    reads = vault.reads
+    await cache.get("k1", 1)
+    await cache.get("k2", 1)
+    assert vault.reads == reads  # the other keys stay cached
+    await cache.get("k0", 2)
+    await cache.get("k0", 1)
+    assert vault.reads == reads + 2
+    assert len(cache) == 3  # k1 evicted by the bound
+    cache.clear()
+    assert len(cache) == 0
+    await cache.get("k0", 2)
+    assert vault.reads == reads + 3

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import subprocess
 import sys
 import uuid
@@ -23,7 +24,17 @@ from contracts.client import SigningClient
 from contracts.errors import ZanddError
 from contracts.models import SignRequest
 from workers.bench.echo import READY_LINE, EchoClient, echo_queue_arguments
-from workers.bench.measure import MIN_OPERATIONS, Load, Run, Timing, interleaved, measured
+from workers.bench.many_keys import KeySet, key_set, random_key
+from workers.bench.measure import (
+    MIN_OPERATIONS,
+    Load,
+    Operation,
+    Run,
+    Timing,
+    drive,
+    interleaved,
+    measured,
+)
 from workers.bench.progress import Progress
 
 #: Requests in flight for ``echo`` and ``sign`` (the issue's figure).
@@ -48,16 +59,27 @@ class FleetResults:
     sign: Run
     sign_serial: Run
     batch: Run
+    #: issue 15: ``sign`` with a random key of many, interleaved with ``echo`` and ``sign``
+    #: (the first fleet size only; None when not measured).
+    sign_many_keys: Run | None = None
+    key_set: KeySet | None = None
 
 
 async def measure_fleet(
-    amqp_url: str, signers: int, timing: Timing, progress: Progress
+    amqp_url: str,
+    signers: int,
+    timing: Timing,
+    progress: Progress,
+    many_keys: int = 0,
 ) -> FleetResults:
     """``echo`` beside ``sign`` and ``echo_serial`` beside ``sign_serial``, then ``batch``.
 
     Each pair is measured in alternating slices (:func:`interleaved`): the targets are their
     ratios, and measured one after the other they would also compare two moments of a machine
-    whose speed drifts.
+    whose speed drifts. With ``many_keys``, ``sign_many_keys`` (each request a random key of the
+    set) is a third scenario of the first interleaving, after a warm-up that signs with every
+    key of the set ``signers + 1`` times (the signers' record caches then hold the set as a
+    fleet serving it would have them: it measures the steady state, not a cold start).
     """
     digest = os.urandom(32)
     # The body a sign request carries, so the echo moves the same bytes.
@@ -69,6 +91,7 @@ async def measure_fleet(
     at = f"[{signers} signer{'s' if signers > 1 else ''}]"
     async with await SigningClient.connect(amqp_url) as client:
         key = await client.create_key(label=_BENCH_LABEL)
+        many = await key_set(client, many_keys, progress) if many_keys else None
 
         async def sign() -> object:
             return await client.sign(key.key_id, digest=digest)
@@ -84,8 +107,19 @@ async def measure_fleet(
             async def echo() -> object:
                 return await echo_client.call(echo_body.encode())
 
-            echo_run, sign_run = await interleaved(
-                [(f"echo {consumers}", echo), (f"sign {at}", sign)],
+            scenarios: list[tuple[str, Operation]] = [
+                (f"echo {consumers}", echo),
+                (f"sign {at}", sign),
+            ]
+            if many is not None:
+                scenarios.append(
+                    (
+                        f"sign_many_keys {at}",
+                        await _many_keys_operation(client, many, signers, digest, progress),
+                    )
+                )
+            echo_run, sign_run, *many_runs = await interleaved(
+                scenarios,
                 timing.load(CONCURRENCY),
                 timing.warmup(CONCURRENCY),
                 progress,
@@ -93,6 +127,11 @@ async def measure_fleet(
             )
             progress.note(f"echo {consumers}: {_throughput(echo_run, 'req/s')}")
             progress.note(f"sign {at}: {_throughput(sign_run, 'req/s')}")
+            for run in many_runs:
+                progress.note(
+                    f"sign_many_keys {at}: {_throughput(run, 'req/s')}, "
+                    f"{run.per_s / sign_run.per_s:.2f}x sign"
+                )
             echo_serial, sign_serial = await interleaved(
                 [(f"echo_serial {consumers}", echo), (f"sign_serial {at}", sign)],
                 timing.load(1),
@@ -110,7 +149,51 @@ async def measure_fleet(
             progress,
         )
         progress.end(f"{batch.per_s * ITEMS_PER_MESSAGE:,.0f} signatures/s")
-    return FleetResults(signers, echo_run, echo_serial, sign_run, sign_serial, batch)
+    return FleetResults(
+        signers,
+        echo_run,
+        echo_serial,
+        sign_run,
+        sign_serial,
+        batch,
+        many_runs[0] if many_runs else None,
+        many,
+    )
+
+
+async def _many_keys_operation(
+    client: SigningClient, many: KeySet, signers: int, digest: bytes, progress: Progress
+) -> Operation:
+    """The ``sign_many_keys`` request, once every key was signed with ``signers + 1`` times.
+
+    The broker, not the bench, picks the signer of each request: after ``p`` passes in
+    shuffled orders a signer has not seen a given key with odds ``(1 - 1/signers) ** p``
+    (2 signers, 3 passes: 1 key in 8), and the measured slices load those on first use.
+    """
+    rng = random.Random()  # noqa: S311 - which key a request uses is no secret
+    order = list(many.key_ids)
+    pending: list[str] = []
+    for _ in range(signers + 1):
+        rng.shuffle(order)
+        pending += order
+
+    async def warm() -> object:
+        return await client.sign(pending.pop(), digest=digest)
+
+    progress.begin(f"sign_many_keys (warming caches: {len(pending):,} signatures)")
+    warmup = Load(
+        concurrency=CONCURRENCY,
+        duration_s=0.0,
+        min_operations=len(pending),
+        max_operations=len(pending),
+    )
+    await drive(warm, warmup, progress)
+    progress.end("done")
+
+    async def sign_many() -> object:
+        return await client.sign(random_key(many.key_ids, rng), digest=digest)
+
+    return sign_many
 
 
 async def measure_sign(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from workers.bench.in_process import InProcessResults
+from workers.bench.many_keys import MANY_KEYS_BOUND
 from workers.bench.measure import Run
 from workers.bench.queue_scenarios import ITEMS_PER_MESSAGE, FleetResults
 from workers.bench.shards import ShardResults
@@ -70,6 +71,9 @@ class BenchReport:
             "crypto_limit": {"signatures_per_s": _rate(local.crypto_limit.per_s)},
             "signers": self.first.signers,
         }
+        many = _many_keys_json(self.first)
+        if many is not None:
+            document["sign_many_keys"] = many
         if self.other_transport is not None:
             name, run = self.other_transport
             document["sign_other_transport"] = {"transport": name, **_throughput_json(run)}
@@ -94,6 +98,30 @@ class BenchReport:
                 {"signers": fleet.signers, **_fleet_json(fleet)} for fleet in self.fleets
             ]
         return document
+
+
+def _many_keys_json(fleet: FleetResults) -> dict[str, Any] | None:
+    """``sign_many_keys`` beside ``sign`` (issue 15): its ratio to the one-key ``sign``."""
+    if fleet.sign_many_keys is None or fleet.key_set is None:
+        return None
+    return {
+        "keys": len(fleet.key_set.key_ids),
+        "created": fleet.key_set.created,
+        **_throughput_json(fleet.sign_many_keys),
+        "ratio_to_sign": round(fleet.sign_many_keys.per_s / fleet.sign.per_s, 3),
+    }
+
+
+def many_keys_check(report: BenchReport) -> Target | None:
+    """``sign_many_keys.rps / sign.rps ≥ 0.8`` (issue 15): beside the targets, not one of them."""
+    fleet = report.first
+    if fleet.sign_many_keys is None or fleet.key_set is None:
+        return None
+    return _ratio_at_least(
+        f"sign_many_keys.rps / sign.rps ≥ {MANY_KEYS_BOUND} ({len(fleet.key_set.key_ids):,} keys)",
+        fleet.sign_many_keys.per_s / fleet.sign.per_s,
+        MANY_KEYS_BOUND,
+    )
 
 
 def _shards_json(shards: ShardResults) -> dict[str, Any]:
@@ -215,10 +243,23 @@ def _fleet_rows(fleet: FleetResults) -> list[str]:
     consumers = _plural(fleet.signers, "consumer")
     signers = _plural(fleet.signers, "signer")
     batch_rate = fleet.batch.per_s * ITEMS_PER_MESSAGE
+    many = (
+        [
+            _row(
+                "sign_many_keys",
+                f"{len(fleet.key_set.key_ids):,} keys",
+                f"{fleet.sign_many_keys.per_s:,.0f} req/s",
+                fleet.sign_many_keys,
+            )
+        ]
+        if fleet.sign_many_keys is not None and fleet.key_set is not None
+        else []
+    )
     return [
         _row("echo", consumers, f"{fleet.echo.per_s:,.0f} req/s", fleet.echo),
         _row("echo_serial", consumers, f"{fleet.echo_serial.per_s:,.0f} req/s", fleet.echo_serial),
         _row("sign", signers, f"{fleet.sign.per_s:,.0f} req/s", fleet.sign),
+        *many,
         _row("sign_serial", signers, f"{fleet.sign_serial.per_s:,.0f} req/s", fleet.sign_serial),
         _row("batch", signers, f"{batch_rate:,.0f} signatures/s", fleet.batch),
     ]
@@ -272,6 +313,12 @@ def render_table(report: BenchReport) -> str:
         f"  {'pass' if target.met else 'FAIL'}  {target.claim:<42} {target.shown:>10}"
         for target in targets(report)
     ]
+    check = many_keys_check(report)
+    if check is not None:
+        lines += [
+            "beside the targets (issue 15):",
+            f"  {'pass' if check.met else 'FAIL'}  {check.claim:<42} {check.shown:>10}",
+        ]
     return "\n".join(lines)
 
 

@@ -53,6 +53,8 @@ class BenchOptions:
     attach: bool
     timing: Timing
     max_keys: int
+    #: issue 15: keys of ``sign_many_keys`` (0: not measured); with ``attach`` found again.
+    many_keys: int = 0
 
 
 async def run_bench(settings: Settings, options: BenchOptions, progress: Progress) -> BenchReport:
@@ -103,7 +105,10 @@ async def _run(settings: Settings, options: BenchOptions, progress: Progress) ->
                     await fleet_stack.enter_async_context(
                         running_fleet(local, tcti, signers, progress, ring)
                     )
-                fleets.append(await measure_fleet(amqp_url, signers, options.timing, progress))
+                many_keys = options.many_keys if not fleets else 0
+                fleets.append(
+                    await measure_fleet(amqp_url, signers, options.timing, progress, many_keys)
+                )
                 if keygen is None:
                     keygen = await measure_keygen(
                         amqp_url, options.max_keys, options.timing, progress

@@ -15,6 +15,8 @@ DEFAULT_SIGNERS = (2,)
 DEFAULT_DURATION_S = 5.0
 DEFAULT_WARMUP_S = 1.0
 DEFAULT_MAX_KEYS = 100
+#: Keys of ``sign_many_keys`` (issue 15: the seed's sizing).
+DEFAULT_MANY_KEYS = 10_000
 
 
 def _signer_counts(value: str) -> tuple[int, ...]:
@@ -49,6 +51,16 @@ def _positive_count(value: str) -> int:
     return count
 
 
+def _count(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if count < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return count
+
+
 async def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from workers.bench.measure import Timing
     from workers.bench.progress import Progress
@@ -68,6 +80,7 @@ async def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         attach=args.attach,
         timing=Timing(duration_s=args.duration_s, warmup_s=args.warmup_s),
         max_keys=args.max_keys,
+        many_keys=args.many_keys,
     )
     report = await run_bench(settings, options, Progress(sys.stderr))
     if args.json:
@@ -113,5 +126,13 @@ def register(tree: CommandTree) -> None:
         default=DEFAULT_MAX_KEYS,
         help=f"keys the keygen scenario creates at most (default {DEFAULT_MAX_KEYS}); "
         "with --attach they stay in that fleet's vault",
+    )
+    bench.add_argument(
+        "--many-keys",
+        type=_count,
+        default=DEFAULT_MANY_KEYS,
+        help=f"keys of the sign_many_keys scenario (default {DEFAULT_MANY_KEYS:,}; 0 skips it): "
+        "created through the keygen worker (~keygen p50 each), with --attach found again by "
+        "their label and only the missing ones created",
     )
     bench.add_argument("--json", action="store_true", help="print one JSON object")
