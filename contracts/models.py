@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
@@ -206,6 +207,13 @@ class SignRequest(SignPayload):
     encoding: Encoding = "der"
 
 
+def _check_batch_size(items: Sequence[object], info: ValidationInfo) -> None:
+    """A batch holds at most the worker's ``max_batch_items`` (``contracts/limits.py``)."""
+    limit = limits_from(info).max_batch_items
+    if len(items) > limit:
+        raise ValueError(f"'items' has more than the limit of {limit} entries")
+
+
 class SignBatchRequest(_Request):
     """``sign.batch``: several signatures with one key, returned in item order."""
 
@@ -216,9 +224,7 @@ class SignBatchRequest(_Request):
 
     @model_validator(mode="after")
     def _batch_size(self, info: ValidationInfo) -> SignBatchRequest:
-        limit = limits_from(info).max_batch_items
-        if len(self.items) > limit:
-            raise ValueError(f"'items' has more than the limit of {limit} entries")
+        _check_batch_size(self.items, info)
         return self
 
 
@@ -611,9 +617,7 @@ class VerifyBatchRequest(_Request):
 
     @model_validator(mode="after")
     def _batch_size(self, info: ValidationInfo) -> VerifyBatchRequest:
-        limit = limits_from(info).max_batch_items
-        if len(self.items) > limit:
-            raise ValueError(f"'items' has more than the limit of {limit} entries")
+        _check_batch_size(self.items, info)
         return self
 
 

@@ -27,6 +27,26 @@ async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
+async def every(
+    step: Callable[[], Awaitable[object]],
+    *,
+    stop: asyncio.Event,
+    interval_s: float,
+    what: str,
+    logger: logging.Logger = log,
+) -> None:
+    """Run ``step`` every ``interval_s`` until ``stop``; a failure is logged (on ``logger``),
+    never fatal: a periodic sweep must outlive any one failure."""
+    while not stop.is_set():
+        try:
+            await step()
+        except ZanddError as exc:
+            logger.warning("%s failed: %s", what, exc.message)
+        except Exception:
+            logger.exception("%s failed", what)
+        await sleep_unless(stop, interval_s)
+
+
 async def retry_until_stopped(
     operation: Callable[[], Awaitable[T]],
     *,

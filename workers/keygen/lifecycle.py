@@ -39,7 +39,7 @@ from vault.record_mac import GenerationWatermark, authenticated, verify_record
 from vault.records import KeyRecord
 from vault.store import VaultStore
 from workers.audit.auditing import Clock, utc_now
-from workers.consumer.backoff import sleep_unless
+from workers.consumer.backoff import every
 from workers.consumer.runtime import Handler, RequestContext
 from workers.service.events import EventPublisher
 from workers.service.policy import AccessPolicy
@@ -113,14 +113,13 @@ class KeyLifecycle:
 
     async def destroy_due_forever(self, stop: asyncio.Event, interval_s: float) -> None:
         """Run ``destroy_due`` every ``interval_s`` until ``stop``."""
-        while not stop.is_set():
-            try:
-                await self.destroy_due()
-            except ZanddError as exc:
-                log.warning("looking for keys due for destruction failed: %s", exc.message)
-            except Exception:  # the loop must outlive any one failure
-                log.exception("looking for keys due for destruction failed")
-            await sleep_unless(stop, interval_s)
+        await every(
+            self.destroy_due,
+            stop=stop,
+            interval_s=interval_s,
+            what="looking for keys due for destruction",
+            logger=log,
+        )
 
     async def _change(
         self,

@@ -55,7 +55,7 @@ from vault.audit import OUTCOME_OK, AuditEvent, AuditLog
 from vault.records import KeyRecord
 from vault.store import VaultStore
 from workers.audit.auditing import Clock, utc_now
-from workers.consumer.backoff import sleep_unless
+from workers.consumer.backoff import every
 from workers.consumer.runtime import Handler, RequestContext
 from workers.keygen.lifecycle import SYSTEM_PRINCIPAL, KeyLifecycle
 from workers.keygen.session import TpmSession
@@ -182,14 +182,13 @@ class KeyVersions:
 
     async def rotate_due_forever(self, stop: asyncio.Event, interval_s: float) -> None:
         """Run ``rotate_due`` every ``interval_s`` until ``stop``."""
-        while not stop.is_set():
-            try:
-                await self.rotate_due()
-            except ZanddError as exc:
-                log.warning("looking for keys due for rotation failed: %s", exc.message)
-            except Exception:  # the loop must outlive any one failure
-                log.exception("looking for keys due for rotation failed")
-            await sleep_unless(stop, interval_s)
+        await every(
+            self.rotate_due,
+            stop=stop,
+            interval_s=interval_s,
+            what="looking for keys due for rotation",
+            logger=log,
+        )
 
     async def _rotate_due_locked(
         self, due: KeyRecord, now: datetime, made: list[KeyRecord]
