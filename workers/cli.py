@@ -22,6 +22,7 @@ from contracts.models import describe_errors
 from workers.commands import (
     aliases,
     audit,
+    backup,
     bench,
     checkpoints,
     client,
@@ -65,6 +66,7 @@ COMMAND_MODULES = (
     topology,
     versions,  # issue 15, key writes
     aliases,  # issue 15, aliases
+    backup,  # issue 17, vault backup/restore
 )
 
 
