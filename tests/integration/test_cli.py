@@ -185,14 +185,35 @@ async def test_up_exports_traces_to_the_console_and_metrics_per_worker(
     finally:
         up.send_signal(signal.SIGTERM)
         _out, err_bytes = await asyncio.wait_for(up.communicate(), 60)
-    assert 'zandd_requests_total{operation="sign",outcome="ok"} 1.0' in signer_metrics
-    assert 'zandd_requests_total{operation="key.create",outcome="ok"} 1.0' in keygen_metrics
-    assert 'zandd_stage_duration_seconds_count{stage="tpm"} 1.0' in keygen_metrics
+    # Every series names the role of the worker that exports it (issue 17).
+    signer, keygen = _samples(signer_metrics), _samples(keygen_metrics)
+    assert signer["zandd_requests_total", ("sign", "ok", "signer")] == 1.0
+    assert keygen["zandd_requests_total", ("key.create", "ok", "keygen")] == 1.0
+    assert keygen["zandd_stage_duration_seconds_count", ("keygen", "tpm")] == 1.0
+    for samples, role in ((signer, "signer"), (keygen, "keygen")):
+        assert all(role in values for _name, values in samples), role
+        (build,) = [values for name, values in samples if name == "zandd_build_info"]
+        python, build_role, version = build  # sorted by label name
+        assert python.startswith("3.")
+        assert build_role == role
+        assert version
     err = err_bytes.decode()
     # The console exporter writes each finished span as JSON on stderr.
     assert '"name": "process zandd:sign:zandd.sign"' in err
     assert '"name": "zandd.sign"' in err
     assert up.returncode == 0
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[str, ...]], float]:
+    """A scrape's zandd_ samples: (name, label values in label-name order) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.name, tuple(value for _label, value in sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("zandd_")
+    }
 
 
 def _children(pid: int) -> list[int]:

@@ -124,3 +124,45 @@ def test_operation_labels_are_bounded() -> None:
     assert operation_label("sign.batch") == "sign.batch"
     assert operation_label("drop table keys") == "unknown"
     assert operation_label(None) == "unknown"
+
+
+def test_a_role_labels_every_series_and_build_info_names_the_versions() -> None:
+    import platform
+
+    from prometheus_client import generate_latest
+
+    from workers.observability.metrics import zandd_version
+
+    recorder = Metrics(role="signer")
+    recorder.observe_request("sign", "ok", 0.01)
+    recorder.cache_lookup("records", hit=True)
+    recorder.broker_blocked()
+    text = generate_latest(recorder.registry).decode()
+    samples = [
+        sample
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("zandd_")
+    ]
+    assert len(samples) > 20
+    assert all(sample.labels.get("role") == "signer" for sample in samples)
+    (build,) = [sample for sample in samples if sample.name == "zandd_build_info"]
+    assert build.labels == {
+        "version": zandd_version(),
+        "python": platform.python_version(),
+        "role": "signer",
+    }
+    assert build.value == 1.0
+    assert zandd_version() != "unknown"  # the project is installed in its venv
+
+
+def test_without_a_role_no_label_is_added() -> None:
+    recorder = Metrics()
+    recorder.observe_request("sign", "ok", 0.01)
+    labels = [
+        sample.labels
+        for family in recorder.registry.collect()
+        for sample in family.samples
+        if sample.name == "zandd_requests_total"
+    ]
+    assert labels == [{"operation": "sign", "outcome": "ok"}]

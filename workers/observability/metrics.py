@@ -27,8 +27,15 @@ compose every container listens on the same port at its own address). Metric nam
   memory or disk alarm; RabbitMQ says so once the worker publishes during one): no new request
   starts. ``zandd_broker_blocks_total`` counts such blocks and
   ``zandd_broker_blocked_seconds_total`` their length (added as each ends).
+- ``zandd_build_info{version, python, role}`` — always 1: which zandd and Python a worker runs
+  (join on it to see a rollout; ``count by (version) (zandd_build_info)``).
 - ``zandd_client_unmatched_replies_total`` — client side: replies no call was waiting for
   (duplicates after a redelivery, late replies after a timeout); see :class:`ClientCollector`.
+
+Every series a worker exports carries a ``role`` label (``keygen`` or ``signer``), added at
+scrape time to each sample, so one Prometheus job can tell the roles apart without relying on
+target names (``sum by (role) (rate(zandd_requests_total[5m]))``). A ``Metrics`` made without a
+role (tests, embedding) adds no label.
 
 ``prometheus-client`` rather than OpenTelemetry's Prometheus exporter: it is stable (the
 exporter is a pre-release), names series exactly as written here (no unit/``_total`` rewriting
@@ -37,9 +44,11 @@ or scope labels) and serves its endpoint from a daemon thread with no extra mach
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import metadata
 from threading import Thread
 from typing import Protocol
 from wsgiref.simple_server import WSGIServer
@@ -47,12 +56,15 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from contracts.errors import ConfigurationError
 from contracts.operations import Operation
 from workers.observability.stages import Stage
 
 OUTCOME_OK = "ok"
+ROLE_LABEL = "role"
+_DISTRIBUTION = "zandd-hsm"
 UNKNOWN_OPERATION_LABEL = "unknown"
 
 # Signing takes ~100 µs, a vault read ~1 ms, a TPM key generation ~100 ms to seconds.
@@ -107,11 +119,56 @@ class MetricsServer:
         self.thread.join()
 
 
-class Metrics:
-    """The metrics of one worker process, in a registry of its own."""
+def zandd_version() -> str:
+    """The installed zandd-hsm version (``unknown`` when run from a tree never installed)."""
+    try:
+        return metadata.version(_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+
+class RoleRegistry(CollectorRegistry):
+    """A registry whose every sample carries ``role=<role>``: a constant label that
+    ``prometheus-client`` has no option for, added when the registry is collected (a scrape)."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.role = role
+
+    def collect(self) -> Iterator[Metric]:
+        """Every metric, each sample with the role label added."""
+        for metric in super().collect():
+            labelled = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            labelled.samples = [
+                Sample(
+                    s.name, {**s.labels, ROLE_LABEL: self.role}, s.value, s.timestamp, s.exemplar
+                )
+                for s in metric.samples
+            ]
+            yield labelled
+
+
+class Metrics:
+    """The metrics of one worker process, in a registry of its own.
+
+    ``role`` (``keygen``, ``signer``) labels every series it exports; ``registry`` is for tests
+    that bring their own (then no role label is added).
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, role: str | None = None
+    ) -> None:
+        if registry is None:
+            registry = RoleRegistry(role) if role is not None else CollectorRegistry()
+        self.registry = registry
+        self.role = role
+        build = Gauge(
+            "zandd_build_info",
+            "Always 1; its labels name the zandd version and the Python this worker runs.",
+            ("version", "python"),
+            registry=self.registry,
+        )
+        build.labels(version=zandd_version(), python=platform.python_version()).set(1)
         self._requests = Counter(
             "zandd_requests",
             "Requests finished, by operation and outcome (ok or the error code).",

@@ -219,8 +219,8 @@ async def _beside(
             task.result()  # it failed to start: its error says why
 
 
-def _metrics(settings: Settings, stack: AsyncExitStack) -> Metrics:
-    metrics = Metrics()
+def _metrics(settings: Settings, stack: AsyncExitStack, role: str) -> Metrics:
+    metrics = Metrics(role=role)
     if settings.metrics_port is not None:
         server = metrics.serve(settings.metrics_port, settings.metrics_host)
         stack.callback(server.close)
@@ -312,7 +312,7 @@ async def serve_signer(settings: Settings, *, concurrency: int | None = None) ->
     """Serve ``zandd.sign`` until SIGTERM/SIGINT, then drain."""
     ring = load_ring(settings)
     async with AsyncExitStack() as stack:
-        metrics = _metrics(settings, stack)
+        metrics = _metrics(settings, stack, "signer")
         store = await _open_vault(settings, ring, stack, metrics)
         worker = await signer_worker(settings, store, ring, stack, metrics=metrics)
         log.info("%s", describe(ring, settings))
@@ -330,7 +330,7 @@ async def serve_keygen(settings: Settings) -> None:
         tpm = TpmSession(resolve_tcti(settings))
         stack.callback(tpm.close)
         log.info("keygen will use the TPM at %s", tpm.tcti)
-        metrics = _metrics(settings, stack)
+        metrics = _metrics(settings, stack, "keygen")
         store = await _open_vault(settings, ring, stack, metrics)
         worker = await keygen_worker(settings, store, ring, tpm, stack, metrics=metrics)
         log.info("%s", describe(ring, settings))
