@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,42 @@ def test_docker_compose_accepts_the_file() -> None:
         pytest.skip(
             "docker-compose is not installed (ops/lib.sh installs it: apt-get install docker-compose)"
         )
-    result = subprocess.run(
-        ["docker-compose", "-f", str(COMPOSE), "config", "-q"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _compose_config(COMPOSE, env=MONGO_PASSWORDS)
     assert result.returncode == 0, result.stderr
+
+
+#: The MongoDB passwords compose requires (no default): any value makes the files render.
+MONGO_PASSWORDS = {"MONGO_ROOT_PASSWORD": "root-test", "MONGO_VAULT_PASSWORD": "vault-test"}
+
+
+def _compose_config(*files: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    if shutil.which("docker-compose") is None:
+        pytest.skip(
+            "docker-compose is not installed (ops/lib.sh installs it: apt-get install docker-compose)"
+        )
+    with tempfile.NamedTemporaryFile(suffix=".env") as empty:
+        return subprocess.run(
+            [
+                "docker-compose",
+                # Not compose/.env: a developer's passwords there must not make these pass.
+                *("--env-file", empty.name),
+                *(arg for path in files for arg in ("-f", str(path))),
+                *("config", "-q"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **env},
+        )
+
+
+@pytest.mark.parametrize("missing", sorted(MONGO_PASSWORDS))
+def test_compose_refuses_to_run_without_each_mongodb_password(missing: str) -> None:
+    env = {name: value for name, value in MONGO_PASSWORDS.items() if name != missing}
+    for files in ((COMPOSE,), (COMPOSE, CLUSTER)):
+        result = _compose_config(*files, env={**env, "RABBITMQ_COOKIE": "test-cookie"})
+        assert result.returncode != 0, files
+        assert f"set {missing} (compose/.env)" in result.stderr, files
 
 
 def test_every_zandd_command_and_healthcheck_parses_with_the_cli() -> None:
@@ -149,12 +179,8 @@ def test_docker_compose_accepts_the_cluster_profile_over_the_stack() -> None:
         pytest.skip(
             "docker-compose is not installed (ops/lib.sh installs it: apt-get install docker-compose)"
         )
-    result = subprocess.run(
-        ["docker-compose", "-f", str(COMPOSE), "-f", str(CLUSTER), "config", "-q"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "RABBITMQ_COOKIE": "test-cookie"},
+    result = _compose_config(
+        COMPOSE, CLUSTER, env={**MONGO_PASSWORDS, "RABBITMQ_COOKIE": "test-cookie"}
     )
     assert result.returncode == 0, result.stderr
 
@@ -192,7 +218,8 @@ def test_the_cluster_vault_is_a_replica_set_initiated_once() -> None:
     services = _cluster_services()
     for name in ("keygen", "keygen-standby", "signer"):
         vault = services[name]["environment"]["ZANDD_VAULT_URL"]
-        assert vault.startswith("mongodb://mongo:27017,mongo-2:27017,mongo-3:27017/"), name
+        hosts = vault.partition("@")[2]
+        assert hosts.startswith("mongo:27017,mongo-2:27017,mongo-3:27017/"), name
         assert "replicaSet=rs0" in vault, name
     members = [name for name in services if re.fullmatch(r"mongo(-\d)?", name)]
     assert members == ["mongo", "mongo-2", "mongo-3"]
@@ -200,3 +227,98 @@ def test_the_cluster_vault_is_a_replica_set_initiated_once() -> None:
     for member in members:
         assert f'host: "{member}:27017"' in init
     assert "try { rs.status() }" in init, "initiating must be a no-op on a running set"
+
+
+# -- issue 17: networks, MongoDB authentication, a real TPM ----------------------------------
+
+MONGO_INIT = ROOT / "compose" / "mongo-init" / "10-zandd-vault-user.js"
+WORKERS = {"keygen", "keygen-standby", "signer"}
+
+
+def _stack(cluster: bool) -> dict[str, dict[str, Any]]:
+    """The services as compose merges them (an override's networks replace the base's)."""
+    services = {name: dict(service) for name, service in _services().items()}
+    if cluster:
+        for name, override in _cluster_services().items():
+            services[name] = {**services.get(name, {}), **override}
+    return services
+
+
+def _networks_of(service: dict[str, Any]) -> set[str]:
+    networks = service.get("networks")
+    assert networks, "a service without networks joins `default`, which every such service shares"
+    return set(networks)
+
+
+def _members(services: dict[str, dict[str, Any]]) -> dict[str, set[str]]:
+    members: dict[str, set[str]] = {}
+    for name, service in services.items():
+        for network in _networks_of(service):
+            members.setdefault(network, set()).add(name)
+    return members
+
+
+@pytest.mark.parametrize("cluster", [False, True], ids=["single", "cluster"])
+def test_producers_reach_only_the_broker(cluster: bool) -> None:
+    services = _stack(cluster)
+    members = _members(services)
+    producer_networks = _networks_of(services["producer"])
+    assert producer_networks == {"producers"}
+    brokers = {name for name in services if name.startswith("rabbitmq")}
+    assert members["producers"] == brokers | {"producer"}
+    for name in services:
+        if name.startswith("mongo") or name == "swtpm" or name in WORKERS:
+            assert not _networks_of(services[name]) & producer_networks, name
+
+
+@pytest.mark.parametrize("cluster", [False, True], ids=["single", "cluster"])
+def test_the_vault_and_the_tpm_are_on_internal_networks_of_their_own(cluster: bool) -> None:
+    services = _stack(cluster)
+    members = _members(services)
+    mongos = {name for name in services if name.startswith("mongo")}
+    assert {"mongo"} <= mongos
+    for name in mongos:
+        assert _networks_of(services[name]) == {"vault"}, name
+    assert members["vault"] == mongos | WORKERS
+    assert _networks_of(services["swtpm"]) == {"tpm"}
+    assert members["tpm"] == {"swtpm", "keygen", "keygen-standby"}
+    declared = yaml.safe_load(COMPOSE.read_text())["networks"]
+    for network in ("workers", "vault", "tpm"):
+        assert declared[network].get("internal") is True, network
+    assert "internal" not in (declared["producers"] or {})  # its published port must work
+
+
+def test_mongodb_requires_authentication_with_no_default_password() -> None:
+    services = _stack(cluster=True)
+    mongo = _services()["mongo"]["environment"]
+    assert mongo["MONGO_INITDB_ROOT_USERNAME"] == "root"
+    assert mongo["MONGO_INITDB_ROOT_PASSWORD"].startswith("${MONGO_ROOT_PASSWORD:?")
+    assert mongo["MONGO_VAULT_PASSWORD"].startswith("${MONGO_VAULT_PASSWORD:?")
+    for stack in (_services(), services):
+        for name in WORKERS:
+            url = stack[name]["environment"]["ZANDD_VAULT_URL"]
+            userinfo = url.removeprefix("mongodb://").partition("@")[0]
+            assert (
+                userinfo
+                == "zandd-vault:${MONGO_VAULT_PASSWORD:?set MONGO_VAULT_PASSWORD (compose/.env)}"
+            )
+            assert "authSource=zandd" in url, name
+    init = _services()["mongo"]["volumes"]
+    assert "./mongo-init:/docker-entrypoint-initdb.d:ro" in init
+    script = MONGO_INIT.read_text()
+    assert "process.env.MONGO_VAULT_PASSWORD" in script
+    # Least privilege: readWrite on the vault's database, no other role, no other database.
+    assert re.findall(r"role: \"(\w+)\", db: \"(\w+)\"", script) == [("readWrite", "zandd")]
+    # The replica set's members authenticate each other; the init job logs in without argv.
+    for name in ("mongo", "mongo-2", "mongo-3"):
+        assert "--keyFile" in services[name]["command"], name
+    assert "process.env.MONGO_ROOT_PASSWORD" in " ".join(services["mongo-init"]["entrypoint"])
+    assert "MONGO_ROOT_PASSWORD" not in " ".join(services["mongo-init"]["entrypoint"][:-1])
+    ignored = (COMPOSE.parent / ".gitignore").read_text().splitlines()
+    assert ".env" in ignored
+
+
+def test_a_real_tpm_variant_is_documented_beside_the_keygen() -> None:
+    text = COMPOSE.read_text()
+    assert re.search(r"^\s+#\s+devices:\n\s+#\s+- /dev/tpmrm0:/dev/tpmrm0$", text, re.MULTILINE)
+    assert re.search(r"^\s+#\s+ZANDD_TPM_TCTI: device:/dev/tpmrm0$", text, re.MULTILINE)
