@@ -69,19 +69,24 @@ def make_backup_dir(path: Path) -> None:
     path.chmod(_DIR_MODE)
 
 
-def copy_database(source: Path, target: Path, *, replace: bool = False) -> None:
+def copy_database(
+    source: Path, target: Path, *, replace: bool = False, immutable: bool = False
+) -> None:
     """Copy the SQLite database ``source`` into ``target`` with SQLite's online backup API.
 
     Consistent while other processes write ``source`` (WAL readers are not blocked; the copy
     restarts when a writer changes a page already copied). ``target`` is created 0600 and must
     not exist, unless ``replace``: then its content is replaced under SQLite's locks, so a
-    process that has it open sees the whole old or the whole new database.
+    process that has it open sees the whole old or the whole new database. ``immutable``: the
+    source is a backup nothing writes; it is read without locks or ``-shm``/``-wal`` files, so
+    reading it leaves its directory as it was.
     """
     if not source.is_file():
         raise ConfigurationError(f"there is no SQLite vault at {source}")
     _create_private(target, exist_ok=replace)
     try:
-        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_S)
+        options = "mode=ro&immutable=1" if immutable else "mode=ro"
+        src = sqlite3.connect(f"file:{source}?{options}", uri=True, timeout=_BUSY_TIMEOUT_S)
     except sqlite3.Error as exc:
         raise ConfigurationError(f"cannot open the SQLite vault {source}: {exc}") from exc
     try:
@@ -97,6 +102,23 @@ def copy_database(source: Path, target: Path, *, replace: bool = False) -> None:
     finally:
         src.close()
     _fsync(target)
+
+
+def make_self_contained(path: Path) -> None:
+    """Switch the database at ``path`` (a backup, no other user) to a rollback journal: one
+    file, with no ``-wal`` to carry along, that opens read-only without a ``-shm``. Opening it
+    as a vault switches it back to WAL."""
+    try:
+        conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S)
+        try:
+            (mode,) = conn.execute("PRAGMA journal_mode = DELETE").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise ConfigurationError(f"cannot finish the backup copy {path}: {exc}") from exc
+    if mode != "delete":
+        raise ConfigurationError(f"cannot finish the backup copy {path}: journal mode {mode}")
+    _fsync(path)
 
 
 def check_database(path: Path) -> None:

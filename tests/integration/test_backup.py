@@ -77,9 +77,25 @@ async def test_backup_destroy_restore_and_sign_with_the_restored_keys(
             "sign", "--key", key_id, str(document), "--out", str(tmp_path / "before.der"), env=env
         )
         assert code == 0, err
-        # Online: the fleet keeps running while the backup is taken.
-        code, out, err = await zandd("vault", "backup", str(backup), env=env)
+        # Online: the fleet keeps signing (each signature appends an audit entry) meanwhile.
+        from contracts.client import SigningClient
+
+        signed = 0
+        stop = asyncio.Event()
+        async with await SigningClient.connect(empty_amqp_url) as client:
+
+            async def keep_signing() -> None:
+                nonlocal signed
+                while not stop.is_set():
+                    await client.sign(key_id, b"during the backup %d" % signed)
+                    signed += 1
+
+            signing = asyncio.create_task(keep_signing())
+            code, out, err = await zandd("vault", "backup", str(backup), env=env)
+            stop.set()
+            await signing
         assert code == 0, err
+        assert signed > 0
         assert "verified: 1 key versions (record MACs), audit chain #1 to #" in out
         code, out, err = await zandd("keys", "create", "--label", "after-backup", env=env)
         assert code == 0, err
@@ -186,3 +202,71 @@ async def test_a_mongodb_vault_is_pointed_to_mongodump(tmp_path: Path) -> None:
     assert code == 1
     assert "mongodump" in err
     assert not (tmp_path / "backup").exists()
+
+
+async def _vault_with_a_key(data: Path) -> str:
+    """A SQLite vault in ``data`` with its ring (plaintext) and one sealed, MACed key version."""
+    from tests.support.records import sealed_record
+    from vault.kek import KekRing
+    from vault.store import open_store
+
+    ring = KekRing.create(data / "kek-ring.json")
+    store = await open_store(f"sqlite:///{data / 'vault.db'}")
+    try:
+        await store.create_key(sealed_record(ring, "zk-backed-up"))
+    finally:
+        await store.close()
+    return "zk-backed-up"
+
+
+async def test_restore_refuses_a_record_whose_mac_fails(tmp_path: Path) -> None:
+    key_id = await _vault_with_a_key(tmp_path / "data")
+    env = environment(ZANDD_DATA_DIR=str(tmp_path / "data"))
+    backup = tmp_path / "backup"
+    code, out, err = await zandd("vault", "backup", str(backup), env=env)
+    assert code == 0, err
+    assert "verified: 1 key versions" in out
+
+    # A vault writer without the ring widens who may sign; the manifest is made to agree.
+    with sqlite3.connect(backup / "vault.db") as conn:
+        conn.execute("UPDATE keys SET allowed_signers = '[\"*\"]' WHERE key_id = ?", (key_id,))
+    manifest = json.loads((backup / "manifest.json").read_text())
+    manifest["files"]["vault.db"] = sha256_of(backup / "vault.db")
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+
+    target = environment(ZANDD_DATA_DIR=str(tmp_path / "restored"))
+    code, _, err = await zandd("vault", "restore", str(backup), env=target)
+    assert code == 1
+    assert err.strip() == f"zandd: key {key_id} v1 failed its record MAC: its metadata was changed"
+    assert not (tmp_path / "restored" / "vault.db").exists()
+    assert not (tmp_path / "restored" / "kek-ring.json").exists()
+
+
+async def test_restore_with_force_replaces_a_vault_and_ring_and_leaves_the_backup_as_it_was(
+    tmp_path: Path,
+) -> None:
+    await _vault_with_a_key(tmp_path / "data")
+    env = environment(ZANDD_DATA_DIR=str(tmp_path / "data"))
+    backup = tmp_path / "backup"
+    code, _, err = await zandd("vault", "backup", str(backup), env=env)
+    assert code == 0, err
+    backed_up = {p.name: p.read_bytes() for p in backup.iterdir()}
+    code, _, err = await zandd("vault", "rotate-kek", env=env)  # the ring and the log change
+    assert code == 0, err
+
+    code, _, err = await zandd("vault", "restore", str(backup), env=env)
+    assert code == 1
+    assert "refusing to overwrite" in err
+    code, out, err = await zandd("vault", "restore", "--force", str(backup), env=env)
+    assert code == 0, err
+    assert "restored 1 key versions" in out
+    assert (tmp_path / "data" / "kek-ring.json").read_bytes() == backed_up["kek-ring.json"]
+    assert _mode(tmp_path / "data" / "kek-ring.json") == 0o600
+    code, out, err = await zandd("audit", "tail", env=env)
+    assert code == 0, err
+    # The backup's log (the backup itself was recorded only in the live log) + the restore.
+    assert "vault.rotate-kek" not in out
+    assert "vault.restore" in out
+    assert {p.name: p.read_bytes() for p in backup.iterdir()} == backed_up
+    code, out, err = await zandd("audit", "verify", env=env)
+    assert code == 0, err

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ from vault.backup import (
     check_database,
     copy_database,
     make_backup_dir,
+    make_self_contained,
     read_private,
     sha256_of,
     sqlite_vault_path,
@@ -63,6 +65,7 @@ async def _cmd_vault_backup(args: argparse.Namespace, settings: Settings) -> int
         write_private(ring_path, read_private(live_ring, "KEK file"))
     ring = _open_ring(settings, ring_path)
     versions, head = await _check(directory / VAULT_FILE, ring)
+    make_self_contained(directory / VAULT_FILE)
     manifest = Manifest(
         created_at=utc_now().isoformat(),
         vault_sha256=sha256_of(directory / VAULT_FILE),
@@ -96,16 +99,10 @@ async def _cmd_vault_restore(args: argparse.Namespace, settings: Settings) -> in
     target = sqlite_vault_path(settings.resolved_vault_url)
     target_ring = settings.resolved_kek_file
     backup_ring = directory / RING_FILE if manifest.ring_sha256 is not None else target_ring
-    # The backup is checked whole before anything is written.
-    ring = _open_ring(settings, backup_ring)
-    versions, head = await _check(directory / VAULT_FILE, ring)
-    if (versions, head.seq, head.entry_hash) != (
-        manifest.key_versions,
-        manifest.audit_head_seq,
-        manifest.audit_head_link,
-    ):
-        raise IntegrityError(
-            f"{directory}: the vault's key versions or audit head are not those its manifest names"
+    if manifest.ring_sha256 is None and not target_ring.exists():
+        raise ConfigurationError(
+            f"the backup {directory} holds no KEK ring (made --without-ring): put the ring that "
+            f"sealed it at {target_ring} first"
         )
     existing = [p for p in (target, _wal(target)) if p.exists()]
     if manifest.ring_sha256 is not None and target_ring.exists():
@@ -116,11 +113,27 @@ async def _cmd_vault_restore(args: argparse.Namespace, settings: Settings) -> in
             "stop every worker that uses them and pass --force to replace them"
         )
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if manifest.ring_sha256 is not None:
-        data = read_private(backup_ring, "KEK file")
-        if not target_ring.exists() or read_private(target_ring, "KEK file") != data:
-            write_private(target_ring, data, replace=args.force)
-    copy_database(directory / VAULT_FILE, target, replace=args.force)
+    ring = _open_ring(settings, backup_ring)
+    # The backup is checked whole before anything is written, on a copy: opening a database
+    # may bring its schema up to date, and the backup itself stays as its manifest says.
+    with tempfile.TemporaryDirectory(prefix=".zandd-restore-", dir=target.parent) as work:
+        checked = Path(work) / VAULT_FILE
+        copy_database(directory / VAULT_FILE, checked, immutable=True)
+        versions, head = await _check(checked, ring)
+        if (versions, head.seq, head.entry_hash) != (
+            manifest.key_versions,
+            manifest.audit_head_seq,
+            manifest.audit_head_link,
+        ):
+            raise IntegrityError(
+                f"{directory}: the vault's key versions or audit head are not those its "
+                "manifest names"
+            )
+        if manifest.ring_sha256 is not None:
+            data = read_private(backup_ring, "KEK file")
+            if not target_ring.exists() or read_private(target_ring, "KEK file") != data:
+                write_private(target_ring, data, replace=args.force)
+        copy_database(checked, target, replace=args.force)
     restored, restored_head = await _check(target, _open_ring(settings, target_ring))
     await _audit(settings.resolved_vault_url, ring, "vault.restore")
     print(f"restored {restored} key versions to {redact_url(settings.resolved_vault_url)}")
