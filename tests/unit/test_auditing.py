@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 from contracts.errors import Forbidden, InternalError, InvalidRequest
 from contracts.models import (
@@ -16,7 +17,7 @@ from contracts.models import (
     SignReply,
     SignRequest,
 )
-from vault.audit import AuditEvent, AuditLog, canonical_bytes
+from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditLog, canonical_bytes, link
 from workers.audit.auditing import MAX_RECORDED_CHARS, RequestAuditor, audit_event, data_digest
 
 AT = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
@@ -126,21 +127,22 @@ def test_principals_are_recorded_whole() -> None:
     assert recorded == {first, second}
 
 
-class _RefusingLog:
-    """An audit log whose store refuses any entry naming a key, as a store might refuse data."""
+class _RefusingStore:
+    """An audit store that refuses any entry naming a key, as a store might refuse data."""
 
     def __init__(self) -> None:
         self.recorded: list[AuditEvent] = []
 
-    async def record(self, event: AuditEvent) -> None:
-        if event.key_id is not None:
+    async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
+        if any(event.key_id is not None for event in events):
             raise InternalError("the audit entry could not be stored: OverflowError")
-        self.recorded.append(event)
+        self.recorded += events
+        return link(GENESIS, events)
 
 
 async def test_an_entry_the_store_refuses_is_recorded_in_its_minimal_form() -> None:
-    log = _RefusingLog()
-    auditor = RequestAuditor(cast(AuditLog, log), clock=lambda: AT)
+    log = _RefusingStore()
+    auditor = RequestAuditor(AuditLog(log), clock=lambda: AT)
     request = SignRequest(key_id="zk-1", message=b"m")
     await auditor(
         delivery(user_id="svc-\u00e9"),

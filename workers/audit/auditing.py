@@ -8,8 +8,9 @@ read, the group commit already hands each waiter its entry.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from pydantic import BaseModel
@@ -144,15 +145,20 @@ class RequestAuditor:
         self._log = log
         self._clock = clock
 
-    async def __call__(
+    def __call__(
         self,
         message: Delivery,
         request: BaseModel | None,
         result: BaseModel | ZanddError,
-    ) -> AuditEntry:
+    ) -> Awaitable[AuditEntry]:
+        """The entry of this outcome: its write begins now (issue 19), the result is awaited."""
         event = audit_event(message, request, result, self._clock())
+        return self._recorded(event, self._log.submit(event))
+
+    async def _recorded(self, event: AuditEvent, written: asyncio.Future[AuditEntry]) -> AuditEntry:
         try:
-            return await self._log.record(event)
+            # Shielded: a caller that gives up must not cancel the batch others wait on.
+            return await asyncio.shield(written)
         except VaultUnavailable:
             raise  # the runtime waits for the vault and audits again
         except ZanddError:

@@ -154,7 +154,7 @@ def bench_settings(settings: Settings, *, amqp_url: str, data_dir: Path, tcti: s
 @asynccontextmanager
 async def running_fleet(
     settings: Settings, tcti: str, signers: int, progress: Progress, ring: KekRing
-) -> AsyncIterator[None]:
+) -> AsyncIterator[Fleet]:
     """The keygen worker and ``signers`` signers as child processes, until the block ends;
     they get ``ring`` on a pipe, as under ``zandd up``."""
     env = child_environment(settings, tcti)
@@ -171,7 +171,7 @@ async def running_fleet(
                 f"the bench fleet was not ready within {READY_TIMEOUT_S:.0f} s: "
                 f"{fleet.describe_failures()}"
             ) from None
-        yield
+        yield fleet
     finally:
         await fleet.stop()
 

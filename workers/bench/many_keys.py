@@ -1,7 +1,8 @@
 """The key set of ``sign_many_keys``: many keys, born in the TPM, found again or created.
 
 Issue 15 item 6: a fleet with 10,000 keys, each request using a random key, must sign at
-at least 0.8 times the rate of the one-key ``sign`` measured in the same run.
+at least 0.8 times the rate of the one-key ``sign`` measured in the same run; issue 19 raised
+that to 0.95, judged on the median of ``--repeat`` runs.
 
 The keys go through the fleet's real ``key.create`` path (the keygen worker, its TPM, the
 vault), never around it: a key not born in the TPM would measure a fleet that does not exist,
@@ -31,8 +32,9 @@ MANY_KEYS_LABEL = "zandd-bench-many-keys"
 CREATE_IN_FLIGHT = 16
 #: ``key.list`` page size when looking for the set.
 _PAGE_SIZE = 1000
-#: The ratio to the one-key ``sign`` the issue asks for.
-MANY_KEYS_BOUND = 0.8
+#: The ratio to the one-key ``sign`` asked for: issue 15 said 0.8, issue 19 raised it to 0.95
+#: (on the median of the repeats).
+MANY_KEYS_BOUND = 0.95
 
 
 @dataclass(frozen=True, slots=True)

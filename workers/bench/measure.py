@@ -6,8 +6,9 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
+from workers.bench.cpu import CpuMeter, added, spent
 from workers.bench.progress import Progress
 
 #: Operations every measured run does at least, however short its duration: a p99 of fewer
@@ -60,6 +61,9 @@ class Run:
     operations: int
     elapsed_s: float
     latencies_s: tuple[float, ...]
+    #: issue 19: CPU seconds each role spent while it ran (``workers.bench.cpu``; empty when
+    #: not metered).
+    cpu_s: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def per_s(self) -> float:
@@ -76,31 +80,42 @@ class Run:
         """99th percentile latency in milliseconds."""
         return self.percentile_ms(99)
 
+    @property
+    def p999_ms(self) -> float:
+        """99.9th percentile latency in milliseconds (issue 19: the tail under load)."""
+        return self.percentile_ms(99.9)
+
     @classmethod
     def merged(cls, parts: Sequence[Run]) -> Run:
-        """One run of several measured apart: their operations, times and latencies together."""
+        """One run of several measured apart: their operations, times, latencies and CPU."""
         return cls(
             operations=sum(part.operations for part in parts),
             elapsed_s=sum(part.elapsed_s for part in parts),
             latencies_s=tuple(latency for part in parts for latency in part.latencies_s),
+            cpu_s=added([part.cpu_s for part in parts]),
         )
 
     def percentile_ms(self, percent: float) -> float:
         """The nearest-rank percentile of the latencies, in milliseconds."""
         ordered = sorted(self.latencies_s)
-        rank = max(1, math.ceil(percent / 100 * len(ordered)))
+        # Rounded first: 99.9 / 100 * 2000 is 1998.0000000000002 in floating point.
+        rank = max(1, math.ceil(round(percent / 100 * len(ordered), 9)))
         return ordered[rank - 1] * 1000
 
 
-async def drive(operation: Operation, load: Load, progress: Progress) -> Run:
+async def drive(
+    operation: Operation, load: Load, progress: Progress, meter: CpuMeter | None = None
+) -> Run:
     """Keep ``load.concurrency`` operations in flight until the duration is over.
 
     Each worker starts its next operation when its last one completes (a closed loop), so the
     rate measured is what the system sustains, and the latency includes queueing behind the
-    other operations in flight. The first failure stops the run and is raised.
+    other operations in flight. The first failure stops the run and is raised. With
+    ``meter``, the CPU each role spent meanwhile is in the run's ``cpu_s``.
     """
     latencies: list[float] = []
     started = 0
+    cpu_before = meter.snapshot() if meter is not None else None
     begin = time.perf_counter()
     deadline = begin + load.duration_s
 
@@ -120,7 +135,9 @@ async def drive(operation: Operation, load: Load, progress: Progress) -> Run:
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-    return Run(len(latencies), time.perf_counter() - begin, tuple(latencies))
+    elapsed_s = time.perf_counter() - begin
+    cpu_s = spent(cpu_before, meter.snapshot()) if meter is not None and cpu_before else {}
+    return Run(len(latencies), elapsed_s, tuple(latencies), cpu_s)
 
 
 async def drive_blocking(operation: Callable[[], object], load: Load, progress: Progress) -> Run:
@@ -165,6 +182,7 @@ async def interleaved(
     *,
     slices: int,
     before: Mapping[str, Callable[[], Awaitable[object]]] | None = None,
+    meters: Mapping[str, CpuMeter] | None = None,
 ) -> list[Run]:
     """Measure scenarios that are to be compared in alternating slices, one ``Run`` each.
 
@@ -172,9 +190,11 @@ async def interleaved(
     scenarios would compare two moments as much as two systems. Each gets ``slices`` slices of
     ``load.duration_s / slices``, in A B B A … order so neither always goes first, and its
     slices are merged. ``before[label]``, when given, runs untimed before each of that
-    scenario's warm-up and slices (e.g. moving a route).
+    scenario's warm-up and slices (e.g. moving a route). ``meters[label]``, when given,
+    meters that scenario's CPU per role over its slices (not its warm-up).
     """
     before = before or {}
+    meters = meters or {}
     for label, operation in scenarios:
         if label in before:
             await before[label]()
@@ -188,5 +208,5 @@ async def interleaved(
             if label in before:
                 await before[label]()
             progress.begin(f"{label} (slice {number + 1}/{slices})")
-            parts[label].append(await drive(operation, slice_load, progress))
+            parts[label].append(await drive(operation, slice_load, progress, meters.get(label)))
     return [Run.merged(parts[label]) for label, _ in scenarios]

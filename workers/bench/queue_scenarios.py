@@ -23,6 +23,7 @@ from contracts.amqp import connect
 from contracts.client import SigningClient
 from contracts.errors import ZanddError
 from contracts.models import SignRequest
+from workers.bench.cpu import CpuMeter
 from workers.bench.echo import READY_LINE, EchoClient, echo_queue_arguments
 from workers.bench.many_keys import KeySet, key_set, random_key
 from workers.bench.measure import (
@@ -50,8 +51,23 @@ _BENCH_LABEL = "zandd-bench"
 
 
 @dataclass(frozen=True, slots=True)
+class Round:
+    """One repeat of the compared pairs (issue 19): each ratio is judged on its median."""
+
+    echo: Run
+    sign: Run
+    echo_serial: Run
+    sign_serial: Run
+    sign_many_keys: Run | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class FleetResults:
-    """What one fleet size measured through the broker (``keygen`` is measured once apart)."""
+    """What one fleet size measured through the broker (``keygen`` is measured once apart).
+
+    ``echo``, ``sign``, ``echo_serial``, ``sign_serial`` and ``sign_many_keys`` hold every
+    repeat's slices merged; ``rounds`` each repeat apart (empty: one round, the merged runs).
+    """
 
     signers: int
     echo: Run
@@ -63,6 +79,24 @@ class FleetResults:
     #: (the first fleet size only; None when not measured).
     sign_many_keys: Run | None = None
     key_set: KeySet | None = None
+    #: issue 19: each repeat of the compared pairs (``--repeat``).
+    rounds: tuple[Round, ...] = ()
+
+    def each_round(self) -> tuple[Round, ...]:
+        """The repeats, or the merged runs as the one round when there is no list."""
+        if self.rounds:
+            return self.rounds
+        return (
+            Round(self.echo, self.sign, self.echo_serial, self.sign_serial, self.sign_many_keys),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Processes:
+    """Whose CPU the bench meters besides its own: the fleet's signers and the broker."""
+
+    signers: tuple[int, ...] = ()
+    broker: int | None = None
 
 
 async def measure_fleet(
@@ -71,6 +105,9 @@ async def measure_fleet(
     timing: Timing,
     progress: Progress,
     many_keys: int = 0,
+    *,
+    repeat: int = 1,
+    processes: Processes | None = None,
 ) -> FleetResults:
     """``echo`` beside ``sign`` and ``echo_serial`` beside ``sign_serial``, then ``batch``.
 
@@ -80,7 +117,12 @@ async def measure_fleet(
     set) is a third scenario of the first interleaving, after a warm-up that signs with every
     key of the set ``signers + 1`` times (the signers' record caches then hold the set as a
     fleet serving it would have them: it measures the steady state, not a cold start).
+
+    With ``repeat`` > 1 both interleavings run that many times, one after the other (issue 19:
+    the ratios are judged on their median, and their spread is shown). ``processes`` names the
+    processes whose CPU is metered beside this one's (the echo consumers are the bench's own).
     """
+    processes = processes or Processes()
     digest = os.urandom(32)
     # The body a sign request carries, so the echo moves the same bytes.
     echo_body = SignRequest(key_id="zk-" + "0" * 20, digest=digest).model_dump_json(
@@ -100,13 +142,15 @@ async def measure_fleet(
             return await client.sign_batch(key.key_id, digests=[digest] * ITEMS_PER_MESSAGE)
 
         async with (
-            _echo_consumers(amqp_url, echo_queue, signers, progress),
+            _echo_consumers(amqp_url, echo_queue, signers, progress) as echo_pids,
             await EchoClient.connect(amqp_url, echo_queue) as echo_client,
         ):
 
             async def echo() -> object:
                 return await echo_client.call(echo_body.encode())
 
+            echo_meter = CpuMeter(workers=echo_pids, broker=processes.broker)
+            sign_meter = CpuMeter(workers=processes.signers, broker=processes.broker)
             scenarios: list[tuple[str, Operation]] = [
                 (f"echo {consumers}", echo),
                 (f"sign {at}", sign),
@@ -118,29 +162,51 @@ async def measure_fleet(
                         await _many_keys_operation(client, many, signers, digest, progress),
                     )
                 )
-            echo_run, sign_run, *many_runs = await interleaved(
-                scenarios,
-                timing.load(CONCURRENCY),
-                timing.warmup(CONCURRENCY),
-                progress,
-                slices=SLICES,
-            )
-            progress.note(f"echo {consumers}: {_throughput(echo_run, 'req/s')}")
-            progress.note(f"sign {at}: {_throughput(sign_run, 'req/s')}")
-            for run in many_runs:
-                progress.note(
-                    f"sign_many_keys {at}: {_throughput(run, 'req/s')}, "
-                    f"{run.per_s / sign_run.per_s:.2f}x sign"
+            meters = {label: sign_meter for label, _ in scenarios}
+            meters[scenarios[0][0]] = echo_meter
+            serial = [(f"echo_serial {consumers}", echo), (f"sign_serial {at}", sign)]
+            serial_meters = {serial[0][0]: echo_meter, serial[1][0]: sign_meter}
+            rounds: list[Round] = []
+            for number in range(1, repeat + 1):
+                if repeat > 1:
+                    progress.note(f"repeat {number}/{repeat}")
+                echo_run, sign_run, *many_runs = await interleaved(
+                    scenarios,
+                    timing.load(CONCURRENCY),
+                    timing.warmup(CONCURRENCY),
+                    progress,
+                    slices=SLICES,
+                    meters=meters,
                 )
-            echo_serial, sign_serial = await interleaved(
-                [(f"echo_serial {consumers}", echo), (f"sign_serial {at}", sign)],
-                timing.load(1),
-                timing.warmup(1),
-                progress,
-                slices=SLICES,
-            )
-            progress.note(f"echo_serial {consumers}: {_latency(echo_serial)}")
-            progress.note(f"sign_serial {at}: {_latency(sign_serial)}")
+                progress.note(f"echo {consumers}: {_throughput(echo_run, 'req/s')}")
+                progress.note(f"sign {at}: {_throughput(sign_run, 'req/s')}")
+                for run in many_runs:
+                    progress.note(
+                        f"sign_many_keys {at}: {_throughput(run, 'req/s')}, "
+                        f"{run.per_s / sign_run.per_s:.2f}x sign"
+                    )
+                echo_serial, sign_serial = await interleaved(
+                    serial,
+                    timing.load(1),
+                    timing.warmup(1),
+                    progress,
+                    slices=SLICES,
+                    meters=serial_meters,
+                )
+                progress.note(f"echo_serial {consumers}: {_latency(echo_serial)}")
+                progress.note(
+                    f"sign_serial {at}: {_latency(sign_serial)}, "
+                    f"{sign_serial.p50_ms / echo_serial.p50_ms:.2f}x echo_serial p50"
+                )
+                rounds.append(
+                    Round(
+                        echo_run,
+                        sign_run,
+                        echo_serial,
+                        sign_serial,
+                        many_runs[0] if many_runs else None,
+                    )
+                )
         batch = await measured(
             f"batch {at}",
             sign_batch,
@@ -149,15 +215,17 @@ async def measure_fleet(
             progress,
         )
         progress.end(f"{batch.per_s * ITEMS_PER_MESSAGE:,.0f} signatures/s")
+    many_rounds = [r.sign_many_keys for r in rounds if r.sign_many_keys is not None]
     return FleetResults(
         signers,
-        echo_run,
-        echo_serial,
-        sign_run,
-        sign_serial,
+        Run.merged([r.echo for r in rounds]),
+        Run.merged([r.echo_serial for r in rounds]),
+        Run.merged([r.sign for r in rounds]),
+        Run.merged([r.sign_serial for r in rounds]),
         batch,
-        many_runs[0] if many_runs else None,
+        Run.merged(many_rounds) if many_rounds else None,
         many,
+        tuple(rounds),
     )
 
 
@@ -240,8 +308,9 @@ async def measure_keygen(amqp_url: str, max_keys: int, timing: Timing, progress:
 @asynccontextmanager
 async def _echo_consumers(
     amqp_url: str, queue: str, count: int, progress: Progress
-) -> AsyncIterator[None]:
-    """``count`` echo consumer processes on ``queue``; stopped and the queue deleted on exit."""
+) -> AsyncIterator[tuple[int, ...]]:
+    """``count`` echo consumer processes on ``queue``, their pids; stopped and the queue
+    deleted on exit."""
     env = {**os.environ, "ZANDD_AMQP_URL": amqp_url}
     processes: list[asyncio.subprocess.Process] = []
     # Declared here first: RabbitMQ 3.10 can fail (541 INTERNAL_ERROR) when several
@@ -262,7 +331,7 @@ async def _echo_consumers(
             )
         for process in processes:
             await _until_ready(process)
-        yield
+        yield tuple(process.pid for process in processes)
     finally:
         for process in processes:
             await _stop(process)

@@ -15,6 +15,7 @@ from contracts.amqp import connect
 from contracts.errors import BrokerUnavailable
 from contracts.urls import redact_url
 from vault.kek import KekRing
+from workers.bench.cpu import local_broker_pid
 from workers.bench.environment import (
     attached_signers,
     bench_settings,
@@ -29,6 +30,7 @@ from workers.bench.progress import Progress
 from workers.bench.queue_scenarios import (
     CONCURRENCY,
     FleetResults,
+    Processes,
     measure_fleet,
     measure_keygen,
     measure_sign,
@@ -55,6 +57,8 @@ class BenchOptions:
     max_keys: int
     #: issue 15: keys of ``sign_many_keys`` (0: not measured); with ``attach`` found again.
     many_keys: int = 0
+    #: issue 19: how many times the compared pairs run (their ratios judged on the median).
+    repeat: int = 1
 
 
 async def run_bench(settings: Settings, options: BenchOptions, progress: Progress) -> BenchReport:
@@ -99,15 +103,26 @@ async def _run(settings: Settings, options: BenchOptions, progress: Progress) ->
         )
         fleets: list[FleetResults] = []
         keygen: Run | None = None
+        broker = local_broker_pid(amqp_url)
         for signers in signer_counts:
             async with AsyncExitStack() as fleet_stack:
+                processes = Processes(broker=broker)
                 if not options.attach:
-                    await fleet_stack.enter_async_context(
+                    fleet = await fleet_stack.enter_async_context(
                         running_fleet(local, tcti, signers, progress, ring)
                     )
+                    processes = Processes(signers=fleet.signer_pids(), broker=broker)
                 many_keys = options.many_keys if not fleets else 0
                 fleets.append(
-                    await measure_fleet(amqp_url, signers, options.timing, progress, many_keys)
+                    await measure_fleet(
+                        amqp_url,
+                        signers,
+                        options.timing,
+                        progress,
+                        many_keys,
+                        repeat=options.repeat,
+                        processes=processes,
+                    )
                 )
                 if keygen is None:
                     keygen = await measure_keygen(

@@ -81,6 +81,7 @@ async def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         timing=Timing(duration_s=args.duration_s, warmup_s=args.warmup_s),
         max_keys=args.max_keys,
         many_keys=args.many_keys,
+        repeat=args.repeat,
     )
     report = await run_bench(settings, options, Progress(sys.stderr))
     if args.json:
@@ -134,5 +135,13 @@ def register(tree: CommandTree) -> None:
         help=f"keys of the sign_many_keys scenario (default {DEFAULT_MANY_KEYS:,}; 0 skips it): "
         "created through the keygen worker (~keygen p50 each), with --attach found again by "
         "their label and only the missing ones created",
+    )
+    bench.add_argument(
+        "--repeat",
+        type=_positive_count,
+        default=1,
+        metavar="N",
+        help="run the compared pairs (echo/sign, echo_serial/sign_serial, sign_many_keys) N "
+        "times and judge their ratios on the median, with min and max shown (default 1)",
     )
     bench.add_argument("--json", action="store_true", help="print one JSON object")

@@ -190,6 +190,16 @@ class Fleet:
                 process.kill()
                 await process.wait()
 
+    def signer_pids(self) -> tuple[int, ...]:
+        """The process ids of the signers running now (the bench meters their CPU)."""
+        return tuple(
+            child.process.pid
+            for child in self._children
+            if child.role.startswith("signer")
+            and child.process is not None
+            and child.process.returncode is None
+        )
+
     def describe_failures(self) -> str:
         """Which children died, for an error message."""
         dead = [
