@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Coroutine, Sequence
+from importlib import metadata
 from typing import Any
 
 from pydantic import ValidationError
@@ -38,6 +39,7 @@ from workers.commands import (
 from workers.commands.base import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
+    EXIT_OK,
     EXIT_USAGE,
     Command,
     CommandTree,
@@ -49,6 +51,8 @@ from workers.observability.logs import install as install_log_handler
 from workers.observability.telemetry import configure_tracing
 
 log = logging.getLogger("zandd.cli")
+#: The distribution ``zandd`` is installed from (pyproject.toml's ``[project] name``).
+DISTRIBUTION = "zandd-hsm"
 
 COMMAND_MODULES = (
     fleet,
@@ -88,12 +92,27 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(main)
 
 
+def _version() -> str:
+    """This installation's version, from the package metadata (pyproject.toml's)."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return "(not installed: run `pip install -e .` or ops/up)"
+
+
+def _discard_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``zandd`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="zandd",
         description="ZANDD HSM: TPM-born keys, sealed at rest, signing over RabbitMQ.",
     )
+    parser.add_argument("--version", action="version", version=f"zandd {_version()}")
     tree = CommandTree(parser)
     for module in COMMAND_MODULES:
         module.register(tree)
@@ -102,7 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``zandd`` console script."""
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = _main(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # here, not at exit: a reader gone by now is a BrokenPipeError below
+    except BrokenPipeError:
+        # The reader stopped reading (`zandd keys list | head`): it had what it wanted. Quiet,
+        # as other Unix tools are; stdout goes nowhere so the flush at exit raises nothing.
+        _discard_stdout()
+        return EXIT_OK
+    return code
+
+
+def _main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from(args)
@@ -127,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        raise  # main's: not a failure
     except OSError as exc:
         print(f"zandd: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_FAILURE
