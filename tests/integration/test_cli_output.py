@@ -124,7 +124,7 @@ async def test_health_json_says_what_failed(tmp_path: Path) -> None:
     env = environment(
         ZANDD_AMQP_URL="amqp://guest:secret-pw@127.0.0.1:1/", ZANDD_DATA_DIR=str(tmp_path)
     )
-    code, out, err = await zandd("health", "--json", env=env)
+    code, out, _ = await zandd("health", "--json", env=env)
     assert code == 1
     assert json.loads(out) == {
         "healthy": False,
