@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from importlib import metadata
@@ -40,6 +41,7 @@ from workers.commands.base import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_TERMINATED,
     EXIT_USAGE,
     Command,
     CommandTree,
@@ -88,8 +90,28 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
+        return asyncio.run(_stopped_by_sigterm(main))
+    return uvloop.run(_stopped_by_sigterm(main))
+
+
+async def _stopped_by_sigterm(main: Coroutine[Any, Any, int]) -> int:
+    """``main``, cancelled by the first SIGTERM as by Ctrl-C, so its cleanup runs (``zandd
+    bench`` removes its vhost and temporary KEK ring and vault) instead of the process dying
+    where it stands. A command that stops on SIGTERM its own way (``up``, the workers) puts
+    its own handler in place of this one."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def cancel_once() -> None:
+        loop.remove_signal_handler(signal.SIGTERM)
+        task.cancel("SIGTERM")
+
+    loop.add_signal_handler(signal.SIGTERM, cancel_once)
+    try:
+        return await main
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def _version() -> str:
@@ -157,6 +179,8 @@ def _main(argv: Sequence[str]) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except asyncio.CancelledError:  # SIGTERM (``_stopped_by_sigterm``), after the cleanup
+        return EXIT_TERMINATED
     except BrokenPipeError:
         raise  # main's: not a failure
     except OSError as exc:

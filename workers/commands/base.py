@@ -13,6 +13,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: 128 + SIGTERM, as a shell reports a process SIGTERM ended.
+EXIT_TERMINATED = 143
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
