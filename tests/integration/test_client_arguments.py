@@ -1,6 +1,7 @@
 """Arguments the fleet would refuse, refused by the client before anything is sent, in one
 sentence with the fix: a str where bytes belong (``client.sign(key, "text")``) from every call
-that signs or verifies, and a message over the 1 MiB limit (the client and ``zandd sign``)."""
+that signs or verifies, and a message over the 1 MiB limit (the client and ``zandd sign``).
+And what ``key.create`` answers: the label too."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from contracts.client import SigningClient
 from contracts.errors import InvalidRequest, NotBytes
 from contracts.limits import DEFAULT_LIMITS
 from tests.support.cli import environment, zandd
+from tests.support.fleet import RunningFleet
 
 Call = Callable[[SigningClient], Awaitable[object]]
 PUBLIC = ec.generate_private_key(ec.SECP256R1()).public_key()
@@ -82,3 +84,15 @@ async def test_a_message_over_the_limit_says_to_sign_its_digest(
     [line] = err.splitlines()
     assert line.startswith("zandd: invalid SignRequest: 'message' is larger than the limit")
     assert BY_DIGEST in line
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.tpm
+async def test_key_create_reply_names_the_label(fleet: RunningFleet) -> None:
+    async with await fleet.client() as client:
+        labelled = await client.create_key(label="invoices 2026")
+        unlabelled = await client.create_key()
+    assert (labelled.label, unlabelled.label) == ("invoices 2026", None)
+    # What the reply says is what the vault holds.
+    [record] = await fleet.store.list_versions(labelled.key_id)
+    assert record.label == "invoices 2026"
