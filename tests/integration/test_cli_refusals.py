@@ -86,3 +86,25 @@ async def test_wrong_credentials_are_named_with_the_fix(
     assert line.startswith("zandd: the broker at amqp://guest:***@")
     assert "refused our credentials (user 'guest')" in line
     assert line.endswith("check the user and password in the URL")
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.tpm
+async def test_the_keygen_worker_names_a_missing_vhost(swtpm_tcti: str, tmp_path: Path) -> None:
+    vhost = f"zandd-missing-{uuid.uuid4().hex[:8]}"
+    env = environment(
+        ZANDD_AMQP_URL=f"amqp://guest:guest@127.0.0.1:5672/{vhost}",
+        ZANDD_DATA_DIR=str(tmp_path),
+        ZANDD_TPM_TCTI=swtpm_tcti,
+    )
+    code, _, err = await zandd("vault", "init", "--plaintext", env=env)
+    assert code == 0, err
+    code, _, err = await zandd("keygen-worker", env=env)
+    assert code == 1
+    assert "Traceback" not in err
+    # A worker logs its start (the TPM, the ring) at INFO; the refusal is its last line.
+    line = err.strip().splitlines()[-1]
+    assert line.endswith(
+        f"has no vhost '{vhost}' (530 NOT_ALLOWED - vhost {vhost} not found): "
+        f"create it (rabbitmqctl add_vhost {vhost}) or fix the vhost in the URL"
+    )
