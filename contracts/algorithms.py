@@ -228,3 +228,24 @@ def algorithm_of_key(key: PublicKey) -> AlgorithmSpec:
     raise UnsupportedAlgorithm(
         "an RSA key does not say its padding: name the algorithm (rsa-pkcs1-… or rsa-pss-…)"
     )
+
+
+def encoding_of(signature: bytes) -> Literal["der", "raw"]:
+    """The encoding a signature is in, told by its form, for a caller who did not say.
+
+    ``der`` when it is exactly one DER ``ECDSA-Sig-Value`` (re-encoding gives the same bytes);
+    else ``raw`` when its length is an r‖s length of a contract curve (64 bytes for P-256, 96
+    for P-384); else ``der``. An RSA signature (as long as the modulus: 256 or 384 bytes) is
+    the same bytes in both encodings, so either answer verifies it; a raw ECDSA signature that
+    is also valid DER of its own length is of negligible probability.
+    """
+    try:
+        r, s = decode_dss_signature(signature)
+        if encode_dss_signature(r, s) == signature:
+            return "der"
+    except ValueError:
+        pass
+    raw_lengths = {
+        2 * spec.coordinate_bytes for spec in ALGORITHMS.values() if spec.family == "ecdsa"
+    }
+    return "raw" if len(signature) in raw_lengths else "der"

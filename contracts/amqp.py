@@ -12,10 +12,19 @@ from aio_pika.exceptions import (
     AuthenticationError,
     ProbableAuthenticationError,
 )
+from aiormq.exceptions import ConnectionClosed, InvalidFrameError
 
-from contracts.brokers import BrokerURLs, connect_any, principal_of
+from contracts.brokers import (
+    ACCESS_REFUSED,
+    REFUSAL_CODES,
+    BrokerURLs,
+    connect_any,
+    principal_of,
+    refusal,
+)
 from contracts.errors import BrokerUnavailable, ConfigurationError
 from contracts.urls import redact_url
+from contracts.wire import Wire
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 JSON_CONTENT_TYPE = "application/json"
@@ -117,8 +126,38 @@ async def _connected(attempt: Awaitable[ConnectionT], url: str) -> ConnectionT:
     try:
         return await attempt
     except (AuthenticationError, ProbableAuthenticationError) as exc:
-        raise ConfigurationError(f"the broker at {where} refused our credentials") from exc
+        raise refusal(url, ACCESS_REFUSED) from exc
+    except (ConnectionClosed, InvalidFrameError) as exc:
+        if (refused := await refused_at_open(url, exc)) is not None:
+            raise refused from exc
+        raise BrokerUnavailable(
+            f"cannot reach the broker at {where}: {type(exc).__name__}"
+        ) from exc
     except (AMQPConnectionError, OSError, TimeoutError) as exc:
         raise BrokerUnavailable(
             f"cannot reach the broker at {where}: {type(exc).__name__}"
         ) from exc
+
+
+async def refused_at_open(url: str, exc: BaseException) -> ConfigurationError | None:
+    """The ``refusal`` an aiormq error at connect stands for, or None when it is none.
+
+    aiormq reports a broker's ``connection.close`` during the handshake as
+    ``ConnectionClosed(code, text)``, or, when it answers ``connection.open`` (the vhost is
+    missing, or the user has no access to it), as an ``InvalidFrameError`` that keeps neither:
+    then the lean connection, which keeps both, asks once more, so every path says the same.
+    """
+    if isinstance(exc, ConnectionClosed) and exc.args and isinstance(exc.args[0], int):
+        code = exc.args[0]
+        text = str(exc.args[1]) if len(exc.args) > 1 else ""
+        return refusal(url, code, f"{code} {text}") if code in REFUSAL_CODES else None
+    if not (isinstance(exc, InvalidFrameError) and "Connection.Close" in str(exc)):
+        return None
+    try:
+        wire = await Wire.connect(url, connection_name="zandd-refused", timeout_s=5.0)
+    except ConfigurationError as refused:
+        return refused
+    except BrokerUnavailable:
+        return refusal(url, None)
+    await wire.close()
+    return refusal(url, None)

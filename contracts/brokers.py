@@ -38,6 +38,7 @@ from typing import TypeVar
 from urllib.parse import unquote
 
 from contracts.errors import BrokerUnavailable, ConfigurationError
+from contracts.text import printable
 from contracts.urls import REDACTED, redact_url, split_urls
 
 #: One broker URL, several in a string, or a sequence of them.
@@ -181,6 +182,52 @@ async def connect_any(
     raise BrokerUnavailable(
         f"cannot reach any of the {len(candidates)} brokers ({shown(urls)}): {tried}"
     ) from last
+
+
+#: AMQP reply codes a broker refuses a connection with: the user or password is wrong, or the
+#: vhost does not exist, the user has no permission on it, or its connection limit is reached.
+ACCESS_REFUSED = 403
+NOT_ALLOWED = 530
+REFUSAL_CODES = (ACCESS_REFUSED, NOT_ALLOWED)
+
+
+def refusal(url: str, reply_code: int | None, reply_text: str = "") -> ConfigurationError:
+    """The one sentence for a broker that refused us at connect: the cause and the fix.
+
+    Every connection path (the lean ``contracts.wire``, aio-pika's and aiormq's) raises this,
+    so each command says it the same way. ``reply_code`` is None when the client library did
+    not keep it (aiormq reports a ``connection.close`` answering ``connection.open`` only as
+    an unexpected frame): a refusal at ``connection.open`` is about the vhost. The broker's
+    text is shown escaped and cut (it is the broker's, not ours); the URL redacted.
+    """
+    where = redact_url(url)
+    user = _user_of(url)
+    vhost = _vhost_of(url)
+    said = f" ({printable(reply_text, 200)})" if reply_text else ""
+    if reply_code == ACCESS_REFUSED:
+        return ConfigurationError(
+            f"the broker at {where} refused our credentials (user {user!r}){said}: check the "
+            "user and password in the URL"
+        )
+    if "not found" in reply_text:
+        return ConfigurationError(
+            f"the broker at {where} has no vhost {vhost!r}{said}: create it (rabbitmqctl "
+            f"add_vhost {vhost}) or fix the vhost in the URL"
+        )
+    return ConfigurationError(
+        f"the broker at {where} refused user {user!r} on vhost {vhost!r}{said}: check that "
+        f"the vhost exists and the user may use it (rabbitmqctl list_vhosts; rabbitmqctl "
+        f"list_user_permissions {user}) or fix the URL"
+    )
+
+
+def _vhost_of(url: str) -> str:
+    """The vhost a single-host URL names, as aiormq and ``contracts.wire`` read it."""
+    rest = url.rpartition("@")[2] if "@" in url.partition("://")[2] else url.partition("://")[2]
+    path = rest.partition("?")[0].partition("#")[0]
+    slash = path.find("/")
+    vhost = path[slash + 1 :] if slash != -1 else ""
+    return unquote(vhost) if vhost else "/"
 
 
 def _why(exc: BrokerUnavailable) -> str:

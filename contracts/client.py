@@ -61,7 +61,7 @@ from contracts.amqp import (
     connect_plain,
 )
 from contracts.brokers import BrokerURLs, principal_of
-from contracts.crypto import load_algorithm_public_key, verify_signature
+from contracts.crypto import load_algorithm_public_key, require_bytes, verify_signature
 from contracts.errors import (
     BrokerBlocked,
     BrokerRejected,
@@ -136,6 +136,8 @@ _BROKER_SIZE_LIMIT = re.compile(
 )
 #: Operations whose body grows with the data to sign: a body over a limit should go by digest.
 _SIGNING = frozenset({Operation.SIGN, Operation.SIGN_TPM, Operation.SIGN_BATCH})
+#: Request fields that carry the caller's bytes (``require_bytes``: a str is refused by name).
+_BYTES_FIELDS = ("message", "digest", "signature")
 log = logging.getLogger("zandd.client")
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
 RequestT = TypeVar("RequestT", bound=BaseModel)
@@ -440,6 +442,7 @@ class SigningClient:
         The public key of a named ``version`` is fetched once and cached; without ``version``
         the key's current public key is asked for on every call (a rotation may have changed it).
         """
+        require_bytes(message=message, digest=digest, signature=signature)  # before a round trip
         key, algorithm = await self._cached_public_key(key_id, version)
         return verify_signature(
             key,
@@ -778,6 +781,7 @@ class SigningClient:
         """Build a request model within the client's limits; a bad argument is
         ``InvalidRequest`` naming the field, never quoting the value (it may be the data to
         sign)."""
+        require_bytes(**{name: fields.get(name) for name in _BYTES_FIELDS})
         try:
             return model.model_validate(fields, context=self._limits.as_context())
         except ValidationError as exc:
@@ -1045,9 +1049,11 @@ def _seconds(period: timedelta | int | None) -> int | None:
     return period
 
 
+#: The fix for data too large to send, said in both words a user may know it by: the CLI's
+#: flag and this client's argument (the CLI shows this client's errors).
 _BY_DIGEST = (
-    "; sign large data by its SHA-256 instead (digest= for sign, digests= for sign_batch), "
-    "or split the batch"
+    "; use --digest (or `digest=`) for large data: its SHA-256 is signed instead "
+    "(`digests=` for sign_batch, or split the batch)"
 )
 
 

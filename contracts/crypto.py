@@ -22,7 +22,7 @@ from contracts.algorithms import (
     algorithm_of_key,
     algorithm_spec,
 )
-from contracts.errors import InvalidRequest
+from contracts.errors import InvalidRequest, NotBytes
 from contracts.models import EcPublicJwk, Encoding, RsaPublicJwk
 
 P256_COORDINATE_BYTES = 32
@@ -132,9 +132,20 @@ def verify_signature(
     ``algorithm`` (a ``contracts.algorithms`` name) defaults to the one an EC key's curve
     implies; an RSA key needs it (the padding is not in the key).
     """
+    require_bytes(message=message, digest=digest, signature=signature)
     if (message is None) == (digest is None):
         raise ValueError("pass exactly one of message= or digest=")
     return _verify_with(_spec_for(key, algorithm), key, signature, message, digest, encoding)
+
+
+def require_bytes(**values: object) -> None:
+    """``NotBytes`` unless each of ``values`` that is given is bytes (``message`` must be
+    bytes), named as the caller's argument; one check for every signing and verifying call."""
+    for name, value in values.items():
+        if value is None or isinstance(value, bytes | bytearray):
+            continue
+        fix = ": encode the text first, e.g. text.encode()" if isinstance(value, str) else ""
+        raise NotBytes(f"{name} must be bytes, not {type(value).__name__}{fix}")
 
 
 def _spec_for(key: PublicKey, algorithm: str | None) -> AlgorithmSpec:

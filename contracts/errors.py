@@ -48,6 +48,12 @@ class InvalidRequest(ZanddError):
     code = ErrorCode.INVALID_REQUEST
 
 
+class NotBytes(InvalidRequest, TypeError):
+    """A message, digest or signature given as ``str`` (or anything but bytes): what is signed
+    is exactly the bytes given, so text is encoded by its caller. A ``TypeError``, as Python's
+    own byte APIs raise, and an ``InvalidRequest`` within the error tree."""
+
+
 class UnknownOperation(ZanddError):
     """The operation name is not one this service knows."""
 

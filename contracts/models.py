@@ -295,6 +295,8 @@ class KeyCreateReply(_Reply):
     # issue 15, key writes (absent from older servers: no automatic rotation).
     rotation_period: int | None = None
     next_rotation_at: AwareDatetime | None = None
+    #: The label the key was created with (absent from older servers, as is a key without).
+    label: str | None = None
 
 
 #: An audit link: ``hmac-sha256/<kek_id>/<64 hex>`` (keyed) or 64 hex (legacy).

@@ -25,7 +25,7 @@ from aiormq.abc import AbstractConnection, DeliveredMessage
 from pamqp import commands
 from pamqp.common import FieldTable
 
-from contracts.amqp import DEFAULT_HEARTBEAT_S, with_heartbeat
+from contracts.amqp import DEFAULT_HEARTBEAT_S, refused_at_open, with_heartbeat
 from contracts.brokers import BrokerURLs, connect_any
 from contracts.errors import BrokerUnavailable, TransportClosed
 from contracts.text import printable
@@ -95,6 +95,8 @@ class AiormqTransport:
                 )
                 channel = await connection.channel(publisher_confirms=False)
         except TRANSPORT_FAILURES as exc:
+            if (refused := await refused_at_open(url, exc)) is not None:
+                raise refused from exc
             raise BrokerUnavailable(
                 f"cannot connect to the broker at {redact_url(url)} ({type(exc).__name__})"
             ) from exc

@@ -46,7 +46,14 @@ from pamqp.base import Frame as MethodFrame
 from pamqp.encode import field_table as encode_table
 from yarl import URL
 
-from contracts.brokers import BrokerURLs, connect_any, suspect
+from contracts.brokers import (
+    ACCESS_REFUSED,
+    NOT_ALLOWED,
+    BrokerURLs,
+    connect_any,
+    refusal,
+    suspect,
+)
 from contracts.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -93,8 +100,6 @@ KEEPALIVE_PROBES = 3
 _USER_TIMEOUT_WITHOUT_HEARTBEATS_S = 20
 _CLOSE_TIMEOUT_S = 2.0
 _REPLY_SUCCESS = 200
-_ACCESS_REFUSED = 403
-_NOT_ALLOWED = 530
 
 # basic.publish/ack/reject, encoded by hand: the fixed parts.
 _PUBLISH_HEAD = struct.pack(">HHH", 60, 40, 0)
@@ -504,11 +509,10 @@ class Wire(asyncio.Protocol):
                 tune_socket(transport.get_extra_info("socket"), wire._heartbeat_s)
         except (OSError, TimeoutError, WireClosed) as exc:
             wire._abort(WireClosed(f"handshake failed ({type(exc).__name__})"))
+            if isinstance(exc, WireRefused) and exc.reply_code is None:
+                raise ConfigurationError(f"the broker at {endpoint.where} {exc}") from exc
             if isinstance(exc, WireRefused):
-                what = "our credentials" if exc.reply_code == _ACCESS_REFUSED else "access"
-                raise ConfigurationError(
-                    f"the broker at {endpoint.where} refused {what} ({exc})"
-                ) from exc
+                raise refusal(url, exc.reply_code, str(exc)) from exc
             raise BrokerUnavailable(
                 f"cannot reach the broker at {endpoint.where}: {type(exc).__name__}"
             ) from exc
@@ -1076,7 +1080,7 @@ def _closed_by_broker(
     what: str, close: commands.Connection.Close | commands.Channel.Close
 ) -> WireClosed:
     code, text = close.reply_code or 0, close.reply_text or ""
-    if code in (_ACCESS_REFUSED, _NOT_ALLOWED):
+    if code in (ACCESS_REFUSED, NOT_ALLOWED):
         return WireRefused(f"{code} {text}", code)
     if isinstance(close, commands.Channel.Close):
         return WireChannelClosed(f"the broker closed the {what}: {code} {text}", code)

@@ -12,16 +12,15 @@ APT_PACKAGES=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config python3-venv d
 
 say() { printf 'zandd ops: %s\n' "$*" >&2; }
 
-# $ZANDD_AMQP_URL fit to print: the password cut out (split at the last @, as zandd does).
+# The virtualenv's Python on this checkout's code (whichever checkout the venv was installed from).
+zandd_python() {
+  PYTHONPATH="$ZANDD_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$ZANDD_VENV/bin/python" "$@"
+}
+
+# $ZANDD_AMQP_URL fit to print, redacted as zandd shows it (contracts/urls.py: amqp://u:***@h/).
+# Only after ensure_venv: it runs the project's own redaction.
 shown_amqp_url() {
-  local url="$ZANDD_AMQP_URL" rest userinfo
-  case "$url" in
-    *://*@*) ;;
-    *) printf '%s\n' "$url"; return 0 ;;
-  esac
-  rest="${url#*://}"
-  userinfo="${rest%@*}"
-  printf '%s://%s@%s\n' "${url%%://*}" "${userinfo%%:*}" "${rest##*@}"
+  zandd_python -c 'import os; from contracts.urls import redact_url; print(redact_url(os.environ["ZANDD_AMQP_URL"]))'
 }
 die() { say "$*"; exit 1; }
 
@@ -72,20 +71,38 @@ ensure_venv() {
   fi
 }
 
+# Whether a broker of $ZANDD_AMQP_URL accepts TCP: 0 yes; 1 no, and every host is this machine;
+# 3 no, and a host is elsewhere; 2 the URL is malformed (said, redacted). The hosts are read by
+# contracts/brokers.py, as zandd reads them (a cluster's several hosts, a password with "#").
 amqp_reachable() {
-  "$ZANDD_VENV/bin/python" - <<'PY'
+  zandd_python - <<'PY'
 import os, socket, sys
-from urllib.parse import urlsplit
-url = urlsplit(os.environ["ZANDD_AMQP_URL"])
+from contracts.brokers import brokers
+from contracts.errors import ConfigurationError
 try:
-    socket.create_connection((url.hostname or "localhost", url.port or 5672), timeout=2).close()
-except OSError:
-    sys.exit(1)
+    candidates = brokers(os.environ["ZANDD_AMQP_URL"])
+except ConfigurationError as exc:
+    print(f"zandd ops: ZANDD_AMQP_URL: {exc.message}", file=sys.stderr)
+    sys.exit(2)
+for broker in candidates:
+    try:
+        socket.create_connection((broker.host.strip("[]"), broker.port), timeout=2).close()
+    except OSError:
+        continue
+    sys.exit(0)
+local = {"localhost", "127.0.0.1", "[::1]"}
+sys.exit(1 if all(broker.host in local for broker in candidates) else 3)
 PY
 }
 
 ensure_rabbitmq() {
-  amqp_reachable && return 0
+  local status=0
+  amqp_reachable || status=$?
+  case "$status" in
+    0) return 0 ;;
+    2) exit 1 ;;
+    3) die "no broker answers at $(shown_amqp_url): start it, or set ZANDD_AMQP_URL to a broker that runs" ;;
+  esac
   if command -v rabbitmq-server >/dev/null; then
     say "RabbitMQ is not answering; starting the local rabbitmq-server"
     # A node whose app was stopped (rabbitmqctl stop_app) only needs start_app.
@@ -96,7 +113,7 @@ ensure_rabbitmq() {
     until amqp_reachable; do
       sleep 1
       waited=$((waited + 1))
-      [ "$waited" -lt 90 ] || die "rabbitmq-server did not start within 90 s (see /var/log/rabbitmq)"
+      [ "$waited" -lt 90 ] || die "rabbitmq-server did not start within 90 s (see /var/log/rabbitmq), or no broker listens at $(shown_amqp_url)"
     done
     rabbitmqctl await_startup >/dev/null 2>&1 || true
     say "RabbitMQ is up"
@@ -118,6 +135,13 @@ ensure_node_example() {
     say "installing the Node.js example's dependencies (npm ci in $dir)"
     (cd "$dir" && npm ci --silent --no-audit --no-fund) || die "npm ci failed in $dir"
   fi
+}
+
+# How to run zandd from another shell (keys, health, dead letters) while ops/up runs: it is in
+# the virtualenv, not on PATH, unless that virtualenv is active.
+say_where_zandd_is() {
+  [ "$(command -v zandd 2>/dev/null)" = "$ZANDD_VENV/bin/zandd" ] && return 0
+  say "zandd is $ZANDD_VENV/bin/zandd; to have it on your PATH in another shell: source $ZANDD_VENV/bin/activate"
 }
 
 ensure_all() {

@@ -11,8 +11,10 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Coroutine, Sequence
+from importlib import metadata
 from typing import Any
 
 from pydantic import ValidationError
@@ -39,6 +41,8 @@ from workers.commands import (
 from workers.commands.base import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
     EXIT_USAGE,
     Command,
     CommandTree,
@@ -50,6 +54,8 @@ from workers.observability.logs import install as install_log_handler
 from workers.observability.telemetry import configure_tracing
 
 log = logging.getLogger("zandd.cli")
+#: The distribution ``zandd`` is installed from (pyproject.toml's ``[project] name``).
+DISTRIBUTION = "zandd-hsm"
 
 COMMAND_MODULES = (
     fleet,
@@ -86,8 +92,42 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
+        return asyncio.run(_stopped_by_sigterm(main))
+    return uvloop.run(_stopped_by_sigterm(main))
+
+
+async def _stopped_by_sigterm(main: Coroutine[Any, Any, int]) -> int:
+    """``main``, cancelled by the first SIGTERM as by Ctrl-C, so its cleanup runs (``zandd
+    bench`` removes its vhost and temporary KEK ring and vault) instead of the process dying
+    where it stands. A command that stops on SIGTERM its own way (``up``, the workers) puts
+    its own handler in place of this one."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def cancel_once() -> None:
+        loop.remove_signal_handler(signal.SIGTERM)
+        task.cancel("SIGTERM")
+
+    loop.add_signal_handler(signal.SIGTERM, cancel_once)
+    try:
+        return await main
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+def _version() -> str:
+    """This installation's version, from the package metadata (pyproject.toml's)."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return "(not installed: run `pip install -e .` or ops/up)"
+
+
+def _discard_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zandd",
         description="ZANDD HSM: TPM-born keys, sealed at rest, signing over RabbitMQ.",
     )
+    parser.add_argument("--version", action="version", version=f"zandd {_version()}")
     tree = CommandTree(parser)
     for module in COMMAND_MODULES:
         module.register(tree)
@@ -104,7 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``zandd`` console script."""
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = _main(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # here, not at exit: a reader gone by now is a BrokenPipeError below
+    except BrokenPipeError:
+        # The reader stopped reading (`zandd keys list | head`): it had what it wanted. Quiet,
+        # as other Unix tools are; stdout goes nowhere so the flush at exit raises nothing.
+        _discard_stdout()
+        return EXIT_OK
+    return code
+
+
+def _main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from(args)
@@ -129,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except asyncio.CancelledError:  # SIGTERM (``_stopped_by_sigterm``), after the cleanup
+        return EXIT_TERMINATED
+    except BrokenPipeError:
+        raise  # main's: not a failure
     except OSError as exc:
         print(f"zandd: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_FAILURE

@@ -320,6 +320,8 @@ async def test_the_command_migrates_and_says_so(tmp_path: Path) -> None:
     assert run.stdout.startswith(f"migrated {source_url} → {target_url}: 4 key versions copied")
     assert "Audit log: 2 entries copied" in run.stdout
     assert "keys  [" + "#" * 30 + "] 4/4" in run.stderr
+    # stderr is a pipe here, not a terminal: whole lines, never a carriage return.
+    assert "\r" not in run.stderr
     again = await asyncio.to_thread(
         zandd, "vault", "migrate", "--from", source_url, "--to", target_url, *flags
     )

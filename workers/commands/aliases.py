@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from contracts.errors import IntegrityError, ZanddError
-from workers.commands.base import CommandTree
+from workers.commands.base import VAULT, CommandTree
 from workers.commands.local import opened_store, printable, when
 from workers.service.config import Settings
 
@@ -75,6 +75,6 @@ def register(tree: CommandTree) -> None:
         "keys alias-delete", _cmd_alias_delete, "remove an alias of yours", client=True
     )
     delete.add_argument("alias")
-    listed = tree.add("keys aliases", _cmd_alias_list, "the vault's aliases")
+    listed = tree.add("keys aliases", _cmd_alias_list, "the vault's aliases", settings=VAULT)
     listed.add_argument("--key-id", default=None, help="only those pointing at this key")
     listed.add_argument("--owner", default=None, help="only those this principal owns")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ from contracts.errors import ConfigurationError, IntegrityError
 from contracts.models import AuditHeadEvent
 from vault.audit import AuditEntry, AuditQuery, AuditReport, ChainHead, check_log
 from vault.audit_chain import ChainKeys, link_kek_id
-from workers.commands.base import CommandTree
+from workers.commands.base import BROKER, VAULT, CommandTree
+from workers.commands.jsonout import LINES, add_json_flag, dumps
 from workers.commands.local import opened_store, printable, when
 from workers.service.config import Settings
 
@@ -236,8 +238,18 @@ async def _cmd_audit_tail(args: argparse.Namespace, settings: Settings) -> int:
     async with opened_store(settings) as store:
         entries = await store.read_audit(query)
     for entry in entries:
-        print(format_entry(entry))
+        print(dumps(entry_document(entry)) if args.json else format_entry(entry))
     return 0
+
+
+def entry_document(entry: AuditEntry) -> dict[str, object]:
+    """One audit entry as ``audit tail --json`` shows it (one JSON line each)."""
+    return {
+        "seq": entry.seq,
+        **dataclasses.asdict(entry.event),
+        "prev_hash": entry.prev_hash,
+        "entry_hash": entry.entry_hash,
+    }
 
 
 async def _cmd_audit_show(args: argparse.Namespace, settings: Settings) -> int:
@@ -265,6 +277,7 @@ def register(tree: CommandTree) -> None:
         "audit verify",
         _cmd_audit_verify,
         "check the audit log's keyed chain (and a known head) and name the first broken entry",
+        settings=VAULT,
     )
     verify.add_argument(
         "--head",
@@ -305,16 +318,21 @@ def register(tree: CommandTree) -> None:
         "audit keep-heads",
         _cmd_audit_keep_heads,
         "append every audit head published on zandd.events to a file (run it on another host)",
+        settings=BROKER,
     )
     keep.add_argument("file", type=Path, help="heads file, one audit.head event per line")
     keep.add_argument(
         "--count", type=int, default=None, help="stop after this many heads (default: Ctrl-C)"
     )
     show = tree.add(
-        "audit show", _cmd_audit_show, "show one audit entry (a receipt's seq) and its link"
+        "audit show",
+        _cmd_audit_show,
+        "show one audit entry (a receipt's seq) and its link",
+        settings=VAULT,
     )
     show.add_argument("seq", type=_sequence_number, help="the entry's sequence number")
-    tail = tree.add("audit tail", _cmd_audit_tail, "show the newest audit entries")
+    tail = tree.add("audit tail", _cmd_audit_tail, "show the newest audit entries", settings=VAULT)
     tail.add_argument("--key", default=None, help="only entries about this key id")
     tail.add_argument("--principal", default=None, help="only entries by this AMQP user")
     tail.add_argument("-n", "--lines", type=int, default=20, help="how many entries (default 20)")
+    add_json_flag(tail, LINES)

@@ -13,6 +13,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: 128 + SIGTERM, as a shell reports a process SIGTERM ended.
+EXIT_TERMINATED = 143
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
@@ -34,6 +36,21 @@ SETTING_FLAGS = {
     "quota_overrides": 'per-principal quotas, JSON: {"alice": {"requests_per_s": 100}, '
     '"ops": "unlimited"}',
 }
+
+
+# Which settings a command takes as flags: only those it uses (``zandd <cmd> --help`` lists
+# them); every setting is still read from the environment by every command.
+#: How it logs: every command.
+LOGGING = ("log_level", "log_format")
+#: The broker (``client=True`` gives it, with ``traces_exporter``, to calls to the fleet).
+BROKER = ("amqp_url",)
+#: The vault and its KEK ring (a ring sealed to the TPM is opened with it).
+VAULT = ("data_dir", "vault_url", "kek_file", "tpm_tcti")
+#: The TPM (swtpm's state lives in the data directory).
+TPM = ("data_dir", "tpm_tcti")
+#: A worker, the whole fleet, the bench: every setting.
+SERVING = tuple(SETTING_FLAGS)
+_CLIENT = ("amqp_url", "traces_exporter")
 
 
 def positive_int(text: str) -> int:
@@ -78,9 +95,16 @@ class CommandTree:
         return self._groups[name]
 
     def add(
-        self, path: str, command: Command, help_text: str, *, client: bool = False
+        self,
+        path: str,
+        command: Command,
+        help_text: str,
+        *,
+        client: bool = False,
+        settings: Sequence[str] = (),
     ) -> argparse.ArgumentParser:
-        """Add a subcommand; ``client=True`` gives it ``--timeout`` for calls to the fleet."""
+        """Add a subcommand with the setting flags it uses (``settings``, and ``LOGGING``);
+        ``client=True`` gives it ``--timeout`` and the broker's flags for calls to the fleet."""
         *groups, name = path.split()
         subparsers = self._group(groups[0]) if groups else self._root
         parser: argparse.ArgumentParser = subparsers.add_parser(
@@ -90,9 +114,13 @@ class CommandTree:
         flags = parser.add_argument_group(
             "configuration (each also ZANDD_<NAME> in the environment)"
         )
-        for setting, setting_help in SETTING_FLAGS.items():
+        taken = {*LOGGING, *(_CLIENT if client else ()), *settings}
+        for setting in (name for name in SETTING_FLAGS if name in taken):
             flags.add_argument(
-                "--" + setting.replace("_", "-"), dest=setting, default=None, help=setting_help
+                "--" + setting.replace("_", "-"),
+                dest=setting,
+                default=None,
+                help=SETTING_FLAGS[setting],
             )
         if client:
             parser.add_argument(

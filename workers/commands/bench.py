@@ -8,7 +8,7 @@ import logging
 import sys
 
 from contracts.errors import ConfigurationError
-from workers.commands.base import CommandTree
+from workers.commands.base import SERVING, CommandTree
 from workers.service.config import Settings
 
 DEFAULT_SIGNERS = (2,)
@@ -97,6 +97,7 @@ def register(tree: CommandTree) -> None:
         "bench",
         _cmd_bench,
         "measure the fleet beside a plain aio-pika echo, the TPM and the raw crypto",
+        settings=SERVING,
     )
     bench.add_argument(
         "--signers",

@@ -14,7 +14,7 @@ from contracts.errors import ConfigurationError
 from contracts.models import AuditCheckpointEvent
 from vault.audit_checkpoint import Checkpoint, all_checkpoints
 from workers.audit.audit_checkpoint import checkpoint_event, event_checkpoint
-from workers.commands.base import CommandTree
+from workers.commands.base import TPM, VAULT, CommandTree
 from workers.commands.local import opened_store, printable, when
 from workers.service.config import Settings
 
@@ -95,6 +95,7 @@ def register(tree: CommandTree) -> None:
         "audit checkpoints",
         _cmd_audit_checkpoints,
         "list the TPM-signed audit checkpoints in the vault (--jsonl to ship them elsewhere)",
+        settings=VAULT,
     )
     listing.add_argument(
         "--jsonl",
@@ -105,4 +106,5 @@ def register(tree: CommandTree) -> None:
         "tpm checkpoint-key",
         _cmd_tpm_checkpoint_key,
         "print the TPM's audit checkpoint public key (PEM)",
+        settings=TPM,
     )

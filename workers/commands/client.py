@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from contracts.algorithms import ALGORITHM_ECDSA_P256_SHA256, ALGORITHMS
+from contracts.algorithms import ALGORITHM_ECDSA_P256_SHA256, ALGORITHMS, encoding_of
 from contracts.errors import ZanddError
 from workers.commands.base import EXIT_FAILURE, CommandTree
 from workers.service.config import Settings
@@ -65,7 +65,7 @@ async def _cmd_sign(args: argparse.Namespace, settings: Settings) -> int:
     message, digest = _payload(args.file, args.digest, args.digest_hash)
     async with await SigningClient.connect(settings.amqp_url, timeout_s=args.timeout) as client:
         sign = client.sign_in_tpm if args.tpm else client.sign
-        reply = await sign(args.key, message, digest=digest, encoding=args.encoding)
+        reply = await sign(args.key, message, digest=digest, encoding=args.encoding or "der")
     if args.out:
         args.out.write_bytes(reply.signature)
         print(f"wrote {len(reply.signature)}-byte {reply.encoding} signature to {args.out}")
@@ -75,8 +75,12 @@ async def _cmd_sign(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _read_signature(value: str) -> bytes:
+    try:
+        is_file = Path(value).is_file()
+    except OSError:  # longer than a file name may be: an RSA-3072 signature in base64
+        is_file = False
     path = Path(value)
-    if path.is_file():
+    if is_file:
         raw = path.read_bytes()
         stripped = raw.strip()
         try:
@@ -92,6 +96,9 @@ def _read_signature(value: str) -> bytes:
 async def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     message, digest = _payload(args.file, args.digest, args.digest_hash)
     signature = _read_signature(args.signature)
+    # Without --encoding, told by the signature's form: raw r||s is 64 bytes (P-256) or 96
+    # (P-384), DER parses as DER; RSA signatures are the same in both (contracts/algorithms.py).
+    args.encoding = args.encoding or encoding_of(signature)
     if args.on_fleet:
         return await _verify_on_fleet(args, settings, signature, message, digest)
     if args.version is not None:
@@ -225,7 +232,13 @@ def register(tree: CommandTree) -> None:
         parser.add_argument(
             "--digest", action="store_true", help="send only the file's SHA-256 digest"
         )
-        parser.add_argument("--encoding", choices=("der", "raw"), default="der")
+        parser.add_argument(
+            "--encoding",
+            choices=("der", "raw"),
+            default=None,
+            help="ECDSA: DER or raw r||s (default: der for sign; for verify, told by the "
+            "signature: raw is 64 bytes for P-256, 96 for P-384)",
+        )
         # -- algorithms (issue 15) --
         parser.add_argument(
             "--digest-hash",

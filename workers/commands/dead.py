@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from contracts.errors import ConfigurationError
 from contracts.text import printable
-from workers.commands.base import CommandTree
+from workers.commands.base import BROKER, CommandTree
+from workers.commands.jsonout import add_json_flag, dumps
 from workers.commands.progress import ProgressBar
 from workers.operator.dead import DeadLetter, DeadLetterQueue
 from workers.service.config import Settings
@@ -15,6 +17,9 @@ from workers.service.config import Settings
 
 async def _cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     letters = await DeadLetterQueue(settings.amqp_url).list()
+    if args.json:
+        print(dumps([dataclasses.asdict(letter) for letter in letters]))
+        return 0
     if not letters:
         print("zandd.dead is empty")
         return 0
@@ -55,7 +60,13 @@ async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 def register(tree: CommandTree) -> None:
     """Add the dead-letter commands."""
-    tree.add("dead list", _cmd_list, "show what is in zandd.dead (the queue is left as it is)")
-    replay = tree.add("dead replay", _cmd_replay, "put dead letters back on zandd")
+    listing = tree.add(
+        "dead list",
+        _cmd_list,
+        "show what is in zandd.dead (the queue is left as it is)",
+        settings=BROKER,
+    )
+    add_json_flag(listing)
+    replay = tree.add("dead replay", _cmd_replay, "put dead letters back on zandd", settings=BROKER)
     replay.add_argument("--id", action="append", default=None, help="a message id (repeatable)")
     replay.add_argument("--all", action="store_true", help="every message in zandd.dead")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vault.coverage import ALLOW_UNREADABLE_FLAG
-from workers.commands.base import EXIT_FAILURE, CommandTree, positive_int
+from workers.commands.base import EXIT_FAILURE, SERVING, CommandTree, positive_int
 from workers.service.config import Settings
 
 
@@ -43,12 +43,12 @@ async def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 def register(tree: CommandTree) -> None:
     """Add the fleet commands."""
-    tree.add("keygen-worker", _cmd_keygen, "run the keygen worker (owns the TPM)")
-    signer = tree.add("signer", _cmd_signer, "run a signer worker")
+    tree.add("keygen-worker", _cmd_keygen, "run the keygen worker (owns the TPM)", settings=SERVING)
+    signer = tree.add("signer", _cmd_signer, "run a signer worker", settings=SERVING)
     signer.add_argument(
         "--concurrency", type=positive_int, default=None, help="requests in flight (prefetch)"
     )
-    up = tree.add("up", _cmd_up, "run the whole fleet on this machine")
+    up = tree.add("up", _cmd_up, "run the whole fleet on this machine", settings=SERVING)
     up.add_argument("--signers", type=positive_int, default=2, help="signer processes (default 2)")
     up.add_argument("--demo", action="store_true", help="prove the fleet works, then exit")
     up.add_argument(

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import argparse
 
-from workers.commands.base import CommandTree
+from workers.commands.base import BROKER, EXIT_FAILURE, VAULT, CommandTree
+from workers.commands.jsonout import add_json_flag, dumps
 from workers.service.config import Settings
 
 
 async def _cmd_health(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.operator.health import Role, check_health
+    from workers.operator.health import Role, Unhealthy, check_health
 
-    report = await check_health(settings, Role(args.role) if args.role else None)
-    print(report.line)
+    try:
+        report = await check_health(settings, Role(args.role) if args.role else None)
+    except Unhealthy as exc:
+        if not args.json:
+            raise
+        print(dumps({"healthy": False, "passed": None, "failed": exc.message}))
+        return EXIT_FAILURE
+    print(
+        dumps({"healthy": True, "passed": list(report.passed), "failed": None})
+        if args.json
+        else report.line
+    )
     return 0
 
 
@@ -23,6 +34,7 @@ def register(tree: CommandTree) -> None:
         _cmd_health,
         "exit 0 when the broker, the role's queue consumers, the vault (and for keygen the "
         "TPM) are fine; otherwise one line says what failed",
+        settings=(*BROKER, *VAULT),
     )
     health.add_argument(
         "--role",
@@ -30,3 +42,4 @@ def register(tree: CommandTree) -> None:
         default=None,
         help="the worker role to check (default: both queues, no TPM)",
     )
+    add_json_flag(health)

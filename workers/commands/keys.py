@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 from contracts.errors import IntegrityError, KeyNotFound, ZanddError
 from contracts.models import DEFAULT_PENDING_DAYS, KeyState, KeyStateReply
-from workers.commands.base import Command, CommandTree
+from workers.commands.base import VAULT, Command, CommandTree
+from workers.commands.jsonout import add_json_flag, dumps
 from workers.commands.local import opened_store, printable, when
 from workers.service.config import Settings
 
@@ -92,6 +93,9 @@ async def _cmd_keys_show(args: argparse.Namespace, settings: Settings) -> int:
         raise KeyNotFound(f"key {args.key_id} not found")
     first, latest = versions[0], versions[-1]
     check = _record_check(settings)
+    if args.json:
+        print(dumps(_key_document(versions, check)))
+        return 0
     print(f"key {latest.key_id}")
     print(f"  label:           {printable(latest.label)}")
     print(f"  algorithm:       {latest.algorithm}")
@@ -124,6 +128,9 @@ async def _cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
         and (args.state is None or r.state.value == args.state)
     ]
     check = _record_check(settings)
+    if args.json:
+        print(dumps([_listed(record, check) for record in records]))
+        return 0
     print(f"{'KEY':<24} {'VERSION':>7}  {'STATE':<20} {'OWNER':<20} LABEL")
     for record in records:
         print(
@@ -131,6 +138,45 @@ async def _cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
             f"{printable(record.owner):<20} {printable(record.label)}{check(record)}"
         )
     return 0
+
+
+def _listed(record: KeyRecord, check: RecordCheck) -> dict[str, object]:
+    """A key's latest version as ``keys list --json`` shows it."""
+    refused = check(record)
+    return {
+        "key_id": record.key_id,
+        "version": record.version,
+        "state": record.state,
+        "owner": record.owner,
+        "label": record.label,
+        # "" when the record's MAC holds; else why the workers refuse it (or why unchecked).
+        "record_check": refused.strip(" —") or "ok",
+    }
+
+
+def _key_document(versions: list[KeyRecord], check: RecordCheck) -> dict[str, object]:
+    """A key and its versions as ``keys show --json`` shows it."""
+    first, latest = versions[0], versions[-1]
+    return {
+        "key_id": latest.key_id,
+        "label": latest.label,
+        "algorithm": latest.algorithm,
+        "owner": first.owner,
+        "allowed_signers": list(latest.allowed_signers),
+        "created_at": first.created_at,
+        "primary_version": latest.version,
+        "rotation_period_s": latest.rotation_period_s,
+        "next_rotation_at": latest.next_rotation_at,
+        "versions": [
+            {
+                "version": record.version,
+                "state": record.state,
+                "destroy_after": record.destroy_after,
+                "record_check": check(record).strip(" —") or "ok",
+            }
+            for record in versions
+        ],
+    }
 
 
 # -- issue 15, reads: keys show / keys list over the wire (key.describe, key.list) ----------
@@ -141,6 +187,9 @@ async def _show_via_broker(args: argparse.Namespace, settings: Settings) -> int:
 
     async with await SigningClient.connect(settings.amqp_url, timeout_s=args.timeout) as client:
         reply = await client.describe_key(args.key_id)
+    if args.json:
+        print(dumps(reply.model_dump(mode="json")))
+        return 0
     current = reply.versions[-1]
     print(f"key {reply.key_id} (current version {reply.current_version})")
     print(f"  label:           {printable(current.label)}")
@@ -174,6 +223,9 @@ async def _list_via_broker(args: argparse.Namespace, settings: Settings) -> int:
                 page_size=args.page_size,
             )
         ]
+    if args.json:
+        print(dumps([key.model_dump(mode="json") for key in keys]))
+        return 0
     print(f"{'KEY':<24} {'VERSION':>7}  {'STATE':<20} {'OWNER':<20} LABEL")
     for key in keys:
         print(
@@ -192,6 +244,7 @@ def _add_read_arguments(show: argparse.ArgumentParser, listing: argparse.Argumen
     from contracts.models import DEFAULT_LIST_PAGE_SIZE, MAX_LIST_PAGE_SIZE
 
     for parser in (show, listing):
+        add_json_flag(parser)
         parser.add_argument(
             "--via-broker",
             action="store_true",
@@ -289,7 +342,11 @@ def register(tree: CommandTree) -> None:
                 help=f"waiting period before the key is erased (default {DEFAULT_PENDING_DAYS})",
             )
     show = tree.add(
-        "keys show", _cmd_keys_show, "show a key's owner, signers and versions", client=True
+        "keys show",
+        _cmd_keys_show,
+        "show a key's owner, signers and versions",
+        client=True,
+        settings=VAULT,
     )
     show.add_argument("key_id")
     listing = tree.add(
@@ -297,6 +354,7 @@ def register(tree: CommandTree) -> None:
         _cmd_keys_list,
         "list every key with its latest version's state (--via-broker: your keys, by the fleet)",
         client=True,
+        settings=VAULT,
     )
     _add_read_arguments(show, listing)
     attest = tree.add(

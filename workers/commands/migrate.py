@@ -8,7 +8,7 @@ from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
 from contracts.errors import ConfigurationError, IntegrityError
-from workers.commands.base import EXIT_OK, CommandTree
+from workers.commands.base import EXIT_OK, VAULT, CommandTree
 from workers.commands.progress import ProgressBar
 from workers.service.config import Settings
 from workers.service.hygiene import harden_for_key_material
@@ -66,6 +66,7 @@ def register(tree: CommandTree) -> None:
         "vault migrate",
         _cmd_vault_migrate,
         "copy every key version and the audit log to another vault, verified (safe to re-run)",
+        settings=VAULT,
     )
     migrate.add_argument(
         "--from", dest="source", required=True, help="the vault to copy, e.g. sqlite:///path.db"

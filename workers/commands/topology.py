@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from contextlib import AsyncExitStack
 
-from workers.commands.base import CommandTree
+from workers.commands.base import BROKER, CommandTree
 from workers.service.config import Settings
 
 
@@ -50,4 +50,5 @@ def register(tree: CommandTree) -> None:
         _cmd_topology,
         "declare the broker topology and route sign requests to --sign-shards queues (an "
         "administrator's URL; for workers run with ZANDD_DECLARE_TOPOLOGY=false)",
+        settings=(*BROKER, "sign_shards"),
     )

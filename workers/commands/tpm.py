@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from workers.commands.base import CommandTree
+from workers.commands.base import TPM, CommandTree
 from workers.service.config import Settings
 
 
@@ -50,5 +50,11 @@ def register(tree: CommandTree) -> None:
         "tpm attestation-key",
         _cmd_tpm_attestation_key,
         "print the fleet attestation public key (PEM): pin it to check key attestations",
+        settings=TPM,
     )
-    tree.add("tpm check", _cmd_tpm_check, "show the TPM and do one create-export-flush round trip")
+    tree.add(
+        "tpm check",
+        _cmd_tpm_check,
+        "show the TPM and do one create-export-flush round trip",
+        settings=TPM,
+    )

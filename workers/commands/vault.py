@@ -30,7 +30,7 @@ from vault.coverage import ALLOW_UNREADABLE_FLAG
 from vault.records import KeyRecord
 from workers.audit.audit_head import KeyedAppender
 from workers.audit.auditing import utc_now
-from workers.commands.base import EXIT_FAILURE, CommandTree
+from workers.commands.base import EXIT_FAILURE, VAULT, CommandTree
 from workers.commands.local import local_principal, opened_store
 from workers.commands.progress import ProgressBar
 from workers.service.config import Settings
@@ -318,7 +318,10 @@ _PCRS_HELP = (
 def register(tree: CommandTree) -> None:
     """Add the vault commands."""
     init = tree.add(
-        "vault init", _cmd_vault_init, "create the KEK ring (from the TPM's RNG) and the vault"
+        "vault init",
+        _cmd_vault_init,
+        "create the KEK ring (from the TPM's RNG) and the vault",
+        settings=VAULT,
     )
     init.add_argument(
         "--plaintext",
@@ -333,31 +336,43 @@ def register(tree: CommandTree) -> None:
         help="create a new ring even though the vault holds key versions it will not open "
         "(they stay unreadable; health fails until they are gone)",
     )
-    tree.add("vault rotate-kek", _cmd_vault_rotate_kek, "add a new active KEK to the ring")
+    tree.add(
+        "vault rotate-kek",
+        _cmd_vault_rotate_kek,
+        "add a new active KEK to the ring",
+        settings=VAULT,
+    )
     tree.add(
         "vault rewrap",
         _cmd_vault_rewrap,
         "re-seal every key version under the active KEK (safe to interrupt and re-run)",
+        settings=VAULT,
     )
     tree.add(
         "vault status",
         _cmd_vault_status,
         "key versions per KEK, KEKs nothing uses, and whether the ring is sealed",
+        settings=VAULT,
     )
     seal = tree.add(
-        "vault seal-ring", _cmd_vault_seal_ring, "seal a plaintext KEK ring to this host's TPM"
+        "vault seal-ring",
+        _cmd_vault_seal_ring,
+        "seal a plaintext KEK ring to this host's TPM",
+        settings=VAULT,
     )
     seal.add_argument("--pcrs", default=None, help=_PCRS_HELP)
     tree.add(
         "vault export-ring",
         _cmd_vault_export_ring,
         "write a sealed KEK ring back in PLAINTEXT (for a host without a TPM)",
+        settings=VAULT,
     )
     upgrade = tree.add(
         "vault mac-records",
         _cmd_vault_mac_records,
         "one-time upgrade: MAC every key version of a vault from before record MACs, "
         "trusting the rows as they are now",
+        settings=VAULT,
     )
     upgrade.add_argument(
         "--again", action="store_true", help="finish an interrupted run (some versions have MACs)"

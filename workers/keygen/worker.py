@@ -284,4 +284,5 @@ def _reply(record: KeyRecord) -> KeyCreateReply:
         protection=record.protection,
         rotation_period=record.rotation_period_s,
         next_rotation_at=record.next_rotation_at,
+        label=record.label,
     )
