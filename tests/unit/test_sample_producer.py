@@ -178,3 +178,17 @@ def test_the_projects_own_integration_tests_never_use_the_double() -> None:
         text = path.read_text(encoding="utf-8")
         assert "contracts.testing" not in text, f"{path} uses the test double"
         assert "FakeFleet" not in text, f"{path} uses the test double"
+
+
+async def test_the_readme_example_of_the_double_runs() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    [example] = [
+        block.split("```", 1)[0]
+        for block in readme.split("```python\n")[1:]
+        if "FakeFleet()" in block.split("```", 1)[0]
+    ]
+    namespace: dict[str, object] = {}
+    exec(compile(example, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    test = namespace["test_invoices_are_signed"]
+    assert callable(test)
+    await test()
