@@ -50,7 +50,7 @@ from contracts.models import MAX_RETRY_AFTER_MS, ErrorReply, parse_request
 from contracts.operations import ERROR_REPLY_TYPE, Operation
 from contracts.sync_client import SyncSigningClient
 from contracts.testing_fleet import FakeVault
-from contracts.topology import EXCHANGE
+from contracts.topology import EXCHANGE, QUEUE_OPERATIONS
 from contracts.wire import DeclaredQueue, Delivery, DeliveryCallback, Properties, WireClosed
 
 __all__ = ["FakeFleet", "FakeRequest"]
@@ -136,6 +136,10 @@ class FakeFleet:
             )
         return reply.model_dump_json().encode(), operation.reply_type
 
+    def consumes(self, queue: str) -> bool:
+        """Whether a fake worker consumes ``queue`` (it serves one of the queue's operations)."""
+        return any(operation in self._served for operation in QUEUE_OPERATIONS.get(queue, ()))
+
     def routes(self, routing_key: str) -> Operation | None:
         """The operation a routing key is bound to here, or None (unroutable)."""
         try:
@@ -193,8 +197,11 @@ class FakeWire:
         auto_delete: bool = False,
         passive: bool = False,
     ) -> DeclaredQueue:
-        """The client's reply queue (named as the broker would)."""
-        del exclusive, auto_delete, passive
+        """The client's reply queue (named as the broker would); with ``passive``, a work
+        queue: consumed (one consumer) when the fake serves any of its operations."""
+        del exclusive, auto_delete
+        if passive:
+            return DeclaredQueue(queue, 0, 1 if self._fleet.consumes(queue) else 0)
         self._reply_queue = queue or f"amq.gen-fake-{next(self._queues)}"
         return DeclaredQueue(self._reply_queue, 0)
 

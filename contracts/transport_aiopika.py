@@ -19,7 +19,9 @@ a new one as after any loss, which succeeds once the caller's connection (a robu
 reconnects by itself) or its robust channel is back, with a new reply queue.
 
 Differences from the client's own connection, by design of what the caller gave:
-a channel opened without publisher confirms takes each publish as accepted once written
+a passive ``queue.declare`` goes on a short channel of its own (a missing queue closes the
+channel it is asked on); a channel opened without publisher confirms takes each publish as
+accepted once written
 (a nack cannot be seen); a channel with ``on_return_raises`` still fails an unroutable call
 with ``NotDelivered``; the broker's ``connection.blocked`` is not watched (aiormq holds the
 writes meanwhile), so a call made during a resource alarm waits for its timeout.
@@ -134,14 +136,32 @@ class AioPikaWire:
         auto_delete: bool = False,
         passive: bool = False,
     ) -> DeclaredQueue:
-        """Declare a queue on the channel (``""``: the broker names it)."""
+        """Declare a queue on the channel (``""``: the broker names it).
+
+        ``passive`` (does it exist, how many consumers?) asks on a short channel of its own: a
+        missing queue makes the broker close the channel it was asked on, which must not be
+        the caller's. That ends this ``ClientWire`` all the same, as on the lean connection.
+        """
+        if passive:
+            return await self._look(queue)
         ok = await self._rpc(
-            self._channel.queue_declare(
-                queue, exclusive=exclusive, auto_delete=auto_delete, passive=passive
-            )
+            self._channel.queue_declare(queue, exclusive=exclusive, auto_delete=auto_delete)
         )
         assert isinstance(ok, commands.Queue.DeclareOk)
-        return DeclaredQueue(str(ok.queue), ok.message_count or 0)
+        return DeclaredQueue(str(ok.queue), ok.message_count or 0, ok.consumer_count or 0)
+
+    async def _look(self, queue: str) -> DeclaredQueue:
+        channel = await self._rpc(self._channel.connection.channel(publisher_confirms=False))
+        try:
+            ok = await self._rpc(channel.queue_declare(queue, passive=True))
+        except WireChannelClosed:
+            self.drop(f"queue {queue!r} does not exist")
+            raise
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        assert isinstance(ok, commands.Queue.DeclareOk)
+        return DeclaredQueue(str(ok.queue), ok.message_count or 0, ok.consumer_count or 0)
 
     async def consume(
         self, queue: str, on_delivery: DeliveryCallback, *, no_ack: bool = False

@@ -9,6 +9,7 @@ import time
 
 import aio_pika
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -16,11 +17,17 @@ from yarl import URL
 
 from contracts.client import SigningClient
 from contracts.errors import KeyNotFound, NotDelivered
+from contracts.transport_aiopika import AioPikaSource
+from contracts.wire import WireChannelClosed
 from tests.support.broker import close_connections_in
 from tests.support.fleet import RunningFleet
 from tests.support.principals import ALICE
 
 pytestmark = pytest.mark.rabbitmq
+
+
+async def _ignore(message: AbstractIncomingMessage) -> None:
+    del message
 
 
 def _verifies(public_key_pem: str, signature: bytes, message: bytes) -> bool:
@@ -99,3 +106,21 @@ async def test_unroutable_over_the_callers_channel_fails_at_once(
             with pytest.raises(NotDelivered, match="is the ZANDD fleet running"):
                 await client.sign("zk-1", b"m", timeout_s=30)
             assert time.monotonic() - started < 10
+
+
+async def test_a_passive_look_never_closes_the_callers_channel(empty_amqp_url: str) -> None:
+    connection = await aio_pika.connect(empty_amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue("", exclusive=True)
+        await queue.consume(_ignore, no_ack=True)
+        wire = await AioPikaSource(channel).open(connection_name="test", timeout_s=5)
+        looked = await wire.declare_queue(queue.name, passive=True)
+        assert (looked.name, looked.consumer_count) == (queue.name, 1)
+        # A missing queue: the broker closes the channel it was asked on — not the caller's.
+        with pytest.raises(WireChannelClosed) as closed:
+            await wire.declare_queue("zandd.sign", passive=True)
+        assert closed.value.reply_code == 404
+        assert wire.lost.is_set()
+        assert not channel.is_closed
+        await channel.declare_queue("", exclusive=True)

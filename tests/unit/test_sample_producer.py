@@ -192,3 +192,10 @@ async def test_the_readme_example_of_the_double_runs() -> None:
     test = namespace["test_invoices_are_signed"]
     assert callable(test)
     await test()
+
+
+async def test_the_double_says_whether_a_worker_consumes_each_queue() -> None:
+    fleet = FakeFleet(operations=[Operation.KEY_CREATE])
+    wire = await fleet.source().open(connection_name="test", timeout_s=1)
+    assert (await wire.declare_queue("zandd.keygen", passive=True)).consumer_count == 1
+    assert (await wire.declare_queue("zandd.sign", passive=True)).consumer_count == 0
