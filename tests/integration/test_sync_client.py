@@ -20,6 +20,7 @@ from yarl import URL
 from contracts.client import SigningClient
 from contracts.errors import KeyNotFound
 from contracts.sync_client import SyncSigningClient
+from contracts.wire import Wire
 from tests.support.broker import rabbitmqctl
 from tests.support.fleet import RunningFleet
 
@@ -48,14 +49,25 @@ def _client_connections(amqp_url: str) -> list[int]:
     ]
 
 
+def _local_port(client: SyncSigningClient) -> int:
+    """The local port of the client's connection (the broker lists it as the peer port)."""
+    wire = client.async_client._wire
+    assert isinstance(wire, Wire)
+    assert wire._transport is not None
+    port = wire._transport.get_extra_info("sockname")[1]
+    assert isinstance(port, int)
+    return port
+
+
 async def test_threads_share_one_connection_and_every_signature_verifies(
     fleet: RunningFleet,
 ) -> None:
-    def produce() -> tuple[list[int], list[int], list[str]]:
+    def produce() -> tuple[int, list[int], list[int], bool, list[str]]:
         with SyncSigningClient.connect(fleet.amqp_url) as client:
             key = client.create_key(label="sync")
             public = load_pem_public_key(key.public_key_pem.encode())
             assert isinstance(public, ec.EllipticCurvePublicKey)
+            wire, port = client.async_client._wire, _local_port(client)
             before = _client_connections(fleet.amqp_url)
 
             def sign(n: int) -> str:
@@ -68,15 +80,18 @@ async def test_threads_share_one_connection_and_every_signature_verifies(
             with ThreadPoolExecutor(max_workers=_THREADS) as pool:
                 signed = list(pool.map(sign, range(_SIGNS)))
             after = _client_connections(fleet.amqp_url)
+            same_wire = client.async_client._wire is wire and _local_port(client) == port
             with pytest.raises(KeyNotFound):
                 client.sign("zk-does-not-exist", b"m")
-        return before, after, signed
+        return port, before, after, same_wire, signed
 
-    before, after, signed = await asyncio.to_thread(produce)
+    port, before, after, same_wire, signed = await asyncio.to_thread(produce)
     assert signed == [signed[0]] * _SIGNS
-    # One connection for the client's whole life: the same one before and after 400 calls.
-    assert len(before) == 1
-    assert after == before
+    # One connection for the client's whole life: never reconnected, and the broker lists it,
+    # the same one, before and after 400 calls from 16 threads.
+    assert same_wire
+    assert port in before, f"client connections (peer ports) at start: {before}, ours {port}"
+    assert port in after, f"client connections (peer ports) after: {after}, ours {port}"
 
 
 async def test_close_ends_the_thread_and_the_connection(fleet: RunningFleet) -> None:
