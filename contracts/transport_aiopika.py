@@ -5,7 +5,9 @@
     ...
     await client.close()                                  # the connection stays open
 
-The caller owns the connection: closing the client cancels its reply consumer (its exclusive,
+The requests carry the connection's user as ``user_id`` (RabbitMQ checks it);
+``SigningClient.connect(AioPikaSource(channel, principal="…"))`` names it where aio-pika does
+not say. The caller owns the connection: closing the client cancels its reply consumer (its exclusive,
 auto-delete reply queue goes with it) and closes the channel the client opened, never the
 connection or a channel the caller passed.
 

@@ -124,3 +124,16 @@ async def test_a_passive_look_never_closes_the_callers_channel(empty_amqp_url: s
         assert wire.lost.is_set()
         assert not channel.is_closed
         await channel.declare_queue("", exclusive=True)
+
+
+async def test_the_principal_is_the_user_of_the_callers_connection(
+    users: dict[str, str],
+) -> None:
+    # RabbitMQ closes the channel of a publish whose user_id is not the connection's user:
+    # the client must name the right one, for a connection and for a channel alike.
+    connection = await aio_pika.connect(users[ALICE])
+    async with connection:
+        channel = await connection.channel()
+        assert AioPikaSource(connection).principal == ALICE
+        assert AioPikaSource(channel).principal == ALICE
+        assert AioPikaSource(channel, principal="other").principal == "other"
