@@ -20,8 +20,8 @@ the thread is a daemon, so it never holds the interpreter up. After ``os.fork()`
 prefork pool, gunicorn) the child does not touch the parent's connection: its first call opens
 one of its own.
 
-Do not call it from the client's own loop thread (a callback of an ``iter_keys`` consumer is
-fine: iteration happens in the caller's thread).
+Calls from the client's own loop thread (code running on that loop) are refused with a
+``RuntimeError``: they would wait for themselves. Async code has ``SigningClient`` itself.
 """
 
 from __future__ import annotations
