@@ -115,3 +115,14 @@ def test_a_forked_child_opens_its_own_connection() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_a_call_from_the_clients_own_loop_is_refused_not_deadlocked() -> None:
+    with FakeFleet().sync_client() as client:
+
+        async def on_the_loop() -> None:
+            with pytest.raises(RuntimeError, match="its own event loop thread"):
+                client.create_key()
+
+        client._runner.run(on_the_loop())
+        assert client.create_key().key_id  # still serving
