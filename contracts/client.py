@@ -50,7 +50,6 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 
-from aio_pika.exceptions import AMQPError
 from pydantic import BaseModel, ValidationError
 
 from contracts.algorithms import ALGORITHM_ECDSA_P256_SHA256, PublicKey
@@ -58,9 +57,9 @@ from contracts.amqp import (
     DEADLINE_HEADER,
     DEFAULT_AMQP_URL,
     JSON_CONTENT_TYPE,
-    connect_plain,
 )
-from contracts.brokers import BrokerURLs, principal_of
+from contracts.brokers import BrokerURLs
+from contracts.client_wire import ClientTarget, ClientWire, WireSource, wire_source
 from contracts.crypto import load_algorithm_public_key, require_bytes, verify_signature
 from contracts.errors import (
     BrokerBlocked,
@@ -119,9 +118,9 @@ from contracts.models import (
 )
 from contracts.operations import ERROR_REPLY_TYPE, Operation
 from contracts.pinning import PinnedKey, PublicKeySource
-from contracts.topology import EXCHANGE, declare_topology
+from contracts.topology import EXCHANGE
 from contracts.tracing import producer_span
-from contracts.wire import Delivery, Properties, Wire, WireChannelClosed, WireClosed
+from contracts.wire import Delivery, Properties, WireChannelClosed, WireClosed
 
 DEFAULT_TIMEOUT_S = 30.0
 _RESEND_FIRST_DELAY_S = 0.05
@@ -159,25 +158,26 @@ class SigningClient:
 
     def __init__(
         self,
-        url: BrokerURLs,
+        url: BrokerURLs | WireSource,
         *,
         default_timeout_s: float,
         retry: bool,
         connect_timeout_s: float,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
-        self._url = url
+        #: Where connections come from: broker URLs, a caller's aio-pika connection, a fake.
+        self._source = wire_source(url)
         self._limits = limits
         #: The broker's ``max_message_size``, once a channel close has named it: a larger
         #: body is refused here from then on, never sent.
         self._broker_max_body_bytes: int | None = None
         #: Server-named, so a new one after each reconnect (the calls in flight were failed).
         self._reply_queue = ""
-        self._principal = principal_of(url)
+        self._principal = self._source.principal
         self._default_timeout_s = default_timeout_s
         self._connect_timeout_s = connect_timeout_s
         self._retry = retry
-        self._wire: Wire | None = None
+        self._wire: ClientWire | None = None
         #: Set while a connection is up; cleared from its loss until the reconnect.
         self._connected = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
@@ -204,7 +204,7 @@ class SigningClient:
     @classmethod
     async def connect(
         cls,
-        url: BrokerURLs = DEFAULT_AMQP_URL,
+        url: ClientTarget = DEFAULT_AMQP_URL,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         declare: bool = False,
@@ -219,6 +219,10 @@ class SigningClient:
         tried in shuffled order, and after a lost connection reconnects the same way — to
         another node when its own hangs or is gone.
 
+        ``url`` may also be an aio-pika connection or channel the caller already holds (and
+        keeps owning: ``close`` leaves it open), see ``contracts.transport_aiopika``, or any
+        ``contracts.client_wire.WireSource`` (``contracts.testing.FakeFleet`` for unit tests).
+
         ``declare=True`` declares the topology first (needs configure rights on the broker).
         ``retry=True`` resends calls interrupted by a lost connection (see ``call``) and calls
         answered ``throttled`` (after the reply's retry-after); without it they fail at once
@@ -229,10 +233,11 @@ class SigningClient:
         ``_MAX_BATCH_ITEMS``, ``_MAX_BODY_BYTES``; the defaults unless an operator changed
         them): a request over one fails at once with ``InvalidRequest``, and nothing is sent.
         """
+        source = wire_source(url)
         if declare:
-            await _declare_topology(url, connect_timeout_s)
+            await source.declare_topology(timeout_s=connect_timeout_s)
         client = cls(
-            url,
+            source,
             default_timeout_s=timeout_s,
             retry=retry,
             connect_timeout_s=connect_timeout_s,
@@ -244,8 +249,8 @@ class SigningClient:
 
     async def _open(self) -> None:
         """Connect, turn on publisher confirms, declare the reply queue and consume it."""
-        wire = await Wire.connect(
-            self._url, connection_name="zandd-client", timeout_s=self._connect_timeout_s
+        wire = await self._source.open(
+            connection_name="zandd-client", timeout_s=self._connect_timeout_s
         )
         try:
             await wire.confirm_select()
@@ -664,7 +669,7 @@ class SigningClient:
 
     # -- the broker's back-pressure ------------------------------------------------------------
 
-    def _on_blocked(self, wire: Wire, reason: str | None) -> None:
+    def _on_blocked(self, wire: ClientWire, reason: str | None) -> None:
         """The broker blocked (``reason``) or unblocked (None) ``wire``."""
         if wire is not self._wire:
             return
@@ -702,7 +707,7 @@ class SigningClient:
         if since is not None:
             self._last_block = (since, asyncio.get_running_loop().time())
 
-    async def _until_unblocked(self, wire: Wire, operation: str) -> None:
+    async def _until_unblocked(self, wire: ClientWire, operation: str) -> None:
         """Wait (``retry``) until the broker unblocks ``wire``; raise if the connection goes."""
         waits = [
             asyncio.ensure_future(self._unblocked.wait()),
@@ -1088,16 +1093,6 @@ def _not_routed(operation: str) -> NotDelivered:
         f"the broker could not route {operation}: is the ZANDD fleet running "
         "(its queues are declared when a worker starts)?"
     )
-
-
-async def _declare_topology(url: BrokerURLs, timeout_s: float) -> None:
-    """Declare the fleet's exchanges and queues (aio-pika, on a short connection of its own)."""
-    connection = await connect_plain(url, connection_name="zandd-client", timeout_s=timeout_s)
-    async with connection:
-        try:
-            await declare_topology(await connection.channel())
-        except AMQPError as exc:
-            raise BrokerUnavailable(f"cannot declare the topology: {exc}") from exc
 
 
 def _decode_reply(message: Delivery, reply_model: type[ReplyT]) -> ReplyT:

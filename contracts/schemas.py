@@ -1,6 +1,7 @@
 """JSON Schemas of wire contract v1, generated from the models into ``contracts/schemas/``.
 
-Non-Python producers build requests from these files. Regenerate after changing a model:
+Non-Python producers build requests from these files, and AsyncAPI tools generate clients
+from ``asyncapi.json`` (``contracts/asyncapi.py``). Regenerate after changing a model:
 
     python -m contracts.schemas
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from contracts.asyncapi import ASYNCAPI_FILE, asyncapi_json
 from contracts.models import (
     SPECS,
     AuditCheckpointEvent,
@@ -53,6 +55,8 @@ def expected_schemas() -> dict[str, str]:
     files["key.alias_changed.event.json"] = _schema(
         KeyAliasChangedEvent, "key.alias_changed event (zandd.events)", "reply"
     )
+    # The AsyncAPI 3.0 document, whose payloads are the files above (contracts/asyncapi.py).
+    files[ASYNCAPI_FILE] = asyncapi_json()
     return files
 
 

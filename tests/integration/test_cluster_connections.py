@@ -22,6 +22,7 @@ from contracts.client import SigningClient
 from contracts.operations import Operation
 from contracts.replyto import DIRECT_REPLY_TO, direct_reply_node
 from contracts.topology import EXCHANGE
+from contracts.wire import Wire
 from tests.support.fleet import RunningFleet
 from tests.support.rabbit_cluster import Cluster, Node
 
@@ -111,7 +112,7 @@ async def test_a_producer_on_any_node_is_answered_by_direct_reply_to(
 
 def _node_of(client: SigningClient, cluster: Cluster) -> Node:
     wire = client._wire
-    assert wire is not None
+    assert isinstance(wire, Wire)  # a URL client's connection is the lean one
     port = wire._endpoint.port
     return next(node for node in cluster.nodes if node.port == port)
 
