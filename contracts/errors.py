@@ -153,6 +153,13 @@ class NotDelivered(InternalError):
     """Client side: the broker could not route the request (no worker queue is bound)."""
 
 
+class NoConsumer(NotDelivered):
+    """Client side: no worker consumes the queue that serves the request (the fleet is
+    stopped, or its keygen worker paused); retryable: the fleet may come back."""
+
+    retryable = True
+
+
 class Refused(BrokerUnavailable):
     """Client side: the broker did not take the request (a publisher nack, e.g. queue full)."""
 

@@ -359,10 +359,12 @@ def tune_socket(sock: Any, heartbeat_s: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class DeclaredQueue:
-    """The broker's answer to ``queue.declare``: the queue's name and its ready messages."""
+    """The broker's answer to ``queue.declare``: the queue's name, its ready messages and
+    its consumers."""
 
     name: str
     message_count: int
+    consumer_count: int = 0
 
 
 DeliveryCallback = Callable[[Delivery], None]
@@ -642,7 +644,7 @@ class Wire(asyncio.Protocol):
             ),
         )
         assert isinstance(ok, commands.Queue.DeclareOk)
-        return DeclaredQueue(str(ok.queue), ok.message_count or 0)
+        return DeclaredQueue(str(ok.queue), ok.message_count or 0, ok.consumer_count or 0)
 
     async def cancel(self, consumer_tag: str) -> None:
         """Stop consuming; deliveries already sent still arrive and are still served."""

@@ -1,0 +1,93 @@
+"""Issue 17, the first bad day: each failure tells the user its cause and the fix, fast.
+
+Real worker processes (``zandd signer`` / ``keygen-worker``), the real broker (a private vhost),
+a real swtpm, and the real ``zandd`` command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from contracts.client import SigningClient
+from contracts.errors import NoConsumer, RequestTimeout
+from tests.support.processes import ProcessFleet, started
+from vault.kek import KekRing
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm]
+
+
+@pytest.fixture
+async def processes(
+    empty_amqp_url: str, swtpm_tcti: str, tmp_path: Path
+) -> AsyncIterator[ProcessFleet]:
+    KekRing.create(tmp_path / "kek-ring.json")
+    fleet = ProcessFleet(empty_amqp_url, tmp_path, swtpm_tcti)
+    try:
+        yield fleet
+    finally:
+        await fleet.stop_all()
+
+
+# -- a fleet stopped after it ran once -------------------------------------------------------
+
+
+async def test_a_stopped_fleet_fails_fast_naming_the_missing_worker(
+    processes: ProcessFleet,
+) -> None:
+    await started(processes, signers=1)
+    async with await SigningClient.connect(processes.amqp_url, timeout_s=30) as client:
+        key = await client.create_key(label="before the stop")
+        await client.sign(key.key_id, b"served")
+        await processes.stop_all()
+        await processes.wait_for_consumers(signers=0, keygens=0)
+
+        # Sent (the client saw a signer at connect): it fails once the watch sees none.
+        began = time.monotonic()
+        with pytest.raises(NoConsumer) as sent:
+            await client.sign(key.key_id, b"nobody")
+        assert time.monotonic() - began < 5
+        assert "no signer is consuming zandd.sign" in sent.value.message
+        assert "waits there until its timeout" in sent.value.message
+        assert sent.value.retryable
+
+        # Seen without a signer: the next call is not even sent.
+        began = time.monotonic()
+        with pytest.raises(NoConsumer, match=r"no signer is consuming zandd\.sign: sign was not"):
+            await client.sign(key.key_id, b"nobody either")
+        assert time.monotonic() - began < 5
+
+        with pytest.raises(NoConsumer, match=r"no keygen worker is consuming zandd\.keygen"):
+            await client.create_key(label="after the stop")
+    # A client that connects to the stopped fleet knows at once.
+    async with await SigningClient.connect(processes.amqp_url, timeout_s=30) as late:
+        began = time.monotonic()
+        with pytest.raises(NoConsumer, match=r"no signer is consuming zandd\.sign"):
+            await late.sign(key.key_id, b"late")
+        assert time.monotonic() - began < 2
+
+
+async def test_retry_waits_for_a_consumer_and_its_timeout_names_the_missing_one(
+    processes: ProcessFleet,
+) -> None:
+    await started(processes, signers=1)
+    async with await SigningClient.connect(processes.amqp_url, retry=True) as client:
+        key = await client.create_key(label="retry")
+        await processes.stop_all()
+        await processes.wait_for_consumers(signers=0, keygens=0)
+        with pytest.raises(RequestTimeout) as timed_out:
+            await client.sign(key.key_id, b"no signer", timeout_s=3)
+        assert "no signer is consuming zandd.sign" in timed_out.value.message
+        assert "zandd up" in timed_out.value.message
+
+        # A signer that comes back within the deadline serves the waiting call.
+        waiting = asyncio.create_task(client.sign(key.key_id, b"back in time", timeout_s=60))
+        await asyncio.sleep(2)
+        assert not waiting.done()
+        await processes.start("signer-2")
+        reply = await waiting
+        assert reply.key_id == key.key_id
