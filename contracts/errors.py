@@ -178,6 +178,10 @@ class RequestTimeout(DeadlineExceeded):
     """Client side: no reply arrived within the call's timeout."""
 
 
+#: Errors no retry or restart mends (bad configuration, a damaged or foreign vault, a ring that
+#: does not open it): a worker that meets one at start exits ``EXIT_PERMANENT``.
+PERMANENT_ERRORS: tuple[type[ZanddError], ...] = (ConfigurationError, IntegrityError)
+
 ERRORS_BY_CODE: dict[ErrorCode, type[ZanddError]] = {
     cls.code: cls
     for cls in (

@@ -7,6 +7,8 @@ a real swtpm, and the real ``zandd`` command.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +17,8 @@ import pytest
 
 from contracts.client import SigningClient
 from contracts.errors import NoConsumer, RequestTimeout
+from tests.support.cli import ZANDD, environment
+from tests.support.net import free_port_pair
 from tests.support.processes import ProcessFleet, started
 from vault.kek import KekRing
 
@@ -91,3 +95,63 @@ async def test_retry_waits_for_a_consumer_and_its_timeout_names_the_missing_one(
         await processes.start("signer-2")
         reply = await waiting
         assert reply.key_id == key.key_id
+
+
+# -- a permanent error under zandd up ---------------------------------------------------------
+
+
+async def _start_up(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
+    """``zandd up`` running, once it logged that its fleet is ready."""
+    process = await asyncio.create_subprocess_exec(
+        *ZANDD, "up", *args, env=env, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stderr is not None
+    async with asyncio.timeout(120):
+        while b"fleet ready" not in (line := await process.stderr.readline()):
+            assert line, "zandd up exited before its fleet was ready"
+    return process
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(p) for p in (task / "children").read_text().split()]
+    return found
+
+
+def _is_signer(pid: int) -> bool:
+    return b"signer" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+
+
+async def test_a_damaged_vault_stops_zandd_up_at_once_with_its_cause(
+    empty_amqp_url: str, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "fleet"
+    env = environment(
+        ZANDD_AMQP_URL=empty_amqp_url,
+        ZANDD_DATA_DIR=str(data_dir),
+        ZANDD_SWTPM_PORT=str(free_port_pair()),
+    )
+    up = await _start_up(env, "--signers", "1")
+    try:
+        garbage = data_dir / "garbage.db"
+        garbage.write_bytes(b"this is not an SQLite database, nor any vault at all" * 100)
+        garbage.replace(data_dir / "vault.db")
+        signer = next(pid for pid in _children(up.pid) if _is_signer(pid))
+        os.kill(signer, signal.SIGKILL)  # its restart opens the damaged vault
+        began = time.monotonic()
+        assert up.stderr is not None
+        _, err = await asyncio.wait_for(up.communicate(), 60)
+        code = up.returncode
+    finally:
+        if up.returncode is None:
+            up.kill()
+            await up.wait()
+    assert time.monotonic() - began < 30
+    assert code == 1
+    last = err.decode().strip().splitlines()[-1]
+    assert last.startswith("zandd: signer-1 cannot run: SQLite vault"), last
+    assert "is damaged" in last
+    assert "the fleet stopped" in last
+    # Restarted once after the SIGKILL (transient), never after the permanent error.
+    assert err.decode().count("restarting in") == 1
