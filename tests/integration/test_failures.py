@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,10 +18,11 @@ import pytest
 
 from contracts.client import SigningClient
 from contracts.errors import NoConsumer, RequestTimeout
-from tests.support.cli import ZANDD, environment
+from tests.support.cli import ZANDD, environment, zandd
 from tests.support.net import free_port_pair
 from tests.support.processes import ProcessFleet, started
 from vault.kek import KekRing
+from workers.keygen.swtpm import start_swtpm
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.tpm]
 
@@ -155,3 +157,49 @@ async def test_a_damaged_vault_stops_zandd_up_at_once_with_its_cause(
     assert "the fleet stopped" in last
     # Restarted once after the SIGKILL (transient), never after the permanent error.
     assert err.decode().count("restarting in") == 1
+
+
+# -- the swtpm port taken by something else ---------------------------------------------------
+
+
+async def test_up_refuses_a_swtpm_port_that_something_else_holds(
+    empty_amqp_url: str, tmp_path: Path
+) -> None:
+    port = free_port_pair()
+    env = environment(
+        ZANDD_AMQP_URL=empty_amqp_url,
+        ZANDD_DATA_DIR=str(tmp_path / "fleet"),
+        ZANDD_SWTPM_PORT=str(port),
+    )
+    with socket.create_server(("127.0.0.1", port)):  # not a swtpm, not this fleet's
+        code, _, err = await zandd("up", "--signers", "1", env=env, timeout_s=60)
+    assert code == 1
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(f"zandd: port {port} is taken by something other than this fleet's swtpm")
+    )
+    assert not (tmp_path / "fleet" / "kek-ring.json").exists()
+
+
+async def test_up_reuses_its_own_swtpm_but_not_another_fleets(
+    empty_amqp_url: str, tmp_path: Path
+) -> None:
+    port = free_port_pair()
+    other = start_swtpm(tmp_path / "other-fleet-swtpm", port=port)
+    try:
+        env = environment(
+            ZANDD_AMQP_URL=empty_amqp_url,
+            ZANDD_DATA_DIR=str(tmp_path / "fleet"),
+            ZANDD_SWTPM_PORT=str(port),
+        )
+        code, _, err = await zandd("up", "--signers", "1", env=env, timeout_s=60)
+        assert code == 1
+        assert f"port {port} is taken by something other than this fleet's swtpm" in err
+        # The fleet's own (its state dir beside the data dir) is reused.
+        env["ZANDD_SWTPM_STATE_DIR"] = str(tmp_path / "other-fleet-swtpm")
+        code, _, err = await zandd("up", "--demo", "--signers", "1", env=env, timeout_s=120)
+        assert code == 0, err
+        assert f"using this fleet's swtpm already listening on port {port}" in err
+    finally:
+        other.stop()

@@ -70,7 +70,7 @@ class _Child:
 
 def ensure_tpm(settings: Settings, stack: ExitStack) -> str:
     """The TCTI the fleet uses, starting a swtpm under the data dir when needed."""
-    from workers.keygen.swtpm import port_open, start_swtpm
+    from workers.keygen.swtpm import port_open, serving_swtpm, start_swtpm
     from workers.keygen.tpm import default_tcti
 
     if settings.tpm_tcti:
@@ -79,7 +79,16 @@ def ensure_tpm(settings: Settings, stack: ExitStack) -> str:
     if device:
         return device
     if port_open("127.0.0.1", settings.swtpm_port):
-        log.info("using the swtpm already listening on port %d", settings.swtpm_port)
+        # Only this fleet's own swtpm (its state dir) is reused: another fleet's would mix two
+        # fleets' keys in one TPM, and anything else is not a TPM at all.
+        if serving_swtpm(settings.swtpm_dir, settings.swtpm_port) is None:
+            raise ConfigurationError(
+                f"port {settings.swtpm_port} is taken by something other than this fleet's "
+                f"swtpm (state in {settings.swtpm_dir}): stop it, or give this fleet another "
+                "port (ZANDD_SWTPM_PORT, and the next one is its control port), or set "
+                "ZANDD_TPM_TCTI if that is the TPM you mean"
+            )
+        log.info("using this fleet's swtpm already listening on port %d", settings.swtpm_port)
         return settings.local_swtpm_tcti
     swtpm = start_swtpm(settings.swtpm_dir, port=settings.swtpm_port)
     stack.callback(swtpm.stop)
