@@ -7,6 +7,7 @@ a real swtpm, and the real ``zandd`` command.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -14,10 +15,18 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aio_pika
 import pytest
 
 from contracts.client import SigningClient
 from contracts.errors import NoConsumer, RequestTimeout
+from contracts.topology import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_MAX_LENGTH,
+    DEAD_LETTER_QUEUE,
+    declare_topology,
+)
+from contracts.wire import Properties, Wire
 from tests.support.cli import ZANDD, environment, zandd
 from tests.support.net import free_port_pair
 from tests.support.processes import ProcessFleet, started
@@ -203,3 +212,49 @@ async def test_up_reuses_its_own_swtpm_but_not_another_fleets(
         assert f"using this fleet's swtpm already listening on port {port}" in err
     finally:
         other.stop()
+
+
+# -- zandd.dead is bounded --------------------------------------------------------------------
+
+
+async def test_dead_letters_are_bounded_and_the_newest_are_kept(empty_amqp_url: str) -> None:
+    connection = await aio_pika.connect(empty_amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await declare_topology(channel)
+        wire = await Wire.connect(empty_amqp_url, connection_name="zandd-test-dead")
+        try:
+            await wire.confirm_select()
+            extra = 50
+            confirms = [
+                wire.publish(
+                    b"{}",
+                    Properties(content_type="application/json", message_id=str(n)),
+                    exchange=DEAD_LETTER_EXCHANGE,
+                    routing_key="",
+                )
+                for n in range(DEAD_LETTER_MAX_LENGTH + extra)
+            ]
+            assert all(await asyncio.gather(*(c for c in confirms if c is not None)))
+        finally:
+            await wire.close()
+        dead = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+        assert dead.declaration_result.message_count == DEAD_LETTER_MAX_LENGTH
+        oldest = await dead.get(no_ack=False)
+        assert oldest is not None
+        assert int(oldest.message_id or "-1") >= extra  # the oldest were dropped
+        await oldest.nack(requeue=True)
+
+
+async def test_an_unbounded_dead_letter_queue_of_an_older_fleet_is_kept(
+    empty_amqp_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    connection = await aio_pika.connect(empty_amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(
+            DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        with caplog.at_level(logging.WARNING, logger="zandd.topology"):
+            await declare_topology(channel)  # no PRECONDITION_FAILED
+        assert "zandd-dead-bounds" in caplog.text
