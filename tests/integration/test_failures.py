@@ -19,7 +19,7 @@ import aio_pika
 import pytest
 
 from contracts.client import SigningClient
-from contracts.errors import NoConsumer, RequestTimeout
+from contracts.errors import NoConsumer, RequestTimeout, TpmUnavailable
 from contracts.topology import (
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_MAX_LENGTH,
@@ -258,3 +258,34 @@ async def test_an_unbounded_dead_letter_queue_of_an_older_fleet_is_kept(
         with caplog.at_level(logging.WARNING, logger="zandd.topology"):
             await declare_topology(channel)  # no PRECONDITION_FAILED
         assert "zandd-dead-bounds" in caplog.text
+
+
+# -- the TPM unreachable while the keygen worker runs -----------------------------------------
+
+
+async def test_keygen_answers_tpm_unavailable_at_once_while_its_tpm_is_down(
+    empty_amqp_url: str, tmp_path: Path
+) -> None:
+    state = tmp_path / "swtpm"
+    swtpm = start_swtpm(state)
+    KekRing.create(tmp_path / "kek-ring.json")
+    fleet = ProcessFleet(empty_amqp_url, tmp_path, swtpm.tcti)
+    try:
+        await started(fleet, signers=1)
+        async with await SigningClient.connect(empty_amqp_url, timeout_s=30) as client:
+            key = await client.create_key(label="before the outage")
+            swtpm.stop()
+            began = time.monotonic()
+            with pytest.raises(TpmUnavailable) as down:
+                await client.create_key(label="during the outage")
+            assert time.monotonic() - began < 5
+            assert down.value.message == "the keygen worker cannot reach its TPM; try again later"
+            assert down.value.retryable
+            # What needs no TPM is still served by the same keygen worker.
+            await client.update_key(key.key_id, label="renamed during the outage")
+            swtpm = start_swtpm(state, port=swtpm.port)
+            created = await client.create_key(label="after the outage")  # first time
+            assert created.key_id != key.key_id
+    finally:
+        await fleet.stop_all()
+        swtpm.stop()
