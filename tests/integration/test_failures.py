@@ -289,3 +289,30 @@ async def test_keygen_answers_tpm_unavailable_at_once_while_its_tpm_is_down(
     finally:
         await fleet.stop_all()
         swtpm.stop()
+
+
+# -- zandd tpm check beside a running keygen worker -------------------------------------------
+
+
+def _transient_handles(tcti: str) -> set[int]:
+    from tpm2_pytss import ESAPI
+    from tpm2_pytss.constants import TPM2_CAP, TPM2_HT
+
+    with ESAPI(tcti) as ectx:
+        _, data = ectx.get_capability(TPM2_CAP.HANDLES, TPM2_HT.TRANSIENT << 24, 64)
+        return {int(handle) for handle in data.data.handles}
+
+
+async def test_tpm_check_leaves_a_running_keygen_workers_objects_alone(
+    processes: ProcessFleet,
+) -> None:
+    await started(processes, signers=1)
+    async with await SigningClient.connect(processes.amqp_url, timeout_s=30) as client:
+        await client.create_key(label="the keygen worker holds its storage primary now")
+        held = await asyncio.to_thread(_transient_handles, processes.tcti)
+        assert held, "the keygen worker holds no object: nothing to disturb"
+        code, out, err = await zandd("tpm", "check", env=processes.env, timeout_s=60)
+        assert code == 0, err
+        assert "round trip: OK" in out
+        assert held <= await asyncio.to_thread(_transient_handles, processes.tcti)
+        await client.create_key(label="served at the first attempt")
