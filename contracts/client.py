@@ -790,12 +790,13 @@ class SigningClient:
             self._consumers[queue] = (now, declared.consumer_count)
         return True
 
-    async def _consumer_count(self, queue: str) -> int | None:
-        """How many consumers ``queue`` has: the last look if younger than
-        ``_CONSUMER_RECHECK_S``, else a new one (shared by concurrent callers); None if the
-        broker did not say."""
+    async def _consumer_count(
+        self, queue: str, max_age_s: float = _CONSUMER_RECHECK_S
+    ) -> int | None:
+        """How many consumers ``queue`` has: the last look if younger than ``max_age_s``, else
+        a new one (shared by concurrent callers); None if the broker did not say."""
         seen = self._consumers.get(queue)
-        if seen is not None and asyncio.get_running_loop().time() - seen[0] < _CONSUMER_RECHECK_S:
+        if seen is not None and asyncio.get_running_loop().time() - seen[0] < max_age_s:
             return seen[1]
         looking = self._looking.get(queue)
         if looking is None:
@@ -818,13 +819,13 @@ class SigningClient:
 
     async def _until_consumed(self, operation: Operation) -> None:
         """Before sending: if the last look saw no consumer on the operation's queue, look
-        again; still none fails with ``NoConsumer`` (``retry``: waits for one). A queue seen
-        consumed (or never looked at) costs nothing here."""
+        again now (a worker may just have started); still none fails with ``NoConsumer``
+        (``retry``: waits for one). A queue seen consumed (or never looked at) costs nothing."""
         queue = _SERVED_BY.get(operation)
         seen = None if queue is None else self._consumers.get(queue)
         if queue is None or seen is None or seen[1] > 0:
             return
-        while await self._consumer_count(queue) == 0:
+        while await self._consumer_count(queue, max_age_s=0.0) == 0:
             if not self._retry:
                 raise NoConsumer(_no_consumer(operation, queue, sent=False))
             await asyncio.sleep(_CONSUMER_RECHECK_S)
