@@ -577,7 +577,7 @@ class SigningClient:
             self._pending[correlation_id] = future
             try:
                 await self._publish(operation, body, request_id, correlation_id, deadline_ms)
-                return await self._watched(future, operation, request_id)
+                return await self._watched(future, operation)
             except BrokerUnavailable as exc:  # Refused (a nack) included
                 if isinstance(exc, _ChannelError):
                     # A channel the broker closed while this call was being sent: another
@@ -827,43 +827,38 @@ class SigningClient:
             return
         while await self._consumer_count(queue, max_age_s=0.0) == 0:
             if not self._retry:
-                raise NoConsumer(_no_consumer(operation, queue, sent=False))
+                raise NoConsumer(_no_consumer(operation, queue))
             await asyncio.sleep(_CONSUMER_RECHECK_S)
 
-    async def _watched(
-        self, future: asyncio.Future[Delivery], operation: Operation, request_id: str
-    ) -> Delivery:
+    async def _watched(self, future: asyncio.Future[Delivery], operation: Operation) -> Delivery:
         """The reply; a call unanswered after ``_CONSUMER_WATCH_AFTER_S`` is watched."""
         queue = _SERVED_BY.get(operation)
         if queue is None:
             return await future
         timer = asyncio.get_running_loop().call_later(
-            _CONSUMER_WATCH_AFTER_S, self._watch, future, operation, queue, request_id
+            _CONSUMER_WATCH_AFTER_S, self._watch, future, queue
         )
         try:
             return await future
         finally:
             timer.cancel()
 
-    def _watch(
-        self, future: asyncio.Future[Delivery], operation: Operation, queue: str, request_id: str
-    ) -> None:
-        task = asyncio.ensure_future(self._watch_reply(future, operation, queue, request_id))
+    def _watch(self, future: asyncio.Future[Delivery], queue: str) -> None:
+        task = asyncio.ensure_future(self._watch_reply(future, queue))
         self._watches.add(task)
         task.add_done_callback(self._watches.discard)
 
-    async def _watch_reply(
-        self, future: asyncio.Future[Delivery], operation: Operation, queue: str, request_id: str
-    ) -> None:
-        """While ``future`` waits: no consumer on ``queue`` fails it with ``NoConsumer`` now
-        (``retry``: it keeps waiting, and its timeout says why)."""
+    async def _watch_reply(self, future: asyncio.Future[Delivery], queue: str) -> None:
+        """While ``future`` waits: look at ``queue``'s consumers (shared, bounded rate), so the
+        calls after it fail fast when there are none, and its timeout can say so.
+
+        The waiting call itself is not failed: a worker paused by a vault outage cancels its
+        consumer yet holds the request and answers it when the vault is back.
+        """
         while not future.done():
-            count = await self._consumer_count(queue)
-            if count == 0 and not self._retry and not future.done():
-                future.set_exception(
-                    NoConsumer(_no_consumer(operation, queue, sent=True, request_id=request_id))
-                )
-                return
+            # Both work queues: a fleet that stopped is then known to the next call of either.
+            for looked_at in (queue, *(q for q in _WORKER_OF if q != queue)):
+                await self._consumer_count(looked_at)
             await asyncio.wait({future}, timeout=_CONSUMER_RECHECK_S)
 
     async def _consumer_note(self, operation: Operation) -> str:
@@ -881,7 +876,7 @@ class SigningClient:
         worker = _WORKER_OF[queue]
         return (
             f": no {worker} is consuming {queue} — is the fleet running (zandd up)? The "
-            f"request waits in {queue} until it expires"
+            f"request waits in {queue} until it expires, or until a {worker} comes back"
         )
 
     def _on_return(self, _code: int, _text: str, message: Delivery) -> None:
@@ -1223,19 +1218,13 @@ def _backoff_s(failures: int, max_delay_s: float) -> float:
     return random.uniform(ceiling_s / 2, ceiling_s)  # noqa: S311 - jitter, not a secret
 
 
-def _no_consumer(
-    operation: Operation, queue: str, *, sent: bool, request_id: str | None = None
-) -> str:
-    """``NoConsumer``'s sentence: which worker is missing, what became of the request, the fix."""
+def _no_consumer(operation: Operation, queue: str) -> str:
+    """``NoConsumer``'s sentence: which worker is missing, that nothing was sent, the fix."""
     worker = _WORKER_OF[queue]
-    fate = (
-        f"{operation.value} (request {request_id}) waits there until its timeout"
-        if sent
-        else f"{operation.value} was not sent"
-    )
     return (
-        f"no {worker} is consuming {queue}: {fate}; start the fleet (zandd up) or its "
-        f"{worker}s, then retry (retry=True waits for one)"
+        f"no {worker} is consuming {queue}, so {operation.value} was not sent: the fleet is "
+        f"stopped (start it: zandd up) or its {worker}s paused for an outage (their logs say); "
+        "retry later (retry=True waits for one)"
     )
 
 

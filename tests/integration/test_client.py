@@ -37,7 +37,9 @@ async def test_no_worker_means_no_consumer_or_a_timeout_and_the_request_expires(
 ) -> None:
     async with await SigningClient.connect(empty_amqp_url, declare=True) as client:
         # Seen without a signer at connect: not sent (issue 17).
-        with pytest.raises(NoConsumer, match=r"no signer is consuming zandd\.sign: sign was not"):
+        with pytest.raises(
+            NoConsumer, match=r"no signer is consuming zandd\.sign, so sign was not"
+        ):
             await client.sign("zk-1", b"m", timeout_s=0.5)
         # Sent before the client knew (as when the fleet stops after connect): it times out
         # before the 1 s watch, its timeout says why, and the queue drops it by itself.
