@@ -18,7 +18,9 @@ calls in flight on the lost connection have failed, or are resent with ``retry``
 has a timeout that also becomes the request's AMQP ``expiration``, so the fleet does not sign
 for a caller who stopped waiting.
 Requests are published ``mandatory``: when no worker queue is bound the call fails at once
-with ``NotDelivered`` instead of waiting for its timeout.
+with ``NotDelivered`` instead of waiting for its timeout; when the queue is there but no worker
+consumes it (seen at connect, or by a look a call unanswered for 1 s starts), a new call fails
+unsent with the retryable ``NoConsumer`` (``retry``: it waits for one), and a timeout says so.
 
 Non-retryable is non-retryable. A request over the fleet's limits (``contracts/limits.py``,
 ``limits=`` when an operator changed them) fails with ``InvalidRequest`` before anything is
