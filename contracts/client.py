@@ -18,7 +18,9 @@ calls in flight on the lost connection have failed, or are resent with ``retry``
 has a timeout that also becomes the request's AMQP ``expiration``, so the fleet does not sign
 for a caller who stopped waiting.
 Requests are published ``mandatory``: when no worker queue is bound the call fails at once
-with ``NotDelivered`` instead of waiting for its timeout.
+with ``NotDelivered`` instead of waiting for its timeout; when the queue is there but no worker
+consumes it (seen at connect, or by a look a call unanswered for 1 s starts), a new call fails
+unsent with the retryable ``NoConsumer`` (``retry``: it waits for one), and a timeout says so.
 
 Non-retryable is non-retryable. A request over the fleet's limits (``contracts/limits.py``,
 ``limits=`` when an operator changed them) fails with ``InvalidRequest`` before anything is
@@ -67,6 +69,7 @@ from contracts.errors import (
     BrokerUnavailable,
     InternalError,
     InvalidRequest,
+    NoConsumer,
     NotDelivered,
     Refused,
     RequestTimeout,
@@ -116,9 +119,14 @@ from contracts.models import (
     VerifyRequest,
     describe_errors,
 )
-from contracts.operations import ERROR_REPLY_TYPE, Operation
+from contracts.operations import (
+    ERROR_REPLY_TYPE,
+    KEYGEN_OPERATIONS,
+    SIGN_OPERATIONS,
+    Operation,
+)
 from contracts.pinning import PinnedKey, PublicKeySource
-from contracts.topology import EXCHANGE
+from contracts.topology import EXCHANGE, KEYGEN_QUEUE, SIGN_QUEUE
 from contracts.tracing import producer_span
 from contracts.wire import Delivery, Properties, WireChannelClosed, WireClosed
 
@@ -137,6 +145,19 @@ _BROKER_SIZE_LIMIT = re.compile(
 _SIGNING = frozenset({Operation.SIGN, Operation.SIGN_TPM, Operation.SIGN_BATCH})
 #: Request fields that carry the caller's bytes (``require_bytes``: a str is refused by name).
 _BYTES_FIELDS = ("message", "digest", "signature")
+#: Issue 17, no consumer: a call unanswered this long looks whether a worker consumes its
+#: queue; the looks (one passive declare each) are shared by every call, at most one per queue
+#: per ``_CONSUMER_RECHECK_S``. The happy path (a reply within the first second) makes none.
+_CONSUMER_WATCH_AFTER_S = 1.0
+_CONSUMER_RECHECK_S = 1.0
+_CONSUMER_LOOK_TIMEOUT_S = 2.0
+#: The queue whose consumers serve each operation: signers consume ``zandd.sign`` and every
+#: sign shard, so a consumer on ``zandd.sign`` is a running signer (sharded or not).
+_SERVED_BY: dict[Operation, str] = {
+    **{operation: KEYGEN_QUEUE for operation in KEYGEN_OPERATIONS},
+    **{operation: SIGN_QUEUE for operation in SIGN_OPERATIONS},
+}
+_WORKER_OF = {KEYGEN_QUEUE: "keygen worker", SIGN_QUEUE: "signer"}
 log = logging.getLogger("zandd.client")
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
 RequestT = TypeVar("RequestT", bound=BaseModel)
@@ -200,6 +221,12 @@ class SigningClient:
         self._unblocked.set()
         #: Confirms awaited without ``retry``: a block fails them with ``BrokerBlocked``.
         self._unconfirmed: set[asyncio.Future[bool]] = set()
+        #: Per work queue: (loop time of the last look, how many consumers it had then).
+        self._consumers: dict[str, tuple[float, int]] = {}
+        #: A look under way per queue, which concurrent calls share.
+        self._looking: dict[str, asyncio.Task[int | None]] = {}
+        #: Watches of calls unanswered for ``_CONSUMER_WATCH_AFTER_S``.
+        self._watches: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def connect(
@@ -252,6 +279,12 @@ class SigningClient:
         wire = await self._source.open(
             connection_name="zandd-client", timeout_s=self._connect_timeout_s
         )
+        if not await self._look_at_queues(wire):
+            # A work queue not declared yet closed the channel (the fleet never ran; a
+            # mandatory publish fails fast then): a fresh connection, without looking.
+            wire = await self._source.open(
+                connection_name="zandd-client", timeout_s=self._connect_timeout_s
+            )
         try:
             await wire.confirm_select()
             reply_queue = (await wire.declare_queue("", exclusive=True, auto_delete=True)).name
@@ -296,6 +329,8 @@ class SigningClient:
         """Fail calls still waiting and close the connection."""
         self._closing = True
         self._fail_pending(BrokerUnavailable("the client was closed"))
+        for task in [*self._watches, *self._looking.values()]:
+            task.cancel()
         if self._supervisor is not None:
             self._supervisor.cancel()
             with suppress(asyncio.CancelledError):
@@ -502,6 +537,7 @@ class SigningClient:
         ends_at = asyncio.get_running_loop().time() + timeout
         try:
             async with asyncio.timeout_at(ends_at):
+                await self._until_consumed(operation)
                 while True:
                     reply = await self._attempts(
                         operation, body, request_id, correlation_id, deadline_ms
@@ -512,6 +548,7 @@ class SigningClient:
             raise RequestTimeout(
                 f"no reply to {operation.value} within {timeout:g} s (request {request_id})"
                 f"{self._blocked_note(ends_at - timeout)}"
+                f"{await self._consumer_note(operation)}"
             ) from None
         return _decode_reply(reply, reply_model)
 
@@ -550,7 +587,7 @@ class SigningClient:
             self._pending[correlation_id] = future
             try:
                 await self._publish(operation, body, request_id, correlation_id, deadline_ms)
-                return await future
+                return await self._watched(future, operation)
             except BrokerUnavailable as exc:  # Refused (a nack) included
                 if isinstance(exc, _ChannelError):
                     # A channel the broker closed while this call was being sent: another
@@ -745,6 +782,112 @@ class SigningClient:
                 " s of it (a memory or disk alarm on the broker)"
             )
         return ""
+
+    # -- issue 17: is a worker consuming the queue? ---------------------------------------
+
+    async def _look_at_queues(self, wire: ClientWire) -> bool:
+        """At connect: how many consumers the work queues have (one passive declare each).
+
+        False when one is not declared yet: the broker closed the channel (``wire`` is lost).
+        """
+        now = asyncio.get_running_loop().time()
+        for queue in (SIGN_QUEUE, KEYGEN_QUEUE):
+            try:
+                declared = await wire.declare_queue(queue, passive=True)
+            except WireClosed:
+                self._consumers.clear()
+                return False
+            self._consumers[queue] = (now, declared.consumer_count)
+        return True
+
+    async def _consumer_count(
+        self, queue: str, max_age_s: float = _CONSUMER_RECHECK_S
+    ) -> int | None:
+        """How many consumers ``queue`` has: the last look if younger than ``max_age_s``, else
+        a new one (shared by concurrent callers); None if the broker did not say."""
+        seen = self._consumers.get(queue)
+        if seen is not None and asyncio.get_running_loop().time() - seen[0] < max_age_s:
+            return seen[1]
+        looking = self._looking.get(queue)
+        if looking is None:
+            looking = asyncio.ensure_future(self._look(queue))
+            self._looking[queue] = looking
+            looking.add_done_callback(lambda _: self._looking.pop(queue, None))
+        return await asyncio.shield(looking)
+
+    async def _look(self, queue: str) -> int | None:
+        wire = self._wire
+        if wire is None or wire.lost.is_set():
+            return None
+        try:
+            async with asyncio.timeout(_CONSUMER_LOOK_TIMEOUT_S):
+                declared = await wire.declare_queue(queue, passive=True)
+        except (WireClosed, TimeoutError):
+            return None
+        self._consumers[queue] = (asyncio.get_running_loop().time(), declared.consumer_count)
+        return declared.consumer_count
+
+    async def _until_consumed(self, operation: Operation) -> None:
+        """Before sending: if the last look saw no consumer on the operation's queue, look
+        again now (a worker may just have started); still none fails with ``NoConsumer``
+        (``retry``: waits for one). A queue seen consumed (or never looked at) costs nothing."""
+        queue = _SERVED_BY.get(operation)
+        seen = None if queue is None else self._consumers.get(queue)
+        if queue is None or seen is None or seen[1] > 0:
+            return
+        while await self._consumer_count(queue, max_age_s=0.0) == 0:
+            if not self._retry:
+                raise NoConsumer(_no_consumer(operation, queue))
+            await asyncio.sleep(_CONSUMER_RECHECK_S)
+
+    async def _watched(self, future: asyncio.Future[Delivery], operation: Operation) -> Delivery:
+        """The reply; a call unanswered after ``_CONSUMER_WATCH_AFTER_S`` is watched."""
+        queue = _SERVED_BY.get(operation)
+        if queue is None:
+            return await future
+        timer = asyncio.get_running_loop().call_later(
+            _CONSUMER_WATCH_AFTER_S, self._watch, future, queue
+        )
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    def _watch(self, future: asyncio.Future[Delivery], queue: str) -> None:
+        task = asyncio.ensure_future(self._watch_reply(future, queue))
+        self._watches.add(task)
+        task.add_done_callback(self._watches.discard)
+
+    async def _watch_reply(self, future: asyncio.Future[Delivery], queue: str) -> None:
+        """While ``future`` waits: look at ``queue``'s consumers (shared, bounded rate), so the
+        calls after it fail fast when there are none, and its timeout can say so.
+
+        The waiting call itself is not failed: a worker paused by a vault outage cancels its
+        consumer yet holds the request and answers it when the vault is back.
+        """
+        while not future.done():
+            # Both work queues: a fleet that stopped is then known to the next call of either.
+            for looked_at in (queue, *(q for q in _WORKER_OF if q != queue)):
+                await self._consumer_count(looked_at)
+            await asyncio.wait({future}, timeout=_CONSUMER_RECHECK_S)
+
+    async def _consumer_note(self, operation: Operation) -> str:
+        """For a timeout message: whether a worker consumes the operation's queue now."""
+        queue = _SERVED_BY.get(operation)
+        if queue is None:
+            return ""
+        try:
+            async with asyncio.timeout(_CONSUMER_LOOK_TIMEOUT_S):
+                count = await self._consumer_count(queue)
+        except TimeoutError:
+            return ""
+        if count != 0:
+            return ""
+        worker = _WORKER_OF[queue]
+        return (
+            f": no {worker} is consuming {queue} — is the fleet running (zandd up)? The "
+            f"request waits in {queue} until it expires, or until a {worker} comes back"
+        )
 
     def _on_return(self, _code: int, _text: str, message: Delivery) -> None:
         """A mandatory request no queue was bound for: its call fails now, not at its timeout."""
@@ -1086,6 +1229,16 @@ def _settle(future: asyncio.Future[Delivery]) -> None:
 def _backoff_s(failures: int, max_delay_s: float) -> float:
     ceiling_s = min(max_delay_s, _RESEND_FIRST_DELAY_S * 2 ** (failures - 1))
     return random.uniform(ceiling_s / 2, ceiling_s)  # noqa: S311 - jitter, not a secret
+
+
+def _no_consumer(operation: Operation, queue: str) -> str:
+    """``NoConsumer``'s sentence: which worker is missing, that nothing was sent, the fix."""
+    worker = _WORKER_OF[queue]
+    return (
+        f"no {worker} is consuming {queue}, so {operation.value} was not sent: the fleet is "
+        f"stopped (start it: zandd up) or its {worker}s paused for an outage (their logs say); "
+        "retry later (retry=True waits for one)"
+    )
 
 
 def _not_routed(operation: str) -> NotDelivered:

@@ -159,6 +159,13 @@ class NotDelivered(InternalError):
     """Client side: the broker could not route the request (no worker queue is bound)."""
 
 
+class NoConsumer(NotDelivered):
+    """Client side: no worker consumes the queue that serves the request (the fleet is
+    stopped, or its keygen worker paused); retryable: the fleet may come back."""
+
+    retryable = True
+
+
 class Refused(BrokerUnavailable):
     """Client side: the broker did not take the request (a publisher nack, e.g. queue full)."""
 
@@ -176,6 +183,10 @@ class BrokerRejected(InvalidRequest):
 class RequestTimeout(DeadlineExceeded):
     """Client side: no reply arrived within the call's timeout."""
 
+
+#: Errors no retry or restart mends (bad configuration, a damaged or foreign vault, a ring that
+#: does not open it): a worker that meets one at start exits ``EXIT_PERMANENT``.
+PERMANENT_ERRORS: tuple[type[ZanddError], ...] = (ConfigurationError, IntegrityError)
 
 ERRORS_BY_CODE: dict[ErrorCode, type[ZanddError]] = {
     cls.code: cls

@@ -105,6 +105,11 @@ QUEUE_BOUNDS: dict[str, tuple[int, int]] = {
     KEYGEN_QUEUE: (10_000, 64 * 1024 * 1024),
 }
 _BOUND_ARGUMENTS = ("x-max-length", "x-max-length-bytes")
+#: ``zandd.dead``'s bounds (issue 17): a week of dead letters, at most 10,000 of them, the
+#: oldest dropped first (``drop-head``): enough to inspect what went wrong recently, never an
+#: unbounded queue that fills the broker's disk. docs/operations.md has the reasoning.
+DEAD_LETTER_MAX_LENGTH = 10_000
+DEAD_LETTER_TTL_MS = 7 * 24 * 3600 * 1000
 log = logging.getLogger("zandd.topology")
 
 QUEUE_OPERATIONS: dict[str, tuple[Operation, ...]] = {
@@ -134,6 +139,17 @@ def queue_arguments(queue: str, *, bounded: bool = True) -> FieldTable:
         # A shard is bounded as zandd.sign is: each carries 1/N of a fleet N times as large.
         bounds = QUEUE_BOUNDS[SIGN_QUEUE if is_sign_queue(queue) else queue]
         arguments["x-max-length"], arguments["x-max-length-bytes"] = bounds
+    return arguments
+
+
+def dead_letter_arguments(*, bounded: bool = True) -> FieldTable:
+    """The ``x-`` arguments of ``zandd.dead``; ``bounded=False``: as it was declared before
+    it was bounded (such a queue is kept and bounded by the ``zandd-dead-bounds`` policy)."""
+    arguments: FieldTable = {"x-queue-type": "quorum"}
+    if bounded:
+        arguments["x-max-length"] = DEAD_LETTER_MAX_LENGTH
+        arguments["x-overflow"] = "drop-head"
+        arguments["x-message-ttl"] = DEAD_LETTER_TTL_MS
     return arguments
 
 
@@ -181,9 +197,7 @@ async def declare_topology(
     dead_exchange = await channel.declare_exchange(
         DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
     )
-    dead_queue = await channel.declare_queue(
-        DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
-    )
+    dead_queue = await _declare_dead_letter_queue(channel)
     await dead_queue.bind(dead_exchange, routing_key="")
     queues: dict[str, AbstractQueue] = {}
     for name, operations in QUEUE_OPERATIONS.items():
@@ -391,6 +405,30 @@ async def _declare_work_queue(channel: AbstractChannel, name: str) -> AbstractQu
         "queue %s was declared without x-max-length (before ZANDD bounded it): kept; it is "
         "bounded only by a max-length policy (docs/operations.md, queue bounds)",
         name,
+    )
+    return queue
+
+
+async def _declare_dead_letter_queue(channel: AbstractChannel) -> AbstractQueue:
+    """Declare ``zandd.dead`` bounded; one declared before it was bounded is kept as it is.
+
+    RabbitMQ refuses (406) a redeclaration with other arguments, so an existing unbounded
+    ``zandd.dead`` is used as is (no migration that could lose its letters): the broker policy
+    ``zandd-dead-bounds`` of ops/rabbitmq/definitions.json bounds it the same way.
+    """
+    try:
+        return await channel.declare_queue(
+            DEAD_LETTER_QUEUE, durable=True, arguments=dead_letter_arguments()
+        )
+    except ChannelPreconditionFailed:
+        await channel.reopen()
+    queue = await channel.declare_queue(
+        DEAD_LETTER_QUEUE, durable=True, arguments=dead_letter_arguments(bounded=False)
+    )
+    log.warning(
+        "queue %s was declared before ZANDD bounded it: kept; it is bounded only by a policy "
+        "(zandd-dead-bounds, docs/operations.md, dead letters)",
+        DEAD_LETTER_QUEUE,
     )
     return queue
 

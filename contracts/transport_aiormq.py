@@ -173,7 +173,7 @@ class AiormqTransport:
             )
         )
         assert isinstance(ok, commands.Queue.DeclareOk)
-        return DeclaredQueue(str(ok.queue), ok.message_count or 0)
+        return DeclaredQueue(str(ok.queue), ok.message_count or 0, ok.consumer_count or 0)
 
     # -- queued writes -------------------------------------------------------------------------
 

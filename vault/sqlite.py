@@ -605,6 +605,11 @@ def _translate(exc: sqlite3.Error, path: str) -> ZanddError:
     name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
     if isinstance(exc, sqlite3.IntegrityError):
         return IntegrityError(f"SQLite vault {path} refused a write: {name}: {exc}")
+    if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
+        # Permanent: waiting does not mend a damaged file (a worker exits, zandd up stops).
+        return IntegrityError(
+            f"SQLite vault {path} is damaged ({name}: {exc}): restore it from a backup"
+        )
     return VaultUnavailable(f"SQLite vault {path} failed: {name}: {exc}")
 
 

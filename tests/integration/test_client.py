@@ -11,7 +11,13 @@ import pytest
 from yarl import URL
 
 from contracts.client import SigningClient
-from contracts.errors import BrokerUnavailable, ConfigurationError, NotDelivered, RequestTimeout
+from contracts.errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    NoConsumer,
+    NotDelivered,
+    RequestTimeout,
+)
 from contracts.topology import SIGN_QUEUE
 from tests.support.broker import close_connections_in
 
@@ -26,9 +32,21 @@ async def test_unroutable_request_fails_at_once(empty_amqp_url: str) -> None:
         assert time.monotonic() - started < 10  # the 30 s timeout was never waited for
 
 
-async def test_no_worker_means_a_timeout_and_the_request_expires(empty_amqp_url: str) -> None:
+async def test_no_worker_means_no_consumer_or_a_timeout_and_the_request_expires(
+    empty_amqp_url: str,
+) -> None:
     async with await SigningClient.connect(empty_amqp_url, declare=True) as client:
-        with pytest.raises(RequestTimeout, match=r"no reply to sign within 0\.5 s"):
+        # Seen without a signer at connect: not sent (issue 17).
+        with pytest.raises(
+            NoConsumer, match=r"no signer is consuming zandd\.sign, so sign was not"
+        ):
+            await client.sign("zk-1", b"m", timeout_s=0.5)
+        # Sent before the client knew (as when the fleet stops after connect): it times out
+        # before the 1 s watch, its timeout says why, and the queue drops it by itself.
+        client._consumers.clear()
+        with pytest.raises(
+            RequestTimeout, match=r"no reply to sign within 0\.5 s.*no signer is consuming"
+        ):
             await client.sign("zk-1", b"m", timeout_s=0.5)
     # The request carried the timeout as its expiration: the queue drops it by itself.
     connection = await aio_pika.connect(empty_amqp_url)
@@ -58,6 +76,7 @@ async def test_wrong_credentials_are_a_configuration_error(empty_amqp_url: str) 
 
 async def test_closing_the_client_fails_waiting_calls(empty_amqp_url: str) -> None:
     client = await SigningClient.connect(empty_amqp_url, declare=True)
+    client._consumers.clear()  # sent although no signer consumes: it waits for its reply
     call = asyncio.create_task(client.sign("zk-1", b"m", timeout_s=30))
     await asyncio.sleep(0.2)
     await client.close()
@@ -65,14 +84,19 @@ async def test_closing_the_client_fails_waiting_calls(empty_amqp_url: str) -> No
         await call
 
 
-async def test_a_lost_connection_fails_calls_in_flight_and_comes_back(empty_amqp_url: str) -> None:
+async def test_a_lost_connection_fails_calls_in_flight_and_comes_back(
+    empty_amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Closing the connection (rabbitmqctl) may take longer than the no-consumer watch.
+    monkeypatch.setattr("contracts.client._CONSUMER_WATCH_AFTER_S", 60.0)
     vhost = URL(empty_amqp_url).path.lstrip("/")
     async with await SigningClient.connect(empty_amqp_url, declare=True) as client:
         # The reply queue is server-named (a reply_to the fleet serves); a reconnect gets a new
         # one from the broker, which is harmless: the calls in flight on the old one fail.
         first_reply_queue = client._reply_queue
         assert first_reply_queue.startswith("amq.gen-")
-        call = asyncio.create_task(client.sign("zk-1", b"m", timeout_s=30))  # no worker: waits
+        client._consumers.clear()  # sent although no signer consumes (see above): it waits
+        call = asyncio.create_task(client.sign("zk-1", b"m", timeout_s=30))
         await asyncio.sleep(0.2)
         assert await close_connections_in(vhost) == 1
         with pytest.raises(BrokerUnavailable, match="connection closed"):
@@ -81,6 +105,7 @@ async def test_a_lost_connection_fails_calls_in_flight_and_comes_back(empty_amqp
         # worker behind the queue it runs into its timeout instead of failing to send.
         async with asyncio.timeout(15):
             while True:
+                client._consumers.clear()
                 try:
                     await client.sign("zk-1", b"m", timeout_s=0.3)
                 except RequestTimeout:

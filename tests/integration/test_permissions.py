@@ -201,6 +201,16 @@ async def test_the_work_queues_are_bounded_by_their_arguments_and_by_a_policy(
         assert queues[name]["policy"] == policy
 
 
+async def _consumed(channel: AbstractChannel, queue: str) -> None:
+    """Until ``queue`` has a consumer (a passive declare needs no permission)."""
+    async with asyncio.timeout(30):
+        while True:
+            declared = await channel.declare_queue(queue, passive=True)
+            if declared.declaration_result.consumer_count:
+                return
+            await asyncio.sleep(0.02)
+
+
 async def _answer_one(channel: AbstractChannel, queue: str, code: str) -> AbstractIncomingMessage:
     """Consume one request from ``queue`` and answer it with an error reply, as a worker does."""
     delivered: asyncio.Future[AbstractIncomingMessage] = asyncio.get_running_loop().create_future()
@@ -232,6 +242,7 @@ async def test_a_producer_and_a_signer_complete_a_request_with_their_own_rights(
     signer = await connections("signer")
     async with await SigningClient.connect(broker.url("producer"), timeout_s=30) as client:
         served = asyncio.create_task(_answer_one(signer, SIGN_QUEUE, "key_not_found"))
+        await _consumed(signer, SIGN_QUEUE)  # else the client fails fast with NoConsumer
         with pytest.raises(KeyNotFound):
             await client.public_key("zk-00000000000000000000")
         request = await served
@@ -289,6 +300,7 @@ async def test_a_keygen_worker_serves_its_queue_and_publishes_events_signers_hea
 
     async with await SigningClient.connect(broker.url("producer"), timeout_s=30) as client:
         served = asyncio.create_task(_answer_one(keygen, KEYGEN_QUEUE, "forbidden"))
+        await _consumed(keygen, KEYGEN_QUEUE)
         with pytest.raises(Exception, match="no such key"):
             await client.create_key(request_id=uuid.uuid4().hex)
         await served

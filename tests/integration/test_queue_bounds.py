@@ -69,6 +69,7 @@ async def test_a_full_work_queue_refuses_requests_and_the_client_says_so(
         await wire.close()
     assert verdicts.count(False) >= 15, verdicts
     async with await SigningClient.connect(empty_amqp_url) as client:
+        client._consumers.clear()  # sent although no keygen worker consumes (NoConsumer else)
         with pytest.raises(Refused, match=r"refused key\.create"):
             await client.create_key(timeout_s=5)
 

@@ -18,6 +18,9 @@ RABBITMQ_DETAILED_METRICS = {
     "rabbitmq_detailed_queue_consumers",
     "rabbitmq_detailed_queue_messages",
     "rabbitmq_detailed_queue_messages_ready",
+    # The broker's global dead-lettering counters (RabbitMQ 3.10+, /metrics).
+    "rabbitmq_global_messages_dead_lettered_rejected_total",
+    "rabbitmq_global_messages_dead_lettered_delivery_limit_total",
 }
 
 

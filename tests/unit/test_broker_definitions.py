@@ -18,6 +18,7 @@ from contracts.topology import (
     QUEUE_BOUNDS,
     QUEUE_OPERATIONS,
     REPLY_QUEUE_PREFIX,
+    dead_letter_arguments,
     queue_arguments,
     sign_shard,
 )
@@ -36,7 +37,7 @@ def _without_vhost(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def test_queues_carry_the_exact_arguments_the_workers_declare() -> None:
     expected = {
-        DEAD_LETTER_QUEUE: {"x-queue-type": "quorum"},
+        DEAD_LETTER_QUEUE: dict(dead_letter_arguments()),
         **{name: dict(queue_arguments(name)) for name in QUEUE_OPERATIONS},
     }
     queues = _without_vhost(DEFINITIONS["queues"])
@@ -53,6 +54,20 @@ def test_a_policy_bounds_each_work_queue_as_its_arguments_do() -> None:
         assert policy["apply-to"] == "queues"
         assert policy["definition"] == {"max-length": length, "max-length-bytes": size}
         assert queue_arguments(queue)["x-overflow"] == "reject-publish"
+
+
+def test_a_policy_bounds_the_dead_letter_queue_as_its_arguments_do() -> None:
+    # zandd.dead declared before it was bounded keeps its arguments: the policy bounds it.
+    policies = {p["pattern"]: p for p in _without_vhost(DEFINITIONS["policies"])}
+    policy = policies["^" + re.escape(DEAD_LETTER_QUEUE) + "$"]
+    arguments = dead_letter_arguments()
+    assert policy["apply-to"] == "queues"
+    assert policy["definition"] == {
+        "max-length": arguments["x-max-length"],
+        "overflow": arguments["x-overflow"],
+        "message-ttl": arguments["x-message-ttl"],
+    }
+    assert arguments["x-overflow"] == "drop-head"  # the newest letters stay to inspect
 
 
 def test_exchanges_and_bindings_match_the_topology() -> None:

@@ -41,7 +41,7 @@ def test_our_failures_do_not_leak_paths_urls_or_tpm_codes() -> None:
         "message": "the key vault is unavailable; try again later",
         "retryable": True,
     }
-    assert tpm["message"] == "the TPM is unavailable; try again later"
+    assert tpm["message"] == "the keygen worker cannot reach its TPM; try again later"
     assert config["code"] == "internal"
     assert "/etc/zandd" not in str(config["message"])
 

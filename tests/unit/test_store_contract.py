@@ -1087,10 +1087,13 @@ async def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
         await SqliteStore.open(str(db))
 
 
-async def test_sqlite_garbage_file_is_unavailable(tmp_path: Path) -> None:
+async def test_sqlite_garbage_file_is_damaged_not_unavailable(tmp_path: Path) -> None:
+    # Permanent (issue 17): waiting does not mend the file, so it is no VaultUnavailable.
     db = tmp_path / "vault.db"
     db.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(VaultUnavailable, match="SQLITE_NOTADB"):
+    with pytest.raises(
+        IntegrityError, match=r"is damaged \(SQLITE_NOTADB.*restore it from a backup"
+    ):
         await SqliteStore.open(str(db))
 
 

@@ -12,6 +12,9 @@ from workers.service.config import Settings
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+#: A worker that cannot start for a reason no restart mends (a corrupt or unreadable vault, a
+#: wrong schema, a ring that does not open it, bad configuration): ``zandd up`` stops the fleet.
+EXIT_PERMANENT = 3
 EXIT_INTERRUPTED = 130
 #: 128 + SIGTERM, as a shell reports a process SIGTERM ended.
 EXIT_TERMINATED = 143

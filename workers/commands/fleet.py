@@ -3,27 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Awaitable
 
+from contracts.errors import PERMANENT_ERRORS
 from vault.coverage import ALLOW_UNREADABLE_FLAG
-from workers.commands.base import EXIT_FAILURE, SERVING, CommandTree, positive_int
+from workers.commands.base import EXIT_FAILURE, EXIT_PERMANENT, SERVING, CommandTree, positive_int
 from workers.service.config import Settings
 
 
 async def _cmd_signer(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.operator.fleet import die_with_supervisor
     from workers.service.serve import serve_signer
 
-    die_with_supervisor()
-    await serve_signer(settings, concurrency=args.concurrency)
-    return 0
+    return await _worker(serve_signer(settings, concurrency=args.concurrency))
 
 
 async def _cmd_keygen(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.operator.fleet import die_with_supervisor
     from workers.service.serve import serve_keygen
 
+    return await _worker(serve_keygen(settings))
+
+
+async def _worker(serve: Awaitable[None]) -> int:
+    """Run a worker; a permanent error exits ``EXIT_PERMANENT``, its cause told to ``zandd up``."""
+    from workers.operator.fleet import die_with_supervisor, report_cause
+
     die_with_supervisor()
-    await serve_keygen(settings)
+    try:
+        await serve
+    except PERMANENT_ERRORS as exc:
+        report_cause(exc.message)
+        print(f"zandd: {exc.message}", file=sys.stderr)
+        return EXIT_PERMANENT
     return 0
 
 

@@ -338,9 +338,12 @@ class ConsumerRuntime:
         amqp_url: BrokerURLs | None = None,
         connect: Connect | None = None,
         resolve_queue: ResolveQueue | None = None,
+        waits_for: tuple[type[ZanddError], ...] = DEPENDENCY_ERRORS,
     ) -> None:
         """``connect`` and ``resolve_queue`` default to ``lean_connect`` and ``topology_queue``
-        on ``amqp_url`` (give either the URL or both)."""
+        on ``amqp_url`` (give either the URL or both). ``waits_for``: the dependency errors
+        a request waits out (consuming paused, the probe run until it passes); any other
+        error is answered at once (the keygen worker answers ``tpm_unavailable`` so)."""
         if connect is None or resolve_queue is None:
             if amqp_url is None:
                 raise TypeError("ConsumerRuntime needs amqp_url, or connect and resolve_queue")
@@ -363,6 +366,7 @@ class ConsumerRuntime:
         self._audit = audit
         self._metrics = metrics if metrics is not None else Metrics()
         self._admission = admission
+        self._waits_for = waits_for
         self._in_flight: set[asyncio.Task[None]] = set()
         #: How this broker's direct reply-to names start: learned from it, never from a request.
         self._reply_nodes: frozenset[str] = frozenset()
@@ -732,7 +736,7 @@ class ConsumerRuntime:
             try:
                 await self._audit(message, request, error)
                 return True
-            except DEPENDENCY_ERRORS as exc:
+            except self._waits_for as exc:
                 if self._probe is None:
                     return self._unaudited(message)
                 await self._wait_for_dependency(exc, None, f"request {message.message_id}")
@@ -777,7 +781,7 @@ class ConsumerRuntime:
                 continue  # the deadline again: the wait may have outlasted it
             try:
                 return await handler(request, context)
-            except DEPENDENCY_ERRORS as exc:
+            except self._waits_for as exc:
                 if self._probe is None:
                     raise
                 await self._wait_for_dependency(
@@ -940,7 +944,7 @@ def _check_deadline(deadline: float | None, context: RequestContext) -> None:
 #: TPM codes) are for the worker's log, which has them.
 _PUBLIC_MESSAGES = {
     ErrorCode.VAULT_UNAVAILABLE: "the key vault is unavailable; try again later",
-    ErrorCode.TPM_UNAVAILABLE: "the TPM is unavailable; try again later",
+    ErrorCode.TPM_UNAVAILABLE: "the keygen worker cannot reach its TPM; try again later",
     ErrorCode.INTERNAL: "internal error; the worker log has the details",
 }
 

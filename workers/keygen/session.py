@@ -3,8 +3,9 @@
 Lazy opening is what makes a hot standby possible on a TPM that serves one client at a time
 (swtpm): the standby keygen worker does not touch the TPM until the broker makes it the single
 active consumer and hands it its first request. After any ``TpmUnavailable`` the connection is
-dropped — a TSS context is stuck after a lost link — and the next use (or the runtime's probe)
-opens a fresh one.
+dropped — a TSS context is stuck after a lost link; a command that fails on a connection held
+from earlier is run once more on a fresh one (a TPM restart costs no request), and a TPM that
+does not answer fails at once (the keygen worker answers ``tpm_unavailable``).
 """
 
 from __future__ import annotations
@@ -82,14 +83,28 @@ class TpmSession:
         await self.probe()
 
     def _run_blocking(self, command: Callable[[Tpm], T]) -> T:
-        if self._tpm is None:
-            self._tpm = self._opener(self._tcti)
-            log.info("opened the TPM at %s", self._tcti)
+        held = self._tpm is not None
         try:
-            return command(self._tpm)
+            return command(self._open())
+        except TpmUnavailable:
+            self._drop()
+            if not held:
+                raise
+        # The TPM was held since an earlier request: its connection may be stale (the TPM or
+        # swtpm restarted). Once more on a fresh one, so a restart costs no request; a TPM
+        # that is down fails the fresh open at once (the caller gets tpm_unavailable).
+        log.warning("the TPM at %s failed a command: reopening it once", self._tcti)
+        try:
+            return command(self._open())
         except TpmUnavailable:
             self._drop()
             raise
+
+    def _open(self) -> Tpm:
+        if self._tpm is None:
+            self._tpm = self._opener(self._tcti)
+            log.info("opened the TPM at %s", self._tcti)
+        return self._tpm
 
     def _drop(self) -> None:
         tpm, self._tpm = self._tpm, None

@@ -72,6 +72,33 @@ def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
+def serving_swtpm(state_dir: Path, port: int) -> int | None:
+    """The pid of a running ``swtpm socket`` on ``state_dir`` serving ``port``, if any.
+
+    Read from ``/proc`` (Linux): ``zandd up`` reuses a listener on its swtpm port only when it
+    is such a process, never whatever else listens there.
+    """
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    states = {f"dir={state_dir}".encode(), f"dir={state_dir.absolute()}".encode()}
+    wanted_port = f"port={port},".encode()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone, or not ours to read
+        if not argv[0].endswith(b"swtpm") or b"--server" not in argv[:-1]:
+            continue
+        # --server type=tcp,port=P,bindaddr=H (--ctrl names P + 1, which is not matched).
+        server = argv[argv.index(b"--server") + 1] + b","
+        if states.intersection(argv) and wanted_port in server:
+            return int(entry.name)
+    return None
+
+
 def start_swtpm(
     state_dir: Path,
     *,

@@ -29,11 +29,13 @@ private value and of the AES key when the objects are freed.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import logging
 import os
 import struct
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -206,19 +208,35 @@ class Tpm:
 
         ``flush_leftovers=False`` for a brief user beside a running keygen worker (unsealing
         the KEK ring): on a TPM without a resource manager the leftovers may be the worker's.
+        Even with it, nothing is flushed while another ``Tpm`` of this host holds the same TPM
+        (a running keygen worker; ``zandd tpm check`` beside it): see ``TpmHold``.
 
         Raises:
             TpmUnavailable: the TCTI cannot be loaded or the TPM does not answer.
         """
         self._lock = threading.Lock()
         self._primary: Any = None
+        self._hold = TpmHold(tcti)
         try:
             self._ectx: Any = ESAPI(tcti)
         except Exception as exc:
+            self._hold.release()
             raise TpmUnavailable(f"cannot open the TPM through TCTI {tcti!r}: {exc}") from exc
-        if flush_leftovers:
-            with _tss_errors("clearing objects a previous keygen worker left"):
-                _flush_leftovers(self._ectx)
+        try:
+            if flush_leftovers and self._hold.alone():
+                with _tss_errors("clearing objects a previous keygen worker left"):
+                    _flush_leftovers(self._ectx)
+            elif flush_leftovers:
+                logger.info(
+                    "another process holds the TPM at %s (a running keygen worker?): its "
+                    "objects are left alone",
+                    tcti,
+                )
+        except BaseException:
+            self._hold.release()
+            self._ectx.close()
+            raise
+        self._hold.share()
 
     def info(self) -> TpmInfo:
         """Manufacturer, vendor string, firmware version and spec level of the TPM."""
@@ -354,6 +372,7 @@ class Tpm:
                 self._primary = None
                 self._ectx.close()
                 self._ectx = None
+                self._hold.release()
 
     def __enter__(self) -> Tpm:
         return self
@@ -377,6 +396,63 @@ class Tpm:
                 None, _storage_template(), ESYS_TR.OWNER
             )
         return self._primary
+
+
+class TpmHold:
+    """This process's claim on a TPM, so no other ``zandd`` process flushes its objects.
+
+    A TPM without a resource manager (swtpm, ``/dev/tpm0``) shows every client's transient
+    objects to every other; flushing "leftovers" at open would flush a running keygen worker's
+    storage primary. Each ``Tpm`` holds a shared ``flock`` on a per-TPM lock file (in the
+    temp dir, named by a hash of the TPM's address) while open; it flushes leftovers only when
+    it can take the lock exclusively, i.e. when no other process has that TPM open. The kernel
+    drops the lock of a process that dies, so a SIGKILLed worker's leftovers are flushed by
+    the next opener. Never blocks: a lock file it cannot open or lock means "not alone".
+    """
+
+    def __init__(self, tcti: str) -> None:
+        self._fd: int | None
+        try:
+            self._fd = os.open(tpm_lock_path(tcti), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            logger.info("cannot open the TPM lock file (%s): leftovers are not flushed", exc)
+            self._fd = None
+
+    def alone(self) -> bool:
+        """Take the lock exclusively if no other process holds it (then flushing is safe)."""
+        if self._fd is None:
+            return False
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        return True
+
+    def share(self) -> None:
+        """Hold the lock shared (from exclusive, or anew) for as long as the TPM is open."""
+        if self._fd is not None:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as exc:
+                logger.info("cannot hold the TPM lock shared (%s)", exc)
+
+    def release(self) -> None:
+        """Let go of the lock; idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def tpm_lock_path(tcti: str) -> Path:
+    """The lock file of the TPM ``tcti`` reaches: one per device path or swtpm address."""
+    kind, _, conf = tcti.partition(":")
+    if kind in ("swtpm", "mssim"):
+        options = dict(part.split("=", 1) for part in conf.split(",") if "=" in part)
+        where = f"{options.get('host', '127.0.0.1')}:{options.get('port', '2321')}"
+    else:
+        where = conf or tcti
+    digest = hashlib.sha256(f"{kind}:{where}".encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"zandd-tpm-{digest}.lock"
 
 
 def default_tcti() -> str | None:

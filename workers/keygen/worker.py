@@ -79,9 +79,12 @@ class Keygen:
         return {Operation.KEY_CREATE: self.create_key, Operation.SIGN_TPM: self.sign_in_tpm}
 
     async def probe(self) -> None:
-        """The runtime's dependency probe: the vault and the TPM both answer."""
+        """The runtime's dependency probe, run while the vault is out: the vault answers.
+
+        Not the TPM: a TPM outage is answered ``tpm_unavailable`` request by request (the
+        session reopens the TPM at the next request), so it never pauses the worker.
+        """
         await vault_answers(self._store)
-        await self._tpm.probe()
 
     async def create_key(
         self, request: KeyCreateRequest, context: RequestContext

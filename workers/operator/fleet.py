@@ -26,11 +26,13 @@ from collections.abc import Awaitable, Callable
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from aio_pika.abc import AbstractRobustConnection
 
 from contracts.amqp import connect
 from contracts.errors import BrokerUnavailable, ConfigurationError, ZanddError
+from contracts.text import printable
 from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE, QueueMissing, consumer_count
 from vault.kek import KekRing, ring_file_stamp
 from workers.service.config import Settings
@@ -45,6 +47,10 @@ _MAX_RESTART_DELAY_S = 30.0
 _PR_SET_PDEATHSIG = 1
 #: How often the supervisor looks whether the ring file changed (a rotation).
 RING_POLL_INTERVAL_S = 2.0
+#: A child's exit code for an error no restart mends (``workers.commands.base.EXIT_PERMANENT``).
+EXIT_PERMANENT = 3
+#: The most of a child's cause the supervisor reads (one sentence).
+_MAX_CAUSE_BYTES = 2000
 
 
 @dataclass
@@ -58,11 +64,13 @@ class _Child:
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     #: Set while the supervisor replaces the child on purpose (a new ring): no backoff.
     replacing: bool = False
+    #: The read end of the pipe the running child reports a permanent error's cause on.
+    cause_fd: int | None = None
 
 
 def ensure_tpm(settings: Settings, stack: ExitStack) -> str:
     """The TCTI the fleet uses, starting a swtpm under the data dir when needed."""
-    from workers.keygen.swtpm import port_open, start_swtpm
+    from workers.keygen.swtpm import port_open, serving_swtpm, start_swtpm
     from workers.keygen.tpm import default_tcti
 
     if settings.tpm_tcti:
@@ -71,7 +79,16 @@ def ensure_tpm(settings: Settings, stack: ExitStack) -> str:
     if device:
         return device
     if port_open("127.0.0.1", settings.swtpm_port):
-        log.info("using the swtpm already listening on port %d", settings.swtpm_port)
+        # Only this fleet's own swtpm (its state dir) is reused: another fleet's would mix two
+        # fleets' keys in one TPM, and anything else is not a TPM at all.
+        if serving_swtpm(settings.swtpm_dir, settings.swtpm_port) is None:
+            raise ConfigurationError(
+                f"port {settings.swtpm_port} is taken by something other than this fleet's "
+                f"swtpm (state in {settings.swtpm_dir}): stop it, or give this fleet another "
+                "port (ZANDD_SWTPM_PORT, and the next one is its control port), or set "
+                "ZANDD_TPM_TCTI if that is the TPM you mean"
+            )
+        log.info("using this fleet's swtpm already listening on port %d", settings.swtpm_port)
         return settings.local_swtpm_tcti
     swtpm = start_swtpm(settings.swtpm_dir, port=settings.swtpm_port)
     stack.callback(swtpm.stop)
@@ -125,6 +142,9 @@ class Fleet:
         ]
         self.signers = signers
         self.amqp_url = settings.amqp_url
+        #: Set when a child exits ``EXIT_PERMANENT``: the fleet stops, ``failure`` says why.
+        self.failed = asyncio.Event()
+        self.failure = ""
 
     async def start(self) -> None:
         """Start every child under supervision."""
@@ -136,7 +156,15 @@ class Fleet:
         while not self._stopping:
             child.process = await self._spawn(child)
             child.last_exit = await child.process.wait()
+            cause = _read_cause(child)
             if self._stopping:
+                return
+            if child.last_exit == EXIT_PERMANENT:
+                self.failure = (
+                    f"{child.role} cannot run: {cause or 'a permanent error (see its log above)'}"
+                )
+                log.error("%s; stopping the fleet", self.failure)
+                self.failed.set()
                 return
             if child.replacing:
                 child.replacing = False
@@ -151,25 +179,33 @@ class Fleet:
     async def _spawn(self, child: _Child) -> asyncio.subprocess.Process:
         # A session of its own: Ctrl-C in the terminal reaches only the supervisor, which
         # then stops the children in order (they would exit and be restarted otherwise).
+        # The child reports a permanent error's cause on a pipe of its own (ZANDD_CAUSE_FD).
+        cause_read, cause_write = os.pipe()
+        child.cause_fd = cause_read
+        env = {**child.env, "ZANDD_CAUSE_FD": str(cause_write)}
         if self._ring_json is None:
-            return await asyncio.create_subprocess_exec(
-                *child.argv, env=child.env, start_new_session=True
-            )
+            try:
+                return await asyncio.create_subprocess_exec(
+                    *child.argv, env=env, start_new_session=True, pass_fds=(cause_write,)
+                )
+            finally:
+                os.close(cause_write)
         # os.pipe() is close-on-exec: only this child inherits the read end (pass_fds), and
         # no child inherits the write end.
         read_fd, write_fd = os.pipe()
         try:
             process = await asyncio.create_subprocess_exec(
                 *child.argv,
-                env={**child.env, "ZANDD_KEK_FD": str(read_fd)},
+                env={**env, "ZANDD_KEK_FD": str(read_fd)},
                 start_new_session=True,
-                pass_fds=(read_fd,),
+                pass_fds=(read_fd, cause_write),
             )
         except BaseException:
             os.close(write_fd)
             raise
         finally:
             os.close(read_fd)
+            os.close(cause_write)
         await asyncio.to_thread(_write_and_close, write_fd, self._ring_json, child.role)
         return process
 
@@ -313,6 +349,30 @@ def quota_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
+def report_cause(message: str) -> None:
+    """In a child of ``zandd up`` that exits ``EXIT_PERMANENT``: tell the supervisor why."""
+    fd = os.environ.get("ZANDD_CAUSE_FD")
+    if fd is None or not fd.isdigit():
+        return
+    with suppress(OSError):
+        os.write(int(fd), message.encode()[:_MAX_CAUSE_BYTES])
+
+
+def _read_cause(child: _Child) -> str:
+    """What an exited child reported on its cause pipe (one printable line; "" for nothing)."""
+    fd, child.cause_fd = child.cause_fd, None
+    if fd is None:
+        return ""
+    try:
+        # Every write end is closed now (the child exited): this read does not block.
+        data = os.read(fd, _MAX_CAUSE_BYTES)
+    except OSError:
+        data = b""
+    finally:
+        os.close(fd)
+    return printable(data.decode(errors="replace"), max_chars=_MAX_CAUSE_BYTES).strip()
+
+
 def _write_and_close(fd: int, data: bytes, role: str) -> None:
     try:
         view = memoryview(data)
@@ -372,14 +432,38 @@ async def run_up(
             loop.add_signal_handler(signum, stop.set)
         await fleet.start()
         try:
-            await _until_ready(fleet)
+            await _unless_failed(fleet, _until_ready(fleet))
             if after_ready is not None:
-                return await after_ready()
-            await _watch_ring(settings, tcti, fleet, stop, ring, stamp)
+                return await _unless_failed(fleet, after_ready())
+            await _unless_failed(fleet, _watch_ring(settings, tcti, fleet, stop, ring, stamp))
             return 0
         finally:
             log.info("stopping the fleet")
             await fleet.stop()
+
+
+T = TypeVar("T")
+
+
+async def _unless_failed(fleet: Fleet, work: Awaitable[T]) -> T:
+    """``work``'s result, unless a child fails permanently first: then ``ZanddError`` with its
+    cause (the fleet is stopped by the caller)."""
+    task = asyncio.ensure_future(work)
+    failed = asyncio.ensure_future(fleet.failed.wait())
+    try:
+        await asyncio.wait({task, failed}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        failed.cancel()
+        if not task.done():
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+    if fleet.failed.is_set() and (task.cancelled() or task.exception() is not None):
+        raise ZanddError(
+            f"{fleet.failure}; the fleet stopped (a restart would fail the same way: fix the "
+            "cause, then run zandd up again)"
+        )
+    return task.result()
 
 
 async def _until_ready(fleet: Fleet) -> None:

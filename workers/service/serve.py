@@ -16,6 +16,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from contracts.brokers import single_urls
+from contracts.errors import VaultUnavailable, ZanddError
 from contracts.operations import Operation
 from contracts.topology import KEYGEN_QUEUE, SIGN_QUEUE
 from vault.audit import AuditLog
@@ -26,6 +27,7 @@ from workers.audit.audit_head import AuditHeadPublisher, KeyedAppender
 from workers.audit.auditing import Clock, RequestAuditor, utc_now
 from workers.consumer.probes import vault_answers
 from workers.consumer.runtime import (
+    DEPENDENCY_ERRORS,
     Admission,
     AuditHook,
     ConsumerRuntime,
@@ -67,6 +69,8 @@ class Worker:
     audit: AuditHook
     #: The per-principal quotas; None when ``ZANDD_QUOTA_*`` limit nobody (the default).
     admission: Admission | None = None
+    #: The dependency errors its requests wait out (``ConsumerRuntime``'s ``waits_for``).
+    waits_for: tuple[type[ZanddError], ...] = DEPENDENCY_ERRORS
 
 
 async def signer_worker(
@@ -174,6 +178,9 @@ async def keygen_worker(
         keygen.probe,
         RequestAuditor(audit_log, clock=clock),
         await _quotas(settings, KEYGEN_QUEUE, stack, metrics),
+        # Issue 17: a TPM outage is answered tpm_unavailable at once (retryable), never
+        # waited out with consuming paused; requests that need no TPM are still served.
+        waits_for=(VaultUnavailable,),
     )
 
 
@@ -271,6 +278,7 @@ def build_runtime(
         audit=worker.audit,
         metrics=metrics,
         admission=worker.admission,
+        waits_for=worker.waits_for,
         connect=transport_connect(
             settings.transport,
             settings.amqp_url,
