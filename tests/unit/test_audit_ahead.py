@@ -245,8 +245,8 @@ async def test_a_lone_append_returns_once_its_transaction_is_in_its_commit(
             reached.append("commit")
             release.wait(5)  # a slow fsync: the transaction sits in its COMMIT
 
-    opened = await SqliteStore.open(str(tmp_path / "vault.db"))
     monkeypatch.setattr(sqlite_vault, "_immediate", slow_commit)
+    opened = await SqliteStore.open(str(tmp_path / "vault.db"))
     try:
         event = audit_event_for("req-1")
         began = clock.perf_counter()
