@@ -11,10 +11,8 @@ Against a real SQLite vault (a file under ``tmp_path``).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -222,57 +220,3 @@ async def test_the_signer_announces_only_once_every_refusal_is_behind_it() -> No
         assert announced == [("zk-1", 1)]
     finally:
         await store.close()
-
-
-async def test_a_lone_append_returns_once_its_transaction_is_in_its_commit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The loop hands the GIL to the idle database thread until the append reaches COMMIT,
-    so the caller's signing overlaps the fsync; a busy thread is not waited for."""
-    import threading
-    import time as clock
-
-    import vault.sqlite as sqlite_vault
-
-    reached: list[str] = []
-    release = threading.Event()
-    real = sqlite_vault._immediate
-
-    @contextmanager
-    def slow_commit(conn: Any, committing: Any = None) -> Iterator[None]:
-        with real(conn, committing):
-            yield
-            reached.append("commit")
-            release.wait(5)  # a slow fsync: the transaction sits in its COMMIT
-
-    monkeypatch.setattr(sqlite_vault, "_immediate", slow_commit)
-    opened = await SqliteStore.open(str(tmp_path / "vault.db"))
-    try:
-        event = audit_event_for("req-1")
-        began = clock.perf_counter()
-        first = opened.append_audit([event])  # not awaited yet
-        assert reached == ["commit"], "the call returned with its transaction in COMMIT"
-        assert clock.perf_counter() - began < 1.0
-        second = opened.append_audit([audit_event_for("req-2")])  # the thread is busy
-        assert reached == ["commit"], "a busy thread is not waited for"
-        release.set()
-        (entry,) = await first
-        (after,) = await second
-        assert (entry.seq, after.seq) == (1, 2)
-    finally:
-        release.set()
-        await opened.close()
-
-
-def audit_event_for(request_id: str) -> AuditEvent:
-    from datetime import UTC, datetime
-
-    return AuditEvent(
-        at=datetime.now(UTC),
-        principal="svc-a",
-        operation="sign",
-        outcome="ok",
-        key_id="zk-1",
-        version=1,
-        request_id=request_id,
-    )
