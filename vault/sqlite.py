@@ -19,7 +19,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -485,13 +485,12 @@ class SqliteStore:
 
     # ---- end issue 15, aliases ----
 
-    def append_audit(
+    async def append_audit(
         self, events: Sequence[AuditEvent], chain_key: ChainKey | None = None
-    ) -> Awaitable[list[AuditEntry]]:
+    ) -> list[AuditEntry]:
         """Chain (keyed under ``chain_key`` when given) and insert ``events`` in one IMMEDIATE
-        transaction, durable once the result is awaited; handed to the database thread now,
-        before it is awaited, so the caller's work overlaps the commit."""
-        return self._begin(_append_audit, list(events), chain_key, lane=self._appends)
+        transaction, durable on return."""
+        return await self._run(_append_audit, list(events), chain_key, lane=self._appends)
 
     async def read_audit(self, query: AuditQuery) -> list[AuditEntry]:
         """Audit entries matching ``query``, oldest first."""
@@ -528,14 +527,10 @@ class SqliteStore:
                 await _close_lane(self._appends, self._path)
 
     async def _run(self, fn: Callable[..., _T], *args: Any, lane: _Lane | None = None) -> _T:
-        return await self._begin(fn, *args, lane=lane)
-
-    def _begin(self, fn: Callable[..., _T], *args: Any, lane: _Lane | None = None) -> Awaitable[_T]:
-        """Submit ``fn`` to the lane's thread now; await the result for its value."""
         if self._closed:
             raise VaultUnavailable(f"SQLite vault {self._path} is closed")
         lane = lane or self._main
-        return _on_thread(lane.executor, self._path, fn, lane.conn, *args)
+        return await _on_thread(lane.executor, self._path, fn, lane.conn, *args)
 
     def __repr__(self) -> str:
         return f"SqliteStore(path={self._path!r})"
@@ -558,17 +553,11 @@ async def _close_lane(lane: _Lane, path: str) -> None:
         lane.executor.shutdown(wait=False)
 
 
-def _on_thread(
+async def _on_thread(
     executor: ThreadPoolExecutor, path: str, fn: Callable[..., _T], *args: Any
-) -> Awaitable[_T]:
-    """``fn(*args)`` submitted to ``executor`` at once (not when awaited); its SQLite errors
-    become the vault's."""
-    return _translated(asyncio.wrap_future(executor.submit(fn, *args)), path)
-
-
-async def _translated(future: Awaitable[_T], path: str) -> _T:
+) -> _T:
     try:
-        return await future
+        return await asyncio.wrap_future(executor.submit(fn, *args))
     except sqlite3.Error as exc:
         raise _translate(exc, path) from exc
 
