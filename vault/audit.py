@@ -27,7 +27,7 @@ import asyncio
 import hashlib
 import hmac
 import json
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -268,9 +268,8 @@ class ChainVerifier:
 class AuditAppender(Protocol):
     """The part of a vault store the audit log writes through."""
 
-    def append_audit(self, events: Sequence[AuditEvent]) -> Awaitable[list[AuditEntry]]:
-        """Link ``events`` after the stored chain and store them durably, in one transaction
-        (which a store may begin before the result is awaited)."""
+    async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
+        """Link ``events`` after the stored chain and store them durably, in one transaction."""
         ...
 
 
@@ -400,48 +399,23 @@ class AuditLog:
 
     async def record(self, event: AuditEvent) -> AuditEntry:
         """Append ``event``; returns its entry once durable, or raises VaultUnavailable."""
-        # A caller that gives up must not cancel the batch other callers wait on.
-        return await asyncio.shield(self.submit(event))
-
-    def submit(self, event: AuditEvent) -> asyncio.Future[AuditEntry]:
-        """Append ``event``, its write begun now when no batch is being written (issue 19: the
-        caller's work then overlaps the commit); the future holds its entry once durable.
-
-        The future is shared with the writer: a caller that may give up awaits it shielded.
-        """
         pending = _Pending(event, asyncio.get_running_loop().create_future())
         self._queue.append(pending)
         if self._writer is None or self._writer.done():
-            batch = self._take()
-            self._writer = asyncio.create_task(
-                self._write_batches(batch, self._begin(batch)), name="zandd-audit-writer"
-            )
-        return pending.done
+            self._writer = asyncio.create_task(self._write_batches(), name="zandd-audit-writer")
+        # A caller that gives up must not cancel the batch other callers wait on.
+        return await asyncio.shield(pending.done)
 
     async def close(self) -> None:
         """Wait until every recorded event has been written (or failed)."""
         if self._writer is not None:
             await self._writer
 
-    def _take(self) -> list[_Pending]:
-        batch, self._queue = self._queue, []
-        return batch
-
-    def _begin(self, batch: list[_Pending]) -> Awaitable[list[AuditEntry]]:
-        """The store's write of ``batch``, begun now where the store can (SQLite)."""
-        try:
-            return self._store.append_audit([p.event for p in batch])
-        except Exception as exc:  # raised before any write began: the batch learns it
-            failed: asyncio.Future[list[AuditEntry]] = asyncio.get_running_loop().create_future()
-            failed.set_exception(exc)
-            return failed
-
-    async def _write_batches(
-        self, batch: list[_Pending], writing: Awaitable[list[AuditEntry]]
-    ) -> None:
-        while True:
+    async def _write_batches(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
             try:
-                entries = await writing
+                entries = await self._store.append_audit([p.event for p in batch])
                 written = list(zip(batch, entries, strict=True))
             except Exception as exc:  # every waiter learns; the writer itself goes on
                 if len(batch) == 1 or isinstance(exc, VaultUnavailable):
@@ -450,13 +424,9 @@ class AuditLog:
                 else:
                     for pending in batch:
                         await self._write_alone(pending)
-            else:
-                for pending, entry in written:
-                    pending.done.set_result(entry)
-            if not self._queue:
-                return
-            batch = self._take()
-            writing = self._begin(batch)
+                continue
+            for pending, entry in written:
+                pending.done.set_result(entry)
 
     async def _write_alone(self, pending: _Pending) -> None:
         try:

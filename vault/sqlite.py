@@ -19,7 +19,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -309,19 +309,12 @@ _CHECKPOINT_INSERT = (
 _CHECKPOINTS = "SELECT seq, link, at, signature FROM audit_checkpoints WHERE seq > ? ORDER BY seq"
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Lane:
     """One connection and the one thread that uses it."""
 
     executor: ThreadPoolExecutor
     conn: sqlite3.Connection
-    #: Work submitted through ``SqliteStore._begin`` and not finished yet (event loop only).
-    busy: int = 0
-
-
-#: issue 19: how long the event loop hands the GIL to the database thread for a lone audit
-#: append, until that append is in its COMMIT (see ``SqliteStore.append_audit``).
-HANDOFF_WAIT_S = 0.002
 
 
 class SqliteStore:
@@ -492,26 +485,12 @@ class SqliteStore:
 
     # ---- end issue 15, aliases ----
 
-    def append_audit(
+    async def append_audit(
         self, events: Sequence[AuditEvent], chain_key: ChainKey | None = None
-    ) -> Awaitable[list[AuditEntry]]:
+    ) -> list[AuditEntry]:
         """Chain (keyed under ``chain_key`` when given) and insert ``events`` in one IMMEDIATE
-        transaction, durable once the result is awaited; handed to the database thread now,
-        before it is awaited, so the caller's work overlaps the commit.
-
-        issue 19: when the thread is idle, this call also waits (at most ``HANDOFF_WAIT_S``,
-        the event loop blocked, the GIL released) until that transaction is in its COMMIT.
-        The thread's Python steps (begin, read the head, link, insert: ~50 µs) need the GIL,
-        which a caller that goes on signing would hold until it next awaits; the COMMIT's
-        fsync does not. So a lone sign's signature and verification run while its entry is
-        made durable, instead of before it.
-        """
-        lane = self._appends
-        committing = threading.Event() if lane.busy == 0 else None
-        writing = self._begin(_append_audit, list(events), chain_key, committing, lane=lane)
-        if committing is not None:
-            committing.wait(HANDOFF_WAIT_S)
-        return writing
+        transaction, durable on return."""
+        return await self._run(_append_audit, list(events), chain_key, lane=self._appends)
 
     async def read_audit(self, query: AuditQuery) -> list[AuditEntry]:
         """Audit entries matching ``query``, oldest first."""
@@ -548,21 +527,10 @@ class SqliteStore:
                 await _close_lane(self._appends, self._path)
 
     async def _run(self, fn: Callable[..., _T], *args: Any, lane: _Lane | None = None) -> _T:
-        return await self._begin(fn, *args, lane=lane)
-
-    def _begin(self, fn: Callable[..., _T], *args: Any, lane: _Lane | None = None) -> Awaitable[_T]:
-        """Submit ``fn`` to the lane's thread now; await the result for its value."""
         if self._closed:
             raise VaultUnavailable(f"SQLite vault {self._path} is closed")
-        used = lane or self._main
-        done = asyncio.wrap_future(used.executor.submit(fn, used.conn, *args))
-        used.busy += 1
-
-        def finished(_: object) -> None:
-            used.busy -= 1
-
-        done.add_done_callback(finished)
-        return _translated(done, self._path)
+        lane = lane or self._main
+        return await _on_thread(lane.executor, self._path, fn, lane.conn, *args)
 
     def __repr__(self) -> str:
         return f"SqliteStore(path={self._path!r})"
@@ -585,17 +553,11 @@ async def _close_lane(lane: _Lane, path: str) -> None:
         lane.executor.shutdown(wait=False)
 
 
-def _on_thread(
+async def _on_thread(
     executor: ThreadPoolExecutor, path: str, fn: Callable[..., _T], *args: Any
-) -> Awaitable[_T]:
-    """``fn(*args)`` submitted to ``executor`` at once (not when awaited); its SQLite errors
-    become the vault's."""
-    return _translated(asyncio.wrap_future(executor.submit(fn, *args)), path)
-
-
-async def _translated(future: Awaitable[_T], path: str) -> _T:
+) -> _T:
     try:
-        return await future
+        return await asyncio.wrap_future(executor.submit(fn, *args))
     except sqlite3.Error as exc:
         raise _translate(exc, path) from exc
 
@@ -676,20 +638,13 @@ def _ensure_schema(conn: sqlite3.Connection, path: str) -> None:
 
 
 @contextmanager
-def _immediate(
-    conn: sqlite3.Connection, committing: threading.Event | None = None
-) -> Iterator[None]:
-    """One IMMEDIATE transaction; ``committing`` is set as its COMMIT starts (or it fails)."""
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-    finally:
-        if committing is not None:
-            committing.set()
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
     conn.execute("COMMIT")
 
 
@@ -771,12 +726,9 @@ def _truncate_wal(conn: sqlite3.Connection) -> None:
 
 
 def _append_audit(
-    conn: sqlite3.Connection,
-    events: list[AuditEvent],
-    chain_key: ChainKey | None,
-    committing: threading.Event | None = None,
+    conn: sqlite3.Connection, events: list[AuditEvent], chain_key: ChainKey | None
 ) -> list[AuditEntry]:
-    with _immediate(conn, committing):
+    with _immediate(conn):
         row = conn.execute(_AUDIT_HEAD).fetchone()
         head = GENESIS if row is None else ChainHead(seq=row[0], entry_hash=row[1])
         entries = link(head, events, chain_key)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -131,13 +131,10 @@ class VaultStore(Protocol):
 
     # ---- end issue 15, aliases ----
 
-    def append_audit(
+    async def append_audit(
         self, events: Sequence[AuditEvent], chain_key: ChainKey | None = None
-    ) -> Awaitable[list[AuditEntry]]:
+    ) -> list[AuditEntry]:
         """Chain ``events`` after the newest stored entry and store them durably, atomically.
-
-        A store may begin the write before the result is awaited (issue 19: SQLite hands it
-        to its database thread at once, so the caller's own work overlaps the commit).
 
         Read the newest entry and insert ``vault.audit.link(head, events, chain_key)`` (keyed
         links when ``chain_key`` is given, legacy ones otherwise) in one transaction,

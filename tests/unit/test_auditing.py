@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 from contracts.errors import Forbidden, InternalError, InvalidRequest
 from contracts.models import (
@@ -17,7 +16,7 @@ from contracts.models import (
     SignReply,
     SignRequest,
 )
-from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditLog, canonical_bytes, link
+from vault.audit import AuditEvent, AuditLog, canonical_bytes
 from workers.audit.auditing import MAX_RECORDED_CHARS, RequestAuditor, audit_event, data_digest
 
 AT = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
@@ -127,22 +126,21 @@ def test_principals_are_recorded_whole() -> None:
     assert recorded == {first, second}
 
 
-class _RefusingStore:
-    """An audit store that refuses any entry naming a key, as a store might refuse data."""
+class _RefusingLog:
+    """An audit log whose store refuses any entry naming a key, as a store might refuse data."""
 
     def __init__(self) -> None:
         self.recorded: list[AuditEvent] = []
 
-    async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
-        if any(event.key_id is not None for event in events):
+    async def record(self, event: AuditEvent) -> None:
+        if event.key_id is not None:
             raise InternalError("the audit entry could not be stored: OverflowError")
-        self.recorded += events
-        return link(GENESIS, events)
+        self.recorded.append(event)
 
 
 async def test_an_entry_the_store_refuses_is_recorded_in_its_minimal_form() -> None:
-    log = _RefusingStore()
-    auditor = RequestAuditor(AuditLog(log), clock=lambda: AT)
+    log = _RefusingLog()
+    auditor = RequestAuditor(cast(AuditLog, log), clock=lambda: AT)
     request = SignRequest(key_id="zk-1", message=b"m")
     await auditor(
         delivery(user_id="svc-\u00e9"),

@@ -58,10 +58,10 @@ async def tick_until_stopped(
 class KeyedAuditStore(Protocol):
     """The part of a vault store a keyed append goes through."""
 
-    def append_audit(
+    async def append_audit(
         self, events: Sequence[AuditEvent], chain_key: ChainKey | None = None
-    ) -> Awaitable[list[AuditEntry]]:
-        """Link and store ``events`` in one transaction (which may begin before it is awaited)."""
+    ) -> list[AuditEntry]:
+        """Link and store ``events`` in one transaction."""
         ...
 
 
@@ -79,13 +79,9 @@ class KeyedAppender:
         self._keys = keys
         self._on_head = on_head
 
-    def append_audit(self, events: Sequence[AuditEvent]) -> Awaitable[list[AuditEntry]]:
-        """Append ``events`` keyed under the KEK active now (the write begun at once where the
-        store can); the stored entries."""
-        return self._reported(self._store.append_audit(events, self._keys.active()))
-
-    async def _reported(self, writing: Awaitable[list[AuditEntry]]) -> list[AuditEntry]:
-        entries = await writing
+    async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
+        """Append ``events`` keyed under the KEK active now; the stored entries."""
+        entries = await self._store.append_audit(events, self._keys.active())
         if entries and self._on_head is not None:
             self._on_head(entries[-1].head)
         return entries

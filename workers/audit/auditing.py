@@ -8,9 +8,8 @@ read, the group commit already hands each waiter its entry.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from pydantic import BaseModel
@@ -145,20 +144,15 @@ class RequestAuditor:
         self._log = log
         self._clock = clock
 
-    def __call__(
+    async def __call__(
         self,
         message: Delivery,
         request: BaseModel | None,
         result: BaseModel | ZanddError,
-    ) -> Awaitable[AuditEntry]:
-        """The entry of this outcome: its write begins now (issue 19), the result is awaited."""
+    ) -> AuditEntry:
         event = audit_event(message, request, result, self._clock())
-        return self._recorded(event, self._log.submit(event))
-
-    async def _recorded(self, event: AuditEvent, written: asyncio.Future[AuditEntry]) -> AuditEntry:
         try:
-            # Shielded: a caller that gives up must not cancel the batch others wait on.
-            return await asyncio.shield(written)
+            return await self._log.record(event)
         except VaultUnavailable:
             raise  # the runtime waits for the vault and audits again
         except ZanddError:

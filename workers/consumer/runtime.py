@@ -132,19 +132,6 @@ class RequestContext:
     operation: Operation
     request_id: str | None
     principal: str | None
-    #: issue 19: called by a handler once nothing but a fault can stop it from answering with
-    #: a reply about this key version (access, state, sizes checked; the key opened), before
-    #: the slow part (signing and verifying): the request's audit entry is then written while
-    #: it works, not after. None when the runtime does not audit.
-    serving: Callable[[str, int], None] | None = None
-
-
-class Serving(BaseModel):
-    """The reply a handler announced through ``RequestContext.serving``, audited ahead of it:
-    the key version it names (what the audit entry records of a reply), and ``ok``."""
-
-    key_id: str
-    version: int
 
 
 Handler = Callable[[Any, RequestContext], Awaitable[BaseModel]]
@@ -698,27 +685,14 @@ class ConsumerRuntime:
             release()
 
     def _audited(self, handler: Handler, message: Delivery) -> Handler:
-        """``handler`` followed by the audit of its result, so both are retried together.
-
-        A handler that announces its reply (``RequestContext.serving``) has its entry written
-        while it finishes (issue 19: a lone sign's durable audit write and its signing overlap
-        instead of adding up). Nothing is answered before the entry is durable either way. If
-        the handler then fails after all (a fault: a signature that does not verify), its
-        ``ok`` entry stays and the refusal's entry follows it: the log over-records an attempt,
-        never under-records a signature.
-        """
+        """``handler`` followed by the audit of its result, so both are retried together."""
         audit = self._audit
         if audit is None:
             return handler
 
         async def audited(request: Any, context: RequestContext) -> BaseModel:
-            ahead = _AuditAhead(audit, message, request)
-            try:
-                reply = await handler(request, dataclasses.replace(context, serving=ahead.serving))
-            except BaseException as exc:
-                await ahead.abandon(cancelled=isinstance(exc, asyncio.CancelledError))
-                raise
-            return with_receipt(reply, await ahead.entry_for(reply))
+            reply = await handler(request, context)
+            return with_receipt(reply, await audit(message, request, reply))
 
         return audited
 
@@ -857,57 +831,6 @@ class ConsumerRuntime:
             type=outcome.type,
         )
         session.wire.publish(outcome.body, properties, routing_key=reply_to)
-
-
-class _AuditAhead:
-    """One request's audit entry, written ahead once its handler announces its reply
-    (``RequestContext.serving``), else after the reply is made."""
-
-    def __init__(self, audit: AuditHook, message: Delivery, request: Any) -> None:
-        self._audit = audit
-        self._message = message
-        self._request = request
-        self._future: asyncio.Future[AuditEntry | None] | None = None
-        self._named: tuple[str, int] | None = None
-
-    def serving(self, key_id: str, version: int) -> None:
-        """The handler will reply about ``key_id`` v``version``: write its entry now."""
-        if self._future is None:
-            self._named = (key_id, version)
-            stub = Serving.model_construct(key_id=key_id, version=version)
-            self._future = asyncio.ensure_future(self._audit(self._message, self._request, stub))
-
-    async def entry_for(self, reply: BaseModel) -> AuditEntry | None:
-        """The entry of ``reply``: the one written ahead, or one written now."""
-        future = self._future
-        if future is None:
-            return await self._audit(self._message, self._request, reply)
-        if self._named == (getattr(reply, "key_id", None), getattr(reply, "version", None)):
-            return await future
-        await asyncio.wait([future])
-        _retrieved(future)
-        log.error(
-            "request %s announced another key version than it replied about",
-            printable(self._message.message_id),
-        )
-        return await self._audit(self._message, self._request, reply)
-
-    async def abandon(self, *, cancelled: bool) -> None:
-        """The handler failed: an entry written ahead goes first (the refusal's follows)."""
-        future = self._future
-        if future is None:
-            return
-        if cancelled:
-            future.add_done_callback(_retrieved)
-            return
-        await asyncio.wait([future])
-        _retrieved(future)
-
-
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    """Take a finished future's exception, if any: it was reported otherwise (or not needed)."""
-    if future.done() and not future.cancelled() and future.exception() is not None:
-        log.debug("an audit entry written ahead failed: %s", future.exception())
 
 
 async def _first_of(*waits: Awaitable[Any]) -> None:

@@ -15,7 +15,7 @@ the record's stored public key, is refused with ``integrity_error`` and never si
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 
 from contracts.algorithms import AlgorithmSpec, PrivateKey, PublicKey, UnsupportedAlgorithm
@@ -72,8 +72,6 @@ def sign_digests(
     encoding: Encoding,
     public_key: PublicKey | None = None,
     metrics: Metrics | None = None,
-    *,
-    before_signing: Callable[[], None] | None = None,
 ) -> list[bytes]:
     """Sign every digest (of the record's algorithm's hash) with the record's key and verify
     each signature.
@@ -82,23 +80,14 @@ def sign_digests(
     parsed it already), not one derived from the opened scalar: a fault during signing, or a
     scalar that does not belong to the record, fails here and nothing is returned
     (``integrity_error``).
-
-    ``before_signing`` is called once every check that can refuse has passed (digest sizes,
-    the key's state, the sealed blob opened) and before the first signature: from there only
-    a fault fails the call.
     """
     if public_key is None:
         public_key = stored_public_key(record)
     spec = algorithm_of(record)
-    digests = list(digests)
-    for digest in digests:
-        _check_size(spec, digest)
     signatures: list[bytes] = []
     with ExitStack() as key_scope:
         with stage(Stage.UNSEAL, metrics):
             private_key = key_scope.enter_context(opened_key(record, ring))
-        if before_signing is not None:
-            before_signing()
         with stage(Stage.SIGN, metrics):
             for digest in digests:
                 signatures.append(_signed(spec, private_key, public_key, record, digest, encoding))
@@ -113,7 +102,10 @@ def _signed(
     digest: bytes,
     encoding: Encoding,
 ) -> bytes:
-    _check_size(spec, digest)
+    if len(digest) != spec.digest_bytes:
+        raise InvalidRequest(
+            f"a key of {spec.name} signs {spec.digest_bytes}-byte {spec.hash_name.upper()} digests"
+        )
     try:
         signature = spec.sign_digest(private_key, digest)
     except UnsupportedAlgorithm:
@@ -127,10 +119,3 @@ def _signed(
             "belong to the record); nothing was returned"
         ) from None
     return spec.to_raw(signature) if encoding == "raw" else signature
-
-
-def _check_size(spec: AlgorithmSpec, digest: bytes) -> None:
-    if len(digest) != spec.digest_bytes:
-        raise InvalidRequest(
-            f"a key of {spec.name} signs {spec.digest_bytes}-byte {spec.hash_name.upper()} digests"
-        )

@@ -127,7 +127,7 @@ class Signer:
         cached = await self._usable_key(request.key_id, request.version, context)
         record = cached.record
         digest = request.digest_for(record.algorithm)
-        (signature,) = self._sign(cached, [digest], request.encoding, context)
+        (signature,) = self._sign(cached, [digest], request.encoding)
         return SignReply(
             key_id=record.key_id,
             version=record.version,
@@ -148,7 +148,7 @@ class Signer:
             if start:
                 await asyncio.sleep(0)  # let other requests and heartbeats through
             chunk = digests[start : start + SIGN_CHUNK_ITEMS]
-            signatures += self._sign(cached, chunk, request.encoding, context)
+            signatures += self._sign(cached, chunk, request.encoding)
         return SignBatchReply(
             key_id=record.key_id,
             version=record.version,
@@ -210,26 +210,9 @@ class Signer:
             self._metrics.cache_lookup("keys", hit=self._cache.hits > before)
         return cached
 
-    def _sign(
-        self,
-        cached: CachedKey,
-        digests: list[bytes],
-        encoding: Encoding,
-        context: RequestContext,
-    ) -> list[bytes]:
-        record, serving = cached.record, context.serving
+    def _sign(self, cached: CachedKey, digests: list[bytes], encoding: Encoding) -> list[bytes]:
         return sign_digests(
-            record,
-            self._ring,
-            digests,
-            encoding,
-            cached.public_key,
-            self._metrics,
-            # issue 19: every refusal is behind us once the key is open (access, state, sizes,
-            # the sealed blob): the audit entry is written while it signs and verifies.
-            before_signing=(
-                None if serving is None else lambda: serving(record.key_id, record.version)
-            ),
+            cached.record, self._ring, digests, encoding, cached.public_key, self._metrics
         )
 
     async def _usable_key(
