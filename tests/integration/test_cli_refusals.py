@@ -11,6 +11,7 @@ from yarl import URL
 
 from tests.support.broker import broker_users, full_permissions
 from tests.support.cli import environment, zandd
+from workers.commands.base import EXIT_FAILURE, EXIT_PERMANENT
 
 #: One command per way ``zandd`` reaches the broker: ``health`` (aio-pika, then the lean
 #: connection), ``dead list`` (lean), ``up`` (aio-pika's robust connection), the signer on
@@ -28,7 +29,11 @@ COMMANDS = [
 
 
 async def _refused(args: tuple[str, ...], url: str, tmp_path: Path) -> str:
-    """Run ``zandd args`` against ``url``; assert one line, exit 1, no secret; the line."""
+    """Run ``zandd args`` against ``url``; assert one line, the exit code, no secret; the line.
+
+    A worker exits 3 (``EXIT_PERMANENT``: a configuration error, so ``zandd up`` stops the
+    fleet at once instead of restarting it); every other command exits 1.
+    """
     env = environment(ZANDD_AMQP_URL=url, ZANDD_DATA_DIR=str(tmp_path))
     if "--transport" in args:
         args = tuple(arg for arg in args if arg not in ("--transport", "aiormq"))
@@ -37,7 +42,7 @@ async def _refused(args: tuple[str, ...], url: str, tmp_path: Path) -> str:
         code, _, err = await zandd("vault", "init", "--plaintext", env=env)
         assert code == 0, err
     code, out, err = await zandd(*args, env=env)
-    assert code == 1, out + err
+    assert code == (EXIT_PERMANENT if args[0] == "signer" else EXIT_FAILURE), out + err
     assert "Traceback" not in err
     [line] = err.strip().splitlines()
     password = URL(url).password
@@ -100,7 +105,7 @@ async def test_the_keygen_worker_names_a_missing_vhost(swtpm_tcti: str, tmp_path
     code, _, err = await zandd("vault", "init", "--plaintext", env=env)
     assert code == 0, err
     code, _, err = await zandd("keygen-worker", env=env)
-    assert code == 1
+    assert code == EXIT_PERMANENT
     assert "Traceback" not in err
     # A worker logs its start (the TPM, the ring) at INFO; the refusal is its last line.
     line = err.strip().splitlines()[-1]
