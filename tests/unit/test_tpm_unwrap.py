@@ -88,6 +88,8 @@ def test_another_inner_key_fails() -> None:
         (sensitive_area(os.urandom(32)) + b"\0", "not a plain ECC"),
         (sensitive_area(os.urandom(32))[:-1], "truncated"),
     ],
+    # Named, not by their random bytes: parallel workers must collect the same test ids.
+    ids=["rsa-area", "33-byte-scalar", "trailer", "extra-byte", "truncated"],
 )
 def test_a_well_wrapped_but_malformed_area_is_refused(sensitive: bytes, complaint: str) -> None:
     key = os.urandom(16)
