@@ -169,3 +169,15 @@ async def fleet(
         await stack.aclose()
         tpm.close()
         await store.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Captured output as UTF-8 that can be sent: the hostile-input tests log lone surrogates,
+    which pytest-xdist's workers (``ops/test``) cannot pass to the controller as they are."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    report.sections = [
+        (title, content.encode("utf-8", "backslashreplace").decode("utf-8"))
+        for title, content in report.sections
+    ]
