@@ -392,6 +392,23 @@ def test_sign_many_keys_is_reported_beside_sign_and_checked_against_0_95() -> No
     assert "  FAIL  sign_many_keys.rps / sign.rps ≥ 0.95 (10,000 keys)" in table
 
 
+def _report_of(fleet: FleetResults) -> BenchReport:
+    """A report of ``fleet`` whose other figures all pass their targets."""
+    return BenchReport(
+        where="test",
+        duration_s=1,
+        warmup_s=1,
+        fleets=(fleet,),
+        keygen=run_of(20, 10),
+        in_process=InProcessResults(
+            crypto_limit=run_of(10_000, 0.1),
+            hybrid=run_of(6000, 0.15),
+            tpm_only=run_of(300, 3.0),
+            tpm_protection=run_of(200, 5.0),
+        ),
+    )
+
+
 def test_ratios_are_judged_on_the_median_of_the_repeats_and_shown_with_their_spread() -> None:
     """issue 19: each compared ratio within its repeat; the target reads the median."""
 
@@ -415,19 +432,7 @@ def test_ratios_are_judged_on_the_median_of_the_repeats_and_shown_with_their_spr
         batch=run_of(200, 100),
         rounds=rounds,
     )
-    report = BenchReport(
-        where="test",
-        duration_s=1,
-        warmup_s=1,
-        fleets=(fleet,),
-        keygen=run_of(20, 10),
-        in_process=InProcessResults(
-            crypto_limit=run_of(10_000, 0.1),
-            hybrid=run_of(6000, 0.15),
-            tpm_only=run_of(300, 3.0),
-            tpm_protection=run_of(200, 5.0),
-        ),
-    )
+    report = _report_of(fleet)
     serial = ratio_spreads(fleet)["sign_serial.p50/echo_serial.p50"]
     assert serial.values == pytest.approx((1.2, 1.6, 1.25, 1.1, 1.9))
     assert (serial.low, serial.median, serial.high) == pytest.approx((1.1, 1.25, 1.9))
@@ -459,19 +464,7 @@ def test_the_signers_cpu_per_request_is_a_target_when_metered() -> None:
         sign_serial=run_of(900, 1.1),
         batch=run_of(200, 100),
     )
-    report = BenchReport(
-        where="test",
-        duration_s=1,
-        warmup_s=1,
-        fleets=(fleet,),
-        keygen=run_of(20, 10),
-        in_process=InProcessResults(
-            crypto_limit=run_of(10_000, 0.1),
-            hybrid=run_of(6000, 0.15),
-            tpm_only=run_of(300, 3.0),
-            tpm_protection=run_of(200, 5.0),
-        ),
-    )
+    report = _report_of(fleet)
     document = report.to_json()
     assert document["cpu_us_per_request"]["sign"] == {
         "client": 300.0,
