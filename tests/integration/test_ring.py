@@ -455,9 +455,11 @@ async def test_a_worker_allowed_to_start_on_the_wrong_ring_counts_what_it_cannot
     )
     try:
         metric = "zandd_vault_records_unreadable 2.0"
+        # Every series carries the worker's role label (issue 17).
+        pattern = re.compile(r'^zandd_vault_records_unreadable\{role="signer"\} 2\.0$', re.M)
         for _ in range(150):  # a process start-up: nothing to wait on but the endpoint
             with contextlib.suppress(OSError):
-                if metric in await asyncio.to_thread(scrape, port):
+                if pattern.search(await asyncio.to_thread(scrape, port)):
                     break
             await asyncio.sleep(0.2)
         else:

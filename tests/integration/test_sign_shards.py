@@ -232,7 +232,9 @@ async def test_a_fleet_on_three_shards_answers_every_request(
     before = {shard: _commit_index(rabbit_cluster, shard, vhost) for shard in shards}
 
     requests = 300
-    async with await fleet.client() as client:
+    # retry: on a cluster a new consumer can reach the queue leader a moment after the fleet
+    # is up, and a client that sees none yet fails fast (NoConsumer) without it.
+    async with await fleet.client(retry=True) as client:
         key = await client.create_key(label="shards")
         messages = [f"shard message {n}".encode() for n in range(requests)]
         replies = await asyncio.gather(*(client.sign(key.key_id, m) for m in messages))
