@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from contracts.crypto import public_key_der
-from contracts.errors import IntegrityError, KeyNotFound
+from contracts.errors import KeyNotFound
 from vault.kek import Kek, KekRing
 from vault.record_mac import authenticated
 from vault.records import KeyRecord, KeyState
@@ -243,85 +243,3 @@ async def test_invalidating_finds_the_keys_versions_also_after_evictions() -> No
     assert len(cache) == 0
     await cache.get("k0", 2)
     assert vault.reads == reads + 3
-
-
-async def _settled(cache: RecordCache) -> None:
-    """Let the background refreshes run to their end."""
-    for _ in range(5):
-        await asyncio.sleep(0)
-
-
-async def test_a_key_in_steady_use_is_refreshed_in_the_background_and_never_expires() -> None:
-    """issue 19: used in the last quarter of its TTL, an entry is read again while the request
-    is served from the cache; an unchanged row extends its life."""
-    clock = Clock()
-    vault = CountingVault(record("k1"))
-    cache = cache_over(vault, ttl_s=60.0, clock=clock)
-    first = await cache.get("k1", None)
-    clock.now += 40.0  # before 70 % of the TTL: a plain hit
-    await cache.get("k1", None)
-    await _settled(cache)
-    assert (vault.reads, cache.refreshes) == (1, 0)
-    clock.now += 10.0  # past 80 %: served from the cache, read again behind it
-    assert (await cache.get("k1", None)).record is first.record
-    assert vault.reads == 1, "the request did not wait for the vault"
-    await _settled(cache)
-    assert (vault.reads, cache.refreshes) == (2, 1)
-    for _ in range(10):  # ten minutes of steady use: never a miss
-        clock.now += 50.0
-        assert (await cache.get("k1", None)).record is first.record
-        await _settled(cache)
-    assert cache.misses == 1
-    assert cache.refreshes == 11
-
-
-async def test_a_refresh_that_finds_a_changed_row_replaces_or_drops_the_entry() -> None:
-    clock = Clock()
-    original = record("k1")
-    vault = CountingVault(original)
-    cache = cache_over(vault, ttl_s=60.0, clock=clock)
-    await cache.get("k1", 1)
-    # A legitimate change (a new generation, MACed by the keygen worker) replaces it.
-    newer = authenticated(dataclasses.replace(original, label="renamed"), RING, generation=2)
-    vault.records["k1", 1] = newer
-    clock.now += 50.0
-    await cache.get("k1", 1)
-    await _settled(cache)
-    assert (await cache.get("k1", 1)).record.label == "renamed"
-    # A vault writer without the ring: the entry is dropped, the next request is refused.
-    vault.records["k1", 1] = dataclasses.replace(newer, label="forged")
-    clock.now += 50.0
-    await cache.get("k1", 1)
-    await _settled(cache)
-    assert len(cache) == 0
-    with pytest.raises(IntegrityError):
-        await cache.get("k1", 1)
-
-
-class GatedVault(CountingVault):
-    """A vault whose reads wait for ``gate``."""
-
-    def __init__(self, *records: KeyRecord) -> None:
-        super().__init__(*records)
-        self.gate = asyncio.Event()
-        self.gate.set()
-
-    async def get_key(self, key_id: str, version: int | None = None) -> KeyRecord:
-        await self.gate.wait()
-        return await super().get_key(key_id, version)
-
-
-async def test_an_event_during_a_refresh_wins() -> None:
-    clock = Clock()
-    vault = GatedVault(record("k1"))
-    cache = cache_over(vault, ttl_s=60.0, clock=clock)
-    await cache.get("k1", 1)
-    vault.gate.clear()
-    clock.now += 50.0
-    await cache.get("k1", 1)  # schedules the refresh
-    await _settled(cache)  # its read is under way
-    cache.invalidate("k1")  # the event arrives before the read returns
-    vault.gate.set()
-    await _settled(cache)
-    assert cache.refreshes == 0
-    assert len(cache) == 0, "the refresh's read may predate the change: not cached"
