@@ -20,7 +20,7 @@ appended batch of entries, unique on its first sequence number; ``meta`` the sch
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -148,6 +148,10 @@ _AUDIT_INDEXES: Final = (
     IndexModel([("entries.key_id", ASCENDING), ("_id", ASCENDING)], name="key_id_seq"),
     IndexModel([("entries.principal", ASCENDING), ("_id", ASCENDING)], name="principal_seq"),
 )
+#: key_generations: key ids per query (the ``key_version`` index), so no query nears the
+#: 16 MiB command limit whatever the ids' length.
+GENERATIONS_CHUNK: Final = 1000
+_GENERATION_FIELDS: Final = {"_id": False, "key_id": True, "version": True, "generation": True}
 _NO_ID: Final = {"_id": False}
 _BY_KEY_VERSION: Final = [("key_id", ASCENDING), ("version", ASCENDING)]
 _BY_KEY_NEWEST_FIRST: Final = [("key_id", ASCENDING), ("version", DESCENDING)]
@@ -257,6 +261,25 @@ class MongoStore:
             heads = await self._heads_of({"_id.key_id": found.get("key_id")})
             found = await self._keys.find_one(query, _NO_ID)
         return None if found is None else _to_record(found, heads)
+
+    async def key_generations(self, key_ids: Collection[str]) -> dict[tuple[str, int], int]:
+        """The generation of every version of ``key_ids``: one ``find`` with ``$in`` per
+        ``GENERATIONS_CHUNK`` ids, only the three fields read (index ``key_version``).
+
+        A document from before record MACs, without a generation, is generation 1 (as
+        ``get_key`` reads it); a malformed one answers 0, which matches no cached record.
+        """
+        wanted = list(dict.fromkeys(key_ids))
+        found: dict[tuple[str, int], int] = {}
+        with self._translated():
+            for start in range(0, len(wanted), GENERATIONS_CHUNK):
+                chunk = wanted[start : start + GENERATIONS_CHUNK]
+                query = {"key_id": {"$in": chunk}}
+                for document in await self._keys.find(query, _GENERATION_FIELDS).to_list():
+                    key_id, version = document.get("key_id"), document.get("version")
+                    if isinstance(key_id, str) and isinstance(version, int):
+                        found[key_id, version] = _generation(document)
+        return found
 
     async def list_keys(self) -> list[KeyRecord]:
         """The latest version of every key, ordered by ``created_at``."""

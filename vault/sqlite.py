@@ -19,7 +19,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -276,6 +276,10 @@ _ROTATION_DUE = (
     f"SELECT {_COLUMNS}, {_HEAD} FROM keys AS k INDEXED BY keys_rotation_due"  # noqa: S608
     " WHERE next_rotation_at IS NOT NULL AND next_rotation_at <= ? ORDER BY key_id, version"
 )
+#: key_generations: key ids per statement, far below SQLite's limit on bound variables (999
+#: before 3.32).
+GENERATIONS_CHUNK = 500
+_GENERATIONS = "SELECT key_id, version, generation FROM keys WHERE key_id IN "
 _RAISE_HEAD = (
     "INSERT INTO key_heads (key_id, version, generation) VALUES (?, ?, ?)"
     " ON CONFLICT (key_id, version) DO UPDATE SET generation = MAX(generation, excluded.generation)"
@@ -364,6 +368,14 @@ class SqliteStore:
     async def find_by_request_id(self, request_id: str, *, owner: str) -> KeyRecord | None:
         """The record ``owner``'s request ``request_id`` created, if any."""
         return await self._run(_fetch_one, _BY_REQUEST_ID, (owner, request_id))
+
+    async def key_generations(self, key_ids: Collection[str]) -> dict[tuple[str, int], int]:
+        """The generation of every version of ``key_ids``: ``GENERATIONS_CHUNK`` ids per
+        statement (the primary key's index), every statement in one trip to the thread."""
+        wanted = list(dict.fromkeys(key_ids))
+        if not wanted:
+            return {}
+        return await self._run(_fetch_generations, wanted)
 
     async def list_keys(self) -> list[KeyRecord]:
         """The latest version of every key, ordered by ``created_at``."""
@@ -688,6 +700,17 @@ def _fetch_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> K
 
 def _fetch_all(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[KeyRecord]:
     return [_to_record(row) for row in conn.execute(sql, params).fetchall()]
+
+
+def _fetch_generations(conn: sqlite3.Connection, key_ids: list[str]) -> dict[tuple[str, int], int]:
+    # One statement per chunk, each its own snapshot: a key's versions are all in one of them.
+    found: dict[tuple[str, int], int] = {}
+    for start in range(0, len(key_ids), GENERATIONS_CHUNK):
+        chunk = key_ids[start : start + GENERATIONS_CHUNK]
+        sql = f"{_GENERATIONS}({', '.join('?' * len(chunk))})"
+        for key_id, version, generation in conn.execute(sql, chunk):
+            found[key_id, version] = generation
+    return found
 
 
 def _count_by_kek(conn: sqlite3.Connection) -> dict[str, int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -43,6 +43,28 @@ class VaultStore(Protocol):
 
     async def find_by_request_id(self, request_id: str, *, owner: str) -> KeyRecord | None:
         """The record ``owner``'s request ``request_id`` created, if any (never another's)."""
+        ...
+
+    async def key_generations(self, key_ids: Collection[str]) -> dict[tuple[str, int], int]:
+        """(key id, version) → the stored ``generation`` of every version of ``key_ids``.
+
+        What the signer's cache revalidates its entries with (``workers/signer/cache.py``):
+        one cheap read for many keys instead of a full read per key. A key id with no version
+        in the vault contributes nothing; an empty ``key_ids`` asks nothing. The row is not
+        checked against its head (``vault.records.check_head``) nor its MAC: a generation
+        that differs from a cached one sends the reader back to ``get_key``, which checks.
+
+        An unchanged generation means an unchanged row: every change of a stored version goes
+        through ``replace_key``, a compare-and-set on the generation that writes exactly the
+        next one (``vault.records.check_replacement``) — the keygen worker's lifecycle
+        changes, ``key.update`` and rotation schedules (``workers.keygen.lifecycle``,
+        ``workers.keygen.versions``), the MAC upgrade (``vault.mac_upgrade``) and re-wrapping
+        (``vault.rewrap``); a rotation inserts a new version (``create_key``), which is new
+        here, and nothing deletes one. Only a restore of the vault (``zandd vault restore``,
+        ``mongorestore``) puts older rows back, which is why workers are stopped for one
+        (docs/operations.md): a change written after a restore may reach the generation a
+        running process had cached before it, with other content.
+        """
         ...
 
     async def list_keys(self) -> list[KeyRecord]:

@@ -550,3 +550,60 @@ async def test_mongo_replaces_a_document_from_before_generations(
     assert await memory_store.replace_key(maced, legacy)
     assert await memory_store.get_key(legacy.key_id) == maced
     assert heads.documents == [{"_id": {"key_id": legacy.key_id, "version": 1}, "generation": 2}]
+
+
+# --- issue 19: key_generations, against collections in memory -------------------------------
+
+
+async def test_mongo_key_generations_asks_in_chunks_for_three_fields(
+    memory_store: MongoStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vault.mongo, "GENERATIONS_CHUNK", 2)
+    for n in range(5):
+        await memory_store.create_key(record(key_id=f"key-{n}", version=1, request_id=None))
+    await memory_store.create_key(record(key_id="key-4", version=2, request_id=None))
+    keys: MemoryCollection = memory_store._keys  # type: ignore[assignment]
+    asked: list[tuple[Any, Any]] = []
+    find = keys.find
+
+    def recording(query: Mapping[str, Any], projection: Any = None, sort: Any = None) -> _Found:
+        asked.append((query, projection))
+        return find(query, projection, sort)
+
+    monkeypatch.setattr(keys, "find", recording)
+    wanted = ["key-0", "key-1", "key-0", "key-3", "key-4", "key-nope"]
+    found = await memory_store.key_generations(wanted)
+    assert found == {
+        ("key-0", 1): 1,
+        ("key-1", 1): 1,
+        ("key-3", 1): 1,
+        ("key-4", 1): 1,
+        ("key-4", 2): 1,
+    }
+    assert [query for query, _ in asked] == [
+        {"key_id": {"$in": ["key-0", "key-1"]}},
+        {"key_id": {"$in": ["key-3", "key-4"]}},
+        {"key_id": {"$in": ["key-nope"]}},
+    ]
+    assert {str(projection) for _, projection in asked} == {
+        str({"_id": False, "key_id": True, "version": True, "generation": True})
+    }
+    assert await memory_store.key_generations([]) == {}
+    assert len(asked) == 3  # nothing asked for nothing
+
+
+async def test_mongo_key_generations_reads_legacy_and_malformed_documents(
+    memory_store: MongoStore,
+) -> None:
+    for n in range(3):
+        await memory_store.create_key(record(key_id=f"key-{n}", version=1, request_id=None))
+    keys: MemoryCollection = memory_store._keys  # type: ignore[assignment]
+    del keys.documents[0][
+        "generation"
+    ]  # from before record MACs: generation 1, as get_key reads it
+    keys.documents[1]["generation"] = "7"  # malformed: matches no cached record
+    keys.documents[2]["version"] = "1"  # malformed: no version to report
+    assert await memory_store.key_generations(["key-0", "key-1", "key-2"]) == {
+        ("key-0", 1): 1,
+        ("key-1", 1): 0,
+    }

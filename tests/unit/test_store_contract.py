@@ -24,6 +24,7 @@ from unittest import mock
 
 import pytest
 
+import vault.sqlite
 from contracts.errors import ConfigurationError, IntegrityError, KeyNotFound, VaultUnavailable
 from vault import KeyRecord, KeyState, SealedKey, SqliteStore, VaultStore, open_store
 from vault.aliases import AliasRecord
@@ -405,6 +406,48 @@ async def test_list_rotation_due_gives_only_the_versions_whose_rotation_has_come
     assert await store.replace_key(cleared, due_b)
     assert await store.list_rotation_due(T0) == []
     assert await store.list_rotation_due(T0 + timedelta(days=1)) == [moved, later]
+
+
+# --- issue 19, the signer cache's revalidation ----------------------------------------------
+
+
+async def test_key_generations_gives_every_version_of_the_keys_asked(store: VaultStore) -> None:
+    first = await store.create_key(make_record())
+    await store.create_key(make_record(first.key_id, version=2))
+    other = await store.create_key(make_record())
+    await store.create_key(make_record())  # not asked about
+    changed = dataclasses.replace(first, state=KeyState.DISABLED, generation=2)
+    assert await store.replace_key(changed, first)
+    asked = [first.key_id, other.key_id, "key-unknown", first.key_id]
+    assert await store.key_generations(asked) == {
+        (first.key_id, 1): 2,
+        (first.key_id, 2): 1,
+        (other.key_id, 1): 1,
+    }
+    # Every change raises it: a destroy (erasing) too.
+    pending = dataclasses.replace(
+        changed, state=KeyState.PENDING_DESTRUCTION, destroy_after=T0, generation=3
+    )
+    assert await store.replace_key(pending, changed)
+    gone = dataclasses.replace(pending, state=KeyState.DESTROYED, sealed=None, generation=4)
+    assert await store.replace_key(gone, pending)
+    assert (await store.key_generations({first.key_id}))[first.key_id, 1] == 4
+    assert await store.key_generations([]) == {}
+    assert await store.key_generations(["key-unknown"]) == {}
+
+
+async def test_key_generations_of_more_ids_than_one_query_takes(store: VaultStore) -> None:
+    # 1,201 ids: SQLite asks 500 per statement, MongoDB 1,000 per find; the keys that exist
+    # sit on either side of each boundary.
+    asked = [f"key-missing-{n:04d}" for n in range(1201)]
+    made = {}
+    for position in (0, 499, 500, 999, 1000, 1200):
+        record = await store.create_key(make_record(f"key-{position:04d}-{uuid.uuid4().hex}"))
+        asked[position] = record.key_id
+        made[record.key_id, 1] = 1
+    second = await store.create_key(make_record(asked[500], version=2))
+    made[second.key_id, 2] = 1
+    assert await store.key_generations(asked) == made
 
 
 # ---- issue 15, aliases ----
@@ -947,6 +990,29 @@ async def test_sqlite_settings_and_thread(tmp_path: Path) -> None:
         assert thread_name == "zandd-sqlite"
     finally:
         await store.close()
+
+
+async def test_sqlite_key_generations_is_one_trip_to_the_thread(tmp_path: Path) -> None:
+    # issue 19: the signer's revalidation of 10,000 cached keys must not queue 20 reads on the
+    # lane its sign requests' misses use; and each statement reads the primary key's index.
+    store = await SqliteStore.open(str(tmp_path / "vault.db"))
+    statements: list[str] = []
+    try:
+        await store._run(lambda conn: conn.set_trace_callback(statements.append))
+        with mock.patch("vault.sqlite._on_thread", wraps=vault.sqlite._on_thread) as trips:
+            assert await store.key_generations([f"key-{n}" for n in range(1201)]) == {}
+        assert trips.call_count == 1
+        assert len(statements) == 3  # 500 + 500 + 201 ids
+        plan = await store._run(
+            lambda conn: conn.execute(
+                f"EXPLAIN QUERY PLAN {vault.sqlite._GENERATIONS}(?, ?)", ("a", "b")
+            ).fetchall()
+        )
+    finally:
+        await store.close()
+    details = " ".join(str(row[-1]) for row in plan)
+    assert "SEARCH keys USING" in details, details
+    assert "SCAN" not in details, details
 
 
 async def test_sqlite_on_an_unusable_path_fails_clearly(tmp_path: Path) -> None:
