@@ -1,18 +1,21 @@
-"""The signer's cache of sealed records: hits, invalidation, expiry, bounds."""
+"""The signer's cache of sealed records: hits, invalidation, expiry, bounds, revalidation."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import random
+from collections.abc import Collection
 from datetime import UTC, datetime
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+import workers.signer.cache
 from contracts.crypto import public_key_der
-from contracts.errors import KeyNotFound
+from contracts.errors import KeyNotFound, VaultUnavailable
 from vault.kek import Kek, KekRing
 from vault.record_mac import authenticated
 from vault.records import KeyRecord, KeyState
@@ -46,6 +49,15 @@ class CountingVault:
     def __init__(self, *records: KeyRecord) -> None:
         self.records = {(r.key_id, r.version): r for r in records}
         self.reads = 0
+        # issue 19: the key ids of each key_generations query; a failure to raise instead.
+        self.asked: list[set[str]] = []
+        self.failure: Exception | None = None
+
+    async def key_generations(self, key_ids: Collection[str]) -> dict[tuple[str, int], int]:
+        self.asked.append(set(key_ids))
+        if self.failure is not None:
+            raise self.failure
+        return {at: r.generation for at, r in self.records.items() if at[0] in key_ids}
 
     async def get_key(self, key_id: str, version: int | None = None) -> KeyRecord:
         self.reads += 1
@@ -243,3 +255,294 @@ async def test_invalidating_finds_the_keys_versions_also_after_evictions() -> No
     assert len(cache) == 0
     await cache.get("k0", 2)
     assert vault.reads == reads + 3
+
+
+# --- issue 19: revalidation off the request path -------------------------------------------
+
+
+def changed(original: KeyRecord, **changes: object) -> KeyRecord:
+    """``original`` changed as the keygen worker writes it: the next generation, MACed."""
+    return authenticated(
+        dataclasses.replace(original, **changes),  # type: ignore[arg-type]
+        RING,
+        generation=original.generation + 1,
+    )
+
+
+async def test_revalidated_entries_stay_hits_after_their_ttl() -> None:
+    clock = Clock()
+    vault = CountingVault(record("k1"), record("k2"), record("k2", 2))
+    cache = cache_over(vault, ttl_s=60.0, clock=clock)  # revalidated every 15 s, 30 s ahead
+    await cache.get("k1", None)
+    await cache.get("k2", 1)
+    await cache.get("k2", None)
+    clock.now += 20.0
+    assert await cache.revalidate() == 0  # nothing expires within 30 s: nothing asked
+    assert vault.asked == []
+    clock.now += 15.0
+    assert await cache.revalidate() == 3
+    assert vault.asked == [{"k1", "k2"}]
+    clock.now += 50.0  # 85 s after the load, 50 s after the revalidation
+    assert (await cache.get("k1", None)).record.version == 1
+    assert (await cache.get("k2", None)).record.version == 2
+    assert (await cache.get("k2", 1)).record.version == 1
+    assert vault.reads == 3  # the loads only
+    assert (cache.revalidated, cache.revalidation_drops) == (3, 0)
+    clock.now += 10.1  # 60 s after the revalidation, which was the last: they expire
+    await cache.get("k1", None)
+    assert vault.reads == 4
+
+
+async def test_an_entry_lives_ttl_s_from_the_start_of_the_query_that_confirmed_it() -> None:
+    clock = Clock()
+
+    class SlowVault(CountingVault):
+        async def key_generations(self, key_ids: Collection[str]) -> dict[tuple[str, int], int]:
+            clock.now += 20.0  # the answer takes 20 s: it says nothing of the 20 s before it
+            return await super().key_generations(key_ids)
+
+    vault = SlowVault(record("k1"))
+    cache = cache_over(vault, ttl_s=60.0, clock=clock)
+    await cache.get("k1", 1)
+    clock.now += 40.0
+    assert await cache.revalidate() == 1  # asked at 40 s, answered at 60 s
+    clock.now += 39.9  # 99.9 s after the load: 59.9 s after the question
+    await cache.get("k1", 1)
+    assert vault.reads == 1
+    clock.now += 0.2
+    await cache.get("k1", 1)
+    assert vault.reads == 2
+
+
+async def test_revalidation_keeps_the_lru_order() -> None:
+    clock = Clock()
+    vault = CountingVault(record("k0"), record("k1"), record("k2"))
+    cache = cache_over(vault, ttl_s=60.0, clock=clock, max_entries=2)
+    await cache.get("k0", 1)
+    await cache.get("k1", 1)
+    clock.now += 40.0
+    assert await cache.revalidate() == 2
+    await cache.get("k2", 1)  # evicts k0, the least recently used, as without revalidation
+    reads = vault.reads
+    await cache.get("k1", 1)
+    assert vault.reads == reads
+    await cache.get("k0", 1)
+    assert vault.reads == reads + 1
+
+
+async def test_a_changed_generation_drops_the_key() -> None:
+    clock = Clock()
+    first = record("k1")
+    vault = CountingVault(first, record("k1", 2), record("k2"))
+    cache = cache_over(vault, ttl_s=60.0, clock=clock)
+    await cache.get("k1", 1)
+    await cache.get("k1", 2)
+    await cache.get("k2", 1)
+    # Disabled (an event the signer missed): the row's generation moved on.
+    vault.records["k1", 1] = changed(first, state=KeyState.DISABLED)
+    clock.now += 40.0
+    assert await cache.revalidate() == 1  # k2 only
+    assert (cache.revalidated, cache.revalidation_drops) == (1, 2)  # both versions of k1
+    assert len(cache) == 1
+    assert (await cache.get("k1", 1)).record.state == KeyState.DISABLED  # read, as on a miss
+    assert vault.reads == 4
+
+
+async def test_a_vanished_version_drops_the_key() -> None:
+    clock = Clock()
+    vault = CountingVault(record("k1"), record("k1", 2))
+    cache = cache_over(vault, ttl_s=60.0, clock=clock)
+    assert (await cache.get("k1", None)).record.version == 2
+    del vault.records["k1", 2]  # put back from an older copy of the vault
+    clock.now += 40.0
+    assert await cache.revalidate() == 0
+    assert cache.revalidation_drops == 1
+    assert (await cache.get("k1", None)).record.version == 1
+    assert vault.reads == 2
+
+
+async def test_a_new_latest_version_drops_the_latest() -> None:
+    clock = Clock()
+    vault = CountingVault(record("k1"))
+    cache = cache_over(vault, ttl_s=60.0, clock=clock)
+    await cache.get("k1", None)
+    vault.records["k1", 2] = record("k1", 2)  # rotated, the event missed
+    clock.now += 40.0
+    assert await cache.revalidate() == 0
+    assert cache.revalidation_drops == 1  # the key, as the rotation's event would have
+    assert (await cache.get("k1", None)).record.version == 2
+    assert vault.reads == 2
+
+
+async def test_a_new_version_leaves_the_versions_named_alone() -> None:
+    clock = Clock()
+    vault = CountingVault(record("k1"))
+    cache = cache_over(vault, ttl_s=60.0, clock=clock)
+    await cache.get("k1", 1)  # named: no latest to keep
+    vault.records["k1", 2] = record("k1", 2)
+    clock.now += 40.0
+    assert await cache.revalidate() == 1
+    clock.now += 40.0
+    await cache.get("k1", 1)
+    assert vault.reads == 1
+
+
+class _HeldVault(CountingVault):
+    """A vault whose generation queries wait until the test lets them answer, with what the
+    vault held when they were asked."""
+
+    def __init__(self, *records: KeyRecord) -> None:
+        super().__init__(*records)
+        self.release = asyncio.Event()
+        self.asking = asyncio.Event()
+
+    async def key_generations(self, key_ids: Collection[str]) -> dict[tuple[str, int], int]:
+        found = await super().key_generations(key_ids)
+        self.asking.set()
+        await self.release.wait()
+        return found
+
+
+@pytest.mark.parametrize("how", ["invalidate", "clear"])
+async def test_an_invalidation_during_the_query_wins(how: str) -> None:
+    clock = Clock()
+    first = record("k1")
+    vault = _HeldVault(first, record("k2"))
+    cache = cache_over(vault, ttl_s=60.0, clock=clock)
+    await cache.get("k1", None)
+    await cache.get("k2", 1)
+    clock.now += 40.0
+    revalidating = asyncio.create_task(cache.revalidate())
+    await vault.asking.wait()  # the answer says k1 is unchanged, rotated a moment later...
+    vault.records["k1", 2] = record("k1", 2)
+    cache.invalidate("k1") if how == "invalidate" else cache.clear()  # ...and announced
+    assert (await cache.get("k1", None)).record.version == 2  # a request reads the vault
+    vault.release.set()
+    assert await revalidating == (1 if how == "invalidate" else 0)  # k2's, unless cleared
+    assert cache.revalidation_drops == 0  # the fresh k1 is left alone
+    reads = vault.reads
+    assert (await cache.get("k1", None)).record.version == 2
+    clock.now += 30.0  # 70 s after the first loads
+    await cache.get("k1", None)  # loaded 30 s ago: still fresh
+    await cache.get("k2", 1)
+    assert vault.reads == reads + (0 if how == "invalidate" else 1)
+
+
+async def test_the_walk_yields_between_slices_and_an_invalidation_there_wins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(workers.signer.cache, "REVALIDATE_SLICE", 2)
+    clock = Clock()
+    keys = [f"k{n}" for n in range(7)]
+    vault = CountingVault(*(record(key_id) for key_id in keys))
+    cache = cache_over(vault, ttl_s=60.0, clock=clock)
+    for key_id in keys:
+        await cache.get(key_id, None)
+    answer = vault.key_generations
+
+    async def answering(key_ids: Collection[str]) -> dict[tuple[str, int], int]:
+        # Announced once the answer is in, while the walk over the entries is under way.
+        asyncio.get_running_loop().call_soon(cache.invalidate, "k5")
+        return await answer(key_ids)
+
+    vault.key_generations = answering  # type: ignore[method-assign]
+    clock.now += 40.0
+    assert await cache.revalidate() == 6
+    assert (cache.revalidated, cache.revalidation_drops, len(cache)) == (6, 0, 6)
+    clock.now += 40.0
+    for key_id in keys:
+        await cache.get(key_id, None)
+    assert vault.reads == len(keys) + 1  # k5 only, invalidated
+
+
+async def test_a_vault_that_fails_leaves_the_entries_to_expire() -> None:
+    clock = Clock()
+    vault = CountingVault(record("k1"))
+    cache = cache_over(vault, ttl_s=60.0, clock=clock)
+    await cache.get("k1", None)
+    vault.failure = VaultUnavailable("the vault is down")
+    clock.now += 40.0
+    with pytest.raises(VaultUnavailable):
+        await cache.revalidate()
+    clock.now += 19.9
+    await cache.get("k1", None)
+    assert vault.reads == 1
+    clock.now += 0.2  # 60 s after the load, which the vault last confirmed
+    await cache.get("k1", None)
+    assert vault.reads == 2
+    assert (cache.revalidated, cache.revalidation_drops) == (0, 0)
+
+
+class _NotifyingVault(CountingVault):
+    """A CountingVault that tells the test of each generation query."""
+
+    def __init__(self, *records: KeyRecord) -> None:
+        super().__init__(*records)
+        self.queried = asyncio.Event()
+
+    async def key_generations(self, key_ids: Collection[str]) -> dict[tuple[str, int], int]:
+        self.queried.set()
+        return await super().key_generations(key_ids)
+
+    async def queries(self, count: int) -> None:
+        for _ in range(count):
+            self.queried.clear()
+            await asyncio.wait_for(self.queried.wait(), 5)
+
+
+async def test_revalidate_forever_runs_every_period_logs_a_failure_streak_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    vault = _NotifyingVault(record("k1"))
+    # A TTL shorter than the horizon of two periods: the entry is due at every run.
+    cache = cache_over(vault, ttl_s=0.015, revalidate_every_s=0.01)
+    await cache.get("k1", None)
+    stop = asyncio.Event()
+    caplog.set_level(logging.INFO, "zandd.signer")
+    running = asyncio.create_task(cache.revalidate_forever(stop))
+    await vault.queries(2)
+    vault.failure = VaultUnavailable("the vault is down")
+    await vault.queries(3)
+    vault.failure = None
+    await vault.queries(2)
+    vault.failure = VaultUnavailable("the vault is down")
+    await vault.queries(3)
+    stop.set()
+    await asyncio.wait_for(running, 5)
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    warning = (logging.WARNING, "cannot revalidate cached keys: the vault is down")
+    again = (logging.INFO, "revalidating cached keys works again")
+    assert messages == [warning, again, warning]  # once a streak
+    assert cache.revalidated >= 2
+    assert vault.reads == 1  # never read again: the entry lived on
+
+
+async def test_revalidate_forever_stops_during_a_query_that_does_not_answer() -> None:
+    vault = _HeldVault(record("k1"))
+    cache = cache_over(vault, ttl_s=0.04, revalidate_every_s=0.01)
+    await cache.get("k1", None)
+    stop = asyncio.Event()
+    running = asyncio.create_task(cache.revalidate_forever(stop))
+    await asyncio.wait_for(vault.asking.wait(), 5)
+    stop.set()
+    await asyncio.wait_for(running, 1)  # the query never answers: abandoned
+
+
+async def test_revalidate_forever_does_nothing_without_a_ttl() -> None:
+    cache = cache_over(CountingVault(), ttl_s=0.0)
+    await asyncio.wait_for(cache.revalidate_forever(asyncio.Event()), 1)
+
+
+async def test_the_signer_revalidates_its_cache_until_stopped() -> None:
+    from workers.signer.worker import Signer
+
+    vault = _NotifyingVault(record("k1"))
+    cache = cache_over(vault, ttl_s=0.015, revalidate_every_s=0.01)
+    signer = Signer(vault, RING, cache=cache)  # type: ignore[arg-type]
+    await cache.get("k1", None)
+    stop = asyncio.Event()
+    running = asyncio.create_task(signer.revalidate_cache_forever(stop))
+    await vault.queries(2)
+    stop.set()
+    await asyncio.wait_for(running, 5)
+    assert cache.revalidated >= 1
