@@ -81,7 +81,8 @@ async def signer_worker(
     *,
     metrics: Metrics | None = None,
 ) -> Worker:
-    """A signer: its handlers, its audit log, and its subscription to ``zandd.events``.
+    """A signer: its handlers, its audit log, its subscription to ``zandd.events`` and the
+    revalidation of its record cache.
 
     Returns once the subscription is bound, so a state change from then on reaches it.
     """
@@ -98,6 +99,9 @@ async def signer_worker(
         on_alias=signer.on_alias_event,
     )
     await _beside(stack, subscriber.run, subscriber.ready)
+    # issue 19: cached records revalidated in batches, not read again one by one at their TTL;
+    # stopped before the store closes (the stack closes in reverse).
+    await _beside(stack, signer.revalidate_cache_forever)
     return Worker(
         SIGN_QUEUE,
         signer.handlers,

@@ -122,6 +122,11 @@ class Signer:
         self._cache.clear()
         self._aliases.clear()
 
+    async def revalidate_cache_forever(self, stop: asyncio.Event) -> None:
+        """issue 19: revalidate the cached records in the background until ``stop``
+        (``RecordCache.revalidate_forever``): keys in use are not read again at their TTL."""
+        await self._cache.revalidate_forever(stop)
+
     async def sign(self, request: SignRequest, context: RequestContext) -> SignReply:
         """One signature over the request's message or digest."""
         cached = await self._usable_key(request.key_id, request.version, context)
