@@ -50,7 +50,14 @@ from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, 
 from vault.audit_chain import ChainKey
 from vault.audit_checkpoint import READ_PAGE_CHECKPOINTS, Checkpoint
 from vault.listing import MAX_EXAMINED, KeyListQuery, KeyPage
-from vault.records import KeyRecord, KeyState, RecordMac, check_head, check_replacement
+from vault.records import (
+    KeyRecord,
+    KeyStamp,
+    KeyState,
+    RecordMac,
+    check_head,
+    check_replacement,
+)
 from vault.sealing import SealedKey
 
 Document = dict[str, Any]
@@ -148,10 +155,16 @@ _AUDIT_INDEXES: Final = (
     IndexModel([("entries.key_id", ASCENDING), ("_id", ASCENDING)], name="key_id_seq"),
     IndexModel([("entries.principal", ASCENDING), ("_id", ASCENDING)], name="principal_seq"),
 )
-#: key_generations: key ids per query (the ``key_version`` index), so no query nears the
-#: 16 MiB command limit whatever the ids' length.
-GENERATIONS_CHUNK: Final = 1000
-_GENERATION_FIELDS: Final = {"_id": False, "key_id": True, "version": True, "generation": True}
+#: key_stamps: key ids per query (the ``key_version`` index), so no query nears the 16 MiB
+#: command limit whatever the ids' length.
+STAMPS_CHUNK: Final = 1000
+_STAMP_FIELDS: Final = {
+    "_id": False,
+    "key_id": True,
+    "version": True,
+    "generation": True,
+    "mac.tag": True,
+}
 _NO_ID: Final = {"_id": False}
 _BY_KEY_VERSION: Final = [("key_id", ASCENDING), ("version", ASCENDING)]
 _BY_KEY_NEWEST_FIRST: Final = [("key_id", ASCENDING), ("version", DESCENDING)]
@@ -262,23 +275,24 @@ class MongoStore:
             found = await self._keys.find_one(query, _NO_ID)
         return None if found is None else _to_record(found, heads)
 
-    async def key_generations(self, key_ids: Collection[str]) -> dict[tuple[str, int], int]:
-        """The generation of every version of ``key_ids``: one ``find`` with ``$in`` per
-        ``GENERATIONS_CHUNK`` ids, only the three fields read (index ``key_version``).
+    async def key_stamps(self, key_ids: Collection[str]) -> dict[tuple[str, int], KeyStamp]:
+        """The generation and MAC tag of every version of ``key_ids``: one ``find`` with
+        ``$in`` per ``STAMPS_CHUNK`` ids, only those four fields read (index ``key_version``).
 
         A document from before record MACs, without a generation, is generation 1 (as
-        ``get_key`` reads it); a malformed one answers 0, which matches no cached record.
+        ``get_key`` reads it) without a tag; a malformed generation answers 0 and a malformed
+        tag None, which match no cached record (a cached record has a MAC).
         """
         wanted = list(dict.fromkeys(key_ids))
-        found: dict[tuple[str, int], int] = {}
+        found: dict[tuple[str, int], KeyStamp] = {}
         with self._translated():
-            for start in range(0, len(wanted), GENERATIONS_CHUNK):
-                chunk = wanted[start : start + GENERATIONS_CHUNK]
+            for start in range(0, len(wanted), STAMPS_CHUNK):
+                chunk = wanted[start : start + STAMPS_CHUNK]
                 query = {"key_id": {"$in": chunk}}
-                for document in await self._keys.find(query, _GENERATION_FIELDS).to_list():
+                for document in await self._keys.find(query, _STAMP_FIELDS).to_list():
                     key_id, version = document.get("key_id"), document.get("version")
                     if isinstance(key_id, str) and isinstance(version, int):
-                        found[key_id, version] = _generation(document)
+                        found[key_id, version] = KeyStamp(_generation(document), _mac_tag(document))
         return found
 
     async def list_keys(self) -> list[KeyRecord]:
@@ -847,6 +861,12 @@ def _generation(document: Mapping[str, Any]) -> int:
     # Documents from before record MACs have neither a generation nor a MAC.
     generation = document.get("generation", 1)
     return generation if isinstance(generation, int) else 0
+
+
+def _mac_tag(document: Mapping[str, Any]) -> bytes | None:
+    mac = document.get("mac")
+    tag = mac.get("tag") if isinstance(mac, Mapping) else None
+    return bytes(tag) if isinstance(tag, bytes) else None
 
 
 def _optional_mac(document: Mapping[str, Any] | None) -> RecordMac | None:

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from contracts.errors import IntegrityError
 from contracts.models import KeyState, Protection
 from vault.sealing import RecordBinding, SealedKey
 
-__all__ = ["KeyRecord", "KeyState", "RecordMac", "check_head", "check_replacement"]
+__all__ = [
+    "KeyRecord",
+    "KeyStamp",
+    "KeyState",
+    "RecordMac",
+    "check_head",
+    "check_replacement",
+]
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -108,6 +116,23 @@ class KeyRecord:
             f"rotation_period_s={self.rotation_period_s!r}, "
             f"next_rotation_at={_iso(self.next_rotation_at)!r})"
         )
+
+
+class KeyStamp(NamedTuple):
+    """What a stored version is recognised by without reading it (``VaultStore.key_stamps``):
+    its ``generation`` and its MAC's tag (None for a row without a MAC).
+
+    A tuple, so that the thousands a revalidation of the signer's cache reads cost little to
+    make and compare.
+    """
+
+    generation: int
+    mac_tag: bytes | None
+
+    @classmethod
+    def of(cls, record: KeyRecord) -> KeyStamp:
+        """The stamp ``record`` would have in the vault."""
+        return cls(record.generation, None if record.mac is None else record.mac.tag)
 
 
 def _iso(moment: datetime | None) -> str | None:

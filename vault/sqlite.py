@@ -39,7 +39,14 @@ from vault.audit import GENESIS, AuditEntry, AuditEvent, AuditQuery, ChainHead, 
 from vault.audit_chain import ChainKey
 from vault.audit_checkpoint import READ_PAGE_CHECKPOINTS, Checkpoint
 from vault.listing import KeyListQuery, KeyPage
-from vault.records import KeyRecord, KeyState, RecordMac, check_head, check_replacement
+from vault.records import (
+    KeyRecord,
+    KeyStamp,
+    KeyState,
+    RecordMac,
+    check_head,
+    check_replacement,
+)
 from vault.sealing import SealedKey
 
 _T = TypeVar("_T")
@@ -276,10 +283,10 @@ _ROTATION_DUE = (
     f"SELECT {_COLUMNS}, {_HEAD} FROM keys AS k INDEXED BY keys_rotation_due"  # noqa: S608
     " WHERE next_rotation_at IS NOT NULL AND next_rotation_at <= ? ORDER BY key_id, version"
 )
-#: key_generations: key ids per statement, far below SQLite's limit on bound variables (999
+#: key_stamps: key ids per statement, far below SQLite's limit on bound variables (999
 #: before 3.32).
-GENERATIONS_CHUNK = 500
-_GENERATIONS = "SELECT key_id, version, generation FROM keys WHERE key_id IN "
+STAMPS_CHUNK = 500
+_STAMPS = "SELECT key_id, version, generation, mac FROM keys WHERE key_id IN "
 _RAISE_HEAD = (
     "INSERT INTO key_heads (key_id, version, generation) VALUES (?, ?, ?)"
     " ON CONFLICT (key_id, version) DO UPDATE SET generation = MAX(generation, excluded.generation)"
@@ -369,13 +376,13 @@ class SqliteStore:
         """The record ``owner``'s request ``request_id`` created, if any."""
         return await self._run(_fetch_one, _BY_REQUEST_ID, (owner, request_id))
 
-    async def key_generations(self, key_ids: Collection[str]) -> dict[tuple[str, int], int]:
-        """The generation of every version of ``key_ids``: ``GENERATIONS_CHUNK`` ids per
-        statement (the primary key's index), every statement in one trip to the thread."""
+    async def key_stamps(self, key_ids: Collection[str]) -> dict[tuple[str, int], KeyStamp]:
+        """The generation and MAC tag of every version of ``key_ids``: ``STAMPS_CHUNK`` ids
+        per statement (the primary key's index), every statement in one trip to the thread."""
         wanted = list(dict.fromkeys(key_ids))
         if not wanted:
             return {}
-        return await self._run(_fetch_generations, wanted)
+        return await self._run(_fetch_stamps, wanted)
 
     async def list_keys(self) -> list[KeyRecord]:
         """The latest version of every key, ordered by ``created_at``."""
@@ -702,14 +709,16 @@ def _fetch_all(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> l
     return [_to_record(row) for row in conn.execute(sql, params).fetchall()]
 
 
-def _fetch_generations(conn: sqlite3.Connection, key_ids: list[str]) -> dict[tuple[str, int], int]:
+def _fetch_stamps(conn: sqlite3.Connection, key_ids: list[str]) -> dict[tuple[str, int], KeyStamp]:
     # One statement per chunk, each its own snapshot: a key's versions are all in one of them.
-    found: dict[tuple[str, int], int] = {}
-    for start in range(0, len(key_ids), GENERATIONS_CHUNK):
-        chunk = key_ids[start : start + GENERATIONS_CHUNK]
-        sql = f"{_GENERATIONS}({', '.join('?' * len(chunk))})"
-        for key_id, version, generation in conn.execute(sql, chunk):
-            found[key_id, version] = generation
+    # A BLOB comes back as bytes (or None): kept as it is, no copy (~0.6 µs a row); a value
+    # of another type stored there matches no cached tag.
+    found: dict[tuple[str, int], KeyStamp] = {}
+    for start in range(0, len(key_ids), STAMPS_CHUNK):
+        chunk = key_ids[start : start + STAMPS_CHUNK]
+        sql = f"{_STAMPS}({', '.join('?' * len(chunk))})"
+        for key_id, version, generation, mac in conn.execute(sql, chunk):
+            found[key_id, version] = KeyStamp(generation, mac)
     return found
 
 

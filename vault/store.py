@@ -12,7 +12,7 @@ from vault.audit import AuditEntry, AuditEvent, AuditQuery
 from vault.audit_chain import ChainKey
 from vault.audit_checkpoint import READ_PAGE_CHECKPOINTS, Checkpoint
 from vault.listing import KeyListQuery, KeyPage
-from vault.records import KeyRecord, KeyState
+from vault.records import KeyRecord, KeyStamp, KeyState
 from vault.sqlite import SqliteStore
 
 _SQLITE_PREFIX = "sqlite://"
@@ -45,25 +45,29 @@ class VaultStore(Protocol):
         """The record ``owner``'s request ``request_id`` created, if any (never another's)."""
         ...
 
-    async def key_generations(self, key_ids: Collection[str]) -> dict[tuple[str, int], int]:
-        """(key id, version) → the stored ``generation`` of every version of ``key_ids``.
+    async def key_stamps(self, key_ids: Collection[str]) -> dict[tuple[str, int], KeyStamp]:
+        """(key id, version) → the stored ``generation`` and MAC tag of every version of
+        ``key_ids`` (``vault.records.KeyStamp``), nothing else read.
 
         What the signer's cache revalidates its entries with (``workers/signer/cache.py``):
         one cheap read for many keys instead of a full read per key. A key id with no version
         in the vault contributes nothing; an empty ``key_ids`` asks nothing. The row is not
-        checked against its head (``vault.records.check_head``) nor its MAC: a generation
-        that differs from a cached one sends the reader back to ``get_key``, which checks.
+        checked against its head (``vault.records.check_head``) nor its MAC: a stamp that
+        differs from a cached record's sends the reader back to ``get_key``, which checks.
 
-        An unchanged generation means an unchanged row: every change of a stored version goes
-        through ``replace_key``, a compare-and-set on the generation that writes exactly the
-        next one (``vault.records.check_replacement``) — the keygen worker's lifecycle
+        What an unchanged stamp says: every change of a stored version goes through
+        ``replace_key``, a compare-and-set on the generation that writes exactly the next one
+        (``vault.records.check_replacement``) and a new MAC — the keygen worker's lifecycle
         changes, ``key.update`` and rotation schedules (``workers.keygen.lifecycle``,
         ``workers.keygen.versions``), the MAC upgrade (``vault.mac_upgrade``) and re-wrapping
         (``vault.rewrap``); a rotation inserts a new version (``create_key``), which is new
-        here, and nothing deletes one. Only a restore of the vault (``zandd vault restore``,
-        ``mongorestore``) puts older rows back, which is why workers are stopped for one
-        (docs/operations.md): a change written after a restore may reach the generation a
-        running process had cached before it, with other content.
+        here, and nothing deletes one. A restore of the vault (``zandd vault restore``,
+        ``mongorestore``) puts older rows back; a change written after it may reach a
+        generation a running process had cached before it, but not with the same tag (the
+        MAC covers every field, the generation among them). A row edited in place by someone
+        without the ring that keeps both its generation and its tag no longer matches its MAC:
+        only a full read (``get_key`` and ``vault.record_mac.verify_record``) finds it, which
+        is why the cache reloads every entry within its maximum age whatever the stamps say.
         """
         ...
 

@@ -7,6 +7,7 @@ Everything against a real server is in the shared contract suite (test_store_con
 from __future__ import annotations
 
 import gc
+import os
 import socket
 import sys
 import warnings
@@ -45,7 +46,7 @@ from vault.mongo import (
     client_options,
     translate_error,
 )
-from vault.records import KeyRecord, KeyState, RecordMac
+from vault.records import KeyRecord, KeyStamp, KeyState, RecordMac
 from vault.sealing import SealedKey
 from vault.store import open_store
 
@@ -467,6 +468,35 @@ def _matches(document: Mapping[str, Any], query: Mapping[str, Any]) -> bool:
     return True
 
 
+def _projected(document: dict[str, Any], projection: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``document`` as MongoDB projects it: ``_id`` left out on request, and with inclusions,
+    only the paths named (a dotted path through a value that is not a document: left out)."""
+    if not projection:
+        return document
+    included = [name for name, wanted in projection.items() if wanted and name != "_id"]
+    if not included:
+        if projection.get("_id", True) is False:
+            document.pop("_id", None)
+        return document
+    kept: dict[str, Any] = {}
+    if projection.get("_id", True) and "_id" in document:
+        kept["_id"] = document["_id"]
+    for path in included:
+        *parents, leaf = path.split(".")
+        source: Any = document
+        for part in parents:
+            source = source.get(part)
+            if not isinstance(source, Mapping):
+                break
+        else:
+            target = kept
+            for part in parents:
+                target = target.setdefault(part, {})
+            if leaf in source:
+                target[leaf] = source[leaf]
+    return kept
+
+
 class MemoryCollection:
     """The few collection calls the key methods make, with MongoDB's meaning, in memory."""
 
@@ -477,10 +507,7 @@ class MemoryCollection:
         found = [through_bson(d) for d in self.documents if _matches(d, query)]
         for name, direction in reversed(sort or []):
             found.sort(key=lambda d, n=name: d[n], reverse=direction < 0)
-        for document in found:
-            if projection == {"_id": False}:
-                document.pop("_id", None)
-        return _Found(found)
+        return _Found([_projected(document, projection) for document in found])
 
     async def find_one(
         self, query: Mapping[str, Any], projection: Any = None, sort: Any = None
@@ -552,58 +579,81 @@ async def test_mongo_replaces_a_document_from_before_generations(
     assert heads.documents == [{"_id": {"key_id": legacy.key_id, "version": 1}, "generation": 2}]
 
 
-# --- issue 19: key_generations, against collections in memory -------------------------------
+# --- issue 19: key_stamps, against collections in memory -------------------------------------
 
 
-async def test_mongo_key_generations_asks_in_chunks_for_three_fields(
+def maced(key_id: str, version: int = 1) -> KeyRecord:
+    return record(
+        key_id=key_id,
+        version=version,
+        request_id=None,
+        mac=RecordMac("kek-20261128-0a0b0c0d", os.urandom(32)),
+    )
+
+
+async def test_mongo_key_stamps_asks_in_chunks_for_four_fields(
     memory_store: MongoStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(vault.mongo, "GENERATIONS_CHUNK", 2)
-    for n in range(5):
-        await memory_store.create_key(record(key_id=f"key-{n}", version=1, request_id=None))
-    await memory_store.create_key(record(key_id="key-4", version=2, request_id=None))
+    monkeypatch.setattr(vault.mongo, "STAMPS_CHUNK", 2)
+    made = [await memory_store.create_key(maced(f"key-{n}")) for n in range(5)]
+    newer = await memory_store.create_key(maced("key-4", version=2))
     keys: MemoryCollection = memory_store._keys  # type: ignore[assignment]
     asked: list[tuple[Any, Any]] = []
+    answered: list[dict[str, Any]] = []
     find = keys.find
 
     def recording(query: Mapping[str, Any], projection: Any = None, sort: Any = None) -> _Found:
         asked.append((query, projection))
-        return find(query, projection, sort)
+        found = find(query, projection, sort)
+        answered.extend(found._documents)
+        return found
 
     monkeypatch.setattr(keys, "find", recording)
     wanted = ["key-0", "key-1", "key-0", "key-3", "key-4", "key-nope"]
-    found = await memory_store.key_generations(wanted)
+    found = await memory_store.key_stamps(wanted)
     assert found == {
-        ("key-0", 1): 1,
-        ("key-1", 1): 1,
-        ("key-3", 1): 1,
-        ("key-4", 1): 1,
-        ("key-4", 2): 1,
+        ("key-0", 1): KeyStamp.of(made[0]),
+        ("key-1", 1): KeyStamp.of(made[1]),
+        ("key-3", 1): KeyStamp.of(made[3]),
+        ("key-4", 1): KeyStamp.of(made[4]),
+        ("key-4", 2): KeyStamp.of(newer),
     }
+    assert all(stamp.mac_tag is not None for stamp in found.values())
     assert [query for query, _ in asked] == [
         {"key_id": {"$in": ["key-0", "key-1"]}},
         {"key_id": {"$in": ["key-3", "key-4"]}},
         {"key_id": {"$in": ["key-nope"]}},
     ]
     assert {str(projection) for _, projection in asked} == {
-        str({"_id": False, "key_id": True, "version": True, "generation": True})
+        str({"_id": False, "key_id": True, "version": True, "generation": True, "mac.tag": True})
     }
-    assert await memory_store.key_generations([]) == {}
+    # Nothing else comes back: not the sealed key, not the MAC's KEK id.
+    assert {str(sorted(document)) for document in answered} == {
+        str(["generation", "key_id", "mac", "version"])
+    }
+    assert all(list(document["mac"]) == ["tag"] for document in answered)
+    assert await memory_store.key_stamps([]) == {}
     assert len(asked) == 3  # nothing asked for nothing
 
 
-async def test_mongo_key_generations_reads_legacy_and_malformed_documents(
+async def test_mongo_key_stamps_reads_legacy_and_malformed_documents(
     memory_store: MongoStore,
 ) -> None:
-    for n in range(3):
-        await memory_store.create_key(record(key_id=f"key-{n}", version=1, request_id=None))
+    made = [await memory_store.create_key(maced(f"key-{n}")) for n in range(6)]
+    tags = [stamp.mac_tag for stamp in map(KeyStamp.of, made)]
     keys: MemoryCollection = memory_store._keys  # type: ignore[assignment]
-    del keys.documents[0][
-        "generation"
-    ]  # from before record MACs: generation 1, as get_key reads it
-    keys.documents[1]["generation"] = "7"  # malformed: matches no cached record
-    keys.documents[2]["version"] = "1"  # malformed: no version to report
-    assert await memory_store.key_generations(["key-0", "key-1", "key-2"]) == {
-        ("key-0", 1): 1,
-        ("key-1", 1): 0,
+    documents = keys.documents
+    # From before record MACs: generation 1, as get_key reads it, and no tag.
+    del documents[0]["generation"], documents[0]["mac"]
+    documents[1]["generation"] = "7"  # malformed: matches no cached record
+    documents[2]["version"] = "1"  # malformed: no version to report
+    documents[3]["mac"] = None  # written without a MAC
+    documents[4]["mac"] = {"kek_id": "kek-20261128-0a0b0c0d", "tag": "not bytes"}
+    documents[5]["mac"] = "not a document"
+    assert await memory_store.key_stamps([f"key-{n}" for n in range(6)]) == {
+        ("key-0", 1): KeyStamp(1, None),
+        ("key-1", 1): KeyStamp(0, tags[1]),
+        ("key-3", 1): KeyStamp(1, None),
+        ("key-4", 1): KeyStamp(1, None),
+        ("key-5", 1): KeyStamp(1, None),
     }

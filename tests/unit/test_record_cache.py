@@ -15,10 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import workers.signer.cache
 from contracts.crypto import public_key_der
-from contracts.errors import KeyNotFound, VaultUnavailable
+from contracts.errors import IntegrityError, KeyNotFound, VaultUnavailable
 from vault.kek import Kek, KekRing
 from vault.record_mac import authenticated
-from vault.records import KeyRecord, KeyState
+from vault.records import KeyRecord, KeyStamp, KeyState
 from vault.sealing import SealedKey
 from workers.signer.cache import RecordCache
 
@@ -49,15 +49,15 @@ class CountingVault:
     def __init__(self, *records: KeyRecord) -> None:
         self.records = {(r.key_id, r.version): r for r in records}
         self.reads = 0
-        # issue 19: the key ids of each key_generations query; a failure to raise instead.
+        # issue 19: the key ids of each key_stamps query; a failure to raise instead.
         self.asked: list[set[str]] = []
         self.failure: Exception | None = None
 
-    async def key_generations(self, key_ids: Collection[str]) -> dict[tuple[str, int], int]:
+    async def key_stamps(self, key_ids: Collection[str]) -> dict[tuple[str, int], KeyStamp]:
         self.asked.append(set(key_ids))
         if self.failure is not None:
             raise self.failure
-        return {at: r.generation for at, r in self.records.items() if at[0] in key_ids}
+        return {at: KeyStamp.of(r) for at, r in self.records.items() if at[0] in key_ids}
 
     async def get_key(self, key_id: str, version: int | None = None) -> KeyRecord:
         self.reads += 1
@@ -297,9 +297,9 @@ async def test_an_entry_lives_ttl_s_from_the_start_of_the_query_that_confirmed_i
     clock = Clock()
 
     class SlowVault(CountingVault):
-        async def key_generations(self, key_ids: Collection[str]) -> dict[tuple[str, int], int]:
+        async def key_stamps(self, key_ids: Collection[str]) -> dict[tuple[str, int], KeyStamp]:
             clock.now += 20.0  # the answer takes 20 s: it says nothing of the 20 s before it
-            return await super().key_generations(key_ids)
+            return await super().key_stamps(key_ids)
 
     vault = SlowVault(record("k1"))
     cache = cache_over(vault, ttl_s=60.0, clock=clock)
@@ -388,7 +388,7 @@ async def test_a_new_version_leaves_the_versions_named_alone() -> None:
 
 
 class _HeldVault(CountingVault):
-    """A vault whose generation queries wait until the test lets them answer, with what the
+    """A vault whose stamp queries wait until the test lets them answer, with what the
     vault held when they were asked."""
 
     def __init__(self, *records: KeyRecord) -> None:
@@ -396,8 +396,8 @@ class _HeldVault(CountingVault):
         self.release = asyncio.Event()
         self.asking = asyncio.Event()
 
-    async def key_generations(self, key_ids: Collection[str]) -> dict[tuple[str, int], int]:
-        found = await super().key_generations(key_ids)
+    async def key_stamps(self, key_ids: Collection[str]) -> dict[tuple[str, int], KeyStamp]:
+        found = await super().key_stamps(key_ids)
         self.asking.set()
         await self.release.wait()
         return found
@@ -438,14 +438,14 @@ async def test_the_walk_yields_between_slices_and_an_invalidation_there_wins(
     cache = cache_over(vault, ttl_s=60.0, clock=clock)
     for key_id in keys:
         await cache.get(key_id, None)
-    answer = vault.key_generations
+    answer = vault.key_stamps
 
-    async def answering(key_ids: Collection[str]) -> dict[tuple[str, int], int]:
+    async def answering(key_ids: Collection[str]) -> dict[tuple[str, int], KeyStamp]:
         # Announced once the answer is in, while the walk over the entries is under way.
         asyncio.get_running_loop().call_soon(cache.invalidate, "k5")
         return await answer(key_ids)
 
-    vault.key_generations = answering  # type: ignore[method-assign]
+    vault.key_stamps = answering  # type: ignore[method-assign]
     clock.now += 40.0
     assert await cache.revalidate() == 6
     assert (cache.revalidated, cache.revalidation_drops, len(cache)) == (6, 0, 6)
@@ -474,15 +474,15 @@ async def test_a_vault_that_fails_leaves_the_entries_to_expire() -> None:
 
 
 class _NotifyingVault(CountingVault):
-    """A CountingVault that tells the test of each generation query."""
+    """A CountingVault that tells the test of each stamp query."""
 
     def __init__(self, *records: KeyRecord) -> None:
         super().__init__(*records)
         self.queried = asyncio.Event()
 
-    async def key_generations(self, key_ids: Collection[str]) -> dict[tuple[str, int], int]:
+    async def key_stamps(self, key_ids: Collection[str]) -> dict[tuple[str, int], KeyStamp]:
         self.queried.set()
-        return await super().key_generations(key_ids)
+        return await super().key_stamps(key_ids)
 
     async def queries(self, count: int) -> None:
         for _ in range(count):
@@ -546,3 +546,111 @@ async def test_the_signer_revalidates_its_cache_until_stopped() -> None:
     stop.set()
     await asyncio.wait_for(running, 5)
     assert cache.revalidated >= 1
+
+
+# --- issue 19: the MAC tag in the stamp, the maximum age -------------------------------------
+
+
+async def revalidate_until(cache: RecordCache, clock: Clock, end: float) -> None:
+    """Revalidate every 15 s, as ``revalidate_forever`` would with a TTL of 60 s, until
+    ``end`` (the clock is left at the last run)."""
+    while clock.now + 15.0 <= end:
+        clock.now += 15.0
+        await cache.revalidate()
+
+
+async def test_a_forked_generation_drops_the_key() -> None:
+    clock = Clock()
+    first = record("k1")
+    disabled = changed(first, state=KeyState.DISABLED)
+    vault = CountingVault(disabled)
+    cache = cache_over(vault, ttl_s=60.0, clock=clock)
+    assert (await cache.get("k1", None)).record.state == KeyState.DISABLED
+    # A restore puts generation 1 back, and a change written after it reaches generation 2
+    # again with other content: same generation, another tag.
+    relabelled = changed(first, label="restored")
+    assert relabelled.generation == disabled.generation
+    vault.records["k1", 1] = relabelled
+    clock.now += 40.0
+    assert await cache.revalidate() == 0
+    assert cache.revalidation_drops == 1
+    assert (await cache.get("k1", None)).record == relabelled  # read, as on a miss
+    assert vault.reads == 2
+
+
+async def test_a_row_that_kept_its_stamp_is_read_again_at_its_maximum_age() -> None:
+    clock = Clock()
+    loaded = clock.now
+    original = record("k1")
+    vault = CountingVault(original)
+    cache = cache_over(vault, ttl_s=60.0, clock=clock, jitter=lambda: 0.0)
+    assert cache.max_age_s == 600.0  # 10 times ttl_s
+    entry = await cache.get("k1", None)
+    assert entry.reload_at == loaded + 600.0
+    # Edited in place by someone without the ring: generation and tag kept, the MAC now fails.
+    vault.records["k1", 1] = dataclasses.replace(original, allowed_signers=("alice", "eve"))
+    await revalidate_until(cache, clock, loaded + 599.0)  # the stamps match: served on
+    assert cache.revalidated > 0
+    assert cache.revalidation_drops == 0
+    assert entry.expires_at == loaded + 600.0  # never extended past its maximum age
+    clock.now = loaded + 599.9
+    assert (await cache.get("k1", None)).record == original
+    assert (await cache.get("k1", 1)).record == original
+    assert vault.reads == 1
+    clock.now = loaded + 600.0
+    with pytest.raises(IntegrityError, match="failed its record MAC"):
+        await cache.get("k1", None)  # read again and checked, as on its first load
+    with pytest.raises(IntegrityError, match="failed its record MAC"):
+        await cache.get("k1", 1)  # refused: not cached, the old entry not served again
+    assert vault.reads == 3
+
+
+async def test_the_maximum_age_bounds_revalidation_and_restarts_at_the_reload() -> None:
+    clock = Clock()
+    loaded = clock.now
+    vault = CountingVault(record("k1"))
+    cache = cache_over(vault, ttl_s=60.0, clock=clock, max_age_s=100.0, jitter=lambda: 0.0)
+    entry = await cache.get("k1", 1)
+    assert (entry.expires_at, entry.reload_at) == (loaded + 60.0, loaded + 100.0)
+    clock.now += 40.0
+    assert await cache.revalidate() == 1
+    assert entry.expires_at == loaded + 100.0  # not 40 + 60 s
+    clock.now += 30.0
+    assert await cache.revalidate() == 0  # confirmed, but no further: not counted
+    assert (entry.expires_at, cache.revalidation_drops, len(cache)) == (loaded + 100.0, 0, 1)
+    clock.now = loaded + 99.9
+    assert await cache.get("k1", 1) is entry
+    clock.now = loaded + 100.0
+    reloaded = await cache.get("k1", 1)
+    assert reloaded is not entry
+    assert vault.reads == 2
+    assert (reloaded.expires_at, reloaded.reload_at) == (clock.now + 60.0, clock.now + 100.0)
+
+
+async def test_the_jitter_takes_up_to_a_tenth_off_the_maximum_age() -> None:
+    clock = Clock()
+    draws = iter([0.0, 0.5, 0.999, 0.0])  # the last for k2's reload
+    vault = CountingVault(record("k0"), record("k1"), record("k2"))
+    cache = cache_over(vault, ttl_s=60.0, clock=clock, jitter=lambda: next(draws))
+    ages = [(await cache.get(f"k{n}", 1)).reload_at - clock.now for n in range(3)]
+    assert ages == pytest.approx([600.0, 570.0, 540.06])
+    # A key whose jitter came out short is read again first.
+    await revalidate_until(cache, clock, clock.now + 555.0)
+    assert vault.reads == 3
+    await cache.get("k2", 1)
+    await cache.get("k1", 1)
+    assert vault.reads == 4
+
+
+async def test_keys_loaded_together_are_read_again_spread_over_the_last_tenth() -> None:
+    clock = Clock()
+    loaded = clock.now
+    keys = [f"k{n}" for n in range(200)]
+    vault = CountingVault(*(record(key_id) for key_id in keys))
+    cache = cache_over(vault, ttl_s=60.0, clock=clock)  # the default, random, jitter
+    reloads = [(await cache.get(key_id, None)).reload_at - loaded for key_id in keys]
+    assert all(540.0 <= at <= 600.0 for at in reloads)
+    assert len(set(reloads)) == len(reloads)
+    # Spread over the 60 s, not bunched: every 10 s of them holds some, none most.
+    buckets = [sum(540.0 + 10 * b <= at < 550.0 + 10 * b for at in reloads) for b in range(6)]
+    assert all(0 < count < 100 for count in buckets), buckets

@@ -3,34 +3,53 @@
 It saves the vault read and the public-key parse a sign request would otherwise pay. Entries
 leave the cache when ``zandd.events`` announces a change of their key (the keygen worker
 publishes the event, confirmed by the broker, before it answers the request that made the
-change), when the event subscription had a gap (``clear``), and ``ttl_s`` after the vault last
-confirmed them at the latest.
+change), when the event subscription had a gap (``clear``), ``ttl_s`` after the vault last
+confirmed them, and ``max_age_s`` after they were loaded, at the latest.
 
-Every record is checked once, as it is loaded: its MAC (``vault.record_mac``) must hold, so a
-row changed behind the keygen worker's back is refused (``integrity_error``) and never cached;
+Every record is checked as it is loaded: its MAC (``vault.record_mac``) must hold, so a row
+changed behind the keygen worker's back is refused (``integrity_error``) and never cached;
 requests served from the cache pay nothing for the check.
 
 Revalidation (issue 19, ``docs/performance.md`` "10,000 keys"): instead of dropping an entry
 at its TTL and making the next request for it pay a full vault read (the thread hop, the row
 decode, the MAC, the public-key parse: ~110 µs; with 10,000 keys and a 60 s TTL, ~170 such
 reads a second per signer), a background task (``revalidate_forever``, every
-``revalidate_every_s``, ``ttl_s / 4`` by default) asks the vault once for the generations of
-the keys whose entries expire within the next two periods (``VaultStore.key_generations``:
-one indexed query for thousands of versions, no record read). Every change of a stored version
-raises its generation (``replace_key``), so an entry whose version still has the generation it
-was loaded with is the vault's current record: its life starts again from the moment the query
-started. An entry whose generation changed or whose version is gone, and a key whose highest
-version is no longer the one cached as its latest (a rotation), is invalidated as an event
-would, and the next request reads the vault (and checks what it reads) as on a miss. An
-invalidation or a ``clear`` that comes while the query runs wins: those keys are left alone.
-When the vault does not answer, nothing is extended and entries expire as without
-revalidation; so no entry is served more than ``ttl_s`` after the vault last confirmed it.
-Entries in no use are revalidated too until the LRU bound evicts them. Cost, measured on
-this project's (slow, shared) machine with 10,000 P-256 keys all due at once on SQLite: ~30 ms
-on the database thread and ~30 ms of the event loop, the latter in slices of
-``REVALIDATE_SLICE`` entries (the longest pause 3 to 6 ms), once every other period per entry;
-the reads it replaces cost ~170 reads of ~110 µs every second. A revalidated entry is the same
-object with a later ``expires_at``, so nothing new is left for the garbage collector.
+``revalidate_every_s``, ``ttl_s / 4`` by default) asks the vault once for the stamps — the
+generation and the MAC tag — of the keys whose entries expire within the next two periods
+(``VaultStore.key_stamps``: one indexed query for thousands of versions, no record read).
+Every change of a stored version raises its generation and writes a new MAC
+(``replace_key``), and a restore that forks a generation (a change written after it reaching a
+generation cached before it) changes the tag; so an entry whose version still has the
+generation and tag it was loaded with is taken for the vault's current record: its life
+starts again from the moment the query started, up to its maximum age. An entry whose stamp
+changed or whose version is gone, and a key whose highest version is no longer the one cached
+as its latest (a rotation), is invalidated as an event would, and the next request reads the
+vault (and checks what it reads) as on a miss. An invalidation or a ``clear`` that comes
+while the query runs wins: those keys are left alone. When the vault does not answer, nothing
+is extended and entries expire as without revalidation; so no entry is served more than
+``ttl_s`` after the vault last confirmed it. Entries in no use are revalidated too until the
+LRU bound evicts them. Cost, measured on this project's (slow, shared) machine with 10,000
+P-256 keys all due at once on SQLite: ~30 ms on the database thread and ~30 ms of the event
+loop, the latter in slices of ``REVALIDATE_SLICE`` entries (the longest pause 3 to 6 ms),
+once every other period per entry; the reads it replaces cost ~170 reads of ~110 µs every
+second (reading the MAC tags beside the generations added ~6 ms on the database thread and
+~3 ms of the event loop, measured alternately against generations alone). A revalidated
+entry is the same object with a later ``expires_at``, so nothing new is left for the garbage
+collector.
+
+Maximum age: a row edited in place by someone without the ring that keeps both its
+generation and its tag fails its MAC, but only a full read sees that. So every entry is read
+again (and its MAC checked, as on its first load) at the latest ``max_age_s`` after it was
+loaded (``MAX_AGE_TTLS`` times ``ttl_s``, 600 s, by default), whatever revalidation said;
+less a random jitter of up to ``MAX_AGE_JITTER`` of it, drawn at the load, so that keys
+loaded together are not all read again together (10,000 keys and 600 s: ~17 reads a second
+per signer, on the request path like any miss).
+
+How long a signer serves a cached record after its row changed: a change announced by an
+event, not at all; a change of generation or tag, until the entry's next revalidation (an
+entry is asked about once it has two periods or less to live: within about ``ttl_s -
+revalidate_every_s``, 45 s by default, while the vault answers promptly; never later than
+``ttl_s`` after the vault last confirmed it); any other change, within ``max_age_s``.
 
 Sizing (issue 15, ``docs/performance.md`` "10,000 keys"): an entry is ~1.8 KB (a P-256
 record and its parsed public key), so the default bound of 20,000 entries — twice the seed's
@@ -43,6 +62,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -54,7 +74,7 @@ from contracts.algorithms import PublicKey
 from contracts.errors import ZanddError
 from vault.kek import KekRing
 from vault.record_mac import verify_record
-from vault.records import KeyRecord
+from vault.records import KeyRecord, KeyStamp
 from vault.store import VaultStore
 from workers.signer.signing import stored_public_key
 
@@ -62,6 +82,10 @@ log = logging.getLogger("zandd.signer")
 
 DEFAULT_TTL_S = 60.0
 DEFAULT_MAX_ENTRIES = 20_000
+#: The maximum age's multiple of the TTL when none is given.
+MAX_AGE_TTLS = 10.0
+#: The share of ``max_age_s`` an entry's age may be cut by at random, to spread the reloads.
+MAX_AGE_JITTER = 0.1
 #: The revalidation period's share of the TTL when none is given (issue 19).
 REVALIDATE_SHARE = 0.25
 #: Entries expiring within this many periods are revalidated: one run may be late or slow
@@ -79,12 +103,17 @@ class CachedKey:
 
     ``expires_at`` is the one field that changes: a revalidation moves it on in place
     (issue 19), so that 10,000 revalidated entries are not 10,000 new objects for the
-    garbage collector's full collections, which would pause the event loop for tens of ms.
+    garbage collector's full collections, which would pause the event loop for tens of ms;
+    never past ``reload_at``, when the entry must be read from the vault again (its maximum
+    age, less its jitter, after its load).
     """
 
     record: KeyRecord
     public_key: PublicKey
     expires_at: float
+    reload_at: float
+    #: The record's generation and MAC tag, as revalidation compares them with the vault's.
+    stamp: KeyStamp
 
 
 class RecordCache:
@@ -99,18 +128,26 @@ class RecordCache:
         max_entries: int = DEFAULT_MAX_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
         revalidate_every_s: float | None = None,
+        max_age_s: float | None = None,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
+        """``max_age_s``: ``MAX_AGE_TTLS`` times ``ttl_s`` when None. ``jitter`` draws, at
+        each load, a number in [0, 1): that share of ``MAX_AGE_JITTER`` times ``max_age_s``
+        is taken off the entry's maximum age (random, not secret: it only spreads reloads)."""
         self._store = store
         self._ring = ring
         self._ttl_s = ttl_s
+        self._max_age_s = ttl_s * MAX_AGE_TTLS if max_age_s is None else max_age_s
+        self._jitter = jitter
         self._max_entries = max_entries
         self._clock = clock
         self._entries: OrderedDict[tuple[str, int], CachedKey] = OrderedDict()
         # The cached versions of each key: an event invalidates a key without a walk over
         # every entry (~1 ms per event with 10,000 of them).
         self._versions: dict[str, set[int]] = {}
-        # The current version of a key, for requests that name none.
-        self._latest: dict[str, tuple[int, float]] = {}
+        # The current version of a key, for requests that name none: the version, when it
+        # expires, and when it must be read again (its entry's reload_at when it was loaded).
+        self._latest: dict[str, tuple[int, float, float]] = {}
         # issue 15: when each key was last invalidated (a number that grows with every
         # invalidation: issue 19) and how often the whole cache was, so a vault read that an
         # invalidation overtook is used once but not cached: it may predate the change (a
@@ -124,7 +161,7 @@ class RecordCache:
         self.hits = 0
         self.misses = 0
         # issue 19: cached versions the vault confirmed (their life started again), and those
-        # revalidation dropped (a changed or vanished version, a new latest version).
+        # revalidation dropped (a changed stamp or a vanished version, a new latest version).
         self.revalidated = 0
         self.revalidation_drops = 0
 
@@ -151,7 +188,7 @@ class RecordCache:
                 record = await self._store.get_key(key_id, version)
             if self._invalidation_count(key_id) != before:
                 verify_record(record, self._ring)
-                return CachedKey(record, stored_public_key(record), now)
+                return CachedKey(record, stored_public_key(record), now, now, KeyStamp.of(record))
         return self._put(record, latest=version is None, now=now)
 
     def _invalidation_count(self, key_id: str) -> tuple[int, int]:
@@ -165,12 +202,19 @@ class RecordCache:
 
     def _put(self, record: KeyRecord, *, latest: bool, now: float) -> CachedKey:
         verify_record(record, self._ring)
-        entry = CachedKey(record, stored_public_key(record), now + self._ttl_s)
+        reload_at = now + self._max_age_s * (1.0 - MAX_AGE_JITTER * self._jitter())
+        entry = CachedKey(
+            record,
+            stored_public_key(record),
+            min(now + self._ttl_s, reload_at),
+            reload_at,
+            KeyStamp.of(record),
+        )
         self._entries[record.key_id, record.version] = entry
         self._entries.move_to_end((record.key_id, record.version))
         self._versions.setdefault(record.key_id, set()).add(record.version)
         if latest:
-            self._latest[record.key_id] = (record.version, entry.expires_at)
+            self._latest[record.key_id] = (record.version, entry.expires_at, reload_at)
         while len(self._entries) > self._max_entries:
             (old_key_id, old_version), _ = self._entries.popitem(last=False)
             self._forget_version(old_key_id, old_version)
@@ -178,8 +222,9 @@ class RecordCache:
         return entry
 
     async def revalidate(self) -> int:
-        """Ask the vault once for the generations of the entries that expire soon; extend
-        those still current, invalidate the keys that changed. Returns how many were extended.
+        """Ask the vault once for the stamps of the entries that expire soon; extend those
+        still current (never past their ``reload_at``), invalidate the keys that changed.
+        Returns how many were extended.
 
         Raises what the store raises (nothing is then changed: the entries expire as they
         would without revalidation). The walks over the entries yield to the event loop
@@ -196,10 +241,10 @@ class RecordCache:
         # From here on an invalidation (or a clear) wins over the answer, which may predate
         # the change it announces.
         mark = (self._invalidated, self._clears)
-        generations = await self._store.key_generations(key_ids)
+        stamps = await self._store.key_stamps(key_ids)
         expires_at = started + self._ttl_s
-        changed = await self._check_latest(due_latest, generations, mark, expires_at)
-        extended = await self._extend(due, generations, mark, expires_at, changed)
+        changed = await self._check_latest(due_latest, stamps, mark, expires_at)
+        extended = await self._extend(due, stamps, mark, expires_at, changed)
         for key_id in changed:
             self.revalidation_drops += len(self._versions.get(key_id, ()))
             self.invalidate(key_id)
@@ -220,14 +265,15 @@ class RecordCache:
     async def _check_latest(
         self,
         due: list[tuple[str, int]],
-        generations: dict[tuple[str, int], int],
+        stamps: dict[tuple[str, int], KeyStamp],
         mark: tuple[int, int],
         expires_at: float,
     ) -> set[str]:
         """Extend the ``due`` latest versions that are still their key's highest to
-        ``expires_at``; the keys whose highest version is another (rotated, or gone)."""
+        ``expires_at`` (or their ``reload_at``, if sooner); the keys whose highest version is
+        another (rotated, or gone)."""
         highest: dict[str, int] = {}
-        async for found in _slices(list(generations)):
+        async for found in _slices(list(stamps)):
             for key_id, version in found:
                 if version > highest.get(key_id, 0):
                     highest[key_id] = version
@@ -239,38 +285,46 @@ class RecordCache:
                     continue
                 if highest.get(key_id) != version:
                     changed.add(key_id)
-                elif latest[1] < expires_at:
-                    self._latest[key_id] = (version, expires_at)
+                    continue
+                _, until, reload_at = latest
+                if until < expires_at and until < reload_at:
+                    until = expires_at if expires_at < reload_at else reload_at
+                    self._latest[key_id] = (version, until, reload_at)
         return changed
 
     async def _extend(
         self,
         due: list[CachedKey],
-        generations: dict[tuple[str, int], int],
+        stamps: dict[tuple[str, int], KeyStamp],
         mark: tuple[int, int],
         expires_at: float,
         changed: set[str],
     ) -> list[str]:
-        """Extend the ``due`` entries whose generation is unchanged to ``expires_at`` (their
-        keys, one per entry); add the keys of the others to ``changed``."""
+        """Extend the ``due`` entries whose stamp is unchanged to ``expires_at`` (or their
+        ``reload_at``, if sooner; their keys, one per entry); add the keys of the others to
+        ``changed``."""
         extended: list[str] = []
         async for part in _slices(due):
             for entry in part:
                 record = entry.record
-                key_id, version = record.key_id, record.version
+                key_id = record.key_id
+                at = (key_id, record.version)
                 if (
                     key_id in changed
-                    or self._entries.get((key_id, version)) is not entry  # evicted, or reloaded
+                    or self._entries.get(at) is not entry  # evicted, or reloaded
                     or self._overtaken(key_id, mark)
                 ):
                     continue
-                if generations.get((key_id, version)) != record.generation:
-                    changed.add(key_id)  # changed, or gone
-                elif entry.expires_at < expires_at:
+                if stamps.get(at) != entry.stamp:  # changed, or gone (None)
+                    changed.add(key_id)
+                    continue
+                reload_at = entry.reload_at
+                until = expires_at if expires_at < reload_at else reload_at
+                if entry.expires_at < until:
                     # In place: the entry keeps its place in the LRU order. Each version has
                     # a row of its own: its life does not wait for its key's other versions
                     # (a key that changed is invalidated after the walk).
-                    entry.expires_at = expires_at
+                    entry.expires_at = until
                     extended.append(key_id)
         return extended
 
@@ -314,6 +368,11 @@ class RecordCache:
                 log.info("revalidating cached keys works again")
             log.debug("revalidated %d cached key versions", extended)
         return False
+
+    @property
+    def max_age_s(self) -> float:
+        """How long after its load an entry is read from the vault again at the latest."""
+        return self._max_age_s
 
     @property
     def revalidate_every_s(self) -> float:
