@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -272,6 +273,25 @@ class AuditAppender(Protocol):
         """Link ``events`` after the stored chain and store them durably, in one transaction."""
         ...
 
+    def append_audit_now(self, events: Sequence[AuditEvent]) -> list[AuditEntry] | None:
+        """As ``append_audit``, on the calling thread, when that needs no wait for a lock or a
+        worker thread; None when it cannot (the caller then uses ``append_audit``).
+
+        A store that never can returns None. Raises as ``append_audit`` when the write itself
+        failed; it never half-writes.
+        """
+        ...
+
+
+#: Set by a worker's runtime while the request it audits is the only one it is serving:
+#: nothing else waits for the event loop, so ``AuditLog.record`` may write that entry on the
+#: loop's own thread (``append_audit_now``) instead of handing it to the database thread and
+#: waiting to be woken again. A lone request's reply waits for its entry either way; the two
+#: thread handoffs it saves are its share of the latency (issue 19, serial latency).
+#: Under load it stays False: the entries then go to the database thread together (group
+#: commit) while the loop serves the other requests.
+serving_alone: ContextVar[bool] = ContextVar("zandd_serving_alone", default=False)
+
 
 class AuditReader(Protocol):
     """The part of a vault store the audit log is read through."""
@@ -398,7 +418,22 @@ class AuditLog:
         self._writer: asyncio.Task[None] | None = None
 
     async def record(self, event: AuditEvent) -> AuditEntry:
-        """Append ``event``; returns its entry once durable, or raises VaultUnavailable."""
+        """Append ``event``; returns its entry once durable, or raises VaultUnavailable.
+
+        While ``serving_alone`` is set and no batch is pending, the entry is written on this
+        thread when the store can do that without waiting (see ``serving_alone``).
+        """
+        if (
+            serving_alone.get()
+            and not self._queue
+            and (self._writer is None or self._writer.done())
+        ):
+            try:
+                written = self._store.append_audit_now([event])
+            except Exception as exc:  # as the batch writer hands a lone entry's failure on
+                raise _not_written(exc) from exc
+            if written is not None:
+                return written[0]
         pending = _Pending(event, asyncio.get_running_loop().create_future())
         self._queue.append(pending)
         if self._writer is None or self._writer.done():

@@ -473,6 +473,12 @@ class MongoStore:
                 stored += await self._append_batch(batch, chain_key)
         return stored
 
+    def append_audit_now(
+        self, events: Sequence[AuditEvent], chain_key: ChainKey | None = None
+    ) -> list[AuditEntry] | None:
+        """Never: a MongoDB write is a network round trip, not something to block a loop on."""
+        return None
+
     async def read_audit(self, query: AuditQuery) -> list[AuditEntry]:
         """Audit entries matching ``query``, oldest first."""
         if query.limit < 1:

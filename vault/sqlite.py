@@ -21,7 +21,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -340,6 +340,8 @@ class SqliteStore:
         self._appends = appends
         self._path = path
         self._closed = False
+        # append_audit_now's connection: opened on the loop's thread at its first use.
+        self._now: sqlite3.Connection | None = None
 
     @classmethod
     async def open(cls, path: str) -> SqliteStore:
@@ -511,6 +513,38 @@ class SqliteStore:
         transaction, durable on return."""
         return await self._run(_append_audit, list(events), chain_key, lane=self._appends)
 
+    def append_audit_now(
+        self, events: Sequence[AuditEvent], chain_key: ChainKey | None = None
+    ) -> list[AuditEntry] | None:
+        """``append_audit`` on the calling thread (the event loop's, while it serves a lone
+        request: ``vault.audit.serving_alone``), through a connection of its own that never
+        waits: when another writer (this process's database thread, another worker) holds
+        the write lock, nothing is written and it returns None.
+
+        The same transaction as ``append_audit`` (head read, link, insert, durable COMMIT),
+        without the two thread handoffs around it.
+        """
+        if self._closed or self._path == _MEMORY:
+            return None
+        try:
+            if self._now is None:
+                self._now = _connect_now(self._path)
+            conn = self._now
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            return None  # locked (or not openable now): the database thread will say why
+        try:
+            entries = _append_in_transaction(conn, list(events), chain_key)
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise _translate(exc, self._path) from exc
+            raise
+        return entries
+
     async def read_audit(self, query: AuditQuery) -> list[AuditEntry]:
         """Audit entries matching ``query``, oldest first."""
         conditions, params = _where(key_id=query.key_id, principal=query.principal)
@@ -539,6 +573,8 @@ class SqliteStore:
         if self._closed:
             return
         self._closed = True
+        if self._now is not None:
+            self._now.close()
         try:
             await _close_lane(self._main, self._path)
         finally:
@@ -761,11 +797,28 @@ def _append_audit(
     conn: sqlite3.Connection, events: list[AuditEvent], chain_key: ChainKey | None
 ) -> list[AuditEntry]:
     with _immediate(conn):
-        row = conn.execute(_AUDIT_HEAD).fetchone()
-        head = GENESIS if row is None else ChainHead(seq=row[0], entry_hash=row[1])
-        entries = link(head, events, chain_key)
-        conn.executemany(_AUDIT_INSERT, [_audit_row(entry) for entry in entries])
+        return _append_in_transaction(conn, events, chain_key)
+
+
+def _append_in_transaction(
+    conn: sqlite3.Connection, events: list[AuditEvent], chain_key: ChainKey | None
+) -> list[AuditEntry]:
+    row = conn.execute(_AUDIT_HEAD).fetchone()
+    head = GENESIS if row is None else ChainHead(seq=row[0], entry_hash=row[1])
+    entries = link(head, events, chain_key)
+    conn.executemany(_AUDIT_INSERT, [_audit_row(entry) for entry in entries])
     return entries
+
+
+def _connect_now(path: str) -> sqlite3.Connection:
+    """A connection for ``append_audit_now``: it never waits for another writer's lock."""
+    conn = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        _configure(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def _add_checkpoint(conn: sqlite3.Connection, row: tuple[Any, ...]) -> bool:

@@ -169,6 +169,17 @@ class VaultStore(Protocol):
         """
         ...
 
+    def append_audit_now(
+        self, events: Sequence[AuditEvent], chain_key: ChainKey | None = None
+    ) -> list[AuditEntry] | None:
+        """As ``append_audit``, on the calling thread, when the store can write at once (no
+        lock held by another writer, no network round trip); None when it cannot, and the
+        caller then uses ``append_audit`` (``vault.audit.serving_alone`` says when to try).
+
+        It never half-writes: None means nothing was written; an error is the write's own.
+        """
+        ...
+
     async def read_audit(self, query: AuditQuery) -> list[AuditEntry]:
         """Audit entries matching ``query``, oldest first, exactly as stored."""
         ...

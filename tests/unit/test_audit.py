@@ -27,6 +27,7 @@ from vault.audit import (
     canonical_bytes,
     entry_hash,
     link,
+    serving_alone,
     verify_log,
 )
 from vault.audit_chain import ChainKey
@@ -194,15 +195,31 @@ class _ListStore:
         self.fail_with: Exception | None = None
         self.gate = asyncio.Event()
         self.gate.set()
+        #: Whether append_audit_now can write at once, and the batches it wrote.
+        self.now_ok = False
+        self.now_calls = 0
+        self.now_batches: list[int] = []
 
     async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
         await self.gate.wait()
+        linked = self._linked(events)
+        self.batches.append(len(linked))
+        return linked
+
+    def append_audit_now(self, events: Sequence[AuditEvent]) -> list[AuditEntry] | None:
+        self.now_calls += 1
+        if not self.now_ok:
+            return None
+        linked = self._linked(events)
+        self.now_batches.append(len(linked))
+        return linked
+
+    def _linked(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
         if self.fail_with is not None:
             raise self.fail_with
         head = self.entries[-1].head if self.entries else GENESIS
         linked = link(head, events)
         self.entries += linked
-        self.batches.append(len(linked))
         return linked
 
     async def read_audit(self, query: AuditQuery) -> list[AuditEntry]:
@@ -335,3 +352,79 @@ async def test_on_real_sqlite_a_group_commit_keeps_every_innocent_entry(tmp_path
         await log.close()
     finally:
         await store.close()
+
+
+# --- issue 19: a lone request's entry written without a thread handoff --------------------
+
+
+async def _alone(log: AuditLog, entry: AuditEvent) -> AuditEntry:
+    token = serving_alone.set(True)
+    try:
+        return await log.record(entry)
+    finally:
+        serving_alone.reset(token)
+
+
+async def test_a_lone_requests_entry_is_written_at_once_when_the_store_can() -> None:
+    store = _ListStore()
+    store.now_ok = True
+    log = AuditLog(store)
+    first = await _alone(log, event(1))
+    second = await _alone(log, event(2))
+    assert (first.seq, second.seq) == (1, 2)
+    assert second.prev_hash == first.entry_hash
+    assert store.now_batches == [1, 1]
+    assert store.batches == [], "no batch writer was needed"
+    await log.close()
+
+
+async def test_a_lone_entry_goes_to_the_batch_writer_when_the_store_cannot_now() -> None:
+    store = _ListStore()  # now_ok False: e.g. another worker holds the write lock
+    log = AuditLog(store)
+    assert (await _alone(log, event(1))).seq == 1
+    assert store.now_calls == 1
+    assert store.batches == [1]
+    await log.close()
+
+
+async def test_entries_of_a_busy_worker_are_never_written_on_the_loop() -> None:
+    store = _ListStore()
+    store.now_ok = True
+    log = AuditLog(store)
+    entries = await asyncio.gather(*(log.record(event(n)) for n in range(5)))
+    assert [e.seq for e in entries] == [1, 2, 3, 4, 5]
+    assert store.now_calls == 0, "serving_alone unset: the group commit writes them"
+    await log.close()
+
+
+async def test_a_lone_entry_waits_behind_a_batch_being_written() -> None:
+    store = _ListStore()
+    store.now_ok = True
+    log = AuditLog(store)
+    store.gate.clear()
+    earlier = asyncio.create_task(log.record(event(1)))
+    await asyncio.sleep(0)
+    lone = asyncio.create_task(_alone(log, event(2)))
+    await asyncio.sleep(0)
+    store.gate.set()
+    assert [(await earlier).seq, (await lone).seq] == [1, 2], "order kept: no overtaking"
+    assert store.now_calls == 0
+    await log.close()
+
+
+async def test_a_lone_entry_that_fails_fails_as_the_batch_writer_would() -> None:
+    store = _ListStore()
+    store.now_ok = True
+    store.fail_with = VaultUnavailable("SQLite vault /v.db failed: SQLITE_IOERR")
+    log = AuditLog(store)
+    with pytest.raises(VaultUnavailable) as raised:
+        await _alone(log, event(1))
+    assert str(raised.value) == (
+        "the audit entry could not be written: SQLite vault /v.db failed: SQLITE_IOERR"
+    )
+    store.fail_with = OverflowError("Python int too large to convert to SQLite INTEGER")
+    with pytest.raises(InternalError):
+        await _alone(log, event(1))
+    store.fail_with = None
+    assert (await _alone(log, event(1))).seq == 1
+    await log.close()

@@ -24,6 +24,7 @@ from tests.support.memory_transport import (
     running_runtime,
     sign_delivery,
 )
+from vault.audit import serving_alone
 from workers.consumer.runtime import AuditHook, ConsumerRuntime, Handler, Probe, RequestContext
 
 
@@ -193,6 +194,40 @@ async def test_the_audit_entry_is_written_before_the_reply() -> None:
         await broker.until(lambda: broker.current.settled(1) is not None, "request 1 settled")
         assert audit.written_before == [[]]
         assert broker.current.calls == ["publish", "ack"]
+
+
+async def test_the_audit_is_told_when_its_request_is_the_only_one_served() -> None:
+    """issue 19: a lone request's entry may skip the thread handoff, a busy worker's never."""
+    broker = MemoryBroker()
+    alone: list[tuple[str | None, bool]] = []
+    both_in = asyncio.Event()
+    started: list[object] = []
+
+    async def audit(
+        message: Delivery, request: BaseModel | None, result: BaseModel | ZanddError
+    ) -> None:
+        alone.append((message.message_id, serving_alone.get()))
+
+    async def handler(request: object, context: RequestContext) -> BaseModel:
+        started.append(request)
+        if context.request_id != "req-1":
+            if len(started) == 3:
+                both_in.set()
+            await both_in.wait()
+        return _Signed()
+
+    async with _running(broker, handler, audit=audit):
+        broker.current.deliver(sign_delivery(1))
+        await broker.until(lambda: broker.current.settled(1) is not None, "request 1 settled")
+        broker.current.deliver(sign_delivery(2))
+        broker.current.deliver(sign_delivery(3))
+        await broker.until(lambda: broker.current.settled(3) is not None, "request 3 settled")
+        broker.current.deliver(sign_delivery(4, b"{}"))  # a refusal, alone again
+        await broker.until(lambda: broker.current.settled(4) is not None, "request 4 settled")
+    assert alone[0] == ("req-1", True)
+    assert sorted(alone[1:3]) == [("req-2", False), ("req-3", False)]
+    assert alone[3] == ("req-4", True)
+    assert serving_alone.get() is False, "set only while the audit runs"
 
 
 async def test_a_refusal_whose_audit_fails_is_dead_lettered_unanswered() -> None:

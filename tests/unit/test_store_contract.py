@@ -1392,3 +1392,77 @@ async def test_mongodb_upgrades_a_schema_1_vault(mongo_vault_url: str) -> None:
         assert schema["version"] == SCHEMA_VERSION
     finally:
         await client.close()
+
+
+# --- issue 19: an audit append on the calling thread (append_audit_now) -------------------
+
+
+async def test_append_audit_now_writes_in_the_same_chain_as_append_audit(
+    store: VaultStore, store_url: str
+) -> None:
+    keys = ChainKeys(KekRing(Kek.generate()))
+    threaded = await store.append_audit([audit_event(1)], keys.active())
+    now = store.append_audit_now([audit_event(2), audit_event(3)], keys.active())
+    if store_url.startswith("mongodb"):
+        assert now is None, "a network store never writes on the loop's thread"
+        return
+    assert now is not None
+    after = await store.append_audit([audit_event(4)], keys.active())
+    assert [e.seq for e in threaded + now + after] == [1, 2, 3, 4]
+    assert now[0].prev_hash == threaded[0].entry_hash
+    assert after[0].prev_hash == now[-1].entry_hash
+    assert await store.read_audit(AuditQuery()) == threaded + now + after
+    assert await verify_log(store, keys) == after[-1].head
+
+
+async def test_append_audit_now_never_waits_for_another_writer(tmp_path: Path) -> None:
+    path = tmp_path / "vault.db"
+    store = await SqliteStore.open(str(path))
+    try:
+        await store.append_audit([audit_event(1)])
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another worker holds the write lock
+            started = asyncio.get_running_loop().time()
+            assert store.append_audit_now([audit_event(2)]) is None
+            assert asyncio.get_running_loop().time() - started < 1.0, "it did not wait"
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        assert [e.seq for e in await store.read_audit(AuditQuery())] == [1], "nothing written"
+        written = store.append_audit_now([audit_event(2)])
+        assert written is not None
+        assert [e.seq for e in written] == [2]
+    finally:
+        await store.close()
+    assert store.append_audit_now([audit_event(3)]) is None, "a closed store writes nothing"
+
+
+async def test_append_audit_now_rolls_back_what_fails_and_says_why(tmp_path: Path) -> None:
+    path = tmp_path / "vault.db"
+    store = await SqliteStore.open(str(path))
+    try:
+        await store.append_audit([audit_event(1)])
+        # A row the database refuses (here a trigger) fails the transaction after its first
+        # insert: all of it is rolled back, and the error is the store's own.
+        with sqlite3.connect(path) as admin:
+            admin.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON audit WHEN NEW.request_id = 'req-3'"
+                " BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+        with pytest.raises(IntegrityError, match="refused"):
+            store.append_audit_now([audit_event(2), audit_event(3)])
+        assert [e.seq for e in await store.read_audit(AuditQuery())] == [1]
+        later = store.append_audit_now([audit_event(2)])
+        assert later is not None, "no transaction left open"
+        assert [e.seq for e in later] == [2]
+    finally:
+        await store.close()
+
+
+async def test_an_in_memory_store_never_writes_now() -> None:
+    store = await SqliteStore.open(":memory:")
+    try:
+        assert store.append_audit_now([audit_event(1)]) is None
+    finally:
+        await store.close()

@@ -64,6 +64,12 @@ class KeyedAuditStore(Protocol):
         """Link and store ``events`` in one transaction."""
         ...
 
+    def append_audit_now(
+        self, events: Sequence[AuditEvent], chain_key: ChainKey | None = None
+    ) -> list[AuditEntry] | None:
+        """As ``append_audit`` on the calling thread, or None when that would wait."""
+        ...
+
 
 class KeyedAppender:
     """An ``AuditAppender`` that links under the ring's active audit key and reports each new
@@ -82,6 +88,13 @@ class KeyedAppender:
     async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEntry]:
         """Append ``events`` keyed under the KEK active now; the stored entries."""
         entries = await self._store.append_audit(events, self._keys.active())
+        if entries and self._on_head is not None:
+            self._on_head(entries[-1].head)
+        return entries
+
+    def append_audit_now(self, events: Sequence[AuditEvent]) -> list[AuditEntry] | None:
+        """As ``append_audit`` on the calling thread, or None when the store would wait."""
+        entries = self._store.append_audit_now(events, self._keys.active())
         if entries and self._on_head is not None:
             self._on_head(entries[-1].head)
         return entries

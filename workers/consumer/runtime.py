@@ -104,7 +104,7 @@ from contracts.tracing import mark_failed
 from contracts.transport import TRANSPORT_FAILURES, Connect, Delivery, Properties, Transport
 from contracts.transport_aiormq import AiormqTransport
 from contracts.wire import Wire
-from vault.audit import AuditEntry
+from vault.audit import AuditEntry, serving_alone
 from workers.audit.auditing import with_receipt
 from workers.consumer.acks import AckBatcher
 from workers.consumer.backoff import retry_until_stopped, serve_reconnecting
@@ -692,9 +692,24 @@ class ConsumerRuntime:
 
         async def audited(request: Any, context: RequestContext) -> BaseModel:
             reply = await handler(request, context)
-            return with_receipt(reply, await audit(message, request, reply))
+            return with_receipt(reply, await self._audit_entry(audit, message, request, reply))
 
         return audited
+
+    async def _audit_entry(
+        self,
+        audit: AuditHook,
+        message: Delivery,
+        request: BaseModel | None,
+        result: BaseModel | ZanddError,
+    ) -> AuditEntry | None:
+        """``audit``, told whether this is the only request being served (``serving_alone``:
+        its entry may then be written without a thread handoff)."""
+        token = serving_alone.set(len(self._in_flight) == 1)
+        try:
+            return await audit(message, request, result)
+        finally:
+            serving_alone.reset(token)
 
     async def _audit_refusal(
         self, message: Delivery, request: BaseModel | None, error: ZanddError
@@ -708,7 +723,7 @@ class ConsumerRuntime:
             return True
         while True:
             try:
-                await self._audit(message, request, error)
+                await self._audit_entry(self._audit, message, request, error)
                 return True
             except self._waits_for as exc:
                 if self._probe is None:
