@@ -20,7 +20,7 @@ from tests.support.broker import broker_users, full_permissions
 from tests.support.cli import ZANDD, environment, zandd
 from tests.support.fleet import RunningFleet
 from tests.support.hygiene import WATCH_KEY_MATERIAL
-from tests.support.net import free_port, free_port_pair, scrape
+from tests.support.net import free_port_pair, scrape
 from tests.support.openssl import verify_files
 
 
@@ -160,7 +160,7 @@ async def test_up_exports_traces_to_the_console_and_metrics_per_worker(
     from contracts.client import SigningClient
     from workers.operator.fleet import wait_until_ready
 
-    metrics_port = free_port()
+    metrics_port = free_port_pair()  # keygen on the base port, signer-1 on the next
     env = environment(
         ZANDD_AMQP_URL=empty_amqp_url,
         ZANDD_DATA_DIR=str(tmp_path / "fleet"),
@@ -171,11 +171,24 @@ async def test_up_exports_traces_to_the_console_and_metrics_per_worker(
         *("up", "--signers", "1", "--traces-exporter", "console"),
         *("--metrics-port", str(metrics_port)),
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+    # Its stderr is read all along: the console exporter writes every span there, and a full
+    # pipe would stall the fleet.
+    err_read = asyncio.ensure_future(up.stderr.read()) if up.stderr else None
     try:
-        await wait_until_ready(empty_amqp_url, signers=1, timeout_s=60)
+        ready = asyncio.ensure_future(wait_until_ready(empty_amqp_url, signers=1, timeout_s=60))
+        await asyncio.wait(
+            {ready, asyncio.ensure_future(up.wait())}, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not ready.done():
+            ready.cancel()
+            err = (await err_read).decode() if err_read else ""
+            pytest.fail(
+                f"zandd up exited {up.returncode} before its fleet was ready:\n{err[-4000:]}"
+            )
+        ready.result()
         async with await SigningClient.connect(empty_amqp_url) as client:
             key = await client.create_key()
             await client.sign(key.key_id, b"observed")
@@ -183,8 +196,10 @@ async def test_up_exports_traces_to_the_console_and_metrics_per_worker(
         signer_metrics = await asyncio.to_thread(scrape, metrics_port + 1)
         keygen_metrics = await asyncio.to_thread(scrape, metrics_port)
     finally:
-        up.send_signal(signal.SIGTERM)
-        _out, err_bytes = await asyncio.wait_for(up.communicate(), 60)
+        if up.returncode is None:
+            up.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(up.wait(), 60)
+    err_bytes = await err_read if err_read else b""
     # Every series names the role of the worker that exports it (issue 17).
     signer, keygen = _samples(signer_metrics), _samples(keygen_metrics)
     assert signer["zandd_requests_total", ("sign", "ok", "signer")] == 1.0
